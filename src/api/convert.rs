@@ -1,0 +1,151 @@
+//! Conversions between the generated types and the domain, and the one
+//! mapping of errors to gRPC status codes.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use super::pb;
+use crate::domain::{self, FieldViolation, MirrorMeta};
+use crate::store::StoreError;
+
+/// Why a call failed, before it becomes a [`tonic::Status`].
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed: one or more fields are refused.
+    #[error("invalid argument")]
+    InvalidArgument(Vec<FieldViolation>),
+    /// The store could not answer.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ApiError {
+    /// The gRPC code and a short, stable message for the client. Internal
+    /// detail stays in the log.
+    pub fn code_and_message(&self) -> (Code, String) {
+        match self {
+            ApiError::InvalidArgument(violations) => (Code::InvalidArgument, describe(violations)),
+            ApiError::Store(e) => match e {
+                StoreError::Timeout(_) => (Code::Unavailable, "the mirror did not answer in time; retry".into()),
+                StoreError::Unavailable(_) => (Code::Unavailable, "the mirror is unavailable; retry".into()),
+                StoreError::Conflict(_) => (Code::Aborted, "the mirror changed during the call; retry".into()),
+                StoreError::Corrupt(_) => (Code::Internal, "the mirror data is unreadable".into()),
+            },
+        }
+    }
+}
+
+/// `field: reason; field: reason`.
+fn describe(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.reason))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let (code, message) = e.code_and_message();
+        match e {
+            ApiError::InvalidArgument(violations) => {
+                let mut details = ErrorDetails::new();
+                for v in &violations {
+                    details.add_bad_request_violation(v.field, v.reason.clone());
+                }
+                Status::with_error_details(code, message, details)
+            }
+            ApiError::Store(inner) => {
+                tracing::warn!(error = %inner, "store error");
+                Status::new(code, message)
+            }
+        }
+    }
+}
+
+impl From<ApiError> for pb::CheckError {
+    fn from(e: ApiError) -> Self {
+        let (code, message) = e.code_and_message();
+        pb::CheckError {
+            code: code_name(code).to_owned(),
+            message,
+        }
+    }
+}
+
+/// The canonical upper-case name of a gRPC code (`INVALID_ARGUMENT`).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+impl From<domain::Status> for (pb::ReassignmentStatus, pb::NoDataReason) {
+    fn from(status: domain::Status) -> Self {
+        use domain::NoDataReason as R;
+        use pb::NoDataReason as P;
+        match status {
+            domain::Status::NotReassigned => (pb::ReassignmentStatus::NotReassigned, P::Unspecified),
+            domain::Status::Reassigned => (pb::ReassignmentStatus::Reassigned, P::Unspecified),
+            domain::Status::NoData(reason) => (
+                pb::ReassignmentStatus::NoData,
+                match reason {
+                    R::NumberNotCovered => P::NumberNotCovered,
+                    R::BeforeCoverage => P::BeforeCoverage,
+                    R::MirrorStale => P::MirrorStale,
+                    R::MirrorEmpty => P::MirrorEmpty,
+                },
+            ),
+        }
+    }
+}
+
+/// Builds the answer message for one check.
+pub fn answer_message(phone_number: String, status: domain::Status, meta: Option<&MirrorMeta>) -> pb::CheckNumberResponse {
+    let (status, reason) = status.into();
+    pb::CheckNumberResponse {
+        phone_number,
+        status: status as i32,
+        data_as_of: meta.map(|m| m.as_of.to_string()).unwrap_or_default(),
+        no_data_reason: reason as i32,
+    }
+}
+
+/// The mirror status message.
+pub fn status_message(meta: Option<&MirrorMeta>, today: domain::Date, max_staleness_days: u32) -> pb::GetMirrorStatusResponse {
+    let Some(meta) = meta else {
+        return pb::GetMirrorStatusResponse {
+            max_staleness_days,
+            ..Default::default()
+        };
+    };
+    pb::GetMirrorStatusResponse {
+        data_as_of: meta.as_of.to_string(),
+        coverage_start: meta.coverage_start.to_string(),
+        covered_prefixes: meta.prefixes.iter().map(ToString::to_string).collect(),
+        record_count: meta.record_count,
+        sequence: meta.sequence,
+        last_import_time: Some(prost_types::Timestamp {
+            seconds: meta.last_import_unix,
+            nanos: 0,
+        }),
+        stale: meta.is_stale(today, max_staleness_days),
+        max_staleness_days,
+    }
+}

@@ -1,0 +1,18 @@
+//! The gRPC API: the generated code ([`pb`]), conversions between it and the
+//! domain, and the `ReassignedNumbers` service handlers.
+
+mod convert;
+mod service;
+
+pub use convert::ApiError;
+pub use service::{ReassignedService, ServiceOptions};
+
+/// Code generated from `proto/reassigned/v1/reassigned.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic, clippy::unwrap_used)]
+pub mod pb {
+    tonic::include_proto!("reassigned.v1");
+
+    /// The encoded descriptor set of the public protos, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/reassigned_descriptor.bin"));
+}

@@ -1,0 +1,1525 @@
+//! Load testing: `reassigned bench` (a load generator for a running server)
+//! and `reassigned bench-bare` (a server that answers without any store).
+//!
+//! # `bench`
+//!
+//! [`bench`] opens `--connections` HTTP/2 connections over mutual TLS and
+//! keeps `--concurrency` calls in flight for `--warmup` then `--duration`,
+//! and returns a [`BenchReport`]: calls and numbers per second, latency
+//! percentiles from an HDR histogram, errors by gRPC code and the mix of
+//! answers (so the hit ratio can be checked). It stops by itself: every call
+//! is bounded by `--timeout`, and no call starts after the duration.
+//!
+//! - *Closed loop* (default): `--concurrency` workers each make one call after
+//!   another; latency is measured from the start of each call.
+//! - *Open loop* (`--rate R`): call *i* is scheduled at `start + i/R`, whether
+//!   or not earlier calls have finished; at most `--concurrency` are in
+//!   flight. When a call starts late because every worker was still busy, its
+//!   latency is measured from its *scheduled* time, so a slow server cannot
+//!   hide its latency by slowing the generator down (coordinated omission).
+//!   A worker that was idle and woke from its timer measures from the moment
+//!   it woke, so timer granularity is not counted against the server.
+//!
+//! Only calls that *start* (closed loop) or are *scheduled* (open loop) after
+//! the warmup are measured; they are all waited for. Latency percentiles are
+//! over successful calls; failed calls are counted by code.
+//!
+//! The queries are built before the run (no allocation beyond one clone of a
+//! pre-built message per call): random `+1` numbers by default, or drawn from
+//! a data set with `--data` (see [`BenchOptions::data`]) with a chosen share
+//! of numbers that are in it (`--hit-ratio`); the others are numbers under the
+//! same prefixes, near real ones, that are certainly not in it.
+//!
+//! # `bench-bare`
+//!
+//! [`serve_bare`] serves `ReassignedNumbers` behind the same TLS acceptor and
+//! auth layer as `reassigned serve`, but answers fixed messages without a
+//! store: the ceiling of the framework on this machine, to which the real
+//! server's throughput is compared.
+//!
+//! Nothing here prints or logs a phone number.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use futures_util::{Stream, StreamExt as _};
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom as _;
+use rand::{Rng as _, SeedableRng as _};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::api::pb;
+use crate::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
+use crate::api::pb::reassigned_numbers_server::{ReassignedNumbers, ReassignedNumbersServer};
+use crate::domain::{Date, PhoneNumber, Prefix};
+use crate::import::{Kind, Manifest, NoProgress, read_records};
+use crate::server::auth::AuthLayer;
+use crate::server::tls::{self, TlsFiles};
+
+/// Numbers prepared for a run (at least; more when batches need them).
+const POOL_NUMBERS: usize = 1 << 16;
+/// Most rows read from a `queries.csv`.
+const MAX_QUERY_ROWS: usize = 1 << 20;
+/// Largest `--batch-size` accepted.
+const MAX_BATCH_SIZE: usize = 100_000;
+/// Largest `--timeout` accepted (also the top of the latency histogram).
+const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+/// Trailing digits first randomised to make a miss from a hit.
+const MISS_DIGITS: u32 = 4;
+/// Tries to find a miss near one hit, widening every 8 tries.
+const MISS_TRIES: u32 = 64;
+/// Error key of a call that the client abandoned after `--timeout`.
+pub const CLIENT_TIMEOUT: &str = "CLIENT_TIMEOUT";
+/// Error key of a stream call that ended with fewer results than requests.
+pub const SHORT_STREAM: &str = "SHORT_STREAM";
+
+/// Which RPC `bench` calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// `CheckNumber`: one number per call (logins).
+    Check,
+    /// `BatchCheckNumbers`: `--batch-size` numbers per call.
+    Batch,
+    /// `StreamCheckNumbers`: one stream per call, sending `--batch-size`
+    /// requests and reading all results.
+    Stream,
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Method::Check => "check",
+            Method::Batch => "batch",
+            Method::Stream => "stream",
+        })
+    }
+}
+
+/// Options of `reassigned bench` (flatten into the subcommand).
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchOptions {
+    /// The server to load, as HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub target: String,
+    /// The name the server certificate must be valid for.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+    /// CA certificate(s) that sign the server certificate (PEM).
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// Client (platform) certificate chain (PEM).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Private key of the client certificate (PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The RPC to call: check (one number), batch (--batch-size numbers) or
+    /// stream (one stream of --batch-size requests per call).
+    #[arg(long, value_enum, default_value_t = Method::Check)]
+    pub method: Method,
+    /// Calls in flight at once (closed loop: workers; open loop: the cap).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// HTTP/2 connections; calls are spread over them round-robin.
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+    /// How long to measure, e.g. `10s`, `2m`, `500ms`.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Load before measuring (not counted), e.g. `2s`; `0s` for none.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Open loop: start calls at this fixed rate (calls per second) and
+    /// measure latency from each call's scheduled time. Without it, closed
+    /// loop.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Numbers per batch call, and requests per stream call.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_size: usize,
+    /// Where the numbers come from: a register directory of manifests (the
+    /// newest snapshot and the deltas after it), one manifest (`.json`), or a
+    /// `queries.csv` (header `phone_number,since`, used as is). Without it,
+    /// random +1 numbers.
+    #[arg(long, value_name = "DIR_OR_MANIFEST")]
+    pub data: Option<PathBuf>,
+    /// With a register: the share of queries that are numbers in it; the
+    /// others are numbers under the same prefixes that are not in it.
+    #[arg(long, default_value_t = 0.04)]
+    pub hit_ratio: f64,
+    /// The `since` date of every query (`YYYY-MM-DD`), except those read
+    /// from a queries.csv.
+    #[arg(long, default_value = "2022-01-01")]
+    pub since: String,
+    /// A call still unanswered after this long is abandoned and counted as
+    /// CLIENT_TIMEOUT (at most 60s).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Seed of the query generator (same seed and data, same queries).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print the report as JSON on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BenchOptions {
+    /// Checks the values that clap cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
+        ensure!(self.connections >= 1, "--connections must be at least 1");
+        ensure!(!self.duration.is_zero(), "--duration must be more than 0");
+        ensure!(
+            !self.timeout.is_zero() && self.timeout <= MAX_TIMEOUT,
+            "--timeout must be more than 0 and at most 60s"
+        );
+        if let Some(rate) = self.rate {
+            ensure!(rate.is_finite() && rate > 0.0, "--rate must be a positive number of calls per second");
+        }
+        ensure!(
+            (1..=MAX_BATCH_SIZE).contains(&self.batch_size),
+            "--batch-size must be 1 to {MAX_BATCH_SIZE}"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.hit_ratio),
+            "--hit-ratio must be between 0 and 1"
+        );
+        Date::parse(&self.since).map_err(|e| anyhow::anyhow!("--since {:?}: {e}", self.since))?;
+        Ok(())
+    }
+
+    /// Numbers sent per call.
+    fn numbers_per_call(&self) -> usize {
+        match self.method {
+            Method::Check => 1,
+            Method::Batch | Method::Stream => self.batch_size,
+        }
+    }
+}
+
+/// Parses a duration: a number followed by `ms`, `s`, `m` or `h` (`10s`,
+/// `2m`, `500ms`, `1.5s`); a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let bad = || format!("{text:?} is not a duration (e.g. 10s, 2m, 500ms)");
+    if number.is_empty() {
+        return Err(bad());
+    }
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let unit_secs = match unit {
+        "ms" => 0.001,
+        "s" | "" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(bad()),
+    };
+    let secs = value * unit_secs;
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+// ---------------------------------------------------------------------------
+// The report
+// ---------------------------------------------------------------------------
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Latency {
+    /// Calls in the histogram (the successful measured calls).
+    pub count: u64,
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest recorded.
+    pub max: u64,
+}
+
+impl Latency {
+    /// The percentiles of a histogram of microseconds.
+    pub fn from_histogram(hist: &Histogram<u64>) -> Self {
+        if hist.is_empty() {
+            return Self::default();
+        }
+        Self {
+            count: hist.len(),
+            mean: hist.mean(),
+            p50: hist.value_at_quantile(0.5),
+            p90: hist.value_at_quantile(0.9),
+            p99: hist.value_at_quantile(0.99),
+            p999: hist.value_at_quantile(0.999),
+            max: hist.max(),
+        }
+    }
+}
+
+/// How many answers of each status came back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StatusCounts {
+    /// `REASSIGNED` answers (hits whose disconnect is on or after `since`).
+    #[serde(rename = "REASSIGNED")]
+    pub reassigned: u64,
+    /// `NOT_REASSIGNED` answers.
+    #[serde(rename = "NOT_REASSIGNED")]
+    pub not_reassigned: u64,
+    /// `NO_DATA` answers.
+    #[serde(rename = "NO_DATA")]
+    pub no_data: u64,
+    /// Answers with a status this client does not know.
+    #[serde(rename = "UNSPECIFIED")]
+    pub unspecified: u64,
+}
+
+impl StatusCounts {
+    fn count(&mut self, status: i32) {
+        match pb::ReassignmentStatus::try_from(status) {
+            Ok(pb::ReassignmentStatus::Reassigned) => self.reassigned += 1,
+            Ok(pb::ReassignmentStatus::NotReassigned) => self.not_reassigned += 1,
+            Ok(pb::ReassignmentStatus::NoData) => self.no_data += 1,
+            _ => self.unspecified += 1,
+        }
+    }
+
+    fn add(&mut self, other: &StatusCounts) {
+        self.reassigned += other.reassigned;
+        self.not_reassigned += other.not_reassigned;
+        self.no_data += other.no_data;
+        self.unspecified += other.unspecified;
+    }
+
+    fn total(&self) -> u64 {
+        self.reassigned + self.not_reassigned + self.no_data + self.unspecified
+    }
+}
+
+/// The result of a [`bench`] run (`--json` prints it as is).
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// The RPC called.
+    pub method: Method,
+    /// The server, HOST:PORT.
+    pub target: String,
+    /// Calls in flight at most.
+    pub concurrency: usize,
+    /// HTTP/2 connections.
+    pub connections: usize,
+    /// Open loop: the offered rate in calls per second; `None`: closed loop.
+    pub rate: Option<f64>,
+    /// Numbers per call (1 for check).
+    pub numbers_per_call: usize,
+    /// Where the queries came from (a description; never a number).
+    pub data: String,
+    /// The requested share of hits, when drawn from a register.
+    pub hit_ratio: Option<f64>,
+    /// Warmup, in seconds (not measured).
+    pub warmup_secs: f64,
+    /// The requested measuring time, in seconds.
+    pub duration_secs: f64,
+    /// From the end of the warmup to the last measured answer, in seconds:
+    /// the divisor of the rates.
+    pub elapsed_secs: f64,
+    /// Measured calls that completed, successfully or not.
+    pub calls: u64,
+    /// Measured calls that succeeded.
+    pub ok_calls: u64,
+    /// Measured calls that failed (see `errors`).
+    pub failed_calls: u64,
+    /// Numbers answered by successful calls (one per result, errors included).
+    pub numbers: u64,
+    /// Successful calls per second.
+    pub calls_per_sec: f64,
+    /// Numbers answered per second.
+    pub numbers_per_sec: f64,
+    /// Latency of successful calls, microseconds (per stream for `stream`;
+    /// open loop: from the scheduled time when the call started late).
+    pub latency_us: Latency,
+    /// Failed calls by gRPC code name (`UNAVAILABLE`, ...), plus
+    /// `CLIENT_TIMEOUT` and `SHORT_STREAM`.
+    pub errors: BTreeMap<String, u64>,
+    /// Per-item errors inside successful batch and stream calls, by code.
+    pub item_errors: BTreeMap<String, u64>,
+    /// Answers by status.
+    pub statuses: StatusCounts,
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn share(part: u64, total: u64) -> f64 {
+    if total == 0 { 0.0 } else { 100.0 * part as f64 / total as f64 }
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mode = match self.rate {
+            Some(rate) => format!("open loop at {rate} calls/s"),
+            None => "closed loop".to_owned(),
+        };
+        writeln!(
+            f,
+            "bench {} -> {}: {} in flight, {} connection(s), {mode}, {:.1}s measured after {:.1}s warmup",
+            self.method, self.target, self.concurrency, self.connections, self.elapsed_secs, self.warmup_secs
+        )?;
+        match self.hit_ratio {
+            Some(ratio) => writeln!(f, "queries      {} (hit ratio {ratio})", self.data)?,
+            None => writeln!(f, "queries      {}", self.data)?,
+        }
+        writeln!(
+            f,
+            "calls        {} ({} ok, {} failed), {} numbers per call",
+            self.calls, self.ok_calls, self.failed_calls, self.numbers_per_call
+        )?;
+        writeln!(f, "numbers      {}", self.numbers)?;
+        writeln!(f, "calls/s      {:.1} (successful)", self.calls_per_sec)?;
+        writeln!(f, "numbers/s    {:.1}", self.numbers_per_sec)?;
+        let l = &self.latency_us;
+        writeln!(
+            f,
+            "latency ms   p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
+            ms(l.p50),
+            ms(l.p90),
+            ms(l.p99),
+            ms(l.p999),
+            ms(l.max),
+            l.mean / 1000.0
+        )?;
+        let s = &self.statuses;
+        let total = s.total();
+        write!(
+            f,
+            "statuses     REASSIGNED {} ({:.2}%)  NOT_REASSIGNED {} ({:.2}%)  NO_DATA {} ({:.2}%)",
+            s.reassigned,
+            share(s.reassigned, total),
+            s.not_reassigned,
+            share(s.not_reassigned, total),
+            s.no_data,
+            share(s.no_data, total)
+        )?;
+        if s.unspecified > 0 {
+            write!(f, "  UNSPECIFIED {}", s.unspecified)?;
+        }
+        writeln!(f)?;
+        writeln!(f, "errors       {}", counts(&self.errors))?;
+        if !self.item_errors.is_empty() {
+            writeln!(f, "item errors  {}", counts(&self.item_errors))?;
+        }
+        Ok(())
+    }
+}
+
+fn counts(map: &BTreeMap<String, u64>) -> String {
+    if map.is_empty() {
+        return "none".to_owned();
+    }
+    map.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// ---------------------------------------------------------------------------
+// Queries
+// ---------------------------------------------------------------------------
+
+/// Where the queries come from.
+enum Source {
+    /// Random `+1` numbers.
+    Random,
+    /// Numbers of a register: `numbers` sorted and unique
+    /// ([`PhoneNumber::value`]s), with the covered prefixes and their lengths.
+    Register {
+        numbers: Vec<u64>,
+        prefixes: Vec<(Prefix, usize)>,
+        description: String,
+    },
+    /// Queries listed in a file, used as they are.
+    Listed {
+        rows: Vec<pb::CheckNumberRequest>,
+        description: String,
+    },
+}
+
+impl Source {
+    fn description(&self) -> String {
+        match self {
+            Source::Random => "random +1 numbers".to_owned(),
+            Source::Register { description, .. } | Source::Listed { description, .. } => description.clone(),
+        }
+    }
+}
+
+/// Loads `--data`: a register directory, one manifest, or a queries.csv.
+fn load_source(path: &Path) -> anyhow::Result<Source> {
+    if path.is_dir() {
+        let mut manifests = Vec::new();
+        for entry in std::fs::read_dir(path).with_context(|| format!("cannot read {}", path.display()))? {
+            let file = entry.with_context(|| format!("cannot read {}", path.display()))?.path();
+            if file.extension().is_some_and(|e| e == "json") && file.is_file() {
+                manifests.push(Manifest::load(&file)?);
+            }
+        }
+        if manifests.is_empty() {
+            let queries = path.join("queries.csv");
+            if queries.is_file() {
+                return load_queries(&queries);
+            }
+            bail!("{} holds no manifest (*.json) and no queries.csv", path.display());
+        }
+        return load_register(manifests, path);
+    }
+    let name = path.to_string_lossy();
+    if name.ends_with(".json") {
+        let manifest = Manifest::load(path)?;
+        load_register(vec![manifest], path)
+    } else if name.ends_with(".csv") {
+        load_queries(path)
+    } else {
+        bail!(
+            "--data {}: expected a directory of manifests, a manifest (.json) or a queries.csv",
+            path.display()
+        )
+    }
+}
+
+/// The newest snapshot and the deltas after it (or, without a snapshot, all
+/// the files given): their numbers, merged.
+fn load_register(mut manifests: Vec<Manifest>, path: &Path) -> anyhow::Result<Source> {
+    manifests.sort_by_key(|m| m.sequence);
+    let base = manifests
+        .iter()
+        .filter(|m| m.kind == Kind::Snapshot)
+        .map(|m| m.sequence)
+        .max();
+    let chosen: Vec<&Manifest> = manifests
+        .iter()
+        .filter(|m| base.is_none_or(|b| m.sequence >= b))
+        .collect();
+    let mut prefixes = Vec::new();
+    let mut numbers = Vec::new();
+    for manifest in &chosen {
+        if manifest.kind == Kind::Snapshot {
+            prefixes = manifest
+                .prefixes()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", manifest.describe()))?
+                .into_iter()
+                .map(|p| (p, p.to_string().len().saturating_sub(1)))
+                .collect();
+        }
+        let records = read_records(manifest, &mut NoProgress)?;
+        numbers.extend_from_slice(&records.numbers);
+    }
+    numbers.sort_unstable();
+    numbers.dedup();
+    ensure!(!numbers.is_empty(), "{}: the data set holds no numbers", path.display());
+    let description = format!(
+        "register {} ({} file(s), {} numbers)",
+        path.display(),
+        chosen.len(),
+        numbers.len()
+    );
+    Ok(Source::Register {
+        numbers,
+        prefixes,
+        description,
+    })
+}
+
+/// Reads a `queries.csv`: header `phone_number,since` (further columns are
+/// ignored), then one query per line.
+fn load_queries(path: &Path) -> anyhow::Result<Source> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let rows = parse_queries(&text).with_context(|| format!("{}", path.display()))?;
+    let description = format!("queries {} ({} rows)", path.display(), rows.len());
+    Ok(Source::Listed { rows, description })
+}
+
+fn parse_queries(text: &str) -> anyhow::Result<Vec<pb::CheckNumberRequest>> {
+    let mut lines = text.lines();
+    let header = lines.next().unwrap_or_default().trim_end_matches('\r');
+    ensure!(
+        header == "phone_number,since" || header.starts_with("phone_number,since,"),
+        "the first line must be the header `phone_number,since`"
+    );
+    let mut rows = Vec::new();
+    for (i, line) in lines.enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.is_empty() {
+            continue;
+        }
+        let mut fields = line.split(',');
+        let (Some(number), Some(since)) = (fields.next(), fields.next()) else {
+            bail!("line {}: expected phone_number,since", i + 2);
+        };
+        // The messages name the line, never the number.
+        PhoneNumber::parse(number).map_err(|e| anyhow::anyhow!("line {}: phone_number {e}", i + 2))?;
+        Date::parse(since).map_err(|e| anyhow::anyhow!("line {}: since {e}", i + 2))?;
+        rows.push(pb::CheckNumberRequest {
+            phone_number: number.to_owned(),
+            since: since.to_owned(),
+        });
+        if rows.len() >= MAX_QUERY_ROWS {
+            break;
+        }
+    }
+    ensure!(!rows.is_empty(), "no queries after the header");
+    Ok(rows)
+}
+
+/// A random North American number: `+1`, area code and exchange 200 to 999,
+/// line 0000 to 9999.
+fn random_us_number(rng: &mut StdRng) -> u64 {
+    let area = rng.random_range(200..1000u64);
+    let exchange = rng.random_range(200..1000u64);
+    let line = rng.random_range(0..10_000u64);
+    10_000_000_000 + area * 10_000_000 + exchange * 10_000 + line
+}
+
+fn digit_count(mut value: u64) -> u32 {
+    let mut count = 1;
+    while value >= 10 {
+        value /= 10;
+        count += 1;
+    }
+    count
+}
+
+/// A number that is not in `set` (sorted): a random member with its last
+/// digits replaced, keeping its covered prefix (the longest of `prefixes`
+/// it starts with, else its first digit). Starts with the last
+/// [`MISS_DIGITS`] digits and widens when the neighbourhood is full. `None`
+/// only if every try was a member.
+fn miss_number(rng: &mut StdRng, set: &[u64], prefixes: &[(Prefix, usize)]) -> Option<u64> {
+    let base = *set.get(rng.random_range(0..set.len().max(1)))?;
+    let digits = digit_count(base);
+    let kept = PhoneNumber::from_value(base)
+        .and_then(|n| {
+            prefixes
+                .iter()
+                .filter(|(p, _)| n.has_prefix(p))
+                .map(|&(_, len)| len as u32)
+                .max()
+        })
+        .unwrap_or(1)
+        .clamp(1, digits);
+    let free = digits - kept;
+    if free == 0 {
+        return None;
+    }
+    for attempt in 0..MISS_TRIES {
+        let replaced = (MISS_DIGITS + attempt / 8).min(free);
+        let span = 10u64.pow(replaced);
+        let candidate = base - base % span + rng.random_range(0..span);
+        if set.binary_search(&candidate).is_err() {
+            return Some(candidate);
+        }
+    }
+    None
+}
+
+/// `len` queries from `source`; with a register, exactly
+/// `round(len * hit_ratio)` of them are members, in random order.
+fn build_queries(source: &Source, len: usize, hit_ratio: f64, since: &str, seed: u64) -> anyhow::Result<Vec<pb::CheckNumberRequest>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let request = |value: u64| pb::CheckNumberRequest {
+        phone_number: format!("+{value}"),
+        since: since.to_owned(),
+    };
+    match source {
+        Source::Random => Ok((0..len).map(|_| request(random_us_number(&mut rng))).collect()),
+        Source::Listed { rows, .. } => Ok(rows.iter().cycle().take(len.max(rows.len())).cloned().collect()),
+        Source::Register { numbers, prefixes, .. } => {
+            let hits = ((len as f64) * hit_ratio).round() as usize;
+            let mut out = Vec::with_capacity(len);
+            for _ in 0..hits.min(len) {
+                let value = numbers[rng.random_range(0..numbers.len())];
+                out.push(request(value));
+            }
+            while out.len() < len {
+                let value = miss_number(&mut rng, numbers, prefixes).context(
+                    "cannot find numbers that are not in the data set near its numbers (is it saturated?)",
+                )?;
+                out.push(request(value));
+            }
+            out.shuffle(&mut rng);
+            Ok(out)
+        }
+    }
+}
+
+/// The pre-built messages of a run.
+struct Workload {
+    /// `check`: one request per call.
+    checks: Vec<pb::CheckNumberRequest>,
+    /// `batch` and `stream`: one batch per call.
+    batches: Vec<pb::BatchCheckNumbersRequest>,
+}
+
+impl Workload {
+    fn build(opts: &BenchOptions, source: &Source) -> anyhow::Result<Self> {
+        let per_call = opts.numbers_per_call();
+        let wanted = POOL_NUMBERS.max(per_call * 8);
+        let wanted = match source {
+            Source::Listed { rows, .. } => wanted.max(rows.len()),
+            _ => wanted,
+        };
+        let len = wanted.div_ceil(per_call) * per_call;
+        let queries = build_queries(source, len, opts.hit_ratio, &opts.since, opts.seed)?;
+        Ok(match opts.method {
+            Method::Check => Self {
+                checks: queries,
+                batches: Vec::new(),
+            },
+            Method::Batch | Method::Stream => {
+                let mut batches = Vec::with_capacity(len / per_call);
+                let mut queries = queries.into_iter();
+                loop {
+                    let checks: Vec<_> = queries.by_ref().take(per_call).collect();
+                    if checks.len() < per_call {
+                        break;
+                    }
+                    batches.push(pb::BatchCheckNumbersRequest { checks });
+                }
+                Self {
+                    checks: Vec::new(),
+                    batches,
+                }
+            }
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.checks.len().max(self.batches.len())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The load loop
+// ---------------------------------------------------------------------------
+
+/// What all workers share.
+struct Shared {
+    method: Method,
+    started: Instant,
+    measure_start: Instant,
+    end: Instant,
+    rate: Option<f64>,
+    call_timeout: Duration,
+    /// Open loop: the index of the next call to schedule.
+    next_call: AtomicU64,
+    /// All completed calls, for the progress line.
+    done: AtomicU64,
+    /// All failed calls, for the progress line.
+    failed: AtomicU64,
+    first_error_shown: AtomicBool,
+}
+
+/// Answers and per-item errors of successful calls.
+#[derive(Default)]
+struct Tally {
+    statuses: StatusCounts,
+    item_errors: BTreeMap<String, u64>,
+    numbers: u64,
+}
+
+impl Tally {
+    fn result(&mut self, result: &pb::BatchCheckResult) {
+        self.numbers += 1;
+        match &result.result {
+            Some(pb::batch_check_result::Result::Answer(answer)) => self.statuses.count(answer.status),
+            Some(pb::batch_check_result::Result::Error(error)) => {
+                if let Some(n) = self.item_errors.get_mut(error.code.as_str()) {
+                    *n += 1;
+                } else {
+                    self.item_errors.insert(error.code.clone(), 1);
+                }
+            }
+            None => self.statuses.unspecified += 1,
+        }
+    }
+
+    fn add(&mut self, other: &Tally) {
+        self.statuses.add(&other.statuses);
+        for (code, n) in &other.item_errors {
+            *self.item_errors.entry(code.clone()).or_default() += n;
+        }
+        self.numbers += other.numbers;
+    }
+}
+
+/// One worker's measurements.
+struct Stats {
+    hist: Histogram<u64>,
+    ok: u64,
+    errors: BTreeMap<&'static str, u64>,
+    tally: Tally,
+    last_done: Option<Instant>,
+}
+
+impl Stats {
+    fn new() -> anyhow::Result<Self> {
+        let top = u64::try_from(MAX_TIMEOUT.as_micros()).unwrap_or(u64::MAX);
+        Ok(Self {
+            hist: Histogram::new_with_bounds(1, top, 3).context("cannot make a latency histogram")?,
+            ok: 0,
+            errors: BTreeMap::new(),
+            tally: Tally::default(),
+            last_done: None,
+        })
+    }
+
+    fn add(&mut self, other: &Stats) -> anyhow::Result<()> {
+        self.hist
+            .add(&other.hist)
+            .map_err(|e| anyhow::anyhow!("cannot merge latency histograms: {e:?}"))?;
+        self.ok += other.ok;
+        for (code, n) in &other.errors {
+            *self.errors.entry(code).or_default() += n;
+        }
+        self.tally.add(&other.tally);
+        self.last_done = self.last_done.max(other.last_done);
+        Ok(())
+    }
+}
+
+/// Why a call failed.
+enum Failure {
+    Status(Status),
+    Timeout,
+    ShortStream,
+}
+
+impl Failure {
+    fn key(&self) -> &'static str {
+        match self {
+            Failure::Status(status) => code_name(status.code()),
+            Failure::Timeout => CLIENT_TIMEOUT,
+            Failure::ShortStream => SHORT_STREAM,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Failure::Status(status) => format!("{}: {}", code_name(status.code()), status.message()),
+            Failure::Timeout => format!("{CLIENT_TIMEOUT}: no answer within --timeout"),
+            Failure::ShortStream => format!("{SHORT_STREAM}: the stream ended before every request was answered"),
+        }
+    }
+}
+
+impl From<Status> for Failure {
+    fn from(status: Status) -> Self {
+        Failure::Status(status)
+    }
+}
+
+/// The canonical upper-case name of a gRPC code.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Makes one call with the pre-built message at `index`, counting its
+/// answers into `tally`.
+async fn call(
+    client: &mut ReassignedNumbersClient<Channel>,
+    workload: &Arc<Workload>,
+    method: Method,
+    index: usize,
+    tally: &mut Tally,
+) -> Result<(), Failure> {
+    match method {
+        Method::Check => {
+            let response = client.check_number(workload.checks[index].clone()).await?;
+            tally.numbers += 1;
+            tally.statuses.count(response.get_ref().status);
+        }
+        Method::Batch => {
+            let response = client.batch_check_numbers(workload.batches[index].clone()).await?;
+            for result in &response.get_ref().results {
+                tally.result(result);
+            }
+        }
+        Method::Stream => {
+            let sent = workload.batches[index].checks.len();
+            let source = Arc::clone(workload);
+            let requests =
+                futures_util::stream::iter(0..sent).map(move |i| source.batches[index].checks[i].clone());
+            let mut results = client.stream_check_numbers(requests).await?.into_inner();
+            let mut received = 0;
+            while let Some(result) = results.message().await? {
+                tally.result(&result);
+                received += 1;
+            }
+            if received != sent {
+                return Err(Failure::ShortStream);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One worker: calls until the end of the run, one at a time.
+async fn worker(
+    mut client: ReassignedNumbersClient<Channel>,
+    workload: Arc<Workload>,
+    shared: Arc<Shared>,
+    mut index: usize,
+) -> anyhow::Result<Stats> {
+    let mut stats = Stats::new()?;
+    let mut warmup = Tally::default();
+    let len = workload.len();
+    loop {
+        // When the call should have started, for the latency.
+        let intended = match shared.rate {
+            None => {
+                let now = Instant::now();
+                if now >= shared.end {
+                    break;
+                }
+                now
+            }
+            Some(rate) => {
+                let i = shared.next_call.fetch_add(1, Ordering::Relaxed);
+                let scheduled = shared.started + Duration::from_secs_f64(i as f64 / rate);
+                if scheduled >= shared.end {
+                    break;
+                }
+                if scheduled > Instant::now() {
+                    // Idle until the schedule: the timer's lateness is ours,
+                    // not the server's.
+                    tokio::time::sleep_until(scheduled.into()).await;
+                    Instant::now()
+                } else {
+                    // Behind schedule because every worker was busy: the
+                    // wait counts.
+                    scheduled
+                }
+            }
+        };
+        let measured = intended >= shared.measure_start;
+        let tally = if measured { &mut stats.tally } else { &mut warmup };
+        let outcome =
+            match tokio::time::timeout(shared.call_timeout, call(&mut client, &workload, shared.method, index, tally))
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(_elapsed) => Err(Failure::Timeout),
+            };
+        let done = Instant::now();
+        index = (index + 1) % len;
+        shared.done.fetch_add(1, Ordering::Relaxed);
+        if let Err(failure) = &outcome {
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+            if !shared.first_error_shown.swap(true, Ordering::Relaxed) {
+                eprintln!("bench: first error: {}", failure.describe());
+            }
+        }
+        if !measured {
+            continue;
+        }
+        stats.last_done = Some(done);
+        match outcome {
+            Ok(()) => {
+                stats.ok += 1;
+                let micros = u64::try_from(done.duration_since(intended).as_micros()).unwrap_or(u64::MAX);
+                stats.hist.saturating_record(micros.max(1));
+            }
+            Err(failure) => *stats.errors.entry(failure.key()).or_default() += 1,
+        }
+    }
+    Ok(stats)
+}
+
+/// Prints a progress line on stderr about once per second.
+async fn progress(shared: Arc<Shared>) {
+    let period = Duration::from_secs(1);
+    let mut ticker = tokio::time::interval_at((shared.started + period).into(), period);
+    let (mut last_done, mut last_at) = (0u64, shared.started);
+    loop {
+        ticker.tick().await;
+        let now = Instant::now();
+        let done = shared.done.load(Ordering::Relaxed);
+        let failed = shared.failed.load(Ordering::Relaxed);
+        let secs = now.duration_since(last_at).as_secs_f64();
+        let rate = if secs > 0.0 { (done - last_done) as f64 / secs } else { 0.0 };
+        let phase = if now < shared.measure_start {
+            "warmup"
+        } else if now < shared.end {
+            "run"
+        } else {
+            "drain"
+        };
+        eprintln!(
+            "bench: {phase:<6} {:>6.1}s {rate:>10.0} calls/s {failed:>8} errors",
+            now.duration_since(shared.started).as_secs_f64()
+        );
+        (last_done, last_at) = (done, now);
+    }
+}
+
+/// Opens `opts.connections` HTTP/2 connections over mutual TLS.
+async fn connect(opts: &BenchOptions) -> anyhow::Result<Vec<Channel>> {
+    let read = |what: &str, path: &Path| {
+        std::fs::read(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("CA", &opts.ca)?))
+        .identity(Identity::from_pem(read("certificate", &opts.cert)?, read("key", &opts.key)?))
+        .domain_name(opts.server_name.clone());
+    let endpoint = Endpoint::from_shared(format!("https://{}", opts.target))
+        .with_context(|| format!("--target {:?} is not HOST:PORT", opts.target))?
+        .tls_config(tls)
+        .context("cannot use the TLS material")?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10))
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .buffer_size(opts.concurrency.max(1024));
+    let mut channels = Vec::with_capacity(opts.connections);
+    for _ in 0..opts.connections {
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {} over TLS", opts.target))?;
+        channels.push(channel);
+    }
+    Ok(channels)
+}
+
+/// Runs a load test as `opts` says and reports on it. Prints a progress line
+/// on stderr about once per second; prints nothing else. Stops by itself
+/// after the warmup, the duration and at most `--timeout` for the last calls.
+pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
+    opts.validate()?;
+    let source = match &opts.data {
+        Some(path) => {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || load_source(&path))
+                .await
+                .context("the data loader panicked")??
+        }
+        None => Source::Random,
+    };
+    let from_register = matches!(source, Source::Register { .. });
+    let workload = {
+        let opts = opts.clone();
+        let description = source.description();
+        let workload = tokio::task::spawn_blocking(move || Workload::build(&opts, &source))
+            .await
+            .context("the query builder panicked")??;
+        eprintln!("bench: {} pre-built calls from {description}", workload.len());
+        (Arc::new(workload), description)
+    };
+    let (workload, description) = workload;
+    let clients: Vec<_> = connect(opts)
+        .await?
+        .into_iter()
+        .map(|channel| ReassignedNumbersClient::new(channel).max_decoding_message_size(64 << 20))
+        .collect();
+
+    let started = Instant::now();
+    let measure_start = started + opts.warmup;
+    let shared = Arc::new(Shared {
+        method: opts.method,
+        started,
+        measure_start,
+        end: measure_start + opts.duration,
+        rate: opts.rate,
+        call_timeout: opts.timeout,
+        next_call: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        first_error_shown: AtomicBool::new(false),
+    });
+    let progress = tokio::spawn(progress(Arc::clone(&shared)));
+    let mut workers = JoinSet::new();
+    let len = workload.len();
+    for id in 0..opts.concurrency {
+        let client = clients[id % clients.len()].clone();
+        let start_index = id * len / opts.concurrency;
+        workers.spawn(worker(client, Arc::clone(&workload), Arc::clone(&shared), start_index));
+    }
+    let mut total = Stats::new()?;
+    let mut failure = None;
+    while let Some(joined) = workers.join_next().await {
+        match joined.context("a bench worker panicked").and_then(|stats| stats) {
+            Ok(stats) => total.add(&stats)?,
+            Err(e) => failure = Some(e),
+        }
+    }
+    progress.abort();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+
+    let end = shared.end;
+    let elapsed = total.last_done.map_or(end, |last| last.max(end)).duration_since(measure_start);
+    let elapsed_secs = elapsed.as_secs_f64();
+    let failed: u64 = total.errors.values().sum();
+    let per_sec = |n: u64| if elapsed_secs > 0.0 { n as f64 / elapsed_secs } else { 0.0 };
+    Ok(BenchReport {
+        method: opts.method,
+        target: opts.target.clone(),
+        concurrency: opts.concurrency,
+        connections: opts.connections,
+        rate: opts.rate,
+        numbers_per_call: opts.numbers_per_call(),
+        hit_ratio: from_register.then_some(opts.hit_ratio),
+        data: description,
+        warmup_secs: opts.warmup.as_secs_f64(),
+        duration_secs: opts.duration.as_secs_f64(),
+        elapsed_secs,
+        calls: total.ok + failed,
+        ok_calls: total.ok,
+        failed_calls: failed,
+        numbers: total.tally.numbers,
+        calls_per_sec: per_sec(total.ok),
+        numbers_per_sec: per_sec(total.tally.numbers),
+        latency_us: Latency::from_histogram(&total.hist),
+        errors: total.errors.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        item_errors: total.tally.item_errors,
+        statuses: total.tally.statuses,
+    })
+}
+
+/// `reassigned bench`: runs [`bench`] and prints the report on stdout, as
+/// text or (`--json`) as one JSON object.
+pub async fn run(opts: &BenchOptions) -> anyhow::Result<()> {
+    let report = bench(opts).await?;
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The bare server
+// ---------------------------------------------------------------------------
+
+/// The `data_as_of` of every bare answer.
+const BARE_AS_OF: &str = "2026-01-01";
+/// The same per-call timeout as `serve`'s default.
+const BARE_REQUEST_TIMEOUT: Duration = Duration::from_millis(5000);
+/// The same stream limit per connection as `serve`'s default.
+const BARE_MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// Options of `reassigned bench-bare` (flatten into the subcommand).
+#[derive(Clone, Debug, clap::Args)]
+pub struct BareOptions {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    pub listen: SocketAddr,
+    /// Server certificate chain (PEM).
+    #[arg(long)]
+    pub tls_cert: PathBuf,
+    /// Private key of the server certificate (PEM).
+    #[arg(long)]
+    pub tls_key: PathBuf,
+    /// CA certificate(s) that sign client certificates (PEM).
+    #[arg(long)]
+    pub client_ca: PathBuf,
+}
+
+/// `ReassignedNumbers` answering fixed messages without a store: every
+/// number is NOT_REASSIGNED, no input is checked.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BareService;
+
+fn bare_answer(phone_number: String) -> pb::CheckNumberResponse {
+    pb::CheckNumberResponse {
+        phone_number,
+        status: pb::ReassignmentStatus::NotReassigned as i32,
+        data_as_of: BARE_AS_OF.to_owned(),
+        no_data_reason: pb::NoDataReason::Unspecified as i32,
+    }
+}
+
+fn bare_result(phone_number: String) -> pb::BatchCheckResult {
+    pb::BatchCheckResult {
+        result: Some(pb::batch_check_result::Result::Answer(bare_answer(phone_number))),
+    }
+}
+
+/// The response stream of [`BareService`]'s `StreamCheckNumbers`.
+pub type BareStream = Pin<Box<dyn Stream<Item = Result<pb::BatchCheckResult, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl ReassignedNumbers for BareService {
+    async fn check_number(
+        &self,
+        request: Request<pb::CheckNumberRequest>,
+    ) -> Result<Response<pb::CheckNumberResponse>, Status> {
+        Ok(Response::new(bare_answer(request.into_inner().phone_number)))
+    }
+
+    async fn batch_check_numbers(
+        &self,
+        request: Request<pb::BatchCheckNumbersRequest>,
+    ) -> Result<Response<pb::BatchCheckNumbersResponse>, Status> {
+        let results = request
+            .into_inner()
+            .checks
+            .into_iter()
+            .map(|check| bare_result(check.phone_number))
+            .collect();
+        Ok(Response::new(pb::BatchCheckNumbersResponse { results }))
+    }
+
+    type StreamCheckNumbersStream = BareStream;
+
+    async fn stream_check_numbers(
+        &self,
+        request: Request<Streaming<pb::CheckNumberRequest>>,
+    ) -> Result<Response<Self::StreamCheckNumbersStream>, Status> {
+        let results = request
+            .into_inner()
+            .map(|check| check.map(|check| bare_result(check.phone_number)));
+        Ok(Response::new(Box::pin(results)))
+    }
+
+    async fn get_mirror_status(
+        &self,
+        _request: Request<pb::GetMirrorStatusRequest>,
+    ) -> Result<Response<pb::GetMirrorStatusResponse>, Status> {
+        Ok(Response::new(pb::GetMirrorStatusResponse::default()))
+    }
+}
+
+/// Serves [`BareService`] on `listener` until `shutdown` resolves, behind
+/// the same TLS acceptor ([`tls::incoming`], [`tls::server_config`]), auth
+/// layer and server settings (per-call timeout, streams per connection,
+/// keepalive) as `reassigned serve` with its defaults, plus health.
+pub async fn serve_bare<F>(listener: TcpListener, tls_files: TlsFiles, shutdown: F) -> anyhow::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let config = tls::server_config(&tls_files)?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<ReassignedNumbersServer<BareService>>().await;
+    let incoming = tls::incoming(listener, config, tls::AcceptOptions::default());
+    Server::builder()
+        .timeout(BARE_REQUEST_TIMEOUT)
+        .max_concurrent_streams(BARE_MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(AuthLayer)
+        .add_service(health)
+        .add_service(ReassignedNumbersServer::new(BareService))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// `reassigned bench-bare`: binds `--listen` and runs [`serve_bare`] until
+/// SIGTERM or SIGINT.
+pub async fn run_bare(opts: &BareOptions) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", opts.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "bare server listening (fixed answers, no store)");
+    let files = TlsFiles {
+        cert: opts.tls_cert.clone(),
+        key: opts.tls_key.clone(),
+        client_ca: opts.client_ca.clone(),
+    };
+    serve_bare(listener, files, stop_signal()).await
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["", "s", "10x", "-1s", "1..2s", "ten", "10 s", "1e3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn set_of(values: impl IntoIterator<Item = u64>) -> Vec<u64> {
+        let mut v: Vec<u64> = values.into_iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    #[test]
+    fn misses_are_never_in_the_set_and_keep_the_prefix() {
+        // A dense neighbourhood: every other number of +1415555xxxx is taken,
+        // and the whole 0000-0999 block.
+        let set = set_of((14_155_550_000..14_155_560_000).step_by(2).chain(14_155_550_000..14_155_551_000));
+        let prefixes = vec![(Prefix::parse("+1").unwrap(), 1)];
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..20_000 {
+            let miss = miss_number(&mut rng, &set, &prefixes).unwrap();
+            assert!(set.binary_search(&miss).is_err());
+            let number = PhoneNumber::from_value(miss).unwrap();
+            assert!(number.has_prefix(&prefixes[0].0));
+            assert_eq!(number.digits(), 11);
+            assert!(PhoneNumber::parse(&format!("+{miss}")).is_ok());
+        }
+    }
+
+    #[test]
+    fn misses_widen_when_the_neighbourhood_is_full() {
+        // Every number with the same first 7 digits is taken: the last 4
+        // digits alone cannot make a miss.
+        let set = set_of(14_155_550_000..14_155_560_000);
+        let prefixes = vec![(Prefix::parse("+1").unwrap(), 1)];
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..1000 {
+            let miss = miss_number(&mut rng, &set, &prefixes).unwrap();
+            assert!(set.binary_search(&miss).is_err());
+            assert!(PhoneNumber::from_value(miss).unwrap().has_prefix(&prefixes[0].0));
+        }
+        // A number that is all prefix leaves nothing to change.
+        let prefix = Prefix::parse("+44207").unwrap();
+        assert_eq!(miss_number(&mut rng, &[44_207], &[(prefix, 5)]), None);
+    }
+
+    #[test]
+    fn random_numbers_are_valid_e164() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for _ in 0..10_000 {
+            let n = random_us_number(&mut rng);
+            let number = PhoneNumber::parse(&format!("+{n}")).unwrap();
+            assert_eq!(number.digits(), 11);
+            assert!(number.has_prefix(&Prefix::parse("+1").unwrap()));
+        }
+    }
+
+    #[test]
+    fn register_queries_have_the_exact_hit_ratio() {
+        let numbers = set_of((0..5000u64).map(|i| 8_613_800_000_000 + i * 37));
+        let source = Source::Register {
+            numbers: numbers.clone(),
+            prefixes: vec![(Prefix::parse("+86").unwrap(), 2)],
+            description: "test".into(),
+        };
+        let queries = build_queries(&source, 10_000, 0.04, "2022-01-01", 9).unwrap();
+        assert_eq!(queries.len(), 10_000);
+        let hits = queries
+            .iter()
+            .filter(|q| {
+                let value = PhoneNumber::parse(&q.phone_number).unwrap().value();
+                numbers.binary_search(&value).is_ok()
+            })
+            .count();
+        assert_eq!(hits, 400);
+        assert!(queries.iter().all(|q| q.since == "2022-01-01" && q.phone_number.starts_with("+86")));
+        // Same seed, same queries.
+        assert_eq!(build_queries(&source, 10_000, 0.04, "2022-01-01", 9).unwrap(), queries);
+    }
+
+    #[test]
+    fn reads_queries_csv() {
+        let rows = parse_queries("phone_number,since\r\n+14155550123,2024-01-01\r\n+8613800000000,2023-05-06\n").unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].since, "2023-05-06");
+        assert!(parse_queries("phone_number,since,expected\n+14155550123,2024-01-01,yes\n").is_ok());
+        assert!(parse_queries("number,date\n+14155550123,2024-01-01\n").is_err());
+        let err = parse_queries("phone_number,since\n+1415 555,2024-01-01\n").unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("line 2") && !msg.contains("1415"), "{msg}");
+        assert!(parse_queries("phone_number,since\n+14155550123,2024-02-30\n").is_err());
+        assert!(parse_queries("phone_number,since\n").is_err());
+    }
+
+    #[test]
+    fn percentiles_come_from_the_histogram() {
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        for v in 1..=10_000u64 {
+            hist.record(v).unwrap();
+        }
+        let l = Latency::from_histogram(&hist);
+        assert_eq!(l.count, 10_000);
+        let near = |got: u64, want: u64| got.abs_diff(want) <= want / 500 + 1;
+        assert!(near(l.p50, 5_000), "{l:?}");
+        assert!(near(l.p90, 9_000), "{l:?}");
+        assert!(near(l.p99, 9_900), "{l:?}");
+        assert!(near(l.p999, 9_990), "{l:?}");
+        assert!(near(l.max, 10_000), "{l:?}");
+        assert!((l.mean - 5_000.5).abs() < 10.0, "{l:?}");
+        let empty = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        assert_eq!(Latency::from_histogram(&empty), Latency::default());
+    }
+
+    #[test]
+    fn batches_are_full() {
+        let opts = options(Method::Batch, 1000);
+        let workload = Workload::build(&opts, &Source::Random).unwrap();
+        assert!(workload.batches.len() >= 8);
+        assert!(workload.batches.iter().all(|b| b.checks.len() == 1000));
+        let opts = options(Method::Check, 1000);
+        let workload = Workload::build(&opts, &Source::Random).unwrap();
+        assert_eq!(workload.checks.len(), POOL_NUMBERS);
+    }
+
+    #[test]
+    fn validates_options() {
+        assert!(options(Method::Check, 1).validate().is_ok());
+        let mut bad = options(Method::Check, 1);
+        bad.hit_ratio = 1.5;
+        assert!(bad.validate().is_err());
+        let mut bad = options(Method::Check, 1);
+        bad.since = "2022-13-01".into();
+        assert!(bad.validate().is_err());
+        let mut bad = options(Method::Check, 1);
+        bad.rate = Some(0.0);
+        assert!(bad.validate().is_err());
+        let mut bad = options(Method::Batch, 0);
+        bad.batch_size = 0;
+        assert!(bad.validate().is_err());
+    }
+
+    fn options(method: Method, batch_size: usize) -> BenchOptions {
+        BenchOptions {
+            target: "127.0.0.1:1".into(),
+            server_name: "localhost".into(),
+            ca: PathBuf::new(),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            method,
+            concurrency: 4,
+            connections: 1,
+            duration: Duration::from_millis(300),
+            warmup: Duration::from_millis(100),
+            rate: None,
+            batch_size,
+            data: None,
+            hit_ratio: 0.04,
+            since: "2022-01-01".into(),
+            timeout: Duration::from_secs(5),
+            seed: 1,
+            json: false,
+        }
+    }
+
+    /// The whole loop against the bare server, in process: every method,
+    /// closed and open loop.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn benches_the_bare_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        crate::cli::certs::dev_certs(&certs, false).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let files = TlsFiles {
+            cert: certs.join("server.pem"),
+            key: certs.join("server.key"),
+            client_ca: certs.join("ca.pem"),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_bare(listener, files, async move {
+            let _ = stopped.await;
+        }));
+        for (method, rate, batch_size) in [
+            (Method::Check, None, 1),
+            (Method::Check, Some(500.0), 1),
+            (Method::Batch, None, 50),
+            (Method::Stream, None, 50),
+        ] {
+            let mut opts = options(method, batch_size);
+            opts.target = format!("127.0.0.1:{}", addr.port());
+            opts.ca = certs.join("ca.pem");
+            opts.cert = certs.join("platform-a.pem");
+            opts.key = certs.join("platform-a.key");
+            opts.rate = rate;
+            opts.connections = 2;
+            let report = bench(&opts).await.unwrap();
+            assert!(report.ok_calls > 0, "{report}");
+            assert_eq!(report.failed_calls, 0, "{report}");
+            assert_eq!(report.numbers, report.ok_calls * batch_size as u64, "{report}");
+            assert_eq!(report.statuses.not_reassigned, report.numbers, "{report}");
+            assert_eq!(report.latency_us.count, report.ok_calls, "{report}");
+            assert!(report.latency_us.p50 > 0 && report.latency_us.max >= report.latency_us.p99);
+            if let Some(rate) = rate {
+                // About rate * duration calls, never many more.
+                let expected = rate * opts.duration.as_secs_f64();
+                assert!((report.calls as f64) <= expected + 2.0, "{report}");
+                assert!((report.calls as f64) >= expected * 0.5, "{report}");
+            }
+            let json = serde_json::to_value(&report).unwrap();
+            assert!(json["latency_us"]["p99"].is_u64());
+            assert!(json["statuses"]["NOT_REASSIGNED"].is_u64());
+        }
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+}

@@ -1,0 +1,428 @@
+//! Development certificates: `reassigned certs dev --out DIR`.
+//!
+//! [`DevPki`] mints a throw-away CA, a server certificate and platform client
+//! certificates in memory (PEM strings), so integration tests can make fresh
+//! certificates per test (valid, expired, from another CA). [`dev_certs`] and
+//! [`mint_client_cert`] write the same material to files.
+//!
+//! Not for production: the CA key sits next to the certificates it signs.
+
+use std::fmt;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context as _, bail, ensure};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData as _, SanType,
+};
+use rustls_pki_types::pem::PemObject as _;
+use time::OffsetDateTime;
+
+const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+/// Backdating of `not_before`, so small clock skew does not reject a fresh certificate.
+const BACKDATE: Duration = Duration::from_secs(60 * 60);
+/// Validity of the development CA.
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+/// Validity of server and client certificates.
+const LEAF_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// Platforms that `reassigned certs dev` makes client certificates for.
+pub const DEV_PLATFORMS: &[&str] = &["platform-a", "platform-b"];
+/// Names the development server certificate is valid for.
+pub const DEV_SERVER_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
+
+/// The URI SAN given to a platform's client certificate.
+pub fn platform_uri(name: &str) -> String {
+    format!("spiffe://dev.reassigned/{name}")
+}
+
+/// A certificate (chain) and its private key, both PEM.
+#[derive(Clone)]
+pub struct PemPair {
+    /// The certificate, followed by the issuing CA for server certificates.
+    pub cert_pem: String,
+    /// The PKCS#8 private key.
+    pub key_pem: String,
+}
+
+impl fmt::Debug for PemPair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PemPair")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+/// What a client certificate says. Start from [`ClientCertSpec::platform`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertSpec {
+    /// Subject common name.
+    pub common_name: String,
+    /// URI subject alternative name, if any.
+    pub uri_san: Option<String>,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+}
+
+impl ClientCertSpec {
+    /// A platform certificate valid for a year from now: CN = `name`, URI SAN
+    /// [`platform_uri`]`(name)`.
+    pub fn platform(name: &str) -> Self {
+        let now = SystemTime::now();
+        Self {
+            common_name: name.to_owned(),
+            uri_san: Some(platform_uri(name)),
+            not_before: now - BACKDATE,
+            not_after: now + LEAF_VALIDITY,
+        }
+    }
+
+    /// The same certificate, expired yesterday.
+    pub fn expired(mut self) -> Self {
+        let now = SystemTime::now();
+        self.not_before = now - 2 * DAY;
+        self.not_after = now - DAY;
+        self
+    }
+
+    /// The same certificate without subject alternative names (CN only).
+    pub fn without_san(mut self) -> Self {
+        self.uri_san = None;
+        self
+    }
+}
+
+/// An in-memory development PKI: one CA that signs server and client
+/// certificates.
+pub struct DevPki {
+    issuer: Issuer<'static, KeyPair>,
+    ca_cert_pem: String,
+}
+
+impl fmt::Debug for DevPki {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DevPki")
+            .field("ca_cert_pem", &self.ca_cert_pem)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DevPki {
+    /// A fresh CA ("reassigned dev CA", ECDSA P-256, valid 10 years).
+    pub fn new() -> anyhow::Result<Self> {
+        let key = new_key()?;
+        let now = SystemTime::now();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name("reassigned dev CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + CA_VALIDITY).into();
+        let cert = params.self_signed(&key).context("cannot sign the dev CA")?;
+        Ok(Self {
+            ca_cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Use an existing CA, e.g. the `ca.pem` and `ca.key` written by
+    /// [`dev_certs`]. Fails if the key is not the certificate's key.
+    pub fn from_pem(ca_cert_pem: &str, ca_key_pem: &str) -> anyhow::Result<Self> {
+        let key = KeyPair::from_pem(ca_key_pem).context("cannot parse the CA private key")?;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(ca_cert_pem.as_bytes())
+            .context("cannot parse the CA certificate PEM")?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|err| anyhow::anyhow!("cannot parse the CA certificate: {err}"))?;
+        ensure!(
+            cert.public_key().raw == key.subject_public_key_info().as_slice(),
+            "the CA private key does not match the CA certificate"
+        );
+        let issuer = Issuer::from_ca_cert_der(&der, key).context("cannot use the CA certificate")?;
+        Ok(Self {
+            issuer,
+            ca_cert_pem: ca_cert_pem.to_owned(),
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn ca_cert_pem(&self) -> &str {
+        &self.ca_cert_pem
+    }
+
+    /// The CA private key, PKCS#8 PEM. Handle with care.
+    pub fn ca_key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses), valid a
+    /// year, with the ServerAuth EKU. `cert_pem` is the leaf followed by the CA.
+    pub fn server(&self, names: &[&str]) -> anyhow::Result<PemPair> {
+        ensure!(!names.is_empty(), "a server certificate needs at least one name");
+        let key = new_key()?;
+        let now = SystemTime::now();
+        let mut params =
+            CertificateParams::new(names.iter().map(|name| (*name).to_owned()).collect::<Vec<_>>())
+                .context("invalid server name")?;
+        params.distinguished_name = name(names[0]);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + LEAF_VALIDITY).into();
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .context("cannot sign the server certificate")?;
+        Ok(PemPair {
+            cert_pem: format!("{}{}", cert.pem(), self.ca_cert_pem),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// A valid certificate for platform `name` (see [`ClientCertSpec::platform`]).
+    pub fn client(&self, name: &str) -> anyhow::Result<PemPair> {
+        self.client_with(&ClientCertSpec::platform(name))
+    }
+
+    /// A client certificate (ClientAuth EKU) as described by `spec`.
+    /// `cert_pem` holds the leaf only.
+    pub fn client_with(&self, spec: &ClientCertSpec) -> anyhow::Result<PemPair> {
+        let key = new_key()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&spec.common_name);
+        if let Some(uri) = &spec.uri_san {
+            params.subject_alt_names = vec![SanType::URI(
+                uri.as_str()
+                    .try_into()
+                    .with_context(|| format!("invalid URI SAN {uri:?}"))?,
+            )];
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = OffsetDateTime::from(spec.not_before);
+        params.not_after = OffsetDateTime::from(spec.not_after);
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .context("cannot sign the client certificate")?;
+        Ok(PemPair {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+fn new_key() -> anyhow::Result<KeyPair> {
+    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("cannot generate an ECDSA P-256 key")
+}
+
+fn name(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+/// One file to write.
+struct Output {
+    path: PathBuf,
+    contents: String,
+    secret: bool,
+}
+
+/// Write a development PKI into `out` (created if missing):
+/// `ca.pem`, `ca.key`, `server.pem` (leaf + CA), `server.key` (for
+/// `localhost`, `127.0.0.1`, `::1`), and `platform-a.pem`/`.key`,
+/// `platform-b.pem`/`.key`. Keys get mode 0600. Existing files are left
+/// alone and the command fails, writing nothing, unless `force` is set.
+pub fn dev_certs(out: &Path, force: bool) -> anyhow::Result<()> {
+    let pki = DevPki::new()?;
+    let server = pki.server(DEV_SERVER_NAMES)?;
+    let mut outputs = vec![
+        Output::public(out.join("ca.pem"), pki.ca_cert_pem().to_owned()),
+        Output::secret(out.join("ca.key"), pki.ca_key_pem()),
+        Output::public(out.join("server.pem"), server.cert_pem),
+        Output::secret(out.join("server.key"), server.key_pem),
+    ];
+    for platform in DEV_PLATFORMS {
+        outputs.extend(client_outputs(&pki, platform, out)?);
+    }
+    write_all(&outputs, force)
+}
+
+/// Mint one more platform certificate (`<name>.pem`, `<name>.key` in
+/// `out_dir`) from an existing CA, e.g. the `ca.pem`/`ca.key` of
+/// [`dev_certs`]. Never overwrites existing files.
+pub fn mint_client_cert(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    name: &str,
+    out_dir: &Path,
+) -> anyhow::Result<()> {
+    let pki = DevPki::from_pem(ca_cert_pem, ca_key_pem)?;
+    write_all(&client_outputs(&pki, name, out_dir)?, false)
+}
+
+fn client_outputs(pki: &DevPki, name: &str, out: &Path) -> anyhow::Result<Vec<Output>> {
+    check_platform_name(name)?;
+    let client = pki.client(name)?;
+    Ok(vec![
+        Output::public(out.join(format!("{name}.pem")), client.cert_pem),
+        Output::secret(out.join(format!("{name}.key")), client.key_pem),
+    ])
+}
+
+/// Platform names become file names and URI path segments: keep them plain.
+fn check_platform_name(name: &str) -> anyhow::Result<()> {
+    let plain = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    ensure!(
+        plain,
+        "invalid platform name {name:?}: use 1-64 ASCII letters, digits, '-', '_' or '.', \
+         not starting with '.' or '-'"
+    );
+    Ok(())
+}
+
+impl Output {
+    fn public(path: PathBuf, contents: String) -> Self {
+        Self {
+            path,
+            contents,
+            secret: false,
+        }
+    }
+
+    fn secret(path: PathBuf, contents: String) -> Self {
+        Self {
+            path,
+            contents,
+            secret: true,
+        }
+    }
+}
+
+fn write_all(outputs: &[Output], force: bool) -> anyhow::Result<()> {
+    if !force {
+        let existing: Vec<String> = outputs
+            .iter()
+            .filter(|out| out.path.exists())
+            .map(|out| out.path.display().to_string())
+            .collect();
+        if !existing.is_empty() {
+            bail!(
+                "refusing to overwrite existing files (use --force): {}",
+                existing.join(", ")
+            );
+        }
+    }
+    for output in outputs {
+        if let Some(dir) = output.path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
+        }
+        write_file(output, force).with_context(|| format!("cannot write {}", output.path.display()))?;
+        tracing::info!(path = %output.path.display(), "wrote");
+    }
+    Ok(())
+}
+
+fn write_file(output: &Output, force: bool) -> std::io::Result<()> {
+    let mut options = OpenOptions::new();
+    options.write(true);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        if output.secret {
+            options.mode(0o600);
+        }
+        let mut file = options.open(&output.path)?;
+        if output.secret {
+            // `mode` only applies to new files; tighten an overwritten one
+            // before the key goes in.
+            file.set_permissions(fs::Permissions::from_mode(0o600))?;
+        }
+        file.write_all(output.contents.as_bytes())?;
+        file.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let mut file = options.open(&output.path)?;
+        file.write_all(output.contents.as_bytes())?;
+        file.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_names_are_checked() {
+        assert!(check_platform_name("platform-a").is_ok());
+        assert!(check_platform_name("../etc").is_err());
+        assert!(check_platform_name("a/b").is_err());
+        assert!(check_platform_name("").is_err());
+    }
+
+    #[test]
+    fn from_pem_round_trips_and_rejects_a_foreign_key() -> anyhow::Result<()> {
+        let pki = DevPki::new()?;
+        let again = DevPki::from_pem(pki.ca_cert_pem(), &pki.ca_key_pem())?;
+        again.client("platform-c")?;
+        let other = DevPki::new()?;
+        assert!(DevPki::from_pem(pki.ca_cert_pem(), &other.ca_key_pem()).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn dev_certs_writes_and_refuses_to_overwrite() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        dev_certs(dir.path(), false)?;
+        for file in [
+            "ca.pem",
+            "ca.key",
+            "server.pem",
+            "server.key",
+            "platform-a.pem",
+            "platform-a.key",
+            "platform-b.pem",
+            "platform-b.key",
+        ] {
+            assert!(dir.path().join(file).is_file(), "{file} missing");
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = fs::metadata(dir.path().join("server.key"))?.permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(dev_certs(dir.path(), false).is_err());
+        dev_certs(dir.path(), true)?;
+
+        let ca = fs::read_to_string(dir.path().join("ca.pem"))?;
+        let ca_key = fs::read_to_string(dir.path().join("ca.key"))?;
+        mint_client_cert(&ca, &ca_key, "platform-c", dir.path())?;
+        assert!(dir.path().join("platform-c.pem").is_file());
+        assert!(mint_client_cert(&ca, &ca_key, "platform-c", dir.path()).is_err());
+        Ok(())
+    }
+}

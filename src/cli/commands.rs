@@ -1,0 +1,211 @@
+//! The subcommands behind `reassigned <command>`: thin wrappers that load
+//! configuration, open the store and call the library.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::config::{ServeConfig, ServeSettings, StoreConfig};
+use crate::import::{self, Applied};
+use crate::store::{AnyStore, EmbeddedStore, RedisStore, redis::RedisOptions};
+
+/// Sets up `tracing` on stderr: `text` or `json`, levels from `REASSIGNED_LOG`
+/// (default `info`).
+pub fn init_tracing(format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REASSIGNED_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        "text" => builder.try_init(),
+        "json" => builder.json().try_init(),
+        other => anyhow::bail!("unknown log format {other:?} (text or json)"),
+    }
+    .map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}
+
+/// `reassigned serve`: merge the configuration layers, validate, open the
+/// store, bind, and serve until SIGTERM or SIGINT.
+pub async fn serve(config_file: Option<PathBuf>, dump_config: bool, flags: ServeSettings) -> anyhow::Result<()> {
+    let file = match &config_file {
+        Some(path) => ServeSettings::from_file(path)?,
+        None => ServeSettings::default(),
+    };
+    let config = ServeConfig::from_settings(flags.or(file))?;
+    if dump_config {
+        print!("{}", toml::to_string_pretty(&config)?);
+        return Ok(());
+    }
+    let store = open_store(&config.store).await?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    crate::run(listener, config, store, shutdown_signal()).await
+}
+
+/// Opens the configured store: connects to Redis, or loads the embedded store
+/// from its data directory and keeps it in step with new manifests.
+pub async fn open_store(config: &StoreConfig) -> anyhow::Result<AnyStore> {
+    match config {
+        StoreConfig::Redis {
+            url,
+            key_prefix,
+            timeout_ms,
+        } => {
+            let options = RedisOptions {
+                key_prefix: key_prefix.clone(),
+                timeout: Duration::from_millis(*timeout_ms),
+                ..RedisOptions::default()
+            };
+            let store = RedisStore::connect(url, options)
+                .await
+                .context("cannot connect to Redis")?;
+            Ok(AnyStore::Redis(store))
+        }
+        StoreConfig::Embedded {
+            data_dir,
+            resync_interval_secs,
+        } => {
+            let store = Arc::new(
+                EmbeddedStore::open(data_dir, &mut import::StderrProgress::new())
+                    .await
+                    .with_context(|| format!("cannot load {}", data_dir.display()))?,
+            );
+            store.spawn_resync(data_dir.clone(), Duration::from_secs(*resync_interval_secs));
+            Ok(AnyStore::Embedded(store))
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT, and says which.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "signal received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!(signal = "ctrl-c", "signal received");
+    }
+}
+
+async fn redis_store(url: &str, key_prefix: &str) -> anyhow::Result<RedisStore> {
+    let options = RedisOptions {
+        key_prefix: key_prefix.to_owned(),
+        ..RedisOptions::default()
+    };
+    RedisStore::connect(url, options)
+        .await
+        .context("cannot connect to Redis")
+}
+
+/// `reassigned import`: applies one manifest to the Redis mirror.
+pub async fn import(url: &str, key_prefix: &str, manifest: &Path) -> anyhow::Result<()> {
+    let store = redis_store(url, key_prefix).await?;
+    let started = std::time::Instant::now();
+    let applied = import::apply_manifest(&store, manifest, &mut import::StderrProgress::new()).await?;
+    eprintln!("{} in {:.1?}", describe(&applied), started.elapsed());
+    Ok(())
+}
+
+/// `reassigned sync`: applies every pending manifest of `dir` in order.
+pub async fn sync(url: &str, key_prefix: &str, dir: &Path) -> anyhow::Result<()> {
+    let store = redis_store(url, key_prefix).await?;
+    let report = import::sync_dir(&store, dir, &mut import::StderrProgress::new()).await?;
+    eprintln!("{report}");
+    Ok(())
+}
+
+fn describe(applied: &Applied) -> String {
+    applied.to_string()
+}
+
+/// `reassigned certs dev`.
+pub fn certs_dev(out: &Path, force: bool) -> anyhow::Result<()> {
+    super::certs::dev_certs(out, force)?;
+    eprintln!("wrote dev certificates to {}", out.display());
+    Ok(())
+}
+
+/// `reassigned generate`.
+pub fn generate_cmd(records: u64, out: &Path, deltas: u32, seed: Option<u64>, gzip: bool) -> anyhow::Result<()> {
+    let report = super::generate::generate(&super::generate::GenerateOptions {
+        records,
+        out: out.to_owned(),
+        deltas,
+        seed,
+        as_of: None,
+        gzip,
+    })?;
+    eprintln!("{report}");
+    Ok(())
+}
+
+/// `reassigned demo`: dev certificates and a demo register if missing, served
+/// with the embedded store; prints grpcurl commands that work when pasted.
+pub async fn demo(dir: &Path, listen: SocketAddr, records: u64) -> anyhow::Result<()> {
+    let certs = dir.join("certs");
+    let data = dir.join("register");
+    if !certs.join("ca.pem").exists() {
+        super::certs::dev_certs(&certs, false)?;
+        eprintln!("made dev certificates in {}", certs.display());
+    }
+    if !data.exists() {
+        generate_cmd(records, &data, 3, Some(1), false)?;
+    }
+    let settings = ServeSettings {
+        listen: Some(listen),
+        tls_cert: Some(certs.join("server.pem")),
+        tls_key: Some(certs.join("server.key")),
+        client_ca: Some(certs.join("ca.pem")),
+        data_dir: Some(data.clone()),
+        ..ServeSettings::default()
+    };
+    let config = ServeConfig::from_settings(settings)?;
+    let store = open_store(&config.store).await?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    print_demo_commands(&certs, listen, &data)?;
+    crate::run(listener, config, store, shutdown_signal()).await
+}
+
+fn print_demo_commands(certs: &Path, listen: SocketAddr, data: &Path) -> anyhow::Result<()> {
+    let (hit, hit_since) = super::generate::sample_hit(data)?;
+    let tls = format!(
+        "-cacert {c}/ca.pem -cert {c}/platform-a.pem -key {c}/platform-a.key",
+        c = certs.display()
+    );
+    let target = format!("localhost:{}", listen.port());
+    let svc = "reassigned.v1.ReassignedNumbers";
+    println!("reassigned demo is serving on {listen} (embedded store, data in {}).", data.display());
+    println!("Try it with grpcurl (mutual TLS as platform-a):\n");
+    println!("  grpcurl {tls} {target} list");
+    println!("  grpcurl {tls} {target} {svc}/GetMirrorStatus");
+    println!("  grpcurl {tls} -d '{{\"phone_number\":\"{hit}\",\"since\":\"{hit_since}\"}}' {target} {svc}/CheckNumber");
+    println!("  grpcurl {tls} -d '{{\"phone_number\":\"+14155550123\",\"since\":\"2024-01-01\"}}' {target} {svc}/CheckNumber");
+    println!(
+        "  grpcurl {tls} -d '{{\"checks\":[{{\"phone_number\":\"{hit}\",\"since\":\"{hit_since}\"}},{{\"phone_number\":\"+44 20\",\"since\":\"2024-01-01\"}}]}}' {target} {svc}/BatchCheckNumbers"
+    );
+    println!("  grpcurl {tls} {target} grpc.health.v1.Health/Check\n");
+    println!("Stop with Ctrl-C.");
+    Ok(())
+}

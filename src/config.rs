@@ -1,0 +1,278 @@
+//! Typed, layered configuration of `serve`: defaults, then a TOML file
+//! (`--config`), then `REASSIGNED_*` environment variables, then flags; validated
+//! before anything is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Settings that can come from a file, the environment or flags; every field
+/// optional so the layers can be merged.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct ServeSettings {
+    /// Address to listen on (default 127.0.0.1:50051).
+    #[arg(long, env = "REASSIGNED_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Server certificate chain (PEM).
+    #[arg(long, env = "REASSIGNED_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "REASSIGNED_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) that client certificates must chain to.
+    #[arg(long, env = "REASSIGNED_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Redis URL (`redis://host:6379/0`); without it the embedded store is used.
+    #[arg(long, env = "REASSIGNED_REDIS")]
+    pub redis: Option<String>,
+    /// Directory of manifests for the embedded store.
+    #[arg(long, env = "REASSIGNED_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Prefix of every Redis key (default `rn`).
+    #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX")]
+    pub redis_key_prefix: Option<String>,
+    /// Timeout of each Redis call in milliseconds (default 200).
+    #[arg(long, env = "REASSIGNED_REDIS_TIMEOUT_MS")]
+    pub redis_timeout_ms: Option<u64>,
+    /// Days after `as_of` before the mirror counts as stale (default 45).
+    #[arg(long, env = "REASSIGNED_MAX_STALENESS_DAYS")]
+    pub max_staleness_days: Option<u32>,
+    /// Most checks in one batch call (default 1000).
+    #[arg(long, env = "REASSIGNED_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+    /// Seconds between re-syncs of the embedded store's data directory (default 10).
+    #[arg(long, env = "REASSIGNED_RESYNC_INTERVAL_SECS")]
+    pub resync_interval_secs: Option<u64>,
+    /// TLS handshake timeout in milliseconds (default 10000).
+    #[arg(long, env = "REASSIGNED_HANDSHAKE_TIMEOUT_MS")]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Most TLS handshakes in progress at once (default 256).
+    #[arg(long, env = "REASSIGNED_MAX_HANDSHAKES")]
+    pub max_handshakes: Option<usize>,
+    /// Timeout of each call in milliseconds (default 5000).
+    #[arg(long, env = "REASSIGNED_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+    /// Most concurrent calls (HTTP/2 streams) per connection (default 256).
+    #[arg(long, env = "REASSIGNED_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+    /// Largest request message in bytes (default 262144).
+    #[arg(long, env = "REASSIGNED_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+}
+
+impl ServeSettings {
+    /// Fills every field still unset from `lower`.
+    pub fn or(self, lower: ServeSettings) -> ServeSettings {
+        macro_rules! merge {
+            ($($f:ident),*) => { ServeSettings { $($f: self.$f.or(lower.$f)),* } };
+        }
+        merge!(
+            listen,
+            tls_cert,
+            tls_key,
+            client_ca,
+            redis,
+            data_dir,
+            redis_key_prefix,
+            redis_timeout_ms,
+            max_staleness_days,
+            max_batch,
+            resync_interval_secs,
+            handshake_timeout_ms,
+            max_handshakes,
+            request_timeout_ms,
+            max_concurrent_streams,
+            max_message_bytes
+        )
+    }
+
+    /// Reads a TOML file of settings (same names as the flags, with `_`).
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File(path.to_owned(), e.to_string()))?;
+        toml::from_str(&text).map_err(|e| ConfigError::File(path.to_owned(), e.to_string()))
+    }
+}
+
+/// Where the mirror lives.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreConfig {
+    /// Redis at this URL.
+    Redis {
+        /// `redis://...` or `rediss://...`.
+        url: String,
+        /// Prefix of every key.
+        key_prefix: String,
+        /// Timeout of each call.
+        timeout_ms: u64,
+    },
+    /// The in-process store, loaded from this directory of manifests.
+    Embedded {
+        /// The directory of manifests and data files.
+        data_dir: PathBuf,
+        /// Seconds between re-syncs.
+        resync_interval_secs: u64,
+    },
+}
+
+/// The validated configuration of `serve`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Server certificate chain.
+    pub tls_cert: PathBuf,
+    /// Server private key.
+    pub tls_key: PathBuf,
+    /// Client CA bundle.
+    pub client_ca: PathBuf,
+    /// The store.
+    pub store: StoreConfig,
+    /// Staleness limit in days.
+    pub max_staleness_days: u32,
+    /// Batch limit.
+    pub max_batch: usize,
+    /// TLS handshake timeout in milliseconds.
+    pub handshake_timeout_ms: u64,
+    /// Concurrent handshake limit.
+    pub max_handshakes: usize,
+    /// Per-call timeout in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Concurrent streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Largest request message in bytes.
+    pub max_message_bytes: usize,
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required setting is missing.
+    #[error("missing setting {0} (flag --{1}, environment {2})")]
+    Missing(&'static str, &'static str, &'static str),
+    /// A setting is out of range or contradicts another.
+    #[error("invalid setting {0}: {1}")]
+    Invalid(&'static str, String),
+    /// The config file cannot be read or parsed.
+    #[error("config file {0}: {1}")]
+    File(PathBuf, String),
+}
+
+impl ServeConfig {
+    /// The default listen address.
+    pub const DEFAULT_LISTEN: &'static str = "127.0.0.1:50051";
+
+    /// Validates merged settings and fills in defaults.
+    pub fn from_settings(s: ServeSettings) -> Result<Self, ConfigError> {
+        let need = |v: Option<PathBuf>, name, flag, env| -> Result<PathBuf, ConfigError> {
+            let path = v.ok_or(ConfigError::Missing(name, flag, env))?;
+            if !path.is_file() {
+                return Err(ConfigError::Invalid(name, format!("{} is not a readable file", path.display())));
+            }
+            Ok(path)
+        };
+        let tls_cert = need(s.tls_cert, "tls_cert", "tls-cert", "REASSIGNED_TLS_CERT")?;
+        let tls_key = need(s.tls_key, "tls_key", "tls-key", "REASSIGNED_TLS_KEY")?;
+        let client_ca = need(s.client_ca, "client_ca", "client-ca", "REASSIGNED_CLIENT_CA")?;
+        let store = match (s.redis, s.data_dir) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "redis",
+                    "give either redis or data_dir, not both".into(),
+                ));
+            }
+            (Some(url), None) => {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+                    return Err(ConfigError::Invalid("redis", "must be a redis://, rediss:// or unix:// URL".into()));
+                }
+                StoreConfig::Redis {
+                    url,
+                    key_prefix: s.redis_key_prefix.unwrap_or_else(|| "rn".into()),
+                    timeout_ms: positive("redis_timeout_ms", s.redis_timeout_ms.unwrap_or(200))?,
+                }
+            }
+            (None, data_dir) => {
+                let data_dir = data_dir.ok_or(ConfigError::Missing(
+                    "redis or data_dir",
+                    "redis or --data-dir",
+                    "REASSIGNED_REDIS or REASSIGNED_DATA_DIR",
+                ))?;
+                if !data_dir.is_dir() {
+                    return Err(ConfigError::Invalid("data_dir", format!("{} is not a directory", data_dir.display())));
+                }
+                StoreConfig::Embedded {
+                    data_dir,
+                    resync_interval_secs: positive("resync_interval_secs", s.resync_interval_secs.unwrap_or(10))?,
+                }
+            }
+        };
+        let listen = match s.listen {
+            Some(addr) => addr,
+            None => Self::DEFAULT_LISTEN
+                .parse()
+                .map_err(|e| ConfigError::Invalid("listen", format!("{e}")))?,
+        };
+        let max_batch = s.max_batch.unwrap_or(1000);
+        if !(1..=100_000).contains(&max_batch) {
+            return Err(ConfigError::Invalid("max_batch", "must be 1 to 100000".into()));
+        }
+        Ok(Self {
+            listen,
+            tls_cert,
+            tls_key,
+            client_ca,
+            store,
+            max_staleness_days: s.max_staleness_days.unwrap_or(45),
+            max_batch,
+            handshake_timeout_ms: positive("handshake_timeout_ms", s.handshake_timeout_ms.unwrap_or(10_000))?,
+            max_handshakes: positive("max_handshakes", s.max_handshakes.unwrap_or(256) as u64)? as usize,
+            request_timeout_ms: positive("request_timeout_ms", s.request_timeout_ms.unwrap_or(5_000))?,
+            max_concurrent_streams: positive("max_concurrent_streams", u64::from(s.max_concurrent_streams.unwrap_or(256)))?
+                as u32,
+            max_message_bytes: positive("max_message_bytes", s.max_message_bytes.unwrap_or(256 * 1024) as u64)? as usize,
+        })
+    }
+
+    /// The per-call timeout.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+fn positive(name: &'static str, v: u64) -> Result<u64, ConfigError> {
+    if v == 0 {
+        return Err(ConfigError::Invalid(name, "must be greater than 0".into()));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file() {
+        let flags = ServeSettings {
+            max_batch: Some(10),
+            ..Default::default()
+        };
+        let file: ServeSettings = toml::from_str("max_batch = 20\nmax_staleness_days = 30\n").expect("toml");
+        let merged = flags.or(file);
+        assert_eq!(merged.max_batch, Some(10));
+        assert_eq!(merged.max_staleness_days, Some(30));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        assert!(toml::from_str::<ServeSettings>("max_bacth = 20\n").is_err());
+    }
+
+    #[test]
+    fn missing_tls_is_a_clear_error() {
+        let e = ServeConfig::from_settings(ServeSettings::default()).expect_err("missing");
+        assert!(e.to_string().contains("--tls-cert"), "{e}");
+    }
+}

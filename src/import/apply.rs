@@ -1,0 +1,645 @@
+//! Applying manifests to a store in sequence order.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{ImportError, Kind, Manifest, NoProgress, Progress, read_records};
+use crate::store::Store;
+
+/// What [`apply_manifest`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// A snapshot replaced the mirror.
+    Snapshot {
+        /// The snapshot's sequence.
+        sequence: u64,
+        /// Distinct numbers it holds.
+        records: u64,
+    },
+    /// A delta was merged into the mirror.
+    Delta {
+        /// The delta's sequence.
+        sequence: u64,
+        /// Distinct numbers it carried.
+        records: u64,
+    },
+    /// Nothing done: the mirror is already at or past this sequence.
+    AlreadyApplied {
+        /// The file's sequence.
+        sequence: u64,
+    },
+}
+
+impl fmt::Display for Applied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Applied::Snapshot { sequence, records } => {
+                write!(f, "applied snapshot {sequence} ({records} records)")
+            }
+            Applied::Delta { sequence, records } => write!(f, "applied delta {sequence} ({records} records)"),
+            Applied::AlreadyApplied { sequence } => {
+                write!(f, "sequence {sequence} is already applied, nothing to do")
+            }
+        }
+    }
+}
+
+/// A manifest [`sync_dir`] did not apply because the mirror already has it
+/// or a newer snapshot supersedes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    /// The manifest file.
+    pub path: PathBuf,
+    /// Its kind.
+    pub kind: Kind,
+    /// Its sequence.
+    pub sequence: u64,
+}
+
+/// What [`sync_dir`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// The files applied, in order.
+    pub applied: Vec<Applied>,
+    /// The manifests not needed, in sequence order.
+    pub skipped: Vec<Skipped>,
+    /// The mirror's sequence afterwards (`None`: still empty).
+    pub sequence: Option<u64>,
+}
+
+impl SyncReport {
+    /// True if nothing was applied.
+    pub fn is_noop(&self) -> bool {
+        self.applied
+            .iter()
+            .all(|a| matches!(a, Applied::AlreadyApplied { .. }))
+    }
+}
+
+impl fmt::Display for SyncReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.sequence {
+            Some(s) => write!(f, "mirror at sequence {s}")?,
+            None => write!(f, "mirror empty")?,
+        }
+        if self.is_noop() {
+            write!(f, ", up to date")?;
+        }
+        for a in &self.applied {
+            write!(f, "; {a}")?;
+        }
+        if !self.skipped.is_empty() {
+            write!(
+                f,
+                "; {} manifest(s) skipped (already applied or superseded)",
+                self.skipped.len()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads the manifest at `path` and applies it to `store`.
+///
+/// Rules, checked against `store.refresh_meta()` before the data file is
+/// read: a file at or below the mirror's sequence is
+/// [`Applied::AlreadyApplied`]; a delta needs exactly the sequence after the
+/// mirror's ([`ImportError::SequenceGap`] otherwise, also on an empty
+/// mirror); a snapshot needs a higher sequence; `as_of` must not go backwards
+/// ([`ImportError::AsOfBackwards`]). The data file is then read and checked
+/// in full ([`read_records`]) before anything is written, so any error
+/// leaves the store unchanged.
+///
+/// Reading is CPU-bound; the future does not yield while it runs.
+pub async fn apply_manifest<S: Store>(
+    store: &S,
+    path: &Path,
+    progress: &mut dyn Progress,
+) -> Result<Applied, ImportError> {
+    let manifest = Manifest::load(path)?;
+    apply_loaded(store, &manifest, progress).await
+}
+
+async fn apply_loaded<S: Store>(
+    store: &S,
+    manifest: &Manifest,
+    progress: &mut dyn Progress,
+) -> Result<Applied, ImportError> {
+    let current = store.refresh_meta().await?;
+    let current_seq = current.as_ref().map(|m| m.sequence);
+    if current_seq.is_some_and(|c| manifest.sequence <= c) {
+        return Ok(Applied::AlreadyApplied {
+            sequence: manifest.sequence,
+        });
+    }
+    if manifest.kind == Kind::Delta && current_seq.map(|c| c + 1) != Some(manifest.sequence) {
+        return Err(ImportError::SequenceGap {
+            current: current_seq,
+            got: manifest.sequence,
+        });
+    }
+    if let Some(meta) = &current
+        && manifest.as_of < meta.as_of
+    {
+        return Err(ImportError::AsOfBackwards {
+            current: meta.as_of,
+            got: manifest.as_of,
+        });
+    }
+    let records = read_records(manifest, progress)?;
+    let count = records.len() as u64;
+    let applied = match manifest.kind {
+        Kind::Snapshot => {
+            store.apply_snapshot(manifest, &records, current_seq).await?;
+            Applied::Snapshot {
+                sequence: manifest.sequence,
+                records: count,
+            }
+        }
+        Kind::Delta => {
+            store.apply_delta(manifest, &records).await?;
+            Applied::Delta {
+                sequence: manifest.sequence,
+                records: count,
+            }
+        }
+    };
+    tracing::info!(
+        kind = manifest.kind.as_str(),
+        sequence = manifest.sequence,
+        as_of = %manifest.as_of,
+        records = count,
+        file = %manifest.path.display(),
+        "register file applied"
+    );
+    Ok(applied)
+}
+
+/// Brings `store` up to date from the manifests (`*.json`) in `dir`.
+///
+/// Every `*.json` file must be a valid manifest (else
+/// [`ImportError::Manifest`] naming it). Relative to the mirror's current
+/// sequence: if a snapshot with a higher sequence exists, the newest one is
+/// applied first; then the deltas after that point are applied in sequence
+/// order, which must be consecutive ([`ImportError::SequenceGap`] stops at the
+/// first gap, after applying what came before it). Everything older is
+/// skipped, so running it again applies nothing.
+///
+/// Each file is applied atomically; an error stops the sync, leaving the files
+/// already applied in place.
+pub async fn sync_dir<S: Store>(
+    store: &S,
+    dir: &Path,
+    progress: &mut dyn Progress,
+) -> Result<SyncReport, ImportError> {
+    let manifests = load_dir(dir)?;
+    let current = store.refresh_meta().await?.map(|m| m.sequence);
+
+    let mut snapshots: BTreeMap<u64, Manifest> = BTreeMap::new();
+    let mut deltas: BTreeMap<u64, Manifest> = BTreeMap::new();
+    for m in manifests {
+        let map = match m.kind {
+            Kind::Snapshot => &mut snapshots,
+            Kind::Delta => &mut deltas,
+        };
+        if let Some(other) = map.get(&m.sequence) {
+            return Err(ImportError::Manifest(
+                m.path.clone(),
+                format!(
+                    "{} {} is also described by {}",
+                    m.kind,
+                    m.sequence,
+                    other.path.display()
+                ),
+            ));
+        }
+        map.insert(m.sequence, m);
+    }
+
+    let mut report = SyncReport {
+        sequence: current,
+        ..SyncReport::default()
+    };
+    let above_current = |seq: u64| current.is_none_or(|c| seq > c);
+    let start = snapshots.keys().copied().rfind(|&s| above_current(s));
+    let mut position = current;
+    if let Some(snapshot) = start.and_then(|seq| snapshots.remove(&seq)) {
+        let applied = apply_loaded(store, &snapshot, progress).await?;
+        report.applied.push(applied);
+        position = Some(snapshot.sequence);
+        report.sequence = position;
+    }
+    report.skipped.extend(snapshots.into_values().map(skipped));
+
+    for (seq, delta) in deltas {
+        if position.is_some_and(|p| seq <= p) {
+            report.skipped.push(skipped(delta));
+            continue;
+        }
+        if position.map(|p| p + 1) != Some(seq) {
+            return Err(ImportError::SequenceGap {
+                current: position,
+                got: seq,
+            });
+        }
+        let applied = apply_loaded(store, &delta, progress).await?;
+        report.applied.push(applied);
+        position = Some(seq);
+        report.sequence = position;
+    }
+    report.skipped.sort_by_key(|s| s.sequence);
+    Ok(report)
+}
+
+fn skipped(m: Manifest) -> Skipped {
+    Skipped {
+        path: m.path,
+        kind: m.kind,
+        sequence: m.sequence,
+    }
+}
+
+/// Loads every `*.json` file of `dir` as a manifest, in name order.
+fn load_dir(dir: &Path) -> Result<Vec<Manifest>, ImportError> {
+    let io_err = |source| ImportError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err)? {
+        let path = entry.map_err(io_err)?.path();
+        if path.extension().is_some_and(|e| e == "json") && path.is_file() {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    paths.iter().map(Manifest::load).collect()
+}
+
+/// Starts a background task that runs [`sync_dir`] on `dir` every `interval`
+/// (the first run one interval from now) until `shutdown` completes.
+///
+/// Each run happens on a blocking thread (reading a file is CPU-bound), so
+/// request handling is not held up. Errors are logged with `tracing` and the
+/// store keeps serving what it has; the next run tries again.
+///
+/// Must be called inside a Tokio runtime.
+pub fn spawn_resync<S>(
+    store: S,
+    dir: PathBuf,
+    interval: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()>
+where
+    S: Store + Clone,
+{
+    let interval = interval.max(Duration::from_millis(10));
+    let dir = Arc::new(dir);
+    tokio::spawn(async move {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                _ = ticker.tick() => {}
+            }
+            let (store, dir) = (store.clone(), Arc::clone(&dir));
+            let handle = tokio::runtime::Handle::current();
+            let run =
+                tokio::task::spawn_blocking(move || handle.block_on(sync_dir(&store, &dir, &mut NoProgress)));
+            match run.await {
+                Ok(Ok(report)) if report.is_noop() => {
+                    tracing::debug!(%report, "register resync: up to date");
+                }
+                Ok(Ok(report)) => tracing::info!(%report, "register resync"),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "register resync failed; still serving the previous data")
+                }
+                Err(e) => tracing::error!(error = %e, "register resync task failed"),
+            }
+        }
+        tracing::debug!("register resync stopped");
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::generate::write_register_file;
+    use crate::domain::{Date, PhoneNumber};
+    use crate::store::EmbeddedStore;
+
+    /// A day `n` days before today (manifests may not be in the future).
+    fn day(n: i32) -> Date {
+        Date::today_utc().add_days(-n)
+    }
+
+    fn num(i: u64) -> u64 {
+        14_155_550_000 + i
+    }
+
+    /// Writes `snapshot-NNNNNN.json` or `delta-NNNNNN.json` with `rows`
+    /// (number index, days before today).
+    fn write(dir: &Path, kind: Kind, sequence: u64, as_of: i32, rows: &[(u64, i32)]) -> PathBuf {
+        let stem = format!("{kind}-{sequence:06}");
+        let snapshot = kind == Kind::Snapshot;
+        let manifest = Manifest {
+            kind,
+            sequence,
+            as_of: day(as_of),
+            coverage_start: snapshot.then(|| Date::parse("2021-01-27").expect("date")),
+            covered_prefixes: snapshot.then(|| vec!["+1".to_string()]),
+            data: format!("{stem}.csv"),
+            records: 0,
+            sha256: String::new(),
+            path: PathBuf::new(),
+        };
+        let rows = rows.iter().map(|&(i, d)| (num(i), day(d).days() as u16));
+        write_register_file(dir, &format!("{stem}.json"), manifest, rows)
+            .expect("write")
+            .path
+    }
+
+    async fn date_of(store: &EmbeddedStore, i: u64) -> Option<Date> {
+        let n = PhoneNumber::from_value(num(i)).expect("number");
+        store.lookup(n).await.expect("lookup").found
+    }
+
+    fn seq(store: &EmbeddedStore) -> Option<u64> {
+        store.cached_meta().map(|m| m.sequence)
+    }
+
+    #[tokio::test]
+    async fn applies_in_order_and_reports_already_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s1 = write(dir.path(), Kind::Snapshot, 1, 10, &[(1, 100), (2, 50)]);
+        let d2 = write(dir.path(), Kind::Delta, 2, 9, &[(2, 9), (3, 9)]);
+        let store = EmbeddedStore::new();
+        let p = &mut NoProgress;
+
+        let e = apply_manifest(&store, &d2, p).await.expect_err("delta on empty");
+        assert!(
+            matches!(
+                e,
+                ImportError::SequenceGap {
+                    current: None,
+                    got: 2
+                }
+            ),
+            "{e}"
+        );
+
+        let a = apply_manifest(&store, &s1, p).await.expect("snapshot");
+        assert_eq!(
+            a,
+            Applied::Snapshot {
+                sequence: 1,
+                records: 2
+            }
+        );
+        let a = apply_manifest(&store, &s1, p).await.expect("again");
+        assert_eq!(a, Applied::AlreadyApplied { sequence: 1 });
+
+        let a = apply_manifest(&store, &d2, p).await.expect("delta");
+        assert_eq!(
+            a,
+            Applied::Delta {
+                sequence: 2,
+                records: 2
+            }
+        );
+        assert_eq!(date_of(&store, 2).await, Some(day(9)));
+        assert_eq!(date_of(&store, 3).await, Some(day(9)));
+        let a = apply_manifest(&store, &d2, p).await.expect("again");
+        assert_eq!(a, Applied::AlreadyApplied { sequence: 2 });
+        assert_eq!(store.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn order_checks_come_before_the_data_and_change_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s1 = write(dir.path(), Kind::Snapshot, 1, 10, &[(1, 100)]);
+        let d3 = write(dir.path(), Kind::Delta, 3, 8, &[(3, 8)]);
+        let d2_old = write(dir.path(), Kind::Delta, 2, 11, &[(2, 11)]);
+        let s5_old = write(dir.path(), Kind::Snapshot, 5, 20, &[(5, 20)]);
+        // the order checks must not even open the data files
+        for f in ["delta-000003.csv", "delta-000002.csv", "snapshot-000005.csv"] {
+            std::fs::remove_file(dir.path().join(f)).expect("remove");
+        }
+        let store = EmbeddedStore::new();
+        let p = &mut NoProgress;
+        apply_manifest(&store, &s1, p).await.expect("snapshot");
+
+        let e = apply_manifest(&store, &d3, p).await.expect_err("gap");
+        assert!(
+            matches!(
+                e,
+                ImportError::SequenceGap {
+                    current: Some(1),
+                    got: 3
+                }
+            ),
+            "{e}"
+        );
+        let e = apply_manifest(&store, &d2_old, p).await.expect_err("backwards");
+        assert!(matches!(e, ImportError::AsOfBackwards { .. }), "{e}");
+        let e = apply_manifest(&store, &s5_old, p).await.expect_err("backwards");
+        assert!(e.to_string().contains("as_of would go backwards"), "{e}");
+
+        // a bad data file changes nothing either
+        let d2 = write(dir.path(), Kind::Delta, 2, 9, &[(2, 9)]);
+        std::fs::write(
+            dir.path().join("delta-000002.csv"),
+            "phone_number,disconnect_date\n+1x,2024-01-01\n",
+        )
+        .expect("corrupt");
+        let e = apply_manifest(&store, &d2, p).await.expect_err("bad data");
+        assert!(matches!(e, ImportError::Data { .. }), "{e}");
+        assert_eq!(seq(&store), Some(1));
+        assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn sync_dir_applies_pending_and_is_idempotent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::new();
+        let p = &mut NoProgress;
+        let r = sync_dir(&store, dir.path(), p).await.expect("empty dir");
+        assert_eq!(r, SyncReport::default());
+
+        write(dir.path(), Kind::Snapshot, 1, 10, &[(1, 100), (2, 50)]);
+        write(dir.path(), Kind::Delta, 2, 9, &[(2, 9)]);
+        write(dir.path(), Kind::Delta, 3, 8, &[(3, 8)]);
+        std::fs::write(dir.path().join("notes.txt"), "not a manifest").expect("write");
+        let r = sync_dir(&store, dir.path(), p).await.expect("sync");
+        assert_eq!(r.applied.len(), 3);
+        assert_eq!(r.sequence, Some(3));
+        assert!(r.skipped.is_empty());
+        assert_eq!(store.len(), 3);
+
+        let r = sync_dir(&store, dir.path(), p).await.expect("again");
+        assert!(r.applied.is_empty() && r.is_noop());
+        assert_eq!(r.skipped.len(), 3);
+        assert_eq!(r.sequence, Some(3));
+        assert!(r.to_string().contains("up to date"), "{r}");
+
+        write(dir.path(), Kind::Delta, 4, 7, &[(4, 7)]);
+        let r = sync_dir(&store, dir.path(), p).await.expect("one more");
+        assert_eq!(
+            r.applied,
+            vec![Applied::Delta {
+                sequence: 4,
+                records: 1
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn sync_dir_starts_from_the_newest_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), Kind::Snapshot, 1, 10, &[(1, 100)]);
+        write(dir.path(), Kind::Delta, 2, 9, &[(2, 9)]);
+        write(dir.path(), Kind::Delta, 3, 8, &[(3, 8)]);
+        write(
+            dir.path(),
+            Kind::Snapshot,
+            3,
+            8,
+            &[(1, 100), (2, 9), (3, 8), (30, 8)],
+        );
+        write(dir.path(), Kind::Delta, 4, 7, &[(4, 7)]);
+        let store = EmbeddedStore::new();
+        let r = sync_dir(&store, dir.path(), &mut NoProgress).await.expect("sync");
+        assert_eq!(
+            r.applied,
+            vec![
+                Applied::Snapshot {
+                    sequence: 3,
+                    records: 4
+                },
+                Applied::Delta {
+                    sequence: 4,
+                    records: 1
+                }
+            ]
+        );
+        let skipped: Vec<_> = r.skipped.iter().map(|s| (s.kind, s.sequence)).collect();
+        assert_eq!(
+            skipped,
+            vec![(Kind::Snapshot, 1), (Kind::Delta, 2), (Kind::Delta, 3)]
+        );
+        assert_eq!(store.len(), 5);
+        assert!(date_of(&store, 30).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn sync_dir_stops_at_a_gap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), Kind::Snapshot, 1, 10, &[(1, 100)]);
+        write(dir.path(), Kind::Delta, 2, 9, &[(2, 9)]);
+        write(dir.path(), Kind::Delta, 4, 7, &[(4, 7)]);
+        let store = EmbeddedStore::new();
+        let e = sync_dir(&store, dir.path(), &mut NoProgress)
+            .await
+            .expect_err("gap");
+        assert!(
+            matches!(
+                e,
+                ImportError::SequenceGap {
+                    current: Some(2),
+                    got: 4
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(seq(&store), Some(2));
+
+        // only deltas and an empty mirror: a gap too
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), Kind::Delta, 2, 9, &[(2, 9)]);
+        let e = sync_dir(&EmbeddedStore::new(), dir.path(), &mut NoProgress)
+            .await
+            .expect_err("gap");
+        assert!(
+            matches!(
+                e,
+                ImportError::SequenceGap {
+                    current: None,
+                    got: 2
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sync_dir_names_a_bad_manifest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), Kind::Snapshot, 1, 10, &[(1, 100)]);
+        std::fs::write(dir.path().join("broken.json"), "{}").expect("write");
+        let e = sync_dir(&EmbeddedStore::new(), dir.path(), &mut NoProgress)
+            .await
+            .expect_err("bad");
+        assert!(
+            matches!(&e, ImportError::Manifest(p, _) if p.ends_with("broken.json")),
+            "{e}"
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), Kind::Snapshot, 1, 10, &[(1, 100)]);
+        let copy = std::fs::read(dir.path().join("snapshot-000001.json")).expect("read");
+        std::fs::write(dir.path().join("copy.json"), copy).expect("write");
+        let e = sync_dir(&EmbeddedStore::new(), dir.path(), &mut NoProgress)
+            .await
+            .expect_err("dup");
+        assert!(e.to_string().contains("is also described by"), "{e}");
+
+        let e = sync_dir(
+            &EmbeddedStore::new(),
+            &dir.path().join("missing"),
+            &mut NoProgress,
+        )
+        .await
+        .expect_err("missing dir");
+        assert!(matches!(e, ImportError::Io { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn open_and_background_resync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), Kind::Snapshot, 1, 10, &[(1, 100)]);
+        let store = Arc::new(
+            EmbeddedStore::open(dir.path(), &mut NoProgress)
+                .await
+                .expect("open"),
+        );
+        assert_eq!(seq(&store), Some(1));
+
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = store.spawn_resync(dir.path().to_path_buf(), Duration::from_millis(20), async move {
+            let _ = stopped.await;
+        });
+        // a broken file is logged and the old data kept
+        std::fs::write(dir.path().join("delta-000002.json"), "{").expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(seq(&store), Some(1));
+        write(dir.path(), Kind::Delta, 2, 9, &[(2, 9)]);
+        for _ in 0..100 {
+            if seq(&store) == Some(2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(seq(&store), Some(2));
+        stop.send(()).expect("stop");
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops")
+            .expect("joins");
+    }
+}

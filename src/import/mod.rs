@@ -1,0 +1,179 @@
+//! Importing the national register's files: manifests, CSV data files
+//! (optionally gzip-compressed), their checks, and applying snapshots and
+//! deltas to a [`crate::store::Store`] in sequence order.
+//!
+//! # The file format (public contract)
+//!
+//! The register is published as a directory of *manifests* (`*.json`), each
+//! describing one *data file*. A snapshot replaces the whole mirror; a delta
+//! adds disconnects to it.
+//!
+//! ## Manifest
+//!
+//! A JSON object with exactly these fields (unknown fields are refused):
+//!
+//! | field | type | meaning |
+//! |---|---|---|
+//! | `kind` | `"snapshot"` or `"delta"` | replace the mirror, or add to it |
+//! | `sequence` | integer ≥ 1 | position in the register's history; each delta is the previous sequence + 1 |
+//! | `as_of` | `YYYY-MM-DD` | the data is complete through this date; never after today (UTC) |
+//! | `coverage_start` | `YYYY-MM-DD` | snapshots only (required there, refused on deltas): earliest disconnect date covered; not after `as_of` |
+//! | `covered_prefixes` | array of strings | snapshots only (required, non-empty; refused on deltas): E.164 prefixes covered, e.g. `["+1", "+86"]` |
+//! | `data` | string | the data file, relative to the manifest's directory (no `..`), ending `.csv` or `.csv.gz` |
+//! | `records` | integer | the number of data rows (header excluded) |
+//! | `sha256` | 64 hex characters | SHA-256 of the data file's bytes as stored (i.e. of the compressed bytes for `.csv.gz`) |
+//!
+//! ```json
+//! {"kind": "snapshot", "sequence": 1, "as_of": "2026-11-26",
+//!  "coverage_start": "2021-01-27", "covered_prefixes": ["+1", "+86"],
+//!  "data": "snapshot-000001.csv.gz", "records": 1000000,
+//!  "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}
+//! ```
+//!
+//! ## Data file
+//!
+//! CSV, UTF-8, gzip-compressed when the name ends `.csv.gz`. The first line is
+//! exactly `phone_number,disconnect_date`; every other line is one record,
+//! e.g. `+14155550123,2024-05-01`:
+//!
+//! - `phone_number`: strict E.164 (`+`, 5 to 15 digits, the first not `0`);
+//! - `disconnect_date`: `YYYY-MM-DD`, a real date, from 1970-01-01 to the
+//!   manifest's `as_of` (and before 2149-06-07, as dates are kept as 16-bit day
+//!   counts).
+//!
+//! Lines end with LF or CRLF; a final newline is optional; empty lines,
+//! quotes and extra columns are refused. A number may appear more than once:
+//! its latest date is kept. Rows need not be sorted (sorted files load
+//! faster).
+//!
+//! ## Checks
+//!
+//! A file is applied only if every row is valid, the row count equals
+//! `records` and the SHA-256 matches; otherwise nothing changes and the error
+//! lists the first 20 problems with their line numbers. Messages never show a
+//! phone number.
+//!
+//! ## Order
+//!
+//! [`apply_manifest`] applies one file: a delta needs `sequence` = the
+//! mirror's sequence + 1, a snapshot any sequence above the mirror's, and
+//! `as_of` never goes backwards; a file at or below the mirror's sequence is
+//! reported as already applied. [`sync_dir`] brings a mirror up to date from a
+//! directory: the newest snapshot above the mirror's sequence (if any), then
+//! the consecutive deltas after it. Running it again applies nothing.
+
+mod apply;
+mod manifest;
+mod progress;
+mod read;
+
+use std::io;
+use std::path::PathBuf;
+
+pub use apply::{Applied, Skipped, SyncReport, apply_manifest, spawn_resync, sync_dir};
+pub use manifest::{Kind, Manifest, Records};
+pub use progress::{NoProgress, Progress, StderrProgress};
+pub use read::{MAX_PROBLEMS, read_records};
+
+use crate::domain::Date;
+use crate::store::StoreError;
+
+/// Why an import failed. Nothing in the store has changed when one is
+/// returned by [`apply_manifest`]; [`sync_dir`] may have applied earlier files
+/// before failing on a later one (each file is applied atomically).
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The manifest at this path is not valid; the reason says why.
+    #[error("manifest {}: {}", .0.display(), .1)]
+    Manifest(PathBuf, String),
+    /// The data file is not valid: the first problems found (row problems
+    /// carry their line numbers), count or checksum mismatches.
+    #[error("{}", data_message(file, problems))]
+    Data {
+        /// The data file.
+        file: PathBuf,
+        /// One human-readable line per problem.
+        problems: Vec<String>,
+    },
+    /// A delta does not follow the mirror's sequence (or the mirror is empty
+    /// and needs a snapshot first).
+    #[error("{}", gap_message(*current, *got))]
+    SequenceGap {
+        /// The mirror's sequence (`None`: the mirror is empty).
+        current: Option<u64>,
+        /// The sequence that was offered instead of the next one.
+        got: u64,
+    },
+    /// The file's `as_of` is earlier than the mirror's.
+    #[error(
+        "as_of would go backwards: the mirror is complete through {current}, the file only through {got}"
+    )]
+    AsOfBackwards {
+        /// The mirror's `as_of`.
+        current: Date,
+        /// The file's `as_of`.
+        got: Date,
+    },
+    /// The store failed or refused the write.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// A file or directory could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn data_message(file: &std::path::Path, problems: &[String]) -> String {
+    let mut out = format!("data file {} rejected:", file.display());
+    for p in problems {
+        out.push_str("\n  - ");
+        out.push_str(p);
+    }
+    out
+}
+
+fn gap_message(current: Option<u64>, got: u64) -> String {
+    match current {
+        None => format!(
+            "sequence gap: the mirror is empty and needs a snapshot first, but the next file is delta {got}"
+        ),
+        Some(c) => format!(
+            "sequence gap: the mirror is at sequence {c}, so the next delta must be {}, but got {got}",
+            c.saturating_add(1)
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_human() {
+        let e = ImportError::SequenceGap {
+            current: Some(3),
+            got: 5,
+        };
+        assert_eq!(
+            e.to_string(),
+            "sequence gap: the mirror is at sequence 3, so the next delta must be 4, but got 5"
+        );
+        let e = ImportError::SequenceGap {
+            current: None,
+            got: 2,
+        };
+        assert!(e.to_string().contains("needs a snapshot first"));
+        let e = ImportError::Data {
+            file: "d.csv".into(),
+            problems: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(e.to_string(), "data file d.csv rejected:\n  - a\n  - b");
+        let e = ImportError::Manifest("m.json".into(), "bad".into());
+        assert_eq!(e.to_string(), "manifest m.json: bad");
+    }
+}

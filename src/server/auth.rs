@@ -1,0 +1,324 @@
+//! Platform identity and the authentication layer.
+//!
+//! The TLS acceptor ([`crate::server::tls`]) verifies the client certificate
+//! during the handshake and derives the caller's [`Platform`] once per
+//! connection. [`AuthLayer`] then turns that connection identity into a
+//! [`Principal`] in each request's extensions, or answers `UNAUTHENTICATED`
+//! before the request reaches a handler.
+//!
+//! `UNAUTHENTICATED` ("who are you?") and `PERMISSION_DENIED` ("you may not do
+//! this") stay distinct: see [`AuthError`].
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::{Either, Ready, ready};
+use http::{Request, Response};
+use sha2::{Digest, Sha256};
+use tonic::transport::server::TcpConnectInfo;
+use tower::{Layer, Service};
+use tracing::Instrument;
+use tracing::instrument::Instrumented;
+use x509_parser::extensions::GeneralName;
+
+use crate::server::tls::PeerInfo;
+
+/// gRPC path prefixes that may be called without a platform identity.
+///
+/// They still need a completed TLS handshake, and the handshake already
+/// requires a client certificate signed by a trusted CA.
+const EXEMPT_PREFIXES: &[&str] = &["/grpc.health.v1.Health/", "/grpc.reflection."];
+
+/// The calling platform, as named by its client certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Platform {
+    /// The platform identifier: the first URI SAN, else the first DNS SAN,
+    /// else the subject common name of the leaf certificate.
+    pub id: String,
+    /// SHA-256 over the DER of the leaf certificate (for RFC 8705 token
+    /// binding and for logs that must tell two certificates apart).
+    pub cert_sha256: [u8; 32],
+}
+
+impl Platform {
+    /// The certificate fingerprint as lowercase hex.
+    pub fn cert_sha256_hex(&self) -> String {
+        hex::encode(self.cert_sha256)
+    }
+}
+
+/// Why no platform identity could be read from a certificate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertIdentityError {
+    /// The bytes are not a DER X.509 certificate.
+    #[error("cannot parse the client certificate: {0}")]
+    Parse(String),
+    /// The certificate has an unreadable subject alternative name extension.
+    #[error("cannot read the subject alternative names: {0}")]
+    SubjectAltName(String),
+    /// The certificate carries no URI SAN, no DNS SAN and no subject CN.
+    #[error("the certificate names no URI SAN, DNS SAN or subject common name")]
+    NoIdentity,
+}
+
+/// Derive the [`Platform`] from a leaf certificate in DER.
+///
+/// The id is the first URI SAN, else the first DNS SAN, else the subject
+/// common name. Empty names are skipped.
+pub fn platform_from_cert(der: &[u8]) -> Result<Platform, CertIdentityError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|err| CertIdentityError::Parse(err.to_string()))?;
+
+    let sans: Vec<&GeneralName<'_>> = cert
+        .subject_alternative_name()
+        .map_err(|err| CertIdentityError::SubjectAltName(err.to_string()))?
+        .map(|ext| ext.value.general_names.iter().collect())
+        .unwrap_or_default();
+    let uri = sans.iter().find_map(|name| match name {
+        GeneralName::URI(uri) if !uri.is_empty() => Some(*uri),
+        _ => None,
+    });
+    let dns = || {
+        sans.iter().find_map(|name| match name {
+            GeneralName::DNSName(dns) if !dns.is_empty() => Some(*dns),
+            _ => None,
+        })
+    };
+    let cn = || {
+        cert.subject()
+            .iter_common_name()
+            .find_map(|cn| cn.as_str().ok().filter(|cn| !cn.is_empty()))
+    };
+    let id = uri
+        .or_else(dns)
+        .or_else(cn)
+        .ok_or(CertIdentityError::NoIdentity)?;
+
+    Ok(Platform {
+        id: id.to_owned(),
+        cert_sha256: Sha256::digest(der).into(),
+    })
+}
+
+/// The authenticated caller of one request, found in the request extensions
+/// of every request that passed [`AuthLayer`].
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// The platform named by the client certificate of the connection.
+    pub platform: Arc<Platform>,
+}
+
+/// Why a request is refused. Each variant maps to exactly one gRPC status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The caller is not identified: no platform identity on the connection.
+    #[error("client certificate required")]
+    Unauthenticated,
+    /// The caller is identified but not allowed to make this call.
+    #[error("permission denied")]
+    PermissionDenied,
+}
+
+impl From<AuthError> for tonic::Status {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::Unauthenticated => tonic::Status::unauthenticated("client certificate required"),
+            AuthError::PermissionDenied => tonic::Status::permission_denied("permission denied"),
+        }
+    }
+}
+
+/// Tower layer that authenticates every request from the connection's
+/// [`PeerInfo`]. See [`Auth`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuthLayer;
+
+impl AuthLayer {
+    /// A new authentication layer.
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Auth { inner }
+    }
+}
+
+/// The service made by [`AuthLayer`].
+///
+/// For each request it reads the [`PeerInfo`] that the TLS acceptor attached
+/// to the connection. With a platform identity it inserts a [`Principal`]
+/// (and a [`TcpConnectInfo`], so `tonic::Request::remote_addr` keeps working)
+/// and runs the inner call inside a `request` span carrying the platform id
+/// and the gRPC method. Without one it answers `UNAUTHENTICATED` at once,
+/// except for the health and reflection services.
+#[derive(Debug, Clone)]
+pub struct Auth<S> {
+    inner: S,
+}
+
+impl<S, B, ResBody> Service<Request<B>> for Auth<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    ResBody: Default,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = Either<Instrumented<S::Future>, Ready<Result<Response<ResBody>, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        let span = tracing::info_span!(
+            "request",
+            platform = tracing::field::Empty,
+            method = %path
+        );
+        let exempt = EXEMPT_PREFIXES.iter().any(|prefix| path.starts_with(prefix));
+
+        let peer = req.extensions().get::<PeerInfo>().cloned();
+        if let Some(peer) = &peer {
+            req.extensions_mut().insert(TcpConnectInfo {
+                local_addr: peer.local_addr,
+                remote_addr: peer.remote_addr,
+            });
+        }
+        match peer.and_then(|peer| peer.platform) {
+            Some(platform) => {
+                span.record("platform", tracing::field::display(&platform.id));
+                req.extensions_mut().insert(Principal { platform });
+            }
+            None if exempt => {}
+            None => {
+                span.in_scope(|| {
+                    tracing::debug!("rejected request without a client platform identity");
+                });
+                let status = tonic::Status::from(AuthError::Unauthenticated);
+                return Either::Right(ready(Ok(status.into_http())));
+            }
+        }
+        Either::Left(self.inner.call(req).instrument(span))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_stay_distinct() {
+        assert_eq!(
+            tonic::Status::from(AuthError::Unauthenticated).code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            tonic::Status::from(AuthError::PermissionDenied).code(),
+            tonic::Code::PermissionDenied
+        );
+    }
+
+    use std::convert::Infallible;
+
+    use tower::ServiceExt as _;
+
+    /// Inner service answering 200 with the caller's platform id in a header.
+    async fn echo_principal(req: Request<()>) -> Result<Response<tonic::body::Body>, Infallible> {
+        let mut response = Response::new(tonic::body::Body::default());
+        if let Some(principal) = req.extensions().get::<Principal>() {
+            let id = http::HeaderValue::from_str(&principal.platform.id).unwrap();
+            response.headers_mut().insert("x-platform", id);
+        }
+        Ok(response)
+    }
+
+    fn request(path: &str, peer: Option<PeerInfo>) -> Request<()> {
+        let mut req = Request::builder().uri(path).body(()).unwrap();
+        if let Some(peer) = peer {
+            req.extensions_mut().insert(peer);
+        }
+        req
+    }
+
+    fn peer(platform: Option<&str>) -> PeerInfo {
+        PeerInfo {
+            remote_addr: Some(([127, 0, 0, 1], 40000).into()),
+            local_addr: None,
+            platform: platform.map(|id| {
+                Arc::new(Platform {
+                    id: id.to_owned(),
+                    cert_sha256: [7; 32],
+                })
+            }),
+        }
+    }
+
+    fn grpc_status(response: &Response<tonic::body::Body>) -> Option<&str> {
+        response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+    }
+
+    #[tokio::test]
+    async fn platform_becomes_principal() {
+        let svc = AuthLayer::new().layer(tower::service_fn(echo_principal));
+        let response = svc
+            .oneshot(request(
+                "/reassigned.v1.Lookup/Check",
+                Some(peer(Some("platform-a"))),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["x-platform"], "platform-a");
+        assert_eq!(grpc_status(&response), None);
+    }
+
+    #[tokio::test]
+    async fn no_platform_is_unauthenticated() {
+        for peer in [None, Some(peer(None))] {
+            let svc = AuthLayer::new().layer(tower::service_fn(echo_principal));
+            let response = svc
+                .oneshot(request("/reassigned.v1.Lookup/Check", peer))
+                .await
+                .unwrap();
+            assert_eq!(grpc_status(&response), Some("16"));
+            assert!(response.headers().get("x-platform").is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn health_and_reflection_are_exempt() {
+        for path in [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            let svc = AuthLayer::new().layer(tower::service_fn(echo_principal));
+            let response = svc.oneshot(request(path, None)).await.unwrap();
+            assert_eq!(grpc_status(&response), None, "{path}");
+        }
+        // A look-alike path is not exempt.
+        let svc = AuthLayer::new().layer(tower::service_fn(echo_principal));
+        let response = svc
+            .oneshot(request("/grpc.health.v1.HealthX/Check", None))
+            .await
+            .unwrap();
+        assert_eq!(grpc_status(&response), Some("16"));
+    }
+
+    #[test]
+    fn garbage_is_not_a_certificate() {
+        assert!(matches!(
+            platform_from_cert(b"not a certificate"),
+            Err(CertIdentityError::Parse(_))
+        ));
+    }
+}

@@ -1,0 +1,116 @@
+//! Transport: the TLS acceptor and the tower layers in front of the handlers,
+//! health, reflection, and [`run`], which serves until a shutdown future
+//! resolves.
+
+pub mod auth;
+pub mod tls;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+
+use crate::api::pb::reassigned_numbers_server::ReassignedNumbersServer;
+use crate::api::{ReassignedService, ServiceOptions, pb};
+use crate::config::ServeConfig;
+use crate::store::{AnyStore, Store};
+
+/// How often health re-checks the store.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Serves the API on `listener` (already bound) until `shutdown` resolves,
+/// then flips health to NOT_SERVING and lets in-flight calls finish.
+pub async fn run<F>(listener: TcpListener, config: ServeConfig, store: AnyStore, shutdown: F) -> anyhow::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let tls_config = tls::server_config(&tls::TlsFiles {
+        cert: config.tls_cert.clone(),
+        key: config.tls_key.clone(),
+        client_ca: config.client_ca.clone(),
+    })?;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let health_task = tokio::spawn(watch_health(store.clone(), reporter.clone(), stop_rx));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let service = ReassignedNumbersServer::new(ReassignedService::new(
+        store,
+        ServiceOptions {
+            max_batch: config.max_batch,
+            max_staleness_days: config.max_staleness_days,
+        },
+    ))
+    .max_decoding_message_size(config.max_message_bytes);
+
+    let incoming = tls::incoming(
+        listener,
+        tls_config,
+        tls::AcceptOptions {
+            handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
+            max_handshakes: config.max_handshakes,
+        },
+    );
+    let drain_reporter = reporter.clone();
+    let on_shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutting down: health is NOT_SERVING, draining in-flight calls");
+        let _ = stop_tx.send(true);
+        set_serving(&drain_reporter, false).await;
+    };
+    Server::builder()
+        .timeout(config.request_timeout())
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(auth::AuthLayer)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, on_shutdown)
+        .await?;
+    health_task.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn set_serving(reporter: &HealthReporter, serving: bool) {
+    if serving {
+        reporter.set_serving::<ReassignedNumbersServer<ReassignedService<AnyStore>>>().await;
+        reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    } else {
+        reporter.set_not_serving::<ReassignedNumbersServer<ReassignedService<AnyStore>>>().await;
+        reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    }
+}
+
+/// SERVING only while the store answers and the mirror is loaded.
+async fn watch_health(store: AnyStore, reporter: HealthReporter, mut stop: watch::Receiver<bool>) {
+    let mut last = None;
+    loop {
+        let serving = store.ping().await.is_ok() && store.cached_meta().is_some();
+        if last != Some(serving) {
+            if serving {
+                tracing::info!("health: serving");
+            } else {
+                tracing::warn!("health: not serving (store unreachable or mirror empty)");
+            }
+            set_serving(&reporter, serving).await;
+            last = Some(serving);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

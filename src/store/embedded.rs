@@ -1,0 +1,528 @@
+//! The embedded store: the whole mirror in process memory.
+//!
+//! Numbers are kept as a sorted `Vec<u64>` and dates as a parallel `Vec<u16>`
+//! (days since 1970-01-01): 10 bytes per record, plus a sparse index holding
+//! every [`BLOCK`]th number (1/8 byte per record) that narrows a lookup to one
+//! block of a few cache lines.
+//!
+//! The numbers, their dates and the metadata describing them form one
+//! immutable [`State`] generation behind an [`ArcSwapOption`]: a lookup loads
+//! the current generation without a lock and answers from it alone, so it
+//! sees the old data or the new, never a mix. Writers (imports) build a new
+//! generation aside and swap it in; they are serialised by a mutex that
+//! readers never touch.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+
+use super::{Lookup, Store, StoreError};
+use crate::domain::{Date, MirrorMeta, PhoneNumber};
+use crate::import::{ImportError, Manifest, Progress, Records, spawn_resync, sync_dir};
+
+/// Records per block of the sparse index.
+pub const BLOCK: usize = 64;
+
+/// One immutable generation of the mirror.
+struct State {
+    /// [`PhoneNumber::value`]s, strictly increasing.
+    numbers: Vec<u64>,
+    /// Disconnect date of `numbers[i]`, days since 1970-01-01.
+    days: Vec<u16>,
+    /// `numbers[i * BLOCK]` for every block.
+    index: Vec<u64>,
+    meta: Arc<MirrorMeta>,
+}
+
+impl State {
+    fn new(numbers: Vec<u64>, days: Vec<u16>, meta: MirrorMeta) -> Self {
+        let index = numbers.iter().step_by(BLOCK).copied().collect();
+        Self {
+            numbers,
+            days,
+            index,
+            meta: Arc::new(meta),
+        }
+    }
+
+    #[inline]
+    fn get(&self, number: u64) -> Option<Date> {
+        // The last block whose first number is <= `number`.
+        let block = self
+            .index
+            .partition_point(|&first| first <= number)
+            .checked_sub(1)?;
+        let start = block * BLOCK;
+        let end = (start + BLOCK).min(self.numbers.len());
+        let i = self.numbers[start..end].binary_search(&number).ok()?;
+        Some(Date::from_days(i32::from(self.days[start + i])))
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.numbers.capacity() * 8 + self.days.capacity() * 2 + self.index.capacity() * 8
+    }
+}
+
+/// The in-process store (see the [module documentation](self)).
+#[derive(Default)]
+pub struct EmbeddedStore {
+    state: ArcSwapOption<State>,
+    /// Serialises writers (check, build, swap); never taken by readers.
+    write: Mutex<()>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("records", &self.len())
+            .field("sequence", &self.cached_meta().map(|m| m.sequence))
+            .finish()
+    }
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn check_records(records: &Records) -> Result<(), StoreError> {
+    if records.is_well_formed() {
+        Ok(())
+    } else {
+        Err(StoreError::Corrupt(
+            "records must be sorted by number with one entry per number".into(),
+        ))
+    }
+}
+
+impl EmbeddedStore {
+    /// An empty store (every answer is NO_DATA until a snapshot is applied).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A store loaded from a register directory: runs
+    /// [`sync_dir`] on `dir` (the newest snapshot, then its deltas).
+    ///
+    /// Strict: any invalid manifest, data file or sequence gap is an error.
+    /// An empty directory gives an empty store.
+    pub async fn open(dir: &Path, progress: &mut dyn Progress) -> Result<Self, ImportError> {
+        let store = Self::new();
+        let report = sync_dir(&store, dir, progress).await?;
+        tracing::info!(%report, records = store.len(), "register loaded");
+        Ok(store)
+    }
+
+    /// Starts a Tokio task that re-runs [`sync_dir`] on `dir` every
+    /// `interval` until `shutdown` completes; errors are logged and the
+    /// store keeps serving its current data. See [`spawn_resync`].
+    pub fn spawn_resync(
+        self: &Arc<Self>,
+        dir: PathBuf,
+        interval: Duration,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        spawn_resync(Arc::clone(self), dir, interval, shutdown)
+    }
+
+    /// The latest disconnect date of `number` and the metadata of the
+    /// generation it was read from (synchronous; no lock, no I/O).
+    pub fn get(&self, number: PhoneNumber) -> Lookup<Option<Date>> {
+        let guard = self.state.load();
+        match guard.as_ref() {
+            Some(state) => Lookup {
+                found: state.get(number.value()),
+                meta: Some(Arc::clone(&state.meta)),
+            },
+            None => Lookup {
+                found: None,
+                meta: None,
+            },
+        }
+    }
+
+    /// The latest disconnect dates of `numbers` (in order), all read from the
+    /// same generation.
+    pub fn get_many(&self, numbers: &[PhoneNumber]) -> Lookup<Vec<Option<Date>>> {
+        let guard = self.state.load();
+        match guard.as_ref() {
+            Some(state) => Lookup {
+                found: numbers.iter().map(|n| state.get(n.value())).collect(),
+                meta: Some(Arc::clone(&state.meta)),
+            },
+            None => Lookup {
+                found: vec![None; numbers.len()],
+                meta: None,
+            },
+        }
+    }
+
+    /// The number of records held.
+    pub fn len(&self) -> usize {
+        self.state.load().as_ref().map_or(0, |s| s.numbers.len())
+    }
+
+    /// True if no records are held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The heap bytes held by the current generation (numbers, dates, index).
+    pub fn memory_bytes(&self) -> usize {
+        self.state.load().as_ref().map_or(0, |s| s.memory_bytes())
+    }
+
+    fn swap_snapshot(
+        &self,
+        manifest: &Manifest,
+        records: &Records,
+        expected_previous: Option<u64>,
+    ) -> Result<(), StoreError> {
+        check_records(records)?;
+        let meta = manifest
+            .snapshot_meta(records.len() as u64, now_unix())
+            .map_err(|e| StoreError::Corrupt(format!("manifest {}: {e}", manifest.path.display())))?;
+        let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.state.load().as_ref().map(|s| s.meta.sequence);
+        if current != expected_previous {
+            return Err(StoreError::Conflict(format!(
+                "snapshot {} expected the mirror at {}, but it is at {}",
+                manifest.sequence,
+                describe_seq(expected_previous),
+                describe_seq(current)
+            )));
+        }
+        let state = State::new(records.numbers.clone(), records.days.clone(), meta);
+        self.state.store(Some(Arc::new(state)));
+        Ok(())
+    }
+
+    fn merge_delta(&self, manifest: &Manifest, records: &Records) -> Result<(), StoreError> {
+        check_records(records)?;
+        let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.state.load_full();
+        let Some(old) = current else {
+            return Err(StoreError::Conflict(format!(
+                "delta {} cannot apply to an empty mirror",
+                manifest.sequence
+            )));
+        };
+        if old.meta.sequence == manifest.sequence {
+            // Already applied: merging again would change nothing.
+            return Ok(());
+        }
+        if old.meta.sequence.checked_add(1) != Some(manifest.sequence) {
+            return Err(StoreError::Conflict(format!(
+                "delta {} needs the mirror at {}, but it is at {}",
+                manifest.sequence,
+                manifest.sequence.saturating_sub(1),
+                old.meta.sequence
+            )));
+        }
+        let (numbers, days) = merge(&old.numbers, &old.days, &records.numbers, &records.days);
+        let meta = MirrorMeta {
+            sequence: manifest.sequence,
+            as_of: manifest.as_of.max(old.meta.as_of),
+            record_count: numbers.len() as u64,
+            last_import_unix: now_unix(),
+            ..(*old.meta).clone()
+        };
+        self.state.store(Some(Arc::new(State::new(numbers, days, meta))));
+        Ok(())
+    }
+}
+
+fn describe_seq(seq: Option<u64>) -> String {
+    seq.map_or_else(|| "empty".to_string(), |s| format!("sequence {s}"))
+}
+
+/// Merges two sorted, duplicate-free record sets; a number in both keeps the
+/// later date.
+fn merge(a_num: &[u64], a_day: &[u16], b_num: &[u64], b_day: &[u16]) -> (Vec<u64>, Vec<u16>) {
+    let cap = a_num.len() + b_num.len();
+    let (mut numbers, mut days) = (Vec::with_capacity(cap), Vec::with_capacity(cap));
+    let (mut i, mut j) = (0, 0);
+    while i < a_num.len() && j < b_num.len() {
+        let (x, y) = (a_num[i], b_num[j]);
+        if x < y {
+            numbers.push(x);
+            days.push(a_day[i]);
+            i += 1;
+        } else if y < x {
+            numbers.push(y);
+            days.push(b_day[j]);
+            j += 1;
+        } else {
+            numbers.push(x);
+            days.push(a_day[i].max(b_day[j]));
+            i += 1;
+            j += 1;
+        }
+    }
+    numbers.extend_from_slice(&a_num[i..]);
+    days.extend_from_slice(&a_day[i..]);
+    numbers.extend_from_slice(&b_num[j..]);
+    days.extend_from_slice(&b_day[j..]);
+    numbers.shrink_to_fit();
+    days.shrink_to_fit();
+    (numbers, days)
+}
+
+impl Store for EmbeddedStore {
+    async fn lookup(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
+        Ok(self.get(number))
+    }
+
+    async fn lookup_many(&self, numbers: &[PhoneNumber]) -> Result<Lookup<Vec<Option<Date>>>, StoreError> {
+        Ok(self.get_many(numbers))
+    }
+
+    fn cached_meta(&self) -> Option<Arc<MirrorMeta>> {
+        self.state.load().as_ref().map(|s| Arc::clone(&s.meta))
+    }
+
+    async fn refresh_meta(&self) -> Result<Option<Arc<MirrorMeta>>, StoreError> {
+        Ok(self.cached_meta())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn apply_snapshot(
+        &self,
+        manifest: &Manifest,
+        records: &Records,
+        expected_previous: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.swap_snapshot(manifest, records, expected_previous)
+    }
+
+    async fn apply_delta(&self, manifest: &Manifest, records: &Records) -> Result<(), StoreError> {
+        self.merge_delta(manifest, records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::import::Kind;
+
+    fn d(s: &str) -> Date {
+        Date::parse(s).expect("date")
+    }
+
+    fn n(s: &str) -> PhoneNumber {
+        PhoneNumber::parse(s).expect("number")
+    }
+
+    fn records(rows: &[(&str, &str)]) -> Records {
+        let mut pairs: Vec<(u64, u16)> = rows
+            .iter()
+            .map(|(num, date)| (n(num).value(), d(date).days() as u16))
+            .collect();
+        pairs.sort_unstable();
+        Records {
+            numbers: pairs.iter().map(|p| p.0).collect(),
+            days: pairs.iter().map(|p| p.1).collect(),
+        }
+    }
+
+    fn manifest(kind: Kind, sequence: u64, as_of: &str) -> Manifest {
+        let snapshot = kind == Kind::Snapshot;
+        Manifest {
+            kind,
+            sequence,
+            as_of: d(as_of),
+            coverage_start: snapshot.then(|| d("2021-01-27")),
+            covered_prefixes: snapshot.then(|| vec!["+1".into(), "+86".into()]),
+            data: "x.csv".into(),
+            records: 0,
+            sha256: "0".repeat(64),
+            path: "x.json".into(),
+        }
+    }
+
+    const A: &str = "+14155550100";
+    const B: &str = "+14155550123";
+    const C: &str = "+8613800138000";
+
+    async fn base() -> EmbeddedStore {
+        let store = EmbeddedStore::new();
+        let r = records(&[(A, "2024-01-01"), (B, "2024-05-01")]);
+        store
+            .apply_snapshot(&manifest(Kind::Snapshot, 1, "2026-11-01"), &r, None)
+            .await
+            .expect("snapshot");
+        store
+    }
+
+    #[tokio::test]
+    async fn empty_store_answers_without_meta() {
+        let store = EmbeddedStore::new();
+        let l = store.lookup(n(A)).await.expect("lookup");
+        assert_eq!(l.found, None);
+        assert!(l.meta.is_none());
+        assert!(store.refresh_meta().await.expect("meta").is_none());
+        assert!(store.ping().await.is_ok());
+        assert_eq!(
+            store.lookup_many(&[n(A), n(B)]).await.expect("many").found,
+            vec![None, None]
+        );
+    }
+
+    #[tokio::test]
+    async fn lookup_hit_and_miss() {
+        let store = base().await;
+        let l = store.lookup(n(B)).await.expect("lookup");
+        assert_eq!(l.found, Some(d("2024-05-01")));
+        let meta = l.meta.expect("meta");
+        assert_eq!((meta.sequence, meta.record_count), (1, 2));
+        assert_eq!(meta.coverage_start, d("2021-01-27"));
+        assert_eq!(meta.prefixes.len(), 2);
+        assert!(meta.last_import_unix > 0);
+        assert_eq!(store.lookup(n(C)).await.expect("lookup").found, None);
+        assert_eq!(store.lookup(n("+10000")).await.expect("lookup").found, None);
+        assert_eq!(
+            store.lookup(n("+999999999999999")).await.expect("lookup").found,
+            None
+        );
+        let many = store.lookup_many(&[n(C), n(A), n(B)]).await.expect("many");
+        assert_eq!(
+            many.found,
+            vec![None, Some(d("2024-01-01")), Some(d("2024-05-01"))]
+        );
+    }
+
+    #[tokio::test]
+    async fn lookups_across_many_blocks() {
+        let store = EmbeddedStore::new();
+        let numbers: Vec<u64> = (0..10_000u64).map(|i| 14_155_550_000 + i * 3).collect();
+        let days: Vec<u16> = (0..10_000u64).map(|i| (i % 20_000) as u16).collect();
+        let r = Records { numbers, days };
+        store
+            .apply_snapshot(&manifest(Kind::Snapshot, 1, "2026-11-01"), &r, None)
+            .await
+            .expect("snapshot");
+        for (i, &num) in r.numbers.iter().enumerate() {
+            let found = store.get(PhoneNumber::from_value(num).expect("n")).found;
+            assert_eq!(found, Some(Date::from_days(i32::from(r.days[i]))));
+            let miss = PhoneNumber::from_value(num + 1).expect("n");
+            assert_eq!(store.get(miss).found, None);
+        }
+        assert!(store.memory_bytes() <= 10_000 * 11);
+    }
+
+    #[tokio::test]
+    async fn snapshot_replaces_everything() {
+        let store = base().await;
+        let r = records(&[(C, "2025-01-01")]);
+        store
+            .apply_snapshot(&manifest(Kind::Snapshot, 7, "2026-11-02"), &r, Some(1))
+            .await
+            .expect("snapshot");
+        assert_eq!(store.lookup(n(A)).await.expect("lookup").found, None);
+        let l = store.lookup(n(C)).await.expect("lookup");
+        assert_eq!(l.found, Some(d("2025-01-01")));
+        assert_eq!(l.meta.expect("meta").sequence, 7);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_reader_keeps_its_generation() {
+        let store = base().await;
+        let before = store.lookup(n(A)).await.expect("lookup");
+        store
+            .apply_snapshot(
+                &manifest(Kind::Snapshot, 2, "2026-11-02"),
+                &Records::default(),
+                Some(1),
+            )
+            .await
+            .expect("snapshot");
+        assert_eq!(before.meta.expect("meta").sequence, 1);
+        let after = store.lookup(n(A)).await.expect("lookup");
+        assert_eq!((after.found, after.meta.expect("meta").sequence), (None, 2));
+    }
+
+    #[tokio::test]
+    async fn delta_merge_keeps_the_latest_date() {
+        let store = base().await;
+        let delta = records(&[(A, "2023-01-01"), (B, "2026-10-30"), (C, "2026-10-31")]);
+        store
+            .apply_delta(&manifest(Kind::Delta, 2, "2026-11-02"), &delta)
+            .await
+            .expect("delta");
+        let l = store.lookup_many(&[n(A), n(B), n(C)]).await.expect("many");
+        assert_eq!(
+            l.found,
+            vec![
+                Some(d("2024-01-01")),
+                Some(d("2026-10-30")),
+                Some(d("2026-10-31"))
+            ]
+        );
+        let meta = l.meta.expect("meta");
+        assert_eq!(
+            (meta.sequence, meta.record_count, meta.as_of),
+            (2, 3, d("2026-11-02"))
+        );
+        assert_eq!(meta.coverage_start, d("2021-01-27"));
+        assert_eq!(meta.prefixes.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn delta_twice_is_idempotent() {
+        let store = base().await;
+        let m = manifest(Kind::Delta, 2, "2026-11-02");
+        let delta = records(&[(B, "2026-10-30"), (C, "2026-10-31")]);
+        store.apply_delta(&m, &delta).await.expect("delta");
+        let once = store.lookup_many(&[n(A), n(B), n(C)]).await.expect("many");
+        store.apply_delta(&m, &delta).await.expect("again");
+        let twice = store.lookup_many(&[n(A), n(B), n(C)]).await.expect("many");
+        assert_eq!(once.found, twice.found);
+        assert_eq!(once.meta, twice.meta);
+        assert_eq!(store.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn conflicts() {
+        let store = EmbeddedStore::new();
+        let delta = records(&[(C, "2026-10-31")]);
+        let e = store
+            .apply_delta(&manifest(Kind::Delta, 1, "2026-11-02"), &delta)
+            .await;
+        assert!(matches!(e, Err(StoreError::Conflict(_))), "{e:?}");
+        let store = base().await;
+        let e = store
+            .apply_delta(&manifest(Kind::Delta, 3, "2026-11-02"), &delta)
+            .await;
+        assert!(matches!(e, Err(StoreError::Conflict(_))), "{e:?}");
+        let snap = manifest(Kind::Snapshot, 5, "2026-11-02");
+        for expected in [None, Some(0), Some(2)] {
+            let e = store.apply_snapshot(&snap, &delta, expected).await;
+            assert!(matches!(e, Err(StoreError::Conflict(_))), "{e:?}");
+        }
+        let unsorted = Records {
+            numbers: vec![2_000_000, 1_000_000],
+            days: vec![1, 1],
+        };
+        let e = store.apply_snapshot(&snap, &unsorted, Some(1)).await;
+        assert!(matches!(e, Err(StoreError::Corrupt(_))), "{e:?}");
+        // nothing changed
+        let meta = store.cached_meta().expect("meta");
+        assert_eq!((meta.sequence, meta.record_count), (1, 2));
+    }
+
+    #[test]
+    fn merge_interleaves() {
+        let (n, d) = merge(&[1, 3, 5], &[1, 3, 5], &[2, 3, 6], &[2, 9, 6]);
+        assert_eq!(n, vec![1, 2, 3, 5, 6]);
+        assert_eq!(d, vec![1, 2, 9, 5, 6]);
+        let (n, _) = merge(&[], &[], &[4], &[4]);
+        assert_eq!(n, vec![4]);
+    }
+}

@@ -1,0 +1,192 @@
+//! Where the mirror lives: the [`Store`] trait, the Redis store (production)
+//! and the embedded in-process store (the default without Redis).
+//!
+//! Both implement the same contract and pass the same test suite: lookups
+//! never read metadata per request (it is cached in the process), a snapshot
+//! switches atomically (a reader sees the old data or the new, never a mix),
+//! and a delta keeps each number's latest disconnect date, so applying it twice
+//! is the same as applying it once.
+
+pub mod embedded;
+pub mod redis;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::domain::{Date, MirrorMeta, PhoneNumber};
+use crate::import::{Manifest, Records};
+
+pub use self::embedded::EmbeddedStore;
+pub use self::redis::RedisStore;
+
+/// Why a store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store did not answer within its timeout.
+    #[error("store timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    /// The store could not be reached or failed to answer.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A write was refused because the mirror moved on (e.g. another importer
+    /// applied the same sequence first).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The stored data is not what this version understands.
+    #[error("corrupt store data: {0}")]
+    Corrupt(String),
+}
+
+/// The answer of a lookup: the disconnect dates found and the metadata of the
+/// very generation they were read from.
+#[derive(Clone, Debug)]
+pub struct Lookup<T> {
+    /// The latest disconnect date per number asked (`None`: no record).
+    pub found: T,
+    /// The metadata the data belongs to; `None` while the mirror is empty.
+    pub meta: Option<Arc<MirrorMeta>>,
+}
+
+/// A mirror of the register: read by the server, written by imports.
+pub trait Store: Send + Sync + 'static {
+    /// The latest disconnect date of one number.
+    fn lookup(
+        &self,
+        number: PhoneNumber,
+    ) -> impl Future<Output = Result<Lookup<Option<Date>>, StoreError>> + Send;
+
+    /// The latest disconnect dates of many numbers, in the order asked.
+    fn lookup_many(
+        &self,
+        numbers: &[PhoneNumber],
+    ) -> impl Future<Output = Result<Lookup<Vec<Option<Date>>>, StoreError>> + Send;
+
+    /// The cached metadata (no I/O); `None` while the mirror is empty.
+    fn cached_meta(&self) -> Option<Arc<MirrorMeta>>;
+
+    /// Reads the metadata from the store itself (not the cache) and refreshes
+    /// the cache with it.
+    fn refresh_meta(&self) -> impl Future<Output = Result<Option<Arc<MirrorMeta>>, StoreError>> + Send;
+
+    /// Checks that the store answers (for health).
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Replaces the whole mirror with a snapshot's records, atomically.
+    /// `records` are sorted by number, one per number. Sequence and `as_of`
+    /// checks are done by the caller ([`crate::import`]); the store re-checks
+    /// that the sequence it replaces is still `expected_previous`.
+    fn apply_snapshot(
+        &self,
+        manifest: &Manifest,
+        records: &Records,
+        expected_previous: Option<u64>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Merges a delta's records (each number keeps its latest date) and moves
+    /// the sequence from `manifest.sequence - 1` to `manifest.sequence`.
+    /// Idempotent: after a crash half-way, applying it again gives the same
+    /// result as applying it once.
+    fn apply_delta(
+        &self,
+        manifest: &Manifest,
+        records: &Records,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// One of the two stores, chosen by configuration.
+#[derive(Clone)]
+pub enum AnyStore {
+    /// The in-process store.
+    Embedded(Arc<EmbeddedStore>),
+    /// The Redis store.
+    Redis(RedisStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            AnyStore::Embedded($s) => $e,
+            AnyStore::Redis($s) => $e,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    async fn lookup(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
+        dispatch!(self, s => s.lookup(number).await)
+    }
+
+    async fn lookup_many(&self, numbers: &[PhoneNumber]) -> Result<Lookup<Vec<Option<Date>>>, StoreError> {
+        dispatch!(self, s => s.lookup_many(numbers).await)
+    }
+
+    fn cached_meta(&self) -> Option<Arc<MirrorMeta>> {
+        dispatch!(self, s => s.cached_meta())
+    }
+
+    async fn refresh_meta(&self) -> Result<Option<Arc<MirrorMeta>>, StoreError> {
+        dispatch!(self, s => s.refresh_meta().await)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ping().await)
+    }
+
+    async fn apply_snapshot(
+        &self,
+        manifest: &Manifest,
+        records: &Records,
+        expected_previous: Option<u64>,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.apply_snapshot(manifest, records, expected_previous).await)
+    }
+
+    async fn apply_delta(&self, manifest: &Manifest, records: &Records) -> Result<(), StoreError> {
+        dispatch!(self, s => s.apply_delta(manifest, records).await)
+    }
+}
+
+impl<S: Store> Store for Arc<S> {
+    fn lookup(
+        &self,
+        number: PhoneNumber,
+    ) -> impl Future<Output = Result<Lookup<Option<Date>>, StoreError>> + Send {
+        S::lookup(self, number)
+    }
+
+    fn lookup_many(
+        &self,
+        numbers: &[PhoneNumber],
+    ) -> impl Future<Output = Result<Lookup<Vec<Option<Date>>>, StoreError>> + Send {
+        S::lookup_many(self, numbers)
+    }
+
+    fn cached_meta(&self) -> Option<Arc<MirrorMeta>> {
+        S::cached_meta(self)
+    }
+
+    fn refresh_meta(&self) -> impl Future<Output = Result<Option<Arc<MirrorMeta>>, StoreError>> + Send {
+        S::refresh_meta(self)
+    }
+
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        S::ping(self)
+    }
+
+    fn apply_snapshot(
+        &self,
+        manifest: &Manifest,
+        records: &Records,
+        expected_previous: Option<u64>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        S::apply_snapshot(self, manifest, records, expected_previous)
+    }
+
+    fn apply_delta(
+        &self,
+        manifest: &Manifest,
+        records: &Records,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        S::apply_delta(self, manifest, records)
+    }
+}

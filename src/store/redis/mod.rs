@@ -1,0 +1,583 @@
+//! The production store: the mirror in Redis, shared by every server replica.
+//!
+//! # Key layout
+//!
+//! All keys start with a configurable prefix `{prefix}` (default `rn`).
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `{prefix}:meta` | hash | the metadata (below) |
+//! | `{prefix}:g{gen}:{bucket}` | hash | one bucket of generation `gen` |
+//! | `{prefix}:gen_counter` | string | INCR counter: generation numbers are never reused |
+//! | `{prefix}:lock` | string | the import lock (random token, PX 60 s, renewed while importing) |
+//! | `{prefix}:events` | pub/sub channel | `switched` after each snapshot switch (informational) |
+//!
+//! **Buckets.** A snapshot chooses `nbuckets = max(1, ceil(records / 128))`
+//! for its generation. Number `n` (its E.164 digits as an integer) lives in
+//! bucket `n % nbuckets`, hash field `n / nbuckets`, and the value is its
+//! latest disconnect date as days since 1970-01-01. Both field and value are
+//! small integers, so each bucket (about 128 fields, well under Redis'
+//! `hash-max-listpack-entries` of 512) is a compact listpack; `(bucket, field)`
+//! identifies `n` exactly. Bucket keys carry no hash tag, so in a cluster they
+//! spread over all slots. Deltas add fields to the existing buckets: after the
+//! register has grown about 4-fold since the last snapshot, buckets pass 512
+//! fields and Redis converts them to (much larger) hash tables; a new
+//! snapshot re-buckets. Imports log a warning when the average bucket passes
+//! 384 fields.
+//!
+//! **Metadata** (`{prefix}:meta`, one small hash): `generation`, `nbuckets`,
+//! `sequence`, `as_of`, `coverage_start` (ISO dates), `prefixes`
+//! (comma-separated, e.g. `+1,+86`), `record_count`, `last_import_unix`,
+//! `layout` (`1`), and, only while needed, `pending_generation` /
+//! `pending_nbuckets` (a snapshot being written, or left by a crashed import)
+//! and `reclaim_generation` / `reclaim_nbuckets` (a replaced generation not yet
+//! deleted). Without `generation` the mirror is empty. A field this version
+//! cannot parse makes every read fail with [`StoreError::Corrupt`].
+//!
+//! # Reads
+//!
+//! Each process caches the metadata (generation, buckets, coverage) and
+//! refreshes it every [`RedisOptions::meta_refresh`] in a background task
+//! (which stops when the last handle to the store is dropped). A lookup is
+//! exactly one HGET; a batch is one pipeline of HGETs. If the cache has not
+//! been refreshed for `2 × meta_refresh` (Redis was unreachable), a lookup
+//! first refreshes it, and fails if it cannot: a replaced generation is deleted
+//! [`RedisOptions::reclaim_grace`] after a switch, so an old cache must not be
+//! trusted. Every Redis call, and every lookup as a whole, is bounded by
+//! [`RedisOptions::timeout`] ([`StoreError::Timeout`]); Redis errors are
+//! [`StoreError::Unavailable`].
+//! The connection is a [`ConnectionManager`], which reconnects by itself when
+//! Redis comes back; if Redis stops answering on an open connection (three
+//! metadata refreshes in a row time out), the connection is replaced.
+//!
+//! # Writes
+//!
+//! Imports take the lock `{prefix}:lock` (SET NX PX, renewed every 15 s,
+//! released with a check-and-delete script) and use their own connection, so
+//! bulk writes never queue in front of lookups.
+//!
+//! *Snapshot*: re-check the sequence; delete what a crashed import left
+//! (`pending_*`, `reclaim_*`); take a new generation number from
+//! `{prefix}:gen_counter` and record it as `pending_*`; write every record
+//! into the new generation (pipelines of per-bucket HSETs, several in flight);
+//! then switch in one atomic step: a script on `{prefix}:meta` alone that
+//! checks sequence and pending generation and sets all metadata fields. Readers
+//! see the old generation or the new one, never a mix and never an empty
+//! mirror. After [`RedisOptions::reclaim_grace`] (longer than any reader's
+//! cache may lag) the old generation's keys are UNLINKed. While a snapshot is
+//! written Redis holds both generations: plan memory for twice the mirror.
+//!
+//! *Delta*: the metadata sequence must be `manifest.sequence - 1` (if it is
+//! already `manifest.sequence`, the delta was applied: nothing to do). Each
+//! bucket is merged by a script that keeps the later date of old and new and
+//! counts new fields; then one check-and-set script on `{prefix}:meta` moves the
+//! sequence, `as_of`, `last_import_unix` and adds the new fields to
+//! `record_count`. Applying a delta twice, or again after a crash half-way,
+//! gives the same data as applying it once. `record_count` can then
+//! under-count: fields written by the crashed attempt are not new on the retry.
+//!
+//! Every script touches one key only, so the layout is ready for Redis
+//! Cluster.
+
+mod meta;
+mod write;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Client, Cmd, FromRedisValue, Pipeline, RedisError, Value};
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::sync::oneshot;
+
+use self::meta::{Current, StoredMeta};
+use super::{Lookup, Store, StoreError};
+use crate::domain::{Date, MirrorMeta, PhoneNumber};
+use crate::import::{Manifest, Records};
+
+/// Settings of a [`RedisStore`].
+#[derive(Clone, Debug)]
+pub struct RedisOptions {
+    /// Prefix of every key (default `rn`); lets several mirrors share a Redis.
+    pub key_prefix: String,
+    /// Bound on every Redis call of a read or a health check (default 200 ms).
+    pub timeout: Duration,
+    /// How often the cached metadata is re-read (default 1 s).
+    pub meta_refresh: Duration,
+    /// How long a snapshot import waits after its switch before it deletes the
+    /// replaced generation (default 3 s). Must exceed every reader's
+    /// `2 × meta_refresh + timeout`.
+    pub reclaim_grace: Duration,
+    /// Bound on each call of an import: a bulk pipeline, the lock, the
+    /// metadata switch (default 30 s).
+    pub bulk_timeout: Duration,
+    /// Bound on [`RedisStore::connect`] (default 5 s).
+    pub connect_timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        Self {
+            key_prefix: "rn".to_owned(),
+            timeout: Duration::from_millis(200),
+            meta_refresh: Duration::from_secs(1),
+            reclaim_grace: Duration::from_secs(3),
+            bulk_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How many consecutive metadata refresh timeouts make the read connection
+/// be replaced (Redis stopped answering on an open socket).
+const STUCK_REFRESHES: u32 = 3;
+
+/// The mirror in Redis (see the module documentation for the layout).
+///
+/// Cheap to clone: clones share one connection and one metadata cache.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("key_prefix", &self.inner.opts.key_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Key names.
+struct Keys {
+    prefix: String,
+    meta: String,
+    lock: String,
+    gen_counter: String,
+    events: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            meta: format!("{prefix}:meta"),
+            lock: format!("{prefix}:lock"),
+            gen_counter: format!("{prefix}:gen_counter"),
+            events: format!("{prefix}:events"),
+        }
+    }
+
+    fn bucket(&self, generation: u64, bucket: u64) -> String {
+        format!("{}:g{generation}:{bucket}", self.prefix)
+    }
+}
+
+struct Inner {
+    client: Client,
+    /// The connection of reads, metadata and import control (lock, switch).
+    conn: ArcSwap<ConnectionManager>,
+    opts: RedisOptions,
+    keys: Keys,
+    /// Texts removed from every error message (the URL's password).
+    secrets: Vec<String>,
+    /// The cached metadata; `None` while the mirror is empty.
+    current: ArcSwapOption<Current>,
+    /// When `current` was last read from Redis (ms since `started`).
+    refreshed_ms: AtomicU64,
+    started: Instant,
+    /// Serialises metadata reads, so an older read never overwrites a newer.
+    refresh_lock: tokio::sync::Mutex<()>,
+    /// Dropped with the store: stops the refresh task.
+    _stop: oneshot::Sender<()>,
+}
+
+fn manager_config(opts: &RedisOptions) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        // Each connection attempt; the outer bounds are ours.
+        .set_connection_timeout(Some(opts.timeout.max(Duration::from_secs(1))))
+        // A last resort only: every call has its own (shorter) timeout, and
+        // bulk pipelines must not be cut by a read-sized bound.
+        .set_response_timeout(Some(opts.bulk_timeout))
+        .set_max_delay(Duration::from_secs(1))
+}
+
+impl RedisStore {
+    /// Connects to Redis at `url` (`redis://[:password@]host:port[/db]`),
+    /// reads the metadata and starts the background metadata refresh.
+    ///
+    /// Fails with [`StoreError::Timeout`] if Redis does not answer within
+    /// [`RedisOptions::connect_timeout`]. Once connected, the store recovers by
+    /// itself from Redis restarts.
+    pub async fn connect(url: &str, opts: RedisOptions) -> Result<Self, StoreError> {
+        let client = Client::open(url)
+            .map_err(|e| StoreError::Unavailable(format!("invalid redis URL ({:?})", e.kind())))?;
+        let mut secrets = Vec::new();
+        if let Some(password) = client.get_connection_info().redis_settings().password()
+            && !password.is_empty()
+        {
+            secrets.push(password.to_owned());
+        }
+        let slowest_reader = opts.meta_refresh * 2 + opts.timeout;
+        if opts.reclaim_grace <= slowest_reader {
+            tracing::warn!(
+                reclaim_grace = ?opts.reclaim_grace,
+                meta_refresh = ?opts.meta_refresh,
+                "reclaim_grace should exceed 2 x meta_refresh + timeout: a lagging reader could miss a replaced generation"
+            );
+        }
+        let manager = tokio::time::timeout(
+            opts.connect_timeout,
+            ConnectionManager::new_with_config(client.clone(), manager_config(&opts)),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout(opts.connect_timeout))?
+        .map_err(|e| unavailable(&secrets, &e))?;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let inner = Arc::new(Inner {
+            client,
+            conn: ArcSwap::from_pointee(manager),
+            keys: Keys::new(&opts.key_prefix),
+            secrets,
+            current: ArcSwapOption::empty(),
+            refreshed_ms: AtomicU64::new(0),
+            started: Instant::now(),
+            refresh_lock: tokio::sync::Mutex::new(()),
+            _stop: stop_tx,
+            opts,
+        });
+        inner.refresh().await?;
+        tokio::spawn(refresh_loop(
+            Arc::downgrade(&inner),
+            stop_rx,
+            inner.opts.meta_refresh,
+        ));
+        Ok(Self { inner })
+    }
+
+    /// Redis' `used_memory` (INFO memory), in bytes: for benchmarks.
+    pub async fn used_memory(&self) -> Result<u64, StoreError> {
+        let mut cmd = ::redis::cmd("INFO");
+        cmd.arg("memory");
+        let info: Value = self.inner.query(&cmd, self.inner.opts.timeout).await?;
+        let text = match info {
+            Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            Value::VerbatimString { text, .. } => text,
+            Value::SimpleString(s) => s,
+            _ => return Err(StoreError::Corrupt("unexpected INFO reply".into())),
+        };
+        text.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| StoreError::Corrupt("INFO memory has no used_memory".into()))
+    }
+}
+
+/// The redis error as a [`StoreError::Unavailable`], without secrets and
+/// without unbounded detail.
+fn unavailable(secrets: &[String], e: &RedisError) -> StoreError {
+    let mut text = e.to_string();
+    for secret in secrets {
+        text = text.replace(secret.as_str(), "***");
+    }
+    if text.len() > 300 {
+        let mut cut = 300;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    StoreError::Unavailable(format!("redis: {text}"))
+}
+
+impl Inner {
+    fn unavailable(&self, e: &RedisError) -> StoreError {
+        unavailable(&self.secrets, e)
+    }
+
+    /// A handle on the read connection (cheap: an `Arc` clone).
+    fn conn(&self) -> ConnectionManager {
+        ConnectionManager::clone(&self.conn.load())
+    }
+
+    /// A new connection for one import: bulk pipelines there never delay
+    /// lookups. Connects on first use.
+    fn bulk_conn(&self) -> Result<ConnectionManager, StoreError> {
+        ConnectionManager::new_lazy_with_config(self.client.clone(), manager_config(&self.opts))
+            .map_err(|e| self.unavailable(&e))
+    }
+
+    /// Sends one command on the read connection, bounded by `limit`.
+    async fn query<T: FromRedisValue>(&self, cmd: &Cmd, limit: Duration) -> Result<T, StoreError> {
+        self.query_on(&mut self.conn(), cmd, limit).await
+    }
+
+    /// Sends one command on `conn`, bounded by `limit`.
+    async fn query_on<T: FromRedisValue>(
+        &self,
+        conn: &mut ConnectionManager,
+        cmd: &Cmd,
+        limit: Duration,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(limit, cmd.query_async(conn)).await {
+            Err(_) => Err(StoreError::Timeout(limit)),
+            Ok(Err(e)) => Err(self.unavailable(&e)),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    /// Sends one pipeline on `conn`, bounded by `limit`.
+    async fn pipeline_on<T: FromRedisValue>(
+        &self,
+        conn: &mut ConnectionManager,
+        pipe: &Pipeline,
+        limit: Duration,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(limit, pipe.query_async(conn)).await {
+            Err(_) => Err(StoreError::Timeout(limit)),
+            Ok(Err(e)) => Err(self.unavailable(&e)),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    /// Reads the whole metadata hash.
+    async fn read_meta(&self, limit: Duration) -> Result<StoredMeta, StoreError> {
+        let mut cmd = ::redis::cmd("HGETALL");
+        cmd.arg(&self.keys.meta);
+        let raw: HashMap<Vec<u8>, Vec<u8>> = self.query(&cmd, limit).await?;
+        meta::parse(raw)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Reads the metadata now and replaces the cache with it.
+    async fn refresh(&self) -> Result<Option<Arc<Current>>, StoreError> {
+        let _serial = self.refresh_lock.lock().await;
+        self.refresh_locked().await
+    }
+
+    async fn refresh_locked(&self) -> Result<Option<Arc<Current>>, StoreError> {
+        let read_at = self.now_ms();
+        let stored = self.read_meta(self.opts.timeout).await?;
+        let current = stored.current.map(Arc::new);
+        let previous = self.current.swap(current.clone());
+        let before = previous.as_ref().map(|c| (c.generation.id, c.meta.sequence));
+        let after = current.as_ref().map(|c| (c.generation.id, c.meta.sequence));
+        if before != after {
+            tracing::info!(
+                generation = after.map(|a| a.0),
+                sequence = after.map(|a| a.1),
+                records = current.as_ref().map(|c| c.meta.record_count),
+                "redis mirror metadata changed"
+            );
+        }
+        self.refreshed_ms.fetch_max(read_at.max(1), Ordering::Relaxed);
+        Ok(current)
+    }
+
+    /// The cached generation, refreshed first if the cache is too old to be
+    /// trusted (the background refresh has been failing).
+    async fn current(&self) -> Result<Option<Arc<Current>>, StoreError> {
+        let max_age = self.max_cache_age_ms();
+        if self
+            .now_ms()
+            .saturating_sub(self.refreshed_ms.load(Ordering::Relaxed))
+            <= max_age
+        {
+            return Ok(self.current.load_full());
+        }
+        let _serial = self.refresh_lock.lock().await;
+        // Someone else may have refreshed while we waited.
+        if self
+            .now_ms()
+            .saturating_sub(self.refreshed_ms.load(Ordering::Relaxed))
+            <= max_age
+        {
+            return Ok(self.current.load_full());
+        }
+        self.refresh_locked().await
+    }
+
+    fn max_cache_age_ms(&self) -> u64 {
+        u64::try_from((self.opts.meta_refresh * 2).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Replaces the read connection (the old one stopped answering).
+    fn reset_connection(&self) {
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), manager_config(&self.opts)) {
+            Ok(manager) => {
+                self.conn.store(Arc::new(manager));
+                tracing::warn!("redis stopped answering on its connection: replaced it");
+            }
+            Err(e) => tracing::warn!(error = %self.unavailable(&e), "cannot replace the redis connection"),
+        }
+    }
+}
+
+/// Re-reads the metadata every `period` until the store is dropped.
+async fn refresh_loop(inner: Weak<Inner>, mut stop: oneshot::Receiver<()>, period: Duration) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    let mut timeouts = 0u32;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = ticks.tick() => {}
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        match inner.refresh().await {
+            Ok(_) => {
+                timeouts = 0;
+                if failing {
+                    failing = false;
+                    tracing::info!("redis metadata refresh works again");
+                }
+            }
+            Err(e) => {
+                if matches!(e, StoreError::Timeout(_)) {
+                    timeouts += 1;
+                    if timeouts >= STUCK_REFRESHES {
+                        timeouts = 0;
+                        inner.reset_connection();
+                    }
+                }
+                if !failing {
+                    failing = true;
+                    tracing::warn!(error = %e, "redis metadata refresh failed; lookups fail until it works again");
+                }
+            }
+        }
+    }
+}
+
+/// A stored date (days since 1970-01-01); `Nil` is no record.
+fn parse_day(value: Value) -> Result<Option<Date>, StoreError> {
+    let days = match value {
+        Value::Nil => return Ok(None),
+        Value::Int(i) => i32::try_from(i).ok(),
+        Value::BulkString(b) => std::str::from_utf8(&b).ok().and_then(|t| t.parse::<i32>().ok()),
+        _ => None,
+    };
+    days.map(|d| Some(Date::from_days(d)))
+        .ok_or_else(|| StoreError::Corrupt("a bucket holds a value that is not a day number".into()))
+}
+
+impl RedisStore {
+    async fn lookup_unbounded(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
+        let inner = &self.inner;
+        let Some(current) = inner.current().await? else {
+            return Ok(Lookup {
+                found: None,
+                meta: None,
+            });
+        };
+        let (bucket, field) = current.generation.locate(number.value());
+        let mut cmd = ::redis::cmd("HGET");
+        cmd.arg(inner.keys.bucket(current.generation.id, bucket))
+            .arg(field);
+        let value: Value = inner.query(&cmd, inner.opts.timeout).await?;
+        Ok(Lookup {
+            found: parse_day(value)?,
+            meta: Some(current.meta.clone()),
+        })
+    }
+
+    async fn lookup_many_unbounded(
+        &self,
+        numbers: &[PhoneNumber],
+    ) -> Result<Lookup<Vec<Option<Date>>>, StoreError> {
+        let inner = &self.inner;
+        let Some(current) = inner.current().await? else {
+            return Ok(Lookup {
+                found: vec![None; numbers.len()],
+                meta: None,
+            });
+        };
+        if numbers.is_empty() {
+            return Ok(Lookup {
+                found: Vec::new(),
+                meta: Some(current.meta.clone()),
+            });
+        }
+        let mut pipe = ::redis::pipe();
+        for number in numbers {
+            let (bucket, field) = current.generation.locate(number.value());
+            pipe.cmd("HGET")
+                .arg(inner.keys.bucket(current.generation.id, bucket))
+                .arg(field);
+        }
+        let values: Vec<Value> = inner
+            .pipeline_on(&mut inner.conn(), &pipe, inner.opts.timeout)
+            .await?;
+        if values.len() != numbers.len() {
+            return Err(StoreError::Unavailable(format!(
+                "redis answered {} of {} lookups",
+                values.len(),
+                numbers.len()
+            )));
+        }
+        let found = values.into_iter().map(parse_day).collect::<Result<Vec<_>, _>>()?;
+        Ok(Lookup {
+            found,
+            meta: Some(current.meta.clone()),
+        })
+    }
+}
+
+/// Bounds a whole read (a metadata refresh it may need included) by `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    read: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, read)
+        .await
+        .unwrap_or(Err(StoreError::Timeout(limit)))
+}
+
+impl Store for RedisStore {
+    async fn lookup(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
+        bounded(self.inner.opts.timeout, self.lookup_unbounded(number)).await
+    }
+
+    async fn lookup_many(&self, numbers: &[PhoneNumber]) -> Result<Lookup<Vec<Option<Date>>>, StoreError> {
+        bounded(self.inner.opts.timeout, self.lookup_many_unbounded(numbers)).await
+    }
+
+    fn cached_meta(&self) -> Option<Arc<MirrorMeta>> {
+        self.inner.current.load().as_ref().map(|c| c.meta.clone())
+    }
+
+    async fn refresh_meta(&self) -> Result<Option<Arc<MirrorMeta>>, StoreError> {
+        Ok(self.inner.refresh().await?.map(|c| c.meta.clone()))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let reply: Value = inner.query(&::redis::cmd("PING"), inner.opts.timeout).await?;
+        match reply {
+            Value::SimpleString(s) if s == "PONG" => Ok(()),
+            Value::BulkString(b) if b == b"PONG" => Ok(()),
+            _ => Err(StoreError::Unavailable("redis: unexpected PING reply".into())),
+        }
+    }
+
+    async fn apply_snapshot(
+        &self,
+        manifest: &Manifest,
+        records: &Records,
+        expected_previous: Option<u64>,
+    ) -> Result<(), StoreError> {
+        write::apply_snapshot(&self.inner, manifest, records, expected_previous).await
+    }
+
+    async fn apply_delta(&self, manifest: &Manifest, records: &Records) -> Result<(), StoreError> {
+        write::apply_delta(&self.inner, manifest, records).await
+    }
+}

@@ -1,0 +1,718 @@
+//! Imports: the lock, snapshots (a new generation and an atomic switch) and
+//! deltas (a per-bucket merge and a check-and-set of the metadata).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ::redis::aio::ConnectionManager;
+use ::redis::{Script, ScriptInvocation, Value};
+use futures_util::{StreamExt, TryStreamExt, stream};
+
+use super::Inner;
+use super::meta::{self, Generation, StoredMeta, field};
+use crate::domain::{MirrorMeta, Prefix};
+use crate::import::{Manifest, Records};
+use crate::store::StoreError;
+
+/// Target number of fields per bucket when a snapshot chooses `nbuckets`.
+const FIELDS_PER_BUCKET: u64 = 128;
+/// Above this many fields per bucket on average, imports warn (Redis turns
+/// buckets over 512 fields into hash tables, several times larger).
+const WARN_FIELDS_PER_BUCKET: u64 = 384;
+/// A bulk pipeline is cut after this many records...
+const PIPELINE_RECORDS: usize = 64 * 1024;
+/// ... or this many commands.
+const PIPELINE_COMMANDS: usize = 1024;
+/// Bulk pipelines in flight at once on the import connection.
+const IN_FLIGHT: usize = 4;
+/// Lifetime of the import lock; renewed every [`LOCK_RENEW`] while held.
+const LOCK_TTL_MS: u64 = 60_000;
+const LOCK_RENEW: Duration = Duration::from_secs(15);
+
+/// Sets each field only if it is new or its date is later; returns how many
+/// fields were new. KEYS[1] = a bucket; ARGV = field, day, field, day, ...
+static MERGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local added = 0
+for i = 1, #ARGV, 2 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  if not cur then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    added = added + 1
+  elseif tonumber(ARGV[i + 1]) > tonumber(cur) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return added
+",
+    )
+});
+
+/// The snapshot switch. KEYS[1] = meta; ARGV[1] = the sequence replaced (''
+/// for an empty mirror); ARGV[2] = our pending generation; ARGV[3..] = field,
+/// value pairs. Returns 1 (switched), 0 (the sequence moved) or -1 (the
+/// pending generation is not ours any more).
+static SWITCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local gen = redis.call('HGET', KEYS[1], 'generation')
+local seq = redis.call('HGET', KEYS[1], 'sequence')
+if ARGV[1] == '' then
+  if gen then return 0 end
+elseif (not gen) or seq ~= ARGV[1] then
+  return 0
+end
+if redis.call('HGET', KEYS[1], 'pending_generation') ~= ARGV[2] then return -1 end
+local args = {}
+for i = 3, #ARGV do args[#args + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(args))
+redis.call('HDEL', KEYS[1], 'pending_generation', 'pending_nbuckets')
+return 1
+",
+    )
+});
+
+/// The delta metadata check-and-set. KEYS[1] = meta; ARGV = expected
+/// sequence, generation, new sequence, as_of, last_import_unix, new fields.
+static DELTA_META: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HGET', KEYS[1], 'sequence') ~= ARGV[1]
+  or redis.call('HGET', KEYS[1], 'generation') ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'sequence', ARGV[3], 'as_of', ARGV[4], 'last_import_unix', ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'record_count', ARGV[6])
+return 1
+",
+    )
+});
+
+/// Deletes the lock if it still holds our token.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+",
+    )
+});
+
+/// Extends the lock if it still holds our token.
+static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+",
+    )
+});
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn rate(records: usize, elapsed: Duration) -> u64 {
+    (records as f64 / elapsed.as_secs_f64().max(1e-9)) as u64
+}
+
+impl Inner {
+    async fn invoke<T: ::redis::FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+        limit: Duration,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn();
+        match tokio::time::timeout(limit, invocation.invoke_async(&mut conn)).await {
+            Err(_) => Err(StoreError::Timeout(limit)),
+            Ok(Err(e)) => Err(self.unavailable(&e)),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+}
+
+/// The import lock `{prefix}:lock`, renewed in the background while held.
+struct ImportLock {
+    inner: Arc<Inner>,
+    token: String,
+    lost: Arc<AtomicBool>,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl ImportLock {
+    async fn acquire(inner: &Arc<Inner>) -> Result<Self, StoreError> {
+        let token = format!("{:032x}", rand::random::<u128>());
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(&inner.keys.lock)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(LOCK_TTL_MS);
+        let reply: Value = inner.query(&cmd, inner.opts.bulk_timeout).await?;
+        if matches!(reply, Value::Nil) {
+            return Err(StoreError::Conflict(
+                "another import holds the redis import lock".into(),
+            ));
+        }
+        let lost = Arc::new(AtomicBool::new(false));
+        let renew = tokio::spawn(renew_lock(inner.clone(), token.clone(), lost.clone()));
+        Ok(Self {
+            inner: inner.clone(),
+            token,
+            lost,
+            renew,
+        })
+    }
+
+    /// Fails if the lock expired or was taken by someone else.
+    fn ensure_held(&self) -> Result<(), StoreError> {
+        if self.lost.load(Ordering::Relaxed) {
+            Err(StoreError::Conflict(
+                "the redis import lock was lost during the import".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn release(&self) {
+        self.renew.abort();
+        let mut invocation = RELEASE.key(&self.inner.keys.lock);
+        invocation.arg(&self.token);
+        if let Err(e) = self
+            .inner
+            .invoke::<i64>(&invocation, self.inner.opts.bulk_timeout)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot release the redis import lock; it expires by itself");
+        }
+    }
+}
+
+impl Drop for ImportLock {
+    fn drop(&mut self) {
+        self.renew.abort();
+    }
+}
+
+async fn renew_lock(inner: Arc<Inner>, token: String, lost: Arc<AtomicBool>) {
+    loop {
+        tokio::time::sleep(LOCK_RENEW).await;
+        let mut invocation = EXTEND.key(&inner.keys.lock);
+        invocation.arg(&token).arg(LOCK_TTL_MS);
+        match inner.invoke::<i64>(&invocation, inner.opts.bulk_timeout).await {
+            Ok(1) => {}
+            Ok(_) => {
+                lost.store(true, Ordering::Relaxed);
+                tracing::error!("the redis import lock was lost; the import will be refused");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot renew the redis import lock"),
+        }
+    }
+}
+
+fn check_records(records: &Records) -> Result<(), StoreError> {
+    if records.numbers.len() != records.days.len() {
+        return Err(StoreError::Corrupt(
+            "records: numbers and days differ in length".into(),
+        ));
+    }
+    if u32::try_from(records.len()).is_err() {
+        return Err(StoreError::Corrupt("records: more than 2^32 in one file".into()));
+    }
+    Ok(())
+}
+
+/// The metadata a snapshot installs.
+fn snapshot_meta(manifest: &Manifest, records: &Records) -> Result<MirrorMeta, StoreError> {
+    let coverage_start = manifest
+        .coverage_start
+        .ok_or_else(|| StoreError::Corrupt("snapshot manifest has no coverage_start".into()))?;
+    let prefixes = manifest
+        .covered_prefixes
+        .as_deref()
+        .ok_or_else(|| StoreError::Corrupt("snapshot manifest has no covered_prefixes".into()))?
+        .iter()
+        .map(|p| {
+            Prefix::parse(p).map_err(|e| StoreError::Corrupt(format!("snapshot manifest: prefix {p:?} {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(MirrorMeta {
+        sequence: manifest.sequence,
+        as_of: manifest.as_of,
+        coverage_start,
+        prefixes,
+        record_count: records.len() as u64,
+        last_import_unix: unix_now(),
+    })
+}
+
+/// Replaces the mirror with a snapshot (see the module documentation).
+pub(super) async fn apply_snapshot(
+    inner: &Arc<Inner>,
+    manifest: &Manifest,
+    records: &Records,
+    expected_previous: Option<u64>,
+) -> Result<(), StoreError> {
+    check_records(records)?;
+    let meta = snapshot_meta(manifest, records)?;
+    let lock = ImportLock::acquire(inner).await?;
+    let result = snapshot_locked(inner, &lock, meta, records, expected_previous).await;
+    lock.release().await;
+    result
+}
+
+async fn snapshot_locked(
+    inner: &Arc<Inner>,
+    lock: &ImportLock,
+    meta: MirrorMeta,
+    records: &Records,
+    expected_previous: Option<u64>,
+) -> Result<(), StoreError> {
+    let limit = inner.opts.bulk_timeout;
+    let stored = inner.read_meta(limit).await?;
+    let current_sequence = stored.current.as_ref().map(|c| c.meta.sequence);
+    if current_sequence != expected_previous {
+        return Err(StoreError::Conflict(format!(
+            "the redis mirror is at sequence {current_sequence:?}, the snapshot expected {expected_previous:?}"
+        )));
+    }
+    let old = stored.current.as_ref().map(|c| c.generation);
+    let mut bulk = inner.bulk_conn()?;
+    clean_leftovers(inner, &mut bulk, &stored).await?;
+
+    let nbuckets = (records.len() as u64).div_ceil(FIELDS_PER_BUCKET).max(1);
+    let generation = Generation {
+        id: next_generation_id(inner, &stored).await?,
+        nbuckets,
+    };
+    let mut pending = ::redis::cmd("HSET");
+    pending
+        .arg(&inner.keys.meta)
+        .arg(field::PENDING_GENERATION)
+        .arg(generation.id)
+        .arg(field::PENDING_NBUCKETS)
+        .arg(generation.nbuckets);
+    inner.query::<Value>(&pending, limit).await?;
+
+    let started = Instant::now();
+    write_generation(inner, &mut bulk, generation, records).await?;
+    let written = started.elapsed();
+    lock.ensure_held()?;
+
+    let mut invocation = SWITCH.key(&inner.keys.meta);
+    invocation
+        .arg(expected_previous.map(|s| s.to_string()).unwrap_or_default())
+        .arg(generation.id);
+    for (name, value) in meta::switch_fields(generation, &meta) {
+        invocation.arg(name).arg(value);
+    }
+    if let Some(old) = old {
+        invocation
+            .arg(field::RECLAIM_GENERATION)
+            .arg(old.id)
+            .arg(field::RECLAIM_NBUCKETS)
+            .arg(old.nbuckets);
+    }
+    let switched: i64 = inner.invoke(&invocation, limit).await?;
+    if switched != 1 {
+        if let Err(e) = delete_generation(inner, &mut bulk, generation).await {
+            tracing::warn!(error = %e, generation = generation.id, "cannot delete the refused generation");
+        }
+        return Err(StoreError::Conflict(if switched == 0 {
+            "the redis mirror moved on during the snapshot import".into()
+        } else {
+            "another import took over the redis mirror during the snapshot import".into()
+        }));
+    }
+    tracing::info!(
+        records = records.len(),
+        generation = generation.id,
+        nbuckets = generation.nbuckets,
+        sequence = meta.sequence,
+        written_ms = written.as_millis() as u64,
+        records_per_s = rate(records.len(), written),
+        "redis snapshot switched"
+    );
+    let mut publish = ::redis::cmd("PUBLISH");
+    publish.arg(&inner.keys.events).arg("switched");
+    if let Err(e) = inner.query::<Value>(&publish, inner.opts.timeout).await {
+        tracing::debug!(error = %e, "cannot publish the switch event");
+    }
+    if let Err(e) = inner.refresh().await {
+        tracing::warn!(error = %e, "cannot refresh the metadata after the switch");
+    }
+
+    if let Some(old) = old {
+        // Readers refresh their cached metadata every meta_refresh; give the
+        // slowest of them time to move to the new generation.
+        tokio::time::sleep(inner.opts.reclaim_grace).await;
+        match delete_generation(inner, &mut bulk, old).await {
+            Ok(()) => {
+                let mut clear = ::redis::cmd("HDEL");
+                clear
+                    .arg(&inner.keys.meta)
+                    .arg(field::RECLAIM_GENERATION)
+                    .arg(field::RECLAIM_NBUCKETS);
+                if let Err(e) = inner.query::<Value>(&clear, limit).await {
+                    tracing::warn!(error = %e, "cannot clear the reclaim mark; the next import does it");
+                }
+            }
+            // The snapshot is applied; the next import deletes what is left.
+            Err(e) => {
+                tracing::warn!(error = %e, generation = old.id, "cannot delete the replaced generation yet")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes what an interrupted import left: a pending generation that never
+/// became current, and a replaced generation not yet deleted.
+async fn clean_leftovers(
+    inner: &Inner,
+    bulk: &mut ConnectionManager,
+    stored: &StoredMeta,
+) -> Result<(), StoreError> {
+    let current = stored.current.as_ref().map(|c| c.generation.id);
+    let leftovers = [
+        (stored.pending, field::PENDING_GENERATION, field::PENDING_NBUCKETS),
+        (stored.reclaim, field::RECLAIM_GENERATION, field::RECLAIM_NBUCKETS),
+    ];
+    for (generation, id_field, nbuckets_field) in leftovers {
+        let Some(generation) = generation else { continue };
+        if Some(generation.id) != current {
+            tracing::info!(
+                generation = generation.id,
+                nbuckets = generation.nbuckets,
+                "deleting a generation left by an interrupted import"
+            );
+            delete_generation(inner, bulk, generation).await?;
+        }
+        let mut clear = ::redis::cmd("HDEL");
+        clear.arg(&inner.keys.meta).arg(id_field).arg(nbuckets_field);
+        inner.query::<Value>(&clear, inner.opts.bulk_timeout).await?;
+    }
+    Ok(())
+}
+
+/// A generation number never used before.
+async fn next_generation_id(inner: &Inner, stored: &StoredMeta) -> Result<u64, StoreError> {
+    let limit = inner.opts.bulk_timeout;
+    let mut incr = ::redis::cmd("INCR");
+    incr.arg(&inner.keys.gen_counter);
+    let id: u64 = match inner.query::<Value>(&incr, limit).await? {
+        Value::Int(i) => u64::try_from(i).map_err(|_| StoreError::Corrupt("negative gen_counter".into()))?,
+        _ => return Err(StoreError::Corrupt("unexpected INCR reply".into())),
+    };
+    // If the counter was lost while the data was kept, skip past every
+    // generation the metadata still knows.
+    let floor = [
+        stored.current.as_ref().map(|c| c.generation.id),
+        stored.pending.map(|g| g.id),
+        stored.reclaim.map(|g| g.id),
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .unwrap_or(0);
+    if id > floor {
+        return Ok(id);
+    }
+    let mut set = ::redis::cmd("SET");
+    set.arg(&inner.keys.gen_counter).arg(floor + 1);
+    inner.query::<Value>(&set, limit).await?;
+    Ok(floor + 1)
+}
+
+/// Record indexes grouped by bucket: `order[runs[i].1..runs[i].2]` are the
+/// records of bucket `runs[i].0`, in number order (so in field order).
+struct Grouped {
+    order: Vec<u32>,
+    runs: Vec<(u64, u32, u32)>,
+}
+
+fn group_by_bucket(numbers: &[u64], nbuckets: u64) -> Grouped {
+    let len = numbers.len();
+    let mut order: Vec<u32>;
+    let mut runs = Vec::new();
+    if (len as u64).saturating_mul(4) >= nbuckets {
+        // Dense (snapshots): a counting sort, linear.
+        let nb = nbuckets as usize;
+        let mut starts = vec![0u32; nb + 1];
+        for &n in numbers {
+            starts[(n % nbuckets) as usize + 1] += 1;
+        }
+        for b in 0..nb {
+            starts[b + 1] += starts[b];
+        }
+        let mut next = starts[..nb].to_vec();
+        order = vec![0u32; len];
+        for (i, &n) in numbers.iter().enumerate() {
+            let b = (n % nbuckets) as usize;
+            order[next[b] as usize] = i as u32;
+            next[b] += 1;
+        }
+        for b in 0..nb {
+            if starts[b] < starts[b + 1] {
+                runs.push((b as u64, starts[b], starts[b + 1]));
+            }
+        }
+    } else {
+        // Sparse (small deltas over many buckets): a stable sort.
+        order = (0..len as u32).collect();
+        order.sort_by_key(|&i| numbers[i as usize] % nbuckets);
+        let mut start = 0usize;
+        while start < len {
+            let bucket = numbers[order[start] as usize] % nbuckets;
+            let mut end = start + 1;
+            while end < len && numbers[order[end] as usize] % nbuckets == bucket {
+                end += 1;
+            }
+            runs.push((bucket, start as u32, end as u32));
+            start = end;
+        }
+    }
+    Grouped { order, runs }
+}
+
+/// Cuts the runs into pipelines of about [`PIPELINE_RECORDS`] records.
+fn pipeline_ranges(runs: &[(u64, u32, u32)]) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let (mut start, mut records) = (0usize, 0usize);
+    for (i, &(_, from, to)) in runs.iter().enumerate() {
+        records += (to - from) as usize;
+        if records >= PIPELINE_RECORDS || i + 1 - start >= PIPELINE_COMMANDS {
+            ranges.push(start..i + 1);
+            start = i + 1;
+            records = 0;
+        }
+    }
+    if start < runs.len() {
+        ranges.push(start..runs.len());
+    }
+    ranges
+}
+
+/// Writes every record into a new generation's buckets.
+async fn write_generation(
+    inner: &Inner,
+    bulk: &mut ConnectionManager,
+    generation: Generation,
+    records: &Records,
+) -> Result<(), StoreError> {
+    let grouped = group_by_bucket(&records.numbers, generation.nbuckets);
+    let grouped = &grouped;
+    let bulk = &*bulk;
+    stream::iter(pipeline_ranges(&grouped.runs))
+        .map(|range| async move {
+            let mut pipe = ::redis::pipe();
+            for &(bucket, from, to) in &grouped.runs[range] {
+                pipe.cmd("HSET").arg(inner.keys.bucket(generation.id, bucket));
+                for &i in &grouped.order[from as usize..to as usize] {
+                    let i = i as usize;
+                    pipe.arg(records.numbers[i] / generation.nbuckets)
+                        .arg(records.days[i]);
+                }
+                pipe.ignore();
+            }
+            inner
+                .pipeline_on::<()>(&mut bulk.clone(), &pipe, inner.opts.bulk_timeout)
+                .await
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect::<()>()
+        .await
+}
+
+/// Merges records into a generation, keeping each number's latest date;
+/// returns how many numbers were new.
+async fn merge_generation(
+    inner: &Inner,
+    bulk: &mut ConnectionManager,
+    generation: Generation,
+    records: &Records,
+) -> Result<u64, StoreError> {
+    let limit = inner.opts.bulk_timeout;
+    let sha = match tokio::time::timeout(limit, MERGE.load_async(bulk)).await {
+        Err(_) => return Err(StoreError::Timeout(limit)),
+        Ok(Err(e)) => return Err(inner.unavailable(&e)),
+        Ok(Ok(sha)) => sha,
+    };
+    let grouped = group_by_bucket(&records.numbers, generation.nbuckets);
+    let (grouped, sha, bulk) = (&grouped, sha.as_str(), &*bulk);
+    stream::iter(pipeline_ranges(&grouped.runs))
+        .map(|range| async move {
+            let mut pipe = ::redis::pipe();
+            for &(bucket, from, to) in &grouped.runs[range] {
+                pipe.cmd("EVALSHA")
+                    .arg(sha)
+                    .arg(1)
+                    .arg(inner.keys.bucket(generation.id, bucket));
+                for &i in &grouped.order[from as usize..to as usize] {
+                    let i = i as usize;
+                    pipe.arg(records.numbers[i] / generation.nbuckets)
+                        .arg(records.days[i]);
+                }
+            }
+            let added: Vec<i64> = inner.pipeline_on(&mut bulk.clone(), &pipe, limit).await?;
+            Ok::<u64, StoreError>(added.iter().map(|&a| a.max(0) as u64).sum())
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .try_fold(0u64, |total, added| async move { Ok(total + added) })
+        .await
+}
+
+/// UNLINKs every bucket of a generation.
+async fn delete_generation(
+    inner: &Inner,
+    bulk: &mut ConnectionManager,
+    generation: Generation,
+) -> Result<(), StoreError> {
+    let chunk = PIPELINE_COMMANDS as u64;
+    let bulk = &*bulk;
+    stream::iter((0..generation.nbuckets.div_ceil(chunk)).map(|c| c * chunk))
+        .map(|from| async move {
+            let mut pipe = ::redis::pipe();
+            for bucket in from..(from + chunk).min(generation.nbuckets) {
+                pipe.cmd("UNLINK")
+                    .arg(inner.keys.bucket(generation.id, bucket))
+                    .ignore();
+            }
+            inner
+                .pipeline_on::<()>(&mut bulk.clone(), &pipe, inner.opts.bulk_timeout)
+                .await
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect::<()>()
+        .await
+}
+
+/// Merges a delta (see the module documentation).
+pub(super) async fn apply_delta(
+    inner: &Arc<Inner>,
+    manifest: &Manifest,
+    records: &Records,
+) -> Result<(), StoreError> {
+    check_records(records)?;
+    let lock = ImportLock::acquire(inner).await?;
+    let result = delta_locked(inner, &lock, manifest, records).await;
+    lock.release().await;
+    result
+}
+
+async fn delta_locked(
+    inner: &Arc<Inner>,
+    lock: &ImportLock,
+    manifest: &Manifest,
+    records: &Records,
+) -> Result<(), StoreError> {
+    let limit = inner.opts.bulk_timeout;
+    let stored = inner.read_meta(limit).await?;
+    let Some(current) = stored.current.as_ref() else {
+        return Err(StoreError::Conflict(
+            "the redis mirror is empty: a delta needs a snapshot first".into(),
+        ));
+    };
+    let sequence = current.meta.sequence;
+    if sequence == manifest.sequence {
+        tracing::info!(sequence, "delta already applied to the redis mirror");
+        return Ok(());
+    }
+    if manifest.sequence.checked_sub(1) != Some(sequence) {
+        return Err(StoreError::Conflict(format!(
+            "the redis mirror is at sequence {sequence}, the delta needs {}",
+            manifest.sequence.saturating_sub(1)
+        )));
+    }
+    let generation = current.generation;
+    let mut bulk = inner.bulk_conn()?;
+    clean_leftovers(inner, &mut bulk, &stored).await?;
+
+    let started = Instant::now();
+    let added = if records.is_empty() {
+        0
+    } else {
+        merge_generation(inner, &mut bulk, generation, records).await?
+    };
+    let written = started.elapsed();
+    lock.ensure_held()?;
+
+    let mut invocation = DELTA_META.key(&inner.keys.meta);
+    invocation
+        .arg(sequence)
+        .arg(generation.id)
+        .arg(manifest.sequence)
+        .arg(manifest.as_of.to_string())
+        .arg(unix_now())
+        .arg(added);
+    let updated: i64 = inner.invoke(&invocation, limit).await?;
+    if updated != 1 {
+        return Err(StoreError::Conflict(
+            "the redis mirror moved on during the delta import".into(),
+        ));
+    }
+    let total = current.meta.record_count + added;
+    tracing::info!(
+        records = records.len(),
+        new_numbers = added,
+        sequence = manifest.sequence,
+        written_ms = written.as_millis() as u64,
+        records_per_s = rate(records.len(), written),
+        "redis delta applied"
+    );
+    if total / generation.nbuckets > WARN_FIELDS_PER_BUCKET {
+        tracing::warn!(
+            fields_per_bucket = total / generation.nbuckets,
+            "redis buckets are filling up (Redis converts buckets over 512 fields to larger hash tables): import a snapshot to re-bucket"
+        );
+    }
+    if let Err(e) = inner.refresh().await {
+        tracing::warn!(error = %e, "cannot refresh the metadata after the delta");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouping_dense_and_sparse_agree() {
+        let numbers: Vec<u64> = (0..5000u64).map(|i| 14_155_550_000 + i * 7).collect();
+        for nbuckets in [1, 3, 40, 1000, 100_000] {
+            let g = group_by_bucket(&numbers, nbuckets);
+            let mut seen = vec![false; numbers.len()];
+            let mut last_bucket = None;
+            for &(bucket, from, to) in &g.runs {
+                assert!(last_bucket < Some(bucket));
+                last_bucket = Some(bucket);
+                let idx = &g.order[from as usize..to as usize];
+                assert!(idx.windows(2).all(|w| w[0] < w[1]), "field order");
+                for &i in idx {
+                    assert_eq!(numbers[i as usize] % nbuckets, bucket);
+                    seen[i as usize] = true;
+                }
+            }
+            assert!(seen.iter().all(|&s| s));
+        }
+    }
+
+    #[test]
+    fn pipelines_cover_all_runs() {
+        let runs: Vec<(u64, u32, u32)> = (0..5000u64)
+            .map(|b| (b, (b * 100) as u32, (b * 100 + 100) as u32))
+            .collect();
+        let ranges = pipeline_ranges(&runs);
+        assert_eq!(ranges.first().map(|r| r.start), Some(0));
+        assert_eq!(ranges.last().map(|r| r.end), Some(runs.len()));
+        assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
+        assert!(ranges.iter().all(|r| r.len() <= PIPELINE_COMMANDS));
+    }
+}

@@ -1,0 +1,203 @@
+//! A throwaway `redis-server` for tests: its own free port on 127.0.0.1 and
+//! its own data directory, never the Redis on 6379; killed on drop.
+//!
+//! `stop()` shuts it down with `SHUTDOWN SAVE` and `restart()` starts it again
+//! on the same port with the same directory, so the data survives a restart.
+//! `pause()` / `resume()` send SIGSTOP / SIGCONT (a Redis that hangs).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a start or a stop may take.
+const DEADLINE: Duration = Duration::from_secs(15);
+
+/// A `redis-server` child process.
+pub struct RedisServer {
+    /// The TCP port (on 127.0.0.1).
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    paused: bool,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers PING.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for redis");
+        let mut server = Self {
+            port: 0,
+            dir,
+            child: None,
+            paused: false,
+        };
+        // The port is free when asked, but another process may take it
+        // before redis binds it: try a few.
+        for _ in 0..5 {
+            server.port = free_port();
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start; log:\n{}", server.log());
+    }
+
+    /// `redis://127.0.0.1:{port}/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The process id while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// True while the process runs (paused or not).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Saves the data and stops the server (`SHUTDOWN SAVE`); waits until
+    /// the process has exited.
+    pub fn stop(&mut self) {
+        if self.paused {
+            self.resume();
+        }
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // The server closes the connection without a reply when it exits.
+        let _ = send_inline(self.port, "SHUTDOWN SAVE");
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("redis-server did not shut down in time; log:\n{}", self.log());
+                }
+            }
+        }
+    }
+
+    /// Starts the server again on the same port and directory (stopping it
+    /// first if it runs); the data saved by `stop()` is loaded back.
+    pub fn restart(&mut self) {
+        self.stop();
+        // The port may linger briefly; retry until the deadline.
+        let deadline = Instant::now() + DEADLINE;
+        while !self.spawn() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not restart on port {}; log:\n{}",
+                self.port,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Freezes the process (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&mut self) {
+        self.signal("-STOP");
+        self.paused = true;
+    }
+
+    /// Thaws the process (SIGCONT).
+    pub fn resume(&mut self) {
+        self.signal("-CONT");
+        self.paused = false;
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("redis-server is running");
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
+    /// Starts the process and waits until it answers; false if it exited
+    /// (e.g. the port was taken).
+    fn spawn(&mut self) -> bool {
+        let dir = self.dir.path();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .args(["--dbfilename", "dump.rdb"])
+            .arg("--logfile")
+            .arg(dir.join("redis.log"))
+            .args(["--daemonize", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed to run these tests");
+        self.child = Some(child);
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if !self.is_running() {
+                self.child = None;
+                return false;
+            }
+            if send_inline(self.port, "PING").is_ok_and(|r| r.starts_with("+PONG")) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                if let Some(mut c) = self.child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGKILL works on a stopped process too.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Sends one inline command and returns the first chunk of the reply.
+fn send_inline(port: u16, command: &str) -> std::io::Result<String> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+    stream.set_write_timeout(Some(Duration::from_millis(500)))?;
+    stream.write_all(format!("{command}\r\n").as_bytes())?;
+    let mut buf = [0u8; 256];
+    let n = stream.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
