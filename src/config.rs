@@ -91,7 +91,8 @@ impl ServeSettings {
 
     /// Reads a TOML file of settings (same names as the flags, with `_`).
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File(path.to_owned(), e.to_string()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::File(path.to_owned(), e.to_string()))?;
         toml::from_str(&text).map_err(|e| ConfigError::File(path.to_owned(), e.to_string()))
     }
 }
@@ -170,7 +171,10 @@ impl ServeConfig {
         let need = |v: Option<PathBuf>, name, flag, env| -> Result<PathBuf, ConfigError> {
             let path = v.ok_or(ConfigError::Missing(name, flag, env))?;
             if !path.is_file() {
-                return Err(ConfigError::Invalid(name, format!("{} is not a readable file", path.display())));
+                return Err(ConfigError::Invalid(
+                    name,
+                    format!("{} is not a readable file", path.display()),
+                ));
             }
             Ok(path)
         };
@@ -185,8 +189,14 @@ impl ServeConfig {
                 ));
             }
             (Some(url), None) => {
-                if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
-                    return Err(ConfigError::Invalid("redis", "must be a redis://, rediss:// or unix:// URL".into()));
+                if !(url.starts_with("redis://")
+                    || url.starts_with("rediss://")
+                    || url.starts_with("unix://"))
+                {
+                    return Err(ConfigError::Invalid(
+                        "redis",
+                        "must be a redis://, rediss:// or unix:// URL".into(),
+                    ));
                 }
                 StoreConfig::Redis {
                     url,
@@ -201,11 +211,17 @@ impl ServeConfig {
                     "REASSIGNED_REDIS or REASSIGNED_DATA_DIR",
                 ))?;
                 if !data_dir.is_dir() {
-                    return Err(ConfigError::Invalid("data_dir", format!("{} is not a directory", data_dir.display())));
+                    return Err(ConfigError::Invalid(
+                        "data_dir",
+                        format!("{} is not a directory", data_dir.display()),
+                    ));
                 }
                 StoreConfig::Embedded {
                     data_dir,
-                    resync_interval_secs: positive("resync_interval_secs", s.resync_interval_secs.unwrap_or(10))?,
+                    resync_interval_secs: positive(
+                        "resync_interval_secs",
+                        s.resync_interval_secs.unwrap_or(10),
+                    )?,
                 }
             }
         };
@@ -230,9 +246,14 @@ impl ServeConfig {
             handshake_timeout_ms: positive("handshake_timeout_ms", s.handshake_timeout_ms.unwrap_or(10_000))?,
             max_handshakes: positive("max_handshakes", s.max_handshakes.unwrap_or(256) as u64)? as usize,
             request_timeout_ms: positive("request_timeout_ms", s.request_timeout_ms.unwrap_or(5_000))?,
-            max_concurrent_streams: positive("max_concurrent_streams", u64::from(s.max_concurrent_streams.unwrap_or(256)))?
-                as u32,
-            max_message_bytes: positive("max_message_bytes", s.max_message_bytes.unwrap_or(256 * 1024) as u64)? as usize,
+            max_concurrent_streams: positive(
+                "max_concurrent_streams",
+                u64::from(s.max_concurrent_streams.unwrap_or(256)),
+            )? as u32,
+            max_message_bytes: positive(
+                "max_message_bytes",
+                s.max_message_bytes.unwrap_or(256 * 1024) as u64,
+            )? as usize,
         })
     }
 

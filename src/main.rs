@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use reassigned::cli;
+use reassigned::cli::generate::GenerateOptions;
 use reassigned::config::ServeSettings;
 
 /// A gRPC mirror of a national register of reassigned phone numbers.
@@ -59,24 +60,8 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
-    /// Write a realistic synthetic register (a snapshot and deltas).
-    Generate {
-        /// Records in the snapshot.
-        #[arg(long, default_value_t = 100_000)]
-        records: u64,
-        /// Output directory.
-        #[arg(long)]
-        out: PathBuf,
-        /// Deltas after the snapshot.
-        #[arg(long, default_value_t = 3)]
-        deltas: u32,
-        /// Seed for a reproducible data set.
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Compress the data files (`.csv.gz`).
-        #[arg(long)]
-        gzip: bool,
-    },
+    /// Write a realistic synthetic register (a snapshot, deltas and a query mix).
+    Generate(GenerateOptions),
     /// Make dev certificates and a demo data set if missing, and serve them on
     /// 127.0.0.1:50051 with the embedded store.
     Demo {
@@ -111,7 +96,10 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
-    if rustls::crypto::ring::default_provider().install_default().is_err() {
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
         eprintln!("error: a rustls crypto provider was already installed");
         return ExitCode::from(2);
     }
@@ -142,13 +130,7 @@ fn main() -> ExitCode {
             Command::Certs {
                 command: CertsCommand::Dev { out, force },
             } => cli::certs_dev(&out, force),
-            Command::Generate {
-                records,
-                out,
-                deltas,
-                seed,
-                gzip,
-            } => cli::generate_cmd(records, &out, deltas, seed, gzip),
+            Command::Generate(options) => cli::generate_cmd(&options),
             Command::Demo { dir, listen, records } => cli::demo(&dir, listen, records).await,
         }
     });

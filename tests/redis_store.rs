@@ -490,6 +490,107 @@ async fn garbled_meta_is_corrupt() {
     ));
 }
 
+/// How many times Redis ran `command` (INFO commandstats).
+fn command_calls(server: &RedisServer, command: &str) -> u64 {
+    let mut con = redis_conn(server);
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut con)
+        .expect("INFO commandstats");
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Numbers whose bucket fields need every listpack integer encoding.
+fn mixed_numbers() -> Vec<(u64, u16)> {
+    let mut pairs = us_numbers(10_000, 1, 3000); // shortest numbers: tiny fields
+    pairs.extend(us_numbers(14_155_550_000, 17, 3000));
+    pairs.extend(us_numbers(861_380_013_800, 1_000_003, 3000));
+    pairs.extend(us_numbers(999_999_000_000_000, 99_991, 3000)); // 15 digits
+    pairs
+}
+
+#[tokio::test]
+async fn snapshot_buckets_equal_what_hset_builds() {
+    // No compression, so DUMP shows the listpack bytes as stored.
+    let server = RedisServer::start_with(&["--rdbcompression", "no"]);
+    let store = connect(&server).await;
+    let data = mixed_numbers();
+    store
+        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data.clone()), None)
+        .await
+        .expect("snapshot");
+    // Every bucket once, the first twice (the probe); HSET only on the metadata.
+    assert_eq!(command_calls(&server, "restore"), 12_000u64.div_ceil(128) + 1);
+    assert!(command_calls(&server, "hset") < 5);
+    for (n, d) in data.iter().step_by(7) {
+        assert_eq!(lookup_day(&store, *n).await, Some(i32::from(*d)));
+    }
+    let mut con = redis_conn(&server);
+    let buckets = keys(&server, "rn:g[0-9]*");
+    assert_eq!(buckets.len(), 12_000usize.div_ceil(128));
+    for key in buckets.iter().step_by(5) {
+        let encoding: String = redis::cmd("OBJECT")
+            .arg("ENCODING")
+            .arg(key)
+            .query(&mut con)
+            .expect("OBJECT");
+        assert_eq!(encoding, "listpack", "{key}");
+        // The same fields HSET one by one, in the same order.
+        let pairs: Vec<(String, String)> = redis::cmd("HGETALL").arg(key).query(&mut con).expect("HGETALL");
+        let copy = format!("copy:{key}");
+        for (f, v) in &pairs {
+            let _: () = redis::cmd("HSET")
+                .arg(&copy)
+                .arg(f)
+                .arg(v)
+                .query(&mut con)
+                .expect("HSET");
+        }
+        let ours: Vec<u8> = redis::cmd("DUMP").arg(key).query(&mut con).expect("DUMP");
+        let theirs: Vec<u8> = redis::cmd("DUMP").arg(&copy).query(&mut con).expect("DUMP");
+        assert_eq!(ours, theirs, "{key}");
+    }
+}
+
+#[tokio::test]
+async fn snapshot_passes_deep_payload_sanitization() {
+    let server = RedisServer::start_with(&["--sanitize-dump-payload", "yes"]);
+    let store = connect(&server).await;
+    let data = mixed_numbers();
+    store
+        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data.clone()), None)
+        .await
+        .expect("snapshot");
+    assert_eq!(command_calls(&server, "restore"), 12_000u64.div_ceil(128) + 1);
+    assert!(command_calls(&server, "hset") < 5, "no fallback to HSET");
+    for (n, d) in data.iter().step_by(3) {
+        assert_eq!(lookup_day(&store, *n).await, Some(i32::from(*d)));
+    }
+}
+
+#[tokio::test]
+async fn snapshot_falls_back_to_hset_without_restore() {
+    let server = RedisServer::start_with(&["--rename-command", "RESTORE", ""]);
+    let store = connect(&server).await;
+    let data = mixed_numbers();
+    store
+        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data.clone()), None)
+        .await
+        .expect("snapshot");
+    assert!(
+        command_calls(&server, "hset") >= 12_000u64.div_ceil(128),
+        "written with HSET"
+    );
+    for (n, d) in data.iter().step_by(3) {
+        assert_eq!(lookup_day(&store, *n).await, Some(i32::from(*d)));
+    }
+    assert_eq!(store.cached_meta().expect("meta").record_count, data.len() as u64);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookups_fail_fast_while_redis_hangs_and_recover() {
     let mut server = RedisServer::start();
@@ -624,6 +725,15 @@ async fn dropping_the_store_closes_its_connection() {
     .await;
 }
 
+/// CPU seconds (user + system) the Redis server has used so far.
+fn redis_cpu_seconds(con: &mut redis::Connection) -> f64 {
+    let info: String = redis::cmd("INFO").arg("cpu").query(con).expect("INFO cpu");
+    info.lines()
+        .filter(|l| l.starts_with("used_cpu_user:") || l.starts_with("used_cpu_sys:"))
+        .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
+        .sum()
+}
+
 /// Bytes per record and import rate. Run with
 /// `RN_BENCH_RECORDS=1000000 cargo test --release --test redis_store -- --ignored --nocapture bench`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -650,6 +760,8 @@ async fn bench_snapshot_memory_and_rate() {
     pairs.dedup_by_key(|p| p.0);
     let recs = records(pairs);
     let before = store.used_memory().await.expect("used_memory");
+    let mut con = redis_conn(&server);
+    let cpu_before = redis_cpu_seconds(&mut con);
     let started = Instant::now();
     store
         .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_500), &recs, None)
@@ -657,13 +769,44 @@ async fn bench_snapshot_memory_and_rate() {
         .expect("snapshot");
     let took = started.elapsed();
     let after = store.used_memory().await.expect("used_memory");
+    let cpu = redis_cpu_seconds(&mut con) - cpu_before;
     println!(
-        "records={} import={:.2?} rate={:.0}/s used_memory_delta={} bytes_per_record={:.2}",
+        "records={} import={:.2?} (redis cpu {:.2}s; includes the final reclaim wait of 0 s: first snapshot) rate={:.0}/s used_memory_delta={} bytes_per_record={:.2}",
         recs.len(),
         took,
+        cpu,
         recs.len() as f64 / took.as_secs_f64(),
         after - before,
         (after - before) as f64 / recs.len() as f64
+    );
+    // A delta of 1% of the mirror: half new numbers, half later dates.
+    let delta_len = (recs.len() / 100).max(2);
+    let mut delta_pairs: Vec<(u64, u16)> = (0..delta_len)
+        .map(|i| {
+            if i % 2 == 0 {
+                (recs.numbers[(i * 7919) % recs.len()], 20_600)
+            } else {
+                (
+                    10_000_000_000u64 + rng.random_range(2_002_000_000u64..9_999_999_999),
+                    20_600,
+                )
+            }
+        })
+        .collect();
+    delta_pairs.sort_unstable();
+    delta_pairs.dedup_by_key(|p| p.0);
+    let delta = records(delta_pairs);
+    let started = Instant::now();
+    store
+        .apply_delta(&manifest(Kind::Delta, 2, 20_600), &delta)
+        .await
+        .expect("delta");
+    let took = started.elapsed();
+    println!(
+        "delta_records={} took={:.2?} rate={:.0}/s",
+        delta.len(),
+        took,
+        delta.len() as f64 / took.as_secs_f64()
     );
     // Lookup throughput with a realistic mix (about 4% hits), 64 at a time.
     let asked: Vec<PhoneNumber> = (0..200_000usize)

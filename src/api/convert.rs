@@ -26,9 +26,14 @@ impl ApiError {
         match self {
             ApiError::InvalidArgument(violations) => (Code::InvalidArgument, describe(violations)),
             ApiError::Store(e) => match e {
-                StoreError::Timeout(_) => (Code::Unavailable, "the mirror did not answer in time; retry".into()),
+                StoreError::Timeout(_) => (
+                    Code::Unavailable,
+                    "the mirror did not answer in time; retry".into(),
+                ),
                 StoreError::Unavailable(_) => (Code::Unavailable, "the mirror is unavailable; retry".into()),
-                StoreError::Conflict(_) => (Code::Aborted, "the mirror changed during the call; retry".into()),
+                StoreError::Conflict(_) => {
+                    (Code::Aborted, "the mirror changed during the call; retry".into())
+                }
                 StoreError::Corrupt(_) => (Code::Internal, "the mirror data is unreadable".into()),
             },
         }
@@ -117,7 +122,11 @@ impl From<domain::Status> for (pb::ReassignmentStatus, pb::NoDataReason) {
 }
 
 /// Builds the answer message for one check.
-pub fn answer_message(phone_number: String, status: domain::Status, meta: Option<&MirrorMeta>) -> pb::CheckNumberResponse {
+pub fn answer_message(
+    phone_number: String,
+    status: domain::Status,
+    meta: Option<&MirrorMeta>,
+) -> pb::CheckNumberResponse {
     let (status, reason) = status.into();
     pb::CheckNumberResponse {
         phone_number,
@@ -128,7 +137,11 @@ pub fn answer_message(phone_number: String, status: domain::Status, meta: Option
 }
 
 /// The mirror status message.
-pub fn status_message(meta: Option<&MirrorMeta>, today: domain::Date, max_staleness_days: u32) -> pb::GetMirrorStatusResponse {
+pub fn status_message(
+    meta: Option<&MirrorMeta>,
+    today: domain::Date,
+    max_staleness_days: u32,
+) -> pb::GetMirrorStatusResponse {
     let Some(meta) = meta else {
         return pb::GetMirrorStatusResponse {
             max_staleness_days,

@@ -51,7 +51,10 @@ impl<S: Store> ReassignedService<S> {
 
     /// Answers many checks with one store round trip; invalid items get their
     /// own error. Fails only if the store cannot answer.
-    async fn check_many(&self, checks: Vec<pb::CheckNumberRequest>) -> Result<Vec<pb::BatchCheckResult>, StoreError> {
+    async fn check_many(
+        &self,
+        checks: Vec<pb::CheckNumberRequest>,
+    ) -> Result<Vec<pb::BatchCheckResult>, StoreError> {
         let today = Date::today_utc();
         let parsed: Vec<Result<Check, Vec<FieldViolation>>> = checks
             .iter()
@@ -69,16 +72,28 @@ impl<S: Store> ReassignedService<S> {
                     Ok(check) => {
                         let disconnect = found.next().flatten();
                         let status = self.answer(check, disconnect, meta, today);
-                        pb::batch_check_result::Result::Answer(answer_message(request.phone_number, status, meta))
+                        pb::batch_check_result::Result::Answer(answer_message(
+                            request.phone_number,
+                            status,
+                            meta,
+                        ))
                     }
-                    Err(violations) => pb::batch_check_result::Result::Error(ApiError::InvalidArgument(violations).into()),
+                    Err(violations) => {
+                        pb::batch_check_result::Result::Error(ApiError::InvalidArgument(violations).into())
+                    }
                 };
                 pb::BatchCheckResult { result: Some(result) }
             })
             .collect())
     }
 
-    fn answer(&self, check: Check, disconnect: Option<Date>, meta: Option<&domain::MirrorMeta>, today: Date) -> domain::Status {
+    fn answer(
+        &self,
+        check: Check,
+        disconnect: Option<Date>,
+        meta: Option<&domain::MirrorMeta>,
+        today: Date,
+    ) -> domain::Status {
         domain::answer(check, disconnect, meta, today, self.options.max_staleness_days)
     }
 }
@@ -95,7 +110,11 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         let lookup = self.store.lookup(check.number).await.map_err(ApiError::from)?;
         let status = self.answer(check, lookup.found, lookup.meta.as_deref(), today);
         tracing::debug!(?status, "checked");
-        Ok(Response::new(answer_message(phone_number, status, lookup.meta.as_deref())))
+        Ok(Response::new(answer_message(
+            phone_number,
+            status,
+            lookup.meta.as_deref(),
+        )))
     }
 
     async fn batch_check_numbers(

@@ -188,7 +188,10 @@ impl BenchOptions {
             "--timeout must be more than 0 and at most 60s"
         );
         if let Some(rate) = self.rate {
-            ensure!(rate.is_finite() && rate > 0.0, "--rate must be a positive number of calls per second");
+            ensure!(
+                rate.is_finite() && rate > 0.0,
+                "--rate must be a positive number of calls per second"
+            );
         }
         ensure!(
             (1..=MAX_BATCH_SIZE).contains(&self.batch_size),
@@ -373,7 +376,11 @@ fn ms(us: u64) -> f64 {
 }
 
 fn share(part: u64, total: u64) -> f64 {
-    if total == 0 { 0.0 } else { 100.0 * part as f64 / total as f64 }
+    if total == 0 {
+        0.0
+    } else {
+        100.0 * part as f64 / total as f64
+    }
 }
 
 impl fmt::Display for BenchReport {
@@ -480,7 +487,9 @@ fn load_source(path: &Path) -> anyhow::Result<Source> {
     if path.is_dir() {
         let mut manifests = Vec::new();
         for entry in std::fs::read_dir(path).with_context(|| format!("cannot read {}", path.display()))? {
-            let file = entry.with_context(|| format!("cannot read {}", path.display()))?.path();
+            let file = entry
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .path();
             if file.extension().is_some_and(|e| e == "json") && file.is_file() {
                 manifests.push(Manifest::load(&file)?);
             }
@@ -537,7 +546,11 @@ fn load_register(mut manifests: Vec<Manifest>, path: &Path) -> anyhow::Result<So
     }
     numbers.sort_unstable();
     numbers.dedup();
-    ensure!(!numbers.is_empty(), "{}: the data set holds no numbers", path.display());
+    ensure!(
+        !numbers.is_empty(),
+        "{}: the data set holds no numbers",
+        path.display()
+    );
     let description = format!(
         "register {} ({} file(s), {} numbers)",
         path.display(),
@@ -645,7 +658,13 @@ fn miss_number(rng: &mut StdRng, set: &[u64], prefixes: &[(Prefix, usize)]) -> O
 
 /// `len` queries from `source`; with a register, exactly
 /// `round(len * hit_ratio)` of them are members, in random order.
-fn build_queries(source: &Source, len: usize, hit_ratio: f64, since: &str, seed: u64) -> anyhow::Result<Vec<pb::CheckNumberRequest>> {
+fn build_queries(
+    source: &Source,
+    len: usize,
+    hit_ratio: f64,
+    since: &str,
+    seed: u64,
+) -> anyhow::Result<Vec<pb::CheckNumberRequest>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let request = |value: u64| pb::CheckNumberRequest {
         phone_number: format!("+{value}"),
@@ -654,7 +673,9 @@ fn build_queries(source: &Source, len: usize, hit_ratio: f64, since: &str, seed:
     match source {
         Source::Random => Ok((0..len).map(|_| request(random_us_number(&mut rng))).collect()),
         Source::Listed { rows, .. } => Ok(rows.iter().cycle().take(len.max(rows.len())).cloned().collect()),
-        Source::Register { numbers, prefixes, .. } => {
+        Source::Register {
+            numbers, prefixes, ..
+        } => {
             let hits = ((len as f64) * hit_ratio).round() as usize;
             let mut out = Vec::with_capacity(len);
             for _ in 0..hits.min(len) {
@@ -828,7 +849,9 @@ impl Failure {
         match self {
             Failure::Status(status) => format!("{}: {}", code_name(status.code()), status.message()),
             Failure::Timeout => format!("{CLIENT_TIMEOUT}: no answer within --timeout"),
-            Failure::ShortStream => format!("{SHORT_STREAM}: the stream ended before every request was answered"),
+            Failure::ShortStream => {
+                format!("{SHORT_STREAM}: the stream ended before every request was answered")
+            }
         }
     }
 }
@@ -878,7 +901,9 @@ async fn call(
             tally.statuses.count(response.get_ref().status);
         }
         Method::Batch => {
-            let response = client.batch_check_numbers(workload.batches[index].clone()).await?;
+            let response = client
+                .batch_check_numbers(workload.batches[index].clone())
+                .await?;
             for result in &response.get_ref().results {
                 tally.result(result);
             }
@@ -942,13 +967,15 @@ async fn worker(
         };
         let measured = intended >= shared.measure_start;
         let tally = if measured { &mut stats.tally } else { &mut warmup };
-        let outcome =
-            match tokio::time::timeout(shared.call_timeout, call(&mut client, &workload, shared.method, index, tally))
-                .await
-            {
-                Ok(outcome) => outcome,
-                Err(_elapsed) => Err(Failure::Timeout),
-            };
+        let outcome = match tokio::time::timeout(
+            shared.call_timeout,
+            call(&mut client, &workload, shared.method, index, tally),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(_elapsed) => Err(Failure::Timeout),
+        };
         let done = Instant::now();
         index = (index + 1) % len;
         shared.done.fetch_add(1, Ordering::Relaxed);
@@ -985,7 +1012,11 @@ async fn progress(shared: Arc<Shared>) {
         let done = shared.done.load(Ordering::Relaxed);
         let failed = shared.failed.load(Ordering::Relaxed);
         let secs = now.duration_since(last_at).as_secs_f64();
-        let rate = if secs > 0.0 { (done - last_done) as f64 / secs } else { 0.0 };
+        let rate = if secs > 0.0 {
+            (done - last_done) as f64 / secs
+        } else {
+            0.0
+        };
         let phase = if now < shared.measure_start {
             "warmup"
         } else if now < shared.end {
@@ -1008,7 +1039,10 @@ async fn connect(opts: &BenchOptions) -> anyhow::Result<Vec<Channel>> {
     };
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read("CA", &opts.ca)?))
-        .identity(Identity::from_pem(read("certificate", &opts.cert)?, read("key", &opts.key)?))
+        .identity(Identity::from_pem(
+            read("certificate", &opts.cert)?,
+            read("key", &opts.key)?,
+        ))
         .domain_name(opts.server_name.clone());
     let endpoint = Endpoint::from_shared(format!("https://{}", opts.target))
         .with_context(|| format!("--target {:?} is not HOST:PORT", opts.target))?
@@ -1081,7 +1115,12 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     for id in 0..opts.concurrency {
         let client = clients[id % clients.len()].clone();
         let start_index = id * len / opts.concurrency;
-        workers.spawn(worker(client, Arc::clone(&workload), Arc::clone(&shared), start_index));
+        workers.spawn(worker(
+            client,
+            Arc::clone(&workload),
+            Arc::clone(&shared),
+            start_index,
+        ));
     }
     let mut total = Stats::new()?;
     let mut failure = None;
@@ -1097,10 +1136,19 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     }
 
     let end = shared.end;
-    let elapsed = total.last_done.map_or(end, |last| last.max(end)).duration_since(measure_start);
+    let elapsed = total
+        .last_done
+        .map_or(end, |last| last.max(end))
+        .duration_since(measure_start);
     let elapsed_secs = elapsed.as_secs_f64();
     let failed: u64 = total.errors.values().sum();
-    let per_sec = |n: u64| if elapsed_secs > 0.0 { n as f64 / elapsed_secs } else { 0.0 };
+    let per_sec = |n: u64| {
+        if elapsed_secs > 0.0 {
+            n as f64 / elapsed_secs
+        } else {
+            0.0
+        }
+    };
     Ok(BenchReport {
         method: opts.method,
         target: opts.target.clone(),
@@ -1241,7 +1289,9 @@ where
 {
     let config = tls::server_config(&tls_files)?;
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<ReassignedNumbersServer<BareService>>().await;
+    reporter
+        .set_serving::<ReassignedNumbersServer<BareService>>()
+        .await;
     let incoming = tls::incoming(listener, config, tls::AcceptOptions::default());
     Server::builder()
         .timeout(BARE_REQUEST_TIMEOUT)
@@ -1323,7 +1373,11 @@ mod tests {
     fn misses_are_never_in_the_set_and_keep_the_prefix() {
         // A dense neighbourhood: every other number of +1415555xxxx is taken,
         // and the whole 0000-0999 block.
-        let set = set_of((14_155_550_000..14_155_560_000).step_by(2).chain(14_155_550_000..14_155_551_000));
+        let set = set_of(
+            (14_155_550_000..14_155_560_000)
+                .step_by(2)
+                .chain(14_155_550_000..14_155_551_000),
+        );
         let prefixes = vec![(Prefix::parse("+1").unwrap(), 1)];
         let mut rng = StdRng::seed_from_u64(7);
         for _ in 0..20_000 {
@@ -1382,14 +1436,23 @@ mod tests {
             })
             .count();
         assert_eq!(hits, 400);
-        assert!(queries.iter().all(|q| q.since == "2022-01-01" && q.phone_number.starts_with("+86")));
+        assert!(
+            queries
+                .iter()
+                .all(|q| q.since == "2022-01-01" && q.phone_number.starts_with("+86"))
+        );
         // Same seed, same queries.
-        assert_eq!(build_queries(&source, 10_000, 0.04, "2022-01-01", 9).unwrap(), queries);
+        assert_eq!(
+            build_queries(&source, 10_000, 0.04, "2022-01-01", 9).unwrap(),
+            queries
+        );
     }
 
     #[test]
     fn reads_queries_csv() {
-        let rows = parse_queries("phone_number,since\r\n+14155550123,2024-01-01\r\n+8613800000000,2023-05-06\n").unwrap();
+        let rows =
+            parse_queries("phone_number,since\r\n+14155550123,2024-01-01\r\n+8613800000000,2023-05-06\n")
+                .unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[1].since, "2023-05-06");
         assert!(parse_queries("phone_number,since,expected\n+14155550123,2024-01-01,yes\n").is_ok());

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use super::generate::GenerateOptions;
 use crate::config::{ServeConfig, ServeSettings, StoreConfig};
 use crate::import::{self, Applied};
 use crate::store::{AnyStore, EmbeddedStore, RedisStore, redis::RedisOptions};
@@ -31,7 +32,11 @@ pub fn init_tracing(format: &str) -> anyhow::Result<()> {
 
 /// `reassigned serve`: merge the configuration layers, validate, open the
 /// store, bind, and serve until SIGTERM or SIGINT.
-pub async fn serve(config_file: Option<PathBuf>, dump_config: bool, flags: ServeSettings) -> anyhow::Result<()> {
+pub async fn serve(
+    config_file: Option<PathBuf>,
+    dump_config: bool,
+    flags: ServeSettings,
+) -> anyhow::Result<()> {
     let file = match &config_file {
         Some(path) => ServeSettings::from_file(path)?,
         None => ServeSettings::default(),
@@ -77,7 +82,12 @@ pub async fn open_store(config: &StoreConfig) -> anyhow::Result<AnyStore> {
                     .await
                     .with_context(|| format!("cannot load {}", data_dir.display()))?,
             );
-            store.spawn_resync(data_dir.clone(), Duration::from_secs(*resync_interval_secs));
+            // Runs for the life of the process; the server's shutdown ends it.
+            store.spawn_resync(
+                data_dir.clone(),
+                Duration::from_secs(*resync_interval_secs),
+                std::future::pending(),
+            );
             Ok(AnyStore::Embedded(store))
         }
     }
@@ -146,15 +156,8 @@ pub fn certs_dev(out: &Path, force: bool) -> anyhow::Result<()> {
 }
 
 /// `reassigned generate`.
-pub fn generate_cmd(records: u64, out: &Path, deltas: u32, seed: Option<u64>, gzip: bool) -> anyhow::Result<()> {
-    let report = super::generate::generate(&super::generate::GenerateOptions {
-        records,
-        out: out.to_owned(),
-        deltas,
-        seed,
-        as_of: None,
-        gzip,
-    })?;
+pub fn generate_cmd(options: &GenerateOptions) -> anyhow::Result<()> {
+    let report = super::generate::generate(options)?;
     eprintln!("{report}");
     Ok(())
 }
@@ -169,7 +172,12 @@ pub async fn demo(dir: &Path, listen: SocketAddr, records: u64) -> anyhow::Resul
         eprintln!("made dev certificates in {}", certs.display());
     }
     if !data.exists() {
-        generate_cmd(records, &data, 3, Some(1), false)?;
+        generate_cmd(&GenerateOptions {
+            records,
+            out: data.clone(),
+            seed: Some(1),
+            ..GenerateOptions::default()
+        })?;
     }
     let settings = ServeSettings {
         listen: Some(listen),
@@ -189,23 +197,50 @@ pub async fn demo(dir: &Path, listen: SocketAddr, records: u64) -> anyhow::Resul
 }
 
 fn print_demo_commands(certs: &Path, listen: SocketAddr, data: &Path) -> anyhow::Result<()> {
-    let (hit, hit_since) = super::generate::sample_hit(data)?;
+    let (hit, hit_since) = sample_hit(data)?;
     let tls = format!(
         "-cacert {c}/ca.pem -cert {c}/platform-a.pem -key {c}/platform-a.key",
         c = certs.display()
     );
     let target = format!("localhost:{}", listen.port());
     let svc = "reassigned.v1.ReassignedNumbers";
-    println!("reassigned demo is serving on {listen} (embedded store, data in {}).", data.display());
+    println!(
+        "reassigned demo is serving on {listen} (embedded store, data in {}).",
+        data.display()
+    );
     println!("Try it with grpcurl (mutual TLS as platform-a):\n");
     println!("  grpcurl {tls} {target} list");
     println!("  grpcurl {tls} {target} {svc}/GetMirrorStatus");
-    println!("  grpcurl {tls} -d '{{\"phone_number\":\"{hit}\",\"since\":\"{hit_since}\"}}' {target} {svc}/CheckNumber");
-    println!("  grpcurl {tls} -d '{{\"phone_number\":\"+14155550123\",\"since\":\"2024-01-01\"}}' {target} {svc}/CheckNumber");
+    println!(
+        "  grpcurl {tls} -d '{{\"phone_number\":\"{hit}\",\"since\":\"{hit_since}\"}}' {target} {svc}/CheckNumber"
+    );
+    println!(
+        "  grpcurl {tls} -d '{{\"phone_number\":\"+14155550123\",\"since\":\"2024-01-01\"}}' {target} {svc}/CheckNumber"
+    );
     println!(
         "  grpcurl {tls} -d '{{\"checks\":[{{\"phone_number\":\"{hit}\",\"since\":\"{hit_since}\"}},{{\"phone_number\":\"+44 20\",\"since\":\"2024-01-01\"}}]}}' {target} {svc}/BatchCheckNumbers"
     );
     println!("  grpcurl {tls} {target} grpc.health.v1.Health/Check\n");
     println!("Stop with Ctrl-C.");
     Ok(())
+}
+
+/// A number of the demo register and its disconnect date, for an example
+/// that answers REASSIGNED.
+fn sample_hit(dir: &Path) -> anyhow::Result<(String, String)> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let manifest = import::Manifest::load(&path)?;
+        if manifest.kind != import::Kind::Snapshot {
+            continue;
+        }
+        let records = import::read_records(&manifest, &mut import::NoProgress)?;
+        if let Some((number, date)) = records.iter().next() {
+            return Ok((number.to_string(), date.to_string()));
+        }
+    }
+    anyhow::bail!("no snapshot with records in {}", dir.display())
 }

@@ -1,4 +1,8 @@
 //! Operator commands: certificates and other tooling behind `reassigned <command>`.
 pub mod certs;
+mod commands;
 pub mod generate;
-// LEAD: commands wired in once import/embedded/generate land
+
+pub use commands::{
+    certs_dev, demo, generate_cmd, import, init_tracing, open_store, serve, shutdown_signal, sync,
+};

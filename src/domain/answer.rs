@@ -196,22 +196,43 @@ mod tests {
     #[test]
     fn disconnect_on_or_after_since_is_reassigned() {
         let m = meta();
-        assert_eq!(ask(US, "2024-05-01", Some("2024-05-01"), Some(&m), 45), Status::Reassigned);
-        assert_eq!(ask(US, "2024-04-30", Some("2024-05-01"), Some(&m), 45), Status::Reassigned);
-        assert_eq!(ask(US, "2024-05-02", Some("2024-05-01"), Some(&m), 45), Status::NotReassigned);
+        assert_eq!(
+            ask(US, "2024-05-01", Some("2024-05-01"), Some(&m), 45),
+            Status::Reassigned
+        );
+        assert_eq!(
+            ask(US, "2024-04-30", Some("2024-05-01"), Some(&m), 45),
+            Status::Reassigned
+        );
+        assert_eq!(
+            ask(US, "2024-05-02", Some("2024-05-01"), Some(&m), 45),
+            Status::NotReassigned
+        );
     }
 
     #[test]
     fn a_known_disconnect_wins_over_every_no_data_reason() {
         let m = meta();
         // not covered
-        assert_eq!(ask("+4420794600", "2024-01-01", Some("2024-05-01"), Some(&m), 45), Status::Reassigned);
+        assert_eq!(
+            ask("+4420794600", "2024-01-01", Some("2024-05-01"), Some(&m), 45),
+            Status::Reassigned
+        );
         // before coverage
-        assert_eq!(ask(US, "2019-01-01", Some("2024-05-01"), Some(&m), 45), Status::Reassigned);
+        assert_eq!(
+            ask(US, "2019-01-01", Some("2024-05-01"), Some(&m), 45),
+            Status::Reassigned
+        );
         // stale
-        assert_eq!(ask(US, "2024-01-01", Some("2024-05-01"), Some(&m), 0), Status::Reassigned);
+        assert_eq!(
+            ask(US, "2024-01-01", Some("2024-05-01"), Some(&m), 0),
+            Status::Reassigned
+        );
         // empty mirror (a store answering without metadata)
-        assert_eq!(ask(US, "2024-01-01", Some("2024-05-01"), None, 45), Status::Reassigned);
+        assert_eq!(
+            ask(US, "2024-01-01", Some("2024-05-01"), None, 45),
+            Status::Reassigned
+        );
     }
 
     #[test]
@@ -258,15 +279,24 @@ mod tests {
 
     #[test]
     fn empty_mirror_is_no_data() {
-        assert_eq!(ask(US, "2024-01-01", None, None, 45), Status::NoData(NoDataReason::MirrorEmpty));
+        assert_eq!(
+            ask(US, "2024-01-01", None, None, 45),
+            Status::NoData(NoDataReason::MirrorEmpty)
+        );
     }
 
     #[test]
     fn otherwise_not_reassigned() {
         let m = meta();
         assert_eq!(ask(US, "2024-01-01", None, Some(&m), 45), Status::NotReassigned);
-        assert_eq!(ask("+8613800138000", "2024-01-01", None, Some(&m), 45), Status::NotReassigned);
-        assert_eq!(ask(US, TODAY, Some("2026-10-01"), Some(&m), 45), Status::NotReassigned);
+        assert_eq!(
+            ask("+8613800138000", "2024-01-01", None, Some(&m), 45),
+            Status::NotReassigned
+        );
+        assert_eq!(
+            ask(US, TODAY, Some("2026-10-01"), Some(&m), 45),
+            Status::NotReassigned
+        );
     }
 
     #[test]
@@ -274,7 +304,10 @@ mod tests {
         let today = d(TODAY);
         assert_eq!(Check::parse(US, TODAY, today), Ok(check(US, TODAY)));
         let v = Check::parse("4155550123", "2025-02-30", today).expect_err("bad");
-        assert_eq!(v.iter().map(|v| v.field).collect::<Vec<_>>(), ["phone_number", "since"]);
+        assert_eq!(
+            v.iter().map(|v| v.field).collect::<Vec<_>>(),
+            ["phone_number", "since"]
+        );
         let v = Check::parse(US, "2026-11-30", today).expect_err("future");
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].field, "since");

@@ -169,11 +169,14 @@ mod tests {
     fn round_trips() {
         assert_eq!(Date::parse("1970-01-01"), Ok(Date::EPOCH));
         assert_eq!(Date::parse("2021-01-27").map(|d| d.days()), Ok(18654));
-        for days in [-800_000, -1, 0, 1, 18_654, 20_000, 60_000, 2_900_000] {
+        for days in [-700_000, -1, 0, 1, 18_654, 20_000, 60_000, 2_900_000] {
             let d = Date::from_days(days);
             assert_eq!(Date::parse(&d.to_string()), Ok(d), "{d}");
         }
-        assert_eq!(Date::parse("2024-02-29").map(|d| d.to_string()), Ok("2024-02-29".into()));
+        assert_eq!(
+            Date::parse("2024-02-29").map(|d| d.to_string()),
+            Ok("2024-02-29".into())
+        );
     }
 
     #[test]

@@ -54,9 +54,7 @@ impl PhoneNumber {
         if digits[0] == b'0' {
             return Err(NumberError::LeadingZero);
         }
-        let value = digits
-            .iter()
-            .fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
+        let value = digits.iter().fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
         Ok(Self(value))
     }
 
@@ -142,9 +140,7 @@ impl Prefix {
         if digits[0] == b'0' {
             return Err(NumberError::LeadingZero);
         }
-        let value = digits
-            .iter()
-            .fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
+        let value = digits.iter().fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
         Ok(Self {
             value,
             digits: digits.len(),
@@ -205,6 +201,9 @@ mod tests {
         assert!(Prefix::parse("+0").is_err());
         assert!(Prefix::parse("1").is_err());
         assert_eq!(PhoneNumber::from_value(1234), None);
-        assert_eq!(PhoneNumber::from_value(12345).map(|n| n.to_string()), Some("+12345".into()));
+        assert_eq!(
+            PhoneNumber::from_value(12345).map(|n| n.to_string()),
+            Some("+12345".into())
+        );
     }
 }

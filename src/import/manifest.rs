@@ -207,12 +207,22 @@ fn check_data_name(data: &str) -> Result<(), String> {
 
 /// Validated records of one data file: sorted by number, one entry per number
 /// (the latest date wins), as parallel arrays (10 bytes per record).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// `Debug` shows only the count, so records never reach a log by accident.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Records {
     /// [`PhoneNumber::value`] of each number, strictly increasing.
     pub numbers: Vec<u64>,
     /// The disconnect date of `numbers[i]`, as days since 1970-01-01.
     pub days: Vec<u16>,
+}
+
+impl std::fmt::Debug for Records {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Records")
+            .field("len", &self.numbers.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Records {
@@ -355,6 +365,11 @@ mod tests {
         assert_eq!(m.data_path(), dir.path().join("sub/d.csv.gz"));
         assert!(m.prefixes().expect("none").is_empty());
         assert!(m.snapshot_meta(0, 0).is_err());
+        let r = Records {
+            numbers: vec![14_155_550_123],
+            days: vec![1],
+        };
+        assert_eq!(format!("{r:?}"), "Records { len: 1, .. }");
         let missing = Manifest::load_as_of_today(&dir.path().join("nope.json"), today()).expect_err("io");
         assert!(matches!(missing, ImportError::Io { .. }));
     }

@@ -23,7 +23,12 @@ const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Serves the API on `listener` (already bound) until `shutdown` resolves,
 /// then flips health to NOT_SERVING and lets in-flight calls finish.
-pub async fn run<F>(listener: TcpListener, config: ServeConfig, store: AnyStore, shutdown: F) -> anyhow::Result<()>
+pub async fn run<F>(
+    listener: TcpListener,
+    config: ServeConfig,
+    store: AnyStore,
+    shutdown: F,
+) -> anyhow::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
@@ -86,11 +91,19 @@ where
 
 async fn set_serving(reporter: &HealthReporter, serving: bool) {
     if serving {
-        reporter.set_serving::<ReassignedNumbersServer<ReassignedService<AnyStore>>>().await;
-        reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        reporter
+            .set_serving::<ReassignedNumbersServer<ReassignedService<AnyStore>>>()
+            .await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
     } else {
-        reporter.set_not_serving::<ReassignedNumbersServer<ReassignedService<AnyStore>>>().await;
-        reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        reporter
+            .set_not_serving::<ReassignedNumbersServer<ReassignedService<AnyStore>>>()
+            .await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
     }
 }
 

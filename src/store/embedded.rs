@@ -2,11 +2,11 @@
 //!
 //! Numbers are kept as a sorted `Vec<u64>` and dates as a parallel `Vec<u16>`
 //! (days since 1970-01-01): 10 bytes per record, plus a sparse index holding
-//! every [`BLOCK`]th number (1/8 byte per record) that narrows a lookup to one
+//! every [`BLOCK`]th number (1/4 byte per record) that narrows a lookup to one
 //! block of a few cache lines.
 //!
 //! The numbers, their dates and the metadata describing them form one
-//! immutable [`State`] generation behind an [`ArcSwapOption`]: a lookup loads
+//! immutable `State` generation behind an [`ArcSwapOption`]: a lookup loads
 //! the current generation without a lock and answers from it alone, so it
 //! sees the old data or the new, never a mix. Writers (imports) build a new
 //! generation aside and swap it in; they are serialised by a mutex that
@@ -23,7 +23,7 @@ use crate::domain::{Date, MirrorMeta, PhoneNumber};
 use crate::import::{ImportError, Manifest, Progress, Records, spawn_resync, sync_dir};
 
 /// Records per block of the sparse index.
-pub const BLOCK: usize = 64;
+pub const BLOCK: usize = 32;
 
 /// One immutable generation of the mirror.
 struct State {

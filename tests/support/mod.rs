@@ -2,3 +2,6 @@
 //! `mod support;`.
 
 pub mod redis;
+
+pub mod register;
+pub mod server;

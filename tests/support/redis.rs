@@ -21,17 +21,25 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     child: Option<Child>,
     paused: bool,
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers PING.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Like [`RedisServer::start`], with more `redis-server` arguments
+    /// (e.g. `["--maxmemory", "10mb"]`); they are kept for `restart()`.
+    pub fn start_with(extra_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for redis");
         let mut server = Self {
             port: 0,
             dir,
             child: None,
             paused: false,
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
         };
         // The port is free when asked, but another process may take it
         // before redis binds it: try a few.
@@ -146,6 +154,7 @@ impl RedisServer {
             .arg("--logfile")
             .arg(dir.join("redis.log"))
             .args(["--daemonize", "no"])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

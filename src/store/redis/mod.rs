@@ -79,6 +79,7 @@
 //! Every script touches one key only, so the layout is ready for Redis
 //! Cluster.
 
+mod dump;
 mod meta;
 mod write;
 
@@ -252,7 +253,7 @@ impl RedisStore {
         tokio::spawn(refresh_loop(
             Arc::downgrade(&inner),
             stop_rx,
-            inner.opts.meta_refresh,
+            inner.opts.meta_refresh.max(Duration::from_millis(10)),
         ));
         Ok(Self { inner })
     }

@@ -9,8 +9,8 @@ use ::redis::aio::ConnectionManager;
 use ::redis::{Script, ScriptInvocation, Value};
 use futures_util::{StreamExt, TryStreamExt, stream};
 
-use super::Inner;
 use super::meta::{self, Generation, StoredMeta, field};
+use super::{Inner, dump};
 use crate::domain::{MirrorMeta, Prefix};
 use crate::import::{Manifest, Records};
 use crate::store::StoreError;
@@ -500,6 +500,109 @@ fn pipeline_ranges(runs: &[(u64, u32, u32)]) -> Vec<std::ops::Range<usize>> {
     ranges
 }
 
+/// How a new generation's buckets are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WriteMode {
+    /// RESTORE of ready-made listpack payloads (fast; Redis 7.0 and later).
+    Restore,
+    /// HSET of the fields (any Redis; Redis' CPU limits it to well under a
+    /// million records per second).
+    Hset,
+}
+
+/// Adds the command writing one bucket to `pipe`.
+fn push_bucket(
+    pipe: &mut ::redis::Pipeline,
+    payload: &mut Vec<u8>,
+    mode: WriteMode,
+    key: String,
+    generation: Generation,
+    records: &Records,
+    indexes: &[u32],
+) {
+    let fields = indexes.iter().map(|&i| {
+        let i = i as usize;
+        (records.numbers[i] / generation.nbuckets, records.days[i])
+    });
+    match mode {
+        WriteMode::Restore => {
+            payload.clear();
+            dump::hash_payload(
+                fields.map(|(f, d)| (i64::try_from(f).unwrap_or(i64::MAX), i64::from(d))),
+                payload,
+            );
+            pipe.cmd("RESTORE")
+                .arg(key)
+                .arg(0)
+                .arg(payload.as_slice())
+                .arg("REPLACE")
+                .ignore();
+        }
+        WriteMode::Hset => {
+            pipe.cmd("HSET").arg(key);
+            for (field, day) in fields {
+                pipe.arg(field).arg(day);
+            }
+            pipe.ignore();
+        }
+    }
+}
+
+/// Writes the first bucket with RESTORE to learn whether this Redis accepts
+/// listpack payloads; HSET otherwise.
+async fn choose_write_mode(
+    inner: &Inner,
+    bulk: &mut ConnectionManager,
+    generation: Generation,
+    records: &Records,
+    grouped: &Grouped,
+) -> Result<WriteMode, StoreError> {
+    let Some(&(bucket, from, to)) = grouped.runs.first() else {
+        return Ok(WriteMode::Restore);
+    };
+    let mut pipe = ::redis::pipe();
+    push_bucket(
+        &mut pipe,
+        &mut Vec::new(),
+        WriteMode::Restore,
+        inner.keys.bucket(generation.id, bucket),
+        generation,
+        records,
+        &grouped.order[from as usize..to as usize],
+    );
+    let Some(restore) = pipe.cmd_iter().next() else {
+        return Ok(WriteMode::Hset);
+    };
+    let limit = inner.opts.bulk_timeout;
+    // A renamed or disabled RESTORE would echo the binary payload in its
+    // error: ask first.
+    let mut info = ::redis::cmd("COMMAND");
+    info.arg("INFO").arg("RESTORE");
+    if let Ok(Ok(Value::Array(entries))) = tokio::time::timeout(limit, info.query_async::<Value>(bulk)).await
+        && entries.iter().all(|e| matches!(e, Value::Nil))
+    {
+        tracing::warn!("redis has no RESTORE command: writing with HSET, several times slower");
+        return Ok(WriteMode::Hset);
+    }
+    match tokio::time::timeout(limit, restore.query_async::<Value>(bulk)).await {
+        Err(_) => Err(StoreError::Timeout(limit)),
+        Ok(Ok(_)) => Ok(WriteMode::Restore),
+        Ok(Err(e))
+            if matches!(
+                e.kind(),
+                ::redis::ErrorKind::Server(_) | ::redis::ErrorKind::Extension | ::redis::ErrorKind::Parse
+            ) =>
+        {
+            tracing::warn!(
+                error = %inner.unavailable(&e),
+                "redis refused a listpack RESTORE payload (older than 7.0, or RESTORE disabled): writing with HSET, several times slower"
+            );
+            Ok(WriteMode::Hset)
+        }
+        Ok(Err(e)) => Err(inner.unavailable(&e)),
+    }
+}
+
 /// Writes every record into a new generation's buckets.
 async fn write_generation(
     inner: &Inner,
@@ -508,19 +611,23 @@ async fn write_generation(
     records: &Records,
 ) -> Result<(), StoreError> {
     let grouped = group_by_bucket(&records.numbers, generation.nbuckets);
+    let mode = choose_write_mode(inner, bulk, generation, records, &grouped).await?;
     let grouped = &grouped;
     let bulk = &*bulk;
     stream::iter(pipeline_ranges(&grouped.runs))
         .map(|range| async move {
             let mut pipe = ::redis::pipe();
+            let mut payload = Vec::new();
             for &(bucket, from, to) in &grouped.runs[range] {
-                pipe.cmd("HSET").arg(inner.keys.bucket(generation.id, bucket));
-                for &i in &grouped.order[from as usize..to as usize] {
-                    let i = i as usize;
-                    pipe.arg(records.numbers[i] / generation.nbuckets)
-                        .arg(records.days[i]);
-                }
-                pipe.ignore();
+                push_bucket(
+                    &mut pipe,
+                    &mut payload,
+                    mode,
+                    inner.keys.bucket(generation.id, bucket),
+                    generation,
+                    records,
+                    &grouped.order[from as usize..to as usize],
+                );
             }
             inner
                 .pipeline_on::<()>(&mut bulk.clone(), &pipe, inner.opts.bulk_timeout)

@@ -1,0 +1,288 @@
+#!/usr/bin/env bash
+# Reproducible benchmark of `reassigned` on this machine.
+#
+# From the repository root:  deploy/bench/run.sh
+#
+# Builds the release binary, makes dev certificates and a synthetic register,
+# starts its own redis-server (a free port, never 6379; no persistence),
+# imports the register, and starts three servers on 127.0.0.1:
+#   bare      `reassigned bench-bare`: same TLS acceptor and auth layer,
+#             fixed answers, no store (the framework's ceiling)
+#   redis     `reassigned serve --redis ...`
+#   embedded  `reassigned serve --data-dir ...`
+# Then, ROUNDS times, it runs `reassigned bench` against each of them in turn
+# (bare, redis, embedded, bare, redis, embedded, ...) so machine noise spreads
+# evenly: CheckNumber, BatchCheckNumbers (BATCH_SIZE numbers per call) and
+# StreamCheckNumbers (STREAM_SIZE requests per stream), all with the same
+# duration, concurrency and queries (HIT_RATIO of them in the register).
+# Finally redis-benchmark measures Redis's own HGET ceiling on a real bucket.
+# It prints a summary table with the ratios to the bare server.
+#
+# Everything it starts is stopped on exit. All traffic stays on 127.0.0.1.
+# The load generator shares the machine with the servers: the ratios are
+# the meaningful figures, the absolute rates depend on the machine.
+#
+# Settings (environment):
+#   RECORDS=1000000   numbers in the snapshot
+#   DURATION=10s      measured time of each run
+#   WARMUP=2s         unmeasured load before each run
+#   CONCURRENCY=64    calls in flight
+#   CONNECTIONS=1     HTTP/2 connections of the load generator
+#   ROUNDS=2          how many times each run is repeated (alternated)
+#   HIT_RATIO=0.04    share of queries that are in the register
+#   BATCH_SIZE=1000   numbers per batch call
+#   STREAM_SIZE=10000 requests per stream call
+#   METHODS="check batch stream"
+#   TARGETS="bare redis embedded"
+#   SEED=1            seed of the data set and of the queries
+#   WORK=<new temp>   working directory (kept if KEEP_WORK=1 or given)
+#   SKIP_BUILD=1      use the existing target/release/reassigned
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+RECORDS=${RECORDS:-1000000}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+CONCURRENCY=${CONCURRENCY:-64}
+CONNECTIONS=${CONNECTIONS:-1}
+ROUNDS=${ROUNDS:-2}
+HIT_RATIO=${HIT_RATIO:-0.04}
+BATCH_SIZE=${BATCH_SIZE:-1000}
+STREAM_SIZE=${STREAM_SIZE:-10000}
+METHODS=${METHODS:-check batch stream}
+TARGETS=${TARGETS:-bare redis embedded}
+SEED=${SEED:-1}
+if [[ -n "${WORK:-}" ]]; then
+  KEEP_WORK=1
+  mkdir -p "$WORK"
+else
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/reassigned-bench.XXXXXX")
+fi
+KEEP_WORK=${KEEP_WORK:-0}
+BIN=target/release/reassigned
+
+for tool in redis-server redis-cli redis-benchmark python3; do
+  command -v "$tool" >/dev/null || { echo "run.sh: $tool is needed" >&2; exit 2; }
+done
+
+# Servers log warnings only: no per-request logging in the measurement.
+export REASSIGNED_LOG=${REASSIGNED_LOG:-warn}
+
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 50); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  if [[ "$KEEP_WORK" == 1 ]]; then
+    echo "run.sh: results kept in $WORK" >&2
+  else
+    rm -rf "$WORK"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { echo "run.sh: $*" >&2; }
+
+# A free TCP port on 127.0.0.1 (never Redis's default 6379).
+free_port() {
+  python3 - <<'EOF'
+import socket
+while True:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    if port != 6379:
+        print(port)
+        break
+EOF
+}
+
+# Waits until 127.0.0.1:$1 accepts connections; fails if process $2 dies.
+wait_port() {
+  local port=$1 pid=$2 what=$3
+  for _ in $(seq 1200); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      log "$what exited before listening; its log:"
+      tail -n 20 "$WORK/$what.log" >&2 || true
+      exit 1
+    fi
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  log "$what is not listening on $port after 120 s"
+  exit 1
+}
+
+# --- build, certificates, data ------------------------------------------------
+if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+  log "cargo build --release"
+  cargo build --release
+fi
+[[ -x "$BIN" ]] || { log "$BIN is missing"; exit 1; }
+
+CERTS=$WORK/certs
+DATA=$WORK/register
+RESULTS=$WORK/results
+mkdir -p "$RESULTS" "$WORK/redis"
+"$BIN" certs dev --out "$CERTS" >/dev/null 2>&1
+log "generating $RECORDS records"
+"$BIN" generate --records "$RECORDS" --out "$DATA" --seed "$SEED" 2>"$WORK/generate.log"
+TLS_SERVER=(--tls-cert "$CERTS/server.pem" --tls-key "$CERTS/server.key" --client-ca "$CERTS/ca.pem")
+TLS_CLIENT=(--ca "$CERTS/ca.pem" --cert "$CERTS/platform-a.pem" --key "$CERTS/platform-a.key")
+
+# --- redis --------------------------------------------------------------------
+REDIS_PORT=$(free_port)
+REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+  --dir "$WORK/redis" --logfile "$WORK/redis-server.log" --daemonize no &
+PIDS+=($!)
+wait_port "$REDIS_PORT" "${PIDS[-1]}" redis-server
+for _ in $(seq 100); do
+  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+  sleep 0.1
+done
+log "importing into redis on port $REDIS_PORT"
+"$BIN" sync --redis "$REDIS_URL" "$DATA" 2>"$WORK/sync.log"
+REDIS_MEMORY=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" info memory | tr -d '\r' | sed -n 's/^used_memory://p')
+
+# --- servers ------------------------------------------------------------------
+declare -A PORT
+start_server() {
+  local name=$1
+  shift
+  PORT[$name]=$(free_port)
+  "$BIN" "$@" --listen "127.0.0.1:${PORT[$name]}" "${TLS_SERVER[@]}" >"$WORK/$name.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "${PORT[$name]}" "${PIDS[-1]}" "$name"
+  log "$name server on port ${PORT[$name]}"
+}
+for target in $TARGETS; do
+  case $target in
+    bare) start_server bare bench-bare ;;
+    redis) start_server redis serve --redis "$REDIS_URL" ;;
+    embedded) start_server embedded serve --data-dir "$DATA" ;;
+    *) log "unknown target $target (bare, redis, embedded)"; exit 2 ;;
+  esac
+done
+
+# --- the runs, alternated -----------------------------------------------------
+for round in $(seq "$ROUNDS"); do
+  for method in $METHODS; do
+    case $method in
+      check) size=1 ;;
+      batch) size=$BATCH_SIZE ;;
+      stream) size=$STREAM_SIZE ;;
+      *) log "unknown method $method (check, batch, stream)"; exit 2 ;;
+    esac
+    for target in $TARGETS; do
+      out=$RESULTS/$method-$target-$round
+      "$BIN" bench --target "127.0.0.1:${PORT[$target]}" "${TLS_CLIENT[@]}" \
+        --method "$method" --batch-size "$size" --concurrency "$CONCURRENCY" \
+        --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
+        --data "$DATA" --hit-ratio "$HIT_RATIO" --seed "$SEED" --json \
+        >"$out.json" 2>"$out.log" || {
+        log "bench $method against $target failed:"
+        tail -n 20 "$out.log" >&2
+        exit 1
+      }
+      python3 - "$out.json" "$round" <<'EOF' >&2
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"run.sh: round {sys.argv[2]} {r['method']:<6} -> {r['target']:<16} "
+      f"{r['calls_per_sec']:>10.0f} calls/s {r['numbers_per_sec']:>11.0f} numbers/s "
+      f"p99 {r['latency_us']['p99'] / 1000:.3f} ms  failed {r['failed_calls']}")
+EOF
+    done
+  done
+done
+
+# --- redis-benchmark: Redis's own HGET ceiling on a real bucket ----------------
+BUCKET=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" --scan --pattern 'rn:g*' | head -n 1 || true)
+if [[ -n "$BUCKET" ]]; then
+  FIELD=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" hrandfield "$BUCKET" | head -n 1)
+  for pipeline in 16 1; do
+    redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -n 500000 -c 64 -P "$pipeline" --csv \
+      hget "$BUCKET" "$FIELD" >"$RESULTS/redis-benchmark-P$pipeline.csv" 2>/dev/null || true
+  done
+else
+  log "no bucket key found in redis: skipping redis-benchmark"
+fi
+
+# --- summary ------------------------------------------------------------------
+python3 - "$RESULTS" "$RECORDS" "$REDIS_MEMORY" <<'EOF' | tee "$WORK/summary.txt"
+import csv, glob, json, os, statistics, sys
+
+results, records, redis_memory = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+runs = {}
+for path in sorted(glob.glob(os.path.join(results, "*.json"))):
+    method, target, rnd = os.path.basename(path)[:-5].rsplit("-", 2)
+    runs.setdefault((method, target), {})[int(rnd)] = json.load(open(path))
+
+first = next(iter(next(iter(runs.values())).values()))
+print(f"\nreassigned benchmark: {os.cpu_count()} cores, {records} records, "
+      f"{first['concurrency']} in flight, {first['connections']} connection(s), "
+      f"{first['duration_secs']:g}s per run after {first['warmup_secs']:g}s warmup, "
+      f"hit ratio {first['hit_ratio']}")
+if redis_memory:
+    print(f"redis used_memory after import: {int(redis_memory) / 2**20:.1f} MiB "
+          f"({int(redis_memory) / max(records, 1):.1f} bytes per record)")
+print()
+header = (f"{'method':<7}{'target':<10}{'per call':>9}{'calls/s':>11}{'numbers/s':>12}"
+          f"{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'failed':>8}{'vs bare':>9}  per-round ratios")
+print(header)
+print("-" * len(header))
+methods = ["check", "batch", "stream"]
+targets = ["bare", "redis", "embedded"]
+for method in methods:
+    for target in targets:
+        rounds = runs.get((method, target))
+        if not rounds:
+            continue
+        rs = list(rounds.values())
+        rate = statistics.mean(r["calls_per_sec"] for r in rs)
+        numbers = statistics.mean(r["numbers_per_sec"] for r in rs)
+        p50 = statistics.mean(r["latency_us"]["p50"] for r in rs) / 1000
+        p99 = statistics.mean(r["latency_us"]["p99"] for r in rs) / 1000
+        p999 = statistics.mean(r["latency_us"]["p999"] for r in rs) / 1000
+        failed = sum(r["failed_calls"] for r in rs)
+        ratio, per_round = "", ""
+        bare = runs.get((method, "bare"))
+        if bare and target != "bare":
+            bare_rate = statistics.mean(r["calls_per_sec"] for r in bare.values())
+            ratio = f"{rate / bare_rate:.2f}x" if bare_rate else ""
+            per_round = " ".join(
+                f"{rounds[k]['calls_per_sec'] / bare[k]['calls_per_sec']:.2f}"
+                for k in sorted(rounds) if k in bare and bare[k]["calls_per_sec"])
+        print(f"{method:<7}{target:<10}{rs[0]['numbers_per_call']:>9}{rate:>11.0f}{numbers:>12.0f}"
+              f"{p50:>9.3f}{p99:>9.3f}{p999:>10.3f}{failed:>8}{ratio:>9}  {per_round}")
+
+mix = runs.get(("check", "redis")) or runs.get(("check", "embedded"))
+if mix:
+    s = next(iter(mix.values()))["statuses"]
+    total = sum(s.values()) or 1
+    print("\nanswer mix (check, " + ("redis" if ("check", "redis") in runs else "embedded") + "): "
+          + ", ".join(f"{k} {100 * v / total:.2f}%" for k, v in s.items() if v))
+
+for pipeline in (16, 1):
+    path = os.path.join(results, f"redis-benchmark-P{pipeline}.csv")
+    if os.path.exists(path):
+        rows = list(csv.DictReader(open(path)))
+        if rows:
+            row = rows[-1]
+            print(f"redis-benchmark HGET on one bucket, 64 clients, pipeline {pipeline:>2}: "
+                  f"{float(row['rps']):>10.0f} requests/s (p50 {row.get('p50_latency_ms', '?')} ms, "
+                  f"p99 {row.get('p99_latency_ms', '?')} ms)")
+EOF
