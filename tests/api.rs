@@ -604,6 +604,42 @@ async fn corrupt_files_change_nothing(kind: Kind) {
     server.stop().await;
 }
 
+async fn stream(kind: Kind) {
+    let env = Env::new(kind).await;
+    env.apply(base_snapshot(), "s1").await.expect("snapshot");
+    let server = env.serve().await;
+    let mut client = server.client().await;
+    // 3,000 requests: every 7th is malformed, every 5th is a hit; results in order
+    let requests: Vec<CheckNumberRequest> = (0..3000)
+        .map(|i| match i {
+            i if i % 7 == 3 => req("+1 415", "2024-01-01"),
+            i if i % 5 == 0 => req(A, "2024-01-01"),
+            i => req(&format!("+1415557{i:04}"), "2024-01-01"),
+        })
+        .collect();
+    let response = client
+        .stream_check_numbers(tokio_stream::iter(requests.clone()))
+        .await
+        .expect("stream");
+    let mut results = response.into_inner();
+    let mut n = 0usize;
+    while let Some(item) = results.message().await.expect("stream item") {
+        let i = n;
+        n += 1;
+        match (&item.result, i % 7 == 3) {
+            (Some(batch_check_result::Result::Error(e)), true) => assert_eq!(e.code, "INVALID_ARGUMENT"),
+            (Some(batch_check_result::Result::Answer(a)), false) => {
+                assert_eq!(a.phone_number, requests[i].phone_number, "item {i} out of order");
+                let want = if i % 5 == 0 { REASSIGNED } else { NOT_REASSIGNED };
+                assert_eq!(got(a), answer(want.0, want.1), "item {i}");
+            }
+            other => panic!("item {i}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(n, requests.len(), "one result per request");
+    server.stop().await;
+}
+
 macro_rules! for_both_stores {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -626,6 +662,7 @@ for_both_stores!(
     snapshot_switch_is_atomic,
     deltas,
     corrupt_files_change_nothing,
+    stream,
 );
 
 /// Redis stops mid-run: calls fail fast with UNAVAILABLE and health says

@@ -488,6 +488,33 @@ async fn garbled_meta_is_corrupt() {
         RedisStore::connect(&server.url(), test_options()).await,
         Err(StoreError::Corrupt(_))
     ));
+    // Not a hash at all.
+    let _: () = redis::cmd("SET")
+        .arg("rn:meta")
+        .arg("x")
+        .query(&mut con)
+        .expect("SET");
+    assert!(matches!(store.refresh_meta().await, Err(StoreError::Corrupt(_))));
+    // A bucket value that is not a day number.
+    let _: () = redis::cmd("DEL").arg("rn:meta").query(&mut con).expect("DEL");
+    store
+        .apply_snapshot(
+            &manifest(Kind::Snapshot, 1, 20_000),
+            &records(vec![(14_155_550_123, 19_000)]),
+            None,
+        )
+        .await
+        .expect("snapshot");
+    let _: () = redis::cmd("HSET")
+        .arg("rn:g1:0")
+        .arg(14_155_550_123u64)
+        .arg("garbage")
+        .query(&mut con)
+        .expect("HSET");
+    assert!(matches!(
+        store.lookup(number(14_155_550_123)).await,
+        Err(StoreError::Corrupt(_))
+    ));
 }
 
 /// How many times Redis ran `command` (INFO commandstats).

@@ -179,6 +179,8 @@ for target in $TARGETS; do
 done
 
 # --- the runs, alternated -----------------------------------------------------
+# The load average before and after: other work on the machine shows here.
+cut -d' ' -f1-3 /proc/loadavg >"$WORK/loadavg-before" 2>/dev/null || true
 for round in $(seq "$ROUNDS"); do
   for method in $METHODS; do
     case $method in
@@ -198,16 +200,18 @@ for round in $(seq "$ROUNDS"); do
         tail -n 20 "$out.log" >&2
         exit 1
       }
-      python3 - "$out.json" "$round" <<'EOF' >&2
+      python3 - "$out.json" "$round" "$target" <<'EOF' >&2
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"run.sh: round {sys.argv[2]} {r['method']:<6} -> {r['target']:<16} "
+print(f"run.sh: round {sys.argv[2]} {r['method']:<6} {sys.argv[3]:<9}"
       f"{r['calls_per_sec']:>10.0f} calls/s {r['numbers_per_sec']:>11.0f} numbers/s "
       f"p99 {r['latency_us']['p99'] / 1000:.3f} ms  failed {r['failed_calls']}")
 EOF
     done
   done
 done
+
+cut -d' ' -f1-3 /proc/loadavg >"$WORK/loadavg-after" 2>/dev/null || true
 
 # --- redis-benchmark: Redis's own HGET ceiling on a real bucket ----------------
 BUCKET=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" --scan --pattern 'rn:g*' | head -n 1 || true)
@@ -222,10 +226,10 @@ else
 fi
 
 # --- summary ------------------------------------------------------------------
-python3 - "$RESULTS" "$RECORDS" "$REDIS_MEMORY" <<'EOF' | tee "$WORK/summary.txt"
+python3 - "$RESULTS" "$RECORDS" "$REDIS_MEMORY" "$WORK" <<'EOF' | tee "$WORK/summary.txt"
 import csv, glob, json, os, statistics, sys
 
-results, records, redis_memory = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+results, records, redis_memory, work = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 runs = {}
 for path in sorted(glob.glob(os.path.join(results, "*.json"))):
     method, target, rnd = os.path.basename(path)[:-5].rsplit("-", 2)
@@ -236,6 +240,13 @@ print(f"\nreassigned benchmark: {os.cpu_count()} cores, {records} records, "
       f"{first['concurrency']} in flight, {first['connections']} connection(s), "
       f"{first['duration_secs']:g}s per run after {first['warmup_secs']:g}s warmup, "
       f"hit ratio {first['hit_ratio']}")
+def loadavg(name):
+    try:
+        return open(os.path.join(work, name)).read().strip()
+    except OSError:
+        return "?"
+print(f"load average (1, 5, 15 min) before the runs: {loadavg('loadavg-before')}, "
+      f"after: {loadavg('loadavg-after')} (the load generator and the servers add about 2)")
 if redis_memory:
     print(f"redis used_memory after import: {int(redis_memory) / 2**20:.1f} MiB "
           f"({int(redis_memory) / max(records, 1):.1f} bytes per record)")

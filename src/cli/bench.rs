@@ -1079,16 +1079,15 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         None => Source::Random,
     };
     let from_register = matches!(source, Source::Register { .. });
+    let description = source.description();
     let workload = {
         let opts = opts.clone();
-        let description = source.description();
-        let workload = tokio::task::spawn_blocking(move || Workload::build(&opts, &source))
+        tokio::task::spawn_blocking(move || Workload::build(&opts, &source))
             .await
-            .context("the query builder panicked")??;
-        eprintln!("bench: {} pre-built calls from {description}", workload.len());
-        (Arc::new(workload), description)
+            .context("the query builder panicked")??
     };
-    let (workload, description) = workload;
+    eprintln!("bench: {} pre-built calls from {description}", workload.len());
+    let workload = Arc::new(workload);
     let clients: Vec<_> = connect(opts)
         .await?
         .into_iter()

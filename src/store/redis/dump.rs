@@ -141,7 +141,7 @@ mod tests {
         assert_eq!(entries(&[0]), [0x00, 1]);
         assert_eq!(entries(&[127]), [0x7F, 1]);
         assert_eq!(entries(&[128]), [0xC0, 0x80, 2]);
-        assert_eq!(entries(&[4095]), [0xDF, 0xFF, 2]);
+        assert_eq!(entries(&[4095]), [0xCF, 0xFF, 2]);
         assert_eq!(entries(&[-1]), [0xDF, 0xFF, 2]);
         assert_eq!(entries(&[-4096]), [0xD0, 0x00, 2]);
         assert_eq!(entries(&[20_000]), [0xF1, 0x20, 0x4E, 3]);
@@ -155,10 +155,10 @@ mod tests {
     fn payload_shape() {
         let mut out = Vec::new();
         hash_payload([(5, 20_000)].into_iter(), &mut out);
-        // type, length 11, listpack (6 header + 1 + 4 + EOF), version, crc.
+        // type, length 13, listpack (6 header + 2 + 4 + EOF), version, crc.
         assert_eq!(out[0], 16);
-        assert_eq!(out[1], 11);
-        assert_eq!(&out[2..8], &[11, 0, 0, 0, 2, 0]);
+        assert_eq!(out[1], 13);
+        assert_eq!(&out[2..8], &[13, 0, 0, 0, 2, 0]);
         assert_eq!(&out[8..14], &[5, 1, 0xF1, 0x20, 0x4E, 3]);
         assert_eq!(out[14], LP_EOF);
         assert_eq!(&out[15..17], &RDB_VERSION.to_le_bytes());

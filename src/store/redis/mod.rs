@@ -59,9 +59,14 @@
 //! *Snapshot*: re-check the sequence; delete what a crashed import left
 //! (`pending_*`, `reclaim_*`); take a new generation number from
 //! `{prefix}:gen_counter` and record it as `pending_*`; write every record
-//! into the new generation (pipelines of per-bucket HSETs, several in flight);
-//! then switch in one atomic step: a script on `{prefix}:meta` alone that
-//! checks sequence and pending generation and sets all metadata fields. Readers
+//! into the new generation, one command per bucket in pipelines of about
+//! 64 Ki records, four in flight: `RESTORE key 0 <payload> REPLACE` with the
+//! bucket's listpack built here (byte-identical to what HSET would build;
+//! Redis only copies it, so Redis' single thread is no longer the
+//! bottleneck), or per-bucket HSETs if this Redis refuses such payloads
+//! (older than 7.0, RESTORE disabled); then switch in one atomic step: a
+//! script on `{prefix}:meta` alone that checks sequence and pending
+//! generation and sets all metadata fields. Readers
 //! see the old generation or the new one, never a mix and never an empty
 //! mirror. After [`RedisOptions::reclaim_grace`] (longer than any reader's
 //! cache may lag) the old generation's keys are UNLINKed. While a snapshot is
@@ -77,7 +82,14 @@
 //! under-count: fields written by the crashed attempt are not new on the retry.
 //!
 //! Every script touches one key only, so the layout is ready for Redis
-//! Cluster.
+//! Cluster (pipelines then have to be split by slot, or their commands sent
+//! concurrently).
+//!
+//! # Memory
+//!
+//! Measured on Redis 7.0 with US-like numbers: 10.9 bytes of `used_memory`
+//! per record at 1 million records, 10.7 at 10 million (listpack entries of 5
+//! + 4 bytes, plus about 80 bytes per bucket key).
 
 mod dump;
 mod meta;
@@ -276,9 +288,13 @@ impl RedisStore {
     }
 }
 
-/// The redis error as a [`StoreError::Unavailable`], without secrets and
-/// without unbounded detail.
+/// The redis error as a [`StoreError::Unavailable`] (or
+/// [`StoreError::Corrupt`] if a key of the mirror has the wrong type), without
+/// secrets and without unbounded detail.
 fn unavailable(secrets: &[String], e: &RedisError) -> StoreError {
+    if e.code() == Some("WRONGTYPE") {
+        return StoreError::Corrupt("a key of the redis mirror holds the wrong type".into());
+    }
     let mut text = e.to_string();
     for secret in secrets {
         text = text.replace(secret.as_str(), "***");

@@ -1,0 +1,256 @@
+//! The binary as an operator uses it: `certs dev`, `generate`, `sync` into a
+//! real Redis, `serve` over mTLS, SIGTERM; and bad configuration refused
+//! before anything is bound.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
+use reassigned::api::pb::{CheckNumberRequest, GetMirrorStatusRequest, ReassignmentStatus};
+use support::redis::RedisServer;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reassigned"));
+    cmd.env_remove("REASSIGNED_REDIS").env("REASSIGNED_LOG", "info");
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run reassigned");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+#[test]
+fn bad_configuration_is_refused_before_binding() {
+    let out = bin().args(["serve"]).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tls-cert"), "{err}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    run(bin().args(["certs", "dev", "--out"]).arg(dir.path()));
+    let certs = |f: &str| dir.path().join(f);
+    let out = bin()
+        .args(["serve", "--redis", "http://nope"])
+        .arg("--tls-cert")
+        .arg(certs("server.pem"))
+        .arg("--tls-key")
+        .arg(certs("server.key"))
+        .arg("--client-ca")
+        .arg(certs("ca.pem"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("redis"));
+
+    // a config file, overridden by a flag, shown by --dump-config
+    let config = dir.path().join("reassigned.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls_cert = {:?}\ntls_key = {:?}\nclient_ca = {:?}\ndata_dir = {:?}\nmax_batch = 10\nmax_staleness_days = 30\n",
+            certs("server.pem"),
+            certs("server.key"),
+            certs("ca.pem"),
+            dir.path()
+        ),
+    )
+    .expect("write config");
+    let out = run(bin()
+        .args(["serve", "--dump-config", "--max-batch", "20", "--config"])
+        .arg(&config));
+    let dumped = String::from_utf8_lossy(&out.stdout);
+    assert!(dumped.contains("max_batch = 20"), "{dumped}");
+    assert!(dumped.contains("max_staleness_days = 30"), "{dumped}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "max_bacth = 3\n").expect("write");
+    let out = bin().args(["serve", "--config"]).arg(&bad).output().expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_bacth"));
+}
+
+#[test]
+fn dev_certs_never_overwrite_and_keep_keys_private() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run(bin().args(["certs", "dev", "--out"]).arg(dir.path()));
+    for f in [
+        "ca.pem",
+        "server.pem",
+        "server.key",
+        "platform-a.pem",
+        "platform-a.key",
+        "platform-b.pem",
+        "platform-b.key",
+    ] {
+        assert!(dir.path().join(f).is_file(), "{f} missing");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("server.key"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "private key readable by others: {mode:o}");
+    }
+    let out = bin()
+        .args(["certs", "dev", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "must refuse to overwrite");
+}
+
+async fn client(certs: &Path, port: u16) -> ReassignedNumbersClient<tonic::transport::Channel> {
+    let read = |f: &str| std::fs::read_to_string(certs.join(f)).expect("read pem");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(read("platform-a.pem"), read("platform-a.key")))
+        .domain_name("localhost");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+            .expect("endpoint")
+            .tls_config(tls.clone())
+            .expect("tls");
+        match endpoint.connect().await {
+            Ok(channel) => return ReassignedNumbersClient::new(channel),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "server did not come up: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn generate_sync_serve_and_stop() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (certs, register) = (dir.path().join("certs"), dir.path().join("register"));
+    run(bin().args(["certs", "dev", "--out"]).arg(&certs));
+    run(bin()
+        .args(["generate", "--records", "20000", "--seed", "7", "--gzip", "--out"])
+        .arg(&register));
+    let out = run(bin()
+        .arg("sync")
+        .arg(&register)
+        .env("REASSIGNED_REDIS", redis.url()));
+    let summary = String::from_utf8_lossy(&out.stderr).to_string();
+    // a second sync applies nothing
+    let again = run(bin()
+        .arg("sync")
+        .arg(&register)
+        .env("REASSIGNED_REDIS", redis.url()));
+    assert_ne!(summary, String::from_utf8_lossy(&again.stderr));
+
+    let port = free_port();
+    let server = Killed(
+        bin()
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--redis",
+                &redis.url(),
+            ])
+            .arg("--tls-cert")
+            .arg(certs.join("server.pem"))
+            .arg("--tls-key")
+            .arg(certs.join("server.key"))
+            .arg("--client-ca")
+            .arg(certs.join("ca.pem"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn serve"),
+    );
+    let mut client = client(&certs, port).await;
+    let status = client
+        .get_mirror_status(GetMirrorStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.sequence, 4, "snapshot 1 and deltas 2..4 applied");
+    assert!(status.record_count >= 20_000);
+    assert_eq!(status.covered_prefixes, ["+1", "+86"]);
+
+    // every hit of queries.csv asked with its own "since" answers consistently
+    let queries = std::fs::read_to_string(register.join("queries.csv")).expect("queries");
+    let mut reassigned = 0;
+    for line in queries.lines().skip(1).take(400) {
+        let (number, since) = line.split_once(',').expect("csv");
+        let r = client
+            .check_number(CheckNumberRequest {
+                phone_number: number.into(),
+                since: since.into(),
+            })
+            .await
+            .expect("check")
+            .into_inner();
+        assert_ne!(r.status, ReassignmentStatus::Unspecified as i32);
+        if r.status == ReassignmentStatus::Reassigned as i32 {
+            reassigned += 1;
+        }
+    }
+    assert!(reassigned > 0, "the query mix has hits");
+
+    // SIGTERM: graceful stop, exit code 0, no phone number in the logs
+    let mut server = server;
+    let pid = server.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = server.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let mut logs = String::new();
+    if let Some(mut err) = server.0.stderr.take() {
+        use std::io::Read;
+        err.read_to_string(&mut logs).expect("logs");
+    }
+    assert!(logs.contains("SIGTERM"), "{logs}");
+    for line in queries.lines().skip(1).take(400) {
+        let number = line.split(',').next().unwrap_or_default();
+        assert!(
+            !logs.contains(&number[1..]),
+            "a phone number leaked into the logs"
+        );
+    }
+}
