@@ -798,7 +798,7 @@ async fn bench_snapshot_memory_and_rate() {
     let after = store.used_memory().await.expect("used_memory");
     let cpu = redis_cpu_seconds(&mut con) - cpu_before;
     println!(
-        "records={} import={:.2?} (redis cpu {:.2}s; includes the final reclaim wait of 0 s: first snapshot) rate={:.0}/s used_memory_delta={} bytes_per_record={:.2}",
+        "records={} import={:.2?} (redis cpu {:.2}s) rate={:.0}/s used_memory_delta={} bytes_per_record={:.2}",
         recs.len(),
         took,
         cpu,
