@@ -31,7 +31,7 @@ enum Command {
         #[arg(long)]
         dump_config: bool,
         #[command(flatten)]
-        settings: ServeSettings,
+        settings: Box<ServeSettings>,
     },
     /// Apply one manifest (snapshot or delta) to the Redis mirror.
     Import {
@@ -116,7 +116,7 @@ fn main() -> ExitCode {
                 config,
                 dump_config,
                 settings,
-            } => cli::serve(config, dump_config, settings).await,
+            } => cli::serve(config, dump_config, *settings).await,
             Command::Import {
                 redis,
                 redis_key_prefix,

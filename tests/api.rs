@@ -610,10 +610,10 @@ async fn stream(kind: Kind) {
     let server = env.serve().await;
     let mut client = server.client().await;
     // 3,000 requests: every 7th is malformed, every 5th is a hit; results in order
-    let requests: Vec<CheckNumberRequest> = (0..3000)
+    let requests: Vec<CheckNumberRequest> = (0..3000u32)
         .map(|i| match i {
             i if i % 7 == 3 => req("+1 415", "2024-01-01"),
-            i if i % 5 == 0 => req(A, "2024-01-01"),
+            i if i.is_multiple_of(5) => req(A, "2024-01-01"),
             i => req(&format!("+1415557{i:04}"), "2024-01-01"),
         })
         .collect();
@@ -630,7 +630,11 @@ async fn stream(kind: Kind) {
             (Some(batch_check_result::Result::Error(e)), true) => assert_eq!(e.code, "INVALID_ARGUMENT"),
             (Some(batch_check_result::Result::Answer(a)), false) => {
                 assert_eq!(a.phone_number, requests[i].phone_number, "item {i} out of order");
-                let want = if i % 5 == 0 { REASSIGNED } else { NOT_REASSIGNED };
+                let want = if i.is_multiple_of(5) {
+                    REASSIGNED
+                } else {
+                    NOT_REASSIGNED
+                };
                 assert_eq!(got(a), answer(want.0, want.1), "item {i}");
             }
             other => panic!("item {i}: unexpected {other:?}"),
