@@ -28,6 +28,18 @@ pub struct ServeSettings {
     /// Redis URL (`redis://host:6379/0`); without it the embedded store is used.
     #[arg(long, env = "REASSIGNED_REDIS")]
     pub redis: Option<String>,
+    /// Redis Cluster seed nodes, comma-separated
+    /// (`redis://10.0.0.1:6379,redis://10.0.0.2:6379`); instead of `redis`.
+    #[arg(long, env = "REASSIGNED_REDIS_CLUSTER")]
+    pub redis_cluster: Option<String>,
+    /// With `redis_cluster`: send reads to replicas (default false).
+    #[arg(
+        long,
+        env = "REASSIGNED_REDIS_READ_FROM_REPLICAS",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub redis_read_from_replicas: Option<bool>,
     /// Directory of manifests for the embedded store.
     #[arg(long, env = "REASSIGNED_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -75,6 +87,8 @@ impl ServeSettings {
             tls_key,
             client_ca,
             redis,
+            redis_cluster,
+            redis_read_from_replicas,
             data_dir,
             redis_key_prefix,
             redis_timeout_ms,
@@ -109,6 +123,17 @@ pub enum StoreConfig {
         key_prefix: String,
         /// Timeout of each call.
         timeout_ms: u64,
+    },
+    /// A Redis Cluster reached through these nodes.
+    RedisCluster {
+        /// Seed nodes (`redis://...` or `rediss://...`), at least one.
+        urls: Vec<String>,
+        /// Prefix of every key.
+        key_prefix: String,
+        /// Timeout of each call.
+        timeout_ms: u64,
+        /// Send reads to replicas.
+        read_from_replicas: bool,
     },
     /// The in-process store, loaded from this directory of manifests.
     Embedded {
@@ -181,7 +206,26 @@ impl ServeConfig {
         let tls_cert = need(s.tls_cert, "tls_cert", "tls-cert", "REASSIGNED_TLS_CERT")?;
         let tls_key = need(s.tls_key, "tls_key", "tls-key", "REASSIGNED_TLS_KEY")?;
         let client_ca = need(s.client_ca, "client_ca", "client-ca", "REASSIGNED_CLIENT_CA")?;
+        let given = [s.redis.is_some(), s.redis_cluster.is_some(), s.data_dir.is_some()];
+        if given.iter().filter(|&&g| g).count() > 1 {
+            return Err(ConfigError::Invalid(
+                "redis",
+                "give only one of redis, redis_cluster and data_dir".into(),
+            ));
+        }
+        if s.redis_read_from_replicas.is_some() && s.redis_cluster.is_none() {
+            return Err(ConfigError::Invalid(
+                "redis_read_from_replicas",
+                "applies to redis_cluster only".into(),
+            ));
+        }
         let store = match (s.redis, s.data_dir) {
+            (None, None) if s.redis_cluster.is_some() => StoreConfig::RedisCluster {
+                urls: parse_cluster_urls(s.redis_cluster.as_deref().unwrap_or_default())?,
+                key_prefix: s.redis_key_prefix.unwrap_or_else(|| "rn".into()),
+                timeout_ms: positive("redis_timeout_ms", s.redis_timeout_ms.unwrap_or(200))?,
+                read_from_replicas: s.redis_read_from_replicas.unwrap_or(false),
+            },
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid(
                     "redis",
@@ -206,9 +250,9 @@ impl ServeConfig {
             }
             (None, data_dir) => {
                 let data_dir = data_dir.ok_or(ConfigError::Missing(
-                    "redis or data_dir",
-                    "redis or --data-dir",
-                    "REASSIGNED_REDIS or REASSIGNED_DATA_DIR",
+                    "redis, redis_cluster or data_dir",
+                    "redis, --redis-cluster or --data-dir",
+                    "REASSIGNED_REDIS, REASSIGNED_REDIS_CLUSTER or REASSIGNED_DATA_DIR",
                 ))?;
                 if !data_dir.is_dir() {
                     return Err(ConfigError::Invalid(
@@ -263,6 +307,34 @@ impl ServeConfig {
     }
 }
 
+/// Splits a comma-separated list of Redis Cluster node URLs and checks each.
+pub fn parse_cluster_urls(list: &str) -> Result<Vec<String>, ConfigError> {
+    let urls: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if urls.is_empty() {
+        return Err(ConfigError::Invalid(
+            "redis_cluster",
+            "give at least one node URL".into(),
+        ));
+    }
+    if let Some(bad) = urls
+        .iter()
+        .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+    {
+        // Only the scheme: the URL may hold a password.
+        let scheme = bad.split("://").next().unwrap_or_default();
+        return Err(ConfigError::Invalid(
+            "redis_cluster",
+            format!("each node must be a redis:// or rediss:// URL (got scheme {scheme:?})"),
+        ));
+    }
+    Ok(urls)
+}
+
 fn positive(name: &'static str, v: u64) -> Result<u64, ConfigError> {
     if v == 0 {
         return Err(ConfigError::Invalid(name, "must be greater than 0".into()));
@@ -289,6 +361,61 @@ mod tests {
     #[test]
     fn unknown_file_keys_are_refused() {
         assert!(toml::from_str::<ServeSettings>("max_bacth = 20\n").is_err());
+    }
+
+    #[test]
+    fn cluster_urls_are_split_and_checked() {
+        let urls = parse_cluster_urls("redis://a:1, redis://b:2,,").expect("urls");
+        assert_eq!(urls, ["redis://a:1", "redis://b:2"]);
+        assert!(parse_cluster_urls(" , ").is_err());
+        let e = parse_cluster_urls("redis://a:1,http://user:secret@b").expect_err("scheme");
+        assert!(!e.to_string().contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn cluster_excludes_redis_and_data_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("f.pem");
+        std::fs::write(&file, "x").expect("write");
+        let base = ServeSettings {
+            tls_cert: Some(file.clone()),
+            tls_key: Some(file.clone()),
+            client_ca: Some(file),
+            ..Default::default()
+        };
+        let both = ServeSettings {
+            redis: Some("redis://a:1".into()),
+            redis_cluster: Some("redis://b:1".into()),
+            ..base.clone()
+        };
+        assert!(ServeConfig::from_settings(both).is_err());
+        let with_dir = ServeSettings {
+            data_dir: Some(dir.path().to_owned()),
+            redis_cluster: Some("redis://b:1".into()),
+            ..base.clone()
+        };
+        assert!(ServeConfig::from_settings(with_dir).is_err());
+        let replicas_alone = ServeSettings {
+            redis: Some("redis://a:1".into()),
+            redis_read_from_replicas: Some(true),
+            ..base.clone()
+        };
+        assert!(ServeConfig::from_settings(replicas_alone).is_err());
+        let cluster = ServeSettings {
+            redis_cluster: Some("redis://b:1,redis://c:2".into()),
+            redis_read_from_replicas: Some(true),
+            ..base
+        };
+        let config = ServeConfig::from_settings(cluster).expect("cluster config");
+        assert_eq!(
+            config.store,
+            StoreConfig::RedisCluster {
+                urls: vec!["redis://b:1".into(), "redis://c:2".into()],
+                key_prefix: "rn".into(),
+                timeout_ms: 200,
+                read_from_replicas: true,
+            }
+        );
     }
 
     #[test]

@@ -353,6 +353,10 @@ pub struct BenchReport {
     pub ok_calls: u64,
     /// Measured calls that failed (see `errors`).
     pub failed_calls: u64,
+    /// Open loop: calls scheduled inside the measured window that had not
+    /// started when it closed, because the server did not keep up with
+    /// `rate`. Always 0 in a closed loop.
+    pub unsent_calls: u64,
     /// Numbers answered by successful calls (one per result, errors included).
     pub numbers: u64,
     /// Successful calls per second.
@@ -434,6 +438,13 @@ impl fmt::Display for BenchReport {
         }
         writeln!(f)?;
         writeln!(f, "errors       {}", counts(&self.errors))?;
+        if self.unsent_calls > 0 {
+            writeln!(
+                f,
+                "unsent       {} calls scheduled in the window never started: the server did not keep up with --rate",
+                self.unsent_calls
+            )?;
+        }
         if !self.item_errors.is_empty() {
             writeln!(f, "item errors  {}", counts(&self.item_errors))?;
         }
@@ -950,10 +961,13 @@ async fn worker(
             Some(rate) => {
                 let i = shared.next_call.fetch_add(1, Ordering::Relaxed);
                 let scheduled = shared.started + Duration::from_secs_f64(i as f64 / rate);
-                if scheduled >= shared.end {
+                let now = Instant::now();
+                // Past the end, calls still scheduled inside the window are
+                // not started (counted as unsent), so the run stays bounded.
+                if scheduled >= shared.end || now >= shared.end {
                     break;
                 }
-                if scheduled > Instant::now() {
+                if scheduled > now {
                     // Idle until the schedule: the timer's lateness is ours,
                     // not the server's.
                     tokio::time::sleep_until(scheduled.into()).await;
@@ -999,6 +1013,12 @@ async fn worker(
         }
     }
     Ok(stats)
+}
+
+/// Open loop: how many calls are scheduled before `offset` from the start
+/// (call `i` at `i / rate`).
+fn scheduled_before(offset: Duration, rate: f64) -> u64 {
+    (offset.as_secs_f64() * rate).ceil() as u64
 }
 
 /// Prints a progress line on stderr about once per second.
@@ -1141,6 +1161,11 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         .duration_since(measure_start);
     let elapsed_secs = elapsed.as_secs_f64();
     let failed: u64 = total.errors.values().sum();
+    let unsent = opts.rate.map_or(0, |rate| {
+        let first = scheduled_before(opts.warmup, rate);
+        let last = scheduled_before(opts.warmup + opts.duration, rate);
+        last.saturating_sub(first).saturating_sub(total.ok + failed)
+    });
     let per_sec = |n: u64| {
         if elapsed_secs > 0.0 {
             n as f64 / elapsed_secs
@@ -1163,6 +1188,7 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         calls: total.ok + failed,
         ok_calls: total.ok,
         failed_calls: failed,
+        unsent_calls: unsent,
         numbers: total.tally.numbers,
         calls_per_sec: per_sec(total.ok),
         numbers_per_sec: per_sec(total.tally.numbers),
@@ -1346,6 +1372,13 @@ async fn stop_signal() {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schedules_calls_at_the_rate() {
+        assert_eq!(scheduled_before(Duration::ZERO, 100.0), 0);
+        assert_eq!(scheduled_before(Duration::from_secs(2), 100.0), 200);
+        assert_eq!(scheduled_before(Duration::from_millis(2005), 100.0), 201);
+    }
 
     #[test]
     fn parses_durations() {
@@ -1571,6 +1604,7 @@ mod tests {
             assert_eq!(report.statuses.not_reassigned, report.numbers, "{report}");
             assert_eq!(report.latency_us.count, report.ok_calls, "{report}");
             assert!(report.latency_us.p50 > 0 && report.latency_us.max >= report.latency_us.p99);
+            assert_eq!(report.unsent_calls, 0, "{report}");
             if let Some(rate) = rate {
                 // About rate * duration calls, never many more.
                 let expected = rate * opts.duration.as_secs_f64();
@@ -1581,6 +1615,21 @@ mod tests {
             assert!(json["latency_us"]["p99"].is_u64());
             assert!(json["statuses"]["NOT_REASSIGNED"].is_u64());
         }
+        // Offered far more than the server can take: the run still ends on
+        // time, and the calls it could not start are reported.
+        let mut opts = options(Method::Check, 1);
+        opts.target = format!("127.0.0.1:{}", addr.port());
+        opts.ca = certs.join("ca.pem");
+        opts.cert = certs.join("platform-a.pem");
+        opts.key = certs.join("platform-a.key");
+        opts.rate = Some(1_000_000.0);
+        let began = Instant::now();
+        let report = bench(&opts).await.unwrap();
+        assert!(began.elapsed() < opts.warmup + opts.duration + Duration::from_secs(3));
+        assert!(report.unsent_calls > 0, "{report}");
+        assert_eq!(report.calls + report.unsent_calls, 300_000, "{report}");
+        assert!(report.to_string().contains("did not keep up"));
+
         let _ = stop.send(());
         server.await.unwrap().unwrap();
     }

@@ -91,6 +91,7 @@
 //! per record at 1 million records, 10.7 at 10 million (listpack entries of 5
 //! + 4 bytes, plus about 80 bytes per bucket key).
 
+mod conn;
 mod dump;
 mod meta;
 mod write;
@@ -100,11 +101,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{Client, Cmd, FromRedisValue, Pipeline, RedisError, Value};
+use ::redis::{Cmd, FromRedisValue, Pipeline, RedisError, Value};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::oneshot;
 
+use self::conn::{Conn, Target};
 use self::meta::{Current, StoredMeta};
 use super::{Lookup, Store, StoreError};
 use crate::domain::{Date, MirrorMeta, PhoneNumber};
@@ -128,6 +129,11 @@ pub struct RedisOptions {
     pub bulk_timeout: Duration,
     /// Bound on [`RedisStore::connect`] (default 5 s).
     pub connect_timeout: Duration,
+    /// On a cluster ([`RedisStore::connect_cluster`]): send reads (lookups
+    /// and metadata refreshes) to a random replica of the key's shard instead
+    /// of its primary (default false). Replication is asynchronous, so a
+    /// replica can briefly miss the last writes of an import.
+    pub read_from_replicas: bool,
 }
 
 impl Default for RedisOptions {
@@ -139,6 +145,7 @@ impl Default for RedisOptions {
             reclaim_grace: Duration::from_secs(3),
             bulk_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            read_from_replicas: false,
         }
     }
 }
@@ -189,9 +196,9 @@ impl Keys {
 }
 
 struct Inner {
-    client: Client,
+    target: Target,
     /// The connection of reads, metadata and import control (lock, switch).
-    conn: ArcSwap<ConnectionManager>,
+    conn: ArcSwap<Conn>,
     opts: RedisOptions,
     keys: Keys,
     /// Texts removed from every error message (the URL's password).
@@ -207,16 +214,6 @@ struct Inner {
     _stop: oneshot::Sender<()>,
 }
 
-fn manager_config(opts: &RedisOptions) -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        // Each connection attempt; the outer bounds are ours.
-        .set_connection_timeout(Some(opts.timeout.max(Duration::from_secs(1))))
-        // A last resort only: every call has its own (shorter) timeout, and
-        // bulk pipelines must not be cut by a read-sized bound.
-        .set_response_timeout(Some(opts.bulk_timeout))
-        .set_max_delay(Duration::from_secs(1))
-}
-
 impl RedisStore {
     /// Connects to Redis at `url` (`redis://[:password@]host:port[/db]`),
     /// reads the metadata and starts the background metadata refresh.
@@ -225,14 +222,29 @@ impl RedisStore {
     /// [`RedisOptions::connect_timeout`]. Once connected, the store recovers by
     /// itself from Redis restarts.
     pub async fn connect(url: &str, opts: RedisOptions) -> Result<Self, StoreError> {
-        let client = Client::open(url)
+        let secrets = Target::secrets(&[url]);
+        let target = Target::single(url)
             .map_err(|e| StoreError::Unavailable(format!("invalid redis URL ({:?})", e.kind())))?;
-        let mut secrets = Vec::new();
-        if let Some(password) = client.get_connection_info().redis_settings().password()
-            && !password.is_empty()
-        {
-            secrets.push(password.to_owned());
+        Self::connect_to(target, secrets, opts).await
+    }
+
+    /// Connects to a Redis Cluster through `urls` (some or all of its nodes,
+    /// `redis://[:password@]host:port`), reads the metadata and starts the
+    /// background metadata refresh. The layout is the same as on one server:
+    /// bucket keys spread over all slots, every script touches one key, and
+    /// batches are split by slot (see the module documentation).
+    pub async fn connect_cluster(urls: &[String], opts: RedisOptions) -> Result<Self, StoreError> {
+        if urls.is_empty() {
+            return Err(StoreError::Unavailable("no redis cluster node given".into()));
         }
+        let secrets = Target::secrets(&urls.iter().map(String::as_str).collect::<Vec<_>>());
+        let target = Target::cluster(urls, &opts).map_err(|e| {
+            StoreError::Unavailable(format!("invalid redis cluster URLs ({:?})", e.kind()))
+        })?;
+        Self::connect_to(target, secrets, opts).await
+    }
+
+    async fn connect_to(target: Target, secrets: Vec<String>, opts: RedisOptions) -> Result<Self, StoreError> {
         let slowest_reader = opts.meta_refresh * 2 + opts.timeout;
         if opts.reclaim_grace <= slowest_reader {
             tracing::warn!(
@@ -241,17 +253,14 @@ impl RedisStore {
                 "reclaim_grace should exceed 2 x meta_refresh + timeout: a lagging reader could miss a replaced generation"
             );
         }
-        let manager = tokio::time::timeout(
-            opts.connect_timeout,
-            ConnectionManager::new_with_config(client.clone(), manager_config(&opts)),
-        )
-        .await
-        .map_err(|_| StoreError::Timeout(opts.connect_timeout))?
-        .map_err(|e| unavailable(&secrets, &e))?;
+        let conn = tokio::time::timeout(opts.connect_timeout, target.connect(&opts))
+            .await
+            .map_err(|_| StoreError::Timeout(opts.connect_timeout))?
+            .map_err(|e| unavailable(&secrets, &e))?;
         let (stop_tx, stop_rx) = oneshot::channel();
         let inner = Arc::new(Inner {
-            client,
-            conn: ArcSwap::from_pointee(manager),
+            target,
+            conn: ArcSwap::from_pointee(conn),
             keys: Keys::new(&opts.key_prefix),
             secrets,
             current: ArcSwapOption::empty(),
@@ -270,21 +279,30 @@ impl RedisStore {
         Ok(Self { inner })
     }
 
-    /// Redis' `used_memory` (INFO memory), in bytes: for benchmarks.
+    /// True if this store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner.target, Target::Cluster(_))
+    }
+
+    /// Redis' `used_memory` (INFO memory), in bytes: for benchmarks. On a
+    /// cluster, the sum over the nodes that answer INFO.
     pub async fn used_memory(&self) -> Result<u64, StoreError> {
         let mut cmd = ::redis::cmd("INFO");
         cmd.arg("memory");
         let info: Value = self.inner.query(&cmd, self.inner.opts.timeout).await?;
-        let text = match info {
-            Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-            Value::VerbatimString { text, .. } => text,
-            Value::SimpleString(s) => s,
-            _ => return Err(StoreError::Corrupt("unexpected INFO reply".into())),
-        };
-        text.lines()
-            .find_map(|l| l.strip_prefix("used_memory:"))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| StoreError::Corrupt("INFO memory has no used_memory".into()))
+        fn used(value: Value) -> Option<u64> {
+            let text = match value {
+                Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+                Value::VerbatimString { text, .. } => text,
+                Value::SimpleString(s) => s,
+                Value::Map(nodes) => return nodes.into_iter().map(|(_, v)| used(v)).sum(),
+                _ => return None,
+            };
+            text.lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|v| v.trim().parse().ok())
+        }
+        used(info).ok_or_else(|| StoreError::Corrupt("INFO memory has no used_memory".into()))
     }
 }
 
@@ -316,14 +334,15 @@ impl Inner {
     }
 
     /// A handle on the read connection (cheap: an `Arc` clone).
-    fn conn(&self) -> ConnectionManager {
-        ConnectionManager::clone(&self.conn.load())
+    fn conn(&self) -> Conn {
+        Conn::clone(&self.conn.load())
     }
 
     /// A new connection for one import: bulk pipelines there never delay
     /// lookups. Connects on first use.
-    fn bulk_conn(&self) -> Result<ConnectionManager, StoreError> {
-        ConnectionManager::new_lazy_with_config(self.client.clone(), manager_config(&self.opts))
+    fn bulk_conn(&self) -> Result<Conn, StoreError> {
+        self.target
+            .connect_lazy(&self.opts)
             .map_err(|e| self.unavailable(&e))
     }
 
@@ -335,7 +354,7 @@ impl Inner {
     /// Sends one command on `conn`, bounded by `limit`.
     async fn query_on<T: FromRedisValue>(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         cmd: &Cmd,
         limit: Duration,
     ) -> Result<T, StoreError> {
@@ -349,7 +368,7 @@ impl Inner {
     /// Sends one pipeline on `conn`, bounded by `limit`.
     async fn pipeline_on<T: FromRedisValue>(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         pipe: &Pipeline,
         limit: Duration,
     ) -> Result<T, StoreError> {
@@ -426,9 +445,9 @@ impl Inner {
 
     /// Replaces the read connection (the old one stopped answering).
     fn reset_connection(&self) {
-        match ConnectionManager::new_lazy_with_config(self.client.clone(), manager_config(&self.opts)) {
-            Ok(manager) => {
-                self.conn.store(Arc::new(manager));
+        match self.target.connect_lazy(&self.opts) {
+            Ok(conn) => {
+                self.conn.store(Arc::new(conn));
                 tracing::warn!("redis stopped answering on its connection: replaced it");
             }
             Err(e) => tracing::warn!(error = %self.unavailable(&e), "cannot replace the redis connection"),
@@ -523,16 +542,30 @@ impl RedisStore {
                 meta: Some(current.meta.clone()),
             });
         }
-        let mut pipe = ::redis::pipe();
-        for number in numbers {
-            let (bucket, field) = current.generation.locate(number.value());
-            pipe.cmd("HGET")
-                .arg(inner.keys.bucket(current.generation.id, bucket))
-                .arg(field);
-        }
-        let values: Vec<Value> = inner
-            .pipeline_on(&mut inner.conn(), &pipe, inner.opts.timeout)
-            .await?;
+        let conn = inner.conn();
+        let values: Vec<Value> = if conn.is_cluster() {
+            // A pipeline must stay inside one slot and a batch's buckets are
+            // spread over all of them: send concurrent single HGETs (the
+            // cluster connection multiplexes them on its node connections).
+            futures_util::future::try_join_all(numbers.iter().map(|number| {
+                let (bucket, field) = current.generation.locate(number.value());
+                let mut cmd = ::redis::cmd("HGET");
+                cmd.arg(inner.keys.bucket(current.generation.id, bucket))
+                    .arg(field);
+                let mut conn = conn.clone();
+                async move { inner.query_on::<Value>(&mut conn, &cmd, inner.opts.timeout).await }
+            }))
+            .await?
+        } else {
+            let mut pipe = ::redis::pipe();
+            for number in numbers {
+                let (bucket, field) = current.generation.locate(number.value());
+                pipe.cmd("HGET")
+                    .arg(inner.keys.bucket(current.generation.id, bucket))
+                    .arg(field);
+            }
+            inner.pipeline_on(&mut conn.clone(), &pipe, inner.opts.timeout).await?
+        };
         if values.len() != numbers.len() {
             return Err(StoreError::Unavailable(format!(
                 "redis answered {} of {} lookups",

@@ -5,11 +5,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ::redis::aio::ConnectionManager;
 use ::redis::{Script, ScriptInvocation, Value};
 use futures_util::{StreamExt, TryStreamExt, stream};
 
 use super::meta::{self, Generation, StoredMeta, field};
+use super::conn::{Conn, key_slot};
 use super::{Inner, dump};
 use crate::domain::{MirrorMeta, Prefix};
 use crate::import::{Manifest, Records};
@@ -26,6 +26,9 @@ const PIPELINE_RECORDS: usize = 64 * 1024;
 const PIPELINE_COMMANDS: usize = 1024;
 /// Bulk pipelines in flight at once on the import connection.
 const IN_FLIGHT: usize = 4;
+/// On a cluster: pipelines (each inside one slot, so much smaller) or single
+/// commands in flight at once, over all nodes together.
+const IN_FLIGHT_CLUSTER: usize = 64;
 /// Lifetime of the import lock; renewed every [`LOCK_RENEW`] while held.
 const LOCK_TTL_MS: u64 = 60_000;
 const LOCK_RENEW: Duration = Duration::from_secs(15);
@@ -377,7 +380,7 @@ async fn snapshot_locked(
 /// became current, and a replaced generation not yet deleted.
 async fn clean_leftovers(
     inner: &Inner,
-    bulk: &mut ConnectionManager,
+    bulk: &mut Conn,
     stored: &StoredMeta,
 ) -> Result<(), StoreError> {
     let current = stored.current.as_ref().map(|c| c.generation.id);
@@ -482,22 +485,51 @@ fn group_by_bucket(numbers: &[u64], nbuckets: u64) -> Grouped {
     Grouped { order, runs }
 }
 
-/// Cuts the runs into pipelines of about [`PIPELINE_RECORDS`] records.
-fn pipeline_ranges(runs: &[(u64, u32, u32)]) -> Vec<std::ops::Range<usize>> {
-    let mut ranges = Vec::new();
-    let (mut start, mut records) = (0usize, 0usize);
-    for (i, &(_, from, to)) in runs.iter().enumerate() {
+/// Cuts the runs into pipelines of about [`PIPELINE_RECORDS`] records (at
+/// most [`PIPELINE_COMMANDS`] commands); each pipeline is a list of indexes
+/// into `runs`. With `slots` (a cluster: the slot of each run's key), runs
+/// are grouped by slot and no pipeline spans two slots.
+fn pipeline_batches(runs: &[(u64, u32, u32)], slots: Option<&[u16]>) -> Vec<Vec<u32>> {
+    let mut order: Vec<u32> = (0..runs.len() as u32).collect();
+    if let Some(slots) = slots {
+        order.sort_by_key(|&i| slots[i as usize]);
+    }
+    let mut batches = Vec::new();
+    let mut batch: Vec<u32> = Vec::new();
+    let mut records = 0usize;
+    for i in order {
+        if let (Some(slots), Some(&first)) = (slots, batch.first())
+            && slots[first as usize] != slots[i as usize]
+        {
+            batches.push(std::mem::take(&mut batch));
+            records = 0;
+        }
+        let (_, from, to) = runs[i as usize];
+        batch.push(i);
         records += (to - from) as usize;
-        if records >= PIPELINE_RECORDS || i + 1 - start >= PIPELINE_COMMANDS {
-            ranges.push(start..i + 1);
-            start = i + 1;
+        if records >= PIPELINE_RECORDS || batch.len() >= PIPELINE_COMMANDS {
+            batches.push(std::mem::take(&mut batch));
             records = 0;
         }
     }
-    if start < runs.len() {
-        ranges.push(start..runs.len());
+    if !batch.is_empty() {
+        batches.push(batch);
     }
-    ranges
+    batches
+}
+
+/// The pipelines of a bulk write of `runs` into `generation` on `conn`, and
+/// how many to keep in flight.
+fn plan(inner: &Inner, conn: &Conn, generation: Generation, runs: &[(u64, u32, u32)]) -> (Vec<Vec<u32>>, usize) {
+    if conn.is_cluster() {
+        let slots: Vec<u16> = runs
+            .iter()
+            .map(|&(bucket, _, _)| key_slot(inner.keys.bucket(generation.id, bucket).as_bytes()))
+            .collect();
+        (pipeline_batches(runs, Some(&slots)), IN_FLIGHT_CLUSTER)
+    } else {
+        (pipeline_batches(runs, None), IN_FLIGHT)
+    }
 }
 
 /// How a new generation's buckets are written.
@@ -552,7 +584,7 @@ fn push_bucket(
 /// listpack payloads; HSET otherwise.
 async fn choose_write_mode(
     inner: &Inner,
-    bulk: &mut ConnectionManager,
+    bulk: &mut Conn,
     generation: Generation,
     records: &Records,
     grouped: &Grouped,
@@ -606,19 +638,20 @@ async fn choose_write_mode(
 /// Writes every record into a new generation's buckets.
 async fn write_generation(
     inner: &Inner,
-    bulk: &mut ConnectionManager,
+    bulk: &mut Conn,
     generation: Generation,
     records: &Records,
 ) -> Result<(), StoreError> {
     let grouped = group_by_bucket(&records.numbers, generation.nbuckets);
     let mode = choose_write_mode(inner, bulk, generation, records, &grouped).await?;
+    let (batches, in_flight) = plan(inner, bulk, generation, &grouped.runs);
     let grouped = &grouped;
     let bulk = &*bulk;
-    stream::iter(pipeline_ranges(&grouped.runs))
-        .map(|range| async move {
+    stream::iter(batches)
+        .map(|batch| async move {
             let mut pipe = ::redis::pipe();
             let mut payload = Vec::new();
-            for &(bucket, from, to) in &grouped.runs[range] {
+            for &(bucket, from, to) in batch.iter().map(|&i| &grouped.runs[i as usize]) {
                 push_bucket(
                     &mut pipe,
                     &mut payload,
@@ -633,7 +666,7 @@ async fn write_generation(
                 .pipeline_on::<()>(&mut bulk.clone(), &pipe, inner.opts.bulk_timeout)
                 .await
         })
-        .buffer_unordered(IN_FLIGHT)
+        .buffer_unordered(in_flight)
         .try_collect::<()>()
         .await
 }
@@ -642,7 +675,7 @@ async fn write_generation(
 /// returns how many numbers were new.
 async fn merge_generation(
     inner: &Inner,
-    bulk: &mut ConnectionManager,
+    bulk: &mut Conn,
     generation: Generation,
     records: &Records,
 ) -> Result<u64, StoreError> {
@@ -653,11 +686,12 @@ async fn merge_generation(
         Ok(Ok(sha)) => sha,
     };
     let grouped = group_by_bucket(&records.numbers, generation.nbuckets);
+    let (batches, in_flight) = plan(inner, bulk, generation, &grouped.runs);
     let (grouped, sha, bulk) = (&grouped, sha.as_str(), &*bulk);
-    stream::iter(pipeline_ranges(&grouped.runs))
-        .map(|range| async move {
+    stream::iter(batches)
+        .map(|batch| async move {
             let mut pipe = ::redis::pipe();
-            for &(bucket, from, to) in &grouped.runs[range] {
+            for &(bucket, from, to) in batch.iter().map(|&i| &grouped.runs[i as usize]) {
                 pipe.cmd("EVALSHA")
                     .arg(sha)
                     .arg(1)
@@ -671,7 +705,7 @@ async fn merge_generation(
             let added: Vec<i64> = inner.pipeline_on(&mut bulk.clone(), &pipe, limit).await?;
             Ok::<u64, StoreError>(added.iter().map(|&a| a.max(0) as u64).sum())
         })
-        .buffer_unordered(IN_FLIGHT)
+        .buffer_unordered(in_flight)
         .try_fold(0u64, |total, added| async move { Ok(total + added) })
         .await
 }
@@ -679,11 +713,27 @@ async fn merge_generation(
 /// UNLINKs every bucket of a generation.
 async fn delete_generation(
     inner: &Inner,
-    bulk: &mut ConnectionManager,
+    bulk: &mut Conn,
     generation: Generation,
 ) -> Result<(), StoreError> {
-    let chunk = PIPELINE_COMMANDS as u64;
     let bulk = &*bulk;
+    if bulk.is_cluster() {
+        // Consecutive buckets lie in different slots: concurrent single
+        // UNLINKs (streamed, so no list of every bucket is built).
+        return stream::iter(0..generation.nbuckets)
+            .map(|bucket| async move {
+                let mut cmd = ::redis::cmd("UNLINK");
+                cmd.arg(inner.keys.bucket(generation.id, bucket));
+                inner
+                    .query_on::<Value>(&mut bulk.clone(), &cmd, inner.opts.bulk_timeout)
+                    .await
+                    .map(drop)
+            })
+            .buffer_unordered(IN_FLIGHT_CLUSTER)
+            .try_collect::<()>()
+            .await;
+    }
+    let chunk = PIPELINE_COMMANDS as u64;
     stream::iter((0..generation.nbuckets.div_ceil(chunk)).map(|c| c * chunk))
         .map(|from| async move {
             let mut pipe = ::redis::pipe();
@@ -816,10 +866,28 @@ mod tests {
         let runs: Vec<(u64, u32, u32)> = (0..5000u64)
             .map(|b| (b, (b * 100) as u32, (b * 100 + 100) as u32))
             .collect();
-        let ranges = pipeline_ranges(&runs);
-        assert_eq!(ranges.first().map(|r| r.start), Some(0));
-        assert_eq!(ranges.last().map(|r| r.end), Some(runs.len()));
-        assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
-        assert!(ranges.iter().all(|r| r.len() <= PIPELINE_COMMANDS));
+        let batches = pipeline_batches(&runs, None);
+        let flat: Vec<u32> = batches.iter().flatten().copied().collect();
+        assert_eq!(flat, (0..runs.len() as u32).collect::<Vec<_>>());
+        assert!(batches.iter().all(|b| b.len() <= PIPELINE_COMMANDS));
+        assert!(batches.len() > 1);
+    }
+
+    #[test]
+    fn cluster_pipelines_stay_in_one_slot() {
+        let runs: Vec<(u64, u32, u32)> = (0..20_000u64)
+            .map(|b| (b, (b * 10) as u32, (b * 10 + 10) as u32))
+            .collect();
+        let slots: Vec<u16> = runs
+            .iter()
+            .map(|&(b, _, _)| key_slot(format!("rn:g1:{b}").as_bytes()))
+            .collect();
+        let batches = pipeline_batches(&runs, Some(&slots));
+        let mut flat: Vec<u32> = batches.iter().flatten().copied().collect();
+        flat.sort_unstable();
+        assert_eq!(flat, (0..runs.len() as u32).collect::<Vec<_>>());
+        for batch in &batches {
+            assert!(batch.iter().all(|&i| slots[i as usize] == slots[batch[0] as usize]));
+        }
     }
 }
