@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::server::quota::{QuotaConfig, QuotaSettings};
+
 /// Settings that can come from a file, the environment or flags; every field
 /// optional so the layers can be merged.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, clap::Args)]
@@ -25,6 +27,14 @@ pub struct ServeSettings {
     /// CA bundle (PEM) that client certificates must chain to.
     #[arg(long, env = "REASSIGNED_CLIENT_CA")]
     pub client_ca: Option<PathBuf>,
+    /// Certificate revocation list for client certificates (PEM or DER);
+    /// repeat the flag, or comma-separate in the environment, for several.
+    #[arg(long = "client-crl", env = "REASSIGNED_CLIENT_CRLS", value_delimiter = ',')]
+    pub client_crls: Option<Vec<PathBuf>>,
+    /// Milliseconds between looks at the TLS files (certificate, key, client
+    /// CA, CRLs) for changes to reload (default 2000).
+    #[arg(long, env = "REASSIGNED_TLS_RELOAD_INTERVAL_MS")]
+    pub tls_reload_interval_ms: Option<u64>,
     /// Redis URL (`redis://host:6379/0`); without it the embedded store is used.
     #[arg(long, env = "REASSIGNED_REDIS")]
     pub redis: Option<String>,
@@ -73,6 +83,49 @@ pub struct ServeSettings {
     /// Largest request message in bytes (default 262144).
     #[arg(long, env = "REASSIGNED_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
+    /// Require certificate-bound bearer tokens (default true). `--no-tokens`
+    /// (`REASSIGNED_TOKENS=false`, `tokens = false`) serves with mTLS alone.
+    #[arg(
+        long = "no-tokens",
+        env = "REASSIGNED_TOKENS",
+        num_args = 0,
+        default_missing_value = "false",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub tokens: Option<bool>,
+    /// JWKS file (public keys, ES256 or EdDSA) that bearer tokens are verified with.
+    #[arg(long, env = "REASSIGNED_JWKS")]
+    pub jwks: Option<PathBuf>,
+    /// The `iss` every bearer token must carry.
+    #[arg(long, env = "REASSIGNED_TOKEN_ISSUER")]
+    pub token_issuer: Option<String>,
+    /// The `aud` every bearer token must carry.
+    #[arg(long, env = "REASSIGNED_TOKEN_AUDIENCE")]
+    pub token_audience: Option<String>,
+    /// Redis shared by all replicas for per-platform quotas (default: the
+    /// store's Redis when the store is one Redis server; otherwise quotas
+    /// hold per process).
+    #[arg(long, env = "REASSIGNED_QUOTA_REDIS")]
+    pub quota_redis: Option<String>,
+    /// Timeout of each quota call to Redis in milliseconds, after which the
+    /// local limiter decides (default 50).
+    #[arg(long, env = "REASSIGNED_QUOTA_REDIS_TIMEOUT_MS")]
+    pub quota_redis_timeout_ms: Option<u64>,
+    /// Per-platform quotas (config file only): the `[quotas]` table with a
+    /// `default` entry and entries keyed by platform id. None: unlimited.
+    #[arg(skip)]
+    pub quotas: Option<QuotaSettings>,
+    /// Private key (PEM PKCS#8, ECDSA P-256 or Ed25519) that signs receipts
+    /// (`want_receipt`). Without it, asking for a receipt is
+    /// FAILED_PRECONDITION. Make one with `reassigned keys generate --out
+    /// DIR` (it is `DIR/issuer.key`; use a key of its own, not the token
+    /// issuer's).
+    #[arg(long, env = "REASSIGNED_RECEIPT_KEY")]
+    pub receipt_key: Option<PathBuf>,
+    /// Key id (`kid`) of the receipt key (default: derived from the public
+    /// key, as `keys generate` does).
+    #[arg(long, env = "REASSIGNED_RECEIPT_KID")]
+    pub receipt_kid: Option<String>,
 }
 
 impl ServeSettings {
@@ -86,6 +139,8 @@ impl ServeSettings {
             tls_cert,
             tls_key,
             client_ca,
+            client_crls,
+            tls_reload_interval_ms,
             redis,
             redis_cluster,
             redis_read_from_replicas,
@@ -99,7 +154,16 @@ impl ServeSettings {
             max_handshakes,
             request_timeout_ms,
             max_concurrent_streams,
-            max_message_bytes
+            max_message_bytes,
+            tokens,
+            jwks,
+            token_issuer,
+            token_audience,
+            quota_redis,
+            quota_redis_timeout_ms,
+            quotas,
+            receipt_key,
+            receipt_kid
         )
     }
 
@@ -144,6 +208,35 @@ pub enum StoreConfig {
     },
 }
 
+/// Where `reassigned import` and `reassigned sync` write: one Redis server
+/// (`--redis`) or a Redis Cluster (`--redis-cluster`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server at this URL.
+    Single(String),
+    /// A cluster reached through these seed nodes.
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// From the `--redis` / `--redis-cluster` flags: exactly one must be given.
+    pub fn from_flags(redis: Option<String>, redis_cluster: Option<String>) -> Result<Self, ConfigError> {
+        match (redis, redis_cluster) {
+            (Some(url), None) => Ok(RedisTarget::Single(url)),
+            (None, Some(list)) => Ok(RedisTarget::Cluster(parse_cluster_urls(&list)?)),
+            (Some(_), Some(_)) => Err(ConfigError::Invalid(
+                "redis",
+                "give either --redis or --redis-cluster, not both".into(),
+            )),
+            (None, None) => Err(ConfigError::Missing(
+                "redis or redis_cluster",
+                "redis or --redis-cluster",
+                "REASSIGNED_REDIS or REASSIGNED_REDIS_CLUSTER",
+            )),
+        }
+    }
+}
+
 /// The validated configuration of `serve`.
 #[derive(Clone, Debug, Serialize)]
 pub struct ServeConfig {
@@ -155,6 +248,14 @@ pub struct ServeConfig {
     pub tls_key: PathBuf,
     /// Client CA bundle.
     pub client_ca: PathBuf,
+    /// Client certificate revocation lists, enforced at the handshake.
+    pub client_crls: Vec<PathBuf>,
+    /// Milliseconds between looks at the TLS files for changes.
+    pub tls_reload_interval_ms: u64,
+    /// Reloads the TLS material of the server running with this config;
+    /// clone it before calling [`crate::run`].
+    #[serde(skip)]
+    pub reload: crate::server::reload::ReloadHandle,
     /// The store.
     pub store: StoreConfig,
     /// Staleness limit in days.
@@ -171,6 +272,14 @@ pub struct ServeConfig {
     pub max_concurrent_streams: u32,
     /// Largest request message in bytes.
     pub max_message_bytes: usize,
+    /// Bearer tokens: `None` when turned off (mTLS only).
+    pub tokens: Option<crate::server::token::TokenConfig>,
+    /// Per-platform quotas.
+    pub quotas: QuotaConfig,
+    /// The receipt signing key file; `None`: receipts are refused.
+    pub receipt_key: Option<PathBuf>,
+    /// The receipt key id; `None`: the key's JWK thumbprint.
+    pub receipt_kid: Option<String>,
 }
 
 /// A configuration that cannot be used.
@@ -193,6 +302,7 @@ impl ServeConfig {
 
     /// Validates merged settings and fills in defaults.
     pub fn from_settings(s: ServeSettings) -> Result<Self, ConfigError> {
+        let quotas = quota_config(&s)?;
         let need = |v: Option<PathBuf>, name, flag, env| -> Result<PathBuf, ConfigError> {
             let path = v.ok_or(ConfigError::Missing(name, flag, env))?;
             if !path.is_file() {
@@ -206,6 +316,17 @@ impl ServeConfig {
         let tls_cert = need(s.tls_cert, "tls_cert", "tls-cert", "REASSIGNED_TLS_CERT")?;
         let tls_key = need(s.tls_key, "tls_key", "tls-key", "REASSIGNED_TLS_KEY")?;
         let client_ca = need(s.client_ca, "client_ca", "client-ca", "REASSIGNED_CLIENT_CA")?;
+        let client_crls = s
+            .client_crls
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|crl| need(Some(crl), "client_crls", "client-crl", "REASSIGNED_CLIENT_CRLS"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tls_reload_interval_ms = positive(
+            "tls_reload_interval_ms",
+            s.tls_reload_interval_ms.unwrap_or(2_000),
+        )?;
         let given = [s.redis.is_some(), s.redis_cluster.is_some(), s.data_dir.is_some()];
         if given.iter().filter(|&&g| g).count() > 1 {
             return Err(ConfigError::Invalid(
@@ -275,15 +396,21 @@ impl ServeConfig {
                 .parse()
                 .map_err(|e| ConfigError::Invalid("listen", format!("{e}")))?,
         };
+        let tokens = token_config(s.tokens, s.jwks, s.token_issuer, s.token_audience)?;
+        let (receipt_key, receipt_kid) = receipt_config(s.receipt_key, s.receipt_kid)?;
         let max_batch = s.max_batch.unwrap_or(1000);
         if !(1..=100_000).contains(&max_batch) {
             return Err(ConfigError::Invalid("max_batch", "must be 1 to 100000".into()));
         }
         Ok(Self {
+            quotas,
             listen,
             tls_cert,
             tls_key,
             client_ca,
+            client_crls,
+            tls_reload_interval_ms,
+            reload: crate::server::reload::ReloadHandle::new(),
             store,
             max_staleness_days: s.max_staleness_days.unwrap_or(45),
             max_batch,
@@ -298,12 +425,20 @@ impl ServeConfig {
                 "max_message_bytes",
                 s.max_message_bytes.unwrap_or(256 * 1024) as u64,
             )? as usize,
+            tokens,
+            receipt_key,
+            receipt_kid,
         })
     }
 
     /// The per-call timeout.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// Time between looks at the TLS files for changes.
+    pub fn tls_reload_interval(&self) -> Duration {
+        Duration::from_millis(self.tls_reload_interval_ms)
     }
 }
 
@@ -333,6 +468,88 @@ pub fn parse_cluster_urls(list: &str) -> Result<Vec<String>, ConfigError> {
         ));
     }
     Ok(urls)
+}
+
+/// The `[quotas]` table, validated; the quota Redis defaults to the store's.
+fn quota_config(s: &ServeSettings) -> Result<QuotaConfig, ConfigError> {
+    let redis = s.quota_redis.clone().or_else(|| s.redis.clone());
+    if let Some(url) = &redis
+        && !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
+    {
+        return Err(ConfigError::Invalid(
+            "quota_redis",
+            "must be a redis://, rediss:// or unix:// URL".into(),
+        ));
+    }
+    let prefix = s.redis_key_prefix.clone().unwrap_or_else(|| "rn".into());
+    let mut config = QuotaConfig::from_settings(s.quotas.as_ref(), redis, prefix)
+        .map_err(|e| ConfigError::Invalid("quotas", e.to_string()))?;
+    if let Some(ms) = s.quota_redis_timeout_ms {
+        config.redis_timeout_ms = positive("quota_redis_timeout_ms", ms)?;
+    }
+    Ok(config)
+}
+
+/// Tokens are on unless turned off explicitly; then the JWKS, issuer and
+/// audience are required, and the JWKS must load.
+fn token_config(
+    on: Option<bool>,
+    jwks: Option<PathBuf>,
+    issuer: Option<String>,
+    audience: Option<String>,
+) -> Result<Option<crate::server::token::TokenConfig>, ConfigError> {
+    if on == Some(false) {
+        return Ok(None);
+    }
+    const HINT: &str = "bearer tokens are on by default; --no-tokens serves with mTLS alone";
+    let jwks = jwks.ok_or(ConfigError::Invalid(
+        "jwks",
+        format!("missing (flag --jwks, environment REASSIGNED_JWKS): {HINT}"),
+    ))?;
+    let issuer = issuer.filter(|s| !s.is_empty()).ok_or(ConfigError::Invalid(
+        "token_issuer",
+        format!("missing (flag --token-issuer, environment REASSIGNED_TOKEN_ISSUER): {HINT}"),
+    ))?;
+    let audience = audience.filter(|s| !s.is_empty()).ok_or(ConfigError::Invalid(
+        "token_audience",
+        format!("missing (flag --token-audience, environment REASSIGNED_TOKEN_AUDIENCE): {HINT}"),
+    ))?;
+    let config = crate::server::token::TokenConfig {
+        jwks,
+        issuer,
+        audience,
+    };
+    crate::server::token::TokenVerifier::load(config.clone())
+        .map_err(|e| ConfigError::Invalid("jwks", e.to_string()))?;
+    Ok(Some(config))
+}
+
+/// Checks the receipt key now (it must parse), so a bad key stops `serve`
+/// before it binds.
+fn receipt_config(
+    key: Option<PathBuf>,
+    kid: Option<String>,
+) -> Result<(Option<PathBuf>, Option<String>), ConfigError> {
+    let Some(key) = key else {
+        if kid.is_some() {
+            return Err(ConfigError::Invalid(
+                "receipt_kid",
+                "needs receipt_key (--receipt-key)".into(),
+            ));
+        }
+        return Ok((None, None));
+    };
+    if let Some(kid) = &kid
+        && (kid.is_empty() || kid.len() > 128 || !kid.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(ConfigError::Invalid(
+            "receipt_kid",
+            "must be 1 to 128 printable ASCII characters".into(),
+        ));
+    }
+    crate::receipt::ReceiptSigner::from_pem_file(&key, kid.clone())
+        .map_err(|e| ConfigError::Invalid("receipt_key", e.to_string()))?;
+    Ok((Some(key), kid))
 }
 
 fn positive(name: &'static str, v: u64) -> Result<u64, ConfigError> {
@@ -406,16 +623,23 @@ mod tests {
             redis_read_from_replicas: Some(true),
             ..base
         };
-        let config = ServeConfig::from_settings(cluster).expect("cluster config");
-        assert_eq!(
-            config.store,
-            StoreConfig::RedisCluster {
-                urls: vec!["redis://b:1".into(), "redis://c:2".into()],
-                key_prefix: "rn".into(),
-                timeout_ms: 200,
-                read_from_replicas: true,
+        // Settings checked after the store (e.g. bearer tokens) may still
+        // be missing here: only the store part must be accepted.
+        match ServeConfig::from_settings(cluster) {
+            Ok(config) => assert_eq!(
+                config.store,
+                StoreConfig::RedisCluster {
+                    urls: vec!["redis://b:1".into(), "redis://c:2".into()],
+                    key_prefix: "rn".into(),
+                    timeout_ms: 200,
+                    read_from_replicas: true,
+                }
+            ),
+            Err(ConfigError::Invalid(name, _) | ConfigError::Missing(name, _, _)) => {
+                assert!(!name.starts_with("redis") && name != "data_dir", "{name}")
             }
-        );
+            Err(e) => panic!("{e}"),
+        }
     }
 
     #[test]

@@ -12,15 +12,25 @@
 //! - [`import`]: manifests and CSV data files of the national register, their
 //!   checks, and applying snapshots and deltas in sequence order.
 //! - [`api`]: the generated protobuf code, conversions, the service handlers.
-//! - [`server`]: TLS termination, the auth layer, health, reflection, [`run`].
+//! - [`server`]: TLS termination, the auth layer with certificate-bound
+//!   bearer tokens ([`server::token`]), per-platform quotas
+//!   ([`server::quota`]), reloading TLS material without a restart
+//!   ([`server::reload`]), health, reflection, [`run`].
+//! - [`receipt`]: signed receipts of answers (compact JWS), their keys, JWKS
+//!   and offline verification.
+//! - [`audit`]: the audit trail of answers (keyed number hashes, a Redis
+//!   Stream written in the background).
 //! - [`config`]: layered, validated configuration of `serve`.
-//! - [`cli`]: operator commands (dev certificates, synthetic data, demo).
+//! - [`cli`]: operator commands (dev certificates, token issuer keys and
+//!   tokens, synthetic data, demo).
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod import;
+pub mod receipt;
 pub mod server;
 pub mod store;
 

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use reassigned::cli;
+use reassigned::cli::bench::{self, BareOptions, BenchOptions};
 use reassigned::cli::generate::GenerateOptions;
-use reassigned::config::ServeSettings;
+use reassigned::config::{RedisTarget, ServeSettings};
 
 /// A gRPC mirror of a national register of reassigned phone numbers.
 #[derive(Parser)]
@@ -36,8 +37,11 @@ enum Command {
     /// Apply one manifest (snapshot or delta) to the Redis mirror.
     Import {
         /// Redis URL.
-        #[arg(long, env = "REASSIGNED_REDIS")]
-        redis: String,
+        #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
+        redis: Option<String>,
+        /// Redis Cluster seed nodes, comma-separated (instead of --redis).
+        #[arg(long, env = "REASSIGNED_REDIS_CLUSTER", conflicts_with = "redis")]
+        redis_cluster: Option<String>,
         /// Prefix of every Redis key.
         #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX", default_value = "rn")]
         redis_key_prefix: String,
@@ -47,8 +51,11 @@ enum Command {
     /// Apply every pending manifest of a directory to the Redis mirror, in sequence order.
     Sync {
         /// Redis URL.
-        #[arg(long, env = "REASSIGNED_REDIS")]
-        redis: String,
+        #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
+        redis: Option<String>,
+        /// Redis Cluster seed nodes, comma-separated (instead of --redis).
+        #[arg(long, env = "REASSIGNED_REDIS_CLUSTER", conflicts_with = "redis")]
+        redis_cluster: Option<String>,
         /// Prefix of every Redis key.
         #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX", default_value = "rn")]
         redis_key_prefix: String,
@@ -62,6 +69,27 @@ enum Command {
     },
     /// Write a realistic synthetic register (a snapshot, deltas and a query mix).
     Generate(GenerateOptions),
+    /// Token issuer keys for development.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Signed receipts of answers.
+    Receipt {
+        #[command(subcommand)]
+        command: ReceiptCommand,
+    },
+    /// Bearer tokens for development.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Load-test a server over mutual TLS (throughput, latency percentiles, errors).
+    Bench(Box<BenchOptions>),
+    /// Serve fixed answers without a store, over the same TLS and auth layer:
+    /// the framework's ceiling for benchmarks.
+    #[command(hide = true)]
+    BenchBare(BareOptions),
     /// Make dev certificates and a demo data set if missing, and serve them on
     /// 127.0.0.1:50051 with the embedded store.
     Demo {
@@ -78,6 +106,47 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum KeysCommand {
+    /// A token issuer key pair: `issuer.key` (PKCS#8 PEM, mode 0600) and
+    /// `jwks.json` (its public key, for `serve --jwks`). Never overwrites.
+    Generate {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Signature algorithm.
+        #[arg(long, value_enum, default_value = "ES256")]
+        alg: cli::token::KeyAlg,
+        /// Key id (default: derived from the public key).
+        #[arg(long)]
+        kid: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReceiptCommand {
+    /// Check a receipt offline: its signature against a JWKS (the `jwks` of
+    /// `GetSigningKeys`) and that it is about `--number`. Prints the claims
+    /// as JSON; exits non-zero, saying why, on any mismatch.
+    Verify {
+        /// JWKS file with the service's receipt public keys.
+        #[arg(long)]
+        jwks: PathBuf,
+        /// The number the receipt should be about (E.164).
+        #[arg(long)]
+        number: String,
+        /// The receipt (compact JWS), or `-` to read it from stdin.
+        receipt: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a bearer token bound to a platform's client certificate (RFC 8705).
+    /// Issuer and audience default to `reassigned-dev` and `reassigned`.
+    Mint(cli::token::MintOptions),
+}
+
+#[derive(Subcommand)]
 enum CertsCommand {
     /// A dev CA, a server certificate for localhost and two platform client certificates.
     Dev {
@@ -87,6 +156,22 @@ enum CertsCommand {
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
+    },
+    /// Revoke client certificates: write a CRL signed by the CA, keeping the
+    /// serials already revoked by an existing CRL at `--out`.
+    Revoke {
+        /// The CA certificate (PEM).
+        #[arg(long)]
+        ca_cert: PathBuf,
+        /// The CA private key (PEM).
+        #[arg(long)]
+        ca_key: PathBuf,
+        /// A certificate to revoke (PEM); repeat for several.
+        #[arg(long = "cert", required = true)]
+        certs: Vec<PathBuf>,
+        /// The CRL file to write (PEM), e.g. the server's `--client-crl`.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -119,18 +204,62 @@ fn main() -> ExitCode {
             } => cli::serve(config, dump_config, *settings).await,
             Command::Import {
                 redis,
+                redis_cluster,
                 redis_key_prefix,
                 manifest,
-            } => cli::import(&redis, &redis_key_prefix, &manifest).await,
+            } => match RedisTarget::from_flags(redis, redis_cluster) {
+                Ok(target) => cli::import(&target, &redis_key_prefix, &manifest).await,
+                Err(e) => Err(e.into()),
+            },
             Command::Sync {
                 redis,
+                redis_cluster,
                 redis_key_prefix,
                 dir,
-            } => cli::sync(&redis, &redis_key_prefix, &dir).await,
+            } => match RedisTarget::from_flags(redis, redis_cluster) {
+                Ok(target) => cli::sync(&target, &redis_key_prefix, &dir).await,
+                Err(e) => Err(e.into()),
+            },
             Command::Certs {
                 command: CertsCommand::Dev { out, force },
             } => cli::certs_dev(&out, force),
+            Command::Certs {
+                command:
+                    CertsCommand::Revoke {
+                        ca_cert,
+                        ca_key,
+                        certs,
+                        out,
+                    },
+            } => cli::certs::revoke(&ca_cert, &ca_key, &certs, &out).map(|_| ()),
             Command::Generate(options) => cli::generate_cmd(&options),
+            Command::Keys {
+                command: KeysCommand::Generate { out, alg, kid },
+            } => cli::token::generate_keys(&out, alg, kid.as_deref()).map(|key| {
+                eprintln!(
+                    "wrote {} (kid {}) and {} to {}",
+                    cli::token::ISSUER_KEY_FILE,
+                    key.kid(),
+                    cli::token::JWKS_FILE,
+                    out.display()
+                );
+            }),
+            Command::Receipt {
+                command:
+                    ReceiptCommand::Verify {
+                        jwks,
+                        number,
+                        receipt,
+                    },
+            } => cli::receipt::verify_cmd(&jwks, &number, &receipt).and_then(|claims| {
+                println!("{}", serde_json::to_string_pretty(&claims)?);
+                Ok(())
+            }),
+            Command::Token {
+                command: TokenCommand::Mint(options),
+            } => cli::token::mint_cmd(&options).map(|token| println!("{token}")),
+            Command::Bench(options) => bench::run(&options).await,
+            Command::BenchBare(options) => bench::run_bare(&options).await,
             Command::Demo { dir, listen, records } => cli::demo(&dir, listen, records).await,
         }
     });

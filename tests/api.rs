@@ -98,6 +98,7 @@ fn req(phone_number: &str, since: &str) -> CheckNumberRequest {
     CheckNumberRequest {
         phone_number: phone_number.into(),
         since: since.into(),
+        ..Default::default()
     }
 }
 
@@ -303,6 +304,7 @@ async fn batch(kind: Kind) {
     let results = client
         .batch_check_numbers(BatchCheckNumbersRequest {
             checks: checks.clone(),
+            ..Default::default()
         })
         .await
         .expect("batch")
@@ -334,7 +336,10 @@ async fn batch(kind: Kind) {
     for n in [0usize, 6] {
         let checks = vec![req(A, "2024-01-01"); n];
         let e = client
-            .batch_check_numbers(BatchCheckNumbersRequest { checks })
+            .batch_check_numbers(BatchCheckNumbersRequest {
+                checks,
+                ..Default::default()
+            })
             .await
             .expect_err("limit");
         assert_eq!(e.code(), Code::InvalidArgument);
@@ -348,7 +353,7 @@ async fn client_certificates(kind: Kind) {
     env.apply(base_snapshot(), "s1").await.expect("snapshot");
     let server = env.serve().await;
     let ca = server.certs.pki.ca_cert_pem().to_owned();
-    let call = |channel: tonic::transport::Channel| async move {
+    let call = |channel: support::server::TestChannel| async move {
         pb::reassigned_numbers_client::ReassignedNumbersClient::new(channel)
             .check_number(req(A, "2024-01-01"))
             .await
@@ -451,6 +456,7 @@ async fn snapshot_switch_is_atomic(kind: Kind) {
                 let results = client
                     .batch_check_numbers(BatchCheckNumbersRequest {
                         checks: checks.clone(),
+                        ..Default::default()
                     })
                     .await
                     .expect("batch")
@@ -696,6 +702,7 @@ async fn redis_outage_and_recovery() {
     let e = client
         .batch_check_numbers(BatchCheckNumbersRequest {
             checks: vec![req(A, "2024-01-01")],
+            ..Default::default()
         })
         .await
         .expect_err("redis is down");

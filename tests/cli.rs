@@ -74,7 +74,7 @@ fn bad_configuration_is_refused_before_binding() {
     std::fs::write(
         &config,
         format!(
-            "tls_cert = {:?}\ntls_key = {:?}\nclient_ca = {:?}\ndata_dir = {:?}\nmax_batch = 10\nmax_staleness_days = 30\n",
+            "tls_cert = {:?}\ntls_key = {:?}\nclient_ca = {:?}\ndata_dir = {:?}\nmax_batch = 10\nmax_staleness_days = 30\ntokens = false\n",
             certs("server.pem"),
             certs("server.key"),
             certs("ca.pem"),
@@ -175,6 +175,7 @@ async fn generate_sync_serve_and_stop() {
         bin()
             .args([
                 "serve",
+                "--no-tokens",
                 "--listen",
                 &format!("127.0.0.1:{port}"),
                 "--redis",
@@ -210,6 +211,7 @@ async fn generate_sync_serve_and_stop() {
             .check_number(CheckNumberRequest {
                 phone_number: number.into(),
                 since: since.into(),
+                ..Default::default()
             })
             .await
             .expect("check")

@@ -1,5 +1,8 @@
-//! The Redis store against a real `redis-server` that each test starts on a
-//! free port (see `support::redis`).
+//! The Redis store against a real Redis that each test starts on free ports:
+//! every test of the store contract runs twice, against one `redis-server`
+//! (`support::redis`) and against a three-master Redis Cluster
+//! (`support::redis_cluster`). The few tests that only make sense on one
+//! server say why.
 
 mod support;
 
@@ -13,6 +16,148 @@ use reassigned::import::{Kind, Manifest, Records};
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{RedisStore, Store, StoreError};
 use support::redis::RedisServer;
+use support::redis_cluster::RedisCluster;
+
+/// The Redis a test runs against: the factory of its stores and the way to
+/// look at what they wrote.
+enum TestRedis {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Topology {
+    Single,
+    Cluster,
+}
+
+impl TestRedis {
+    fn start(topology: Topology) -> Self {
+        Self::start_with(topology, &[])
+    }
+
+    fn start_with(topology: Topology, extra_args: &[&str]) -> Self {
+        match topology {
+            Topology::Single => TestRedis::Single(RedisServer::start_with(extra_args)),
+            Topology::Cluster => TestRedis::Cluster(RedisCluster::start_with(extra_args)),
+        }
+    }
+
+    /// A new store on this Redis.
+    async fn connect_with(&self, options: RedisOptions) -> Result<RedisStore, StoreError> {
+        match self {
+            TestRedis::Single(server) => RedisStore::connect(&server.url(), options).await,
+            TestRedis::Cluster(cluster) => RedisStore::connect_cluster(&cluster.urls(), options).await,
+        }
+    }
+
+    /// A connection for raw commands (on a cluster: routed by key).
+    fn conn(&self) -> Box<dyn redis::ConnectionLike> {
+        match self {
+            TestRedis::Single(server) => Box::new(
+                redis::Client::open(server.url())
+                    .and_then(|c| c.get_connection())
+                    .expect("test connection"),
+            ),
+            TestRedis::Cluster(cluster) => Box::new(
+                redis::cluster::ClusterClient::new(cluster.urls())
+                    .and_then(|c| c.get_connection())
+                    .expect("test cluster connection"),
+            ),
+        }
+    }
+
+    /// One plain connection per server (every master of a cluster).
+    fn node_conns(&self) -> Vec<redis::Connection> {
+        let urls = match self {
+            TestRedis::Single(server) => vec![server.url()],
+            TestRedis::Cluster(cluster) => cluster.urls(),
+        };
+        urls.into_iter()
+            .map(|url| {
+                redis::Client::open(url)
+                    .and_then(|c| c.get_connection())
+                    .expect("node connection")
+            })
+            .collect()
+    }
+
+    fn pause(&mut self) {
+        match self {
+            TestRedis::Single(server) => server.pause(),
+            TestRedis::Cluster(cluster) => cluster.pause(),
+        }
+    }
+
+    fn resume(&mut self) {
+        match self {
+            TestRedis::Single(server) => server.resume(),
+            TestRedis::Cluster(cluster) => cluster.resume(),
+        }
+    }
+
+    fn single(&mut self) -> &mut RedisServer {
+        match self {
+            TestRedis::Single(server) => server,
+            TestRedis::Cluster(_) => panic!("this test needs a single redis-server"),
+        }
+    }
+}
+
+/// Runs each test function once on one server and once on a cluster.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod single {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::TestRedis::start(super::Topology::Single)).await })*
+        }
+        mod cluster {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::TestRedis::start(super::Topology::Cluster)).await })*
+        }
+    };
+}
+
+on_both!(
+    empty_mirror_answers_without_meta,
+    snapshot_then_lookups,
+    second_snapshot_replaces_everything_and_reclaims_old_keys,
+    delta_keeps_latest_date_and_is_idempotent,
+    sequence_and_lock_conflicts,
+    crashed_snapshot_leftovers_are_deleted,
+    garbled_meta_is_corrupt,
+    lookups_fail_fast_while_redis_hangs_and_recover,
+    a_long_hang_replaces_the_connection_and_recovers,
+    dropping_the_store_closes_its_connection,
+    big_batches_and_deltas_over_many_buckets,
+    membership_filter_answers_misses_without_redis,
+);
+
+/// Runs each test function once on one server and once on a cluster, each
+/// started with these extra `redis-server` arguments.
+macro_rules! on_both_with {
+    ($($name:ident: $args:expr),* $(,)?) => {
+        mod single_with_args {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::TestRedis::start_with(super::Topology::Single, $args)).await
+            })*
+        }
+        mod cluster_with_args {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::TestRedis::start_with(super::Topology::Cluster, $args)).await
+            })*
+        }
+    };
+}
+
+on_both_with!(
+    // No compression, so DUMP shows the listpack bytes as stored.
+    snapshot_buckets_equal_what_hset_builds: &["--rdbcompression", "no"],
+    snapshot_passes_deep_payload_sanitization: &["--sanitize-dump-payload", "yes"],
+    snapshot_falls_back_to_hset_without_restore: &["--rename-command", "RESTORE", ""],
+);
 
 const COVERAGE_START: i32 = 18_654; // 2021-01-27
 
@@ -60,24 +205,35 @@ fn test_options() -> RedisOptions {
     }
 }
 
-async fn connect(server: &RedisServer) -> RedisStore {
-    RedisStore::connect(&server.url(), test_options())
+async fn connect(server: &TestRedis) -> RedisStore {
+    server
+        .connect_with(test_options())
         .await
         .expect("connect to the test redis")
 }
 
-fn redis_conn(server: &RedisServer) -> redis::Connection {
-    redis::Client::open(server.url())
-        .and_then(|c| c.get_connection())
-        .expect("test connection")
+fn redis_conn(server: &TestRedis) -> Box<dyn redis::ConnectionLike> {
+    server.conn()
 }
 
-/// Every key matching `pattern` (SCAN).
-fn keys(server: &RedisServer, pattern: &str) -> Vec<String> {
-    let mut con = redis_conn(server);
-    let mut found: Vec<String> = redis::cmd("KEYS").arg(pattern).query(&mut con).expect("KEYS");
+/// Every key matching `pattern` (KEYS on every server).
+fn keys(server: &TestRedis, pattern: &str) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    for mut con in server.node_conns() {
+        let mut on_node: Vec<String> = redis::cmd("KEYS").arg(pattern).query(&mut con).expect("KEYS");
+        found.append(&mut on_node);
+    }
     found.sort();
     found
+}
+
+/// DBSIZE of every server.
+fn dbsizes(server: &TestRedis) -> Vec<u64> {
+    server
+        .node_conns()
+        .iter_mut()
+        .map(|con| redis::cmd("DBSIZE").query(con).expect("DBSIZE"))
+        .collect()
 }
 
 async fn lookup_day(store: &RedisStore, value: u64) -> Option<i32> {
@@ -102,9 +258,7 @@ where
     }
 }
 
-#[tokio::test]
-async fn empty_mirror_answers_without_meta() {
-    let server = RedisServer::start();
+async fn empty_mirror_answers_without_meta(server: TestRedis) {
     let store = connect(&server).await;
     store.ping().await.expect("ping");
     let one = store.lookup(number(14_155_550_123)).await.expect("lookup");
@@ -118,9 +272,7 @@ async fn empty_mirror_answers_without_meta() {
     assert!(store.refresh_meta().await.expect("refresh").is_none());
 }
 
-#[tokio::test]
-async fn snapshot_then_lookups() {
-    let server = RedisServer::start();
+async fn snapshot_then_lookups(server: TestRedis) {
     let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 3, 1000);
     let recs = records(data.clone());
@@ -164,6 +316,8 @@ async fn snapshot_then_lookups() {
         assert_eq!(lookup_day(&store, *n).await, Some(i32::from(*d)));
     }
 
+    // Each bucket written once with RESTORE, the first twice (the probe).
+    assert_eq!(command_calls(&server, "restore"), 8 + 1);
     // Layout: ceil(1000 / 128) = 8 listpack buckets, no hash tag, lock released.
     let buckets = keys(&server, "rn:g[0-9]*");
     assert_eq!(buckets.len(), 8, "{buckets:?}");
@@ -173,7 +327,7 @@ async fn snapshot_then_lookups() {
     let encoding: String = redis::cmd("OBJECT")
         .arg("ENCODING")
         .arg(&buckets[0])
-        .query(&mut con)
+        .query(&mut *con)
         .expect("OBJECT ENCODING");
     assert_eq!(encoding, "listpack");
     // A number is (bucket, field) = (n % 8, n / 8).
@@ -181,14 +335,12 @@ async fn snapshot_then_lookups() {
     let stored: Option<u16> = redis::cmd("HGET")
         .arg(format!("rn:g1:{}", n % 8))
         .arg(n / 8)
-        .query(&mut con)
+        .query(&mut *con)
         .expect("HGET");
     assert_eq!(stored, Some(data[5].1));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn second_snapshot_replaces_everything_and_reclaims_old_keys() {
-    let server = RedisServer::start();
+async fn second_snapshot_replaces_everything_and_reclaims_old_keys(server: TestRedis) {
     let writer = connect(&server).await;
     let reader = connect(&server).await;
     let first = us_numbers(12_125_550_000, 7, 3000);
@@ -275,20 +427,18 @@ async fn second_snapshot_replaces_everything_and_reclaims_old_keys() {
     let buckets = keys(&server, "rn:g[0-9]*");
     assert_eq!(buckets.len(), 12, "{buckets:?}");
     assert!(buckets.iter().all(|k| k.starts_with("rn:g2:")), "{buckets:?}");
+    let dbsize: u64 = dbsizes(&server).iter().sum();
+    assert_eq!(dbsize, 12 + 3, "buckets, filter, meta and gen_counter");
     let mut con = redis_conn(&server);
-    let dbsize: u64 = redis::cmd("DBSIZE").query(&mut con).expect("DBSIZE");
-    assert_eq!(dbsize, 12 + 2, "buckets, meta and gen_counter");
     let reclaim: Option<String> = redis::cmd("HGET")
         .arg("rn:meta")
         .arg("reclaim_generation")
-        .query(&mut con)
+        .query(&mut *con)
         .expect("HGET");
     assert_eq!(reclaim, None);
 }
 
-#[tokio::test]
-async fn delta_keeps_latest_date_and_is_idempotent() {
-    let server = RedisServer::start();
+async fn delta_keeps_latest_date_and_is_idempotent(server: TestRedis) {
     let store = connect(&server).await;
     let base = us_numbers(14_155_550_000, 13, 2000);
     store
@@ -340,7 +490,7 @@ async fn delta_keeps_latest_date_and_is_idempotent() {
         .arg(2)
         .arg("as_of")
         .arg(Date::from_days(20_001).to_string())
-        .query(&mut con)
+        .query(&mut *con)
         .expect("rewind meta");
     store.apply_delta(&m3, &delta3).await.expect("delta 3 retried");
     assert_eq!(lookup_day(&store, a.0).await, Some(i32::from(a.1) + 200));
@@ -363,9 +513,7 @@ async fn delta_keeps_latest_date_and_is_idempotent() {
     assert_eq!(store.refresh_meta().await.expect("r").expect("m").sequence, 4);
 }
 
-#[tokio::test]
-async fn sequence_and_lock_conflicts() {
-    let server = RedisServer::start();
+async fn sequence_and_lock_conflicts(server: TestRedis) {
     let store = connect(&server).await;
     let recs = records(us_numbers(14_155_550_000, 1, 100));
     let conflict = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Conflict(_)));
@@ -408,14 +556,14 @@ async fn sequence_and_lock_conflicts() {
         .arg("someone-else")
         .arg("PX")
         .arg(60_000)
-        .query(&mut con)
+        .query(&mut *con)
         .expect("SET lock");
     assert!(conflict(
         store.apply_delta(&manifest(Kind::Delta, 6, 20_001), &recs).await
     ));
-    let holder: String = redis::cmd("GET").arg("rn:lock").query(&mut con).expect("GET");
+    let holder: String = redis::cmd("GET").arg("rn:lock").query(&mut *con).expect("GET");
     assert_eq!(holder, "someone-else", "a refused import leaves the lock alone");
-    let _: () = redis::cmd("DEL").arg("rn:lock").query(&mut con).expect("DEL");
+    let _: () = redis::cmd("DEL").arg("rn:lock").query(&mut *con).expect("DEL");
     store
         .apply_delta(&manifest(Kind::Delta, 6, 20_001), &recs)
         .await
@@ -423,9 +571,7 @@ async fn sequence_and_lock_conflicts() {
     assert_eq!(store.cached_meta().expect("meta").sequence, 6);
 }
 
-#[tokio::test]
-async fn crashed_snapshot_leftovers_are_deleted() {
-    let server = RedisServer::start();
+async fn crashed_snapshot_leftovers_are_deleted(server: TestRedis) {
     let store = connect(&server).await;
     let recs = records(us_numbers(14_155_550_000, 1, 300));
     store
@@ -440,14 +586,14 @@ async fn crashed_snapshot_leftovers_are_deleted() {
         .arg(9)
         .arg("pending_nbuckets")
         .arg(3)
-        .query(&mut con)
+        .query(&mut *con)
         .expect("HSET");
     for b in 0..3 {
         let _: () = redis::cmd("HSET")
             .arg(format!("rn:g9:{b}"))
             .arg(1)
             .arg(1)
-            .query(&mut con)
+            .query(&mut *con)
             .expect("HSET");
     }
     // Readers ignore it.
@@ -470,9 +616,7 @@ async fn crashed_snapshot_leftovers_are_deleted() {
     assert!(left.iter().all(|k| k.starts_with("rn:g10:")), "{left:?}");
 }
 
-#[tokio::test]
-async fn garbled_meta_is_corrupt() {
-    let server = RedisServer::start();
+async fn garbled_meta_is_corrupt(server: TestRedis) {
     let store = connect(&server).await;
     let mut con = redis_conn(&server);
     let _: () = redis::cmd("HSET")
@@ -481,22 +625,22 @@ async fn garbled_meta_is_corrupt() {
         .arg("one")
         .arg("nbuckets")
         .arg(1)
-        .query(&mut con)
+        .query(&mut *con)
         .expect("HSET");
     assert!(matches!(store.refresh_meta().await, Err(StoreError::Corrupt(_))));
     assert!(matches!(
-        RedisStore::connect(&server.url(), test_options()).await,
+        server.connect_with(test_options()).await,
         Err(StoreError::Corrupt(_))
     ));
     // Not a hash at all.
     let _: () = redis::cmd("SET")
         .arg("rn:meta")
         .arg("x")
-        .query(&mut con)
+        .query(&mut *con)
         .expect("SET");
     assert!(matches!(store.refresh_meta().await, Err(StoreError::Corrupt(_))));
     // A bucket value that is not a day number.
-    let _: () = redis::cmd("DEL").arg("rn:meta").query(&mut con).expect("DEL");
+    let _: () = redis::cmd("DEL").arg("rn:meta").query(&mut *con).expect("DEL");
     store
         .apply_snapshot(
             &manifest(Kind::Snapshot, 1, 20_000),
@@ -509,7 +653,7 @@ async fn garbled_meta_is_corrupt() {
         .arg("rn:g1:0")
         .arg(14_155_550_123u64)
         .arg("garbage")
-        .query(&mut con)
+        .query(&mut *con)
         .expect("HSET");
     assert!(matches!(
         store.lookup(number(14_155_550_123)).await,
@@ -517,18 +661,28 @@ async fn garbled_meta_is_corrupt() {
     ));
 }
 
-/// How many times Redis ran `command` (INFO commandstats).
-fn command_calls(server: &RedisServer, command: &str) -> u64 {
-    let mut con = redis_conn(server);
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut con)
-        .expect("INFO commandstats");
+/// How many times Redis ran `command` (INFO commandstats), over all servers.
+fn command_calls(server: &TestRedis, command: &str) -> u64 {
+    command_calls_per_node(server, command).iter().sum()
+}
+
+/// How many times each server ran `command` (INFO commandstats).
+fn command_calls_per_node(server: &TestRedis, command: &str) -> Vec<u64> {
     let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0)
+    server
+        .node_conns()
+        .iter_mut()
+        .map(|con| {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query(con)
+                .expect("INFO commandstats");
+            info.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .and_then(|rest| rest.split(',').next()?.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
 }
 
 /// Numbers whose bucket fields need every listpack integer encoding.
@@ -540,10 +694,7 @@ fn mixed_numbers() -> Vec<(u64, u16)> {
     pairs
 }
 
-#[tokio::test]
-async fn snapshot_buckets_equal_what_hset_builds() {
-    // No compression, so DUMP shows the listpack bytes as stored.
-    let server = RedisServer::start_with(&["--rdbcompression", "no"]);
+async fn snapshot_buckets_equal_what_hset_builds(server: TestRedis) {
     let store = connect(&server).await;
     let data = mixed_numbers();
     store
@@ -563,29 +714,27 @@ async fn snapshot_buckets_equal_what_hset_builds() {
         let encoding: String = redis::cmd("OBJECT")
             .arg("ENCODING")
             .arg(key)
-            .query(&mut con)
+            .query(&mut *con)
             .expect("OBJECT");
         assert_eq!(encoding, "listpack", "{key}");
         // The same fields HSET one by one, in the same order.
-        let pairs: Vec<(String, String)> = redis::cmd("HGETALL").arg(key).query(&mut con).expect("HGETALL");
+        let pairs: Vec<(String, String)> = redis::cmd("HGETALL").arg(key).query(&mut *con).expect("HGETALL");
         let copy = format!("copy:{key}");
         for (f, v) in &pairs {
             let _: () = redis::cmd("HSET")
                 .arg(&copy)
                 .arg(f)
                 .arg(v)
-                .query(&mut con)
+                .query(&mut *con)
                 .expect("HSET");
         }
-        let ours: Vec<u8> = redis::cmd("DUMP").arg(key).query(&mut con).expect("DUMP");
-        let theirs: Vec<u8> = redis::cmd("DUMP").arg(&copy).query(&mut con).expect("DUMP");
+        let ours: Vec<u8> = redis::cmd("DUMP").arg(key).query(&mut *con).expect("DUMP");
+        let theirs: Vec<u8> = redis::cmd("DUMP").arg(&copy).query(&mut *con).expect("DUMP");
         assert_eq!(ours, theirs, "{key}");
     }
 }
 
-#[tokio::test]
-async fn snapshot_passes_deep_payload_sanitization() {
-    let server = RedisServer::start_with(&["--sanitize-dump-payload", "yes"]);
+async fn snapshot_passes_deep_payload_sanitization(server: TestRedis) {
     let store = connect(&server).await;
     let data = mixed_numbers();
     store
@@ -599,9 +748,7 @@ async fn snapshot_passes_deep_payload_sanitization() {
     }
 }
 
-#[tokio::test]
-async fn snapshot_falls_back_to_hset_without_restore() {
-    let server = RedisServer::start_with(&["--rename-command", "RESTORE", ""]);
+async fn snapshot_falls_back_to_hset_without_restore(server: TestRedis) {
     let store = connect(&server).await;
     let data = mixed_numbers();
     store
@@ -618,9 +765,7 @@ async fn snapshot_falls_back_to_hset_without_restore() {
     assert_eq!(store.cached_meta().expect("meta").record_count, data.len() as u64);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lookups_fail_fast_while_redis_hangs_and_recover() {
-    let mut server = RedisServer::start();
+async fn lookups_fail_fast_while_redis_hangs_and_recover(mut server: TestRedis) {
     let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 5, 500);
     store
@@ -666,9 +811,7 @@ async fn lookups_fail_fast_while_redis_hangs_and_recover() {
     assert!(store.ping().await.is_ok());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_hang_replaces_the_connection_and_recovers() {
-    let mut server = RedisServer::start();
+async fn a_long_hang_replaces_the_connection_and_recovers(mut server: TestRedis) {
     let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 5, 500);
     store
@@ -691,21 +834,25 @@ async fn a_long_hang_replaces_the_connection_and_recovers() {
     .await;
 }
 
+/// Single server only: restarting every node of a cluster with its data
+/// needs persisted cluster configuration and data files (this harness runs
+/// nodes without persistence); a cluster survives the loss of a node through
+/// its replicas instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_recovers_after_redis_restarts() {
-    let mut server = RedisServer::start();
+    let mut server = TestRedis::start(Topology::Single);
     let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 5, 500);
     store
         .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data.clone()), None)
         .await
         .expect("snapshot");
-    server.stop();
+    server.single().stop();
     let started = Instant::now();
     assert!(store.lookup(number(data[0].0)).await.is_err());
     assert!(store.ping().await.is_err());
     assert!(started.elapsed() < Duration::from_secs(1));
-    server.restart();
+    server.single().restart();
     eventually(
         "lookups answer again after a restart",
         Duration::from_secs(15),
@@ -726,43 +873,168 @@ async fn store_recovers_after_redis_restarts() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropping_the_store_closes_its_connection() {
-    let server = RedisServer::start();
-    let mut con = redis_conn(&server);
-    let clients = |con: &mut redis::Connection| -> u64 {
-        let info: String = redis::cmd("INFO").arg("clients").query(con).expect("INFO");
-        info.lines()
-            .find_map(|l| l.strip_prefix("connected_clients:"))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("connected_clients")
+async fn dropping_the_store_closes_its_connection(server: TestRedis) {
+    let mut cons = server.node_conns();
+    // Connected clients over all servers.
+    let clients = |cons: &mut Vec<redis::Connection>| -> u64 {
+        cons.iter_mut()
+            .map(|con| {
+                let info: String = redis::cmd("INFO").arg("clients").query(con).expect("INFO");
+                info.lines()
+                    .find_map(|l| l.strip_prefix("connected_clients:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .expect("connected_clients")
+            })
+            .sum()
     };
-    let before = clients(&mut con);
+    let before = clients(&mut cons);
     let store = connect(&server).await;
     let copy = store.clone();
-    assert!(clients(&mut con) > before);
+    assert!(clients(&mut cons) > before);
     drop(store);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(clients(&mut con) > before, "a clone keeps it alive");
+    assert!(clients(&mut cons) > before, "a clone keeps it alive");
     drop(copy);
     eventually("the store's connection closes", Duration::from_secs(5), || {
-        let n = clients(&mut con);
+        let n = clients(&mut cons);
         async move { n == before }
     })
     .await;
 }
 
-/// CPU seconds (user + system) the Redis server has used so far.
-fn redis_cpu_seconds(con: &mut redis::Connection) -> f64 {
-    let info: String = redis::cmd("INFO").arg("cpu").query(con).expect("INFO cpu");
-    info.lines()
-        .filter(|l| l.starts_with("used_cpu_user:") || l.starts_with("used_cpu_sys:"))
-        .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
-        .sum()
+/// Batches and deltas that touch many buckets: on a cluster they span every
+/// node and many slots, so they must be split by slot.
+async fn big_batches_and_deltas_over_many_buckets(server: TestRedis) {
+    let store = connect(&server).await;
+    let data = us_numbers(12_015_550_000, 7, 20_000);
+    store
+        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data.clone()), None)
+        .await
+        .expect("snapshot");
+    // A batch of 1000: every 20th number, and the number after each (absent).
+    let asked: Vec<PhoneNumber> = data
+        .iter()
+        .step_by(20)
+        .flat_map(|&(n, _)| [number(n), number(n + 1)])
+        .collect();
+    assert_eq!(asked.len(), 2000);
+    let many = store.lookup_many(&asked).await.expect("lookup_many");
+    let expected: Vec<Option<Date>> = data
+        .iter()
+        .step_by(20)
+        .flat_map(|&(_, d)| [Some(Date::from_days(i32::from(d))), None])
+        .collect();
+    assert_eq!(many.found, expected);
+    assert_eq!(many.meta.expect("meta").sequence, 1);
+
+    // A delta over most buckets: 3000 new numbers and 3000 later dates.
+    let mut delta: Vec<(u64, u16)> = data
+        .iter()
+        .step_by(5)
+        .map(|&(n, _)| (n + 1, 20_001))
+        .take(3000)
+        .collect();
+    delta.extend(
+        data.iter()
+            .skip(2)
+            .step_by(6)
+            .map(|&(n, d)| (n, d + 1500))
+            .take(3000),
+    );
+    let delta = records(delta);
+    store
+        .apply_delta(&manifest(Kind::Delta, 2, 20_001), &delta)
+        .await
+        .expect("delta");
+    let meta = store.refresh_meta().await.expect("refresh").expect("meta");
+    assert_eq!((meta.sequence, meta.record_count), (2, 23_000));
+    let asked: Vec<PhoneNumber> = delta.numbers.iter().copied().map(number).collect();
+    let many = store
+        .lookup_many(&asked)
+        .await
+        .expect("lookup_many after the delta");
+    let expected: Vec<Option<Date>> = delta
+        .days
+        .iter()
+        .map(|&d| Some(Date::from_days(i32::from(d))))
+        .collect();
+    assert_eq!(many.found, expected);
+    // A second snapshot reclaims all of the first generation's keys.
+    store
+        .apply_snapshot(
+            &manifest(Kind::Snapshot, 3, 20_002),
+            &records(data[..500].to_vec()),
+            Some(2),
+        )
+        .await
+        .expect("second snapshot");
+    assert!(keys(&server, "rn:g1:*").is_empty());
+    assert_eq!(keys(&server, "rn:g2:*").len(), 4);
+}
+
+/// Bucket keys carry no hash tag, so a snapshot spreads them over every
+/// master of a cluster (three here: each gets a third, give or take).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_keys_spread_evenly_over_masters() {
+    let server = TestRedis::start(Topology::Cluster);
+    let store = connect(&server).await;
+    let data = us_numbers(14_155_550_000, 3, 20_000);
+    store
+        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data), None)
+        .await
+        .expect("snapshot");
+    let per_node: Vec<usize> = server
+        .node_conns()
+        .iter_mut()
+        .map(|con| {
+            let found: Vec<String> = redis::cmd("KEYS").arg("rn:g[0-9]*").query(con).expect("KEYS");
+            found.len()
+        })
+        .collect();
+    let total: usize = per_node.iter().sum();
+    assert_eq!(total, 20_000usize.div_ceil(128));
+    let dbsize = dbsizes(&server);
+    println!("bucket keys per master: {per_node:?} of {total}; DBSIZE per master: {dbsize:?}");
+    for keys in &per_node {
+        let share = *keys as f64 / total as f64;
+        assert!((0.20..=0.47).contains(&share), "{per_node:?}");
+    }
+}
+
+/// CPU seconds (user + system) the Redis servers have used so far.
+fn redis_cpu_seconds(server: &TestRedis) -> f64 {
+    let mut total = 0.0;
+    for mut con in server.node_conns() {
+        let info: String = redis::cmd("INFO").arg("cpu").query(&mut con).expect("INFO cpu");
+        total += info
+            .lines()
+            .filter(|l| l.starts_with("used_cpu_user:") || l.starts_with("used_cpu_sys:"))
+            .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    total
+}
+
+/// `used_memory` of the Redis servers together, in bytes.
+fn used_memory(server: &TestRedis) -> u64 {
+    let mut total = 0;
+    for mut con in server.node_conns() {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query(&mut con)
+            .expect("INFO memory");
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("used_memory");
+    }
+    total
 }
 
 /// Bytes per record and import rate. Run with
-/// `RN_BENCH_RECORDS=1000000 cargo test --release --test redis_store -- --ignored --nocapture bench`.
+/// `RN_BENCH_RECORDS=1000000 cargo test --release --test redis_store -- --ignored --nocapture bench`
+/// (with `RN_BENCH_CLUSTER=1`: on a three-master cluster).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn bench_snapshot_memory_and_rate() {
@@ -771,8 +1043,14 @@ async fn bench_snapshot_memory_and_rate() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url(), RedisOptions::default())
+    let topology = if std::env::var_os("RN_BENCH_CLUSTER").is_some() {
+        Topology::Cluster
+    } else {
+        Topology::Single
+    };
+    let server = TestRedis::start(topology);
+    let store = server
+        .connect_with(RedisOptions::default())
         .await
         .expect("connect");
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -786,19 +1064,18 @@ async fn bench_snapshot_memory_and_rate() {
     pairs.sort_unstable();
     pairs.dedup_by_key(|p| p.0);
     let recs = records(pairs);
-    let before = store.used_memory().await.expect("used_memory");
-    let mut con = redis_conn(&server);
-    let cpu_before = redis_cpu_seconds(&mut con);
+    let before = used_memory(&server);
+    let cpu_before = redis_cpu_seconds(&server);
     let started = Instant::now();
     store
         .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_500), &recs, None)
         .await
         .expect("snapshot");
     let took = started.elapsed();
-    let after = store.used_memory().await.expect("used_memory");
-    let cpu = redis_cpu_seconds(&mut con) - cpu_before;
+    let after = used_memory(&server);
+    let cpu = redis_cpu_seconds(&server) - cpu_before;
     println!(
-        "records={} import={:.2?} (redis cpu {:.2}s) rate={:.0}/s used_memory_delta={} bytes_per_record={:.2}",
+        "topology={topology:?} records={} import={:.2?} (redis cpu {:.2}s) rate={:.0}/s used_memory_delta={} bytes_per_record={:.2}",
         recs.len(),
         took,
         cpu,
@@ -869,4 +1146,145 @@ async fn bench_snapshot_memory_and_rate() {
         asked.len() as f64 / took.as_secs_f64(),
         hits.load(Ordering::Relaxed)
     );
+}
+
+/// With `read_from_replicas`, lookups on a cluster with one replica per
+/// master are answered by the replicas; imports still write to the masters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_reads_from_replicas() {
+    let cluster = RedisCluster::start_with_replicas(1);
+    let replica: Vec<bool> = (0..cluster.urls().len()).map(|i| cluster.is_replica(i)).collect();
+    assert_eq!(replica.iter().filter(|&&r| r).count(), 3, "{replica:?}");
+    let server = TestRedis::Cluster(cluster);
+    let store = server
+        .connect_with(RedisOptions {
+            read_from_replicas: true,
+            ..test_options()
+        })
+        .await
+        .expect("connect");
+    let data = us_numbers(14_155_550_000, 3, 2000);
+    store
+        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data.clone()), None)
+        .await
+        .expect("snapshot");
+    // Replication is asynchronous: wait until the replicas have it all.
+    eventually("the replicas have the snapshot", Duration::from_secs(10), || {
+        let (store, data) = (store.clone(), data.clone());
+        async move {
+            let asked: Vec<PhoneNumber> = data.iter().map(|&(n, _)| number(n)).collect();
+            store
+                .lookup_many(&asked)
+                .await
+                .is_ok_and(|l| l.found.iter().all(Option::is_some))
+        }
+    })
+    .await;
+    let hgets = |server: &TestRedis| -> (u64, u64) {
+        let per_node = command_calls_per_node(server, "hget");
+        let on = |want: bool| {
+            per_node
+                .iter()
+                .zip(&replica)
+                .filter(|&(_, &r)| r == want)
+                .map(|(n, _)| n)
+                .sum::<u64>()
+        };
+        (on(false), on(true))
+    };
+    let (masters_before, replicas_before) = hgets(&server);
+    for (n, d) in data.iter().step_by(4) {
+        assert_eq!(lookup_day(&store, *n).await, Some(i32::from(*d)));
+    }
+    let (masters_after, replicas_after) = hgets(&server);
+    assert_eq!(masters_after, masters_before, "no lookup on a master");
+    assert!(
+        replicas_after - replicas_before >= 500,
+        "{replicas_before} -> {replicas_after}"
+    );
+}
+
+/// Most numbers asked have no record: once the membership filter of the
+/// current generation and sequence is loaded, they are answered without a
+/// round trip (HGET calls stay flat); a number a delta adds is found as soon
+/// as the reader sees the delta's sequence; an import that does not keep the
+/// filter up to date makes readers stop using it.
+async fn membership_filter_answers_misses_without_redis(server: TestRedis) {
+    let writer = connect(&server).await;
+    let reader = connect(&server).await;
+    let data = us_numbers(14_155_550_000, 3, 2000);
+    writer
+        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data.clone()), None)
+        .await
+        .expect("snapshot");
+    eventually("the reader loads the filter", Duration::from_secs(5), || async {
+        reader.membership_filter() == Some((1, 1))
+    })
+    .await;
+    // In the filter's generation: every stored number is found...
+    for (n, d) in data.iter().step_by(10) {
+        assert_eq!(lookup_day(&reader, *n).await, Some(i32::from(*d)));
+    }
+    // ... and absent numbers (one after each stored one) rarely reach Redis.
+    let absent: Vec<u64> = data.iter().map(|&(n, _)| n + 1).collect();
+    let before = command_calls(&server, "hget");
+    for &n in &absent[..1000] {
+        assert_eq!(lookup_day(&reader, n).await, None);
+    }
+    let asked: Vec<PhoneNumber> = absent[1000..].iter().copied().map(number).collect();
+    let many = reader.lookup_many(&asked).await.expect("lookup_many");
+    assert!(many.found.iter().all(Option::is_none));
+    let reached = command_calls(&server, "hget") - before;
+    assert!(
+        reached <= 60,
+        "{reached} of 2000 absent numbers reached redis (false positives)"
+    );
+
+    // A delta adds a number (not one of `absent`): found once the reader
+    // sees sequence 2.
+    let new_number = 14_155_550_002;
+    assert_eq!(lookup_day(&reader, new_number).await, None);
+    writer
+        .apply_delta(
+            &manifest(Kind::Delta, 2, 20_001),
+            &records(vec![(new_number, 20_001)]),
+        )
+        .await
+        .expect("delta");
+    eventually("the reader sees sequence 2", Duration::from_secs(5), || async {
+        reader.cached_meta().is_some_and(|m| m.sequence == 2)
+    })
+    .await;
+    assert_eq!(lookup_day(&reader, new_number).await, Some(20_001));
+    eventually(
+        "the reader reloads the filter",
+        Duration::from_secs(5),
+        || async { reader.membership_filter() == Some((1, 2)) },
+    )
+    .await;
+    assert_eq!(lookup_day(&reader, new_number).await, Some(20_001));
+    let before = command_calls(&server, "hget");
+    for &n in &absent[..500] {
+        assert_eq!(lookup_day(&reader, n).await, None);
+    }
+    assert!(command_calls(&server, "hget") - before <= 20);
+
+    // An import that moves the sequence without the filter (an older
+    // version): readers ask Redis again.
+    let mut con = redis_conn(&server);
+    let _: () = redis::cmd("HSET")
+        .arg("rn:meta")
+        .arg("sequence")
+        .arg(3)
+        .query(&mut *con)
+        .expect("HSET");
+    eventually("the reader sees sequence 3", Duration::from_secs(5), || async {
+        reader.cached_meta().is_some_and(|m| m.sequence == 3)
+    })
+    .await;
+    let before = command_calls(&server, "hget");
+    for &n in &absent[..100] {
+        assert_eq!(lookup_day(&reader, n).await, None);
+    }
+    assert_eq!(command_calls(&server, "hget") - before, 100, "no stale filter");
 }

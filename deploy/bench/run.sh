@@ -37,6 +37,8 @@
 #   SEED=1            seed of the data set and of the queries
 #   WORK=<new temp>   working directory (kept if KEEP_WORK=1 or given)
 #   SKIP_BUILD=1      use the existing target/release/reassigned
+#   SERVE_FLAGS="--no-tokens"  extra flags of both `serve` runs (`bench`
+#                     sends no bearer tokens, and the bare server checks none)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -52,6 +54,8 @@ STREAM_SIZE=${STREAM_SIZE:-10000}
 METHODS=${METHODS:-check batch stream}
 TARGETS=${TARGETS:-bare redis embedded}
 SEED=${SEED:-1}
+SERVE_FLAGS=${SERVE_FLAGS:---no-tokens}
+read -r -a SERVE_ARGS <<<"$SERVE_FLAGS"
 if [[ -n "${WORK:-}" ]]; then
   KEEP_WORK=1
   mkdir -p "$WORK"
@@ -172,8 +176,8 @@ start_server() {
 for target in $TARGETS; do
   case $target in
     bare) start_server bare bench-bare ;;
-    redis) start_server redis serve --redis "$REDIS_URL" ;;
-    embedded) start_server embedded serve --data-dir "$DATA" ;;
+    redis) start_server redis serve --redis "$REDIS_URL" "${SERVE_ARGS[@]}" ;;
+    embedded) start_server embedded serve --data-dir "$DATA" "${SERVE_ARGS[@]}" ;;
     *) log "unknown target $target (bare, redis, embedded)"; exit 2 ;;
   esac
 done

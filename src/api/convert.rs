@@ -6,6 +6,8 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use super::pb;
 use crate::domain::{self, FieldViolation, MirrorMeta};
+use crate::receipt::ReceiptError;
+use crate::server::quota::{QuotaExceeded, QuotaKind};
 use crate::store::StoreError;
 
 /// Why a call failed, before it becomes a [`tonic::Status`].
@@ -17,6 +19,12 @@ pub enum ApiError {
     /// The store could not answer.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The platform is over one of its quotas.
+    #[error(transparent)]
+    Quota(#[from] QuotaExceeded),
+    /// A receipt was asked for and cannot be made.
+    #[error(transparent)]
+    Receipt(#[from] ReceiptError),
 }
 
 impl ApiError {
@@ -35,6 +43,22 @@ impl ApiError {
                     (Code::Aborted, "the mirror changed during the call; retry".into())
                 }
                 StoreError::Corrupt(_) => (Code::Internal, "the mirror data is unreadable".into()),
+            },
+            ApiError::Quota(e) => (
+                Code::ResourceExhausted,
+                match e.kind {
+                    QuotaKind::Rate => "request rate quota exceeded; retry after the delay given".into(),
+                    QuotaKind::Daily => "daily numbers quota exceeded; retry after the UTC day ends".into(),
+                },
+            ),
+            ApiError::Receipt(e) => match e {
+                ReceiptError::NotConfigured => (
+                    Code::FailedPrecondition,
+                    "receipts are not configured on this server".into(),
+                ),
+                ReceiptError::NoPlatform | ReceiptError::Sign(_) => {
+                    (Code::Internal, "cannot sign the receipt".into())
+                }
             },
         }
     }
@@ -62,6 +86,17 @@ impl From<ApiError> for Status {
             }
             ApiError::Store(inner) => {
                 tracing::warn!(error = %inner, "store error");
+                Status::new(code, message)
+            }
+            ApiError::Quota(exceeded) => {
+                tracing::debug!(kind = ?exceeded.kind, retry_after = ?exceeded.retry_after, "quota exceeded");
+                let details = ErrorDetails::with_retry_info(Some(exceeded.retry_after));
+                Status::with_error_details(code, message, details)
+            }
+            ApiError::Receipt(inner) => {
+                if !matches!(inner, ReceiptError::NotConfigured) {
+                    tracing::error!(error = %inner, "receipt error");
+                }
                 Status::new(code, message)
             }
         }
@@ -133,6 +168,7 @@ pub fn answer_message(
         status: status as i32,
         data_as_of: meta.map(|m| m.as_of.to_string()).unwrap_or_default(),
         no_data_reason: reason as i32,
+        receipt: String::new(),
     }
 }
 

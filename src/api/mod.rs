@@ -2,9 +2,11 @@
 //! domain, and the `ReassignedNumbers` service handlers.
 
 mod convert;
+mod receipts;
 mod service;
 
 pub use convert::ApiError;
+pub use receipts::{REQUEST_ID_HEADER, ReceiptContext, ReceiptPlan};
 pub use service::{ReassignedService, ServiceOptions};
 
 /// Code generated from `proto/reassigned/v1/reassigned.proto`.

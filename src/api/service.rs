@@ -9,8 +9,12 @@ use tracing::Instrument;
 
 use super::convert::{answer_message, status_message};
 use super::pb::reassigned_numbers_server::ReassignedNumbers;
+use super::receipts::{ReceiptContext, ReceiptPlan};
 use super::{ApiError, pb};
 use crate::domain::{self, Check, Date, FieldViolation};
+use crate::receipt::{ReceiptError, ReceiptSigner};
+use crate::server::auth::Principal;
+use crate::server::quota::Quotas;
 use crate::store::{Store, StoreError};
 
 /// Most requests of a stream answered with one store round trip.
@@ -25,6 +29,8 @@ pub struct ServiceOptions {
     pub max_batch: usize,
     /// Data older than this many days (`today - as_of`) answers NO_DATA.
     pub max_staleness_days: u32,
+    /// Per-platform quotas; `None`: unlimited.
+    pub quotas: Option<std::sync::Arc<Quotas>>,
 }
 
 impl Default for ServiceOptions {
@@ -32,6 +38,7 @@ impl Default for ServiceOptions {
         Self {
             max_batch: 1000,
             max_staleness_days: 45,
+            quotas: None,
         }
     }
 }
@@ -41,19 +48,35 @@ impl Default for ServiceOptions {
 pub struct ReassignedService<S> {
     store: S,
     options: ServiceOptions,
+    /// Signs receipts when asked; `None`: asking is FAILED_PRECONDITION.
+    receipts: Option<std::sync::Arc<ReceiptSigner>>,
 }
 
 impl<S: Store> ReassignedService<S> {
     /// A service answering from `store`.
     pub fn new(store: S, options: ServiceOptions) -> Self {
-        Self { store, options }
+        Self {
+            store,
+            options,
+            receipts: None,
+        }
+    }
+
+    /// Signs receipts with `signer` (none: receipts are refused).
+    pub fn with_receipts(mut self, signer: Option<std::sync::Arc<ReceiptSigner>>) -> Self {
+        self.receipts = signer;
+        self
     }
 
     /// Answers many checks with one store round trip; invalid items get their
-    /// own error. Fails only if the store cannot answer.
+    /// own error, and so do receipts (per `receipts`) that cannot be made.
+    /// `first_index` is the position of `checks[0]` in the call (for receipt
+    /// ids). Fails only if the store cannot answer.
     async fn check_many(
         &self,
         checks: Vec<pb::CheckNumberRequest>,
+        receipts: &ReceiptPlan,
+        first_index: u64,
     ) -> Result<Vec<pb::BatchCheckResult>, StoreError> {
         let today = Date::today_utc();
         let parsed: Vec<Result<Check, Vec<FieldViolation>>> = checks
@@ -67,16 +90,22 @@ impl<S: Store> ReassignedService<S> {
         Ok(checks
             .into_iter()
             .zip(parsed)
-            .map(|(request, parsed)| {
+            .zip(first_index..)
+            .map(|((request, parsed), index)| {
                 let result = match parsed {
                     Ok(check) => {
                         let disconnect = found.next().flatten();
                         let status = self.answer(check, disconnect, meta, today);
-                        pb::batch_check_result::Result::Answer(answer_message(
-                            request.phone_number,
-                            status,
-                            meta,
-                        ))
+                        let wanted = request.want_receipt;
+                        let mut answer = answer_message(request.phone_number, status, meta);
+                        match receipts.receipt(wanted, check, &answer, meta, index) {
+                            None => pb::batch_check_result::Result::Answer(answer),
+                            Some(Ok(receipt)) => {
+                                answer.receipt = receipt;
+                                pb::batch_check_result::Result::Answer(answer)
+                            }
+                            Some(Err(e)) => pb::batch_check_result::Result::Error(ApiError::from(e).into()),
+                        }
                     }
                     Err(violations) => {
                         pb::batch_check_result::Result::Error(ApiError::InvalidArgument(violations).into())
@@ -85,6 +114,19 @@ impl<S: Store> ReassignedService<S> {
                 pb::BatchCheckResult { result: Some(result) }
             })
             .collect())
+    }
+
+    /// Charges the caller's quotas with `requests` requests and `numbers`
+    /// numbers (see [`crate::server::quota`]); skipped without quotas or
+    /// without a [`Principal`].
+    async fn charge(&self, principal: Option<&Principal>, requests: u32, numbers: u64) -> Result<(), Status> {
+        let (Some(quotas), Some(principal)) = (&self.options.quotas, principal) else {
+            return Ok(());
+        };
+        quotas
+            .check(&principal.platform.id, requests, numbers)
+            .await
+            .map_err(|e| ApiError::from(e).into())
     }
 
     fn answer(
@@ -104,24 +146,60 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         &self,
         request: Request<pb::CheckNumberRequest>,
     ) -> Result<Response<pb::CheckNumberResponse>, Status> {
-        let pb::CheckNumberRequest { phone_number, since } = request.into_inner();
+        self.charge(request.extensions().get(), 1, 1).await?;
+        let receipt = match request.get_ref().want_receipt {
+            true => {
+                Some(ReceiptContext::for_request(self.receipts.as_ref(), &request).map_err(ApiError::from)?)
+            }
+            false => None,
+        };
+        let pb::CheckNumberRequest {
+            phone_number,
+            since,
+            want_receipt: _,
+        } = request.into_inner();
         let today = Date::today_utc();
         let check = Check::parse(&phone_number, &since, today).map_err(ApiError::InvalidArgument)?;
         let lookup = self.store.lookup(check.number).await.map_err(ApiError::from)?;
         let status = self.answer(check, lookup.found, lookup.meta.as_deref(), today);
         tracing::debug!(?status, "checked");
-        Ok(Response::new(answer_message(
-            phone_number,
-            status,
-            lookup.meta.as_deref(),
-        )))
+        let mut answer = answer_message(phone_number, status, lookup.meta.as_deref());
+        if let Some(context) = receipt {
+            answer.receipt = context
+                .sign(check, &answer, lookup.meta.as_deref(), None)
+                .map_err(ApiError::from)?;
+        }
+        Ok(Response::new(answer))
     }
 
     async fn batch_check_numbers(
         &self,
         request: Request<pb::BatchCheckNumbersRequest>,
     ) -> Result<Response<pb::BatchCheckNumbersResponse>, Status> {
-        let pb::BatchCheckNumbersRequest { checks } = request.into_inner();
+        // One request for the rate; every check (valid or not) for the daily
+        // count, unless the batch is refused for its size.
+        let size = request.get_ref().checks.len();
+        let numbers = if size <= self.options.max_batch {
+            size as u64
+        } else {
+            0
+        };
+        self.charge(request.extensions().get(), 1, numbers).await?;
+        let wanted =
+            request.get_ref().want_receipts || request.get_ref().checks.iter().any(|c| c.want_receipt);
+        let receipts =
+            ReceiptPlan {
+                context: match wanted {
+                    true => Ok(ReceiptContext::for_request(self.receipts.as_ref(), &request)
+                        .map_err(ApiError::from)?),
+                    false => Err(ReceiptError::NotConfigured),
+                },
+                all: request.get_ref().want_receipts,
+            };
+        let pb::BatchCheckNumbersRequest {
+            checks,
+            want_receipts: _,
+        } = request.into_inner();
         if checks.is_empty() || checks.len() > self.options.max_batch {
             return Err(ApiError::InvalidArgument(vec![FieldViolation {
                 field: "checks",
@@ -133,7 +211,10 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
             }])
             .into());
         }
-        let results = self.check_many(checks).await.map_err(ApiError::from)?;
+        let results = self
+            .check_many(checks, &receipts, 0)
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(pb::BatchCheckNumbersResponse { results }))
     }
 
@@ -143,6 +224,17 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         &self,
         request: Request<Streaming<pb::CheckNumberRequest>>,
     ) -> Result<Response<Self::StreamCheckNumbersStream>, Status> {
+        // Opening the stream is one request; each chunk adds its checks to
+        // the daily count as it arrives.
+        let principal = request.extensions().get::<Principal>().cloned();
+        self.charge(principal.as_ref(), 1, 0).await?;
+        // Checks that set `want_receipt` get one; without a signer, they get
+        // FAILED_PRECONDITION as their item error.
+        let receipts = ReceiptPlan {
+            context: ReceiptContext::for_request(self.receipts.as_ref(), &request),
+            ..ReceiptPlan::none()
+        };
+        let mut first_index = 0_u64;
         let mut input = request.into_inner().ready_chunks(STREAM_CHUNK);
         // Bounded: when the client stops reading, sends wait, and the server
         // stops reading requests (HTTP/2 flow control pushes back further).
@@ -163,7 +255,13 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
                         }
                     }
                     let count = checks.len();
-                    let results = match this.check_many(checks).await {
+                    let start = first_index;
+                    first_index += count as u64;
+                    if let Err(status) = this.charge(principal.as_ref(), 0, count as u64).await {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                    let results = match this.check_many(checks, &receipts, start).await {
                         Ok(results) => results,
                         Err(e) => {
                             let error: pb::CheckError = ApiError::from(e).into();
@@ -199,5 +297,18 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
             Date::today_utc(),
             self.options.max_staleness_days,
         )))
+    }
+
+    async fn get_signing_keys(
+        &self,
+        _request: Request<pb::GetSigningKeysRequest>,
+    ) -> Result<Response<pb::GetSigningKeysResponse>, Status> {
+        let signer = self
+            .receipts
+            .as_ref()
+            .ok_or(ApiError::Receipt(ReceiptError::NotConfigured))?;
+        Ok(Response::new(pb::GetSigningKeysResponse {
+            jwks: signer.jwks_json().to_owned(),
+        }))
     }
 }

@@ -15,8 +15,9 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, bail, ensure};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData as _, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    PublicKeyData as _, RevokedCertParams, SanType, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject as _;
 use time::OffsetDateTime;
@@ -116,10 +117,16 @@ impl fmt::Debug for DevPki {
 impl DevPki {
     /// A fresh CA ("reassigned dev CA", ECDSA P-256, valid 10 years).
     pub fn new() -> anyhow::Result<Self> {
+        Self::named("reassigned dev CA")
+    }
+
+    /// A fresh CA with this common name. CAs trusted side by side with CRLs
+    /// need distinct names: a CRL applies to the CA of the same name.
+    pub fn named(common_name: &str) -> anyhow::Result<Self> {
         let key = new_key()?;
         let now = SystemTime::now();
         let mut params = CertificateParams::default();
-        params.distinguished_name = name("reassigned dev CA");
+        params.distinguished_name = name(common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -221,6 +228,128 @@ impl DevPki {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+impl DevPki {
+    /// A CRL signed by this CA that revokes the leaf certificate of each PEM
+    /// in `revoked_cert_pems` (reason unspecified), valid from an hour ago
+    /// for [`CRL_VALIDITY`]. PEM (`X509 CRL`).
+    pub fn crl(&self, revoked_cert_pems: &[&str]) -> anyhow::Result<String> {
+        let serials = revoked_cert_pems
+            .iter()
+            .map(|pem| leaf_serial(pem))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        self.crl_for_serials(&serials)
+    }
+
+    /// A CRL signed by this CA that revokes these serial numbers (big-endian
+    /// bytes, as in the certificates). PEM (`X509 CRL`).
+    pub fn crl_for_serials(&self, serials: &[Vec<u8>]) -> anyhow::Result<String> {
+        let now = SystemTime::now();
+        let this_update = OffsetDateTime::from(now - BACKDATE);
+        let params = CertificateRevocationListParams {
+            this_update,
+            next_update: OffsetDateTime::from(now + CRL_VALIDITY),
+            // Increases with every CRL this process or a later one makes.
+            crl_number: SerialNumber::from(
+                now.duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|since| since.as_micros() as u64)
+                    .unwrap_or(1),
+            ),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|serial| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(serial),
+                    revocation_time: this_update,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).context("cannot sign the CRL")?;
+        crl.pem().context("cannot encode the CRL")
+    }
+}
+
+/// Validity of a CRL made by [`DevPki::crl`] (`nextUpdate` - now).
+pub const CRL_VALIDITY: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
+/// The serial number of the first certificate in `cert_pem`.
+pub fn leaf_serial(cert_pem: &str) -> anyhow::Result<Vec<u8>> {
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .context("cannot parse the certificate PEM")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|err| anyhow::anyhow!("cannot parse the certificate: {err}"))?;
+    Ok(cert.raw_serial().to_vec())
+}
+
+/// `reassigned certs revoke`: write to `out` a CRL signed by the CA in
+/// `ca_cert`/`ca_key` that revokes the certificates in `certs` and every
+/// serial already revoked by the CRL in `out`, if there is one (so repeated
+/// calls accumulate). The file is replaced atomically, so a server watching
+/// it never reads half a CRL. Returns the number of revoked serials.
+pub fn revoke(ca_cert: &Path, ca_key: &Path, certs: &[PathBuf], out: &Path) -> anyhow::Result<usize> {
+    let read =
+        |path: &Path| fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()));
+    let pki = DevPki::from_pem(&read(ca_cert)?, &read(ca_key)?)?;
+    let mut serials = match fs::read(out) {
+        Ok(existing) => crl_serials(&existing).with_context(|| format!("{} is not a CRL", out.display()))?,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(err) => return Err(err).with_context(|| format!("cannot read {}", out.display())),
+    };
+    for cert in certs {
+        let serial = leaf_serial(&read(cert)?).with_context(|| format!("certificate {}", cert.display()))?;
+        // Compare as numbers: DER may carry a leading zero byte.
+        if !serials
+            .iter()
+            .any(|known| trim_zeros(known) == trim_zeros(&serial))
+        {
+            serials.push(serial);
+        }
+    }
+    let crl = pki.crl_for_serials(&serials)?;
+    let dir = out
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        out.file_name().and_then(|name| name.to_str()).unwrap_or("crl")
+    ));
+    fs::write(&tmp, crl).with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    tracing::info!(path = %out.display(), revoked = serials.len(), "wrote CRL");
+    Ok(serials.len())
+}
+
+/// The serials revoked by the CRLs in `bytes` (PEM, or one DER CRL).
+fn crl_serials(bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let ders = if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+        rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .context("invalid PEM")?
+    } else {
+        vec![rustls_pki_types::CertificateRevocationListDer::from(
+            bytes.to_vec(),
+        )]
+    };
+    let mut serials = Vec::new();
+    for der in &ders {
+        let (_, crl) =
+            x509_parser::parse_x509_crl(der).map_err(|err| anyhow::anyhow!("cannot parse the CRL: {err}"))?;
+        serials.extend(
+            crl.iter_revoked_certificates()
+                .map(|revoked| revoked.raw_serial().to_vec()),
+        );
+    }
+    Ok(serials)
+}
+
+fn trim_zeros(bytes: &[u8]) -> &[u8] {
+    let start = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len());
+    &bytes[start..]
 }
 
 fn new_key() -> anyhow::Result<KeyPair> {
@@ -374,6 +503,29 @@ fn write_file(output: &Output, force: bool) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn revoke_writes_and_accumulates_a_crl() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        dev_certs(dir.path(), false)?;
+        let crl = dir.path().join("crl.pem");
+        let ca = dir.path().join("ca.pem");
+        let ca_key = dir.path().join("ca.key");
+        assert_eq!(
+            revoke(&ca, &ca_key, &[dir.path().join("platform-a.pem")], &crl)?,
+            1
+        );
+        // Again with the same and one more: both listed once.
+        let certs = [
+            dir.path().join("platform-a.pem"),
+            dir.path().join("platform-b.pem"),
+        ];
+        assert_eq!(revoke(&ca, &ca_key, &certs, &crl)?, 2);
+        let serials = crl_serials(&fs::read(&crl)?)?;
+        let a = leaf_serial(&fs::read_to_string(dir.path().join("platform-a.pem"))?)?;
+        assert!(serials.iter().any(|s| trim_zeros(s) == trim_zeros(&a)));
+        Ok(())
+    }
 
     #[test]
     fn platform_names_are_checked() {

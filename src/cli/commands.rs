@@ -10,7 +10,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use super::generate::GenerateOptions;
-use crate::config::{ServeConfig, ServeSettings, StoreConfig};
+use crate::config::{RedisTarget, ServeConfig, ServeSettings, StoreConfig};
 use crate::import::{self, Applied};
 use crate::store::{AnyStore, EmbeddedStore, RedisStore, redis::RedisOptions};
 
@@ -51,6 +51,14 @@ pub async fn serve(
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
+    // SIGHUP reloads the TLS material (certificate, key, client CAs, CRLs);
+    // installed here, not in `run`, so only the binary changes what SIGHUP
+    // does, and before "listening", so no SIGHUP can find the default action.
+    #[cfg(unix)]
+    let _sighup = crate::server::reload::AbortOnDrop(
+        crate::server::reload::spawn_sighup_reloader(config.reload.clone())
+            .context("cannot listen for SIGHUP")?,
+    );
     tracing::info!(addr = %listener.local_addr()?, "listening");
     crate::run(listener, config, store, shutdown_signal()).await
 }
@@ -72,6 +80,23 @@ pub async fn open_store(config: &StoreConfig) -> anyhow::Result<AnyStore> {
             let store = RedisStore::connect(url, options)
                 .await
                 .context("cannot connect to Redis")?;
+            Ok(AnyStore::Redis(store))
+        }
+        StoreConfig::RedisCluster {
+            urls,
+            key_prefix,
+            timeout_ms,
+            read_from_replicas,
+        } => {
+            let options = RedisOptions {
+                key_prefix: key_prefix.clone(),
+                timeout: Duration::from_millis(*timeout_ms),
+                read_from_replicas: *read_from_replicas,
+                ..RedisOptions::default()
+            };
+            let store = RedisStore::connect_cluster(urls, options)
+                .await
+                .context("cannot connect to the Redis Cluster")?;
             Ok(AnyStore::Redis(store))
         }
         StoreConfig::Embedded {
@@ -118,19 +143,24 @@ pub async fn shutdown_signal() {
     }
 }
 
-async fn redis_store(url: &str, key_prefix: &str) -> anyhow::Result<RedisStore> {
+async fn redis_store(target: &RedisTarget, key_prefix: &str) -> anyhow::Result<RedisStore> {
     let options = RedisOptions {
         key_prefix: key_prefix.to_owned(),
         ..RedisOptions::default()
     };
-    RedisStore::connect(url, options)
-        .await
-        .context("cannot connect to Redis")
+    match target {
+        RedisTarget::Single(url) => RedisStore::connect(url, options)
+            .await
+            .context("cannot connect to Redis"),
+        RedisTarget::Cluster(urls) => RedisStore::connect_cluster(urls, options)
+            .await
+            .context("cannot connect to the Redis Cluster"),
+    }
 }
 
 /// `reassigned import`: applies one manifest to the Redis mirror.
-pub async fn import(url: &str, key_prefix: &str, manifest: &Path) -> anyhow::Result<()> {
-    let store = redis_store(url, key_prefix).await?;
+pub async fn import(target: &RedisTarget, key_prefix: &str, manifest: &Path) -> anyhow::Result<()> {
+    let store = redis_store(target, key_prefix).await?;
     let started = std::time::Instant::now();
     let applied = import::apply_manifest(&store, manifest, &mut import::StderrProgress::new()).await?;
     eprintln!("{} in {:.1?}", describe(&applied), started.elapsed());
@@ -138,8 +168,8 @@ pub async fn import(url: &str, key_prefix: &str, manifest: &Path) -> anyhow::Res
 }
 
 /// `reassigned sync`: applies every pending manifest of `dir` in order.
-pub async fn sync(url: &str, key_prefix: &str, dir: &Path) -> anyhow::Result<()> {
-    let store = redis_store(url, key_prefix).await?;
+pub async fn sync(target: &RedisTarget, key_prefix: &str, dir: &Path) -> anyhow::Result<()> {
+    let store = redis_store(target, key_prefix).await?;
     let report = import::sync_dir(&store, dir, &mut import::StderrProgress::new()).await?;
     eprintln!("{report}");
     Ok(())
@@ -180,7 +210,19 @@ pub async fn demo(dir: &Path, listen: SocketAddr, records: u64) -> anyhow::Resul
             ..GenerateOptions::default()
         })?;
     }
+    let keys = dir.join("keys");
+    if !keys.join(super::token::JWKS_FILE).exists() {
+        let key = super::token::generate_keys(&keys, super::token::KeyAlg::Es256, None)?;
+        eprintln!(
+            "made a token issuer key (kid {}) in {}",
+            key.kid(),
+            keys.display()
+        );
+    }
     let settings = ServeSettings {
+        jwks: Some(keys.join(super::token::JWKS_FILE)),
+        token_issuer: Some(super::token::DEFAULT_ISSUER.into()),
+        token_audience: Some(super::token::DEFAULT_AUDIENCE.into()),
         listen: Some(listen),
         tls_cert: Some(certs.join("server.pem")),
         tls_key: Some(certs.join("server.key")),
@@ -193,24 +235,39 @@ pub async fn demo(dir: &Path, listen: SocketAddr, records: u64) -> anyhow::Resul
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    print_demo_commands(&certs, listen, &data)?;
+    let token = super::token::mint_cmd(&super::token::MintOptions {
+        issuer_key: keys.join(super::token::ISSUER_KEY_FILE),
+        kid: None,
+        platform: "platform-a".into(),
+        cert: certs.join("platform-a.pem"),
+        scope: crate::server::token::scope::ALL.into(),
+        ttl: Duration::from_secs(24 * 60 * 60),
+        issuer: super::token::DEFAULT_ISSUER.into(),
+        audience: super::token::DEFAULT_AUDIENCE.into(),
+    })?;
+    print_demo_commands(&certs, listen, &data, &token)?;
     crate::run(listener, config, store, shutdown_signal()).await
 }
 
-fn print_demo_commands(certs: &Path, listen: SocketAddr, data: &Path) -> anyhow::Result<()> {
+fn print_demo_commands(certs: &Path, listen: SocketAddr, data: &Path, token: &str) -> anyhow::Result<()> {
     let (hit, hit_since) = sample_hit(data)?;
-    let tls = format!(
+    let mtls = format!(
         "-cacert {c}/ca.pem -cert {c}/platform-a.pem -key {c}/platform-a.key",
         c = certs.display()
     );
+    let tls = format!("{mtls} -H \"authorization: Bearer $TOKEN\"");
     let target = format!("localhost:{}", listen.port());
     let svc = "reassigned.v1.ReassignedNumbers";
     println!(
         "reassigned demo is serving on {listen} (embedded store, data in {}).",
         data.display()
     );
-    println!("Try it with grpcurl (mutual TLS as platform-a):\n");
-    println!("  grpcurl {tls} {target} list");
+    println!(
+        "Try it with grpcurl (mutual TLS as platform-a, with a bearer token bound to its certificate, \
+         all scopes, valid 24 h):\n"
+    );
+    println!("  export TOKEN={token}\n");
+    println!("  grpcurl {mtls} {target} list");
     println!("  grpcurl {tls} {target} {svc}/GetMirrorStatus");
     println!(
         "  grpcurl {tls} -d '{{\"phone_number\":\"{hit}\",\"since\":\"{hit_since}\"}}' {target} {svc}/CheckNumber"
@@ -221,7 +278,7 @@ fn print_demo_commands(certs: &Path, listen: SocketAddr, data: &Path) -> anyhow:
     println!(
         "  grpcurl {tls} -d '{{\"checks\":[{{\"phone_number\":\"{hit}\",\"since\":\"{hit_since}\"}},{{\"phone_number\":\"+44 20\",\"since\":\"2024-01-01\"}}]}}' {target} {svc}/BatchCheckNumbers"
     );
-    println!("  grpcurl {tls} {target} grpc.health.v1.Health/Check\n");
+    println!("  grpcurl {mtls} {target} grpc.health.v1.Health/Check\n");
     println!("Stop with Ctrl-C.");
     Ok(())
 }

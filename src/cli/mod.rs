@@ -1,7 +1,10 @@
 //! Operator commands: certificates and other tooling behind `reassigned <command>`.
+pub mod bench;
 pub mod certs;
 mod commands;
 pub mod generate;
+pub mod receipt;
+pub mod token;
 
 pub use commands::{
     certs_dev, demo, generate_cmd, import, init_tracing, open_store, serve, shutdown_signal, sync,

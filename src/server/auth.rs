@@ -6,6 +6,12 @@
 //! [`Principal`] in each request's extensions, or answers `UNAUTHENTICATED`
 //! before the request reaches a handler.
 //!
+//! With a [`TokenVerifier`] the layer also requires, on every call but
+//! health and reflection, a bearer token bound to the connection's client
+//! certificate (RFC 8705, see [`crate::server::token`]) that grants the
+//! method's scope: a missing or bad token is `UNAUTHENTICATED`, a valid token
+//! without the scope `PERMISSION_DENIED`.
+//!
 //! `UNAUTHENTICATED` ("who are you?") and `PERMISSION_DENIED` ("you may not do
 //! this") stay distinct: see [`AuthError`].
 
@@ -22,6 +28,7 @@ use tracing::instrument::Instrumented;
 use x509_parser::extensions::GeneralName;
 
 use crate::server::tls::PeerInfo;
+use crate::server::token::{Scopes, TokenError, TokenVerifier, scope};
 
 /// gRPC path prefixes that may be called without a platform identity.
 ///
@@ -106,37 +113,63 @@ pub fn platform_from_cert(der: &[u8]) -> Result<Platform, CertIdentityError> {
 pub struct Principal {
     /// The platform named by the client certificate of the connection.
     pub platform: Arc<Platform>,
+    /// The scopes granted by the call's bearer token; `None` when the server
+    /// runs without tokens (mTLS only) or for an exempt (health, reflection)
+    /// call.
+    pub scopes: Option<Scopes>,
+}
+
+impl Principal {
+    /// The RFC 8705 thumbprint of the client certificate: base64url (no
+    /// padding) SHA-256 of its DER, as in a token's `cnf["x5t#S256"]`.
+    pub fn cert_thumbprint(&self) -> String {
+        crate::server::token::Confirmation::for_cert_sha256(&self.platform.cert_sha256).x5t_s256
+    }
 }
 
 /// Why a request is refused. Each variant maps to exactly one gRPC status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// The caller is not identified: no platform identity on the connection.
     #[error("client certificate required")]
-    Unauthenticated,
-    /// The caller is identified but not allowed to make this call.
-    #[error("permission denied")]
-    PermissionDenied,
+    NoCertificate,
+    /// The bearer token is missing or not valid for this connection.
+    #[error("{0}")]
+    Token(TokenError),
+    /// The token is valid but does not grant the method's scope.
+    #[error("missing scope {0}")]
+    MissingScope(&'static str),
 }
 
 impl From<AuthError> for tonic::Status {
     fn from(err: AuthError) -> Self {
+        let message = err.to_string();
         match err {
-            AuthError::Unauthenticated => tonic::Status::unauthenticated("client certificate required"),
-            AuthError::PermissionDenied => tonic::Status::permission_denied("permission denied"),
+            AuthError::NoCertificate | AuthError::Token(_) => tonic::Status::unauthenticated(message),
+            AuthError::MissingScope(_) => tonic::Status::permission_denied(message),
         }
     }
 }
 
 /// Tower layer that authenticates every request from the connection's
-/// [`PeerInfo`]. See [`Auth`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AuthLayer;
+/// [`PeerInfo`] and, when it has a [`TokenVerifier`], the call's bearer
+/// token. See [`Auth`].
+#[derive(Debug, Clone, Default)]
+pub struct AuthLayer {
+    tokens: Option<Arc<TokenVerifier>>,
+}
 
 impl AuthLayer {
-    /// A new authentication layer.
+    /// An authentication layer without tokens: the client certificate alone
+    /// identifies the caller (mTLS only).
     pub fn new() -> Self {
-        Self
+        Self { tokens: None }
+    }
+
+    /// An authentication layer that also requires bearer tokens when
+    /// `tokens` is `Some`.
+    pub fn with_tokens(tokens: Option<Arc<TokenVerifier>>) -> Self {
+        Self { tokens }
     }
 }
 
@@ -144,7 +177,10 @@ impl<S> Layer<S> for AuthLayer {
     type Service = Auth<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Auth { inner }
+        Auth {
+            inner,
+            tokens: self.tokens.clone(),
+        }
     }
 }
 
@@ -155,10 +191,38 @@ impl<S> Layer<S> for AuthLayer {
 /// (and a [`TcpConnectInfo`], so `tonic::Request::remote_addr` keeps working)
 /// and runs the inner call inside a `request` span carrying the platform id
 /// and the gRPC method. Without one it answers `UNAUTHENTICATED` at once,
-/// except for the health and reflection services.
+/// except for the health and reflection services. With a [`TokenVerifier`]
+/// it checks the bearer token and the method's scope before the handler
+/// runs; the refusal names the reason, never the token.
 #[derive(Debug, Clone)]
 pub struct Auth<S> {
     inner: S,
+    tokens: Option<Arc<TokenVerifier>>,
+}
+
+impl<S> Auth<S> {
+    /// The scopes of the call, or why it is refused.
+    fn authorize<B>(
+        &self,
+        req: &Request<B>,
+        platform: &Platform,
+        needed: Option<&'static str>,
+    ) -> Result<Option<Scopes>, AuthError> {
+        let Some(tokens) = &self.tokens else {
+            return Ok(None);
+        };
+        let header = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        let scopes = tokens.verify(header, platform).map_err(AuthError::Token)?;
+        if let Some(needed) = needed
+            && !scopes.contains(needed)
+        {
+            return Err(AuthError::MissingScope(needed));
+        }
+        Ok(Some(scopes))
+    }
 }
 
 impl<S, B, ResBody> Service<Request<B>> for Auth<S>
@@ -182,6 +246,7 @@ where
             method = %path
         );
         let exempt = EXEMPT_PREFIXES.iter().any(|prefix| path.starts_with(prefix));
+        let needed = scope::required(path);
 
         let peer = req.extensions().get::<PeerInfo>().cloned();
         if let Some(peer) = &peer {
@@ -193,14 +258,25 @@ where
         match peer.and_then(|peer| peer.platform) {
             Some(platform) => {
                 span.record("platform", tracing::field::display(&platform.id));
-                req.extensions_mut().insert(Principal { platform });
+                let scopes = if exempt {
+                    None
+                } else {
+                    match self.authorize(&req, &platform, needed) {
+                        Ok(scopes) => scopes,
+                        Err(err) => {
+                            span.in_scope(|| tracing::info!(reason = %err, "request refused"));
+                            return Either::Right(ready(Ok(tonic::Status::from(err).into_http())));
+                        }
+                    }
+                };
+                req.extensions_mut().insert(Principal { platform, scopes });
             }
             None if exempt => {}
             None => {
                 span.in_scope(|| {
                     tracing::debug!("rejected request without a client platform identity");
                 });
-                let status = tonic::Status::from(AuthError::Unauthenticated);
+                let status = tonic::Status::from(AuthError::NoCertificate);
                 return Either::Right(ready(Ok(status.into_http())));
             }
         }
@@ -216,13 +292,16 @@ mod tests {
     #[test]
     fn statuses_stay_distinct() {
         assert_eq!(
-            tonic::Status::from(AuthError::Unauthenticated).code(),
+            tonic::Status::from(AuthError::NoCertificate).code(),
             tonic::Code::Unauthenticated
         );
         assert_eq!(
-            tonic::Status::from(AuthError::PermissionDenied).code(),
-            tonic::Code::PermissionDenied
+            tonic::Status::from(AuthError::Token(TokenError::Expired)).code(),
+            tonic::Code::Unauthenticated
         );
+        let denied = tonic::Status::from(AuthError::MissingScope(scope::BATCH));
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert_eq!(denied.message(), "missing scope numbers:batch");
     }
 
     use std::convert::Infallible;

@@ -3,7 +3,10 @@
 //! resolves.
 
 pub mod auth;
+pub mod quota;
+pub mod reload;
 pub mod tls;
+pub mod token;
 
 use std::future::Future;
 use std::time::Duration;
@@ -23,6 +26,9 @@ const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Serves the API on `listener` (already bound) until `shutdown` resolves,
 /// then flips health to NOT_SERVING and lets in-flight calls finish.
+///
+/// With `config.tokens`, every call but health and reflection needs a
+/// certificate-bound bearer token verified with that JWKS (see [`token`]).
 pub async fn run<F>(
     listener: TcpListener,
     config: ServeConfig,
@@ -32,13 +38,53 @@ pub async fn run<F>(
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let tls_config = tls::server_config(&tls::TlsFiles {
-        cert: config.tls_cert.clone(),
-        key: config.tls_key.clone(),
-        client_ca: config.client_ca.clone(),
-    })?;
+    let tokens = match &config.tokens {
+        Some(tokens) => Some(std::sync::Arc::new(token::TokenVerifier::load(tokens.clone())?)),
+        None => None,
+    };
+    run_with_tokens(listener, config, store, tokens, shutdown).await
+}
+
+/// [`run`] with a token verifier made by the caller, who keeps a handle to
+/// it (to call [`token::TokenVerifier::reload`]); `config.tokens` is not
+/// read. `None` serves with mTLS alone. The verifier re-reads its JWKS when
+/// the file changes ([`token::spawn_reload`]) and on every explicit reload
+/// of the server (SIGHUP in `reassigned serve`, see [`reload`]).
+pub async fn run_with_tokens<F>(
+    listener: TcpListener,
+    config: ServeConfig,
+    store: AnyStore,
+    tokens: Option<std::sync::Arc<token::TokenVerifier>>,
+    shutdown: F,
+) -> anyhow::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let token_reload = tokens.clone().map(token::spawn_reload);
+    // TLS material, reloaded for new connections on a file change, on
+    // `config.reload` and (in the binary) on SIGHUP; see [`reload`].
+    let mut reloader = reload::Reloader::load(
+        tls::TlsFiles {
+            cert: config.tls_cert.clone(),
+            key: config.tls_key.clone(),
+            client_ca: config.client_ca.clone(),
+        },
+        config.client_crls.clone(),
+    )?;
+    if let Some(verifier) = tokens.clone() {
+        // An explicit reload re-reads the JWKS too (its own task already
+        // follows file changes).
+        reloader = reloader.with_hook("jwks", move || Ok(verifier.reload()?));
+    }
+    let reloader = std::sync::Arc::new(reloader);
+    let _reload_attached = config.reload.attach(reloader.clone());
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let _tls_watch = reload::AbortOnDrop(tokio::spawn(reload::watch_files(
+        reloader.clone(),
+        config.tls_reload_interval(),
+        stop_rx.clone(),
+    )));
     let health_task = tokio::spawn(watch_health(store.clone(), reporter.clone(), stop_rx));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -49,18 +95,23 @@ where
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let service = ReassignedNumbersServer::new(ReassignedService::new(
-        store,
-        ServiceOptions {
-            max_batch: config.max_batch,
-            max_staleness_days: config.max_staleness_days,
-        },
-    ))
+    let receipts = receipt_signer(&config)?;
+    let service = ReassignedNumbersServer::new(
+        ReassignedService::new(
+            store,
+            ServiceOptions {
+                max_batch: config.max_batch,
+                max_staleness_days: config.max_staleness_days,
+                quotas: quota::Quotas::new(config.quotas.clone())?,
+            },
+        )
+        .with_receipts(receipts),
+    )
     .max_decoding_message_size(config.max_message_bytes);
 
     let incoming = tls::incoming(
         listener,
-        tls_config,
+        reloader.tls().shared_config(),
         tls::AcceptOptions {
             handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
             max_handshakes: config.max_handshakes,
@@ -77,7 +128,7 @@ where
         .timeout(config.request_timeout())
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .layer(auth::AuthLayer)
+        .layer(auth::AuthLayer::with_tokens(tokens))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -85,8 +136,24 @@ where
         .serve_with_incoming_shutdown(incoming, on_shutdown)
         .await?;
     health_task.abort();
+    if let Some(task) = token_reload {
+        task.abort();
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The receipt signer of `config`, if it names a receipt key.
+fn receipt_signer(
+    config: &ServeConfig,
+) -> anyhow::Result<Option<std::sync::Arc<crate::receipt::ReceiptSigner>>> {
+    let Some(path) = &config.receipt_key else {
+        tracing::info!("receipts: off (no receipt key)");
+        return Ok(None);
+    };
+    let signer = crate::receipt::ReceiptSigner::from_pem_file(path, config.receipt_kid.clone())?;
+    tracing::info!(kid = signer.kid(), alg = ?signer.algorithm(), "receipts: on");
+    Ok(Some(std::sync::Arc::new(signer)))
 }
 
 async fn set_serving(reporter: &HealthReporter, serving: bool) {

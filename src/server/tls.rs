@@ -3,9 +3,12 @@
 //! We terminate TLS ourselves instead of using tonic's `ServerTlsConfig` so
 //! that we control the handshake: every accepted socket is handshaken in its
 //! own task under a timeout, with a cap on concurrent handshakes, so a client
-//! that connects and sends nothing cannot stall the accept loop. The server
-//! certificate is served through an [`ArcSwap`], so [`TlsMaterial::reload`]
-//! can replace it without a restart.
+//! that connects and sends nothing cannot stall the accept loop; and so that
+//! [`TlsMaterial::reload`] can replace the server certificate, the client CA
+//! bundle and the client CRLs without a restart: each new handshake takes the
+//! current [`ServerConfig`] from an [`ArcSwap`] ([`SharedServerConfig`]),
+//! while open connections keep the one they were made with. Revocation policy:
+//! see [`TlsMaterial`]. When reloads happen: see [`crate::server::reload`].
 //!
 //! Wiring into tonic:
 //!
@@ -35,7 +38,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -46,13 +49,15 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{InconsistentKeys, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use x509_parser::prelude::FromDer as _;
+use x509_parser::x509::SubjectPublicKeyInfo;
 
 use crate::server::auth::{Platform, platform_from_cert};
 
@@ -147,6 +152,22 @@ pub enum TlsError {
         /// Why.
         reason: String,
     },
+    /// A CRL file holds no `X509 CRL` section.
+    #[error("no CRL found in client CRL file {}", path.display())]
+    NoCrl {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A CRL cannot be parsed.
+    #[error("client CRL file {}: CRL #{index} cannot be parsed: {reason}", path.display())]
+    BadCrl {
+        /// The file.
+        path: PathBuf,
+        /// Position of the CRL in the file, from 1.
+        index: usize,
+        /// Why.
+        reason: String,
+    },
     /// The client certificate verifier could not be built.
     #[error("cannot build the client certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
@@ -161,39 +182,87 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Server TLS material with a hot-swappable certificate.
+/// Server TLS material that can be replaced while the server runs.
 ///
-/// The [`ServerConfig`] built by [`TlsMaterial::server_config`] resolves the
-/// server certificate through this handle on every handshake, so
-/// [`TlsMaterial::reload`] takes effect for new connections at once. The
-/// client CA bundle is fixed in the `ServerConfig`; changing it needs a new
-/// config.
+/// Two swaps make a reload take effect for new connections only, without
+/// touching connections already open:
+/// - the server certificate is resolved through an [`ArcSwap`] on every
+///   handshake, so even a [`ServerConfig`] handed out earlier by
+///   [`TlsMaterial::server_config`] serves the new certificate;
+/// - the client CA bundle and the CRLs live in the client certificate
+///   verifier, which is fixed inside a [`ServerConfig`]; a reload therefore
+///   builds a new `ServerConfig` and stores it in [`SharedServerConfig`],
+///   which [`incoming`] reads for every new handshake.
+///
+/// A reload is all or nothing: if any file is missing or unusable, nothing
+/// changes and the error names the file.
+///
+/// # Revocation
+/// CRLs (PEM or DER, see [`TlsMaterial::load_with_crls`]) are checked for
+/// every certificate of the client's chain except the trust anchor (not only
+/// the end entity), so a revoked intermediate also refuses its clients.
+/// Unknown revocation status is allowed: a certificate whose issuer has no
+/// CRL configured is accepted, so one CA's CRL does not lock out the clients
+/// of every other CA in the bundle. A CRL past its `nextUpdate` is still
+/// enforced (and logged as outdated at load): an old list of revoked
+/// certificates is better than none.
 #[derive(Debug)]
 pub struct TlsMaterial {
     files: TlsFiles,
+    client_crls: Vec<PathBuf>,
     provider: Arc<CryptoProvider>,
     current: Arc<ArcSwap<CertifiedKey>>,
+    config: SharedServerConfig,
+    summary: ArcSwap<TlsSummary>,
+    /// Serialises reloads, so an older reading never overwrites a newer one.
+    reloading: Mutex<()>,
 }
 
 impl TlsMaterial {
     /// Load the server certificate chain and key from `files`, checking that
-    /// the key belongs to the leaf certificate.
+    /// the key belongs to the leaf certificate, and the client CA bundle.
     pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+        Self::load_with_crls(files, Vec::new())
+    }
+
+    /// Like [`TlsMaterial::load`], and also enforce the certificate
+    /// revocation lists in `client_crls` at the handshake. Each file holds
+    /// one or more PEM `X509 CRL` sections, or one DER CRL.
+    pub fn load_with_crls(files: TlsFiles, client_crls: Vec<PathBuf>) -> Result<Self, TlsError> {
         let provider = provider();
-        let key = load_certified_key(&files, &provider)?;
+        let loaded = Loaded::read(&files, &client_crls, &provider)?;
+        let summary = ArcSwap::from_pointee(loaded.summary());
+        let current = Arc::new(ArcSwap::from_pointee(loaded.key));
+        let config = build_config(&provider, &current, loaded.roots, loaded.crls)?;
         Ok(Self {
             files,
+            client_crls,
             provider,
-            current: Arc::new(ArcSwap::from_pointee(key)),
+            current,
+            config: SharedServerConfig(Arc::new(ArcSwap::new(config))),
+            summary,
+            reloading: Mutex::new(()),
         })
     }
 
-    /// Re-read the certificate and key files and serve them to new
-    /// connections. On error the previous certificate stays in use.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        let key = load_certified_key(&self.files, &self.provider)?;
-        self.current.store(Arc::new(key));
-        Ok(())
+    /// Re-read every file (certificate, key, client CA bundle, CRLs) and use
+    /// them for new connections. On error nothing changes: the previous
+    /// material stays in use and the error names the file and the reason.
+    pub fn reload(&self) -> Result<TlsSummary, TlsError> {
+        let _serialised = self
+            .reloading
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let loaded = Loaded::read(&self.files, &self.client_crls, &self.provider)?;
+        let summary = loaded.summary();
+        // Build everything before swapping anything. The new config resolves
+        // through `current` like the old ones, and no handshake sees it
+        // before the key below is in place.
+        let config = build_config(&self.provider, &self.current, loaded.roots, loaded.crls)?;
+        self.current.store(Arc::new(loaded.key));
+        self.config.0.store(config);
+        self.summary.store(Arc::new(summary.clone()));
+        Ok(summary)
     }
 
     /// The files this material is loaded from.
@@ -201,33 +270,164 @@ impl TlsMaterial {
         &self.files
     }
 
+    /// The CRL files enforced at the handshake.
+    pub fn client_crls(&self) -> &[PathBuf] {
+        &self.client_crls
+    }
+
+    /// Every file a reload reads: certificate, key, client CA bundle, CRLs.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut paths = vec![
+            self.files.cert.clone(),
+            self.files.key.clone(),
+            self.files.client_ca.clone(),
+        ];
+        paths.extend(self.client_crls.iter().cloned());
+        paths
+    }
+
     /// The certificate chain currently served (leaf first).
     pub fn current_chain(&self) -> Vec<CertificateDer<'static>> {
         self.current.load().cert.clone()
     }
 
-    /// Build the rustls server configuration: client certificates required
-    /// and verified against `files.client_ca`, safe default protocol
-    /// versions, ALPN `h2`, server certificate served from this handle.
-    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
-        let roots = load_client_roots(&self.files.client_ca)?;
-        // No `allow_unauthenticated()`: a client without a certificate fails
-        // the handshake.
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone()).build()?;
-        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(TlsError::Config)?
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(Arc::new(SwappableCert(self.current.clone())));
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Arc::new(config))
+    /// What is loaded now (subject, serial and expiry of the leaf, counts of
+    /// client CAs, CRLs and revoked serials).
+    pub fn summary(&self) -> TlsSummary {
+        self.summary.load().as_ref().clone()
     }
+
+    /// The rustls server configuration currently in force: client
+    /// certificates required and verified against `files.client_ca` and the
+    /// CRLs, safe default protocol versions, ALPN `h2`, server certificate
+    /// served from this handle. A later [`TlsMaterial::reload`] swaps in a
+    /// new configuration; use [`TlsMaterial::shared_config`] to follow it.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        Ok(self.config.current())
+    }
+
+    /// The swappable configuration to hand to [`incoming`]: every new
+    /// handshake uses the configuration of the latest successful reload.
+    pub fn shared_config(&self) -> SharedServerConfig {
+        self.config.clone()
+    }
+}
+
+/// A [`ServerConfig`] that a reload can replace; [`incoming`] takes the
+/// current one for every new handshake, so open connections keep theirs.
+#[derive(Debug, Clone)]
+pub struct SharedServerConfig(Arc<ArcSwap<ServerConfig>>);
+
+impl SharedServerConfig {
+    /// The configuration in force now.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.0.load_full()
+    }
+}
+
+impl From<Arc<ServerConfig>> for SharedServerConfig {
+    /// A configuration that never changes.
+    fn from(config: Arc<ServerConfig>) -> Self {
+        Self(Arc::new(ArcSwap::new(config)))
+    }
+}
+
+/// What a load or reload put in service, for the logs. Holds no key material.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSummary {
+    /// Subject of the server's leaf certificate.
+    pub subject: String,
+    /// Serial number of the leaf, hex.
+    pub serial: String,
+    /// End of the leaf's validity.
+    pub not_after: String,
+    /// Trust anchors in the client CA bundle.
+    pub client_cas: usize,
+    /// CRLs enforced.
+    pub crls: usize,
+    /// Serial numbers revoked by those CRLs, all issuers together.
+    pub revoked: usize,
+}
+
+/// Everything read from disk for one load, checked, not yet in service.
+struct Loaded {
+    key: CertifiedKey,
+    roots: RootCertStore,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    revoked: usize,
+}
+
+impl Loaded {
+    fn read(files: &TlsFiles, client_crls: &[PathBuf], provider: &CryptoProvider) -> Result<Self, TlsError> {
+        let key = load_certified_key(files, provider)?;
+        let (roots, subjects) = load_client_roots(&files.client_ca)?;
+        let mut crls = Vec::new();
+        let mut revoked = 0;
+        for path in client_crls {
+            for crl in read_crls(path, &subjects)? {
+                revoked += crl.1;
+                crls.push(crl.0);
+            }
+        }
+        Ok(Self {
+            key,
+            roots,
+            crls,
+            revoked,
+        })
+    }
+
+    fn summary(&self) -> TlsSummary {
+        TlsSummary {
+            client_cas: self.roots.len(),
+            crls: self.crls.len(),
+            revoked: self.revoked,
+            ..summarise_leaf(&self.key.cert)
+        }
+    }
+}
+
+fn summarise_leaf(chain: &[CertificateDer<'static>]) -> TlsSummary {
+    let parsed = chain
+        .first()
+        .and_then(|leaf| x509_parser::parse_x509_certificate(leaf).ok());
+    match parsed {
+        Some((_, cert)) => TlsSummary {
+            subject: cert.subject().to_string(),
+            serial: cert.raw_serial_as_string(),
+            not_after: cert.validity().not_after.to_string(),
+            ..TlsSummary::default()
+        },
+        None => TlsSummary::default(),
+    }
+}
+
+/// Client certificates required (no `allow_unauthenticated()`: a client
+/// without a certificate fails the handshake) and checked against `roots`
+/// and `crls` as documented on [`TlsMaterial`].
+fn build_config(
+    provider: &Arc<CryptoProvider>,
+    key: &Arc<ArcSwap<CertifiedKey>>,
+    roots: RootCertStore,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if !crls.is_empty() {
+        verifier = verifier.with_crls(crls).allow_unknown_revocation_status();
+    }
+    let verifier = verifier.build()?;
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(SwappableCert(key.clone())));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Load `files` and build the server configuration in one step.
 ///
-/// The certificate cannot be reloaded through this path; keep a
+/// The material cannot be reloaded through this path; keep a
 /// [`TlsMaterial`] for that.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     TlsMaterial::load(files.clone())?.server_config()
@@ -308,16 +508,109 @@ fn load_certified_key(files: &TlsFiles, provider: &CryptoProvider) -> Result<Cer
     }
 }
 
-fn load_client_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+/// A client CA's subject and public key (both DER), to check CRLs against.
+struct CaKey {
+    subject: Vec<u8>,
+    spki: Vec<u8>,
+}
+
+/// The trust anchors of a client CA bundle, and their subjects and keys, so
+/// CRLs can be matched to them.
+fn load_client_roots(path: &Path) -> Result<(RootCertStore, Vec<CaKey>), TlsError> {
     let mut roots = RootCertStore::empty();
+    let mut subjects = Vec::new();
     for (index, cert) in read_certs("client CA", path)?.into_iter().enumerate() {
-        roots.add(cert).map_err(|err| TlsError::BadClientCa {
+        let bad = |reason: String| TlsError::BadClientCa {
             path: path.to_owned(),
             index: index + 1,
-            reason: err.to_string(),
-        })?;
+            reason,
+        };
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert).map_err(|err| bad(err.to_string()))?;
+        subjects.push(CaKey {
+            subject: parsed.subject().as_raw().to_vec(),
+            spki: parsed.public_key().raw.to_vec(),
+        });
+        roots.add(cert).map_err(|err| bad(err.to_string()))?;
     }
-    Ok(roots)
+    Ok((roots, subjects))
+}
+
+/// The CRLs in `path` (PEM `X509 CRL` sections, or one DER CRL), each
+/// checked to parse, with its number of revoked serials.
+///
+/// The handshake matches a CRL to a certificate by issuer name only and then
+/// refuses the client if the CRL's signature does not verify. So a CRL that
+/// names a CA of the bundle must be signed by it (else it is refused here,
+/// before it can lock that CA's clients out), and the CAs of a bundle used
+/// with CRLs should have distinct names. A CRL whose issuer is not in the
+/// bundle, or that is past its `nextUpdate`, is kept but logged: the first
+/// never applies, the second is outdated.
+fn read_crls(
+    path: &Path,
+    cas: &[CaKey],
+) -> Result<Vec<(CertificateRevocationListDer<'static>, usize)>, TlsError> {
+    let bytes = read_file("client CRL", path)?;
+    let crls = if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+        CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| TlsError::Pem {
+                what: "client CRL",
+                path: path.to_owned(),
+                reason: err.to_string(),
+            })?
+    } else {
+        vec![CertificateRevocationListDer::from(bytes)]
+    };
+    if crls.is_empty() {
+        return Err(TlsError::NoCrl {
+            path: path.to_owned(),
+        });
+    }
+    let now = x509_parser::time::ASN1Time::now();
+    let mut checked = Vec::with_capacity(crls.len());
+    for (index, crl) in crls.into_iter().enumerate() {
+        let bad = |reason: String| TlsError::BadCrl {
+            path: path.to_owned(),
+            index: index + 1,
+            reason,
+        };
+        let (rest, parsed) = x509_parser::parse_x509_crl(&crl).map_err(|err| bad(err.to_string()))?;
+        if !rest.is_empty() {
+            return Err(bad("trailing data after the CRL".into()));
+        }
+        let named: Vec<&CaKey> = cas
+            .iter()
+            .filter(|ca| ca.subject == parsed.issuer().as_raw())
+            .collect();
+        if !named.is_empty() {
+            let signed = named.iter().any(|ca| {
+                SubjectPublicKeyInfo::from_der(&ca.spki)
+                    .is_ok_and(|(_, spki)| parsed.verify_signature(&spki).is_ok())
+            });
+            if !signed {
+                return Err(bad(format!(
+                    "not signed by the client CA named {} (it would refuse all of that CA's clients)",
+                    parsed.issuer()
+                )));
+            }
+        } else {
+            tracing::warn!(
+                path = %path.display(),
+                issuer = %parsed.issuer(),
+                "client CRL is issued by no CA of the client CA bundle; it revokes nothing"
+            );
+        }
+        if parsed.next_update().is_some_and(|next| next < now) {
+            tracing::warn!(
+                path = %path.display(),
+                issuer = %parsed.issuer(),
+                "client CRL is past its next update; still enforced"
+            );
+        }
+        let revoked = parsed.iter_revoked_certificates().count();
+        checked.push((crl, revoked));
+    }
+    Ok(checked)
 }
 
 /// Limits of the accept loop.
@@ -446,16 +739,25 @@ impl Drop for TlsIncoming {
 /// [`AcceptOptions::max_handshakes`] at a time. Failed handshakes are logged
 /// and dropped; accept errors are logged and never end the stream.
 ///
+/// `config` is an `Arc<ServerConfig>` (fixed) or a [`SharedServerConfig`]
+/// (e.g. [`TlsMaterial::shared_config`]): each new handshake takes the
+/// configuration current at its accept, so a reload never touches the
+/// connections already open.
+///
 /// Must be called inside a tokio runtime.
-pub fn incoming(listener: TcpListener, config: Arc<ServerConfig>, opts: AcceptOptions) -> TlsIncoming {
+pub fn incoming(
+    listener: TcpListener,
+    config: impl Into<SharedServerConfig>,
+    opts: AcceptOptions,
+) -> TlsIncoming {
     let (tx, ready) = mpsc::channel(READY_CONNECTIONS);
-    let accept_loop = tokio::spawn(accept_loop(listener, TlsAcceptor::from(config), opts, tx));
+    let accept_loop = tokio::spawn(accept_loop(listener, config.into(), opts, tx));
     TlsIncoming { ready, accept_loop }
 }
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    config: SharedServerConfig,
     opts: AcceptOptions,
     tx: mpsc::Sender<TlsConnection>,
 ) {
@@ -498,7 +800,9 @@ async fn accept_loop(
             tracing::debug!(peer = %remote_addr, error = %err, "cannot set TCP_NODELAY");
         }
 
-        let acceptor = acceptor.clone();
+        // The configuration of the latest reload, for this handshake and
+        // this connection's whole life.
+        let acceptor = TlsAcceptor::from(config.current());
         let tx = tx.clone();
         handshakes.spawn(async move {
             // Held until the connection is handed over, so a server that stops
@@ -667,6 +971,79 @@ mod tests {
         let err = error(&files);
         assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err}");
         assert!(!err.to_string().contains("PRIVATE KEY"), "{err}");
+    }
+
+    fn crl_file(fx: &Fixture, name: &str, contents: &str) -> PathBuf {
+        let path = fx.dir.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    #[test]
+    fn crl_errors_name_the_file() {
+        let fx = fixture();
+        let garbage = crl_file(
+            &fx,
+            "garbage.crl",
+            "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+        );
+        let err = TlsMaterial::load_with_crls(fx.files.clone(), vec![garbage]).unwrap_err();
+        assert!(matches!(err, TlsError::BadCrl { index: 1, .. }), "{err}");
+        assert!(err.to_string().contains("garbage.crl"), "{err}");
+
+        let empty = crl_file(&fx, "empty.crl", "");
+        let err = TlsMaterial::load_with_crls(fx.files.clone(), vec![empty]).unwrap_err();
+        assert!(matches!(err, TlsError::BadCrl { .. }), "{err}");
+
+        let no_crl = crl_file(&fx, "cert.crl", fx.pki.ca_cert_pem());
+        let err = TlsMaterial::load_with_crls(fx.files.clone(), vec![no_crl]).unwrap_err();
+        assert!(matches!(err, TlsError::NoCrl { .. }), "{err}");
+    }
+
+    #[test]
+    fn crl_of_a_same_named_ca_with_another_key_is_refused() {
+        let fx = fixture();
+        // Same subject as the fixture's CA, another key.
+        let impostor = DevPki::new().unwrap();
+        let crl = crl_file(&fx, "impostor.crl", &impostor.crl(&[]).unwrap());
+        let err = TlsMaterial::load_with_crls(fx.files.clone(), vec![crl]).unwrap_err();
+        assert!(err.to_string().contains("not signed by the client CA"), "{err}");
+
+        let ours = crl_file(&fx, "ours.crl", &fx.pki.crl(&[]).unwrap());
+        let material = TlsMaterial::load_with_crls(fx.files.clone(), vec![ours]).unwrap();
+        assert_eq!(material.summary().crls, 1);
+    }
+
+    #[test]
+    fn reload_is_all_or_nothing() {
+        let fx = fixture();
+        let revoked = fx.pki.client("platform-a").unwrap();
+        let crl = crl_file(&fx, "ca.crl", &fx.pki.crl(&[&revoked.cert_pem]).unwrap());
+        let material = TlsMaterial::load_with_crls(fx.files.clone(), vec![crl.clone()]).unwrap();
+        assert_eq!((material.summary().crls, material.summary().revoked), (1, 1));
+        let config = material.server_config().unwrap();
+        let chain = material.current_chain();
+
+        // A new certificate with a broken CRL: neither is taken.
+        let next = fx.pki.server(&["localhost"]).unwrap();
+        std::fs::write(&fx.files.cert, &next.cert_pem).unwrap();
+        std::fs::write(&fx.files.key, &next.key_pem).unwrap();
+        std::fs::write(&crl, "garbage").unwrap();
+        let err = material.reload().unwrap_err();
+        assert!(err.to_string().contains("ca.crl"), "{err}");
+        assert_eq!(material.current_chain(), chain);
+        assert!(Arc::ptr_eq(&material.server_config().unwrap(), &config));
+
+        // Fixed: both are taken, and a new config is in force.
+        std::fs::write(&crl, fx.pki.crl(&[]).unwrap()).unwrap();
+        let summary = material.reload().unwrap();
+        assert_eq!((summary.crls, summary.revoked), (1, 0));
+        assert_ne!(material.current_chain(), chain);
+        assert!(!Arc::ptr_eq(&material.server_config().unwrap(), &config));
+        assert!(Arc::ptr_eq(
+            &material.server_config().unwrap(),
+            &material.shared_config().current()
+        ));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! `mod support;`.
 
 pub mod redis;
+pub mod redis_cluster;
 
 pub mod register;
 pub mod server;

@@ -1,19 +1,99 @@
 //! A real `reassigned` server on an ephemeral port, over mutual TLS with
 //! certificates minted for this test, and clients for it.
+//!
+//! By default the server requires bearer tokens (a JWKS and an issuer key
+//! minted per test) and the clients send a valid token with every scope for
+//! their certificate; [`TestServer::start_without_tokens`] serves mTLS only.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
 use reassigned::cli::certs::{ClientCertSpec, DevPki, PemPair};
+use reassigned::cli::token::{IssuerKey, KeyAlg, claims_for_cert, jwks_json};
 use reassigned::config::{ServeConfig, ServeSettings};
+use reassigned::server::token::{TokenClaims, TokenVerifier, scope};
 use reassigned::store::AnyStore;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// The `iss` of test tokens.
+pub const ISSUER: &str = "test-issuer";
+/// The `aud` of test tokens.
+pub const AUDIENCE: &str = "test-audience";
+/// The `kid` of the test issuer key.
+pub const KID: &str = "test-key";
+
+/// Sends `authorization: Bearer <token>` with every call (or nothing).
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Option<AsciiMetadataValue>);
+
+impl Bearer {
+    /// Sends `token` as a bearer token.
+    pub fn new(token: &str) -> Self {
+        Self(Some(
+            MetadataValue::try_from(format!("Bearer {token}")).expect("token is ASCII"),
+        ))
+    }
+
+    /// Sends this exact `authorization` value.
+    pub fn raw(value: &str) -> Self {
+        Self(Some(MetadataValue::try_from(value).expect("ASCII")))
+    }
+
+    /// Sends no token.
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            req.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel of the test clients: TLS, plus a bearer token on every call.
+pub type TestChannel = InterceptedService<Channel, Bearer>;
+
+/// The token side of a test server: the issuer key, the JWKS file the
+/// server reads, and the server's own verifier (to call `reload`).
+pub struct Tokens {
+    pub key: IssuerKey,
+    pub jwks: PathBuf,
+    pub verifier: Arc<TokenVerifier>,
+}
+
+impl Tokens {
+    /// Valid claims (1 h, all scopes unless `scope` says otherwise) for the
+    /// client certificate of `identity`.
+    pub fn claims(&self, identity: &PemPair, scope: &str) -> TokenClaims {
+        claims_for_cert(
+            &identity.cert_pem,
+            scope,
+            Duration::from_secs(3600),
+            ISSUER,
+            AUDIENCE,
+        )
+        .expect("claims for the certificate")
+    }
+
+    /// A valid token with `scope` for `identity`.
+    pub fn mint(&self, identity: &PemPair, scope: &str) -> String {
+        self.key.mint(&self.claims(identity, scope)).expect("mint")
+    }
+}
 
 /// Certificates minted for one test: a CA, a server certificate and files.
 pub struct Certs {
@@ -65,15 +145,29 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub certs: Certs,
+    /// `None` when the server runs without tokens.
+    pub tokens: Option<Tokens>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
     _data: TempDir,
 }
 
 impl TestServer {
-    /// Serves `store` with default settings changed by `tweak`.
+    /// Serves `store` over mTLS without bearer tokens.
+    pub async fn start_without_tokens(store: AnyStore, tweak: impl FnOnce(&mut ServeSettings)) -> Self {
+        Self::start(store, |s| {
+            s.tokens = Some(false);
+            tweak(s);
+        })
+        .await
+    }
+
+    /// Serves `store` with default settings (tokens on, with a JWKS minted for
+    /// this test) changed by `tweak`.
     pub async fn start(store: AnyStore, tweak: impl FnOnce(&mut ServeSettings)) -> Self {
         let certs = Certs::mint();
+        let key = IssuerKey::generate(KeyAlg::Es256, Some(KID)).expect("issuer key");
+        let jwks = write(certs.dir.path(), "jwks.json", &jwks_json(&[&key]));
         let data = tempfile::tempdir().expect("tempdir");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -83,25 +177,75 @@ impl TestServer {
             tls_key: Some(certs.server_key.clone()),
             client_ca: Some(certs.ca.clone()),
             data_dir: Some(data.path().to_owned()),
+            jwks: Some(jwks.clone()),
+            token_issuer: Some(ISSUER.into()),
+            token_audience: Some(AUDIENCE.into()),
             ..ServeSettings::default()
         };
         tweak(&mut settings);
         let config = ServeConfig::from_settings(settings).expect("config");
+        let tokens = config.tokens.clone().map(|config| Tokens {
+            key,
+            jwks,
+            verifier: Arc::new(TokenVerifier::load(config).expect("JWKS")),
+        });
+        let verifier = tokens.as_ref().map(|t| t.verifier.clone());
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(reassigned::run(listener, config, store, async move {
-            let _ = rx.await;
-        }));
+        let handle = tokio::spawn(reassigned::server::run_with_tokens(
+            listener,
+            config,
+            store,
+            verifier,
+            async move {
+                let _ = rx.await;
+            },
+        ));
         Self {
             addr,
             certs,
+            tokens,
             shutdown: Some(tx),
             handle: Some(handle),
             _data: data,
         }
     }
 
-    /// A TLS channel presenting `identity` (or no client certificate).
+    /// A TLS channel presenting `identity` (or no client certificate) that
+    /// sends a valid token with every scope for `identity` when the server
+    /// requires tokens.
     pub async fn channel_with(
+        &self,
+        identity: Option<&PemPair>,
+        ca_pem: &str,
+    ) -> Result<TestChannel, tonic::transport::Error> {
+        let bearer = match (&self.tokens, identity) {
+            (Some(tokens), Some(id)) => claims_for_cert(
+                &id.cert_pem,
+                scope::ALL,
+                Duration::from_secs(3600),
+                ISSUER,
+                AUDIENCE,
+            )
+            .ok()
+            .map(|claims| Bearer::new(&tokens.key.mint(&claims).expect("mint")))
+            .unwrap_or_default(),
+            _ => Bearer::none(),
+        };
+        let channel = self.raw_channel(identity, ca_pem).await?;
+        Ok(InterceptedService::new(channel, bearer))
+    }
+
+    /// A channel presenting `identity` that sends what `bearer` says.
+    pub async fn channel_bearing(&self, identity: &PemPair, bearer: Bearer) -> TestChannel {
+        let channel = self
+            .raw_channel(Some(identity), self.certs.pki.ca_cert_pem())
+            .await
+            .expect("connect");
+        InterceptedService::new(channel, bearer)
+    }
+
+    /// A TLS channel presenting `identity` (or no client certificate), no token.
+    pub async fn raw_channel(
         &self,
         identity: Option<&PemPair>,
         ca_pem: &str,
@@ -119,8 +263,8 @@ impl TestServer {
             .await
     }
 
-    /// A channel as `platform`, with a valid certificate.
-    pub async fn channel(&self, platform: &str) -> Channel {
+    /// A channel as `platform`, with a valid certificate (and token).
+    pub async fn channel(&self, platform: &str) -> TestChannel {
         let id = self.certs.client(platform);
         self.channel_with(Some(&id), self.certs.pki.ca_cert_pem())
             .await
@@ -128,7 +272,7 @@ impl TestServer {
     }
 
     /// A `ReassignedNumbers` client as `platform-a`.
-    pub async fn client(&self) -> ReassignedNumbersClient<Channel> {
+    pub async fn client(&self) -> ReassignedNumbersClient<TestChannel> {
         ReassignedNumbersClient::new(self.channel("platform-a").await)
     }
 

@@ -21,8 +21,9 @@ pub(super) const SLOTS: u16 = 16_384;
 pub(super) enum Target {
     /// One Redis server (possibly with replicas behind a failover proxy).
     Single(Client),
-    /// A Redis Cluster, reached through any of its nodes.
-    Cluster(ClusterClient),
+    /// A Redis Cluster, reached through any of its nodes (boxed: much larger
+    /// than a single-server client).
+    Cluster(Box<ClusterClient>),
 }
 
 /// A connection of either kind. Cheap to clone: clones share the sockets.
@@ -79,6 +80,14 @@ fn manager_config(opts: &RedisOptions) -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_secs(1))
 }
 
+/// Per-connection settings of a cluster connection (they replace the
+/// client's timeouts, so both are set again here).
+fn cluster_config(opts: &RedisOptions) -> ClusterConfig {
+    ClusterConfig::new()
+        .set_connection_timeout(connect_attempt(opts))
+        .set_response_timeout(opts.bulk_timeout)
+}
+
 fn connect_attempt(opts: &RedisOptions) -> Duration {
     opts.timeout.max(Duration::from_secs(1))
 }
@@ -99,7 +108,7 @@ impl Target {
         if opts.read_from_replicas {
             builder = builder.read_routing_strategy(RandomReplicaStrategy);
         }
-        builder.build().map(Target::Cluster)
+        builder.build().map(|c| Target::Cluster(Box::new(c)))
     }
 
     /// The passwords of the target's URLs (removed from error messages).
@@ -120,7 +129,7 @@ impl Target {
                     .map(Conn::Single)
             }
             Target::Cluster(client) => client
-                .get_async_connection_with_config(ClusterConfig::new())
+                .get_async_connection_with_config(cluster_config(opts))
                 .await
                 .map(Conn::Cluster),
         }
@@ -130,10 +139,11 @@ impl Target {
     pub fn connect_lazy(&self, opts: &RedisOptions) -> RedisResult<Conn> {
         match self {
             Target::Single(client) => {
-                ConnectionManager::new_lazy_with_config(client.clone(), manager_config(opts)).map(Conn::Single)
+                ConnectionManager::new_lazy_with_config(client.clone(), manager_config(opts))
+                    .map(Conn::Single)
             }
             Target::Cluster(client) => Ok(Conn::Cluster(
-                client.get_pending_async_connection_with_config(ClusterConfig::new()),
+                client.get_pending_async_connection_with_config(cluster_config(opts)),
             )),
         }
     }
@@ -159,7 +169,11 @@ fn crc16_xmodem(data: &[u8]) -> u16 {
     for &byte in data {
         crc ^= u16::from(byte) << 8;
         for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
         }
     }
     crc

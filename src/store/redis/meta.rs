@@ -28,6 +28,19 @@ pub(super) mod field {
     pub const PENDING_NBUCKETS: &str = "pending_nbuckets";
     pub const RECLAIM_GENERATION: &str = "reclaim_generation";
     pub const RECLAIM_NBUCKETS: &str = "reclaim_nbuckets";
+    pub const BLOOM_GENERATION: &str = "bloom_generation";
+    pub const BLOOM_SEQUENCE: &str = "bloom_sequence";
+    pub const BLOOM_BITS: &str = "bloom_bits";
+    pub const BLOOM_HASHES: &str = "bloom_hashes";
+}
+
+/// The membership filter of the current generation (see `bloom`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct BloomParams {
+    /// Size in bits (a multiple of 8).
+    pub bits: u64,
+    /// Hash functions per number.
+    pub hashes: u32,
 }
 
 /// One generation's keys: `{prefix}:g{generation}:{0..nbuckets}`.
@@ -53,6 +66,9 @@ pub(super) struct Current {
     pub generation: Generation,
     /// What the data covers; handed to callers with every lookup.
     pub meta: Arc<MirrorMeta>,
+    /// The membership filter, if one is complete for exactly this generation
+    /// and sequence.
+    pub bloom: Option<BloomParams>,
 }
 
 /// Everything the metadata hash says.
@@ -159,14 +175,47 @@ pub(super) fn parse(raw: HashMap<Vec<u8>, Vec<u8>>) -> Result<StoredMeta, StoreE
         record_count: f.required_u64(field::RECORD_COUNT)?,
         last_import_unix,
     };
+    let bloom = bloom(&f, generation, meta.sequence);
     Ok(StoredMeta {
         current: Some(Current {
             generation,
             meta: Arc::new(meta),
+            bloom,
         }),
         pending,
         reclaim,
     })
+}
+
+/// The membership filter's parameters if it is complete for `generation`
+/// at `sequence`. The filter is an optimisation only: fields that are
+/// missing, stale or garbled mean "no filter" (every lookup asks Redis),
+/// never an error.
+fn bloom(f: &Fields, generation: Generation, sequence: u64) -> Option<BloomParams> {
+    let number = |name| f.u64(name).ok().flatten();
+    if number(field::BLOOM_GENERATION)? != generation.id || number(field::BLOOM_SEQUENCE)? != sequence {
+        return None;
+    }
+    let bits = number(field::BLOOM_BITS).filter(|&b| b > 0 && b % 8 == 0)?;
+    let hashes = number(field::BLOOM_HASHES)
+        .and_then(|h| u32::try_from(h).ok())
+        .filter(|h| (1..=32).contains(h))?;
+    Some(BloomParams { bits, hashes })
+}
+
+/// The field/value pairs that declare a filter complete for `generation` at
+/// `sequence`.
+pub(super) fn bloom_fields(
+    generation: Generation,
+    sequence: u64,
+    params: BloomParams,
+) -> Vec<(&'static str, String)> {
+    vec![
+        (field::BLOOM_GENERATION, generation.id.to_string()),
+        (field::BLOOM_SEQUENCE, sequence.to_string()),
+        (field::BLOOM_BITS, params.bits.to_string()),
+        (field::BLOOM_HASHES, params.hashes.to_string()),
+    ]
 }
 
 /// The field/value pairs a snapshot switch writes (everything readers need).
@@ -219,7 +268,33 @@ mod tests {
         let current = stored.current.expect("current");
         assert_eq!(current.generation, g);
         assert_eq!(*current.meta, sample());
+        assert!(current.bloom.is_none());
         assert!(stored.pending.is_none() && stored.reclaim.is_none());
+    }
+
+    #[test]
+    fn bloom_only_for_its_generation_and_sequence() {
+        let g = Generation { id: 3, nbuckets: 9 };
+        let params = BloomParams {
+            bits: 1280,
+            hashes: 7,
+        };
+        let with = |generation: Generation, sequence: u64| {
+            let mut fields = switch_fields(g, &sample());
+            fields.extend(bloom_fields(generation, sequence, params));
+            let map = fields
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect();
+            parse(map).expect("parses").current.expect("current").bloom
+        };
+        assert_eq!(with(g, 7), Some(params));
+        assert_eq!(with(g, 6), None, "stale sequence");
+        assert_eq!(
+            with(Generation { id: 2, nbuckets: 9 }, 7),
+            None,
+            "other generation"
+        );
     }
 
     #[test]

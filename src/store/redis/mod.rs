@@ -46,9 +46,28 @@
 //! trusted. Every Redis call, and every lookup as a whole, is bounded by
 //! [`RedisOptions::timeout`] ([`StoreError::Timeout`]); Redis errors are
 //! [`StoreError::Unavailable`].
-//! The connection is a [`ConnectionManager`], which reconnects by itself when
-//! Redis comes back; if Redis stops answering on an open connection (three
-//! metadata refreshes in a row time out), the connection is replaced.
+//! On one server the connection is a
+//! [`ConnectionManager`](::redis::aio::ConnectionManager), which reconnects by
+//! itself when Redis comes back; if Redis stops answering on an open
+//! connection (three metadata refreshes in a row time out), the connection is
+//! replaced (on a cluster too).
+//!
+//! # Redis Cluster
+//!
+//! [`RedisStore::connect_cluster`] uses a
+//! [`ClusterConnection`](::redis::cluster_async::ClusterConnection) (one
+//! multiplexed connection per node, following MOVED/ASK and topology changes)
+//! with the same layout, timeouts and scripts. Bucket keys carry no hash tag,
+//! so they spread over all slots and masters; the metadata is one key, so the
+//! snapshot switch and the delta check-and-set (one-key scripts) stay atomic.
+//! A pipeline must stay inside one slot, so on a cluster a batch lookup sends
+//! its HGETs as concurrent single commands, snapshot and delta writes group
+//! their bucket commands by slot (pipelines of one slot, 64 in flight), and a
+//! replaced generation is deleted with concurrent single UNLINKs. RESTORE
+//! works per key, so the fast bulk load works on a cluster too. With
+//! [`RedisOptions::read_from_replicas`] reads go to replicas; replication is
+//! asynchronous, so right after an import a replica can briefly answer from
+//! before it (a lookup may then miss a number a delta has just added).
 //!
 //! # Writes
 //!
@@ -81,9 +100,8 @@
 //! gives the same data as applying it once. `record_count` can then
 //! under-count: fields written by the crashed attempt are not new on the retry.
 //!
-//! Every script touches one key only, so the layout is ready for Redis
-//! Cluster (pipelines then have to be split by slot, or their commands sent
-//! concurrently).
+//! Every script touches one key only, so the layout works on Redis Cluster
+//! (see below).
 //!
 //! # Memory
 //!
@@ -91,13 +109,14 @@
 //! per record at 1 million records, 10.7 at 10 million (listpack entries of 5
 //! + 4 bytes, plus about 80 bytes per bucket key).
 
+mod bloom;
 mod conn;
 mod dump;
 mod meta;
 mod write;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -106,7 +125,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::oneshot;
 
 use self::conn::{Conn, Target};
-use self::meta::{Current, StoredMeta};
+use self::meta::{BloomParams, Current, StoredMeta};
 use super::{Lookup, Store, StoreError};
 use crate::domain::{Date, MirrorMeta, PhoneNumber};
 use crate::import::{Manifest, Records};
@@ -134,6 +153,10 @@ pub struct RedisOptions {
     /// of its primary (default false). Replication is asynchronous, so a
     /// replica can briefly miss the last writes of an import.
     pub read_from_replicas: bool,
+    /// Load the membership filter of the current generation into this
+    /// process and answer lookups of numbers it rules out without asking
+    /// Redis (default true; costs about 1.25 bytes of memory per record).
+    pub membership_filter: bool,
 }
 
 impl Default for RedisOptions {
@@ -146,6 +169,7 @@ impl Default for RedisOptions {
             bulk_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             read_from_replicas: false,
+            membership_filter: true,
         }
     }
 }
@@ -193,6 +217,11 @@ impl Keys {
     fn bucket(&self, generation: u64, bucket: u64) -> String {
         format!("{}:g{generation}:{bucket}", self.prefix)
     }
+
+    /// One chunk of a generation's membership filter.
+    fn bloom(&self, generation: u64, chunk: u64) -> String {
+        format!("{}:bloom:g{generation}:{chunk}", self.prefix)
+    }
 }
 
 struct Inner {
@@ -210,6 +239,12 @@ struct Inner {
     started: Instant,
     /// Serialises metadata reads, so an older read never overwrites a newer.
     refresh_lock: tokio::sync::Mutex<()>,
+    /// The membership filter loaded into this process, if any.
+    filter: ArcSwapOption<LoadedFilter>,
+    /// True while a filter download runs.
+    filter_loading: AtomicBool,
+    /// When the last filter download failed (ms since `started`; 0: never).
+    filter_failed_ms: AtomicU64,
     /// Dropped with the store: stops the refresh task.
     _stop: oneshot::Sender<()>,
 }
@@ -238,13 +273,16 @@ impl RedisStore {
             return Err(StoreError::Unavailable("no redis cluster node given".into()));
         }
         let secrets = Target::secrets(&urls.iter().map(String::as_str).collect::<Vec<_>>());
-        let target = Target::cluster(urls, &opts).map_err(|e| {
-            StoreError::Unavailable(format!("invalid redis cluster URLs ({:?})", e.kind()))
-        })?;
+        let target = Target::cluster(urls, &opts)
+            .map_err(|e| StoreError::Unavailable(format!("invalid redis cluster URLs ({:?})", e.kind())))?;
         Self::connect_to(target, secrets, opts).await
     }
 
-    async fn connect_to(target: Target, secrets: Vec<String>, opts: RedisOptions) -> Result<Self, StoreError> {
+    async fn connect_to(
+        target: Target,
+        secrets: Vec<String>,
+        opts: RedisOptions,
+    ) -> Result<Self, StoreError> {
         let slowest_reader = opts.meta_refresh * 2 + opts.timeout;
         if opts.reclaim_grace <= slowest_reader {
             tracing::warn!(
@@ -267,16 +305,30 @@ impl RedisStore {
             refreshed_ms: AtomicU64::new(0),
             started: Instant::now(),
             refresh_lock: tokio::sync::Mutex::new(()),
+            filter: ArcSwapOption::empty(),
+            filter_loading: AtomicBool::new(false),
+            filter_failed_ms: AtomicU64::new(0),
             _stop: stop_tx,
             opts,
         });
         inner.refresh().await?;
+        inner.maybe_load_filter();
         tokio::spawn(refresh_loop(
             Arc::downgrade(&inner),
             stop_rx,
             inner.opts.meta_refresh.max(Duration::from_millis(10)),
         ));
         Ok(Self { inner })
+    }
+
+    /// The generation and sequence the membership filter loaded into this
+    /// process belongs to (`None`: no filter loaded; lookups ask Redis).
+    pub fn membership_filter(&self) -> Option<(u64, u64)> {
+        self.inner
+            .filter
+            .load()
+            .as_ref()
+            .map(|f| (f.generation, f.sequence))
     }
 
     /// True if this store talks to a Redis Cluster.
@@ -455,6 +507,104 @@ impl Inner {
     }
 }
 
+/// A membership filter in this process, complete for one generation at one
+/// sequence.
+struct LoadedFilter {
+    generation: u64,
+    sequence: u64,
+    filter: bloom::Filter,
+}
+
+/// After a failed filter download, wait this long before the next attempt.
+const FILTER_RETRY_MS: u64 = 10_000;
+
+impl Inner {
+    /// The loaded filter if it belongs to exactly `current`.
+    fn usable_filter(&self, current: &Current) -> Option<Arc<LoadedFilter>> {
+        current.bloom?;
+        self.filter
+            .load_full()
+            .filter(|f| f.generation == current.generation.id && f.sequence == current.meta.sequence)
+    }
+
+    /// Starts a download of the current generation's filter in the
+    /// background if the loaded one (if any) is not for the current
+    /// generation and sequence. Lookups ask Redis until it is loaded.
+    fn maybe_load_filter(self: &Arc<Self>) {
+        if !self.opts.membership_filter {
+            return;
+        }
+        let Some(current) = self.current.load_full() else {
+            self.filter.store(None);
+            return;
+        };
+        let Some(params) = current.bloom else {
+            self.filter.store(None);
+            return;
+        };
+        if self.usable_filter(&current).is_some() {
+            return;
+        }
+        let failed = self.filter_failed_ms.load(Ordering::Relaxed);
+        if failed != 0 && self.now_ms().saturating_sub(failed) < FILTER_RETRY_MS {
+            return;
+        }
+        if self.filter_loading.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let Some(inner) = inner.upgrade() else { return };
+            let started = Instant::now();
+            let result = inner.load_filter(&current, params).await;
+            match result {
+                Ok(filter) => {
+                    tracing::info!(
+                        generation = filter.generation,
+                        sequence = filter.sequence,
+                        bytes = filter.filter.len_bytes(),
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "membership filter loaded"
+                    );
+                    inner.filter_failed_ms.store(0, Ordering::Relaxed);
+                    inner.filter.store(Some(Arc::new(filter)));
+                }
+                Err(e) => {
+                    inner
+                        .filter_failed_ms
+                        .store(inner.now_ms().max(1), Ordering::Relaxed);
+                    tracing::warn!(error = %e, "cannot load the membership filter; lookups ask redis");
+                }
+            }
+            inner.filter_loading.store(false, Ordering::Release);
+        });
+    }
+
+    /// Downloads the filter chunks on a connection of its own (large replies
+    /// must not delay lookups). The bits read include at least every number
+    /// up to `current`'s sequence: deltas set them before moving it.
+    async fn load_filter(&self, current: &Current, params: BloomParams) -> Result<LoadedFilter, StoreError> {
+        let mut conn = self.bulk_conn()?;
+        let chunks = bloom::chunks(params.bits);
+        let mut bytes = Vec::with_capacity(usize::try_from(params.bits.div_ceil(8)).unwrap_or(0));
+        for chunk in 0..chunks {
+            let mut cmd = ::redis::cmd("GET");
+            cmd.arg(self.keys.bloom(current.generation.id, chunk));
+            let part: Option<Vec<u8>> = self.query_on(&mut conn, &cmd, self.opts.bulk_timeout).await?;
+            let part = part
+                .ok_or_else(|| StoreError::Corrupt(format!("membership filter chunk {chunk} is missing")))?;
+            bytes.extend_from_slice(&part);
+        }
+        let filter = bloom::Filter::from_bytes(params.bits, params.hashes, bytes)
+            .ok_or_else(|| StoreError::Corrupt("the membership filter has the wrong size".into()))?;
+        Ok(LoadedFilter {
+            generation: current.generation.id,
+            sequence: current.meta.sequence,
+            filter,
+        })
+    }
+}
+
 /// Re-reads the metadata every `period` until the store is dropped.
 async fn refresh_loop(inner: Weak<Inner>, mut stop: oneshot::Receiver<()>, period: Duration) {
     let mut ticks = tokio::time::interval(period);
@@ -470,6 +620,7 @@ async fn refresh_loop(inner: Weak<Inner>, mut stop: oneshot::Receiver<()>, perio
         let Some(inner) = inner.upgrade() else { return };
         match inner.refresh().await {
             Ok(_) => {
+                inner.maybe_load_filter();
                 timeouts = 0;
                 if failing {
                     failing = false;
@@ -514,6 +665,16 @@ impl RedisStore {
                 meta: None,
             });
         };
+        if inner
+            .usable_filter(&current)
+            .is_some_and(|f| !f.filter.may_contain(number.value()))
+        {
+            // Certainly no record: no round trip.
+            return Ok(Lookup {
+                found: None,
+                meta: Some(current.meta.clone()),
+            });
+        }
         let (bucket, field) = current.generation.locate(number.value());
         let mut cmd = ::redis::cmd("HGET");
         cmd.arg(inner.keys.bucket(current.generation.id, bucket))
@@ -527,44 +688,82 @@ impl RedisStore {
 
     async fn lookup_many_unbounded(
         &self,
-        numbers: &[PhoneNumber],
+        all: &[PhoneNumber],
     ) -> Result<Lookup<Vec<Option<Date>>>, StoreError> {
         let inner = &self.inner;
         let Some(current) = inner.current().await? else {
             return Ok(Lookup {
-                found: vec![None; numbers.len()],
+                found: vec![None; all.len()],
                 meta: None,
             });
         };
+        // Only the numbers the filter does not rule out go to Redis.
+        let filter = inner.usable_filter(&current);
+        let (indexes, numbers): (Vec<usize>, Vec<PhoneNumber>) = all
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| filter.as_ref().is_none_or(|f| f.filter.may_contain(n.value())))
+            .map(|(i, n)| (i, *n))
+            .unzip();
+        let mut found = vec![None; all.len()];
         if numbers.is_empty() {
             return Ok(Lookup {
-                found: Vec::new(),
+                found,
                 meta: Some(current.meta.clone()),
             });
         }
         let conn = inner.conn();
         let values: Vec<Value> = if conn.is_cluster() {
             // A pipeline must stay inside one slot and a batch's buckets are
-            // spread over all of them: send concurrent single HGETs (the
-            // cluster connection multiplexes them on its node connections).
-            futures_util::future::try_join_all(numbers.iter().map(|number| {
+            // spread over all of them: one pipeline per slot, all sent at
+            // once (the cluster connection multiplexes them on its node
+            // connections).
+            let mut by_slot: HashMap<u16, (::redis::Pipeline, Vec<usize>)> = HashMap::new();
+            for (i, number) in numbers.iter().enumerate() {
                 let (bucket, field) = current.generation.locate(number.value());
-                let mut cmd = ::redis::cmd("HGET");
-                cmd.arg(inner.keys.bucket(current.generation.id, bucket))
-                    .arg(field);
+                let key = inner.keys.bucket(current.generation.id, bucket);
+                let (pipe, indexes) = by_slot
+                    .entry(conn::key_slot(key.as_bytes()))
+                    .or_insert_with(|| (::redis::pipe(), Vec::new()));
+                pipe.cmd("HGET").arg(key).arg(field);
+                indexes.push(i);
+            }
+            let answers = futures_util::future::try_join_all(by_slot.into_values().map(|(pipe, indexes)| {
                 let mut conn = conn.clone();
-                async move { inner.query_on::<Value>(&mut conn, &cmd, inner.opts.timeout).await }
+                async move {
+                    let values: Vec<Value> = inner.pipeline_on(&mut conn, &pipe, inner.opts.timeout).await?;
+                    Ok::<_, StoreError>((indexes, values))
+                }
             }))
-            .await?
+            .await?;
+            let mut values = vec![Value::Nil; numbers.len()];
+            let mut answered = 0;
+            for (indexes, got) in answers {
+                if got.len() != indexes.len() {
+                    return Err(StoreError::Unavailable(format!(
+                        "redis answered {} of {} lookups",
+                        got.len(),
+                        indexes.len()
+                    )));
+                }
+                answered += got.len();
+                for (i, value) in indexes.into_iter().zip(got) {
+                    values[i] = value;
+                }
+            }
+            values.truncate(answered);
+            values
         } else {
             let mut pipe = ::redis::pipe();
-            for number in numbers {
+            for number in &numbers {
                 let (bucket, field) = current.generation.locate(number.value());
                 pipe.cmd("HGET")
                     .arg(inner.keys.bucket(current.generation.id, bucket))
                     .arg(field);
             }
-            inner.pipeline_on(&mut conn.clone(), &pipe, inner.opts.timeout).await?
+            inner
+                .pipeline_on(&mut conn.clone(), &pipe, inner.opts.timeout)
+                .await?
         };
         if values.len() != numbers.len() {
             return Err(StoreError::Unavailable(format!(
@@ -573,7 +772,9 @@ impl RedisStore {
                 numbers.len()
             )));
         }
-        let found = values.into_iter().map(parse_day).collect::<Result<Vec<_>, _>>()?;
+        for (i, value) in indexes.into_iter().zip(values) {
+            found[i] = parse_day(value)?;
+        }
         Ok(Lookup {
             found,
             meta: Some(current.meta.clone()),

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ::redis::{Script, ScriptInvocation, Value};
 use futures_util::{StreamExt, TryStreamExt, stream};
 
-use super::meta::{self, Generation, StoredMeta, field};
+use super::bloom::{self, Filter};
 use super::conn::{Conn, key_slot};
+use super::meta::{self, BloomParams, Generation, StoredMeta, field};
 use super::{Inner, dump};
 use crate::domain::{MirrorMeta, Prefix};
 use crate::import::{Manifest, Records};
@@ -78,7 +79,9 @@ return 1
 });
 
 /// The delta metadata check-and-set. KEYS[1] = meta; ARGV = expected
-/// sequence, generation, new sequence, as_of, last_import_unix, new fields.
+/// sequence, generation, new sequence, as_of, last_import_unix, new fields,
+/// and '1' if the delta set its numbers' bits in the membership filter
+/// (which then stays valid: `bloom_sequence` moves along, if it was current).
 static DELTA_META: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -86,8 +89,13 @@ if redis.call('HGET', KEYS[1], 'sequence') ~= ARGV[1]
   or redis.call('HGET', KEYS[1], 'generation') ~= ARGV[2] then
   return 0
 end
+local bloom_current = redis.call('HGET', KEYS[1], 'bloom_sequence') == ARGV[1]
+  and redis.call('HGET', KEYS[1], 'bloom_generation') == ARGV[2]
 redis.call('HSET', KEYS[1], 'sequence', ARGV[3], 'as_of', ARGV[4], 'last_import_unix', ARGV[5])
 redis.call('HINCRBY', KEYS[1], 'record_count', ARGV[6])
+if ARGV[7] == '1' and bloom_current then
+  redis.call('HSET', KEYS[1], 'bloom_sequence', ARGV[3])
+end
 return 1
 ",
     )
@@ -306,6 +314,7 @@ async fn snapshot_locked(
 
     let started = Instant::now();
     write_generation(inner, &mut bulk, generation, records).await?;
+    let bloom_params = write_filter(inner, &mut bulk, generation, records).await?;
     let written = started.elapsed();
     lock.ensure_held()?;
 
@@ -313,7 +322,10 @@ async fn snapshot_locked(
     invocation
         .arg(expected_previous.map(|s| s.to_string()).unwrap_or_default())
         .arg(generation.id);
-    for (name, value) in meta::switch_fields(generation, &meta) {
+    for (name, value) in meta::switch_fields(generation, &meta)
+        .into_iter()
+        .chain(meta::bloom_fields(generation, meta.sequence, bloom_params))
+    {
         invocation.arg(name).arg(value);
     }
     if let Some(old) = old {
@@ -378,11 +390,7 @@ async fn snapshot_locked(
 
 /// Deletes what an interrupted import left: a pending generation that never
 /// became current, and a replaced generation not yet deleted.
-async fn clean_leftovers(
-    inner: &Inner,
-    bulk: &mut Conn,
-    stored: &StoredMeta,
-) -> Result<(), StoreError> {
+async fn clean_leftovers(inner: &Inner, bulk: &mut Conn, stored: &StoredMeta) -> Result<(), StoreError> {
     let current = stored.current.as_ref().map(|c| c.generation.id);
     let leftovers = [
         (stored.pending, field::PENDING_GENERATION, field::PENDING_NBUCKETS),
@@ -520,7 +528,12 @@ fn pipeline_batches(runs: &[(u64, u32, u32)], slots: Option<&[u16]>) -> Vec<Vec<
 
 /// The pipelines of a bulk write of `runs` into `generation` on `conn`, and
 /// how many to keep in flight.
-fn plan(inner: &Inner, conn: &Conn, generation: Generation, runs: &[(u64, u32, u32)]) -> (Vec<Vec<u32>>, usize) {
+fn plan(
+    inner: &Inner,
+    conn: &Conn,
+    generation: Generation,
+    runs: &[(u64, u32, u32)],
+) -> (Vec<Vec<u32>>, usize) {
     if conn.is_cluster() {
         let slots: Vec<u16> = runs
             .iter()
@@ -671,6 +684,73 @@ async fn write_generation(
         .await
 }
 
+/// Builds the membership filter of a new generation and stores it in chunk
+/// keys (see `bloom`).
+async fn write_filter(
+    inner: &Inner,
+    bulk: &mut Conn,
+    generation: Generation,
+    records: &Records,
+) -> Result<BloomParams, StoreError> {
+    let params = BloomParams {
+        bits: bloom::bits_for(generation.nbuckets, FIELDS_PER_BUCKET),
+        hashes: bloom::HASHES,
+    };
+    let mut filter = Filter::new(params.bits, params.hashes);
+    for &number in &records.numbers {
+        filter.insert(number);
+    }
+    for (i, chunk) in filter.chunks().enumerate() {
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(inner.keys.bloom(generation.id, i as u64)).arg(chunk);
+        inner
+            .query_on::<Value>(bulk, &cmd, inner.opts.bulk_timeout)
+            .await?;
+    }
+    Ok(params)
+}
+
+/// Bit offsets set per script call when a delta updates the filter.
+const BITS_PER_CALL: usize = 16 * 1024;
+
+/// Sets the filter bits of a delta's numbers, chunk by chunk (one-key
+/// scripts, so each call stays in one cluster slot).
+async fn set_filter_bits(
+    inner: &Inner,
+    bulk: &mut Conn,
+    generation: Generation,
+    params: BloomParams,
+    records: &Records,
+) -> Result<(), StoreError> {
+    let mut by_chunk: std::collections::BTreeMap<u64, Vec<u64>> = std::collections::BTreeMap::new();
+    for &number in &records.numbers {
+        for p in bloom::positions(number, params.bits, params.hashes) {
+            by_chunk
+                .entry(p / bloom::CHUNK_BITS)
+                .or_default()
+                .push(p % bloom::CHUNK_BITS);
+        }
+    }
+    let limit = inner.opts.bulk_timeout;
+    for (chunk, mut offsets) in by_chunk {
+        offsets.sort_unstable();
+        offsets.dedup();
+        let key = inner.keys.bloom(generation.id, chunk);
+        for part in offsets.chunks(BITS_PER_CALL) {
+            let mut invocation = bloom::SET_BITS.key(&key);
+            for offset in part {
+                invocation.arg(*offset);
+            }
+            match tokio::time::timeout(limit, invocation.invoke_async::<i64>(bulk)).await {
+                Err(_) => return Err(StoreError::Timeout(limit)),
+                Ok(Err(e)) => return Err(inner.unavailable(&e)),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Merges records into a generation, keeping each number's latest date;
 /// returns how many numbers were new.
 async fn merge_generation(
@@ -710,12 +790,16 @@ async fn merge_generation(
         .await
 }
 
-/// UNLINKs every bucket of a generation.
-async fn delete_generation(
-    inner: &Inner,
-    bulk: &mut Conn,
-    generation: Generation,
-) -> Result<(), StoreError> {
+/// UNLINKs every bucket and filter chunk of a generation.
+async fn delete_generation(inner: &Inner, bulk: &mut Conn, generation: Generation) -> Result<(), StoreError> {
+    let chunks = bloom::chunks(bloom::bits_for(generation.nbuckets, FIELDS_PER_BUCKET));
+    for chunk in 0..chunks {
+        let mut cmd = ::redis::cmd("UNLINK");
+        cmd.arg(inner.keys.bloom(generation.id, chunk));
+        inner
+            .query_on::<Value>(bulk, &cmd, inner.opts.bulk_timeout)
+            .await?;
+    }
     let bulk = &*bulk;
     if bulk.is_cluster() {
         // Consecutive buckets lie in different slots: concurrent single
@@ -793,6 +877,13 @@ async fn delta_locked(
     clean_leftovers(inner, &mut bulk, &stored).await?;
 
     let started = Instant::now();
+    // The filter first: a reader that sees the new sequence must find every
+    // new number's bits set.
+    if let Some(params) = current.bloom
+        && !records.is_empty()
+    {
+        set_filter_bits(inner, &mut bulk, generation, params, records).await?;
+    }
     let added = if records.is_empty() {
         0
     } else {
@@ -808,7 +899,8 @@ async fn delta_locked(
         .arg(manifest.sequence)
         .arg(manifest.as_of.to_string())
         .arg(unix_now())
-        .arg(added);
+        .arg(added)
+        .arg(if current.bloom.is_some() { "1" } else { "0" });
     let updated: i64 = inner.invoke(&invocation, limit).await?;
     if updated != 1 {
         return Err(StoreError::Conflict(
@@ -887,7 +979,11 @@ mod tests {
         flat.sort_unstable();
         assert_eq!(flat, (0..runs.len() as u32).collect::<Vec<_>>());
         for batch in &batches {
-            assert!(batch.iter().all(|&i| slots[i as usize] == slots[batch[0] as usize]));
+            assert!(
+                batch
+                    .iter()
+                    .all(|&i| slots[i as usize] == slots[batch[0] as usize])
+            );
         }
     }
 }

@@ -1,0 +1,32 @@
+//! `reassigned receipt verify`: checks a receipt offline against a JWKS (as
+//! served by `GetSigningKeys`) and the number it should be about.
+
+use std::io::Read as _;
+use std::path::Path;
+
+use anyhow::Context as _;
+
+use crate::domain::PhoneNumber;
+use crate::receipt::{self, ReceiptClaims};
+
+/// Verifies `receipt` (its text, or `-` to read it from stdin) with the keys
+/// of the JWKS file `jwks`, and checks that it is about `number` (E.164).
+/// Returns the claims; any mismatch is an error that says what differs.
+pub fn verify_cmd(jwks: &Path, number: &str, receipt: &str) -> anyhow::Result<ReceiptClaims> {
+    let text =
+        std::fs::read_to_string(jwks).with_context(|| format!("cannot read the JWKS {}", jwks.display()))?;
+    let keys = receipt::parse_jwks(&text).with_context(|| format!("in {}", jwks.display()))?;
+    let number = PhoneNumber::parse(number).map_err(|e| anyhow::anyhow!("--number: {e}"))?;
+    let receipt = if receipt == "-" {
+        let mut buf = String::new();
+        std::io::stdin()
+            .read_to_string(&mut buf)
+            .context("cannot read the receipt from stdin")?;
+        buf
+    } else {
+        receipt.to_owned()
+    };
+    let claims = receipt::verify(receipt.trim(), &keys).context("receipt rejected")?;
+    receipt::check_number(&claims, &number.to_string()).context("receipt rejected")?;
+    Ok(claims)
+}

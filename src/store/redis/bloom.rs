@@ -1,0 +1,181 @@
+//! The membership filter: a Bloom filter over every number of a generation,
+//! kept in Redis beside the buckets and loaded into each server, so that a
+//! lookup of a number without a record (most of them) needs no Redis round
+//! trip.
+//!
+//! **Parameters.** A generation of `nbuckets` buckets gets
+//! `bits = max(1024, nbuckets × 128 × 10)` bits (rounded up to a multiple of
+//! 64) and [`HASHES`] = 7 hash functions: about 10 bits per number, under 1%
+//! false positives at snapshot time. Number `n` sets bits
+//! `(h1 + i × h2) mod bits` for `i` in `0..7`, with `h1`, `h2` two SplitMix64
+//! mixes of `n` (see [`positions`]; changing them is a layout change).
+//!
+//! **Keys.** The bits are strings `{prefix}:bloom:g{gen}:{chunk}` of at most
+//! [`CHUNK_BYTES`] (8 MiB) each; bit `p` is bit `p mod 2^26` of chunk
+//! `p / 2^26`, in Redis' `SETBIT` order (most significant bit of each byte
+//! first). One key per chunk, so each chunk lives in one cluster slot.
+//!
+//! **Validity.** The metadata says which generation and sequence the filter
+//! is complete for (`bloom_generation`, `bloom_sequence`, with `bloom_bits`
+//! and `bloom_hashes`). A snapshot writes the filter before its switch and
+//! sets all four in the switch; a delta sets its numbers' bits (one-key
+//! script per chunk) before the metadata check-and-set, which moves
+//! `bloom_sequence` with `sequence` only if the filter was valid before. An
+//! import that does not maintain the filter (an older version) leaves
+//! `bloom_generation`/`bloom_sequence` behind, and readers stop using it.
+//!
+//! **Readers** use the filter only while it was loaded for exactly the
+//! generation and sequence of their cached metadata; a negative answer is
+//! then certain (bits are only ever added within a generation, and they are
+//! set before the sequence moves). Otherwise a lookup asks Redis.
+
+use std::sync::LazyLock;
+
+use ::redis::Script;
+
+/// Hash functions per number.
+pub(super) const HASHES: u32 = 7;
+/// Bits per number the filter is sized for at snapshot time.
+const BITS_PER_NUMBER: u64 = 10;
+/// The largest chunk key, in bytes (8 MiB).
+pub(super) const CHUNK_BYTES: u64 = 8 * 1024 * 1024;
+/// Bits per chunk key.
+pub(super) const CHUNK_BITS: u64 = CHUNK_BYTES * 8;
+
+/// Sets bits of one chunk. KEYS[1] = the chunk; ARGV = bit offsets.
+pub(super) static SET_BITS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+for i = 1, #ARGV do
+  redis.call('SETBIT', KEYS[1], ARGV[i], 1)
+end
+return #ARGV
+",
+    )
+});
+
+/// The filter size of a generation of `nbuckets` buckets, in bits.
+pub(super) fn bits_for(nbuckets: u64, fields_per_bucket: u64) -> u64 {
+    nbuckets
+        .saturating_mul(fields_per_bucket)
+        .saturating_mul(BITS_PER_NUMBER)
+        .max(1024)
+        .next_multiple_of(64)
+}
+
+/// How many chunk keys a filter of `bits` bits has.
+pub(super) fn chunks(bits: u64) -> u64 {
+    bits.div_ceil(CHUNK_BITS)
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The bit positions of `number` in a filter of `bits` bits.
+pub(super) fn positions(number: u64, bits: u64, hashes: u32) -> impl Iterator<Item = u64> {
+    let h1 = splitmix64(number);
+    let h2 = splitmix64(number ^ 0x5851_F42D_4C95_7F2D) | 1;
+    (0..u64::from(hashes)).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) % bits)
+}
+
+/// A filter in memory, in Redis' bit order.
+#[derive(Debug)]
+pub(super) struct Filter {
+    bits: u64,
+    hashes: u32,
+    bytes: Vec<u8>,
+}
+
+impl Filter {
+    /// An empty filter of `bits` bits (a multiple of 8).
+    pub fn new(bits: u64, hashes: u32) -> Self {
+        Self {
+            bits,
+            hashes,
+            bytes: vec![0; bits.div_ceil(8) as usize],
+        }
+    }
+
+    /// A filter from the concatenated chunk strings; `None` if they do not
+    /// have the size the parameters say (Redis trims nothing, but a missing
+    /// chunk or a short one means the filter is unusable).
+    pub fn from_bytes(bits: u64, hashes: u32, bytes: Vec<u8>) -> Option<Self> {
+        (bytes.len() as u64 == bits.div_ceil(8) && bits > 0 && hashes > 0).then_some(Self {
+            bits,
+            hashes,
+            bytes,
+        })
+    }
+
+    /// Adds a number.
+    pub fn insert(&mut self, number: u64) {
+        for p in positions(number, self.bits, self.hashes) {
+            self.bytes[(p / 8) as usize] |= 0x80 >> (p % 8);
+        }
+    }
+
+    /// False: certainly not in the set. True: possibly.
+    pub fn may_contain(&self, number: u64) -> bool {
+        positions(number, self.bits, self.hashes).all(|p| {
+            self.bytes
+                .get((p / 8) as usize)
+                .is_some_and(|b| b & (0x80 >> (p % 8)) != 0)
+        })
+    }
+
+    /// The chunk strings to store, in order.
+    pub fn chunks(&self) -> impl Iterator<Item = &[u8]> {
+        self.bytes.chunks(CHUNK_BYTES as usize)
+    }
+
+    /// Size in bytes.
+    pub fn len_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_false_negatives_and_few_false_positives() {
+        let numbers: Vec<u64> = (0..20_000u64).map(|i| 14_155_550_000 + i * 7).collect();
+        let bits = bits_for(numbers.len().div_ceil(128) as u64, 128);
+        let mut filter = Filter::new(bits, HASHES);
+        for &n in &numbers {
+            filter.insert(n);
+        }
+        assert!(numbers.iter().all(|&n| filter.may_contain(n)));
+        let false_positives = (0..100_000u64)
+            .map(|i| 16_505_550_000 + i * 3)
+            .filter(|&n| filter.may_contain(n))
+            .count();
+        assert!(false_positives < 1_500, "{false_positives} of 100000");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(bits_for(1, 128), 1280);
+        assert_eq!(bits_for(0, 128), 1024);
+        assert_eq!(chunks(1280), 1);
+        assert_eq!(chunks(CHUNK_BITS), 1);
+        assert_eq!(chunks(CHUNK_BITS + 1), 2);
+        let filter = Filter::new(CHUNK_BITS + 64, HASHES);
+        let sizes: Vec<usize> = filter.chunks().map(<[u8]>::len).collect();
+        assert_eq!(sizes, [CHUNK_BYTES as usize, 8]);
+    }
+
+    #[test]
+    fn bit_order_is_redis_setbit_order() {
+        let mut filter = Filter::new(1024, 1);
+        let p = positions(42, 1024, 1).next().unwrap_or(0);
+        filter.insert(42);
+        // SETBIT key p 1 sets bit 7 - p % 8 of byte p / 8.
+        assert_eq!(filter.bytes[(p / 8) as usize], 1 << (7 - p % 8));
+    }
+}

@@ -1,0 +1,651 @@
+//! Revocation and rotation without restarts: CRLs enforced at the handshake,
+//! and the server certificate, client CA bundle and CRLs reloaded for new
+//! connections (on a file change, on the programmatic trigger, on SIGHUP in
+//! the binary) while open connections keep working. Real TLS, real servers
+//! on 127.0.0.1:0, certificates minted per test.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reassigned::cli::certs::{DevPki, PemPair};
+use reassigned::config::{ServeConfig, ServeSettings};
+use reassigned::server::reload::{ReloadError, ReloadHandle};
+use reassigned::store::{AnyStore, EmbeddedStore};
+use rustls::DigitallySignedStruct;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Generous bound for anything that should happen "soon".
+const DEADLINE: Duration = Duration::from_secs(15);
+/// Polling interval of the server's file watcher in these tests.
+const WATCH_MS: u64 = 50;
+
+/// Replace `path` atomically, as operators (and `reassigned certs revoke`)
+/// should, so the watcher never reads half a file.
+fn replace(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn leaf(cert_pem: &str) -> Vec<u8> {
+    CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+/// Poll `check` until it returns true, failing the test with `what` after
+/// [`DEADLINE`].
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Server TLS files in a temporary directory.
+struct Files {
+    dir: tempfile::TempDir,
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    crl: PathBuf,
+}
+
+impl Files {
+    /// A server certificate from `server_pki`, trusting the CAs in
+    /// `client_cas` for clients, with the CRL `crl`.
+    fn new(server_pki: &DevPki, client_cas: &[&DevPki], crl: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Self {
+            cert: dir.path().join("server.pem"),
+            key: dir.path().join("server.key"),
+            ca: dir.path().join("clients-ca.pem"),
+            crl: dir.path().join("clients.crl"),
+            dir,
+        };
+        files.set_server(&server_pki.server(&["localhost", "127.0.0.1"]).unwrap());
+        files.set_client_cas(client_cas);
+        replace(&files.crl, crl);
+        files
+    }
+
+    fn set_server(&self, server: &PemPair) {
+        replace(&self.cert, &server.cert_pem);
+        replace(&self.key, &server.key_pem);
+    }
+
+    fn set_client_cas(&self, cas: &[&DevPki]) {
+        let bundle: String = cas.iter().map(|pki| pki.ca_cert_pem()).collect();
+        replace(&self.ca, &bundle);
+    }
+}
+
+/// `reassigned::run` on 127.0.0.1:0 with the embedded store, mTLS only.
+struct Server {
+    addr: SocketAddr,
+    reload: ReloadHandle,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    _data: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(files: &Files) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = ServeConfig::from_settings(ServeSettings {
+            listen: Some(addr),
+            tls_cert: Some(files.cert.clone()),
+            tls_key: Some(files.key.clone()),
+            client_ca: Some(files.ca.clone()),
+            client_crls: Some(vec![files.crl.clone()]),
+            tls_reload_interval_ms: Some(WATCH_MS),
+            data_dir: Some(data.path().to_owned()),
+            tokens: Some(false),
+            ..ServeSettings::default()
+        })
+        .unwrap();
+        let reload = config.reload.clone();
+        let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(reassigned::run(listener, config, store, async move {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            reload,
+            shutdown: Some(tx),
+            task: Some(task),
+            _data: data,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A TLS channel to `addr` as `client`, trusting `server_ca` for the server.
+async fn connect(addr: SocketAddr, client: &PemPair, server_ca: &DevPki) -> Result<Channel, String> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(server_ca.ca_cert_pem()))
+        .identity(Identity::from_pem(&client.cert_pem, &client.key_pem))
+        .domain_name("localhost");
+    Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(DEADLINE)
+        .timeout(DEADLINE)
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))
+}
+
+/// One health call on `channel` (exempt from tokens, not from mTLS). With
+/// TLS 1.3 a refused client certificate shows here, not at connect.
+async fn call(channel: &Channel) -> Result<(), String> {
+    HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|status| format!("{status:?}"))
+}
+
+/// A health call on a new connection.
+async fn fresh_call(addr: SocketAddr, client: &PemPair, server_ca: &DevPki) -> Result<(), String> {
+    let channel = connect(addr, client, server_ca).await?;
+    call(&channel).await
+}
+
+#[tokio::test]
+async fn revoked_client_is_refused_on_new_connections_and_open_ones_keep_working() {
+    let ca = DevPki::named("ca one").unwrap();
+    let other_ca = DevPki::named("ca two").unwrap();
+    // The bundle trusts two CAs; only `ca` publishes a CRL.
+    let files = Files::new(&ca, &[&ca, &other_ca], &ca.crl(&[]).unwrap());
+    let server = Server::start(&files).await;
+    let revoked = ca.client("platform-a").unwrap();
+    let sibling = ca.client("platform-b").unwrap();
+    let foreign = other_ca.client("platform-c").unwrap();
+
+    let open = connect(server.addr, &revoked, &ca).await.unwrap();
+    call(&open).await.unwrap();
+    fresh_call(server.addr, &foreign, &ca).await.unwrap();
+
+    replace(&files.crl, &ca.crl(&[&revoked.cert_pem]).unwrap());
+    eventually("the revoked client is refused", || async {
+        fresh_call(server.addr, &revoked, &ca).await.is_err()
+    })
+    .await;
+    let refused = fresh_call(server.addr, &revoked, &ca).await.unwrap_err();
+    assert!(refused.contains("CertificateRevoked"), "{refused}");
+
+    // The connection made before the revocation is still served: a reconnect
+    // would have been refused, so this proves it stayed open.
+    call(&open).await.unwrap();
+    // The CA's other client, and a client of a CA without CRL (unknown
+    // revocation status is allowed), are still accepted.
+    fresh_call(server.addr, &sibling, &ca).await.unwrap();
+    fresh_call(server.addr, &foreign, &ca).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn crl_in_der_is_enforced_from_the_start() {
+    let ca = DevPki::new().unwrap();
+    let revoked = ca.client("platform-a").unwrap();
+    let files = Files::new(&ca, &[&ca], "");
+    let pem = ca.crl(&[&revoked.cert_pem]).unwrap();
+    let der = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).unwrap();
+    std::fs::write(&files.crl, der.as_ref()).unwrap();
+    let server = Server::start(&files).await;
+
+    assert!(fresh_call(server.addr, &revoked, &ca).await.is_err());
+    fresh_call(server.addr, &ca.client("platform-b").unwrap(), &ca)
+        .await
+        .unwrap();
+    server.stop().await;
+}
+
+/// Accepts any server certificate and remembers the leaf it was shown.
+#[derive(Debug)]
+struct RecordLeaf {
+    provider: Arc<CryptoProvider>,
+    leaf: Mutex<Option<Vec<u8>>>,
+}
+
+impl ServerCertVerifier for RecordLeaf {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        *self.leaf.lock().unwrap() = Some(end_entity.to_vec());
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The leaf certificate (DER) the server presents to a new connection.
+async fn served_leaf(addr: SocketAddr, client: &PemPair) -> Result<Vec<u8>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let recorder = Arc::new(RecordLeaf {
+        provider: provider.clone(),
+        leaf: Mutex::new(None),
+    });
+    let chain = vec![CertificateDer::from_pem_slice(client.cert_pem.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(recorder.clone())
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let leaf = recorder.leaf.lock().unwrap().take();
+    leaf.ok_or_else(|| "no server certificate seen".to_owned())
+}
+
+#[tokio::test]
+async fn rotated_server_certificate_is_served_and_a_broken_one_is_not() {
+    let ca = DevPki::new().unwrap();
+    let files = Files::new(&ca, &[&ca], &ca.crl(&[]).unwrap());
+    let first = std::fs::read_to_string(&files.cert).unwrap();
+    let server = Server::start(&files).await;
+    let client = ca.client("platform-a").unwrap();
+    assert_eq!(served_leaf(server.addr, &client).await.unwrap(), leaf(&first));
+    let open = connect(server.addr, &client, &ca).await.unwrap();
+
+    // A new certificate (new key, new serial) from the same CA: picked up
+    // from the files.
+    let second = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+    files.set_server(&second);
+    eventually("the new certificate is served", || async {
+        served_leaf(server.addr, &client).await.ok() == Some(leaf(&second.cert_pem))
+    })
+    .await;
+    fresh_call(server.addr, &client, &ca).await.unwrap();
+    call(&open).await.unwrap();
+
+    // A broken certificate file: the reload fails, names the file, and the
+    // second certificate stays in service.
+    replace(
+        &files.cert,
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    );
+    let err = server.reload.reload().await.unwrap_err();
+    assert!(matches!(err, ReloadError::Tls(_)), "{err}");
+    assert!(err.to_string().contains("server.pem"), "{err}");
+    assert_eq!(
+        served_leaf(server.addr, &client).await.unwrap(),
+        leaf(&second.cert_pem)
+    );
+    fresh_call(server.addr, &client, &ca).await.unwrap();
+
+    // A key that does not match the certificate: refused the same way.
+    let third = ca.server(&["localhost"]).unwrap();
+    replace(&files.cert, &third.cert_pem);
+    let err = server.reload.reload().await.unwrap_err();
+    assert!(err.to_string().contains("does not match"), "{err}");
+    assert!(!err.to_string().contains("PRIVATE KEY"), "{err}");
+    assert_eq!(
+        served_leaf(server.addr, &client).await.unwrap(),
+        leaf(&second.cert_pem)
+    );
+
+    // Completing the pair and triggering: served at once.
+    replace(&files.key, &third.key_pem);
+    let summary = server.reload.reload().await.unwrap();
+    assert!(summary.subject.contains("localhost"), "{summary:?}");
+    assert_eq!(
+        served_leaf(server.addr, &client).await.unwrap(),
+        leaf(&third.cert_pem)
+    );
+    call(&open).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn replaced_client_ca_bundle_refuses_the_old_ca_and_accepts_the_new() {
+    let old_ca = DevPki::named("old ca").unwrap();
+    let new_ca = DevPki::named("new ca").unwrap();
+    let files = Files::new(&old_ca, &[&old_ca], &old_ca.crl(&[]).unwrap());
+    let server = Server::start(&files).await;
+    let old_client = old_ca.client("platform-a").unwrap();
+    let new_client = new_ca.client("platform-a").unwrap();
+
+    let open = connect(server.addr, &old_client, &old_ca).await.unwrap();
+    call(&open).await.unwrap();
+    assert!(fresh_call(server.addr, &new_client, &old_ca).await.is_err());
+
+    // The old CA's CRL no longer matches any CA: logged, kept, harmless.
+    files.set_client_cas(&[&new_ca]);
+    eventually("the new CA's client is accepted", || async {
+        fresh_call(server.addr, &new_client, &old_ca).await.is_ok()
+    })
+    .await;
+    assert!(fresh_call(server.addr, &old_client, &old_ca).await.is_err());
+    call(&open).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reload_without_a_running_server_says_so() {
+    let handle = ReloadHandle::new();
+    assert!(matches!(handle.reload().await, Err(ReloadError::NotRunning)));
+
+    let ca = DevPki::new().unwrap();
+    let files = Files::new(&ca, &[&ca], &ca.crl(&[]).unwrap());
+    let server = Server::start(&files).await;
+    let reload = server.reload.clone();
+    eventually("the server attaches", || async { reload.reload().await.is_ok() }).await;
+    server.stop().await;
+    assert!(matches!(reload.reload().await, Err(ReloadError::NotRunning)));
+}
+
+/// The `reassigned serve` binary as a child process; killed on drop.
+struct ServeProcess(Child);
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_binary_without_dropping_connections() {
+    let ca = DevPki::new().unwrap();
+    let files = Files::new(&ca, &[&ca], &ca.crl(&[]).unwrap());
+    let data = files.dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let mut child = ServeProcess(
+        Command::new(env!("CARGO_BIN_EXE_reassigned"))
+            .args([
+                "--log-format",
+                "json",
+                "serve",
+                "--no-tokens",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--tls-cert")
+            .arg(&files.cert)
+            .arg("--tls-key")
+            .arg(&files.key)
+            .arg("--client-ca")
+            .arg(&files.ca)
+            .arg("--client-crl")
+            .arg(&files.crl)
+            .arg("--data-dir")
+            .arg(&data)
+            // Only SIGHUP may reload in this test.
+            .args(["--tls-reload-interval-ms", "3600000"])
+            .env("REASSIGNED_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+
+    // Read the log on a thread (so the pipe never fills) and find the address.
+    let stderr = child.0.stderr.take().unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log_writer = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let addr = serde_json::from_str::<serde_json::Value>(&line)
+                .ok()
+                .filter(|json| json["fields"]["message"] == "listening")
+                .and_then(|json| json["fields"]["addr"].as_str().and_then(|a| a.parse().ok()));
+            if let Some(addr) = addr {
+                let _ = addr_tx.send(addr);
+            }
+            log_writer.lock().unwrap().push(line);
+        }
+    });
+    let addr = tokio::task::spawn_blocking(move || addr_rx.recv_timeout(DEADLINE))
+        .await
+        .unwrap()
+        .unwrap_or_else(|_| panic!("serve did not say where it listens: {:?}", log.lock().unwrap()));
+
+    let client = ca.client("platform-a").unwrap();
+    let first = std::fs::read_to_string(&files.cert).unwrap();
+    assert_eq!(served_leaf(addr, &client).await.unwrap(), leaf(&first));
+    let open = connect(addr, &client, &ca).await.unwrap();
+    call(&open).await.unwrap();
+
+    let second = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+    files.set_server(&second);
+    let status = Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    eventually("the new certificate is served after SIGHUP", || async {
+        served_leaf(addr, &client).await.ok() == Some(leaf(&second.cert_pem))
+    })
+    .await;
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "SIGHUP ended the server: {:?}",
+        log.lock().unwrap()
+    );
+    call(&open).await.unwrap();
+    assert!(
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains("tls material reloaded") && line.contains("sighup")),
+        "{:?}",
+        log.lock().unwrap()
+    );
+}
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reassigned"));
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+#[tokio::test]
+async fn certs_revoke_makes_a_crl_the_server_enforces() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["certs", "dev", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let path = |name: &str| dir.path().join(name);
+    let out = bin()
+        .args(["certs", "revoke", "--ca-cert"])
+        .arg(path("ca.pem"))
+        .arg("--ca-key")
+        .arg(path("ca.key"))
+        .arg("--cert")
+        .arg(path("platform-a.pem"))
+        .arg("--out")
+        .arg(path("clients.crl"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let files = Files {
+        cert: path("server.pem"),
+        key: path("server.key"),
+        ca: path("ca.pem"),
+        crl: path("clients.crl"),
+        dir,
+    };
+    let server = Server::start(&files).await;
+    let read = |name: &str| std::fs::read_to_string(path_in(&files, name)).unwrap();
+    let pair = |name: &str| PemPair {
+        cert_pem: read(&format!("{name}.pem")),
+        key_pem: read(&format!("{name}.key")),
+    };
+    let ca = DevPki::from_pem(&read("ca.pem"), &read("ca.key")).unwrap();
+    let refused = fresh_call(server.addr, &pair("platform-a"), &ca)
+        .await
+        .unwrap_err();
+    assert!(refused.contains("CertificateRevoked"), "{refused}");
+    fresh_call(server.addr, &pair("platform-b"), &ca).await.unwrap();
+    server.stop().await;
+}
+
+fn path_in(files: &Files, name: &str) -> PathBuf {
+    files.dir.path().join(name)
+}
+
+#[test]
+fn crls_come_from_flags_environment_and_file() {
+    let ca = DevPki::named("config ca").unwrap();
+    let files = Files::new(&ca, &[&ca], &ca.crl(&[]).unwrap());
+    let second = files.dir.path().join("second.crl");
+    std::fs::write(&second, ca.crl(&[]).unwrap()).unwrap();
+    let data = files.dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let serve = || {
+        let mut cmd = bin();
+        cmd.args(["serve", "--dump-config", "--no-tokens", "--tls-cert"])
+            .arg(&files.cert)
+            .arg("--tls-key")
+            .arg(&files.key)
+            .arg("--client-ca")
+            .arg(&files.ca)
+            .arg("--data-dir")
+            .arg(&data)
+            .env_remove("REASSIGNED_CLIENT_CRLS");
+        cmd
+    };
+    let dumped = |mut cmd: Command| {
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let config: toml::Value = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+        config["client_crls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| PathBuf::from(v.as_str().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let both = vec![files.crl.clone(), second.clone()];
+
+    let mut flags = serve();
+    flags
+        .arg("--client-crl")
+        .arg(&files.crl)
+        .arg("--client-crl")
+        .arg(&second);
+    assert_eq!(dumped(flags), both);
+
+    let mut env = serve();
+    env.env(
+        "REASSIGNED_CLIENT_CRLS",
+        format!("{},{}", files.crl.display(), second.display()),
+    );
+    assert_eq!(dumped(env), both);
+
+    let toml_file = files.dir.path().join("serve.toml");
+    std::fs::write(
+        &toml_file,
+        format!("client_crls = [{:?}, {:?}]\n", files.crl, second),
+    )
+    .unwrap();
+    let mut file = serve();
+    file.arg("--config").arg(&toml_file);
+    assert_eq!(dumped(file), both);
+
+    let mut missing = serve();
+    missing.arg("--client-crl").arg(files.dir.path().join("nope.crl"));
+    let out = missing.output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("client_crls") && err.contains("nope.crl"), "{err}");
+}

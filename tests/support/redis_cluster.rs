@@ -1,0 +1,258 @@
+//! A throwaway Redis Cluster for tests: three masters (and optionally
+//! replicas), each a `redis-server --cluster-enabled yes` on a free port of
+//! 127.0.0.1 with its own directory, joined with `redis-cli --cluster create`;
+//! every process is killed on drop.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long starting the cluster may take.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// One node of the cluster.
+struct Node {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+/// A running Redis Cluster of three masters.
+pub struct RedisCluster {
+    nodes: Vec<Node>,
+}
+
+impl RedisCluster {
+    /// Starts three nodes, creates the cluster and waits until it reports
+    /// `cluster_state:ok` on every node.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Like [`RedisCluster::start`], with more `redis-server` arguments for
+    /// every node (e.g. `["--sanitize-dump-payload", "yes"]`).
+    pub fn start_with(extra_args: &[&str]) -> Self {
+        Self::start_full(0, extra_args)
+    }
+
+    /// Three masters with `replicas` replicas each; waits until every
+    /// replica has synchronised with its master.
+    pub fn start_with_replicas(replicas: usize) -> Self {
+        Self::start_full(replicas, &[])
+    }
+
+    fn start_full(replicas: usize, extra_args: &[&str]) -> Self {
+        // A port may be taken between asking and binding: try a few times.
+        for attempt in 0..3 {
+            match Self::try_start(replicas, extra_args) {
+                Ok(cluster) => return cluster,
+                Err(e) if attempt < 2 => eprintln!("redis cluster did not start ({e}); retrying"),
+                Err(e) => panic!("redis cluster did not start: {e}"),
+            }
+        }
+        unreachable!("the last attempt panics")
+    }
+
+    fn try_start(replicas: usize, extra_args: &[&str]) -> Result<Self, String> {
+        let mut cluster = Self { nodes: Vec::new() };
+        let ports = free_ports(3 * (1 + replicas));
+        for port in ports {
+            cluster.nodes.push(spawn_node(port, extra_args)?);
+        }
+        let deadline = Instant::now() + DEADLINE;
+        for node in &cluster.nodes {
+            wait_until(deadline, || {
+                cli(node.port, &["PING"]).is_ok_and(|r| r.trim() == "PONG")
+            })
+            .map_err(|_| format!("node {} does not answer PING; log:\n{}", node.port, node.log()))?;
+        }
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("run redis-cli --cluster create: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        for node in &cluster.nodes {
+            wait_until(deadline, || {
+                cli(node.port, &["CLUSTER", "INFO"]).is_ok_and(|info| info.contains("cluster_state:ok"))
+            })
+            .map_err(|_| format!("node {} never reported cluster_state:ok", node.port))?;
+        }
+        for node in &cluster.nodes {
+            wait_until(deadline, || {
+                cli(node.port, &["INFO", "replication"])
+                    .is_ok_and(|info| info.contains("role:master") || info.contains("master_link_status:up"))
+            })
+            .map_err(|_| format!("replica {} never synchronised", node.port))?;
+        }
+        // Every node must know every slot's owner and replicas before
+        // clients connect (they read the topology from one node, once).
+        for node in &cluster.nodes {
+            wait_until(deadline, || {
+                cli(node.port, &["CLUSTER", "SLOTS"])
+                    .is_ok_and(|s| cluster.nodes.iter().all(|n| s.contains(&n.port.to_string())))
+            })
+            .map_err(|_| format!("node {} does not see the whole topology", node.port))?;
+        }
+        Ok(cluster)
+    }
+
+    /// True if the node `i` (in [`RedisCluster::urls`] order) is a replica.
+    pub fn is_replica(&self, i: usize) -> bool {
+        cli(self.nodes[i].port, &["INFO", "replication"]).is_ok_and(|info| info.contains("role:slave"))
+    }
+
+    /// The node ports (masters and replicas).
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// `redis://127.0.0.1:{port}/` of every node (seed URLs for clients).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}/", n.port))
+            .collect()
+    }
+
+    /// `redis://` URL of one node (for per-node commands such as DBSIZE).
+    pub fn node_url(&self, i: usize) -> String {
+        format!("redis://127.0.0.1:{}/", self.nodes[i].port)
+    }
+
+    /// Freezes every node (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&mut self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws every node (SIGCONT).
+    pub fn resume(&mut self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        for node in &self.nodes {
+            let pid = node.child.id();
+            let status = Command::new("kill")
+                .arg(signal)
+                .arg(pid.to_string())
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill {signal} {pid} failed");
+        }
+    }
+
+    /// The logs of every node.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- node {} ---\n{}", n.port, n.log()))
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+        }
+    }
+}
+
+impl Node {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_node(port: u16, extra_args: &[&str]) -> Result<Node, String> {
+    let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let path = dir.path();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1"])
+        .args(["--cluster-enabled", "yes"])
+        .arg("--cluster-config-file")
+        .arg(path.join(format!("nodes-{port}.conf")))
+        .args(["--save", ""])
+        .args(["--appendonly", "no"])
+        .arg("--dir")
+        .arg(path)
+        .arg("--logfile")
+        .arg(path.join("redis.log"))
+        .args(["--daemonize", "no"])
+        .args(extra_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("redis-server must be installed to run these tests: {e}"))?;
+    Ok(Node { port, dir, child })
+}
+
+/// Runs `redis-cli -p port args...` and returns its output.
+fn cli(port: u16, args: &[&str]) -> Result<String, String> {
+    let output = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+fn wait_until(deadline: Instant, mut ready: impl FnMut() -> bool) -> Result<(), ()> {
+    while !ready() {
+        if Instant::now() > deadline {
+            return Err(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Distinct free ports; a cluster node also binds `port + 10000` (the
+/// cluster bus), so both must be free.
+fn free_ports(count: usize) -> Vec<u16> {
+    let mut ports: Vec<u16> = Vec::new();
+    while ports.len() < count {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let bus_free = port
+            .checked_add(10_000)
+            .is_some_and(|bus| TcpListener::bind(("127.0.0.1", bus)).is_ok());
+        if bus_free && !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    ports
+}
