@@ -25,6 +25,8 @@ pub const QUEUE: usize = 8192;
 pub const WRITE_BATCH: usize = 512;
 /// Least time between two warnings about dropped records.
 pub const WARN_EVERY: Duration = Duration::from_secs(10);
+/// How often a down sink is probed when no record comes.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Bound of one write to Redis.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -206,7 +208,26 @@ async fn write_loop(
     warn: Arc<Warner>,
 ) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
-    while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+    loop {
+        // While the sink is down (and, with `mandatory`, nothing is queued),
+        // a PING every second notices it is back.
+        let received = match tokio::time::timeout(PROBE_EVERY, rx.recv_many(&mut batch, WRITE_BATCH)).await {
+            Ok(0) => return, // the auditor is gone
+            Ok(n) => n,
+            Err(_) => {
+                if stats.sink_down() {
+                    let ping = redis::cmd("PING");
+                    if let Ok(Ok(())) =
+                        tokio::time::timeout(WRITE_TIMEOUT, ping.query_async::<()>(&mut conn)).await
+                    {
+                        stats.sink_down.store(false, Ordering::Relaxed);
+                        tracing::info!("audit sink back");
+                    }
+                }
+                continue;
+            }
+        };
+        debug_assert_eq!(received, batch.len());
         let mut pipe = redis::pipe();
         for r in &batch {
             pipe.cmd("XADD")

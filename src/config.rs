@@ -126,6 +126,26 @@ pub struct ServeSettings {
     /// key, as `keys generate` does).
     #[arg(long, env = "REASSIGNED_RECEIPT_KID")]
     pub receipt_kid: Option<String>,
+    /// File holding the secret (at least 16 bytes) that keys the number
+    /// hashes of the audit trail; setting it turns the audit trail on.
+    #[arg(long, env = "REASSIGNED_AUDIT_SECRET_FILE")]
+    pub audit_secret_file: Option<PathBuf>,
+    /// Redis URL of the audit stream (default: the store's Redis).
+    #[arg(long, env = "REASSIGNED_AUDIT_REDIS")]
+    pub audit_redis: Option<String>,
+    /// Approximate most entries kept in the audit stream (default 10000000).
+    #[arg(long, env = "REASSIGNED_AUDIT_MAX_LEN")]
+    pub audit_max_len: Option<u64>,
+    /// Fail calls with UNAVAILABLE when their audit record cannot be queued
+    /// or the audit sink is down (default: answer, and count the drop).
+    #[arg(
+        long,
+        env = "REASSIGNED_AUDIT_MANDATORY",
+        num_args = 0,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub audit_mandatory: Option<bool>,
 }
 
 impl ServeSettings {
@@ -163,7 +183,11 @@ impl ServeSettings {
             quota_redis_timeout_ms,
             quotas,
             receipt_key,
-            receipt_kid
+            receipt_kid,
+            audit_secret_file,
+            audit_redis,
+            audit_max_len,
+            audit_mandatory
         )
     }
 
@@ -280,6 +304,11 @@ pub struct ServeConfig {
     pub receipt_key: Option<PathBuf>,
     /// The receipt key id; `None`: the key's JWK thumbprint.
     pub receipt_kid: Option<String>,
+    /// The audit trail; `None`: off.
+    pub audit: Option<crate::audit::AuditConfig>,
+    /// Counters of the audit trail of the server running with this config.
+    #[serde(skip)]
+    pub audit_stats: std::sync::Arc<crate::audit::AuditStats>,
 }
 
 /// A configuration that cannot be used.
@@ -398,6 +427,35 @@ impl ServeConfig {
         };
         let tokens = token_config(s.tokens, s.jwks, s.token_issuer, s.token_audience)?;
         let (receipt_key, receipt_kid) = receipt_config(s.receipt_key, s.receipt_kid)?;
+        let audit = match s.audit_secret_file {
+            None => None,
+            Some(secret_file) => {
+                if !secret_file.is_file() {
+                    return Err(ConfigError::Invalid(
+                        "audit_secret_file",
+                        format!("{} is not a readable file", secret_file.display()),
+                    ));
+                }
+                let (store_url, prefix) = match &store {
+                    StoreConfig::Redis { url, key_prefix, .. } => (Some(url.clone()), key_prefix.clone()),
+                    // The writer speaks to one server: a cluster needs --audit-redis.
+                    StoreConfig::RedisCluster { key_prefix, .. } => (None, key_prefix.clone()),
+                    _ => (None, "rn".to_owned()),
+                };
+                let redis_url = s.audit_redis.or(store_url).ok_or(ConfigError::Missing(
+                    "audit_redis",
+                    "audit-redis",
+                    "REASSIGNED_AUDIT_REDIS",
+                ))?;
+                Some(crate::audit::AuditConfig {
+                    redis_url,
+                    stream: format!("{prefix}:audit"),
+                    max_len: positive("audit_max_len", s.audit_max_len.unwrap_or(10_000_000))?,
+                    mandatory: s.audit_mandatory.unwrap_or(false),
+                    secret_file,
+                })
+            }
+        };
         let max_batch = s.max_batch.unwrap_or(1000);
         if !(1..=100_000).contains(&max_batch) {
             return Err(ConfigError::Invalid("max_batch", "must be 1 to 100000".into()));
@@ -428,6 +486,8 @@ impl ServeConfig {
             tokens,
             receipt_key,
             receipt_kid,
+            audit,
+            audit_stats: Default::default(),
         })
     }
 

@@ -74,6 +74,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// The audit trail of answers.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Signed receipts of answers.
     Receipt {
         #[command(subcommand)]
@@ -119,6 +124,30 @@ enum KeysCommand {
         /// Key id (default: derived from the public key).
         #[arg(long)]
         kid: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Write one platform's audit records between two UTC days (inclusive) as
+    /// JSON lines on stdout. Records hold a keyed hash of the number, never
+    /// the number.
+    Export {
+        /// Redis URL of the audit stream.
+        #[arg(long, env = "REASSIGNED_AUDIT_REDIS")]
+        redis: String,
+        /// Key prefix (the stream is `{prefix}:audit`).
+        #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX", default_value = "rn")]
+        redis_key_prefix: String,
+        /// The platform id (e.g. `spiffe://dev.reassigned/platform-a`).
+        #[arg(long)]
+        platform: String,
+        /// First day, `YYYY-MM-DD` (UTC).
+        #[arg(long)]
+        from: String,
+        /// Last day, `YYYY-MM-DD` (UTC).
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -244,6 +273,18 @@ fn main() -> ExitCode {
                     out.display()
                 );
             }),
+            Command::Audit {
+                command:
+                    AuditCommand::Export {
+                        redis,
+                        redis_key_prefix,
+                        platform,
+                        from,
+                        to,
+                    },
+            } => cli::audit::export_cmd(&redis, &redis_key_prefix, &platform, &from, &to)
+                .await
+                .map(|count| eprintln!("{count} records")),
             Command::Receipt {
                 command:
                     ReceiptCommand::Verify {

@@ -1034,7 +1034,8 @@ fn used_memory(server: &TestRedis) -> u64 {
 
 /// Bytes per record and import rate. Run with
 /// `RN_BENCH_RECORDS=1000000 cargo test --release --test redis_store -- --ignored --nocapture bench`
-/// (with `RN_BENCH_CLUSTER=1`: on a three-master cluster).
+/// (with `RN_BENCH_CLUSTER=1`: on a three-master cluster; with
+/// `RN_BENCH_NO_FILTER=1`: without the membership filter).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn bench_snapshot_memory_and_rate() {
@@ -1049,8 +1050,13 @@ async fn bench_snapshot_memory_and_rate() {
         Topology::Single
     };
     let server = TestRedis::start(topology);
+    // RN_BENCH_NO_FILTER=1: every lookup asks Redis.
+    let membership_filter = std::env::var_os("RN_BENCH_NO_FILTER").is_none();
     let store = server
-        .connect_with(RedisOptions::default())
+        .connect_with(RedisOptions {
+            membership_filter,
+            ..RedisOptions::default()
+        })
         .await
         .expect("connect");
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -1075,7 +1081,7 @@ async fn bench_snapshot_memory_and_rate() {
     let after = used_memory(&server);
     let cpu = redis_cpu_seconds(&server) - cpu_before;
     println!(
-        "topology={topology:?} records={} import={:.2?} (redis cpu {:.2}s) rate={:.0}/s used_memory_delta={} bytes_per_record={:.2}",
+        "topology={topology:?} filter={membership_filter} records={} import={:.2?} (redis cpu {:.2}s) rate={:.0}/s used_memory_delta={} bytes_per_record={:.2}",
         recs.len(),
         took,
         cpu,
@@ -1112,6 +1118,16 @@ async fn bench_snapshot_memory_and_rate() {
         took,
         delta.len() as f64 / took.as_secs_f64()
     );
+    if membership_filter {
+        let started = Instant::now();
+        eventually(
+            "the filter of sequence 2 is loaded",
+            Duration::from_secs(30),
+            || async { store.membership_filter_loaded() == Some((1, 2)) },
+        )
+        .await;
+        println!("filter loaded {:.2?} after the delta", started.elapsed());
+    }
     // Lookup throughput with a realistic mix (about 4% hits), 64 at a time.
     let asked: Vec<PhoneNumber> = (0..200_000usize)
         .map(|i| {
@@ -1218,7 +1234,7 @@ async fn membership_filter_answers_misses_without_redis(server: TestRedis) {
         .await
         .expect("snapshot");
     eventually("the reader loads the filter", Duration::from_secs(5), || async {
-        reader.membership_filter() == Some((1, 1))
+        reader.membership_filter_loaded() == Some((1, 1))
     })
     .await;
     // In the filter's generation: every stored number is found...
@@ -1259,7 +1275,7 @@ async fn membership_filter_answers_misses_without_redis(server: TestRedis) {
     eventually(
         "the reader reloads the filter",
         Duration::from_secs(5),
-        || async { reader.membership_filter() == Some((1, 2)) },
+        || async { reader.membership_filter_loaded() == Some((1, 2)) },
     )
     .await;
     assert_eq!(lookup_day(&reader, new_number).await, Some(20_001));

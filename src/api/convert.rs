@@ -5,6 +5,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use super::pb;
+use crate::audit::AuditError;
 use crate::domain::{self, FieldViolation, MirrorMeta};
 use crate::receipt::ReceiptError;
 use crate::server::quota::{QuotaExceeded, QuotaKind};
@@ -25,6 +26,9 @@ pub enum ApiError {
     /// A receipt was asked for and cannot be made.
     #[error(transparent)]
     Receipt(#[from] ReceiptError),
+    /// The audit trail is mandatory and cannot take the record.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
 }
 
 impl ApiError {
@@ -60,6 +64,9 @@ impl ApiError {
                     (Code::Internal, "cannot sign the receipt".into())
                 }
             },
+            ApiError::Audit(AuditError::Unavailable) => {
+                (Code::Unavailable, "the audit trail is unavailable; retry".into())
+            }
         }
     }
 }
@@ -99,6 +106,7 @@ impl From<ApiError> for Status {
                 }
                 Status::new(code, message)
             }
+            ApiError::Audit(_) => Status::new(code, message),
         }
     }
 }

@@ -6,7 +6,7 @@ mod receipts;
 mod service;
 
 pub use convert::ApiError;
-pub use receipts::{REQUEST_ID_HEADER, ReceiptContext, ReceiptPlan};
+pub use receipts::{CallInfo, REQUEST_ID_HEADER, ReceiptContext, ReceiptPlan};
 pub use service::{ReassignedService, ServiceOptions};
 
 /// Code generated from `proto/reassigned/v1/reassigned.proto`.

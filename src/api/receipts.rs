@@ -17,6 +17,36 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// replaced by a generated one.
 const MAX_REQUEST_ID: usize = 128;
 
+/// Who made a call and its request id: shared by its receipts and its
+/// audit records.
+#[derive(Clone, Debug)]
+pub struct CallInfo {
+    /// The platform id; `None` if the auth layer put no [`Principal`] in the
+    /// extensions.
+    pub platform: Option<String>,
+    /// The client's `x-request-id` if usable, else a random 128-bit hex id.
+    pub request_id: String,
+}
+
+impl CallInfo {
+    /// Reads the caller and the request id of `request`.
+    pub fn of<T>(request: &Request<T>) -> Self {
+        let platform = request
+            .extensions()
+            .get::<Principal>()
+            .map(|p| p.platform.id.clone());
+        let request_id = request
+            .metadata()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|id| {
+                !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic())
+            })
+            .map_or_else(|| format!("{:032x}", rand::random::<u128>()), str::to_owned);
+        Self { platform, request_id }
+    }
+}
+
 /// What every receipt of one call shares: the signer, the platform, the
 /// request id and the time.
 #[derive(Clone, Debug)]
@@ -28,28 +58,12 @@ pub struct ReceiptContext {
 }
 
 impl ReceiptContext {
-    /// The context of `request`: `NotConfigured` without a signer,
-    /// `NoPlatform` if the auth layer put no [`Principal`] in the extensions.
-    pub fn for_request<T>(
-        signer: Option<&Arc<ReceiptSigner>>,
-        request: &Request<T>,
-    ) -> Result<Self, ReceiptError> {
+    /// The receipt context of a call: `NotConfigured` without a signer,
+    /// `NoPlatform` without a platform.
+    pub fn new(signer: Option<&Arc<ReceiptSigner>>, call: &CallInfo) -> Result<Self, ReceiptError> {
         let signer = signer.ok_or(ReceiptError::NotConfigured)?;
-        let platform = request
-            .extensions()
-            .get::<Principal>()
-            .ok_or(ReceiptError::NoPlatform)?
-            .platform
-            .id
-            .clone();
-        let request_id = request
-            .metadata()
-            .get(REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|id| {
-                !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic())
-            })
-            .map_or_else(|| format!("{:032x}", rand::random::<u128>()), str::to_owned);
+        let platform = call.platform.clone().ok_or(ReceiptError::NoPlatform)?;
+        let request_id = call.request_id.clone();
         let iat = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -103,17 +117,11 @@ pub struct ReceiptPlan {
     /// Every answer gets one (`want_receipts`), not only the checks that set
     /// `want_receipt`.
     pub all: bool,
+    /// The caller and request id (also for the audit trail).
+    pub call: CallInfo,
 }
 
 impl ReceiptPlan {
-    /// No receipts unless a check asks, and then `NotConfigured`.
-    pub fn none() -> Self {
-        Self {
-            context: Err(ReceiptError::NotConfigured),
-            all: false,
-        }
-    }
-
     /// The receipt for one answer, if `wanted` (by the check or the plan).
     pub fn receipt(
         &self,

@@ -9,8 +9,9 @@ use tracing::Instrument;
 
 use super::convert::{answer_message, status_message};
 use super::pb::reassigned_numbers_server::ReassignedNumbers;
-use super::receipts::{ReceiptContext, ReceiptPlan};
+use super::receipts::{CallInfo, ReceiptContext, ReceiptPlan};
 use super::{ApiError, pb};
+use crate::audit::{AuditError, AuditRecord, Auditor};
 use crate::domain::{self, Check, Date, FieldViolation};
 use crate::receipt::{ReceiptError, ReceiptSigner};
 use crate::server::auth::Principal;
@@ -50,6 +51,8 @@ pub struct ReassignedService<S> {
     options: ServiceOptions,
     /// Signs receipts when asked; `None`: asking is FAILED_PRECONDITION.
     receipts: Option<std::sync::Arc<ReceiptSigner>>,
+    /// Takes one record per answer; `None`: no audit trail.
+    audit: Option<std::sync::Arc<Auditor>>,
 }
 
 impl<S: Store> ReassignedService<S> {
@@ -59,7 +62,38 @@ impl<S: Store> ReassignedService<S> {
             store,
             options,
             receipts: None,
+            audit: None,
         }
+    }
+
+    /// Audits every answer with `auditor` (none: no audit trail).
+    pub fn with_audit(mut self, auditor: Option<std::sync::Arc<Auditor>>) -> Self {
+        self.audit = auditor;
+        self
+    }
+
+    /// Hands the record of one answer to the audit trail (never waits).
+    fn audit(
+        &self,
+        call: &CallInfo,
+        check: Check,
+        answer: &pb::CheckNumberResponse,
+    ) -> Result<(), AuditError> {
+        let Some(auditor) = &self.audit else {
+            return Ok(());
+        };
+        let time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        auditor.record(AuditRecord {
+            time_ms,
+            request_id: call.request_id.clone(),
+            platform: call.platform.clone().unwrap_or_default(),
+            number_hmac: auditor.number_hmac(&check.number.to_string()),
+            since: check.since.to_string(),
+            status: answer.status().as_str_name().to_owned(),
+            data_as_of: answer.data_as_of.clone(),
+        })
     }
 
     /// Signs receipts with `signer` (none: receipts are refused).
@@ -98,13 +132,21 @@ impl<S: Store> ReassignedService<S> {
                         let status = self.answer(check, disconnect, meta, today);
                         let wanted = request.want_receipt;
                         let mut answer = answer_message(request.phone_number, status, meta);
-                        match receipts.receipt(wanted, check, &answer, meta, index) {
-                            None => pb::batch_check_result::Result::Answer(answer),
+                        let signed = match receipts.receipt(wanted, check, &answer, meta, index) {
+                            None => Ok(answer),
                             Some(Ok(receipt)) => {
                                 answer.receipt = receipt;
-                                pb::batch_check_result::Result::Answer(answer)
+                                Ok(answer)
                             }
-                            Some(Err(e)) => pb::batch_check_result::Result::Error(ApiError::from(e).into()),
+                            Some(Err(e)) => Err(ApiError::from(e)),
+                        };
+                        let audited = signed.and_then(|answer| {
+                            self.audit(&receipts.call, check, &answer)?;
+                            Ok(answer)
+                        });
+                        match audited {
+                            Ok(answer) => pb::batch_check_result::Result::Answer(answer),
+                            Err(e) => pb::batch_check_result::Result::Error(e.into()),
                         }
                     }
                     Err(violations) => {
@@ -147,10 +189,9 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         request: Request<pb::CheckNumberRequest>,
     ) -> Result<Response<pb::CheckNumberResponse>, Status> {
         self.charge(request.extensions().get(), 1, 1).await?;
+        let call = CallInfo::of(&request);
         let receipt = match request.get_ref().want_receipt {
-            true => {
-                Some(ReceiptContext::for_request(self.receipts.as_ref(), &request).map_err(ApiError::from)?)
-            }
+            true => Some(ReceiptContext::new(self.receipts.as_ref(), &call).map_err(ApiError::from)?),
             false => None,
         };
         let pb::CheckNumberRequest {
@@ -169,6 +210,7 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
                 .sign(check, &answer, lookup.meta.as_deref(), None)
                 .map_err(ApiError::from)?;
         }
+        self.audit(&call, check, &answer).map_err(ApiError::from)?;
         Ok(Response::new(answer))
     }
 
@@ -187,15 +229,15 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         self.charge(request.extensions().get(), 1, numbers).await?;
         let wanted =
             request.get_ref().want_receipts || request.get_ref().checks.iter().any(|c| c.want_receipt);
-        let receipts =
-            ReceiptPlan {
-                context: match wanted {
-                    true => Ok(ReceiptContext::for_request(self.receipts.as_ref(), &request)
-                        .map_err(ApiError::from)?),
-                    false => Err(ReceiptError::NotConfigured),
-                },
-                all: request.get_ref().want_receipts,
-            };
+        let call = CallInfo::of(&request);
+        let receipts = ReceiptPlan {
+            context: match wanted {
+                true => Ok(ReceiptContext::new(self.receipts.as_ref(), &call).map_err(ApiError::from)?),
+                false => Err(ReceiptError::NotConfigured),
+            },
+            all: request.get_ref().want_receipts,
+            call,
+        };
         let pb::BatchCheckNumbersRequest {
             checks,
             want_receipts: _,
@@ -230,9 +272,11 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         self.charge(principal.as_ref(), 1, 0).await?;
         // Checks that set `want_receipt` get one; without a signer, they get
         // FAILED_PRECONDITION as their item error.
+        let call = CallInfo::of(&request);
         let receipts = ReceiptPlan {
-            context: ReceiptContext::for_request(self.receipts.as_ref(), &request),
-            ..ReceiptPlan::none()
+            context: ReceiptContext::new(self.receipts.as_ref(), &call),
+            all: false,
+            call,
         };
         let mut first_index = 0_u64;
         let mut input = request.into_inner().ready_chunks(STREAM_CHUNK);

@@ -1,4 +1,5 @@
 //! Operator commands: certificates and other tooling behind `reassigned <command>`.
+pub mod audit;
 pub mod bench;
 pub mod certs;
 mod commands;

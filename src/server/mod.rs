@@ -96,6 +96,14 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let receipts = receipt_signer(&config)?;
+    let audit = match &config.audit {
+        Some(audit) => {
+            let auditor = crate::audit::Auditor::start(audit, config.audit_stats.clone())?;
+            tracing::info!(stream = %audit.stream, mandatory = audit.mandatory, "audit trail: on");
+            Some(std::sync::Arc::new(auditor))
+        }
+        None => None,
+    };
     let service = ReassignedNumbersServer::new(
         ReassignedService::new(
             store,
@@ -105,7 +113,8 @@ where
                 quotas: quota::Quotas::new(config.quotas.clone())?,
             },
         )
-        .with_receipts(receipts),
+        .with_receipts(receipts)
+        .with_audit(audit),
     )
     .max_decoding_message_size(config.max_message_bytes);
 

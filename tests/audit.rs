@@ -1,0 +1,321 @@
+//! The audit trail over a real server (mutual TLS) and a real
+//! `redis-server`: records land in `{prefix}:audit` without clear numbers;
+//! a dead sink never stops answers (drops are counted) unless the trail is
+//! mandatory, which turns calls into UNAVAILABLE.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
+use reassigned::api::pb::{BatchCheckNumbersRequest, CheckNumberRequest};
+use reassigned::audit::{AuditRecord, AuditStats};
+use reassigned::cli::certs::platform_uri;
+use reassigned::config::{ServeConfig, ServeSettings};
+use reassigned::domain::Date;
+use reassigned::import::{self, NoProgress};
+use reassigned::store::redis::RedisOptions;
+use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
+use support::redis::RedisServer;
+use support::register::FileSpec;
+use support::server::Certs;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+const A: &str = "+14155550001";
+const B: &str = "+14155550002";
+
+fn req(phone_number: &str) -> CheckNumberRequest {
+    CheckNumberRequest {
+        phone_number: phone_number.into(),
+        since: "2024-01-01".into(),
+        ..Default::default()
+    }
+}
+
+/// A server with the audit trail on (mTLS only), stopped on drop.
+struct Server {
+    certs: Certs,
+    port: u16,
+    stats: Arc<AuditStats>,
+    _dir: TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    async fn start(store: AnyStore, tweak: impl FnOnce(&mut ServeSettings, &std::path::Path)) -> Self {
+        let certs = Certs::mint();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("audit.secret");
+        std::fs::write(&secret, "a test secret of enough bytes\n").expect("secret");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let mut settings = ServeSettings {
+            tls_cert: Some(certs.server_cert.clone()),
+            tls_key: Some(certs.server_key.clone()),
+            client_ca: Some(certs.ca.clone()),
+            tokens: Some(false),
+            audit_secret_file: Some(secret),
+            ..ServeSettings::default()
+        };
+        tweak(&mut settings, dir.path());
+        let config = ServeConfig::from_settings(settings).expect("config");
+        let stats = config.audit_stats.clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(reassigned::run(listener, config, store, async move {
+            let _ = rx.await;
+        }));
+        Self {
+            certs,
+            port,
+            stats,
+            _dir: dir,
+            stop: Some(tx),
+            handle,
+        }
+    }
+
+    async fn client(&self) -> ReassignedNumbersClient<Channel> {
+        let id = self.certs.client("platform-a");
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.certs.pki.ca_cert_pem()))
+            .domain_name("localhost")
+            .identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
+        let channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", self.port))
+            .expect("endpoint")
+            .tls_config(tls)
+            .expect("tls")
+            .connect()
+            .await
+            .expect("connect");
+        ReassignedNumbersClient::new(channel)
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.handle)
+            .await
+            .expect("server task panicked")
+            .expect("server returned an error");
+    }
+}
+
+/// Polls `f` until it holds or 10 s pass.
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_answer_is_recorded_without_the_number() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), RedisOptions::default())
+        .await
+        .expect("connect");
+    let store = AnyStore::Redis(store);
+    let files = tempfile::tempdir().expect("tempdir");
+    let today = Date::today_utc().to_string();
+    let manifest =
+        FileSpec::snapshot(1, &today, "2021-01-27", &["+1"], &[(A, "2024-05-01")]).write(files.path(), "s1");
+    import::apply_manifest(&store, &manifest, &mut NoProgress)
+        .await
+        .expect("snapshot");
+    let url = redis.url();
+    let server = Server::start(store, |s, _| s.redis = Some(url.clone())).await;
+    let mut client = server.client().await;
+    let mut request = tonic::Request::new(req(A));
+    request
+        .metadata_mut()
+        .insert("x-request-id", "login-1".parse().expect("ascii"));
+    client.check_number(request).await.expect("check");
+    client
+        .batch_check_numbers(BatchCheckNumbersRequest {
+            checks: vec![req(A), req(B)],
+            ..Default::default()
+        })
+        .await
+        .expect("batch");
+    let stats = server.stats.clone();
+    eventually("3 records written", async || stats.written() >= 3).await;
+    assert_eq!(stats.dropped(), 0);
+
+    // The raw stream holds no number, in any form.
+    let raw = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "XRANGE", "rn:audit", "-", "+"])
+        .output()
+        .expect("redis-cli");
+    let raw = String::from_utf8_lossy(&raw.stdout);
+    assert!(raw.contains("number_hmac"), "{raw}");
+    for number in [A, B] {
+        assert!(!raw.contains(&number[2..]), "clear number in the audit stream");
+    }
+
+    // The export, as JSON lines.
+    let out = Command::new(env!("CARGO_BIN_EXE_reassigned"))
+        .args(["audit", "export", "--redis", &redis.url(), "--platform"])
+        .arg(platform_uri("platform-a"))
+        .args(["--from", &today, "--to", &today])
+        .output()
+        .expect("run reassigned");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let records: Vec<AuditRecord> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record per line"))
+        .collect();
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[0].request_id, "login-1");
+    assert_eq!(records[0].status, "REASSIGNMENT_STATUS_REASSIGNED");
+    assert_eq!(records[0].since, "2024-01-01");
+    assert_eq!(records[0].data_as_of, today);
+    assert_eq!(records[2].status, "REASSIGNMENT_STATUS_NOT_REASSIGNED");
+    assert_eq!(records[1].request_id, records[2].request_id, "one id per call");
+    assert_eq!(
+        records[0].number_hmac, records[1].number_hmac,
+        "same number, same hash"
+    );
+    assert_ne!(records[1].number_hmac, records[2].number_hmac);
+    assert_eq!(records[0].number_hmac.len(), 64);
+    for r in &records {
+        assert_eq!(r.platform, platform_uri("platform-a"));
+    }
+    // Another platform, or another day, has nothing.
+    let out = Command::new(env!("CARGO_BIN_EXE_reassigned"))
+        .args([
+            "audit",
+            "export",
+            "--redis",
+            &redis.url(),
+            "--platform",
+            "someone-else",
+        ])
+        .args(["--from", &today, "--to", &today])
+        .output()
+        .expect("run reassigned");
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+    server.stop().await;
+}
+
+/// An address where no Redis listens.
+fn dead_redis() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    drop(listener);
+    format!("redis://127.0.0.1:{port}/0")
+}
+
+fn embedded(s: &mut ServeSettings, dir: &std::path::Path) -> PathBuf {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    s.data_dir = Some(data.clone());
+    data
+}
+
+#[tokio::test]
+async fn a_dead_sink_drops_records_but_answers_go_on() {
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let server = Server::start(store, |s, dir| {
+        embedded(s, dir);
+        s.audit_redis = Some(dead_redis());
+    })
+    .await;
+    let mut client = server.client().await;
+    let stats = server.stats.clone();
+    eventually("dropped records", async || {
+        client.check_number(req(A)).await.expect("still answered");
+        stats.dropped() > 0
+    })
+    .await;
+    assert_eq!(stats.written(), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_mandatory_trail_turns_calls_unavailable() {
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let server = Server::start(store, |s, dir| {
+        embedded(s, dir);
+        s.audit_redis = Some(dead_redis());
+        s.audit_mandatory = Some(true);
+    })
+    .await;
+    let mut client = server.client().await;
+    eventually("UNAVAILABLE", async || match client.check_number(req(A)).await {
+        Ok(_) => false,
+        Err(e) => {
+            assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+            assert_eq!(e.message(), "the audit trail is unavailable; retry");
+            true
+        }
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_mandatory_trail_recovers_with_its_sink() {
+    let mut redis = RedisServer::start();
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let url = redis.url();
+    let server = Server::start(store, |s, dir| {
+        embedded(s, dir);
+        s.audit_redis = Some(url.clone());
+        s.audit_mandatory = Some(true);
+    })
+    .await;
+    let mut client = server.client().await;
+    client.check_number(req(A)).await.expect("sink up");
+    redis.stop();
+    eventually("UNAVAILABLE", async || client.check_number(req(A)).await.is_err()).await;
+    redis.restart();
+    eventually("answers again", async || {
+        client.check_number(req(A)).await.is_ok()
+    })
+    .await;
+    let stats = server.stats.clone();
+    eventually("records written again", async || stats.written() >= 2).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_stream_is_capped_near_audit_max_len() {
+    let redis = RedisServer::start();
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let url = redis.url();
+    let server = Server::start(store, |s, dir| {
+        embedded(s, dir);
+        s.audit_redis = Some(url.clone());
+        s.audit_max_len = Some(10);
+    })
+    .await;
+    let mut client = server.client().await;
+    client
+        .batch_check_numbers(BatchCheckNumbersRequest {
+            checks: (0..1000).map(|i| req(&format!("+1415555{i:04}"))).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("batch");
+    let stats = server.stats.clone();
+    eventually("1000 records written", async || stats.written() >= 1000).await;
+    let len = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "XLEN", "rn:audit"])
+        .output()
+        .expect("redis-cli");
+    let len: u64 = String::from_utf8_lossy(&len.stdout).trim().parse().expect("XLEN");
+    // `MAXLEN ~` trims whole stream nodes (100 entries by default).
+    assert!((10..=110).contains(&len), "XLEN {len}");
+    server.stop().await;
+}
