@@ -5,7 +5,7 @@ mod convert;
 mod receipts;
 mod service;
 
-pub use convert::ApiError;
+pub use convert::{ApiError, code_name};
 pub use receipts::{CallInfo, REQUEST_ID_HEADER, ReceiptContext, ReceiptPlan};
 pub use service::{ReassignedService, ServiceOptions};
 

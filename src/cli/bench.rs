@@ -58,9 +58,13 @@ use rand::{Rng as _, SeedableRng as _};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server};
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming};
 
+use crate::api::code_name;
 use crate::api::pb;
 use crate::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
 use crate::api::pb::reassigned_numbers_server::{ReassignedNumbers, ReassignedNumbersServer};
@@ -173,6 +177,10 @@ pub struct BenchOptions {
     /// `want_receipts`), to measure what signing costs.
     #[arg(long)]
     pub receipts: bool,
+    /// A bearer token sent with every call (`authorization: Bearer ...`), as
+    /// minted by `reassigned token mint`; also from `REASSIGNED_BENCH_TOKEN`.
+    #[arg(long, env = "REASSIGNED_BENCH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Seed of the query generator (same seed and data, same queries).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -904,33 +912,10 @@ impl From<Status> for Failure {
     }
 }
 
-/// The canonical upper-case name of a gRPC code.
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 /// Makes one call with the pre-built message at `index`, counting its
 /// answers into `tally`.
 async fn call(
-    client: &mut ReassignedNumbersClient<Channel>,
+    client: &mut BenchClient,
     workload: &Arc<Workload>,
     method: Method,
     index: usize,
@@ -969,9 +954,37 @@ async fn call(
     Ok(())
 }
 
+/// The bench's client: a channel that adds the bearer token, if any.
+type BenchClient = ReassignedNumbersClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer <token>` to every call when a token is given.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    fn new(token: Option<&str>) -> anyhow::Result<Self> {
+        token
+            .map(|t| {
+                MetadataValue::try_from(format!("Bearer {}", t.trim()))
+                    .map_err(|_| anyhow::anyhow!("--token is not a valid header value"))
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// One worker: calls until the end of the run, one at a time.
 async fn worker(
-    mut client: ReassignedNumbersClient<Channel>,
+    mut client: BenchClient,
     workload: Arc<Workload>,
     shared: Arc<Shared>,
     mut index: usize,
@@ -1140,10 +1153,14 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     };
     eprintln!("bench: {} pre-built calls from {description}", workload.len());
     let workload = Arc::new(workload);
+    let bearer = Bearer::new(opts.token.as_deref())?;
     let clients: Vec<_> = connect(opts)
         .await?
         .into_iter()
-        .map(|channel| ReassignedNumbersClient::new(channel).max_decoding_message_size(64 << 20))
+        .map(|channel| {
+            ReassignedNumbersClient::with_interceptor(channel, bearer.clone())
+                .max_decoding_message_size(64 << 20)
+        })
         .collect();
 
     let started = Instant::now();
@@ -1604,6 +1621,7 @@ mod tests {
             since: "2022-01-01".into(),
             timeout: Duration::from_secs(5),
             receipts: false,
+            token: None,
             seed: 1,
             json: false,
         }
