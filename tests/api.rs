@@ -16,6 +16,7 @@ use reassigned::domain::Date;
 use reassigned::import::{self, Applied, ImportError, NoProgress};
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
+use support::bin::eventually;
 use support::redis::RedisServer;
 use support::register::FileSpec;
 use support::server::TestServer;
@@ -412,19 +413,6 @@ async fn health(kind: Kind) {
         ServingStatus::Serving as i32
     );
     server.stop().await;
-}
-
-/// Polls `f` until it is true, failing after 15 s.
-async fn eventually<F, Fut>(mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !f().await {
-        assert!(Instant::now() < deadline, "condition not met within 15 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn snapshot_switch_is_atomic(kind: Kind) {

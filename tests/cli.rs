@@ -5,46 +5,14 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
 use reassigned::api::pb::{CheckNumberRequest, GetMirrorStatusRequest, ReassignmentStatus};
+use support::bin::{Killed, bin, free_port, run};
 use support::redis::RedisServer;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reassigned"));
-    cmd.env_remove("REASSIGNED_REDIS").env("REASSIGNED_LOG", "info");
-    cmd
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("run reassigned");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
-}
 
 #[test]
 fn bad_configuration_is_refused_before_binding() {

@@ -8,7 +8,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use reassigned::cli::token::{IssuerKey, KeyAlg, jwks_json, now_secs};
 use reassigned::import::{self, NoProgress};
 use reassigned::server::token::{TokenClaims, scope};
 use reassigned::store::{AnyStore, EmbeddedStore};
+use support::bin::{Killed, bin, eventually, run};
 use support::register::FileSpec;
 use support::server::{Bearer, TestChannel, TestServer};
 use tempfile::TempDir;
@@ -446,55 +447,7 @@ async fn without_tokens_the_certificate_is_enough() {
     server.stop().await;
 }
 
-/// Polls `f` until it is true, failing after 15 s.
-async fn eventually<F, Fut>(mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !f().await {
-        assert!(Instant::now() < deadline, "condition not reached in 15 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 // ---- the binary: keys generate + token mint + serve ----
-
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reassigned"));
-    for var in [
-        "REASSIGNED_REDIS",
-        "REASSIGNED_JWKS",
-        "REASSIGNED_TOKENS",
-        "REASSIGNED_TOKEN_ISSUER",
-        "REASSIGNED_TOKEN_AUDIENCE",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("REASSIGNED_LOG", "info");
-    cmd
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("run reassigned");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test]
 async fn cli_keys_generate_and_token_mint_are_accepted_by_serve() {

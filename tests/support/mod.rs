@@ -4,5 +4,6 @@
 pub mod redis;
 pub mod redis_cluster;
 
+pub mod bin;
 pub mod register;
 pub mod server;

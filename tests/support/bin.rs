@@ -1,0 +1,69 @@
+//! Running the `reassigned` binary in tests: a command with a clean
+//! environment, a runner that fails the test with the output, a child that
+//! is killed when dropped, and polling with a deadline.
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+/// `reassigned` with none of the `REASSIGNED_*` settings of the caller's
+/// environment that would change what a test means, and logs at info.
+pub fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reassigned"));
+    for var in [
+        "REASSIGNED_REDIS",
+        "REASSIGNED_REDIS_CLUSTER",
+        "REASSIGNED_JWKS",
+        "REASSIGNED_TOKENS",
+        "REASSIGNED_TOKEN_ISSUER",
+        "REASSIGNED_TOKEN_AUDIENCE",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("REASSIGNED_LOG", "info");
+    cmd
+}
+
+/// Runs `cmd` to completion; fails the test with its output unless it succeeded.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run reassigned");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A child process killed (and reaped) when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port that was free a moment ago, for a child process that binds it
+/// itself (the child cannot be handed a bound listener).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+/// Polls `f` until it is true, failing after 15 s.
+pub async fn eventually<F, Fut>(mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f().await {
+        assert!(Instant::now() < deadline, "condition not met within 15 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
