@@ -1,6 +1,6 @@
 //! The service over real mutual TLS, against both stores: the embedded store
-//! and Redis (a `redis-server` this test starts on its own port). Every test
-//! runs once per store.
+//! Redis (a `redis-server` this test starts on its own port) and a 3-master
+//! Redis Cluster the test starts. Every test runs once per store.
 
 mod support;
 
@@ -18,6 +18,7 @@ use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
 use support::bin::eventually;
 use support::redis::RedisServer;
+use support::redis_cluster::RedisCluster;
 use support::register::FileSpec;
 use support::server::TestServer;
 use tempfile::TempDir;
@@ -31,17 +32,21 @@ use tonic_types::StatusExt;
 enum Kind {
     Embedded,
     Redis,
+    RedisCluster,
 }
 
 /// A store of one kind, and a directory for register files.
 struct Env {
     store: AnyStore,
     redis: Option<RedisServer>,
+    /// Kept alive while the test runs (Kind::RedisCluster).
+    _cluster: Option<RedisCluster>,
     files: TempDir,
 }
 
 impl Env {
     async fn new(kind: Kind) -> Self {
+        let mut cluster = None;
         let (store, redis) = match kind {
             Kind::Embedded => (AnyStore::Embedded(Arc::new(EmbeddedStore::new())), None),
             Kind::Redis => {
@@ -57,10 +62,25 @@ impl Env {
                 .expect("connect to redis");
                 (AnyStore::Redis(store), Some(server))
             }
+            Kind::RedisCluster => {
+                let nodes = RedisCluster::start();
+                let store = RedisStore::connect_cluster(
+                    &nodes.urls(),
+                    RedisOptions {
+                        reclaim_grace: Duration::from_millis(300),
+                        ..RedisOptions::default()
+                    },
+                )
+                .await
+                .expect("connect to the redis cluster");
+                cluster = Some(nodes);
+                (AnyStore::Redis(store), None)
+            }
         };
         Self {
             store,
             redis,
+            _cluster: cluster,
             files: tempfile::tempdir().expect("tempdir"),
         }
     }
@@ -647,6 +667,10 @@ macro_rules! for_both_stores {
         mod redis {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() { super::$name(super::Kind::Redis).await })*
+        }
+        mod redis_cluster {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Kind::RedisCluster).await })*
         }
     };
 }

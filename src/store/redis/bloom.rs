@@ -4,10 +4,11 @@
 //! trip.
 //!
 //! **Parameters.** A generation of `nbuckets` buckets gets
-//! `bits = max(1024, nbuckets × 128 × 10)` bits (rounded up to a multiple of
-//! 64) and [`HASHES`] = 7 hash functions: about 10 bits per number, under 1%
-//! false positives at snapshot time. Number `n` sets bits
-//! `(h1 + i × h2) mod bits` for `i` in `0..7`, with `h1`, `h2` two SplitMix64
+//! `bits = max(1024, nbuckets × 128 × 8)` bits (rounded up to a multiple of
+//! 64) and [`HASHES`] = 6 hash functions: about 8 bits (1 byte) per number,
+//! about 2% false positives at snapshot time (a false positive only costs a
+//! round trip). Number `n` sets bits
+//! `(h1 + i × h2) mod bits` for `i` in `0..HASHES`, with `h1`, `h2` two SplitMix64
 //! mixes of `n` (see [`positions`]; changing them is a layout change).
 //!
 //! **Keys.** The bits are strings `{prefix}:bloom:g{gen}:{chunk}` of at most
@@ -34,9 +35,9 @@ use std::sync::LazyLock;
 use ::redis::Script;
 
 /// Hash functions per number.
-pub(super) const HASHES: u32 = 7;
+pub(super) const HASHES: u32 = 6;
 /// Bits per number the filter is sized for at snapshot time.
-const BITS_PER_NUMBER: u64 = 10;
+const BITS_PER_NUMBER: u64 = 8;
 /// The largest chunk key, in bytes (8 MiB).
 pub(super) const CHUNK_BYTES: u64 = 8 * 1024 * 1024;
 /// Bits per chunk key.
