@@ -12,8 +12,9 @@
 //! mixes of `n` (see [`positions`]; changing them is a layout change).
 //!
 //! **Keys.** The bits are strings `{prefix}:bloom:g{gen}:{chunk}` of at most
-//! [`CHUNK_BYTES`] (8 MiB) each; bit `p` is bit `p mod 2^26` of chunk
-//! `p / 2^26`, in Redis' `SETBIT` order (most significant bit of each byte
+//! [`CHUNK_BYTES`] (8 MiB less 64 bytes, so that a chunk with Redis' string
+//! header still fits jemalloc's 8 MiB size class instead of taking 10 MiB)
+//! each; bit `p` is bit `p mod CHUNK_BITS` of chunk `p / CHUNK_BITS`, in Redis' `SETBIT` order (most significant bit of each byte
 //! first). One key per chunk, so each chunk lives in one cluster slot.
 //!
 //! **Validity.** The metadata says which generation and sequence the filter
@@ -38,8 +39,8 @@ use ::redis::Script;
 pub(super) const HASHES: u32 = 6;
 /// Bits per number the filter is sized for at snapshot time.
 const BITS_PER_NUMBER: u64 = 8;
-/// The largest chunk key, in bytes (8 MiB).
-pub(super) const CHUNK_BYTES: u64 = 8 * 1024 * 1024;
+/// The largest chunk key, in bytes (just under 8 MiB, see the module doc).
+pub(super) const CHUNK_BYTES: u64 = 8 * 1024 * 1024 - 64;
 /// Bits per chunk key.
 pub(super) const CHUNK_BITS: u64 = CHUNK_BYTES * 8;
 
