@@ -157,14 +157,16 @@ mod tests {
             .map(|i| 16_505_550_000 + i * 3)
             .filter(|&n| filter.may_contain(n))
             .count();
-        assert!(false_positives < 1_500, "{false_positives} of 100000");
+        // 8 bits and 6 hashes per number: about 2.2% in theory.
+        assert!(false_positives < 3_000, "{false_positives} of 100000");
     }
 
     #[test]
     fn sizes() {
-        assert_eq!(bits_for(1, 128), 1280);
+        assert_eq!(bits_for(3, 128), 3 * 128 * 8);
+        assert_eq!(bits_for(1, 128), 1024);
         assert_eq!(bits_for(0, 128), 1024);
-        assert_eq!(chunks(1280), 1);
+        assert_eq!(chunks(3072), 1);
         assert_eq!(chunks(CHUNK_BITS), 1);
         assert_eq!(chunks(CHUNK_BITS + 1), 2);
         let filter = Filter::new(CHUNK_BITS + 64, HASHES);
