@@ -146,6 +146,10 @@ pub struct ServeSettings {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub audit_mandatory: Option<bool>,
+    /// Address of the plain-HTTP Prometheus endpoint `GET /metrics` (default:
+    /// off). Not authenticated: bind it to a private interface only.
+    #[arg(long, env = "REASSIGNED_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServeSettings {
@@ -187,7 +191,8 @@ impl ServeSettings {
             audit_secret_file,
             audit_redis,
             audit_max_len,
-            audit_mandatory
+            audit_mandatory,
+            metrics_listen
         )
     }
 
@@ -309,6 +314,12 @@ pub struct ServeConfig {
     /// Counters of the audit trail of the server running with this config.
     #[serde(skip)]
     pub audit_stats: std::sync::Arc<crate::audit::AuditStats>,
+    /// Address of the Prometheus endpoint; `None`: off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Request counters and the bound metrics address of the server running
+    /// with this config.
+    #[serde(skip)]
+    pub metrics: crate::server::metrics::MetricsHandle,
 }
 
 /// A configuration that cannot be used.
@@ -488,6 +499,8 @@ impl ServeConfig {
             receipt_kid,
             audit,
             audit_stats: Default::default(),
+            metrics_listen: s.metrics_listen,
+            metrics: Default::default(),
         })
     }
 

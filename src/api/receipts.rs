@@ -18,8 +18,9 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 const MAX_REQUEST_ID: usize = 128;
 
 /// Who made a call and its request id: shared by its receipts and its
-/// audit records.
-#[derive(Clone, Debug)]
+/// audit records. The default (no platform, empty id) stands for a call
+/// whose server makes neither.
+#[derive(Clone, Debug, Default)]
 pub struct CallInfo {
     /// The platform id; `None` if the auth layer put no [`Principal`] in the
     /// extensions.

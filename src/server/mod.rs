@@ -3,6 +3,7 @@
 //! resolves.
 
 pub mod auth;
+pub mod metrics;
 pub mod quota;
 pub mod reload;
 pub mod tls;
@@ -85,6 +86,22 @@ where
         config.tls_reload_interval(),
         stop_rx.clone(),
     )));
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => Some(reload::AbortOnDrop(
+            metrics::serve(
+                addr,
+                config.metrics.clone(),
+                metrics::Sources {
+                    store: store.clone(),
+                    audit: config.audit_stats.clone(),
+                    max_staleness_days: config.max_staleness_days,
+                },
+                stop_rx.clone(),
+            )
+            .await?,
+        )),
+        None => None,
+    };
     let health_task = tokio::spawn(watch_health(store.clone(), reporter.clone(), stop_rx));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -137,6 +154,7 @@ where
         .timeout(config.request_timeout())
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(metrics::CountLayer(config.metrics.clone()))
         .layer(auth::AuthLayer::with_tokens(tokens))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -145,6 +163,7 @@ where
         .serve_with_incoming_shutdown(incoming, on_shutdown)
         .await?;
     health_task.abort();
+    drop(metrics_task);
     if let Some(task) = token_reload {
         task.abort();
     }

@@ -1,0 +1,393 @@
+//! A small Prometheus endpoint: plain HTTP `GET /metrics` on its own port
+//! (`--metrics-listen`), in the text exposition format, written by hand.
+//!
+//! It carries no secrets or numbers, but it is plain HTTP without
+//! authentication: bind it to a private interface, never expose it publicly.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use http_body::{Body, Frame, SizeHint};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::audit::AuditStats;
+use crate::domain::Date;
+use crate::store::{AnyStore, Store};
+
+/// The gRPC methods counted by name; any other path counts as `other`.
+const METHODS: [(&str, &str); 7] = [
+    ("/reassigned.v1.ReassignedNumbers/CheckNumber", "CheckNumber"),
+    (
+        "/reassigned.v1.ReassignedNumbers/BatchCheckNumbers",
+        "BatchCheckNumbers",
+    ),
+    (
+        "/reassigned.v1.ReassignedNumbers/StreamCheckNumbers",
+        "StreamCheckNumbers",
+    ),
+    (
+        "/reassigned.v1.ReassignedNumbers/GetMirrorStatus",
+        "GetMirrorStatus",
+    ),
+    (
+        "/reassigned.v1.ReassignedNumbers/GetSigningKeys",
+        "GetSigningKeys",
+    ),
+    ("/grpc.health.v1.Health/Check", "HealthCheck"),
+    ("/grpc.health.v1.Health/Watch", "HealthWatch"),
+];
+
+/// The `code` labels: the 17 gRPC codes by number, then `none` (the call
+/// ended without a status: cancelled by the client or connection lost).
+const CODES: [&str; 18] = [
+    "OK",
+    "Cancelled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+    "none",
+];
+const NO_CODE: usize = CODES.len() - 1;
+
+/// Handle shared between a [`crate::config::ServeConfig`] and the server
+/// running it: the request counters, and the address the metrics endpoint
+/// is bound to once it is (useful with port 0).
+#[derive(Clone)]
+pub struct MetricsHandle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// One row per entry of [`METHODS`], then `other`; one column per
+    /// entry of [`CODES`].
+    requests: [[AtomicU64; CODES.len()]; METHODS.len() + 1],
+    bound: watch::Sender<Option<SocketAddr>>,
+}
+
+impl Default for MetricsHandle {
+    fn default() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                requests: Default::default(),
+                bound: watch::channel(None).0,
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for MetricsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsHandle")
+            .field("bound", &*self.inner.bound.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MetricsHandle {
+    /// The address the metrics endpoint is bound to, waiting until the
+    /// server has bound it (forever if metrics are off: put a timeout on it).
+    pub async fn bound_addr(&self) -> SocketAddr {
+        let mut rx = self.inner.bound.subscribe();
+        loop {
+            if let Some(addr) = *rx.borrow_and_update() {
+                return addr;
+            }
+            if rx.changed().await.is_err() {
+                // The sender lives in `self`: unreachable, but never spin.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Calls to the gRPC path `path` finished so far with the gRPC status
+    /// `code` (a number; `None`: without a status).
+    pub fn requests(&self, path: &str, code: Option<tonic::Code>) -> u64 {
+        let code = code.map_or(NO_CODE, |c| c as usize);
+        self.inner.requests[method_index(path)][code].load(Ordering::Relaxed)
+    }
+
+    fn count(&self, method: usize, code: usize) {
+        self.inner.requests[method][code].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn method_index(path: &str) -> usize {
+    METHODS
+        .iter()
+        .position(|(p, _)| *p == path)
+        .unwrap_or(METHODS.len())
+}
+
+/// What the endpoint reports besides the request counters.
+pub struct Sources {
+    /// The store whose cached mirror metadata is reported.
+    pub store: AnyStore,
+    /// The audit trail's counters.
+    pub audit: Arc<AuditStats>,
+    /// Beyond this many days the mirror counts as stale.
+    pub max_staleness_days: u32,
+}
+
+/// The exposition text of all metrics.
+pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    // Only the (method, code) pairs seen so far: a fixed, bounded set.
+    let requests: Vec<(String, u64)> = METHODS
+        .iter()
+        .map(|(_, m)| *m)
+        .chain(std::iter::once("other"))
+        .zip(&handle.inner.requests)
+        .flat_map(|(m, row)| {
+            CODES.iter().zip(row).filter_map(move |(code, c)| {
+                let n = c.load(Ordering::Relaxed);
+                (n > 0).then(|| (format!("{{method=\"{m}\",code=\"{code}\"}}"), n))
+            })
+        })
+        .collect();
+    metric(
+        "reassigned_requests_total",
+        "counter",
+        "gRPC calls finished, by method and gRPC status (authentication failures included).",
+        &requests,
+    );
+    let one = |v: u64| vec![(String::new(), v)];
+    metric(
+        "reassigned_audit_records_written_total",
+        "counter",
+        "Audit records written to the audit stream.",
+        &one(sources.audit.written()),
+    );
+    metric(
+        "reassigned_audit_records_dropped_total",
+        "counter",
+        "Audit records dropped (queue full or audit sink down).",
+        &one(sources.audit.dropped()),
+    );
+    let meta = sources.store.cached_meta();
+    let today = Date::today_utc();
+    let (sequence, records, age, stale) = match &meta {
+        Some(m) => (
+            m.sequence,
+            m.record_count,
+            (i64::from(today.days()) - i64::from(m.as_of.days())).max(0) as u64,
+            u64::from(m.is_stale(today, sources.max_staleness_days)),
+        ),
+        None => (0, 0, 0, 1),
+    };
+    metric(
+        "reassigned_mirror_loaded",
+        "gauge",
+        "1 if the mirror holds a data set.",
+        &one(u64::from(meta.is_some())),
+    );
+    metric(
+        "reassigned_mirror_sequence",
+        "gauge",
+        "Sequence number of the last applied snapshot or delta (0 when not loaded).",
+        &one(sequence),
+    );
+    metric(
+        "reassigned_mirror_records",
+        "gauge",
+        "Numbers with a recorded disconnect in the mirror.",
+        &one(records),
+    );
+    metric(
+        "reassigned_mirror_data_age_days",
+        "gauge",
+        "Days since the date the mirror's data is complete through.",
+        &one(age),
+    );
+    metric(
+        "reassigned_mirror_stale",
+        "gauge",
+        "1 if the mirror is older than the configured max staleness (or not loaded).",
+        &one(stale),
+    );
+    out
+}
+
+/// Binds `addr`, publishes the bound address on `handle` and serves
+/// `GET /metrics` (404 for any other path) until `stop` changes.
+pub async fn serve(
+    addr: SocketAddr,
+    handle: MetricsHandle,
+    sources: Sources,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use axum::routing::get;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let sources = Arc::new(sources);
+    let state = handle.clone();
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let text = render(&state, &sources);
+            async move { ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text) }
+        }),
+    );
+    tracing::info!(%bound, "metrics: serving plain HTTP GET /metrics");
+    handle.inner.bound.send_replace(Some(bound));
+    Ok(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::warn!(error = %e, "metrics endpoint failed");
+        }
+    }))
+}
+
+/// Counts every call by its gRPC method into a [`MetricsHandle`].
+#[derive(Clone)]
+pub struct CountLayer(pub MetricsHandle);
+
+impl<S> tower::Layer<S> for CountLayer {
+    type Service = Count<S>;
+    fn layer(&self, inner: S) -> Count<S> {
+        Count {
+            inner,
+            handle: self.0.clone(),
+        }
+    }
+}
+
+/// The service of [`CountLayer`].
+#[derive(Clone)]
+pub struct Count<S> {
+    inner: S,
+    handle: MetricsHandle,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Count<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    R: Body + Send + 'static,
+{
+    type Response = http::Response<CountBody<R>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = method_index(req.uri().path());
+        let handle = self.handle.clone();
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            match call.await {
+                Ok(response) => {
+                    // A trailers-only response (errors) carries the status
+                    // in its headers; others in the trailers of the body.
+                    let pending = match status_of(response.headers()) {
+                        Some(code) => {
+                            handle.count(method, code);
+                            None
+                        }
+                        None => Some(handle),
+                    };
+                    Ok(response.map(|body| CountBody {
+                        inner: Box::pin(body),
+                        method,
+                        pending,
+                    }))
+                }
+                Err(e) => {
+                    handle.count(method, NO_CODE);
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+/// The `CODES` index of the `grpc-status` in `headers`, if any.
+fn status_of(headers: &http::HeaderMap) -> Option<usize> {
+    let code = headers.get("grpc-status")?.to_str().ok()?.parse::<usize>().ok()?;
+    (code < NO_CODE).then_some(code)
+}
+
+/// A response body that counts its call when its trailers pass (or, with
+/// no status, when it ends or is dropped).
+pub struct CountBody<B> {
+    inner: Pin<Box<B>>,
+    method: usize,
+    /// `Some` until the call is counted.
+    pending: Option<MetricsHandle>,
+}
+
+impl<B> CountBody<B> {
+    fn finish(&mut self, code: usize) {
+        if let Some(handle) = self.pending.take() {
+            handle.count(self.method, code);
+        }
+    }
+}
+
+impl<B> Drop for CountBody<B> {
+    fn drop(&mut self) {
+        self.finish(NO_CODE);
+    }
+}
+
+impl<B: Body> Body for CountBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = this.inner.as_mut().poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    this.finish(status_of(trailers).unwrap_or(NO_CODE));
+                }
+            }
+            Poll::Ready(Some(Err(_)) | None) => this.finish(NO_CODE),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
