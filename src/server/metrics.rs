@@ -391,3 +391,80 @@ impl<B: Body> Body for CountBody<B> {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tower::{Layer, Service, ServiceExt};
+
+    use super::*;
+
+    const CHECK: &str = "/reassigned.v1.ReassignedNumbers/CheckNumber";
+
+    async fn call(
+        handle: &MetricsHandle,
+        path: &str,
+        status: Option<&str>,
+    ) -> http::Response<CountBody<String>> {
+        let status = status.map(str::to_owned);
+        let inner = tower::service_fn(move |_req: http::Request<()>| {
+            let status = status.clone();
+            async move {
+                let mut response = http::Response::new(String::from("body"));
+                if let Some(s) = status {
+                    response
+                        .headers_mut()
+                        .insert("grpc-status", s.parse().expect("header value"));
+                }
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        let mut svc = CountLayer(handle.clone()).layer(inner);
+        let req = http::Request::builder().uri(path).body(()).expect("request");
+        svc.ready()
+            .await
+            .expect("ready")
+            .call(req)
+            .await
+            .expect("response")
+    }
+
+    #[tokio::test]
+    async fn trailers_only_responses_count_their_status_at_once() {
+        let handle = MetricsHandle::default();
+        let _response = call(&handle, CHECK, Some("16")).await;
+        assert_eq!(handle.requests(CHECK, Some(tonic::Code::Unauthenticated)), 1);
+        assert_eq!(handle.requests(CHECK, None), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_without_trailers_counts_as_none_and_unknown_paths_as_other() {
+        let handle = MetricsHandle::default();
+        let response = call(&handle, "/some.Unknown/Path", None).await;
+        assert_eq!(
+            handle.requests("/some.Unknown/Path", None),
+            0,
+            "not before the body ends"
+        );
+        drop(response);
+        assert_eq!(handle.requests("/another/unknown", None), 1, "one `other` row");
+        let text = render_requests(&handle);
+        assert!(
+            text.contains("reassigned_requests_total{method=\"other\",code=\"none\"} 1"),
+            "{text}"
+        );
+    }
+
+    /// The request lines of the exposition text.
+    fn render_requests(handle: &MetricsHandle) -> String {
+        let sources = Sources {
+            store: AnyStore::Embedded(Arc::new(crate::store::EmbeddedStore::new())),
+            audit: Arc::default(),
+            max_staleness_days: 45,
+        };
+        render(handle, &sources)
+            .lines()
+            .filter(|l| l.starts_with("reassigned_requests_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}

@@ -1,0 +1,251 @@
+//! The Prometheus endpoint (`--metrics-listen`) of a real server (mutual
+//! TLS), read with a plain HTTP/1.1 request: request counters by method and
+//! gRPC status, the mirror gauges, and audit drops with a dead sink.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reassigned::api::pb::CheckNumberRequest;
+use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
+use reassigned::config::{ServeConfig, ServeSettings};
+use reassigned::domain::Date;
+use reassigned::import::{self, NoProgress};
+use reassigned::server::metrics::MetricsHandle;
+use reassigned::store::{AnyStore, EmbeddedStore};
+use support::register::FileSpec;
+use support::server::Certs;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+const A: &str = "+14155550001";
+const B: &str = "+14155550002";
+
+fn req(phone_number: &str) -> CheckNumberRequest {
+    CheckNumberRequest {
+        phone_number: phone_number.into(),
+        since: "2024-01-01".into(),
+        ..Default::default()
+    }
+}
+
+/// A server (mTLS only) with metrics on 127.0.0.1:0.
+struct Server {
+    certs: Certs,
+    port: u16,
+    metrics: MetricsHandle,
+    _dir: TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    async fn start(store: AnyStore, tweak: impl FnOnce(&mut ServeSettings, &std::path::Path)) -> Self {
+        let certs = Certs::mint();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let mut settings = ServeSettings {
+            tls_cert: Some(certs.server_cert.clone()),
+            tls_key: Some(certs.server_key.clone()),
+            client_ca: Some(certs.ca.clone()),
+            tokens: Some(false),
+            data_dir: Some(dir.path().to_owned()),
+            metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
+            ..ServeSettings::default()
+        };
+        tweak(&mut settings, dir.path());
+        let config = ServeConfig::from_settings(settings).expect("config");
+        let metrics = config.metrics.clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(reassigned::run(listener, config, store, async move {
+            let _ = rx.await;
+        }));
+        Self {
+            certs,
+            port,
+            metrics,
+            _dir: dir,
+            stop: Some(tx),
+            handle,
+        }
+    }
+
+    async fn client(&self) -> ReassignedNumbersClient<Channel> {
+        let id = self.certs.client("platform-a");
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.certs.pki.ca_cert_pem()))
+            .domain_name("localhost")
+            .identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
+        let channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", self.port))
+            .expect("endpoint")
+            .tls_config(tls)
+            .expect("tls")
+            .connect()
+            .await
+            .expect("connect");
+        ReassignedNumbersClient::new(channel)
+    }
+
+    /// `GET path` on the metrics port: (status line, headers, body).
+    async fn get(&self, path: &str) -> (String, String, String) {
+        let addr = tokio::time::timeout(Duration::from_secs(10), self.metrics.bound_addr())
+            .await
+            .expect("metrics endpoint bound");
+        let mut stream = TcpStream::connect(addr).await.expect("connect to metrics");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut raw = String::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut raw))
+            .await
+            .expect("response in time")
+            .expect("read");
+        let (head, body) = raw.split_once("\r\n\r\n").expect("a header block");
+        let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+        (status.to_owned(), headers.to_ascii_lowercase(), body.to_owned())
+    }
+
+    async fn metrics(&self) -> String {
+        let (status, headers, body) = self.get("/metrics").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(
+            headers.contains("content-type: text/plain; version=0.0.4"),
+            "{headers}"
+        );
+        body
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.handle)
+            .await
+            .expect("server task panicked")
+            .expect("server returned an error");
+    }
+}
+
+/// The value of the sample `name` (with its labels) in `text`.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Polls `f` until it holds or 10 s pass.
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_calls_by_method_and_status_and_report_the_mirror() {
+    let store = EmbeddedStore::new();
+    let files = tempfile::tempdir().expect("tempdir");
+    let as_of = Date::today_utc().add_days(-3).to_string();
+    let manifest = FileSpec::snapshot(
+        7,
+        &as_of,
+        "2021-01-27",
+        &["+1"],
+        &[(A, "2024-05-01"), (B, "2023-05-01")],
+    )
+    .write(files.path(), "s1");
+    import::apply_manifest(&store, &manifest, &mut NoProgress)
+        .await
+        .expect("snapshot");
+    let server = Server::start(AnyStore::Embedded(Arc::new(store)), |_, _| {}).await;
+
+    let (status, _, _) = server.get("/other").await;
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+
+    let mut client = server.client().await;
+    for _ in 0..3 {
+        client.check_number(req(A)).await.expect("check");
+    }
+    let bad = client
+        .check_number(req("not a number"))
+        .await
+        .expect_err("bad number");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    let ok = r#"reassigned_requests_total{method="CheckNumber",code="OK"}"#;
+    let invalid = r#"reassigned_requests_total{method="CheckNumber",code="InvalidArgument"}"#;
+    let mut text = String::new();
+    eventually("4 calls counted", async || {
+        text = server.metrics().await;
+        sample(&text, ok) == Some(3.0) && sample(&text, invalid) == Some(1.0)
+    })
+    .await;
+    assert!(
+        text.contains("# TYPE reassigned_requests_total counter"),
+        "{text}"
+    );
+    assert!(text.contains("# HELP reassigned_mirror_sequence "), "{text}");
+    assert_eq!(sample(&text, "reassigned_mirror_loaded"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "reassigned_mirror_sequence"), Some(7.0), "{text}");
+    assert_eq!(sample(&text, "reassigned_mirror_records"), Some(2.0), "{text}");
+    assert_eq!(
+        sample(&text, "reassigned_mirror_data_age_days"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "reassigned_mirror_stale"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "reassigned_audit_records_written_total"), Some(0.0));
+    assert_eq!(sample(&text, "reassigned_audit_records_dropped_total"), Some(0.0));
+    assert_eq!(
+        server
+            .metrics
+            .requests("/reassigned.v1.ReassignedNumbers/CheckNumber", Some(Code::Ok)),
+        3
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_empty_mirror_is_reported_not_loaded_and_stale() {
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let server = Server::start(store, |_, _| {}).await;
+    let text = server.metrics().await;
+    assert_eq!(sample(&text, "reassigned_mirror_loaded"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "reassigned_mirror_stale"), Some(1.0), "{text}");
+    server.stop().await;
+}
+
+/// An address where no Redis listens.
+fn dead_redis() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    drop(listener);
+    format!("redis://127.0.0.1:{port}/0")
+}
+
+#[tokio::test]
+async fn audit_drops_with_a_dead_sink_show_in_the_metrics() {
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let server = Server::start(store, |s, dir| {
+        let secret = dir.join("audit.secret");
+        std::fs::write(&secret, "a test secret of enough bytes\n").expect("secret");
+        s.audit_secret_file = Some(secret);
+        s.audit_redis = Some(dead_redis());
+    })
+    .await;
+    let mut client = server.client().await;
+    eventually("dropped records in the metrics", async || {
+        let _ = client.check_number(req(A)).await;
+        let text = server.metrics().await;
+        sample(&text, "reassigned_audit_records_dropped_total").is_some_and(|n| n > 0.0)
+    })
+    .await;
+    let text = server.metrics().await;
+    assert_eq!(sample(&text, "reassigned_audit_records_written_total"), Some(0.0));
+    server.stop().await;
+}
