@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 
 use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
 use reassigned::api::pb::{CheckNumberRequest, GetMirrorStatusRequest, ReassignmentStatus};
-use support::bin::{Killed, bin, free_port, run};
+use support::bin::{Killed, bin, connect_as_platform_a, free_port, run};
 use support::redis::RedisServer;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 #[test]
 fn bad_configuration_is_refused_before_binding() {
@@ -96,25 +95,7 @@ fn dev_certs_never_overwrite_and_keep_keys_private() {
 }
 
 async fn client(certs: &Path, port: u16) -> ReassignedNumbersClient<tonic::transport::Channel> {
-    let read = |f: &str| std::fs::read_to_string(certs.join(f)).expect("read pem");
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("ca.pem")))
-        .identity(Identity::from_pem(read("platform-a.pem"), read("platform-a.key")))
-        .domain_name("localhost");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-            .expect("endpoint")
-            .tls_config(tls.clone())
-            .expect("tls");
-        match endpoint.connect().await {
-            Ok(channel) => return ReassignedNumbersClient::new(channel),
-            Err(e) => {
-                assert!(Instant::now() < deadline, "server did not come up: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    ReassignedNumbersClient::new(connect_as_platform_a(certs, port).await)
 }
 
 #[tokio::test]

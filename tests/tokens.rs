@@ -24,7 +24,6 @@ use support::register::FileSpec;
 use support::server::{Bearer, TestChannel, TestServer};
 use tempfile::TempDir;
 use tonic::Code;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -581,25 +580,8 @@ async fn spawn_serve(mut serve: Command, certs: &Path, jwks: &Path) -> (Killed, 
             .spawn()
             .expect("spawn serve"),
     );
-    let read = |f: &str| std::fs::read_to_string(certs.join(f)).expect("read pem");
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("ca.pem")))
-        .identity(Identity::from_pem(read("platform-a.pem"), read("platform-a.key")))
-        .domain_name("localhost");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-            .expect("endpoint")
-            .tls_config(tls.clone())
-            .expect("tls");
-        match endpoint.connect().await {
-            Ok(channel) => return (server, channel),
-            Err(e) => {
-                assert!(Instant::now() < deadline, "server did not come up: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    let channel = support::bin::connect_as_platform_a(certs, port).await;
+    (server, channel)
 }
 
 /// SIGHUP to `reassigned serve` (its reloader runs the JWKS hook) reloads

@@ -67,3 +67,29 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A mutual-TLS channel to a `reassigned serve` child on 127.0.0.1:`port`, as
+/// `platform-a` of the dev certificates in `certs` (`reassigned certs dev`);
+/// retried until the child listens, failing after 30 s.
+pub async fn connect_as_platform_a(certs: &std::path::Path, port: u16) -> tonic::transport::Channel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let read = |f: &str| std::fs::read_to_string(certs.join(f)).expect("read pem");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(read("platform-a.pem"), read("platform-a.key")))
+        .domain_name("localhost");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+            .expect("endpoint")
+            .tls_config(tls.clone())
+            .expect("tls");
+        match endpoint.connect().await {
+            Ok(channel) => return channel,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "server did not come up: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
