@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,19 +14,15 @@ use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
 use reassigned::api::pb::{BatchCheckNumbersRequest, CheckNumberRequest};
 use reassigned::audit::{AuditRecord, AuditStats};
 use reassigned::cli::certs::platform_uri;
-use reassigned::config::{ServeConfig, ServeSettings};
+use reassigned::config::ServeSettings;
 use reassigned::domain::Date;
 use reassigned::import::{self, NoProgress};
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
 use support::redis::RedisServer;
 use support::register::FileSpec;
-use support::server::Certs;
-use tempfile::TempDir;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use support::server::{TestChannel, TestServer};
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 const A: &str = "+14155550001";
 const B: &str = "+14155550002";
@@ -39,73 +35,34 @@ fn req(phone_number: &str) -> CheckNumberRequest {
     }
 }
 
-/// A server with the audit trail on (mTLS only), stopped on drop.
+/// A server with the audit trail on (mTLS only).
 struct Server {
-    certs: Certs,
-    port: u16,
+    inner: TestServer,
     stats: Arc<AuditStats>,
-    _dir: TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Server {
-    async fn start(store: AnyStore, tweak: impl FnOnce(&mut ServeSettings, &std::path::Path)) -> Self {
-        let certs = Certs::mint();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let secret = dir.path().join("audit.secret");
-        std::fs::write(&secret, "a test secret of enough bytes\n").expect("secret");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let mut settings = ServeSettings {
-            tls_cert: Some(certs.server_cert.clone()),
-            tls_key: Some(certs.server_key.clone()),
-            client_ca: Some(certs.ca.clone()),
-            tokens: Some(false),
-            audit_secret_file: Some(secret),
-            ..ServeSettings::default()
-        };
-        tweak(&mut settings, dir.path());
-        let config = ServeConfig::from_settings(settings).expect("config");
-        let stats = config.audit_stats.clone();
-        let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(reassigned::run(listener, config, store, async move {
-            let _ = rx.await;
-        }));
-        Self {
-            certs,
-            port,
-            stats,
-            _dir: dir,
-            stop: Some(tx),
-            handle,
-        }
+    /// `tweak` must choose the store's settings (`redis` or `data_dir`).
+    async fn start(store: AnyStore, tweak: impl FnOnce(&mut ServeSettings, &Path)) -> Self {
+        let inner = TestServer::start_in(store, |s, dir| {
+            let secret = dir.join("audit.secret");
+            std::fs::write(&secret, "a test secret of enough bytes\n").expect("secret");
+            s.tokens = Some(false);
+            s.audit_secret_file = Some(secret);
+            s.data_dir = None;
+            tweak(s, dir);
+        })
+        .await;
+        let stats = inner.config.audit_stats.clone();
+        Self { inner, stats }
     }
 
-    async fn client(&self) -> ReassignedNumbersClient<Channel> {
-        let id = self.certs.client("platform-a");
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(self.certs.pki.ca_cert_pem()))
-            .domain_name("localhost")
-            .identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
-        let channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", self.port))
-            .expect("endpoint")
-            .tls_config(tls)
-            .expect("tls")
-            .connect()
-            .await
-            .expect("connect");
-        ReassignedNumbersClient::new(channel)
+    async fn client(&self) -> ReassignedNumbersClient<TestChannel> {
+        self.inner.client().await
     }
 
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        (&mut self.handle)
-            .await
-            .expect("server task panicked")
-            .expect("server returned an error");
+    async fn stop(self) {
+        self.inner.stop().await;
     }
 }
 
@@ -216,7 +173,7 @@ fn dead_redis() -> String {
     format!("redis://127.0.0.1:{port}/0")
 }
 
-fn embedded(s: &mut ServeSettings, dir: &std::path::Path) -> PathBuf {
+fn embedded(s: &mut ServeSettings, dir: &Path) -> PathBuf {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).expect("data dir");
     s.data_dir = Some(data.clone());

@@ -4,24 +4,22 @@
 
 mod support;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reassigned::api::pb::CheckNumberRequest;
 use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
-use reassigned::config::{ServeConfig, ServeSettings};
+use reassigned::config::ServeSettings;
 use reassigned::domain::Date;
 use reassigned::import::{self, NoProgress};
 use reassigned::server::metrics::MetricsHandle;
 use reassigned::store::{AnyStore, EmbeddedStore};
 use support::register::FileSpec;
-use support::server::Certs;
-use tempfile::TempDir;
+use support::server::{TestChannel, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::net::TcpStream;
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 const A: &str = "+14155550001";
 const B: &str = "+14155550002";
@@ -36,60 +34,24 @@ fn req(phone_number: &str) -> CheckNumberRequest {
 
 /// A server (mTLS only) with metrics on 127.0.0.1:0.
 struct Server {
-    certs: Certs,
-    port: u16,
+    inner: TestServer,
     metrics: MetricsHandle,
-    _dir: TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Server {
-    async fn start(store: AnyStore, tweak: impl FnOnce(&mut ServeSettings, &std::path::Path)) -> Self {
-        let certs = Certs::mint();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let mut settings = ServeSettings {
-            tls_cert: Some(certs.server_cert.clone()),
-            tls_key: Some(certs.server_key.clone()),
-            client_ca: Some(certs.ca.clone()),
-            tokens: Some(false),
-            data_dir: Some(dir.path().to_owned()),
-            metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
-            ..ServeSettings::default()
-        };
-        tweak(&mut settings, dir.path());
-        let config = ServeConfig::from_settings(settings).expect("config");
-        let metrics = config.metrics.clone();
-        let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(reassigned::run(listener, config, store, async move {
-            let _ = rx.await;
-        }));
-        Self {
-            certs,
-            port,
-            metrics,
-            _dir: dir,
-            stop: Some(tx),
-            handle,
-        }
+    async fn start(store: AnyStore, tweak: impl FnOnce(&mut ServeSettings, &Path)) -> Self {
+        let inner = TestServer::start_in(store, |s, dir| {
+            s.tokens = Some(false);
+            s.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
+            tweak(s, dir);
+        })
+        .await;
+        let metrics = inner.config.metrics.clone();
+        Self { inner, metrics }
     }
 
-    async fn client(&self) -> ReassignedNumbersClient<Channel> {
-        let id = self.certs.client("platform-a");
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(self.certs.pki.ca_cert_pem()))
-            .domain_name("localhost")
-            .identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
-        let channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", self.port))
-            .expect("endpoint")
-            .tls_config(tls)
-            .expect("tls")
-            .connect()
-            .await
-            .expect("connect");
-        ReassignedNumbersClient::new(channel)
+    async fn client(&self) -> ReassignedNumbersClient<TestChannel> {
+        self.inner.client().await
     }
 
     /// `GET path` on the metrics port: (status line, headers, body).
@@ -120,14 +82,8 @@ impl Server {
         body
     }
 
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        (&mut self.handle)
-            .await
-            .expect("server task panicked")
-            .expect("server returned an error");
+    async fn stop(self) {
+        self.inner.stop().await;
     }
 }
 

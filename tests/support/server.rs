@@ -147,6 +147,8 @@ pub struct TestServer {
     pub certs: Certs,
     /// `None` when the server runs without tokens.
     pub tokens: Option<Tokens>,
+    /// The configuration it runs with (its handles: metrics, audit stats, reload).
+    pub config: ServeConfig,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
     _data: TempDir,
@@ -165,6 +167,12 @@ impl TestServer {
     /// Serves `store` with default settings (tokens on, with a JWKS minted for
     /// this test) changed by `tweak`.
     pub async fn start(store: AnyStore, tweak: impl FnOnce(&mut ServeSettings)) -> Self {
+        Self::start_in(store, |s, _| tweak(s)).await
+    }
+
+    /// Like [`TestServer::start`]; `tweak` also gets a directory of this
+    /// test's own (the default `data_dir`) for files it wants to configure.
+    pub async fn start_in(store: AnyStore, tweak: impl FnOnce(&mut ServeSettings, &Path)) -> Self {
         let certs = Certs::mint();
         let key = IssuerKey::generate(KeyAlg::Es256, Some(KID)).expect("issuer key");
         let jwks = write(certs.dir.path(), "jwks.json", &jwks_json(&[&key]));
@@ -182,7 +190,7 @@ impl TestServer {
             token_audience: Some(AUDIENCE.into()),
             ..ServeSettings::default()
         };
-        tweak(&mut settings);
+        tweak(&mut settings, data.path());
         let config = ServeConfig::from_settings(settings).expect("config");
         let tokens = config.tokens.clone().map(|config| Tokens {
             key,
@@ -193,7 +201,7 @@ impl TestServer {
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(reassigned::server::run_with_tokens(
             listener,
-            config,
+            config.clone(),
             store,
             verifier,
             async move {
@@ -204,6 +212,7 @@ impl TestServer {
             addr,
             certs,
             tokens,
+            config,
             shutdown: Some(tx),
             handle: Some(handle),
             _data: data,
