@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+
 use reassigned::api::pb::{
     self, BatchCheckNumbersRequest, CheckNumberRequest, GetMirrorStatusRequest, NoDataReason,
     ReassignmentStatus, batch_check_result,
@@ -756,5 +758,47 @@ async fn redis_outage_and_recovery() {
         }
     })
     .await;
+    server.stop().await;
+}
+
+/// A client that sends a long stream but never reads the results: the server
+/// stops taking requests once its bounded buffer and the HTTP/2 windows are
+/// full, instead of buffering without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_is_not_read_stops_the_server_reading() {
+    let env = Env::new(Kind::Embedded).await;
+    env.apply(base_snapshot(), "s1").await.expect("snapshot");
+    let server = env.serve().await;
+    let mut client = server.client().await;
+    const TOTAL: u64 = 400_000;
+    let taken = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = taken.clone();
+    let requests = futures_util::stream::iter(0..TOTAL).map(move |i| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        req(&format!("+1415{:07}", i % 10_000_000), "2024-01-01")
+    });
+    // The response headers arrive; the results are never read.
+    let results = client.stream_check_numbers(requests).await.expect("stream");
+    // Wait until the client has stopped handing over requests (no progress
+    // for 1 s), then check that it stopped far short of the whole stream.
+    let mut last = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = taken.load(Ordering::Relaxed);
+        if now == last || now == TOTAL || Instant::now() > deadline {
+            break;
+        }
+        last = now;
+    }
+    let now = taken.load(Ordering::Relaxed);
+    assert!(
+        now < TOTAL / 2,
+        "the server took {now} of {TOTAL} requests without its results being read"
+    );
+    eprintln!("the server took {now} of {TOTAL} requests before pushing back");
+    // Hang up, so that the graceful stop has no call left to wait for.
+    drop(results);
+    drop(client);
     server.stop().await;
 }

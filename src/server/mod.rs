@@ -22,6 +22,10 @@ use crate::api::{ReassignedService, ServiceOptions, pb};
 use crate::config::ServeConfig;
 use crate::store::{AnyStore, Store};
 
+/// The least time in-flight calls get to finish after a shutdown signal (the
+/// per-call timeout, if longer, is used instead).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often health re-checks the store.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -144,13 +148,15 @@ where
         },
     );
     let drain_reporter = reporter.clone();
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let on_shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: health is NOT_SERVING, draining in-flight calls");
         let _ = stop_tx.send(true);
         set_serving(&drain_reporter, false).await;
+        let _ = draining_tx.send(());
     };
-    Server::builder()
+    let serve = Server::builder()
         .timeout(config.request_timeout())
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -160,8 +166,21 @@ where
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming, on_shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(incoming, on_shutdown);
+    // The drain is bounded: a stream whose client stopped reading (or a
+    // client that never hangs up) must not hold the process forever.
+    let drain_limit = DRAIN_TIMEOUT.max(config.request_timeout());
+    tokio::select! {
+        served = serve => served?,
+        () = async {
+            if draining_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(drain_limit).await;
+        } => {
+            tracing::warn!(after = ?drain_limit, "drain timed out: closing the remaining connections");
+        }
+    }
     health_task.abort();
     drop(metrics_task);
     if let Some(task) = token_reload {
