@@ -37,6 +37,15 @@ enum Kind {
     RedisCluster,
 }
 
+/// Redis store options for tests: a short grace before a replaced
+/// generation is deleted, so snapshot tests do not wait 3 s.
+fn test_redis_options() -> RedisOptions {
+    RedisOptions {
+        reclaim_grace: Duration::from_millis(300),
+        ..RedisOptions::default()
+    }
+}
+
 /// A store of one kind, and a directory for register files.
 struct Env {
     store: AnyStore,
@@ -53,28 +62,16 @@ impl Env {
             Kind::Embedded => (AnyStore::Embedded(Arc::new(EmbeddedStore::new())), None),
             Kind::Redis => {
                 let server = RedisServer::start();
-                let store = RedisStore::connect(
-                    &server.url(),
-                    RedisOptions {
-                        reclaim_grace: Duration::from_millis(300),
-                        ..RedisOptions::default()
-                    },
-                )
-                .await
-                .expect("connect to redis");
+                let store = RedisStore::connect(&server.url(), test_redis_options())
+                    .await
+                    .expect("connect to redis");
                 (AnyStore::Redis(store), Some(server))
             }
             Kind::RedisCluster => {
                 let nodes = RedisCluster::start();
-                let store = RedisStore::connect_cluster(
-                    &nodes.urls(),
-                    RedisOptions {
-                        reclaim_grace: Duration::from_millis(300),
-                        ..RedisOptions::default()
-                    },
-                )
-                .await
-                .expect("connect to the redis cluster");
+                let store = RedisStore::connect_cluster(&nodes.urls(), test_redis_options())
+                    .await
+                    .expect("connect to the redis cluster");
                 cluster = Some(nodes);
                 (AnyStore::Redis(store), None)
             }

@@ -5,7 +5,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
@@ -174,14 +174,7 @@ async fn generate_sync_serve_and_stop() {
 
     // SIGTERM: graceful stop, exit code 0, no phone number in the logs
     let mut server = server;
-    let pid = server.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
+    server.signal("TERM");
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         if let Some(status) = server.0.try_wait().expect("wait") {

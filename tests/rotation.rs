@@ -6,10 +6,12 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use support::bin::Killed;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -426,23 +429,13 @@ async fn reload_without_a_running_server_says_so() {
     assert!(matches!(reload.reload().await, Err(ReloadError::NotRunning)));
 }
 
-/// The `reassigned serve` binary as a child process; killed on drop.
-struct ServeProcess(Child);
-
-impl Drop for ServeProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn sighup_reloads_the_binary_without_dropping_connections() {
     let ca = DevPki::new().unwrap();
     let files = Files::new(&ca, &[&ca], &ca.crl(&[]).unwrap());
     let data = files.dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
-    let mut child = ServeProcess(
+    let mut child = Killed(
         Command::new(env!("CARGO_BIN_EXE_reassigned"))
             .args([
                 "--log-format",
@@ -503,11 +496,7 @@ async fn sighup_reloads_the_binary_without_dropping_connections() {
 
     let second = ca.server(&["localhost", "127.0.0.1"]).unwrap();
     files.set_server(&second);
-    let status = Command::new("kill")
-        .args(["-HUP", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    child.signal("HUP");
     eventually("the new certificate is served after SIGHUP", || async {
         served_leaf(addr, &client).await.ok() == Some(leaf(&second.cert_pem))
     })

@@ -644,14 +644,7 @@ async fn sighup_reloads_the_jwks() {
         file.set_modified(before.modified().expect("mtime"))
             .expect("set mtime");
     }
-    let pid = server.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
+    server.signal("HUP");
     eventually(|| async { call(with(&token_two), Method::Status).await.is_ok() }).await;
     assert_refused(
         call(with(&token_one), Method::Status).await,

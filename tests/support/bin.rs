@@ -39,6 +39,18 @@ pub fn run(cmd: &mut Command) -> Output {
 /// A child process killed (and reaped) when dropped.
 pub struct Killed(pub Child);
 
+impl Killed {
+    /// Sends signal `name` (e.g. `TERM`, `HUP`) to the child; fails the test
+    /// if it cannot be sent.
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .args([format!("-{name}"), self.0.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{name} failed");
+    }
+}
+
 impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
