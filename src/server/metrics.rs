@@ -223,7 +223,9 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         &one(age),
     );
     let unsafe_reason = sources.store.unsafe_reason();
-    let policy_unsafe = unsafe_reason.as_deref().is_some_and(|r| r.contains("maxmemory-policy"));
+    let policy_unsafe = unsafe_reason
+        .as_deref()
+        .is_some_and(|r| r.contains("maxmemory-policy"));
     metric(
         "reassigned_store_unsafe",
         "gauge",

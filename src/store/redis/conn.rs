@@ -68,8 +68,11 @@ impl Conn {
             }
             Conn::Cluster(c) => c,
         };
-        let slots = tokio::time::timeout(limit, ::redis::cmd("CLUSTER").arg("SLOTS").query_async::<Value>(cluster))
-            .await;
+        let slots = tokio::time::timeout(
+            limit,
+            ::redis::cmd("CLUSTER").arg("SLOTS").query_async::<Value>(cluster),
+        )
+        .await;
         let masters = match bounded(slots) {
             Ok(v) => cluster_masters(&v),
             Err(e) => return vec![("cluster slots".to_owned(), Err(e))],
@@ -117,13 +120,17 @@ fn cluster_masters(reply: &Value) -> Vec<(String, u16)> {
     };
     for range in ranges {
         let Value::Array(parts) = range else { continue };
-        let Some(Value::Array(node)) = parts.get(2) else { continue };
+        let Some(Value::Array(node)) = parts.get(2) else {
+            continue;
+        };
         let host = match node.first() {
             Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
             Some(Value::SimpleString(s)) => s.clone(),
             _ => continue,
         };
-        let Some(Value::Int(port)) = node.get(1) else { continue };
+        let Some(Value::Int(port)) = node.get(1) else {
+            continue;
+        };
         let Ok(port) = u16::try_from(*port) else { continue };
         if !masters.iter().any(|(h, p)| *h == host && *p == port) {
             masters.push((host, port));
@@ -239,7 +246,8 @@ impl Target {
     pub fn connect_lazy_masters(&self, opts: &RedisOptions) -> Option<Conn> {
         match self {
             Target::Cluster {
-                masters: Some(client), ..
+                masters: Some(client),
+                ..
             } => Some(Conn::Cluster(
                 client.get_pending_async_connection_with_config(cluster_config(opts)),
             )),

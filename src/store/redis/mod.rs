@@ -581,7 +581,9 @@ impl Inner {
     /// trusted (the background refresh has been failing).
     async fn current(&self) -> Result<Option<Arc<Current>>, StoreError> {
         if let Some(reason) = self.unsafe_reason.load().as_deref() {
-            return Err(StoreError::Unavailable(format!("redis is unsafe to answer from: {reason}")));
+            return Err(StoreError::Unavailable(format!(
+                "redis is unsafe to answer from: {reason}"
+            )));
         }
         if self.cache_fresh() {
             return Ok(self.current.load_full());
@@ -653,7 +655,10 @@ impl Inner {
                 Ok(Some(p)) => {
                     answered = true;
                     if p.starts_with("allkeys-") {
-                        unsafe_nodes.push(format!("{p} on {}", if node.is_empty() { "redis" } else { &node }));
+                        unsafe_nodes.push(format!(
+                            "{p} on {}",
+                            if node.is_empty() { "redis" } else { &node }
+                        ));
                     } else if p.starts_with("volatile-") && self.warn_once("volatile_policy") {
                         tracing::warn!(
                             policy = %p,
@@ -854,8 +859,11 @@ pub(super) fn info_field(reply: &Value, name: &str) -> Option<String> {
         Value::SimpleString(s) => s.clone(),
         _ => return None,
     };
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(|v| v.trim().to_owned()))
+    text.lines().find_map(|l| {
+        l.strip_prefix(name)?
+            .strip_prefix(':')
+            .map(|v| v.trim().to_owned())
+    })
 }
 
 /// The value of a `CONFIG GET name` reply (an array `[name, value]` or a map).
@@ -896,7 +904,9 @@ fn proven_day(current: &Current, reply: Value) -> Result<Option<Option<Date>>, S
     if current.sentinel {
         let id = current.generation.id;
         let names_current = match &sentinel {
-            Value::BulkString(b) => std::str::from_utf8(b).ok().and_then(|t| t.parse::<u64>().ok()) == Some(id),
+            Value::BulkString(b) => {
+                std::str::from_utf8(b).ok().and_then(|t| t.parse::<u64>().ok()) == Some(id)
+            }
             Value::Int(i) => u64::try_from(*i).ok() == Some(id),
             _ => false,
         };
