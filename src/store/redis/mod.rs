@@ -286,8 +286,6 @@ struct Inner {
     run_ids: std::sync::Mutex<Option<Vec<(String, String)>>>,
     /// Reads whose bucket sentinel did not prove them (counted).
     unproven_reads: AtomicU64,
-    /// When a call to Redis last succeeded (ms since `started`; 0: never).
-    succeeded_ms: AtomicU64,
     /// Once-only warnings (policy unknown or volatile, legacy layout).
     warned: std::sync::Mutex<std::collections::HashSet<&'static str>>,
     /// Dropped with the store: stops the refresh task.
@@ -353,7 +351,6 @@ impl RedisStore {
             unsafe_reason: ArcSwapOption::empty(),
             run_ids: std::sync::Mutex::new(None),
             unproven_reads: AtomicU64::new(0),
-            succeeded_ms: AtomicU64::new(0),
             warned: std::sync::Mutex::new(std::collections::HashSet::new()),
             _stop: stop_tx,
             opts,
@@ -480,10 +477,7 @@ impl Inner {
         match tokio::time::timeout(limit, cmd.query_async(conn)).await {
             Err(_) => Err(StoreError::Timeout(limit)),
             Ok(Err(e)) => Err(self.failed(&e)),
-            Ok(Ok(v)) => {
-                self.succeeded();
-                Ok(v)
-            }
+            Ok(Ok(v)) => Ok(v),
         }
     }
 
@@ -494,11 +488,6 @@ impl Inner {
             self.connection_lost();
         }
         self.unavailable(e)
-    }
-
-    fn succeeded(&self) {
-        self.succeeded_ms
-            .fetch_max(self.now_ms().max(1), Ordering::Relaxed);
     }
 
     /// A connection broke: Redis may have restarted (possibly empty, or
@@ -520,10 +509,7 @@ impl Inner {
         match tokio::time::timeout(limit, pipe.query_async(conn)).await {
             Err(_) => Err(StoreError::Timeout(limit)),
             Ok(Err(e)) => Err(self.failed(&e)),
-            Ok(Ok(v)) => {
-                self.succeeded();
-                Ok(v)
-            }
+            Ok(Ok(v)) => Ok(v),
         }
     }
 
@@ -1167,31 +1153,22 @@ impl Store for RedisStore {
         Ok(self.inner.refresh().await?.map(|c| c.meta.clone()))
     }
 
-    /// Fine if a call to Redis (a lookup, a metadata read) succeeded in the
-    /// last second; else one server: PING; a cluster: PING on every master,
-    /// fine if any answers (the others' shards answer UNAVAILABLE per call
-    /// while they fail over; one shard down must not pull every server out
-    /// of a load balancer).
+    /// One server: PING. A cluster: PING on every master, fine as soon as
+    /// one answers (the other shards answer UNAVAILABLE per call while they
+    /// fail over; one shard down must not pull every server out of a load
+    /// balancer).
     async fn ping(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let succeeded = inner.succeeded_ms.load(Ordering::Relaxed);
-        if succeeded != 0 && inner.now_ms().saturating_sub(succeeded) < 1_000 {
-            return Ok(());
-        }
-        let pongs = inner
+        let reply = inner
             .conn()
-            .on_masters(&::redis::cmd("PING"), inner.opts.timeout)
-            .await;
-        let mut last = StoreError::Unavailable("redis: no master answered PING".into());
-        for (_, reply) in pongs {
-            match reply {
-                Ok(Value::SimpleString(s)) if s == "PONG" => return Ok(()),
-                Ok(Value::BulkString(b)) if b == b"PONG" => return Ok(()),
-                Ok(_) => last = StoreError::Unavailable("redis: unexpected PING reply".into()),
-                Err(e) => last = inner.unavailable(&e),
-            }
+            .ping_any_master(inner.opts.timeout)
+            .await
+            .map_err(|e| inner.unavailable(&e))?;
+        match reply {
+            Value::SimpleString(s) if s == "PONG" => Ok(()),
+            Value::BulkString(b) if b == b"PONG" => Ok(()),
+            _ => Err(StoreError::Unavailable("redis: unexpected PING reply".into())),
         }
-        Err(last)
     }
 
     fn unsafe_reason(&self) -> Option<String> {
