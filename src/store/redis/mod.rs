@@ -7,7 +7,7 @@
 //! | key | type | content |
 //! |---|---|---|
 //! | `{prefix}:meta` | hash | the metadata (below) |
-//! | `{prefix}:g{gen}:{bucket}` | hash | one bucket of generation `gen` |
+//! | `{prefix}:g{gen}:{bucket}` | hash | one bucket of generation `gen`, with the sentinel field `_g` = `gen` |
 //! | `{prefix}:bloom:g{gen}:{chunk}` | string | the membership filter of generation `gen`, in chunks of at most 8 MiB |
 //! | `{prefix}:gen_counter` | string | INCR counter: generation numbers are never reused |
 //! | `{prefix}:lock` | string | the import lock (random token, PX 60 s, renewed while importing) |
@@ -26,10 +26,19 @@
 //! snapshot re-buckets. Imports log a warning when the average bucket passes
 //! 384 fields.
 //!
+//! **Sentinels** (layout 2). Every bucket of a generation, empty ones
+//! included, holds the non-numeric field `_g` = the generation id, written
+//! last by the snapshot (RESTORE payload or HSET). Lookups read it with the
+//! number's field (`HMGET bucket field _g`): a missing or foreign sentinel
+//! means the read proves nothing (bucket evicted or deleted, Redis lost its
+//! data, a stale replica, a switch not seen yet). A delta refuses to merge
+//! into a bucket without its sentinel (re-creating it would hide the loss).
+//!
 //! **Metadata** (`{prefix}:meta`, one small hash): `generation`, `nbuckets`,
 //! `sequence`, `as_of`, `coverage_start` (ISO dates), `prefixes`
 //! (comma-separated, e.g. `+1,+86`), `record_count`, `last_import_unix`,
-//! `layout` (`1`), and, only while needed, `pending_generation` /
+//! `layout` (`2`; `1`, without sentinels, is still read, unchecked), and,
+//! only while needed, `pending_generation` /
 //! `pending_nbuckets` (a snapshot being written, or left by a crashed import)
 //! and `reclaim_generation` / `reclaim_nbuckets` (a replaced generation not yet
 //! deleted), and `bloom_generation` / `bloom_sequence` / `bloom_bits` /
@@ -43,12 +52,22 @@
 //!
 //! Each process caches the metadata (generation, buckets, coverage) and
 //! refreshes it every [`RedisOptions::meta_refresh`] in a background task
-//! (which stops when the last handle to the store is dropped). A lookup is
-//! at most one HGET; a batch is at most one pipeline of HGETs. If the cache has not
-//! been refreshed for `2 × meta_refresh` (Redis was unreachable), a lookup
-//! first refreshes it, and fails if it cannot: a replaced generation is deleted
-//! [`RedisOptions::reclaim_grace`] after a switch, so an old cache must not be
-//! trusted. Every Redis call, and every lookup as a whole, is bounded by
+//! (which stops when the last handle to the store is dropped), always from a
+//! master. A lookup is at most one HMGET; a batch is at most one pipeline of
+//! HMGETs. If the cache has not been refreshed for `2 × meta_refresh` (Redis
+//! was unreachable), a lookup first refreshes it, and fails if it cannot.
+//!
+//! **Fail closed.** An unproven read (sentinel missing or foreign) is
+//! retried once with the metadata re-read, on the master; still unproven, it
+//! is [`StoreError::Unavailable`] (or an empty mirror if the metadata is
+//! gone), never "no record". A broken connection (Redis killed or restarted:
+//! the client reconnects silently, maybe to an empty or older Redis) leaves
+//! the cache unconfirmed: nothing, not even the membership filter, answers
+//! until a metadata read made after the break. Each refresh also reads the
+//! masters' `run_id` (a change unconfirms the cache the same way) and
+//! `maxmemory-policy` (`allkeys-*` makes the store unsafe: lookups fail and
+//! [`RedisStore::unsafe_reason`] says why; `volatile-*` and unknown, CONFIG
+//! disabled, are served with one warning). Every Redis call, and every lookup as a whole, is bounded by
 //! [`RedisOptions::timeout`] ([`StoreError::Timeout`]); Redis errors are
 //! [`StoreError::Unavailable`].
 //! On one server the connection is a
@@ -105,10 +124,14 @@
 //! bottleneck), or per-bucket HSETs if this Redis refuses such payloads
 //! (older than 7.0, RESTORE disabled); then switch in one atomic step: a
 //! script on `{prefix}:meta` alone that checks sequence and pending
-//! generation and sets all metadata fields. Readers
+//! generation and sets all metadata fields. Before the switch (and before a
+//! delta moves the sequence) the import waits for every replica of every
+//! master (`WAIT`, [`RedisOptions::replication_timeout`]; a lagging replica
+//! fails the import with the metadata unswitched). Readers
 //! see the old generation or the new one, never a mix and never an empty
 //! mirror. After [`RedisOptions::reclaim_grace`] (longer than any reader's
-//! cache may lag) the old generation's keys are UNLINKed. While a snapshot is
+//! cache may lag) and once the replicas have the switch, the old
+//! generation's keys are UNLINKed. While a snapshot is
 //! written Redis holds both generations: plan memory for twice the mirror.
 //!
 //! *Delta*: the metadata sequence must be `manifest.sequence - 1` (if it is
@@ -161,8 +184,11 @@ pub struct RedisOptions {
     /// How often the cached metadata is re-read (default 1 s).
     pub meta_refresh: Duration,
     /// How long a snapshot import waits after its switch before it deletes the
-    /// replaced generation (default 3 s). Must exceed every reader's
-    /// `2 × meta_refresh + timeout`.
+    /// replaced generation (default 3 s; raised to at least
+    /// `3 × meta_refresh + timeout`). It spares readers whose cache still
+    /// names the old generation a retry: a slower reader gets no wrong
+    /// answer either (its reads find no sentinel, re-read the metadata and
+    /// retry).
     pub reclaim_grace: Duration,
     /// Bound on each call of an import: a bulk pipeline, the lock, the
     /// metadata switch (default 30 s).
@@ -530,7 +556,8 @@ impl Inner {
         meta::parse(raw)
     }
 
-    /// Logs `message` once per process for `key`.
+    /// True the first time `key` is asked: for warnings logged once per
+    /// process, not per call.
     fn warn_once(&self, key: &'static str) -> bool {
         self.warned.lock().map(|mut w| w.insert(key)).unwrap_or(false)
     }
