@@ -308,6 +308,13 @@ struct Inner {
     /// Why Redis is unsafe to answer from (e.g. a maxmemory-policy that
     /// evicts keys); lookups fail while set.
     unsafe_reason: ArcSwapOption<String>,
+    /// Set while the metadata is behind the latest generation and sequence
+    /// this process has seen (Redis restarted from an older save, a
+    /// failover lost writes): the data lost since is unknown, so lookups
+    /// fail until an import brings the mirror back to (or past) that point.
+    regressed: ArcSwapOption<String>,
+    /// The generation and the latest sequence of it seen.
+    high_water: std::sync::Mutex<Option<(u64, u64)>>,
     /// The run ids of the masters last seen (restart / failover detection).
     run_ids: std::sync::Mutex<Option<Vec<(String, String)>>>,
     /// Reads whose bucket sentinel did not prove them (counted).
@@ -375,6 +382,8 @@ impl RedisStore {
             masters: ArcSwapOption::from(masters),
             epoch: AtomicU64::new(0),
             unsafe_reason: ArcSwapOption::empty(),
+            regressed: ArcSwapOption::empty(),
+            high_water: std::sync::Mutex::new(None),
             run_ids: std::sync::Mutex::new(None),
             unproven_reads: AtomicU64::new(0),
             warned: std::sync::Mutex::new(std::collections::HashSet::new()),
@@ -405,7 +414,7 @@ impl RedisStore {
     /// Why this store refuses to answer from Redis right now (e.g. Redis'
     /// `maxmemory-policy` can evict the mirror's keys); `None`: safe.
     pub fn unsafe_reason(&self) -> Option<String> {
-        self.inner.unsafe_reason.load().as_deref().cloned()
+        self.inner.unsafe_now()
     }
 
     /// Reads so far whose bucket sentinel did not prove them (bucket
@@ -562,6 +571,50 @@ impl Inner {
         self.warned.lock().map(|mut w| w.insert(key)).unwrap_or(false)
     }
 
+    /// The reason the store must not be answered from, if any.
+    fn unsafe_now(&self) -> Option<String> {
+        self.unsafe_reason
+            .load()
+            .as_deref()
+            .or(self.regressed.load().as_deref())
+            .cloned()
+    }
+
+    /// Notes the metadata just read: a sequence behind the latest seen in
+    /// the same generation means Redis lost deltas (restarted from an older
+    /// save, a failover to a replica that missed writes) and makes the store
+    /// unsafe until an import brings it back there: answers already given
+    /// from those deltas are not taken back. Another generation (a switch,
+    /// or the metadata edited by hand) and an empty mirror start over.
+    fn track_progress(&self, now: Option<(u64, u64)>) {
+        let Ok(mut high) = self.high_water.lock() else {
+            return;
+        };
+        let Some(now) = now else {
+            *high = None;
+            self.regressed.store(None);
+            return;
+        };
+        match *high {
+            Some(seen) if now.0 == seen.0 && now.1 < seen.1 => {
+                let reason = format!(
+                    "the mirror went back from generation {} sequence {} to generation {} sequence {} (redis restarted from an older save or lost writes): re-run the import",
+                    seen.0, seen.1, now.0, now.1
+                );
+                if self.regressed.load().as_deref() != Some(&reason) {
+                    tracing::error!(reason = %reason, "redis lost data: lookups answer UNAVAILABLE, health is NOT_SERVING");
+                    self.regressed.store(Some(Arc::new(reason)));
+                }
+            }
+            _ => {
+                *high = Some(now);
+                if self.regressed.swap(None).is_some() {
+                    tracing::info!("the redis mirror is back to the latest data seen");
+                }
+            }
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -588,6 +641,7 @@ impl Inner {
         let previous = self.current.swap(current.clone());
         let before = previous.as_ref().map(|c| (c.generation.id, c.meta.sequence));
         let after = current.as_ref().map(|c| (c.generation.id, c.meta.sequence));
+        self.track_progress(after);
         if before != after {
             tracing::info!(
                 generation = after.map(|a| a.0),
@@ -607,11 +661,18 @@ impl Inner {
     /// The cached generation, refreshed first if the cache is too old to be
     /// trusted (the background refresh has been failing).
     async fn current(&self) -> Result<Option<Arc<Current>>, StoreError> {
-        if let Some(reason) = self.unsafe_reason.load().as_deref() {
+        let current = self.current_unchecked().await?;
+        // Checked after the refresh too: the read that finds the data lost
+        // must not be answered from it.
+        if let Some(reason) = self.unsafe_now() {
             return Err(StoreError::Unavailable(format!(
                 "redis is unsafe to answer from: {reason}"
             )));
         }
+        Ok(current)
+    }
+
+    async fn current_unchecked(&self) -> Result<Option<Arc<Current>>, StoreError> {
         if self.cache_fresh() {
             return Ok(self.current.load_full());
         }
@@ -634,10 +695,17 @@ impl Inner {
     /// unless a read that started after `since` (ms) already did.
     async fn recheck(&self, since: u64) -> Result<Option<Arc<Current>>, StoreError> {
         let _serial = self.refresh_lock.lock().await;
-        if self.refreshed_ms.load(Ordering::Acquire) > since {
-            return Ok(self.current.load_full());
+        let current = if self.refreshed_ms.load(Ordering::Acquire) > since {
+            self.current.load_full()
+        } else {
+            self.refresh_locked().await?
+        };
+        if let Some(reason) = self.unsafe_now() {
+            return Err(StoreError::Unavailable(format!(
+                "redis is unsafe to answer from: {reason}"
+            )));
         }
-        self.refresh_locked().await
+        Ok(current)
     }
 
     /// Reads, on every master, the run id (a restart or a failover changes
@@ -960,20 +1028,25 @@ impl RedisStore {
     async fn lookup_unbounded(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
         let inner = &self.inner;
         let started = inner.now_ms();
+        let epoch = inner.epoch.load(Ordering::Acquire);
         let Some(current) = inner.current().await? else {
             return Ok(Lookup {
                 found: None,
                 meta: None,
             });
         };
-        if let Some(found) = inner.read_one(&mut inner.conn(), &current, number).await? {
+        if let Some(found) = inner.read_one(&mut inner.conn(), &current, number).await?
+            && inner.epoch.load(Ordering::Acquire) == epoch
+        {
             return Ok(Lookup {
                 found,
                 meta: Some(current.meta.clone()),
             });
         }
-        // The bucket's sentinel is missing or names another generation:
-        // re-read the metadata and the bucket from the master, once.
+        // The bucket's sentinel is missing or names another generation, or a
+        // connection broke while the read was on its way (it may have been
+        // answered by a Redis that came back with other data): re-read the
+        // metadata and the bucket from the master, once.
         inner.unproven_reads.fetch_add(1, Ordering::Relaxed);
         let Some(current) = inner.recheck(started).await? else {
             return Ok(Lookup {
@@ -997,13 +1070,16 @@ impl RedisStore {
     ) -> Result<Lookup<Vec<Option<Date>>>, StoreError> {
         let inner = &self.inner;
         let started = inner.now_ms();
+        let epoch = inner.epoch.load(Ordering::Acquire);
         let Some(current) = inner.current().await? else {
             return Ok(Lookup {
                 found: vec![None; all.len()],
                 meta: None,
             });
         };
-        if let Some(found) = inner.read_many(inner.conn(), &current, all).await? {
+        if let Some(found) = inner.read_many(inner.conn(), &current, all).await?
+            && inner.epoch.load(Ordering::Acquire) == epoch
+        {
             return Ok(Lookup {
                 found,
                 meta: Some(current.meta.clone()),
