@@ -725,23 +725,46 @@ impl Inner {
             let mut other = conn.clone();
             futures_util::join!(conn.on_masters(&info, limit), other.on_masters(&policy, limit))
         };
-        let mut ids: Vec<(String, String)> = infos
+        let ids: Vec<(String, String)> = infos
             .into_iter()
             .filter_map(|(node, r)| Some((node, info_field(&r.ok()?, "run_id")?)))
             .collect();
-        ids.sort();
-        if !ids.is_empty()
-            && let Ok(mut seen) = self.run_ids.lock()
-        {
-            if let Some(before) = seen.as_ref()
-                && *before != ids
-            {
-                tracing::warn!(
-                    "a redis master restarted or failed over (run id changed): re-reading the metadata before the next answer"
-                );
+        // Changed: a master answering with another run id than before, or
+        // a master not seen before (a promoted replica). A master that does
+        // not answer this time keeps its last entry.
+        let changed = match self.run_ids.lock() {
+            Ok(mut seen) => {
+                let known = seen.get_or_insert_with(Vec::new);
+                let first = known.is_empty();
+                let mut changed = false;
+                for (node, id) in ids {
+                    match known.iter_mut().find(|(n, _)| *n == node) {
+                        Some((_, old)) if *old == id => {}
+                        Some((_, old)) => {
+                            *old = id;
+                            changed = true;
+                        }
+                        None => {
+                            known.push((node, id));
+                            changed |= !first;
+                        }
+                    }
+                }
+                changed
+            }
+            Err(_) => false,
+        };
+        if changed {
+            tracing::warn!(
+                "a redis master restarted or failed over (run id changed): re-reading the metadata before the next answer"
+            );
+            if matches!(self.target, Target::Cluster { .. }) {
+                // A fresh cluster connection reads the new topology at once
+                // instead of waiting for its own retries.
+                self.reset_connection();
+            } else {
                 self.connection_lost();
             }
-            *seen = Some(ids);
         }
         let mut unsafe_nodes = Vec::new();
         let mut answered = false;
