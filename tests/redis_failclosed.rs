@@ -658,6 +658,7 @@ async fn redis_restarted_from_an_older_save_under_load() {
     redis.crash_and_restart_from(&old_save);
     load.wait_checks(3_000).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
+    println!("{}", load.tally.report("after the restart from an older save"));
     support::bin::eventually(|| async { health(&server).await == Some(ServingStatus::NotServing as i32) })
         .await;
     assert_eq!(

@@ -1322,3 +1322,78 @@ impl Store for RedisStore {
 fn batch_timeout(timeout: Duration, n: usize) -> Duration {
     timeout + Duration::from_micros(200).saturating_mul(u32::try_from(n).unwrap_or(u32::MAX))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Prefix;
+
+    fn current(id: u64, sentinel: bool) -> Current {
+        Current {
+            generation: meta::Generation { id, nbuckets: 3 },
+            meta: Arc::new(MirrorMeta {
+                sequence: 1,
+                as_of: Date::from_days(20_000),
+                coverage_start: Date::from_days(18_654),
+                prefixes: vec![Prefix::parse("+1").expect("prefix")],
+                record_count: 1,
+                last_import_unix: 0,
+            }),
+            bloom: None,
+            sentinel,
+        }
+    }
+
+    fn reply(value: Option<&str>, sentinel: Option<&str>) -> Value {
+        let v = |t: Option<&str>| t.map_or(Value::Nil, |t| Value::BulkString(t.as_bytes().to_vec()));
+        Value::Array(vec![v(value), v(sentinel)])
+    }
+
+    #[test]
+    fn a_read_is_proven_only_by_its_generations_sentinel() {
+        let c = current(7, true);
+        let day = |d: i32| Some(Some(Date::from_days(d)));
+        assert_eq!(
+            proven_day(&c, reply(Some("19000"), Some("7"))).expect("ok"),
+            day(19_000)
+        );
+        assert_eq!(proven_day(&c, reply(None, Some("7"))).expect("ok"), Some(None));
+        // Bucket gone, or of another generation: proves nothing.
+        assert_eq!(proven_day(&c, reply(None, None)).expect("ok"), None);
+        assert_eq!(proven_day(&c, reply(Some("19000"), None)).expect("ok"), None);
+        assert_eq!(proven_day(&c, reply(None, Some("6"))).expect("ok"), None);
+        assert_eq!(proven_day(&c, reply(None, Some("7x"))).expect("ok"), None);
+        // Layout 1 (no sentinels): unchecked.
+        assert_eq!(
+            proven_day(&current(7, false), reply(None, None)).expect("ok"),
+            Some(None)
+        );
+        assert!(proven_day(&c, Value::Nil).is_err());
+    }
+
+    #[test]
+    fn info_and_config_replies() {
+        let info = Value::BulkString(b"# Server\r\nredis_version:7.0.15\r\nrun_id:abc123\r\n".to_vec());
+        assert_eq!(info_field(&info, "run_id").as_deref(), Some("abc123"));
+        assert_eq!(info_field(&info, "run"), None);
+        let config = Value::Array(vec![
+            Value::BulkString(b"maxmemory-policy".to_vec()),
+            Value::BulkString(b"allkeys-lru".to_vec()),
+        ]);
+        assert_eq!(config_value(&config).as_deref(), Some("allkeys-lru"));
+        assert_eq!(config_value(&Value::Array(vec![])), None);
+    }
+
+    #[test]
+    fn reclaim_grace_covers_the_slowest_reader() {
+        let opts = RedisOptions {
+            timeout: Duration::from_millis(2_000),
+            ..RedisOptions::default()
+        };
+        assert_eq!(effective_reclaim_grace(&opts), Duration::from_millis(5_000));
+        assert_eq!(
+            effective_reclaim_grace(&RedisOptions::default()),
+            Duration::from_millis(3_200)
+        );
+    }
+}
