@@ -7,6 +7,7 @@ pub mod lograte;
 pub mod metrics;
 pub mod quota;
 pub mod reload;
+pub mod revoke;
 pub mod tls;
 pub mod token;
 
@@ -149,6 +150,7 @@ where
             first_byte_timeout: Duration::from_millis(config.handshake_first_byte_timeout_ms),
             max_handshakes_per_ip: config.max_handshakes_per_ip,
             listen_backlog: config.listen_backlog,
+            revoked_grace: config.request_timeout(),
         },
         config.metrics.handshakes(),
     );
@@ -174,6 +176,7 @@ where
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(metrics::CountLayer(config.metrics.clone()))
+        .layer(revoke::TrackLayer(reloader.tls().shared_config().connections()))
         .layer(auth::AuthLayer::with_tokens(tokens))
         .add_service(health_service)
         .add_service(reflection_v1)
