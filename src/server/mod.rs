@@ -156,7 +156,7 @@ where
     );
     let _log_summaries = reload::AbortOnDrop(tokio::spawn(async {
         // Summaries of suppressed log lines, also when a flood stops.
-        let mut ticks = tokio::time::interval(lograte::global().window());
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
         loop {
             ticks.tick().await;
             lograte::global().flush();
