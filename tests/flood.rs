@@ -119,15 +119,6 @@ async fn idle_and_slow_sockets_do_not_lock_out_new_clients() {
         .expect("an open connection answers during the flood")
         .into_inner();
     assert_eq!(during.status, ReassignmentStatus::Reassigned as i32);
-    // The defence held the pending pool to the per-address cap, shedding
-    // the oldest of the attacker's sockets.
-    let stats = server.config.metrics.handshakes();
-    assert!(
-        stats.pending() <= server.config.max_handshakes_per_ip as u64 + 1,
-        "{} handshakes pending",
-        stats.pending()
-    );
-    assert!(stats.failed(HandshakeFailure::ShedPerIp) > 0);
 
     // A new platform connection: connect, handshake, first call.
     let started = Instant::now();
@@ -152,6 +143,13 @@ async fn idle_and_slow_sockets_do_not_lock_out_new_clients() {
         took < Duration::from_secs(1),
         "a new client waited {took:?} for its first call under the flood"
     );
+    // The defence held the pending pool to the per-address cap, shedding
+    // the oldest of the attacker's sockets.
+    // (Shed tasks end asynchronously, so the gauge settles shortly after.)
+    let stats = server.config.metrics.handshakes();
+    let cap = server.config.max_handshakes_per_ip as u64;
+    support::bin::eventually(|| async { stats.pending() <= cap }).await;
+    assert!(stats.failed(HandshakeFailure::ShedPerIp) > 0);
     // And still after it: the open connection, again.
     let after: pb::CheckNumberResponse = existing
         .check_number(req(A, "2024-01-01"))
