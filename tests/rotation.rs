@@ -111,6 +111,7 @@ impl Files {
 struct Server {
     addr: SocketAddr,
     reload: ReloadHandle,
+    metrics: reassigned::server::metrics::MetricsHandle,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     _data: tempfile::TempDir,
@@ -134,6 +135,7 @@ impl Server {
         })
         .unwrap();
         let reload = config.reload.clone();
+        let metrics = config.metrics.clone();
         let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(reassigned::run(listener, config, store, async move {
@@ -142,6 +144,7 @@ impl Server {
         Self {
             addr,
             reload,
+            metrics,
             shutdown: Some(tx),
             task: Some(task),
             _data: data,
@@ -273,6 +276,8 @@ async fn revoked_client_is_refused_and_its_open_connections_are_closed() {
         cut_after > closed_after,
         "the call in flight was cut ({cut_after:?}) no later than the idle connection ({closed_after:?})"
     );
+    // Both of the revoked client's connections were closed for it, and counted.
+    assert_eq!(server.metrics.handshakes().closed_revoked(), 2);
     // Trusted clients' connections were left alone, and new ones are served.
     call(&sibling_open).await.unwrap();
     call(&foreign_open).await.unwrap();

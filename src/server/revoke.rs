@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -39,7 +39,6 @@ pub struct OpenConnections(Arc<Registry>);
 #[derive(Default)]
 struct Registry {
     conns: Mutex<HashMap<ConnKey, Arc<ConnState>>>,
-    closed_revoked: AtomicU64,
 }
 
 impl std::fmt::Debug for OpenConnections {
@@ -103,11 +102,6 @@ impl OpenConnections {
     /// Whether no connection is open.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Connections closed so far because a reload revoked their certificate.
-    pub fn closed_revoked(&self) -> u64 {
-        self.0.closed_revoked.load(Ordering::Relaxed)
     }
 
     /// Remembers a connection; it is forgotten when the returned guard drops.
@@ -194,13 +188,6 @@ pub(crate) struct Registered {
     registry: OpenConnections,
     key: ConnKey,
     pub(crate) state: Arc<ConnState>,
-}
-
-impl Registered {
-    /// Counts the close of a revoked connection.
-    pub(crate) fn closing_revoked(&self) {
-        self.registry.0.closed_revoked.fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 impl Drop for Registered {

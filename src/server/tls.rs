@@ -746,6 +746,7 @@ pub struct HandshakeStats {
     completed: AtomicU64,
     failed: [AtomicU64; HandshakeFailure::ALL.len()],
     pending: AtomicU64,
+    closed_revoked: AtomicU64,
 }
 
 impl HandshakeStats {
@@ -762,6 +763,12 @@ impl HandshakeStats {
     /// Handshakes pending now.
     pub fn pending(&self) -> u64 {
         self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Open connections closed because a reload revoked (or stopped
+    /// trusting) their client certificate.
+    pub fn closed_revoked(&self) -> u64 {
+        self.closed_revoked.load(Ordering::Relaxed)
     }
 
     fn fail(&self, reason: HandshakeFailure) {
@@ -798,6 +805,7 @@ pub struct TlsConnection {
 #[derive(Debug)]
 struct Tracked {
     registered: Registered,
+    stats: Arc<HandshakeStats>,
     grace: Option<Pin<Box<tokio::time::Sleep>>>,
     closed: bool,
 }
@@ -827,7 +835,7 @@ impl Tracked {
                     "closed a connection whose client certificate is no longer accepted"
                 );
             }
-            self.registered.closing_revoked();
+            self.stats.closed_revoked.fetch_add(1, Ordering::Relaxed);
             self.closed = true;
         }
         self.closed
@@ -1105,6 +1113,7 @@ async fn accept_loop(
                     chain.iter().map(|c| c.clone().into_owned()).collect(),
                     opts.revoked_grace,
                 ),
+                stats: task_stats.clone(),
                 grace: None,
                 closed: false,
             });
