@@ -1191,6 +1191,21 @@ impl Store for RedisStore {
     async fn apply_delta(&self, manifest: &Manifest, records: &Records) -> Result<(), StoreError> {
         write::apply_delta(&self.inner, manifest, records).await
     }
+
+    async fn applied_checksums(&self) -> Result<HashMap<String, String>, StoreError> {
+        write::applied_checksums(&self.inner).await
+    }
+}
+
+impl RedisStore {
+    /// Asks the imports of this process to stop cleanly at their next step
+    /// (on SIGTERM): a snapshot not yet switched deletes its pending
+    /// generation, one already switched finishes deleting the replaced
+    /// generation; a delta stops before moving the sequence; the lock is
+    /// released. Process-wide: every store of the process is affected.
+    pub fn cancel_imports() {
+        write::cancel_imports();
+    }
 }
 
 /// The time a batch lookup of `n` numbers may take: the per-call timeout
