@@ -150,6 +150,18 @@ pub struct ServeSettings {
     /// off). Not authenticated: bind it to a private interface only.
     #[arg(long, env = "REASSIGNED_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Milliseconds a new connection gets to send its first byte before it
+    /// is closed (default 2000; at most the handshake timeout).
+    #[arg(long, env = "REASSIGNED_HANDSHAKE_FIRST_BYTE_TIMEOUT_MS")]
+    pub handshake_first_byte_timeout_ms: Option<u64>,
+    /// Most pending TLS handshakes per client IP address; at the cap the
+    /// oldest of that address is shed (default 256).
+    #[arg(long, env = "REASSIGNED_MAX_HANDSHAKES_PER_IP")]
+    pub max_handshakes_per_ip: Option<usize>,
+    /// Listen backlog of the server socket, capped by the kernel's
+    /// `net.core.somaxconn` (default 4096).
+    #[arg(long, env = "REASSIGNED_LISTEN_BACKLOG")]
+    pub listen_backlog: Option<u32>,
 }
 
 impl ServeSettings {
@@ -192,7 +204,10 @@ impl ServeSettings {
             audit_redis,
             audit_max_len,
             audit_mandatory,
-            metrics_listen
+            metrics_listen,
+            handshake_first_byte_timeout_ms,
+            max_handshakes_per_ip,
+            listen_backlog
         )
     }
 
@@ -320,6 +335,12 @@ pub struct ServeConfig {
     /// with this config.
     #[serde(skip)]
     pub metrics: crate::server::metrics::MetricsHandle,
+    /// Time a new connection gets to send its first byte, in milliseconds.
+    pub handshake_first_byte_timeout_ms: u64,
+    /// Pending handshake limit per client IP address.
+    pub max_handshakes_per_ip: usize,
+    /// Listen backlog of the server socket.
+    pub listen_backlog: u32,
 }
 
 /// A configuration that cannot be used.
@@ -467,6 +488,16 @@ impl ServeConfig {
                 })
             }
         };
+        let first_byte_ms = positive(
+            "handshake_first_byte_timeout_ms",
+            s.handshake_first_byte_timeout_ms.unwrap_or(2_000),
+        )?;
+        if first_byte_ms > s.handshake_timeout_ms.unwrap_or(10_000) {
+            return Err(ConfigError::Invalid(
+                "handshake_first_byte_timeout_ms",
+                "must not exceed handshake_timeout_ms".into(),
+            ));
+        }
         let max_batch = s.max_batch.unwrap_or(1000);
         if !(1..=100_000).contains(&max_batch) {
             return Err(ConfigError::Invalid("max_batch", "must be 1 to 100000".into()));
@@ -484,7 +515,7 @@ impl ServeConfig {
             max_staleness_days: s.max_staleness_days.unwrap_or(45),
             max_batch,
             handshake_timeout_ms: positive("handshake_timeout_ms", s.handshake_timeout_ms.unwrap_or(10_000))?,
-            max_handshakes: positive("max_handshakes", s.max_handshakes.unwrap_or(256) as u64)? as usize,
+            max_handshakes: positive("max_handshakes", s.max_handshakes.unwrap_or(4096) as u64)? as usize,
             request_timeout_ms: positive("request_timeout_ms", s.request_timeout_ms.unwrap_or(5_000))?,
             max_concurrent_streams: positive(
                 "max_concurrent_streams",
@@ -501,6 +532,12 @@ impl ServeConfig {
             audit_stats: Default::default(),
             metrics_listen: s.metrics_listen,
             metrics: Default::default(),
+            handshake_first_byte_timeout_ms: first_byte_ms,
+            max_handshakes_per_ip: positive(
+                "max_handshakes_per_ip",
+                s.max_handshakes_per_ip.unwrap_or(256) as u64,
+            )? as usize,
+            listen_backlog: positive("listen_backlog", u64::from(s.listen_backlog.unwrap_or(4096)))? as u32,
         })
     }
 

@@ -3,6 +3,7 @@
 //! resolves.
 
 pub mod auth;
+pub mod lograte;
 pub mod metrics;
 pub mod quota;
 pub mod reload;
@@ -146,14 +147,26 @@ where
     )
     .max_decoding_message_size(config.max_message_bytes);
 
-    let incoming = tls::incoming(
+    let incoming = tls::incoming_counted(
         listener,
         reloader.tls().shared_config(),
         tls::AcceptOptions {
             handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
             max_handshakes: config.max_handshakes,
+            first_byte_timeout: Duration::from_millis(config.handshake_first_byte_timeout_ms),
+            max_handshakes_per_ip: config.max_handshakes_per_ip,
+            listen_backlog: config.listen_backlog,
         },
+        config.metrics.handshakes(),
     );
+    let _log_summaries = reload::AbortOnDrop(tokio::spawn(async {
+        // Summaries of suppressed log lines, also when a flood stops.
+        let mut ticks = tokio::time::interval(lograte::global().window());
+        loop {
+            ticks.tick().await;
+            lograte::global().flush();
+        }
+    }));
     let drain_reporter = reporter.clone();
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let on_shutdown = async move {
