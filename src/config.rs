@@ -102,6 +102,11 @@ pub struct ServeSettings {
     /// The `aud` every bearer token must carry.
     #[arg(long, env = "REASSIGNED_TOKEN_AUDIENCE")]
     pub token_audience: Option<String>,
+    /// Longest lifetime of a bearer token: `exp - iat` and `exp - now` may
+    /// not exceed it, and tokens without `iat` are refused (`90s`, `15m`,
+    /// `24h`, `7d`, plain seconds, or `off` for no limit; default `24h`).
+    #[arg(long, env = "REASSIGNED_TOKEN_MAX_LIFETIME")]
+    pub token_max_lifetime: Option<String>,
     /// Redis shared by all replicas for per-platform quotas (default: the
     /// store's Redis when the store is one Redis server; otherwise quotas
     /// hold per process).
@@ -192,7 +197,8 @@ impl ServeSettings {
             audit_redis,
             audit_max_len,
             audit_mandatory,
-            metrics_listen
+            metrics_listen,
+            token_max_lifetime
         )
     }
 
@@ -436,7 +442,8 @@ impl ServeConfig {
                 .parse()
                 .map_err(|e| ConfigError::Invalid("listen", format!("{e}")))?,
         };
-        let tokens = token_config(s.tokens, s.jwks, s.token_issuer, s.token_audience)?;
+        let max_lifetime = token_max_lifetime(s.token_max_lifetime.as_deref())?;
+        let tokens = token_config(s.tokens, s.jwks, s.token_issuer, s.token_audience, max_lifetime)?;
         let (receipt_key, receipt_kid) = receipt_config(s.receipt_key, s.receipt_kid)?;
         let audit = match s.audit_secret_file {
             None => None,
@@ -570,6 +577,7 @@ fn token_config(
     jwks: Option<PathBuf>,
     issuer: Option<String>,
     audience: Option<String>,
+    max_lifetime_secs: Option<u64>,
 ) -> Result<Option<crate::server::token::TokenConfig>, ConfigError> {
     if on == Some(false) {
         return Ok(None);
@@ -591,10 +599,22 @@ fn token_config(
         jwks,
         issuer,
         audience,
+        max_lifetime_secs,
     };
     crate::server::token::TokenVerifier::load(config.clone())
         .map_err(|e| ConfigError::Invalid("jwks", e.to_string()))?;
     Ok(Some(config))
+}
+
+/// `token_max_lifetime`: a time span (`24h`), or `off`; unset is 24 h.
+fn token_max_lifetime(text: Option<&str>) -> Result<Option<u64>, ConfigError> {
+    match text.map(str::trim) {
+        None => Ok(Some(crate::server::token::DEFAULT_MAX_LIFETIME_SECS)),
+        Some(off) if off.eq_ignore_ascii_case("off") => Ok(None),
+        Some(span) => crate::cli::token::parse_ttl(span)
+            .map(|d| Some(d.as_secs()))
+            .map_err(|e| ConfigError::Invalid("token_max_lifetime", format!("{e}, or off"))),
+    }
 }
 
 /// Checks the receipt key now (it must parse), so a bad key stops `serve`
@@ -713,6 +733,15 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         }
+    }
+
+    #[test]
+    fn token_max_lifetime_defaults_to_a_day_and_can_be_off() {
+        assert_eq!(token_max_lifetime(None).expect("default"), Some(86_400));
+        assert_eq!(token_max_lifetime(Some("2h")).expect("2h"), Some(7_200));
+        assert_eq!(token_max_lifetime(Some("off")).expect("off"), None);
+        let e = token_max_lifetime(Some("1y")).expect_err("1y");
+        assert!(e.to_string().contains("token_max_lifetime"), "{e}");
     }
 
     #[test]
