@@ -331,7 +331,10 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
                         }
                     }
                     if let Some(status) = failure {
+                        // The client must learn that its stream was cut (e.g. a
+                        // message that does not decode): not a silent OK.
                         tracing::debug!(code = ?status.code(), "request stream ended with an error");
+                        let _ = tx.send(Err(status)).await;
                         return;
                     }
                 }
