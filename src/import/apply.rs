@@ -265,9 +265,9 @@ fn skipped(m: Manifest) -> Skipped {
 
 /// Loads every `*.json` file of `dir` as a manifest, in name order.
 fn load_dir(dir: &Path) -> Result<Vec<Manifest>, ImportError> {
-    let io_err = |source| ImportError::Io {
+    let io_err = |error| ImportError::Io {
         path: dir.to_path_buf(),
-        source,
+        error,
     };
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err)? {

@@ -38,9 +38,9 @@ const CHUNK: usize = 512 * 1024;
 /// date. CPU-bound: call it from a blocking context.
 pub fn read_records(manifest: &Manifest, progress: &mut dyn Progress) -> Result<Records, ImportError> {
     let path = manifest.data_path();
-    let io_err = |source| ImportError::Io {
+    let io_err = |error| ImportError::Io {
         path: path.clone(),
-        source,
+        error,
     };
     let file = File::open(&path).map_err(io_err)?;
     let mut raw = HashingReader {
