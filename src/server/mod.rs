@@ -218,8 +218,17 @@ fn receipt_signer(
         tracing::info!("receipts: off (no receipt key)");
         return Ok(None);
     };
-    let signer = crate::receipt::ReceiptSigner::from_pem_file(path, config.receipt_kid.clone())?;
-    tracing::info!(kid = signer.kid(), alg = ?signer.algorithm(), "receipts: on");
+    let mut retired = Vec::new();
+    for (file, not_after) in &config.receipt_retired_keys {
+        retired.extend(crate::receipt::load_retired_keys(file, *not_after)?);
+    }
+    let signer = crate::receipt::ReceiptSigner::from_pem_file(path, config.receipt_kid.clone())?
+        .with_retired(&retired)?;
+    let retired_kids: Vec<&str> = retired
+        .iter()
+        .filter_map(|k| k.jwk.common.key_id.as_deref())
+        .collect();
+    tracing::info!(kid = signer.kid(), alg = ?signer.algorithm(), retired = ?retired_kids, "receipts: on");
     Ok(Some(std::sync::Arc::new(signer)))
 }
 
