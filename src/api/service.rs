@@ -433,34 +433,43 @@ async fn stream_pipeline<S: Store + Clone>(
                     continue;
                 };
                 let mut checks = Vec::with_capacity(chunk.len());
+                let mut failure = None;
                 for item in chunk {
                     match item {
                         Ok(check) => checks.push(check),
                         Err(status) => {
                             tracing::debug!(code = ?status.code(), "request stream ended with an error");
                             input_done = true;
+                            failure = Some(status);
                             break;
                         }
                     }
                 }
                 let count = checks.len() as u64;
-                if count == 0 {
-                    continue;
-                }
-                if in_flight.len() >= STREAM_IN_FLIGHT {
+                if count > 0 && in_flight.len() >= STREAM_IN_FLIGHT {
                     // Shed items keep their positions (receipt ids count them).
                     first_index += count;
                     shed_after += count;
-                    continue;
+                } else if count > 0 {
+                    if shed_after > 0 {
+                        let shed = std::mem::take(&mut shed_after);
+                        lookups.push_back(futures_util::future::ready(Segment::Shed(shed)).boxed());
+                    }
+                    let start = first_index;
+                    first_index += count;
+                    in_flight.push_back(tokio::time::Instant::now());
+                    lookups.push_back(lookup_chunk(this.clone(), principal.clone(), receipts.clone(), checks, start).boxed());
                 }
-                if shed_after > 0 {
+                if let Some(status) = failure {
+                    // The client must learn that its stream was cut (e.g. a
+                    // message that does not decode): not a silent OK, and
+                    // only after the answers to what came before it.
                     let shed = std::mem::take(&mut shed_after);
-                    lookups.push_back(futures_util::future::ready(Segment::Shed(shed)).boxed());
+                    if shed > 0 {
+                        lookups.push_back(futures_util::future::ready(Segment::Shed(shed)).boxed());
+                    }
+                    lookups.push_back(futures_util::future::ready(Segment::Fail(status)).boxed());
                 }
-                let start = first_index;
-                first_index += count;
-                in_flight.push_back(tokio::time::Instant::now());
-                lookups.push_back(lookup_chunk(this.clone(), principal.clone(), receipts.clone(), checks, start).boxed());
             }
             else => return,
         }

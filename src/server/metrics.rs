@@ -231,6 +231,27 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "Days since the date the mirror's data is complete through.",
         &one(age),
     );
+    let unsafe_reason = sources.store.unsafe_reason();
+    let policy_unsafe = unsafe_reason
+        .as_deref()
+        .is_some_and(|r| r.contains("maxmemory-policy"));
+    metric(
+        "reassigned_store_unsafe",
+        "gauge",
+        "1 if the store must not be answered from (health NOT_SERVING, lookups UNAVAILABLE), by reason.",
+        &[(
+            "{reason=\"maxmemory_policy\"}".to_owned(),
+            u64::from(policy_unsafe),
+        )],
+    );
+    if let AnyStore::Redis(redis) = &sources.store {
+        metric(
+            "reassigned_store_unproven_reads_total",
+            "counter",
+            "Redis reads whose bucket sentinel was missing or named another generation (retried on the master, else UNAVAILABLE).",
+            &one(redis.unproven_reads()),
+        );
+    }
     metric(
         "reassigned_mirror_stale",
         "gauge",

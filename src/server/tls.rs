@@ -93,14 +93,15 @@ pub struct TlsFiles {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file could not be read.
-    #[error("cannot read {what} file {}: {source}", path.display())]
+    #[error("cannot read {what} file {}: {error}", path.display())]
     Read {
         /// Which file: "certificate", "private key" or "client CA".
         what: &'static str,
         /// The file.
         path: PathBuf,
-        /// The I/O error.
-        source: io::Error,
+        /// The I/O error (in the message; not a `source`, which a chain
+        /// would print twice).
+        error: io::Error,
     },
     /// A file is not well-formed PEM.
     #[error("{what} file {} is not valid PEM: {reason}", path.display())]
@@ -178,10 +179,10 @@ pub enum TlsError {
     },
     /// The client certificate verifier could not be built.
     #[error("cannot build the client certificate verifier: {0}")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
+    Verifier(rustls::server::VerifierBuilderError),
     /// rustls refused the configuration.
     #[error("cannot build the TLS server configuration: {0}")]
-    Config(#[source] rustls::Error),
+    Config(rustls::Error),
 }
 
 /// The crypto provider used everywhere in this module: ring, never aws-lc-rs
@@ -452,7 +453,7 @@ fn build_config(
     if !crls.is_empty() {
         verifier = verifier.with_crls(crls).allow_unknown_revocation_status();
     }
-    let verifier = verifier.build()?;
+    let verifier = verifier.build().map_err(TlsError::Verifier)?;
     let mut config = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Config)?
@@ -481,10 +482,10 @@ impl ResolvesServerCert for SwappableCert {
 }
 
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         what,
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
