@@ -37,7 +37,7 @@ const STREAM_IN_FLIGHT: usize = 4;
 /// at most this long (the oldest lookup's wait) before it sheds: a short
 /// pause is harmless to HTTP/2 and spares a busy but healthy store spurious
 /// UNAVAILABLE items.
-const STREAM_SHED_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
+const STREAM_SHED_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Limits and rules of the service.
 #[derive(Clone, Debug)]
