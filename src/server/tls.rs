@@ -942,7 +942,10 @@ impl Drop for TlsIncoming {
 /// `config` is an `Arc<ServerConfig>` (fixed) or a [`SharedServerConfig`]
 /// (e.g. [`TlsMaterial::shared_config`]): each new handshake takes the
 /// configuration current at its accept, so a reload never touches the
-/// connections already open.
+/// connections already open, except to close those whose client
+/// certificate it refuses: after their calls if the server counts them with
+/// [`crate::server::revoke::TrackLayer`] over
+/// [`SharedServerConfig::connections`], else at once.
 ///
 /// Must be called inside a tokio runtime.
 pub fn incoming(
