@@ -540,3 +540,47 @@ async fn failure_floods_are_rate_limited_in_the_log_and_counted_exactly() {
     assert!(child.0.try_wait().unwrap().is_none(), "the server died");
     drop(client);
 }
+
+/// The accept-loop settings are validated before anything is bound, and
+/// their defaults are the documented ones.
+#[test]
+fn accept_settings_are_validated_with_their_defaults() {
+    use reassigned::config::{ServeConfig, ServeSettings};
+    let certs = support::server::Certs::mint();
+    let data = tempfile::tempdir().unwrap();
+    let settings = || ServeSettings {
+        tls_cert: Some(certs.server_cert.clone()),
+        tls_key: Some(certs.server_key.clone()),
+        client_ca: Some(certs.ca.clone()),
+        data_dir: Some(data.path().to_owned()),
+        tokens: Some(false),
+        ..ServeSettings::default()
+    };
+    let config = ServeConfig::from_settings(settings()).unwrap();
+    assert_eq!(
+        (
+            config.handshake_timeout_ms,
+            config.handshake_first_byte_timeout_ms,
+            config.max_handshakes,
+            config.max_handshakes_per_ip,
+            config.listen_backlog
+        ),
+        (10_000, 2_000, 4096, 256, 4096)
+    );
+    let err = ServeConfig::from_settings(ServeSettings {
+        handshake_timeout_ms: Some(1_000),
+        handshake_first_byte_timeout_ms: Some(3_000),
+        ..settings()
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("handshake_first_byte_timeout_ms"),
+        "{err}"
+    );
+    let err = ServeConfig::from_settings(ServeSettings {
+        max_handshakes_per_ip: Some(0),
+        ..settings()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("max_handshakes_per_ip"), "{err}");
+}
