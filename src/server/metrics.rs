@@ -228,6 +228,12 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "1 if the mirror is older than the configured max staleness (or not loaded).",
         &one(stale),
     );
+    metric(
+        "reassigned_import_skipped_files",
+        "gauge",
+        "Register files skipped at the last load or resync of the data directory (embedded store).",
+        &one(sources.store.import_problems().len() as u64),
+    );
     out
 }
 

@@ -130,6 +130,7 @@
 //! million (listpack entries of 5 + 4 bytes, plus about 80 bytes per bucket
 //! key). The filter adds 1.25 bytes per record (10 bits).
 
+mod admin;
 mod bloom;
 mod conn;
 mod dump;
@@ -145,6 +146,7 @@ use ::redis::{Cmd, FromRedisValue, Pipeline, RedisError, Value};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::oneshot;
 
+pub use self::admin::GcReport;
 use self::conn::{Conn, Target};
 use self::meta::{BloomParams, Current, StoredMeta};
 use super::{Lookup, Store, StoreError};

@@ -166,7 +166,7 @@ impl Inner {
 }
 
 /// The import lock `{prefix}:lock`, renewed in the background while held.
-struct ImportLock {
+pub(super) struct ImportLock {
     inner: Arc<Inner>,
     token: String,
     lost: Arc<AtomicBool>,
@@ -174,7 +174,7 @@ struct ImportLock {
 }
 
 impl ImportLock {
-    async fn acquire(inner: &Arc<Inner>) -> Result<Self, StoreError> {
+    pub(super) async fn acquire(inner: &Arc<Inner>) -> Result<Self, StoreError> {
         let owner = LockOwner::me();
         let token = owner.encode();
         let mut cmd = ::redis::cmd("SET");
@@ -198,7 +198,7 @@ impl ImportLock {
     }
 
     /// Fails if the lock expired or was taken by someone else.
-    fn ensure_held(&self) -> Result<(), StoreError> {
+    pub(super) fn ensure_held(&self) -> Result<(), StoreError> {
         if self.lost.load(Ordering::Relaxed) {
             Err(StoreError::Conflict(
                 "the redis import lock was lost during the import".into(),
@@ -208,7 +208,7 @@ impl ImportLock {
         }
     }
 
-    async fn release(&self) {
+    pub(super) async fn release(&self) {
         self.renew.abort();
         let mut invocation = RELEASE.key(&self.inner.keys.lock);
         invocation.arg(&self.token);
