@@ -1028,3 +1028,31 @@ async fn http_get(port: u16, path: &str) -> String {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_that_hits_maxmemory_removes_its_pending_keys() {
+    let redis = RedisServer::start_with(&["--maxmemory", "6mb", "--maxmemory-policy", "noeviction"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let register = generate(dir.path(), 1_000_000, 0);
+    let out = bin()
+        .arg("import")
+        .arg(register.join("snapshot-000001.json"))
+        .env("REASSIGNED_REDIS", redis.url())
+        .output()
+        .expect("run");
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("OOM") || log.contains("maxmemory"), "{log}");
+    let mut conn = redis_conn(&redis).await;
+    // removed on failure, not left for the next import
+    assert_eq!(keys(&mut conn, "rn:g*:*").await, Vec::<String>::new());
+    assert_eq!(keys(&mut conn, "rn:bloom:*").await, Vec::<String>::new());
+    let m = meta(&mut conn).await;
+    assert!(!m.contains_key("pending_generation"), "{m:?}");
+    let lock: Option<String> = ::redis::cmd("GET")
+        .arg("rn:lock")
+        .query_async(&mut conn)
+        .await
+        .expect("get");
+    assert_eq!(lock, None, "lock released");
+}

@@ -1252,6 +1252,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn lock_owner_alive_or_dead() {
+        let me = LockOwner::me();
+        assert_eq!(LockOwner::decode(me.encode().as_bytes()), Some(me.clone()));
+        assert!(!me.is_dead_here(), "this process is alive");
+        assert_eq!(LockOwner::decode(b"0123456789abcdef"), None, "an old random token");
+        // a process that has exited
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id();
+        child.wait().expect("wait");
+        let gone = LockOwner {
+            pid,
+            pid_start: 1,
+            ..me.clone()
+        };
+        assert!(gone.is_dead_here());
+        // a live pid that is another process now (its start time differs)
+        let reused = LockOwner {
+            pid: 1,
+            pid_start: process_start(1).unwrap_or(0) + 1,
+            ..me.clone()
+        };
+        assert!(reused.is_dead_here());
+        // another host: never declared dead here (its lock expires instead)
+        let remote = LockOwner {
+            host: format!("{}-elsewhere", me.host),
+            ..gone
+        };
+        assert!(!remote.is_dead_here());
+    }
+
+    #[test]
     fn grouping_dense_and_sparse_agree() {
         let numbers: Vec<u64> = (0..5000u64).map(|i| 14_155_550_000 + i * 7).collect();
         for nbuckets in [1, 3, 40, 1000, 100_000] {
