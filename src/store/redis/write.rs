@@ -1256,7 +1256,11 @@ mod tests {
         let me = LockOwner::me();
         assert_eq!(LockOwner::decode(me.encode().as_bytes()), Some(me.clone()));
         assert!(!me.is_dead_here(), "this process is alive");
-        assert_eq!(LockOwner::decode(b"0123456789abcdef"), None, "an old random token");
+        assert_eq!(
+            LockOwner::decode(b"0123456789abcdef"),
+            None,
+            "an old random token"
+        );
         // a process that has exited
         let mut child = std::process::Command::new("true").spawn().expect("spawn");
         let pid = child.id();
