@@ -1056,3 +1056,79 @@ async fn an_import_that_hits_maxmemory_removes_its_pending_keys() {
         .expect("get");
     assert_eq!(lock, None, "lock released");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_and_gc_on_a_cluster() {
+    let cluster = support::redis_cluster::RedisCluster::start();
+    let nodes = cluster.urls().join(",");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let register = generate(dir.path(), 20_000, 1);
+    let env = |cmd: &mut std::process::Command| {
+        cmd.env("REASSIGNED_REDIS_CLUSTER", &nodes);
+    };
+    let mut sync = bin();
+    env(sync.arg("sync").arg(&register));
+    run(&mut sync);
+    let verify = || {
+        let mut cmd = bin();
+        env(cmd.arg("verify").arg(&register));
+        cmd.output().expect("run")
+    };
+    let out = verify();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let client = ::redis::cluster::ClusterClient::new(cluster.urls()).expect("client");
+    let mut conn = client.get_async_connection().await.expect("connect");
+    let generation: String = ::redis::cmd("HGET")
+        .arg("rn:meta")
+        .arg("generation")
+        .query_async(&mut conn)
+        .await
+        .expect("meta");
+    let bucket = format!("rn:g{generation}:11");
+    let _: i64 = ::redis::cmd("DEL")
+        .arg(&bucket)
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    let out = verify();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!("bucket 11 ({bucket})")),
+        "{}",
+        stderr(&out)
+    );
+
+    // orphans spread over the slots of every master
+    for i in 0..30 {
+        let _: i64 = ::redis::cmd("HSET")
+            .arg(format!("rn:g777:{i}"))
+            .arg("1")
+            .arg("1")
+            .query_async(&mut conn)
+            .await
+            .expect("hset");
+    }
+    let mut gc = bin();
+    env(gc.arg("gc"));
+    let out = run(&mut gc);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("generation 777 (30 keys)") && text.contains("removed 30 keys"),
+        "{text}"
+    );
+    for i in 0..30 {
+        let exists: i64 = ::redis::cmd("EXISTS")
+            .arg(format!("rn:g777:{i}"))
+            .query_async(&mut conn)
+            .await
+            .expect("exists");
+        assert_eq!(exists, 0);
+    }
+    let exists: i64 = ::redis::cmd("EXISTS")
+        .arg(format!("rn:g{generation}:12"))
+        .query_async(&mut conn)
+        .await
+        .expect("exists");
+    assert_eq!(exists, 1, "the current generation is kept");
+}

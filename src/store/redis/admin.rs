@@ -9,7 +9,7 @@ use futures_util::{StreamExt, TryStreamExt, stream};
 
 use super::meta::Generation;
 use super::write::{ImportLock, LockOwner};
-use super::{Inner, RedisStore};
+use super::{Conn, Inner, RedisStore};
 use crate::import::verify::{BucketDigest, MirrorDigest};
 use crate::store::StoreError;
 
@@ -114,7 +114,7 @@ impl RedisStore {
     /// no import runs meanwhile; a dry run takes no lock and counts the
     /// pending and replaced generations of a live import as in use.
     ///
-    /// Not on a Redis Cluster yet ([`StoreError::Unavailable`]).
+    /// On a Redis Cluster, every master is scanned (`CLUSTER NODES`).
     pub async fn gc(&self, dry_run: bool) -> Result<GcReport, StoreError> {
         let inner = &self.inner;
         let lock = if dry_run {
@@ -198,16 +198,82 @@ fn glob_escape(text: &str) -> String {
     out
 }
 
+/// Where one SCAN goes: the one server, or one master of a cluster.
+enum ScanNode {
+    Single,
+    Master(String, u16),
+}
+
+/// The masters of a cluster, from `CLUSTER NODES` (failed nodes skipped).
+fn masters(nodes: &str) -> Vec<ScanNode> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let address = fields.nth(1)?;
+            let flags = fields.next()?;
+            let flags: Vec<&str> = flags.split(',').collect();
+            if !flags.contains(&"master")
+                || flags
+                    .iter()
+                    .any(|f| matches!(*f, "fail" | "noaddr" | "handshake"))
+            {
+                return None;
+            }
+            let address = address.split(['@', ',']).next()?;
+            let (host, port) = address.rsplit_once(':')?;
+            Some(ScanNode::Master(host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
+}
+
 impl Inner {
-    /// Connections that together SCAN every key: the one server.
-    async fn scan_conns(&self) -> Result<Vec<super::Conn>, StoreError> {
-        let conn = self.bulk_conn()?;
-        if conn.is_cluster() {
+    /// The nodes whose SCANs together cover every key.
+    async fn scan_nodes(&self, conn: &Conn) -> Result<Vec<ScanNode>, StoreError> {
+        if !conn.is_cluster() {
+            return Ok(vec![ScanNode::Single]);
+        }
+        let mut cmd = ::redis::cmd("CLUSTER");
+        cmd.arg("NODES");
+        let text: String = self
+            .query_on(&mut conn.clone(), &cmd, self.opts.bulk_timeout)
+            .await?;
+        let masters = masters(&text);
+        if masters.is_empty() {
             return Err(StoreError::Unavailable(
-                "gc does not support a Redis Cluster yet (SCAN is per node)".into(),
+                "redis cluster: CLUSTER NODES lists no master".into(),
             ));
         }
-        Ok(vec![conn])
+        Ok(masters)
+    }
+
+    /// One SCAN step on `node`: the next cursor and the keys.
+    async fn scan_step(
+        &self,
+        conn: &Conn,
+        node: &ScanNode,
+        cmd: &::redis::Cmd,
+    ) -> Result<(u64, Vec<Vec<u8>>), StoreError> {
+        let limit = self.opts.bulk_timeout;
+        match (conn, node) {
+            (Conn::Cluster(cluster), ScanNode::Master(host, port)) => {
+                use ::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                let mut cluster = cluster.clone();
+                let value =
+                    match tokio::time::timeout(limit, cluster.route_command(cmd.clone(), routing)).await {
+                        Err(_) => return Err(StoreError::Timeout(limit)),
+                        Ok(Err(e)) => return Err(self.unavailable(&e)),
+                        Ok(Ok(v)) => v,
+                    };
+                ::redis::FromRedisValue::from_redis_value(value)
+                    .map_err(|_| StoreError::Unavailable("redis: unexpected SCAN reply".into()))
+            }
+            _ => self.query_on(&mut conn.clone(), cmd, limit).await,
+        }
     }
 }
 
@@ -235,7 +301,8 @@ async fn gc_locked(inner: &Inner, lock: Option<&ImportLock>, dry_run: bool) -> R
         }
     }
     let pattern = format!("{}:*", glob_escape(&inner.keys.prefix));
-    for mut conn in inner.scan_conns().await? {
+    let conn = inner.bulk_conn()?;
+    for node in inner.scan_nodes(&conn).await? {
         let mut cursor: u64 = 0;
         loop {
             let mut scan = ::redis::cmd("SCAN");
@@ -244,7 +311,7 @@ async fn gc_locked(inner: &Inner, lock: Option<&ImportLock>, dry_run: bool) -> R
                 .arg(&pattern)
                 .arg("COUNT")
                 .arg(SCAN_COUNT);
-            let (next, keys): (u64, Vec<Vec<u8>>) = inner.query_on(&mut conn, &scan, limit).await?;
+            let (next, keys) = inner.scan_step(&conn, &node, &scan).await?;
             let orphans: Vec<(u64, Vec<u8>)> = keys
                 .into_iter()
                 .filter_map(|k| key_generation(&inner.keys.prefix, &k).map(|g| (g, k)))
@@ -318,5 +385,20 @@ mod tests {
             );
         }
         assert_eq!(glob_escape("a*b?[c]"), "a\\*b\\?\\[c\\]");
+        let nodes = "a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+                     b2 127.0.0.1:7001@17001,host master - 0 0 2 connected 5461-10922\n\
+                     c3 127.0.0.1:7002@17002 slave a1 0 0 1 connected\n\
+                     d4 127.0.0.1:7003@17003 master,fail - 0 0 3 disconnected\n";
+        let found: Vec<(String, u16)> = masters(nodes)
+            .into_iter()
+            .filter_map(|n| match n {
+                ScanNode::Master(h, p) => Some((h, p)),
+                ScanNode::Single => None,
+            })
+            .collect();
+        assert_eq!(
+            found,
+            vec![("127.0.0.1".into(), 7000), ("127.0.0.1".into(), 7001)]
+        );
     }
 }
