@@ -895,6 +895,11 @@ async fn embedded_restart_keeps_the_longest_valid_prefix() {
         p.len() == 1 && p[0].starts_with("delta-000005.json: ") && p[0].contains("not a valid manifest"),
         "{p:?}"
     );
+    // and it matches its files
+    let digest = store.digest().expect("not empty");
+    let report = import::verify::verify(dir.path(), &digest).await.expect("verify");
+    assert!(report.is_ok(), "{report}");
+    assert_eq!(report.expected_records, 115);
 
     // a half-written data file in the middle
     let dir = tempfile::tempdir().expect("tempdir");

@@ -580,9 +580,9 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, ImportError> {
     Ok(paths)
 }
 
-/// Loads every `*.json` file of `dir` as a manifest, in name order.
-pub(super) fn load_manifests(dir: &Path) -> Result<Vec<Manifest>, ImportError> {
-    load_dir(dir)
+/// The `*.json` files of `dir`, in name order.
+pub(super) fn list_manifests(dir: &Path) -> Result<Vec<PathBuf>, ImportError> {
+    list_dir(dir)
 }
 
 /// Loads every `*.json` file of `dir` as a manifest, in name order.

@@ -139,9 +139,23 @@ impl fmt::Display for VerifyReport {
 
 /// Rebuilds the mirror the files of `dir` give at `sequence`: the newest
 /// snapshot at or below it, then every delta after that snapshot up to it
-/// (which must all be there). Every file is checked as on import.
+/// (which must all be there). Every file is checked as on import; a
+/// manifest that cannot be loaded is named in the error only if a file it
+/// could have been is missing.
 pub async fn expected_mirror(dir: &Path, sequence: u64) -> Result<EmbeddedStore, ImportError> {
-    let manifests = super::apply::load_manifests(dir)?;
+    let mut manifests = Vec::new();
+    let mut unreadable = Vec::new();
+    for path in super::apply::list_manifests(dir)? {
+        match Manifest::load(&path) {
+            Ok(m) => manifests.push(m),
+            Err(e) => unreadable.push(e.to_string()),
+        }
+    }
+    let unreadable = if unreadable.is_empty() {
+        String::new()
+    } else {
+        format!(" (unreadable manifests: {})", unreadable.join("; "))
+    };
     let mut snapshots: BTreeMap<u64, Manifest> = BTreeMap::new();
     let mut deltas: BTreeMap<u64, Manifest> = BTreeMap::new();
     for m in manifests.into_iter().filter(|m| m.sequence <= sequence) {
@@ -153,7 +167,7 @@ pub async fn expected_mirror(dir: &Path, sequence: u64) -> Result<EmbeddedStore,
     let Some((_, snapshot)) = snapshots.pop_last() else {
         return Err(ImportError::Manifest(
             dir.to_path_buf(),
-            format!("no snapshot at or below sequence {sequence}: cannot rebuild the mirror"),
+            format!("no snapshot at or below sequence {sequence}: cannot rebuild the mirror{unreadable}"),
         ));
     };
     let store = EmbeddedStore::new();
@@ -165,7 +179,7 @@ pub async fn expected_mirror(dir: &Path, sequence: u64) -> Result<EmbeddedStore,
             return Err(ImportError::Manifest(
                 dir.to_path_buf(),
                 format!(
-                    "delta {next} is missing: the files reach sequence {}, the mirror is at {sequence}",
+                    "delta {next} is missing: the files reach sequence {}, the mirror is at {sequence}{unreadable}",
                     next - 1
                 ),
             ));
