@@ -181,6 +181,11 @@ pub struct ServeSettings {
     /// `net.core.somaxconn` (default 4096).
     #[arg(long, env = "REASSIGNED_LISTEN_BACKLOG")]
     pub listen_backlog: Option<u32>,
+    /// Embedded store: the largest share (0.0 to 1.0) of the mirror's
+    /// records a snapshot found by the background resync may remove; a
+    /// snapshot removing more, or empty, is skipped and reported (default 0.10).
+    #[arg(long, env = "REASSIGNED_MAX_SHRINK")]
+    pub max_shrink: Option<f64>,
 }
 
 impl ServeSettings {
@@ -228,7 +233,8 @@ impl ServeSettings {
             max_handshakes_per_ip,
             listen_backlog,
             token_max_lifetime,
-            receipt_retired_keys
+            receipt_retired_keys,
+            max_shrink
         )
     }
 
@@ -324,7 +330,30 @@ pub enum StoreConfig {
         data_dir: PathBuf,
         /// Seconds between re-syncs.
         resync_interval_secs: u64,
+        /// The largest share of the records a snapshot may remove.
+        max_shrink: ShrinkLimit,
     },
+}
+
+/// A share of the mirror's records (0.0 to 1.0, validated: never NaN).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct ShrinkLimit(pub f64);
+
+impl Eq for ShrinkLimit {}
+
+impl ShrinkLimit {
+    /// Checks `value` is a share from 0.0 to 1.0.
+    pub fn new(value: f64) -> Result<Self, ConfigError> {
+        if (0.0..=1.0).contains(&value) {
+            Ok(Self(value))
+        } else {
+            Err(ConfigError::Invalid(
+                "max_shrink",
+                format!("{value} must be a share from 0.0 to 1.0 (e.g. 0.10 for 10%)"),
+            ))
+        }
+    }
 }
 
 /// Where `reassigned import` and `reassigned sync` write: one Redis server
@@ -525,6 +554,7 @@ impl ServeConfig {
                         "resync_interval_secs",
                         s.resync_interval_secs.unwrap_or(10),
                     )?,
+                    max_shrink: ShrinkLimit::new(s.max_shrink.unwrap_or(crate::import::DEFAULT_MAX_SHRINK))?,
                 }
             }
         };

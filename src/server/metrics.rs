@@ -287,6 +287,12 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "Log lines not written by the rate limit of repeated lines (process-wide).",
         &one(crate::server::lograte::global().suppressed_total()),
     );
+    metric(
+        "reassigned_import_skipped_files",
+        "gauge",
+        "Register files skipped at the last load or resync of the data directory (embedded store).",
+        &one(sources.store.import_problems().len() as u64),
+    );
     out
 }
 
