@@ -282,6 +282,12 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         &one(handshakes.pending()),
     );
     metric(
+        "reassigned_connections_closed_revoked_total",
+        "counter",
+        "Open connections closed because a TLS reload revoked or stopped trusting their client certificate.",
+        &one(handshakes.closed_revoked()),
+    );
+    metric(
         "reassigned_log_suppressed_total",
         "counter",
         "Log lines not written by the rate limit of repeated lines (process-wide).",

@@ -7,6 +7,7 @@ pub mod lograte;
 pub mod metrics;
 pub mod quota;
 pub mod reload;
+pub mod revoke;
 pub mod tls;
 pub mod token;
 
@@ -161,12 +162,13 @@ where
             first_byte_timeout: Duration::from_millis(config.handshake_first_byte_timeout_ms),
             max_handshakes_per_ip: config.max_handshakes_per_ip,
             listen_backlog: config.listen_backlog,
+            revoked_grace: config.request_timeout(),
         },
         config.metrics.handshakes(),
     );
     let _log_summaries = reload::AbortOnDrop(tokio::spawn(async {
         // Summaries of suppressed log lines, also when a flood stops.
-        let mut ticks = tokio::time::interval(lograte::global().window());
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
         loop {
             ticks.tick().await;
             lograte::global().flush();
@@ -186,6 +188,7 @@ where
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(metrics::CountLayer(config.metrics.clone()))
+        .layer(revoke::TrackLayer(reloader.tls().shared_config().connections()))
         .layer(auth::AuthLayer::with_tokens(tokens))
         .add_service(health_service)
         .add_service(reflection_v1)
