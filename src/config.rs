@@ -116,6 +116,16 @@ pub struct ServeSettings {
     /// local limiter decides (default 50).
     #[arg(long, env = "REASSIGNED_QUOTA_REDIS_TIMEOUT_MS")]
     pub quota_redis_timeout_ms: Option<u64>,
+    /// While the quota Redis is down: `fail-open` (default; each server
+    /// limits on its own, so N servers grant up to N x the limits unless
+    /// `quota_expected_replicas` says N) or `fail-closed` (calls that have a
+    /// limit are refused with UNAVAILABLE).
+    #[arg(long, env = "REASSIGNED_QUOTA_FALLBACK", value_enum)]
+    pub quota_fallback: Option<crate::server::quota::QuotaFallback>,
+    /// Servers sharing the quotas: a server deciding alone (no quota Redis,
+    /// or it is down with `fail-open`) enforces 1/N of each limit (default 1).
+    #[arg(long, env = "REASSIGNED_QUOTA_EXPECTED_REPLICAS")]
+    pub quota_expected_replicas: Option<u32>,
     /// Per-platform quotas (config file only): the `[quotas]` table with a
     /// `default` entry and entries keyed by platform id. None: unlimited.
     #[arg(skip)]
@@ -234,7 +244,9 @@ impl ServeSettings {
             listen_backlog,
             token_max_lifetime,
             receipt_retired_keys,
-            max_shrink
+            max_shrink,
+            quota_fallback,
+            quota_expected_replicas
         )
     }
 
@@ -710,6 +722,12 @@ fn quota_config(s: &ServeSettings) -> Result<QuotaConfig, ConfigError> {
         .map_err(|e| ConfigError::Invalid("quotas", e.to_string()))?;
     if let Some(ms) = s.quota_redis_timeout_ms {
         config.redis_timeout_ms = positive("quota_redis_timeout_ms", ms)?;
+    }
+    if let Some(fallback) = s.quota_fallback {
+        config.fallback = fallback;
+    }
+    if let Some(n) = s.quota_expected_replicas {
+        config.expected_replicas = positive("quota_expected_replicas", u64::from(n))? as u32;
     }
     Ok(config)
 }

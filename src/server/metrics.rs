@@ -196,6 +196,12 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "Audit records dropped (queue full or audit sink down).",
         &one(sources.audit.dropped()),
     );
+    metric(
+        "reassigned_audit_records_in_doubt",
+        "gauge",
+        "Audit records sent in batches not yet settled as written or dropped (audit sink down).",
+        &one(sources.audit.in_doubt()),
+    );
     let meta = sources.store.cached_meta();
     let today = Date::today_utc();
     let (sequence, records, age, stale) = match &meta {
