@@ -48,13 +48,20 @@ impl ApiError {
                 }
                 StoreError::Corrupt(_) => (Code::Internal, "the mirror data is unreadable".into()),
             },
-            ApiError::Quota(e) => (
-                Code::ResourceExhausted,
-                match e.kind {
-                    QuotaKind::Rate => "request rate quota exceeded; retry after the delay given".into(),
-                    QuotaKind::Daily => "daily numbers quota exceeded; retry after the UTC day ends".into(),
-                },
-            ),
+            ApiError::Quota(e) => match e.kind {
+                QuotaKind::Rate => (
+                    Code::ResourceExhausted,
+                    "request rate quota exceeded; retry after the delay given".into(),
+                ),
+                QuotaKind::Daily => (
+                    Code::ResourceExhausted,
+                    "daily numbers quota exceeded; retry after the UTC day ends".into(),
+                ),
+                QuotaKind::StoreDown => (
+                    Code::Unavailable,
+                    "the quota store is unavailable and quotas fail closed; retry".into(),
+                ),
+            },
             ApiError::Receipt(e) => match e {
                 ReceiptError::NotConfigured => (
                     Code::FailedPrecondition,
@@ -208,5 +215,6 @@ pub fn status_message(
         }),
         stale: meta.is_stale(today, max_staleness_days),
         max_staleness_days,
+        skipped_files: Vec::new(),
     }
 }

@@ -319,11 +319,13 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         _request: Request<pb::GetMirrorStatusRequest>,
     ) -> Result<Response<pb::GetMirrorStatusResponse>, Status> {
         let meta = self.store.cached_meta();
-        Ok(Response::new(status_message(
+        let mut status = status_message(
             meta.as_deref(),
             Date::today_utc(),
             self.options.max_staleness_days,
-        )))
+        );
+        status.skipped_files = self.store.import_problems();
+        Ok(Response::new(status))
     }
 
     async fn get_signing_keys(

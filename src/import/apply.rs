@@ -393,7 +393,7 @@ pub async fn sync_dir_with<S: Store>(
         }
         if interrupt.is_raised() {
             return Err(ImportError::Interrupted {
-                done: report.to_string(),
+                done: format!("before the next file ({report})"),
             });
         }
         let applied = apply_loaded(store, &delta, options, progress).await?;
@@ -578,6 +578,11 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, ImportError> {
     }
     paths.sort();
     Ok(paths)
+}
+
+/// The `*.json` files of `dir`, in name order.
+pub(super) fn list_manifests(dir: &Path) -> Result<Vec<PathBuf>, ImportError> {
+    list_dir(dir)
 }
 
 /// Loads every `*.json` file of `dir` as a manifest, in name order.

@@ -66,6 +66,7 @@ mod apply;
 mod manifest;
 mod progress;
 mod read;
+pub mod verify;
 
 use std::io;
 use std::path::PathBuf;
@@ -161,9 +162,10 @@ pub enum ImportError {
     },
     /// The import was asked to stop (SIGTERM or SIGINT) and stopped cleanly:
     /// the file being applied was finished or rolled back, the lock released.
-    #[error("interrupted by a signal: stopped cleanly ({done})")]
+    #[error("interrupted by a signal {done}; the import lock is released")]
     Interrupted {
-        /// What had been done before stopping.
+        /// Where it stopped and what had been done (e.g. `before the next
+        /// file (mirror at sequence 2; applied snapshot 2 (100 records))`).
         done: String,
     },
     /// A file or directory could not be read.

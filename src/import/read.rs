@@ -270,10 +270,16 @@ struct Parser {
     /// Rows kept before duplicates are folded ([`Parser::compact`]): memory
     /// is bounded by the distinct numbers, not by the rows.
     compact_at: usize,
+    /// The least `compact_at` ([`COMPACT_MIN`]; smaller in tests).
+    compact_min: usize,
 }
 
-/// Rows kept before the first fold of duplicates.
-const COMPACT_MIN: usize = 1 << 20;
+/// Rows kept before the first fold of duplicates (40 MiB of rows).
+const COMPACT_MIN: usize = 1 << 22;
+/// After a fold, the next comes when the kept rows have grown this many
+/// times (few folds for a file of distinct numbers: the extra sorting stays
+/// under one final sort).
+const COMPACT_GROWTH: usize = 4;
 
 impl Parser {
     fn new(file: &Path, as_of: Date, expected: u64) -> Self {
@@ -295,7 +301,8 @@ impl Parser {
             problem_total: 0,
             expected,
             overflow: false,
-            compact_at: COMPACT_MIN.max(capacity),
+            compact_at: COMPACT_MIN,
+            compact_min: COMPACT_MIN,
         }
     }
 
@@ -311,14 +318,14 @@ impl Parser {
 
     /// Folds duplicate numbers (keeping the latest date) so that memory
     /// follows the distinct numbers; the next fold comes when the kept rows
-    /// have doubled.
+    /// have grown [`COMPACT_GROWTH`] times.
     fn compact(&mut self) {
         let numbers = std::mem::take(&mut self.numbers);
         let days = std::mem::take(&mut self.days);
         let (numbers, days) = dedup(numbers, days, self.non_decreasing);
         self.non_decreasing = true;
         self.last = numbers.last().copied().unwrap_or(0);
-        self.compact_at = COMPACT_MIN.max(numbers.len().saturating_mul(2));
+        self.compact_at = self.compact_min.max(numbers.len().saturating_mul(COMPACT_GROWTH));
         self.numbers = numbers;
         self.days = days;
     }
@@ -804,6 +811,38 @@ mod tests {
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].contains("line 3: line longer than"), "{p:?}");
         assert!(!p[0].contains("999999"));
+    }
+
+    #[test]
+    fn folding_duplicates_keeps_the_latest_date() {
+        // a tiny fold threshold, unsorted rows, duplicates across folds
+        let mut parser = Parser::new(Path::new("d.csv"), Date::parse(AS_OF).expect("date"), 1000);
+        (parser.compact_at, parser.compact_min) = (4, 4);
+        let mut csv = String::from("phone_number,disconnect_date\n");
+        for round in 0..10u32 {
+            for n in [5u64, 3, 9, 1] {
+                csv.push_str(&format!(
+                    "+1415555000{n},2024-05-{:02}\n",
+                    1 + (round * n as u32) % 28
+                ));
+            }
+        }
+        let consumed = parser.process(csv.as_bytes(), true);
+        assert_eq!(consumed, csv.len());
+        assert!(parser.numbers.len() <= 16, "folded: {}", parser.numbers.len());
+        assert_eq!(parser.rows, 40);
+        let r = finish(parser.numbers, parser.days, parser.non_decreasing);
+        let latest = |n: u32| {
+            days(&format!(
+                "2024-05-{:02}",
+                1 + (0..10).map(|round| (round * n) % 28).max().unwrap_or(0)
+            ))
+        };
+        assert_eq!(
+            r.numbers,
+            vec![14155550001, 14155550003, 14155550005, 14155550009]
+        );
+        assert_eq!(r.days, vec![latest(1), latest(3), latest(5), latest(9)]);
     }
 
     #[test]

@@ -115,7 +115,12 @@ where
         )),
         None => None,
     };
-    let health_task = tokio::spawn(watch_health(store.clone(), reporter.clone(), stop_rx));
+    let health_task = tokio::spawn(watch_health(
+        store.clone(),
+        reporter.clone(),
+        config.metrics.clone(),
+        stop_rx,
+    ));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -277,14 +282,38 @@ fn judge(unsafe_reason: Option<String>, has_meta: bool, failures: u32, failing_f
     Health::Serving
 }
 
-/// SERVING while this server can answer (see [`judge`]).
-async fn watch_health(store: AnyStore, reporter: HealthReporter, mut stop: watch::Receiver<bool>) {
+/// Lookups this server answered so far (calls that finished OK).
+fn answered(metrics: &metrics::MetricsHandle) -> u64 {
+    [
+        "/reassigned.v1.ReassignedNumbers/CheckNumber",
+        "/reassigned.v1.ReassignedNumbers/BatchCheckNumbers",
+    ]
+    .iter()
+    .map(|path| metrics.requests(path, Some(tonic::Code::Ok)))
+    .sum()
+}
+
+/// SERVING while this server can answer (see [`judge`]): a store check
+/// counts as good if the store answers a ping or if this server answered
+/// a lookup since the last check (on a cluster, one shard failing over
+/// makes pings flaky while the other shards answer).
+async fn watch_health(
+    store: AnyStore,
+    reporter: HealthReporter,
+    metrics: metrics::MetricsHandle,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut last = None;
     let mut failures = 0u32;
     let mut failing_since = std::time::Instant::now();
+    let mut answered_before = answered(&metrics);
     loop {
+        let answered_now = answered(&metrics);
+        let answering = answered_now > answered_before;
+        answered_before = answered_now;
         match store.ping().await {
             Ok(()) => failures = 0,
+            Err(_) if answering => failures = 0,
             Err(e) => {
                 if failures == 0 {
                     failing_since = std::time::Instant::now();

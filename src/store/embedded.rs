@@ -240,6 +240,32 @@ impl EmbeddedStore {
         self.len() == 0
     }
 
+    /// Per-bucket digests of the records, bucketed as `number % nbuckets`
+    /// (see [`crate::import::verify`]).
+    pub fn bucket_digests(&self, nbuckets: u64) -> Vec<crate::import::verify::BucketDigest> {
+        let nbuckets = nbuckets.max(1);
+        let mut out = vec![crate::import::verify::BucketDigest::default(); nbuckets as usize];
+        if let Some(state) = self.state.load().as_ref() {
+            for (&n, &d) in state.numbers.iter().zip(&state.days) {
+                out[(n % nbuckets) as usize].add(n, u64::from(d));
+            }
+        }
+        out
+    }
+
+    /// What [`crate::import::verify::verify`] compares, with buckets of
+    /// about 128 records; `None` while the mirror is empty.
+    pub fn digest(&self) -> Option<crate::import::verify::MirrorDigest> {
+        let meta = self.cached_meta()?;
+        let nbuckets = (self.len() as u64).div_ceil(128).max(1);
+        Some(crate::import::verify::MirrorDigest {
+            sequence: meta.sequence,
+            meta_records: meta.record_count,
+            buckets: self.bucket_digests(nbuckets),
+            name_prefix: "bucket ".into(),
+        })
+    }
+
     /// The heap bytes held by the current generation (numbers, dates, index).
     pub fn memory_bytes(&self) -> usize {
         self.state.load().as_ref().map_or(0, |s| s.memory_bytes())

@@ -10,7 +10,8 @@
 //! | `{prefix}:g{gen}:{bucket}` | hash | one bucket of generation `gen` |
 //! | `{prefix}:bloom:g{gen}:{chunk}` | string | the membership filter of generation `gen`, in chunks of at most 8 MiB |
 //! | `{prefix}:gen_counter` | string | INCR counter: generation numbers are never reused |
-//! | `{prefix}:lock` | string | the import lock (random token, PX 60 s, renewed while importing) |
+//! | `{prefix}:lock` | string | the import lock: its owner (host, pid, process start, start time, random token) as JSON, PX 15 s, renewed every 3 s while importing |
+//! | `{prefix}:applied` | hash | SHA-256 of applied files by `snapshot:N` / `delta:N` (the last 1,024 sequences) |
 //! | `{prefix}:events` | pub/sub channel | `switched` after each snapshot switch (informational) |
 //!
 //! **Buckets.** A snapshot chooses `nbuckets = max(1, ceil(records / 128))`
@@ -91,9 +92,12 @@
 //!
 //! # Writes
 //!
-//! Imports take the lock `{prefix}:lock` (SET NX PX, renewed every 15 s,
+//! Imports take the lock `{prefix}:lock` (SET NX PX, renewed every 3 s,
 //! released with a check-and-delete script) and use their own connection, so
-//! bulk writes never queue in front of lookups.
+//! bulk writes never queue in front of lookups. A lock whose owner ran on
+//! this host and is gone is taken over at once (compare-and-set on its
+//! value); a failed snapshot deletes its pending generation before it
+//! returns. See `write` for the details and `admin` for `verify`/`gc`.
 //!
 //! *Snapshot*: re-check the sequence; delete what a crashed import left
 //! (`pending_*`, `reclaim_*`); take a new generation number from
@@ -130,6 +134,7 @@
 //! million (listpack entries of 5 + 4 bytes, plus about 80 bytes per bucket
 //! key). The filter adds 1.25 bytes per record (10 bits).
 
+mod admin;
 mod bloom;
 mod conn;
 mod dump;
@@ -145,6 +150,7 @@ use ::redis::{Cmd, FromRedisValue, Pipeline, RedisError, Value};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::oneshot;
 
+pub use self::admin::GcReport;
 use self::conn::{Conn, Target};
 use self::meta::{BloomParams, Current, StoredMeta};
 use super::{Lookup, Store, StoreError};
@@ -1153,26 +1159,22 @@ impl Store for RedisStore {
         Ok(self.inner.refresh().await?.map(|c| c.meta.clone()))
     }
 
-    /// One server: PING. A cluster: PING on every master, fine if any
-    /// answers (the others' shards answer UNAVAILABLE per call while they
+    /// One server: PING. A cluster: PING on every master, fine as soon as
+    /// one answers (the other shards answer UNAVAILABLE per call while they
     /// fail over; one shard down must not pull every server out of a load
     /// balancer).
     async fn ping(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let pongs = inner
+        let reply = inner
             .conn()
-            .on_masters(&::redis::cmd("PING"), inner.opts.timeout)
-            .await;
-        let mut last = StoreError::Unavailable("redis: no master answered PING".into());
-        for (_, reply) in pongs {
-            match reply {
-                Ok(Value::SimpleString(s)) if s == "PONG" => return Ok(()),
-                Ok(Value::BulkString(b)) if b == b"PONG" => return Ok(()),
-                Ok(_) => last = StoreError::Unavailable("redis: unexpected PING reply".into()),
-                Err(e) => last = inner.unavailable(&e),
-            }
+            .ping_any_master(inner.opts.timeout)
+            .await
+            .map_err(|e| inner.unavailable(&e))?;
+        match reply {
+            Value::SimpleString(s) if s == "PONG" => Ok(()),
+            Value::BulkString(b) if b == b"PONG" => Ok(()),
+            _ => Err(StoreError::Unavailable("redis: unexpected PING reply".into())),
         }
-        Err(last)
     }
 
     fn unsafe_reason(&self) -> Option<String> {

@@ -174,7 +174,7 @@ impl Inner {
 }
 
 /// The import lock `{prefix}:lock`, renewed in the background while held.
-struct ImportLock {
+pub(super) struct ImportLock {
     inner: Arc<Inner>,
     token: String,
     lost: Arc<AtomicBool>,
@@ -182,7 +182,7 @@ struct ImportLock {
 }
 
 impl ImportLock {
-    async fn acquire(inner: &Arc<Inner>) -> Result<Self, StoreError> {
+    pub(super) async fn acquire(inner: &Arc<Inner>) -> Result<Self, StoreError> {
         let owner = LockOwner::me();
         let token = owner.encode();
         let mut cmd = ::redis::cmd("SET");
@@ -206,7 +206,7 @@ impl ImportLock {
     }
 
     /// Fails if the lock expired or was taken by someone else.
-    fn ensure_held(&self) -> Result<(), StoreError> {
+    pub(super) fn ensure_held(&self) -> Result<(), StoreError> {
         if self.lost.load(Ordering::Relaxed) {
             Err(StoreError::Conflict(
                 "the redis import lock was lost during the import".into(),
@@ -216,7 +216,7 @@ impl ImportLock {
         }
     }
 
-    async fn release(&self) {
+    pub(super) async fn release(&self) {
         self.renew.abort();
         let mut invocation = RELEASE.key(&self.inner.keys.lock);
         invocation.arg(&self.token);
@@ -1358,6 +1358,41 @@ async fn delta_locked(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_owner_alive_or_dead() {
+        let me = LockOwner::me();
+        assert_eq!(LockOwner::decode(me.encode().as_bytes()), Some(me.clone()));
+        assert!(!me.is_dead_here(), "this process is alive");
+        assert_eq!(
+            LockOwner::decode(b"0123456789abcdef"),
+            None,
+            "an old random token"
+        );
+        // a process that has exited
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id();
+        child.wait().expect("wait");
+        let gone = LockOwner {
+            pid,
+            pid_start: 1,
+            ..me.clone()
+        };
+        assert!(gone.is_dead_here());
+        // a live pid that is another process now (its start time differs)
+        let reused = LockOwner {
+            pid: 1,
+            pid_start: process_start(1).unwrap_or(0) + 1,
+            ..me.clone()
+        };
+        assert!(reused.is_dead_here());
+        // another host: never declared dead here (its lock expires instead)
+        let remote = LockOwner {
+            host: format!("{}-elsewhere", me.host),
+            ..gone
+        };
+        assert!(!remote.is_dead_here());
+    }
 
     #[test]
     fn grouping_dense_and_sparse_agree() {
