@@ -179,6 +179,23 @@ pub struct ServeSettings {
     /// off). Not authenticated: bind it to a private interface only.
     #[arg(long, env = "REASSIGNED_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Milliseconds a new connection gets to send its first byte before it
+    /// is closed (default 2000; at most the handshake timeout).
+    #[arg(long, env = "REASSIGNED_HANDSHAKE_FIRST_BYTE_TIMEOUT_MS")]
+    pub handshake_first_byte_timeout_ms: Option<u64>,
+    /// Most pending TLS handshakes per client IP address; at the cap the
+    /// oldest of that address is shed (default 256).
+    #[arg(long, env = "REASSIGNED_MAX_HANDSHAKES_PER_IP")]
+    pub max_handshakes_per_ip: Option<usize>,
+    /// Listen backlog of the server socket, capped by the kernel's
+    /// `net.core.somaxconn` (default 4096).
+    #[arg(long, env = "REASSIGNED_LISTEN_BACKLOG")]
+    pub listen_backlog: Option<u32>,
+    /// Embedded store: the largest share (0.0 to 1.0) of the mirror's
+    /// records a snapshot found by the background resync may remove; a
+    /// snapshot removing more, or empty, is skipped and reported (default 0.10).
+    #[arg(long, env = "REASSIGNED_MAX_SHRINK")]
+    pub max_shrink: Option<f64>,
 }
 
 impl ServeSettings {
@@ -222,8 +239,12 @@ impl ServeSettings {
             audit_max_len,
             audit_mandatory,
             metrics_listen,
+            handshake_first_byte_timeout_ms,
+            max_handshakes_per_ip,
+            listen_backlog,
             token_max_lifetime,
             receipt_retired_keys,
+            max_shrink,
             quota_fallback,
             quota_expected_replicas
         )
@@ -321,7 +342,30 @@ pub enum StoreConfig {
         data_dir: PathBuf,
         /// Seconds between re-syncs.
         resync_interval_secs: u64,
+        /// The largest share of the records a snapshot may remove.
+        max_shrink: ShrinkLimit,
     },
+}
+
+/// A share of the mirror's records (0.0 to 1.0, validated: never NaN).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct ShrinkLimit(pub f64);
+
+impl Eq for ShrinkLimit {}
+
+impl ShrinkLimit {
+    /// Checks `value` is a share from 0.0 to 1.0.
+    pub fn new(value: f64) -> Result<Self, ConfigError> {
+        if (0.0..=1.0).contains(&value) {
+            Ok(Self(value))
+        } else {
+            Err(ConfigError::Invalid(
+                "max_shrink",
+                format!("{value} must be a share from 0.0 to 1.0 (e.g. 0.10 for 10%)"),
+            ))
+        }
+    }
 }
 
 /// Where `reassigned import` and `reassigned sync` write: one Redis server
@@ -409,6 +453,12 @@ pub struct ServeConfig {
     /// with this config.
     #[serde(skip)]
     pub metrics: crate::server::metrics::MetricsHandle,
+    /// Time a new connection gets to send its first byte, in milliseconds.
+    pub handshake_first_byte_timeout_ms: u64,
+    /// Pending handshake limit per client IP address.
+    pub max_handshakes_per_ip: usize,
+    /// Listen backlog of the server socket.
+    pub listen_backlog: u32,
 }
 
 /// A configuration that cannot be used.
@@ -516,6 +566,7 @@ impl ServeConfig {
                         "resync_interval_secs",
                         s.resync_interval_secs.unwrap_or(10),
                     )?,
+                    max_shrink: ShrinkLimit::new(s.max_shrink.unwrap_or(crate::import::DEFAULT_MAX_SHRINK))?,
                 }
             }
         };
@@ -562,6 +613,16 @@ impl ServeConfig {
                 })
             }
         };
+        let first_byte_ms = positive(
+            "handshake_first_byte_timeout_ms",
+            s.handshake_first_byte_timeout_ms.unwrap_or(2_000),
+        )?;
+        if first_byte_ms > s.handshake_timeout_ms.unwrap_or(10_000) {
+            return Err(ConfigError::Invalid(
+                "handshake_first_byte_timeout_ms",
+                "must not exceed handshake_timeout_ms".into(),
+            ));
+        }
         let max_batch = s.max_batch.unwrap_or(1000);
         if !(1..=100_000).contains(&max_batch) {
             return Err(ConfigError::Invalid("max_batch", "must be 1 to 100000".into()));
@@ -579,7 +640,7 @@ impl ServeConfig {
             max_staleness_days: s.max_staleness_days.unwrap_or(45),
             max_batch,
             handshake_timeout_ms: positive("handshake_timeout_ms", s.handshake_timeout_ms.unwrap_or(10_000))?,
-            max_handshakes: positive("max_handshakes", s.max_handshakes.unwrap_or(256) as u64)? as usize,
+            max_handshakes: positive("max_handshakes", s.max_handshakes.unwrap_or(4096) as u64)? as usize,
             request_timeout_ms: positive("request_timeout_ms", s.request_timeout_ms.unwrap_or(5_000))?,
             max_concurrent_streams: positive(
                 "max_concurrent_streams",
@@ -597,6 +658,12 @@ impl ServeConfig {
             audit_stats: Default::default(),
             metrics_listen: s.metrics_listen,
             metrics: Default::default(),
+            handshake_first_byte_timeout_ms: first_byte_ms,
+            max_handshakes_per_ip: positive(
+                "max_handshakes_per_ip",
+                s.max_handshakes_per_ip.unwrap_or(256) as u64,
+            )? as usize,
+            listen_backlog: positive("listen_backlog", u64::from(s.listen_backlog.unwrap_or(4096)))? as u32,
         })
     }
 

@@ -99,7 +99,11 @@ impl From<ApiError> for Status {
                 Status::with_error_details(code, message, details)
             }
             ApiError::Store(inner) => {
-                tracing::warn!(error = %inner, "store error");
+                // Rate-limited: a store outage fails every call (all are
+                // counted in reassigned_requests_total).
+                if let Some(suppressed) = crate::server::lograte::global().check("store_error") {
+                    tracing::warn!(error = %inner, suppressed, "store error");
+                }
                 Status::new(code, message)
             }
             ApiError::Quota(exceeded) => {
@@ -211,5 +215,6 @@ pub fn status_message(
         }),
         stale: meta.is_stale(today, max_staleness_days),
         max_staleness_days,
+        skipped_files: Vec::new(),
     }
 }

@@ -71,6 +71,13 @@ pub trait Store: Send + Sync + 'static {
     /// Checks that the store answers (for health).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Why the store must not be answered from right now, even though it
+    /// answers (e.g. Redis' `maxmemory-policy` can evict the mirror's keys):
+    /// health is then NOT_SERVING at once. `None`: nothing known against it.
+    fn unsafe_reason(&self) -> Option<String> {
+        None
+    }
+
     /// Replaces the whole mirror with a snapshot's records, atomically.
     /// `records` are sorted by number, one per number. Sequence and `as_of`
     /// checks are done by the caller ([`crate::import`]); the store re-checks
@@ -91,6 +98,21 @@ pub trait Store: Send + Sync + 'static {
         manifest: &Manifest,
         records: &Records,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The SHA-256 of the files applied, by [`crate::import::applied_key`]
+    /// (`snapshot:7`), for the most recent
+    /// [`crate::import::APPLIED_KEEP`] sequences: lets an import refuse a
+    /// re-issued file whose content differs from what was applied.
+    fn applied_checksums(
+        &self,
+    ) -> impl Future<Output = Result<std::collections::HashMap<String, String>, StoreError>> + Send;
+
+    /// Register files this store skipped when it last loaded or re-synced
+    /// its data directory, one `file: reason` line each (only the embedded
+    /// store loads files itself; empty otherwise).
+    fn import_problems(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// One of the two stores, chosen by configuration.
@@ -132,6 +154,10 @@ impl Store for AnyStore {
         dispatch!(self, s => s.ping().await)
     }
 
+    fn unsafe_reason(&self) -> Option<String> {
+        dispatch!(self, s => s.unsafe_reason())
+    }
+
     async fn apply_snapshot(
         &self,
         manifest: &Manifest,
@@ -143,6 +169,14 @@ impl Store for AnyStore {
 
     async fn apply_delta(&self, manifest: &Manifest, records: &Records) -> Result<(), StoreError> {
         dispatch!(self, s => s.apply_delta(manifest, records).await)
+    }
+
+    async fn applied_checksums(&self) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        dispatch!(self, s => s.applied_checksums().await)
+    }
+
+    fn import_problems(&self) -> Vec<String> {
+        dispatch!(self, s => s.import_problems())
     }
 }
 
@@ -173,6 +207,10 @@ impl<S: Store> Store for Arc<S> {
         S::ping(self)
     }
 
+    fn unsafe_reason(&self) -> Option<String> {
+        S::unsafe_reason(self)
+    }
+
     fn apply_snapshot(
         &self,
         manifest: &Manifest,
@@ -188,5 +226,15 @@ impl<S: Store> Store for Arc<S> {
         records: &Records,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         S::apply_delta(self, manifest, records)
+    }
+
+    fn applied_checksums(
+        &self,
+    ) -> impl Future<Output = Result<std::collections::HashMap<String, String>, StoreError>> + Send {
+        S::applied_checksums(self)
+    }
+
+    fn import_problems(&self) -> Vec<String> {
+        S::import_problems(self)
     }
 }

@@ -30,17 +30,29 @@ const IN_FLIGHT: usize = 4;
 /// On a cluster: pipelines (each inside one slot, so much smaller) or single
 /// commands in flight at once, over all nodes together.
 const IN_FLIGHT_CLUSTER: usize = 64;
-/// Lifetime of the import lock; renewed every [`LOCK_RENEW`] while held.
-const LOCK_TTL_MS: u64 = 60_000;
-const LOCK_RENEW: Duration = Duration::from_secs(15);
+/// Lifetime of the import lock; renewed every [`LOCK_RENEW`] while held, so
+/// the lock of an importer that died on another host frees itself within
+/// this time (on the same host, a dead owner is detected at once).
+const LOCK_TTL_MS: u64 = 15_000;
+const LOCK_RENEW: Duration = Duration::from_secs(3);
+/// How long a failed import may spend removing its pending generation.
+const CLEANUP_BUDGET: Duration = Duration::from_secs(20);
 
 /// Sets each field only if it is new or its date is later; returns how many
-/// fields were new. KEYS[1] = a bucket; ARGV = field, day, field, day, ...
+/// fields were new. KEYS[1] = a bucket; ARGV[1] = the generation id its
+/// sentinel must name ('' for a layout-1 generation without sentinels);
+/// ARGV[2..] = field, day, field, day, ... Returns -1 without writing if
+/// the bucket has no sentinel or another one: every bucket was written with
+/// its sentinel by the snapshot, so the bucket was lost (evicted, deleted);
+/// re-creating it with the delta's numbers alone would hide the loss.
 static MERGE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], '_g') ~= ARGV[1] then
+  return -1
+end
 local added = 0
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
   if not cur then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
@@ -101,6 +113,20 @@ return 1
     )
 });
 
+/// Replaces the lock's value if it still holds the dead owner's value
+/// (compare-and-set). KEYS[1] = lock; ARGV = old value, new value, TTL ms.
+static TAKEOVER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+",
+    )
+});
+
 /// Deletes the lock if it still holds our token.
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -148,7 +174,7 @@ impl Inner {
 }
 
 /// The import lock `{prefix}:lock`, renewed in the background while held.
-struct ImportLock {
+pub(super) struct ImportLock {
     inner: Arc<Inner>,
     token: String,
     lost: Arc<AtomicBool>,
@@ -156,8 +182,9 @@ struct ImportLock {
 }
 
 impl ImportLock {
-    async fn acquire(inner: &Arc<Inner>) -> Result<Self, StoreError> {
-        let token = format!("{:032x}", rand::random::<u128>());
+    pub(super) async fn acquire(inner: &Arc<Inner>) -> Result<Self, StoreError> {
+        let owner = LockOwner::me();
+        let token = owner.encode();
         let mut cmd = ::redis::cmd("SET");
         cmd.arg(&inner.keys.lock)
             .arg(&token)
@@ -166,9 +193,7 @@ impl ImportLock {
             .arg(LOCK_TTL_MS);
         let reply: Value = inner.query(&cmd, inner.opts.bulk_timeout).await?;
         if matches!(reply, Value::Nil) {
-            return Err(StoreError::Conflict(
-                "another import holds the redis import lock".into(),
-            ));
+            take_over_stale(inner, &token).await?;
         }
         let lost = Arc::new(AtomicBool::new(false));
         let renew = tokio::spawn(renew_lock(inner.clone(), token.clone(), lost.clone()));
@@ -181,7 +206,7 @@ impl ImportLock {
     }
 
     /// Fails if the lock expired or was taken by someone else.
-    fn ensure_held(&self) -> Result<(), StoreError> {
+    pub(super) fn ensure_held(&self) -> Result<(), StoreError> {
         if self.lost.load(Ordering::Relaxed) {
             Err(StoreError::Conflict(
                 "the redis import lock was lost during the import".into(),
@@ -191,7 +216,7 @@ impl ImportLock {
         }
     }
 
-    async fn release(&self) {
+    pub(super) async fn release(&self) {
         self.renew.abort();
         let mut invocation = RELEASE.key(&self.inner.keys.lock);
         invocation.arg(&self.token);
@@ -209,6 +234,219 @@ impl Drop for ImportLock {
     fn drop(&mut self) {
         self.renew.abort();
     }
+}
+
+/// Who holds the import lock: the lock's value (JSON), so that an import
+/// finding the lock taken can tell a live owner from a dead one.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) struct LockOwner {
+    /// The owner's host name.
+    pub host: String,
+    /// The owner's process id.
+    pub pid: u32,
+    /// The process' start time (clock ticks since boot, `/proc/<pid>/stat`),
+    /// so that a reused pid is not mistaken for the owner; 0 if unknown.
+    pub pid_start: u64,
+    /// When the lock was taken (Unix seconds).
+    pub started_unix: i64,
+    /// A random token: the value is unique to one acquisition.
+    pub token: String,
+}
+
+impl LockOwner {
+    fn me() -> Self {
+        let pid = std::process::id();
+        Self {
+            host: host_name(),
+            pid,
+            pid_start: process_start(pid).unwrap_or(0),
+            started_unix: unix_now(),
+            token: format!("{:032x}", rand::random::<u128>()),
+        }
+    }
+
+    fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| self.token.clone())
+    }
+
+    /// Parses a lock value; `None` for a value this version did not write.
+    pub(super) fn decode(value: &[u8]) -> Option<Self> {
+        serde_json::from_slice(value).ok()
+    }
+
+    /// True if the owner is certainly gone: it ran on this host and its
+    /// process no longer exists (or the pid now belongs to another process).
+    /// An owner on another host is never declared dead here: its lock
+    /// expires [`LOCK_TTL_MS`] after its last renewal.
+    pub(super) fn is_dead_here(&self) -> bool {
+        if self.host != host_name() {
+            return false;
+        }
+        if self.pid == std::process::id() {
+            // Our own process: a lock of an earlier import of this process
+            // that was not released (the renewal stopped).
+            return false;
+        }
+        match process_start(self.pid) {
+            None => true,
+            Some(start) => self.pid_start != 0 && start != self.pid_start,
+        }
+    }
+}
+
+/// This machine's host name (`/proc/sys/kernel/hostname`, else `$HOSTNAME`).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The start time of process `pid` (field 22 of `/proc/<pid>/stat`), or
+/// `None` if there is no such process.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The lock is taken: take it over if its owner is gone (compare-and-set on
+/// the owner's value), or fail saying who holds it.
+async fn take_over_stale(inner: &Arc<Inner>, token: &str) -> Result<(), StoreError> {
+    let limit = inner.opts.bulk_timeout;
+    let mut get = ::redis::cmd("GET");
+    get.arg(&inner.keys.lock);
+    let held: Option<Vec<u8>> = inner.query(&get, limit).await?;
+    let Some(held) = held else {
+        // Released in the meantime: try once more.
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(&inner.keys.lock)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(LOCK_TTL_MS);
+        let reply: Value = inner.query(&cmd, limit).await?;
+        if matches!(reply, Value::Nil) {
+            return Err(StoreError::Conflict(
+                "another import holds the redis import lock".into(),
+            ));
+        }
+        return Ok(());
+    };
+    let owner = LockOwner::decode(&held);
+    if let Some(owner) = owner.as_ref().filter(|o| o.is_dead_here()) {
+        let mut invocation = TAKEOVER.key(&inner.keys.lock);
+        invocation.arg(held.as_slice()).arg(token).arg(LOCK_TTL_MS);
+        let taken: i64 = inner.invoke(&invocation, limit).await?;
+        if taken == 1 {
+            tracing::warn!(
+                host = %owner.host,
+                pid = owner.pid,
+                started_unix = owner.started_unix,
+                "took over the redis import lock of an import that is gone"
+            );
+            return Ok(());
+        }
+        return Err(StoreError::Conflict(
+            "another import took the redis import lock first".into(),
+        ));
+    }
+    let mut pttl = ::redis::cmd("PTTL");
+    pttl.arg(&inner.keys.lock);
+    let ttl: i64 = inner.query(&pttl, limit).await.unwrap_or(-1);
+    Err(StoreError::Conflict(match owner {
+        Some(o) => format!(
+            "another import holds the redis import lock (host {}, pid {}, since unix {}; it frees itself {} ms after its last renewal, {} ms from now)",
+            o.host, o.pid, o.started_unix, LOCK_TTL_MS, ttl
+        ),
+        None => {
+            format!("another import holds the redis import lock (an older version; it expires in {ttl} ms)")
+        }
+    }))
+}
+
+/// Set by [`cancel_imports`]: imports of this process stop at their next
+/// step (before the switch: the pending generation is deleted; after it: the
+/// reclaim is finished). Process-wide on purpose: a signal stops the
+/// process' imports, and one `reassigned import`/`sync` runs per process.
+static CANCEL: LazyLock<tokio::sync::watch::Sender<bool>> =
+    LazyLock::new(|| tokio::sync::watch::Sender::new(false));
+
+/// Asks every import of this process to stop cleanly (see [`CANCEL`]).
+pub(super) fn cancel_imports() {
+    CANCEL.send_replace(true);
+}
+
+fn cancel_requested() -> bool {
+    *CANCEL.borrow()
+}
+
+/// Resolves once [`cancel_imports`] was called.
+async fn cancelled() {
+    let mut rx = CANCEL.subscribe();
+    let _ = rx.wait_for(|&c| c).await;
+}
+
+fn interrupted(what: &str) -> StoreError {
+    StoreError::Conflict(format!("interrupted by a signal {what}"))
+}
+
+/// `{prefix}:applied`: SHA-256 of applied files by `kind:sequence`.
+fn applied_key_name(inner: &Inner) -> String {
+    format!("{}:applied", inner.keys.prefix)
+}
+
+/// Records the checksum of an applied file and keeps only the most recent
+/// [`crate::import::APPLIED_KEEP`] sequences (best effort: a failure only
+/// weakens the re-issue check, so it is logged, not returned).
+async fn record_applied(inner: &Inner, manifest: &Manifest) {
+    let key = applied_key_name(inner);
+    let limit = inner.opts.bulk_timeout;
+    let mut hset = ::redis::cmd("HSET");
+    hset.arg(&key)
+        .arg(crate::import::applied_key(manifest.kind, manifest.sequence))
+        .arg(manifest.sha256.to_ascii_lowercase());
+    if let Err(e) = inner.query::<Value>(&hset, limit).await {
+        tracing::warn!(error = %e, "cannot record the checksum of the applied file");
+        return;
+    }
+    let mut hkeys = ::redis::cmd("HKEYS");
+    hkeys.arg(&key);
+    let Ok(fields) = inner.query::<Vec<String>>(&hkeys, limit).await else {
+        return;
+    };
+    if fields.len() <= crate::import::APPLIED_KEEP {
+        return;
+    }
+    let mut by_sequence: Vec<(u64, &String)> = fields
+        .iter()
+        .map(|f| {
+            let seq = f.rsplit(':').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+            (seq, f)
+        })
+        .collect();
+    by_sequence.sort();
+    let excess = fields.len() - crate::import::APPLIED_KEEP;
+    let mut hdel = ::redis::cmd("HDEL");
+    hdel.arg(&key);
+    for (_, f) in by_sequence.iter().take(excess) {
+        hdel.arg(f.as_str());
+    }
+    if let Err(e) = inner.query::<Value>(&hdel, limit).await {
+        tracing::debug!(error = %e, "cannot trim the applied checksums");
+    }
+}
+
+/// The recorded checksums of applied files (see [`record_applied`]).
+pub(super) async fn applied_checksums(
+    inner: &Inner,
+) -> Result<std::collections::HashMap<String, String>, StoreError> {
+    let mut cmd = ::redis::cmd("HGETALL");
+    cmd.arg(applied_key_name(inner));
+    inner.query(&cmd, inner.opts.bulk_timeout).await
 }
 
 async fn renew_lock(inner: Arc<Inner>, token: String, lost: Arc<AtomicBool>) {
@@ -273,8 +511,14 @@ pub(super) async fn apply_snapshot(
 ) -> Result<(), StoreError> {
     check_records(records)?;
     let meta = snapshot_meta(manifest, records)?;
+    if cancel_requested() {
+        return Err(interrupted("before the snapshot started"));
+    }
     let lock = ImportLock::acquire(inner).await?;
     let result = snapshot_locked(inner, &lock, meta, records, expected_previous).await;
+    if result.is_ok() {
+        record_applied(inner, manifest).await;
+    }
     lock.release().await;
     result
 }
@@ -313,10 +557,39 @@ async fn snapshot_locked(
     inner.query::<Value>(&pending, limit).await?;
 
     let started = Instant::now();
-    write_generation(inner, &mut bulk, generation, records).await?;
-    let bloom_params = write_filter(inner, &mut bulk, generation, records).await?;
+    let written = tokio::select! {
+        biased;
+        () = cancelled() => Err(interrupted("while writing the new generation; rolled back")),
+        w = async {
+            write_generation(inner, &mut bulk.clone(), generation, records).await?;
+            write_filter(inner, &mut bulk.clone(), generation, records).await
+        } => w,
+    };
+    let bloom_params = match written.and_then(|p| {
+        lock.ensure_held()?;
+        if cancel_requested() {
+            return Err(interrupted("before the switch; rolled back"));
+        }
+        Ok(p)
+    }) {
+        Ok(p) => p,
+        Err(e) => {
+            abandon_pending(inner, &mut bulk, generation).await;
+            return Err(e);
+        }
+    };
     let written = started.elapsed();
-    lock.ensure_held()?;
+    // Every replica holds the new generation before any reader can be sent
+    // to it; otherwise the import fails with the metadata unswitched.
+    if let Err(e) = async {
+        wait_replicas(inner, &mut bulk, "snapshot's writes").await?;
+        lock.ensure_held()
+    }
+    .await
+    {
+        abandon_pending(inner, &mut bulk, generation).await;
+        return Err(e);
+    }
 
     let mut invocation = SWITCH.key(&inner.keys.meta);
     invocation
@@ -335,7 +608,14 @@ async fn snapshot_locked(
             .arg(field::RECLAIM_NBUCKETS)
             .arg(old.nbuckets);
     }
-    let switched: i64 = inner.invoke(&invocation, limit).await?;
+    let switched: i64 = match invoke_on(inner, &mut bulk, &invocation).await {
+        Ok(s) => s,
+        Err(e) => {
+            // Whether the switch happened is unknown: the cleanup looks.
+            abandon_pending(inner, &mut bulk, generation).await;
+            return Err(e);
+        }
+    };
     if switched != 1 {
         if let Err(e) = delete_generation(inner, &mut bulk, generation).await {
             tracing::warn!(error = %e, generation = generation.id, "cannot delete the refused generation");
@@ -368,7 +648,17 @@ async fn snapshot_locked(
         // Readers refresh their cached metadata every meta_refresh; give the
         // slowest of them time to move to the new generation.
         tokio::time::sleep(inner.opts.reclaim_grace).await;
-        match delete_generation(inner, &mut bulk, old).await {
+        // And every replica has the switch: a replica still on the old
+        // metadata must still find the old generation.
+        let replicated = wait_replicas(inner, &mut bulk, "snapshot switch").await;
+        if let Err(e) = &replicated {
+            tracing::warn!(error = %e, generation = old.id, "replicas lag: the replaced generation is kept; the next import deletes it");
+        }
+        let reclaim = match replicated {
+            Ok(()) => delete_generation(inner, &mut bulk, old).await,
+            Err(e) => Err(e),
+        };
+        match reclaim {
             Ok(()) => {
                 let mut clear = ::redis::cmd("HDEL");
                 clear
@@ -386,6 +676,45 @@ async fn snapshot_locked(
         }
     }
     Ok(())
+}
+
+/// After a failed snapshot import: deletes our pending generation unless it
+/// became current, and clears the `pending_*` mark if it is still ours. Best
+/// effort, bounded by [`CLEANUP_BUDGET`]; the next import finishes whatever
+/// is left.
+async fn abandon_pending(inner: &Inner, bulk: &mut Conn, generation: Generation) {
+    let work = async {
+        let stored = inner.read_meta(inner.opts.bulk_timeout).await?;
+        if stored.current.as_ref().map(|c| c.generation.id) == Some(generation.id) {
+            return Ok(false);
+        }
+        delete_generation(inner, bulk, generation).await?;
+        if stored.pending.map(|p| p.id) == Some(generation.id) {
+            let mut clear = ::redis::cmd("HDEL");
+            clear
+                .arg(&inner.keys.meta)
+                .arg(field::PENDING_GENERATION)
+                .arg(field::PENDING_NBUCKETS);
+            inner.query::<Value>(&clear, inner.opts.bulk_timeout).await?;
+        }
+        Ok::<bool, StoreError>(true)
+    };
+    match tokio::time::timeout(CLEANUP_BUDGET, work).await {
+        Ok(Ok(true)) => tracing::info!(
+            generation = generation.id,
+            "deleted the pending generation of the failed import"
+        ),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::warn!(
+            error = %e,
+            generation = generation.id,
+            "cannot delete the pending generation of the failed import; the next import does"
+        ),
+        Err(_) => tracing::warn!(
+            generation = generation.id,
+            "deleting the pending generation of the failed import takes too long; the next import finishes it"
+        ),
+    }
 }
 
 /// Deletes what an interrupted import left: a pending generation that never
@@ -449,11 +778,13 @@ struct Grouped {
     runs: Vec<(u64, u32, u32)>,
 }
 
-fn group_by_bucket(numbers: &[u64], nbuckets: u64) -> Grouped {
+/// With `every_bucket` (a snapshot: each bucket gets its sentinel), empty
+/// buckets get (empty) runs too.
+fn group_by_bucket(numbers: &[u64], nbuckets: u64, every_bucket: bool) -> Grouped {
     let len = numbers.len();
     let mut order: Vec<u32>;
     let mut runs = Vec::new();
-    if (len as u64).saturating_mul(4) >= nbuckets {
+    if every_bucket || (len as u64).saturating_mul(4) >= nbuckets {
         // Dense (snapshots): a counting sort, linear.
         let nb = nbuckets as usize;
         let mut starts = vec![0u32; nb + 1];
@@ -471,7 +802,7 @@ fn group_by_bucket(numbers: &[u64], nbuckets: u64) -> Grouped {
             next[b] += 1;
         }
         for b in 0..nb {
-            if starts[b] < starts[b + 1] {
+            if every_bucket || starts[b] < starts[b + 1] {
                 runs.push((b as u64, starts[b], starts[b + 1]));
             }
         }
@@ -574,6 +905,7 @@ fn push_bucket(
             payload.clear();
             dump::hash_payload(
                 fields.map(|(f, d)| (i64::try_from(f).unwrap_or(i64::MAX), i64::from(d))),
+                Some((meta::SENTINEL, i64::try_from(generation.id).unwrap_or(i64::MAX))),
                 payload,
             );
             pipe.cmd("RESTORE")
@@ -588,6 +920,8 @@ fn push_bucket(
             for (field, day) in fields {
                 pipe.arg(field).arg(day);
             }
+            // Last, as in the RESTORE payload (same listpack).
+            pipe.arg(meta::SENTINEL).arg(generation.id);
             pipe.ignore();
         }
     }
@@ -655,7 +989,7 @@ async fn write_generation(
     generation: Generation,
     records: &Records,
 ) -> Result<(), StoreError> {
-    let grouped = group_by_bucket(&records.numbers, generation.nbuckets);
+    let grouped = group_by_bucket(&records.numbers, generation.nbuckets, true);
     let mode = choose_write_mode(inner, bulk, generation, records, &grouped).await?;
     let (batches, in_flight) = plan(inner, bulk, generation, &grouped.runs);
     let grouped = &grouped;
@@ -710,6 +1044,65 @@ async fn write_filter(
     Ok(params)
 }
 
+/// Waits until every replica of every master has acknowledged the writes
+/// sent on `bulk` so far (`WAIT n timeout` on each master with `n` its
+/// `connected_slaves`; a master without replicas is skipped, so one Redis
+/// without replicas costs one INFO). Fails if a master does not answer or
+/// a replica lags beyond [`RedisOptions::replication_timeout`]: a master
+/// killed after the switch could otherwise leave a promoted replica without
+/// part of the data the metadata says is applied.
+///
+/// [`RedisOptions::replication_timeout`]: super::RedisOptions::replication_timeout
+async fn wait_replicas(inner: &Inner, bulk: &mut Conn, what: &str) -> Result<(), StoreError> {
+    let timeout = inner.opts.replication_timeout;
+    let mut info = ::redis::cmd("INFO");
+    info.arg("replication");
+    let nodes = bulk.on_masters(&info, inner.opts.bulk_timeout).await;
+    let waits = nodes.into_iter().map(|(node, reply)| {
+        let mut conn = bulk.clone();
+        async move {
+            let reply = reply.map_err(|e| inner.unavailable(&e))?;
+            let replicas: i64 = super::info_field(&reply, "connected_slaves")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            if replicas == 0 {
+                return Ok(());
+            }
+            let mut wait = ::redis::cmd("WAIT");
+            wait.arg(replicas)
+                .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+            let acked = match conn.on_node(&node, &wait, timeout + inner.opts.bulk_timeout).await {
+                Ok(Value::Int(n)) => n,
+                Ok(_) => 0,
+                Err(e) => return Err(inner.unavailable(&e)),
+            };
+            if acked < replicas {
+                let at = if node.is_empty() { "redis".to_owned() } else { node };
+                return Err(StoreError::Unavailable(format!(
+                    "replication: {acked} of {replicas} replicas of {at} acknowledged the {what} within {timeout:?}"
+                )));
+            }
+            Ok(())
+        }
+    });
+    futures_util::future::try_join_all(waits).await.map(drop)
+}
+
+/// Runs a one-key script on `bulk` (the import's connection, so that a
+/// following [`wait_replicas`] covers it).
+async fn invoke_on<T: ::redis::FromRedisValue>(
+    inner: &Inner,
+    bulk: &mut Conn,
+    invocation: &ScriptInvocation<'_>,
+) -> Result<T, StoreError> {
+    let limit = inner.opts.bulk_timeout;
+    match tokio::time::timeout(limit, invocation.invoke_async(bulk)).await {
+        Err(_) => Err(StoreError::Timeout(limit)),
+        Ok(Err(e)) => Err(inner.unavailable(&e)),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
 /// Bit offsets set per script call when a delta updates the filter.
 const BITS_PER_CALL: usize = 16 * 1024;
 
@@ -757,15 +1150,22 @@ async fn merge_generation(
     inner: &Inner,
     bulk: &mut Conn,
     generation: Generation,
+    sentinel: bool,
     records: &Records,
 ) -> Result<u64, StoreError> {
+    let expected = if sentinel {
+        generation.id.to_string()
+    } else {
+        String::new()
+    };
+    let expected = expected.as_str();
     let limit = inner.opts.bulk_timeout;
     let sha = match tokio::time::timeout(limit, MERGE.load_async(bulk)).await {
         Err(_) => return Err(StoreError::Timeout(limit)),
         Ok(Err(e)) => return Err(inner.unavailable(&e)),
         Ok(Ok(sha)) => sha,
     };
-    let grouped = group_by_bucket(&records.numbers, generation.nbuckets);
+    let grouped = group_by_bucket(&records.numbers, generation.nbuckets, false);
     let (batches, in_flight) = plan(inner, bulk, generation, &grouped.runs);
     let (grouped, sha, bulk) = (&grouped, sha.as_str(), &*bulk);
     stream::iter(batches)
@@ -775,7 +1175,8 @@ async fn merge_generation(
                 pipe.cmd("EVALSHA")
                     .arg(sha)
                     .arg(1)
-                    .arg(inner.keys.bucket(generation.id, bucket));
+                    .arg(inner.keys.bucket(generation.id, bucket))
+                    .arg(expected);
                 for &i in &grouped.order[from as usize..to as usize] {
                     let i = i as usize;
                     pipe.arg(records.numbers[i] / generation.nbuckets)
@@ -783,6 +1184,11 @@ async fn merge_generation(
                 }
             }
             let added: Vec<i64> = inner.pipeline_on(&mut bulk.clone(), &pipe, limit).await?;
+            if added.iter().any(|&a| a < 0) {
+                return Err(StoreError::Corrupt(
+                    "a bucket of the redis mirror has no sentinel (evicted, deleted or lost): the delta is refused; import a snapshot".into(),
+                ));
+            }
             Ok::<u64, StoreError>(added.iter().map(|&a| a.max(0) as u64).sum())
         })
         .buffer_unordered(in_flight)
@@ -842,8 +1248,14 @@ pub(super) async fn apply_delta(
     records: &Records,
 ) -> Result<(), StoreError> {
     check_records(records)?;
+    if cancel_requested() {
+        return Err(interrupted("before the delta started"));
+    }
     let lock = ImportLock::acquire(inner).await?;
     let result = delta_locked(inner, &lock, manifest, records).await;
+    if result.is_ok() {
+        record_applied(inner, manifest).await;
+    }
     lock.release().await;
     result
 }
@@ -877,20 +1289,35 @@ async fn delta_locked(
     clean_leftovers(inner, &mut bulk, &stored).await?;
 
     let started = Instant::now();
-    // The filter first: a reader that sees the new sequence must find every
-    // new number's bits set.
-    if let Some(params) = current.bloom
-        && !records.is_empty()
-    {
-        set_filter_bits(inner, &mut bulk, generation, params, records).await?;
-    }
-    let added = if records.is_empty() {
-        0
-    } else {
-        merge_generation(inner, &mut bulk, generation, records).await?
-    };
+    // Interrupted before the metadata moves, a delta leaves the mirror at the
+    // previous sequence (merging again later gives the same data).
+    let added = tokio::select! {
+        biased;
+        () = cancelled() => Err(interrupted("while merging the delta; the sequence did not move")),
+        added = async {
+            // The filter first: a reader that sees the new sequence must find
+            // every new number's bits set.
+            if let Some(params) = current.bloom
+                && !records.is_empty()
+            {
+                set_filter_bits(inner, &mut bulk.clone(), generation, params, records).await?;
+            }
+            if records.is_empty() {
+                Ok(0)
+            } else {
+                merge_generation(inner, &mut bulk.clone(), generation, current.sentinel, records).await
+            }
+        } => added,
+    }?;
     let written = started.elapsed();
+    // The sequence moves only once every replica has the delta's data.
+    wait_replicas(inner, &mut bulk, "delta's writes").await?;
     lock.ensure_held()?;
+    if cancel_requested() {
+        return Err(interrupted(
+            "before the delta's switch; the sequence did not move",
+        ));
+    }
 
     let mut invocation = DELTA_META.key(&inner.keys.meta);
     invocation
@@ -933,10 +1360,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn lock_owner_alive_or_dead() {
+        let me = LockOwner::me();
+        assert_eq!(LockOwner::decode(me.encode().as_bytes()), Some(me.clone()));
+        assert!(!me.is_dead_here(), "this process is alive");
+        assert_eq!(
+            LockOwner::decode(b"0123456789abcdef"),
+            None,
+            "an old random token"
+        );
+        // a process that has exited
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id();
+        child.wait().expect("wait");
+        let gone = LockOwner {
+            pid,
+            pid_start: 1,
+            ..me.clone()
+        };
+        assert!(gone.is_dead_here());
+        // a live pid that is another process now (its start time differs)
+        let reused = LockOwner {
+            pid: 1,
+            pid_start: process_start(1).unwrap_or(0) + 1,
+            ..me.clone()
+        };
+        assert!(reused.is_dead_here());
+        // another host: never declared dead here (its lock expires instead)
+        let remote = LockOwner {
+            host: format!("{}-elsewhere", me.host),
+            ..gone
+        };
+        assert!(!remote.is_dead_here());
+    }
+
+    #[test]
     fn grouping_dense_and_sparse_agree() {
         let numbers: Vec<u64> = (0..5000u64).map(|i| 14_155_550_000 + i * 7).collect();
         for nbuckets in [1, 3, 40, 1000, 100_000] {
-            let g = group_by_bucket(&numbers, nbuckets);
+            let g = group_by_bucket(&numbers, nbuckets, false);
             let mut seen = vec![false; numbers.len()];
             let mut last_bucket = None;
             for &(bucket, from, to) in &g.runs {
