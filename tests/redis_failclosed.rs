@@ -565,8 +565,8 @@ async fn generation_changed_by_hand(cluster: bool) {
     load.wait_checks(2_000).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let tally = load.stop().await;
-    assert!(tally.unavailable.load(Ordering::Relaxed) > 0);
     assert_no_wrong(&tally, "generation changed by hand", 5_000);
+    assert!(tally.unavailable.load(Ordering::Relaxed) > 0);
     server.stop().await;
 }
 
@@ -624,6 +624,64 @@ async fn evicting_policy_refuses_to_serve(cluster: bool) {
     assert!(tally.reassigned.load(Ordering::Relaxed) <= before + 50);
     assert_no_wrong(&tally, "allkeys-lru set at runtime", 1_000);
     assert_eq!(metric(&scrape(&server).await, unsafe_metric), Some(1));
+    server.stop().await;
+}
+
+/// One server killed under load and restarted from a save made before the
+/// last delta (its numbers are gone, the buckets and their sentinels are
+/// not): the store notices the broken connection and the sequence going
+/// back, answers UNAVAILABLE (never "no record" for the lost delta's
+/// numbers), health NOT_SERVING, until the delta is imported again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_from_an_older_save_under_load() {
+    let env = Env::new(TestRedis::start(false, &[])).await;
+    let TestRedis::Single(redis) = &env.redis else {
+        unreachable!("one server")
+    };
+    let old_save = redis.save_rdb();
+    let delta = hits(FIRST_HIT + 1, 3_000);
+    env.writer
+        .apply_delta(&manifest(Kind::Delta, 2), &records(&delta))
+        .await
+        .expect("delta");
+    let (server, _store) = env.serve().await;
+    let load = Load::start(&server, &delta).await;
+    load.wait_checks(2_000).await;
+    assert_eq!(
+        load.tally.reassigned.load(Ordering::Relaxed),
+        load.tally.checked()
+    );
+    let mut env = env;
+    let TestRedis::Single(redis) = &mut env.redis else {
+        unreachable!("one server")
+    };
+    redis.crash_and_restart_from(&old_save);
+    load.wait_checks(3_000).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    support::bin::eventually(|| async { health(&server).await == Some(ServingStatus::NotServing as i32) })
+        .await;
+    assert_eq!(
+        metric(
+            &scrape(&server).await,
+            "reassigned_store_unsafe{reason=\"data_lost\"} "
+        ),
+        Some(1)
+    );
+    // The sync runs again: the delta is applied again and answers come back.
+    let writer = env.redis.store(options()).await.expect("writer");
+    writer
+        .apply_delta(&manifest(Kind::Delta, 2), &records(&delta))
+        .await
+        .expect("delta again");
+    let recovered = load.wait_recovered(Duration::from_secs(15)).await;
+    let tally = load.stop().await;
+    println!(
+        "answers again {:.2} s after the delta was re-imported",
+        recovered.as_secs_f64()
+    );
+    assert_no_wrong(&tally, "redis restarted from an older save", 5_000);
+    assert!(tally.unavailable.load(Ordering::Relaxed) > 0);
+    support::bin::eventually(|| async { health(&server).await == Some(ServingStatus::Serving as i32) }).await;
     server.stop().await;
 }
 
