@@ -229,6 +229,16 @@ enum ReceiptCommand {
         /// The receipt (compact JWS), or `-` to read it from stdin.
         receipt: String,
     },
+    /// Print the public JWKS of a receipt key: keep it, and give it to
+    /// `serve --receipt-retired-key FILE@NOT_AFTER` when the key is retired.
+    Jwks {
+        /// The receipt private key (PKCS#8 PEM), as given to `--receipt-key`.
+        #[arg(long)]
+        key: PathBuf,
+        /// The key id, as given to `--receipt-kid` (default: derived from the key).
+        #[arg(long)]
+        kid: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -383,6 +393,9 @@ fn main() -> ExitCode {
                 println!("{}", serde_json::to_string_pretty(&claims)?);
                 Ok(())
             }),
+            Command::Receipt {
+                command: ReceiptCommand::Jwks { key, kid },
+            } => cli::receipt::jwks_cmd(&key, kid).map(|jwks| println!("{jwks}")),
             Command::Token {
                 command: TokenCommand::Mint(options),
             } => cli::token::mint_cmd(&options).map(|token| println!("{token}")),

@@ -78,7 +78,7 @@ pub struct FieldViolation {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SinceError {
     /// Not a valid date.
-    #[error("{0}")]
+    #[error(transparent)]
     Date(#[from] DateError),
     /// After today (UTC).
     #[error("is after today ({today}, UTC)")]

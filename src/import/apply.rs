@@ -565,9 +565,9 @@ pub async fn sync_dir_lenient<S: Store>(
 
 /// The `*.json` files of `dir`, in name order.
 fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, ImportError> {
-    let io_err = |source| ImportError::Io {
+    let io_err = |error| ImportError::Io {
         path: dir.to_path_buf(),
-        source,
+        error,
     };
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err)? {

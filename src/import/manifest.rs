@@ -73,9 +73,9 @@ impl Manifest {
 
     /// [`Manifest::load`] with an explicit "today" (for tests and tools).
     pub fn load_as_of_today(path: &Path, today: Date) -> Result<Manifest, ImportError> {
-        let bytes = std::fs::read(path).map_err(|source| ImportError::Io {
+        let bytes = std::fs::read(path).map_err(|error| ImportError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let mut manifest: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| ImportError::Manifest(path.to_path_buf(), format!("not a valid manifest: {e}")))?;

@@ -119,8 +119,10 @@ pub enum ImportError {
         /// The file's `as_of`.
         got: Date,
     },
-    /// The store failed or refused the write.
-    #[error("store: {0}")]
+    /// The store failed or refused the write. (Transparent: the store's
+    /// own message already says "store ...", and a prefix plus a source
+    /// would print the cause twice in an error chain.)
+    #[error(transparent)]
     Store(#[from] StoreError),
     /// A snapshot would shrink the mirror by more than allowed, or leave it
     /// empty (see [`ImportOptions`]).
@@ -167,13 +169,13 @@ pub enum ImportError {
         done: String,
     },
     /// A file or directory could not be read.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file or directory.
         path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
+        /// The underlying error, in the message (not a `source`: a chain
+        /// would print it twice).
+        error: io::Error,
     },
 }
 

@@ -38,9 +38,9 @@ const CHUNK: usize = 512 * 1024;
 /// date. CPU-bound: call it from a blocking context.
 pub fn read_records(manifest: &Manifest, progress: &mut dyn Progress) -> Result<Records, ImportError> {
     let path = manifest.data_path();
-    let io_err = |source| ImportError::Io {
+    let io_err = |error| ImportError::Io {
         path: path.clone(),
-        source,
+        error,
     };
     check_inside(manifest, &path)?;
     let file = File::open(&path).map_err(io_err)?;
@@ -123,9 +123,9 @@ fn check_inside(manifest: &Manifest, path: &Path) -> Result<(), ImportError> {
     } else {
         dir
     };
-    let io_err = |p: &Path, source| ImportError::Io {
+    let io_err = |p: &Path, error| ImportError::Io {
         path: p.to_path_buf(),
-        source,
+        error,
     };
     let real_dir = dir.canonicalize().map_err(|e| io_err(dir, e))?;
     let real = path.canonicalize().map_err(|e| io_err(path, e))?;

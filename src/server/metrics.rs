@@ -80,6 +80,8 @@ struct Inner {
     /// entry of [`CODES`].
     requests: [[AtomicU64; CODES.len()]; METHODS.len() + 1],
     bound: watch::Sender<Option<SocketAddr>>,
+    /// Counters of the TLS accept loop.
+    handshakes: Arc<crate::server::tls::HandshakeStats>,
 }
 
 impl Default for MetricsHandle {
@@ -88,6 +90,7 @@ impl Default for MetricsHandle {
             inner: Arc::new(Inner {
                 requests: Default::default(),
                 bound: watch::channel(None).0,
+                handshakes: Arc::default(),
             }),
         }
     }
@@ -122,6 +125,12 @@ impl MetricsHandle {
     pub fn requests(&self, path: &str, code: Option<tonic::Code>) -> u64 {
         let code = code.map_or(NO_CODE, |c| c as usize);
         self.inner.requests[method_index(path)][code].load(Ordering::Relaxed)
+    }
+
+    /// The counters of the TLS accept loop of the server running with
+    /// this handle.
+    pub fn handshakes(&self) -> Arc<crate::server::tls::HandshakeStats> {
+        self.inner.handshakes.clone()
     }
 
     fn count(&self, method: usize, code: usize) {
@@ -222,6 +231,27 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "Days since the date the mirror's data is complete through.",
         &one(age),
     );
+    let unsafe_reason = sources.store.unsafe_reason();
+    let policy_unsafe = unsafe_reason
+        .as_deref()
+        .is_some_and(|r| r.contains("maxmemory-policy"));
+    metric(
+        "reassigned_store_unsafe",
+        "gauge",
+        "1 if the store must not be answered from (health NOT_SERVING, lookups UNAVAILABLE), by reason.",
+        &[(
+            "{reason=\"maxmemory_policy\"}".to_owned(),
+            u64::from(policy_unsafe),
+        )],
+    );
+    if let AnyStore::Redis(redis) = &sources.store {
+        metric(
+            "reassigned_store_unproven_reads_total",
+            "counter",
+            "Redis reads whose bucket sentinel was missing or named another generation (retried on the master, else UNAVAILABLE).",
+            &one(redis.unproven_reads()),
+        );
+    }
     metric(
         "reassigned_mirror_stale",
         "gauge",
@@ -233,6 +263,35 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "gauge",
         "Register files skipped at the last load or resync of the data directory (embedded store).",
         &one(sources.store.import_problems().len() as u64),
+    );
+    let handshakes = &handle.inner.handshakes;
+    metric(
+        "reassigned_handshakes_completed_total",
+        "counter",
+        "TLS handshakes completed.",
+        &one(handshakes.completed()),
+    );
+    let failures: Vec<(String, u64)> = crate::server::tls::HandshakeFailure::ALL
+        .iter()
+        .map(|r| (format!("{{reason=\"{}\"}}", r.label()), handshakes.failed(*r)))
+        .collect();
+    metric(
+        "reassigned_handshake_failures_total",
+        "counter",
+        "TLS handshakes that did not complete, by reason (first_byte_timeout, timeout, closed, tls_error, shed_per_ip, shed_pool).",
+        &failures,
+    );
+    metric(
+        "reassigned_handshakes_pending",
+        "gauge",
+        "TLS handshakes in progress.",
+        &one(handshakes.pending()),
+    );
+    metric(
+        "reassigned_log_suppressed_total",
+        "counter",
+        "Log lines not written by the rate limit of repeated lines (process-wide).",
+        &one(crate::server::lograte::global().suppressed_total()),
     );
     out
 }

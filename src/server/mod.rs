@@ -3,6 +3,7 @@
 //! resolves.
 
 pub mod auth;
+pub mod lograte;
 pub mod metrics;
 pub mod quota;
 pub mod reload;
@@ -28,6 +29,13 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often health re-checks the store.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Health turns NOT_SERVING for an unreachable store only after this many
+/// failed checks in a row...
+const HEALTH_FAILURES: u32 = 3;
+/// ... spanning at least this long (one slow check, or one shard failing
+/// over, must not pull every server out of a load balancer at once).
+const HEALTH_GRACE: Duration = Duration::from_secs(2);
 
 /// Serves the API on `listener` (already bound) until `shutdown` resolves,
 /// then flips health to NOT_SERVING and lets in-flight calls finish.
@@ -139,14 +147,26 @@ where
     )
     .max_decoding_message_size(config.max_message_bytes);
 
-    let incoming = tls::incoming(
+    let incoming = tls::incoming_counted(
         listener,
         reloader.tls().shared_config(),
         tls::AcceptOptions {
             handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
             max_handshakes: config.max_handshakes,
+            first_byte_timeout: Duration::from_millis(config.handshake_first_byte_timeout_ms),
+            max_handshakes_per_ip: config.max_handshakes_per_ip,
+            listen_backlog: config.listen_backlog,
         },
+        config.metrics.handshakes(),
     );
+    let _log_summaries = reload::AbortOnDrop(tokio::spawn(async {
+        // Summaries of suppressed log lines, also when a flood stops.
+        let mut ticks = tokio::time::interval(lograte::global().window());
+        loop {
+            ticks.tick().await;
+            lograte::global().flush();
+        }
+    }));
     let drain_reporter = reporter.clone();
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let on_shutdown = async move {
@@ -198,8 +218,17 @@ fn receipt_signer(
         tracing::info!("receipts: off (no receipt key)");
         return Ok(None);
     };
-    let signer = crate::receipt::ReceiptSigner::from_pem_file(path, config.receipt_kid.clone())?;
-    tracing::info!(kid = signer.kid(), alg = ?signer.algorithm(), "receipts: on");
+    let mut retired = Vec::new();
+    for (file, not_after) in &config.receipt_retired_keys {
+        retired.extend(crate::receipt::load_retired_keys(file, *not_after)?);
+    }
+    let signer = crate::receipt::ReceiptSigner::from_pem_file(path, config.receipt_kid.clone())?
+        .with_retired(&retired)?;
+    let retired_kids: Vec<&str> = retired
+        .iter()
+        .filter_map(|k| k.jwk.common.key_id.as_deref())
+        .collect();
+    tracing::info!(kid = signer.kid(), alg = ?signer.algorithm(), retired = ?retired_kids, "receipts: on");
     Ok(Some(std::sync::Arc::new(signer)))
 }
 
@@ -221,23 +250,81 @@ async fn set_serving(reporter: &HealthReporter, serving: bool) {
     }
 }
 
-/// SERVING only while the store answers and the mirror is loaded.
+/// Whether this server can answer, and if not, why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Health {
+    Serving,
+    NotServing(String),
+}
+
+/// The health of `store` from its state and the recent store checks:
+/// an unsafe store or an empty mirror is NOT_SERVING at once; an
+/// unreachable store only after [`HEALTH_FAILURES`] failed checks in a row
+/// over at least [`HEALTH_GRACE`] (hysteresis); one good check serves again.
+fn judge(unsafe_reason: Option<String>, has_meta: bool, failures: u32, failing_for: Duration) -> Health {
+    if let Some(reason) = unsafe_reason {
+        return Health::NotServing(format!("store unsafe: {reason}"));
+    }
+    if !has_meta {
+        return Health::NotServing("mirror empty".into());
+    }
+    if failures >= HEALTH_FAILURES && failing_for >= HEALTH_GRACE {
+        return Health::NotServing("store unreachable".into());
+    }
+    Health::Serving
+}
+
+/// SERVING while this server can answer (see [`judge`]).
 async fn watch_health(store: AnyStore, reporter: HealthReporter, mut stop: watch::Receiver<bool>) {
     let mut last = None;
+    let mut failures = 0u32;
+    let mut failing_since = std::time::Instant::now();
     loop {
-        let serving = store.ping().await.is_ok() && store.cached_meta().is_some();
-        if last != Some(serving) {
-            if serving {
-                tracing::info!("health: serving");
-            } else {
-                tracing::warn!("health: not serving (store unreachable or mirror empty)");
+        match store.ping().await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                if failures == 0 {
+                    failing_since = std::time::Instant::now();
+                    tracing::debug!(error = %e, "health: store check failed");
+                }
+                failures = failures.saturating_add(1);
             }
-            set_serving(&reporter, serving).await;
-            last = Some(serving);
+        }
+        let health = judge(
+            store.unsafe_reason(),
+            store.cached_meta().is_some(),
+            failures,
+            failing_since.elapsed(),
+        );
+        if last.as_ref() != Some(&health) {
+            match &health {
+                Health::Serving => tracing::info!("health: serving"),
+                Health::NotServing(reason) => tracing::warn!(reason = %reason, "health: not serving"),
+            }
+            set_serving(&reporter, health == Health::Serving).await;
+            last = Some(health);
         }
         tokio::select! {
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_has_hysteresis_for_reachability_only() {
+        let serving = |h: Health| h == Health::Serving;
+        assert!(serving(judge(None, true, 0, Duration::ZERO)));
+        // One slow check, or many within the grace: still serving.
+        assert!(serving(judge(None, true, 1, Duration::from_secs(5))));
+        assert!(serving(judge(None, true, 10, Duration::from_millis(1500))));
+        assert!(!serving(judge(None, true, 3, Duration::from_secs(2))));
+        // Unsafe or empty: at once.
+        assert!(!serving(judge(Some("policy".into()), true, 0, Duration::ZERO)));
+        assert!(!serving(judge(None, false, 0, Duration::ZERO)));
     }
 }

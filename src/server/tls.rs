@@ -34,11 +34,13 @@
 //! # }
 //! ```
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -52,14 +54,15 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use x509_parser::prelude::FromDer as _;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
 use crate::server::auth::{Platform, platform_from_cert};
+use crate::server::lograte;
 
 /// Pause after an accept error that is not about a single connection
 /// (e.g. EMFILE), so the loop does not spin while the process is out of
@@ -85,14 +88,15 @@ pub struct TlsFiles {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file could not be read.
-    #[error("cannot read {what} file {}: {source}", path.display())]
+    #[error("cannot read {what} file {}: {error}", path.display())]
     Read {
         /// Which file: "certificate", "private key" or "client CA".
         what: &'static str,
         /// The file.
         path: PathBuf,
-        /// The I/O error.
-        source: io::Error,
+        /// The I/O error (in the message; not a `source`, which a chain
+        /// would print twice).
+        error: io::Error,
     },
     /// A file is not well-formed PEM.
     #[error("{what} file {} is not valid PEM: {reason}", path.display())]
@@ -170,10 +174,10 @@ pub enum TlsError {
     },
     /// The client certificate verifier could not be built.
     #[error("cannot build the client certificate verifier: {0}")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
+    Verifier(rustls::server::VerifierBuilderError),
     /// rustls refused the configuration.
     #[error("cannot build the TLS server configuration: {0}")]
-    Config(#[source] rustls::Error),
+    Config(rustls::Error),
 }
 
 /// The crypto provider used everywhere in this module: ring, never aws-lc-rs
@@ -415,7 +419,7 @@ fn build_config(
     if !crls.is_empty() {
         verifier = verifier.with_crls(crls).allow_unknown_revocation_status();
     }
-    let verifier = verifier.build()?;
+    let verifier = verifier.build().map_err(TlsError::Verifier)?;
     let mut config = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Config)?
@@ -444,10 +448,10 @@ impl ResolvesServerCert for SwappableCert {
 }
 
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         what,
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -614,21 +618,117 @@ fn read_crls(
 }
 
 /// Limits of the accept loop.
+///
+/// A pending handshake (accepted, not yet completed) costs little: a socket
+/// and a small task. So the pool of pending handshakes is large, a client
+/// that sends nothing is dropped after [`AcceptOptions::first_byte_timeout`],
+/// and when a limit is reached the OLDEST pending handshake (of the same
+/// source address, or of all) is shed to make room for the newest, so the
+/// accept loop never stops accepting and a newcomer is never refused because
+/// idle sockets got there first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcceptOptions {
-    /// A TLS handshake that takes longer is abandoned and its socket closed.
+    /// A TLS handshake that takes longer (from accept to completion) is
+    /// abandoned and its socket closed.
     pub handshake_timeout: Duration,
-    /// At most this many handshakes run at once; further connections wait in
-    /// the kernel's listen backlog. Values below 1 are treated as 1.
+    /// At most this many handshakes are pending at once; at the cap the
+    /// oldest pending one is shed for each new connection. Values below 1
+    /// are treated as 1.
     pub max_handshakes: usize,
+    /// A client that has not sent its first byte within this time is
+    /// dropped (shorter than `handshake_timeout`: an idle socket costs the
+    /// attacker nothing).
+    pub first_byte_timeout: Duration,
+    /// At most this many pending handshakes per source IP address; at the
+    /// cap the oldest pending one of that address is shed. Values below 1
+    /// are treated as 1.
+    pub max_handshakes_per_ip: usize,
+    /// Listen backlog set on the listener when the accept loop starts
+    /// (the kernel caps it at `net.core.somaxconn`); 0 leaves it as bound.
+    pub listen_backlog: u32,
 }
 
 impl Default for AcceptOptions {
     fn default() -> Self {
         Self {
             handshake_timeout: Duration::from_secs(10),
-            max_handshakes: 256,
+            max_handshakes: 4096,
+            first_byte_timeout: Duration::from_secs(2),
+            max_handshakes_per_ip: 256,
+            listen_backlog: 4096,
         }
+    }
+}
+
+/// Why a handshake did not complete, as counted in [`HandshakeStats`] and
+/// reported as `reassigned_handshake_failures_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// No byte within [`AcceptOptions::first_byte_timeout`].
+    FirstByteTimeout,
+    /// Not completed within [`AcceptOptions::handshake_timeout`].
+    Timeout,
+    /// The client closed (or reset) the connection before completing.
+    Closed,
+    /// TLS refused it (bad certificate, revoked, not TLS, ...).
+    TlsError,
+    /// Shed, oldest first, to make room at the per-address cap.
+    ShedPerIp,
+    /// Shed, oldest first, to make room at the pool cap.
+    ShedPool,
+}
+
+impl HandshakeFailure {
+    /// Every reason, in the order of the metric lines.
+    pub const ALL: [HandshakeFailure; 6] = [
+        HandshakeFailure::FirstByteTimeout,
+        HandshakeFailure::Timeout,
+        HandshakeFailure::Closed,
+        HandshakeFailure::TlsError,
+        HandshakeFailure::ShedPerIp,
+        HandshakeFailure::ShedPool,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            HandshakeFailure::FirstByteTimeout => "first_byte_timeout",
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::Closed => "closed",
+            HandshakeFailure::TlsError => "tls_error",
+            HandshakeFailure::ShedPerIp => "shed_per_ip",
+            HandshakeFailure::ShedPool => "shed_pool",
+        }
+    }
+}
+
+/// Counters of the accept loop: every handshake is counted once, completed
+/// or failed with its reason, whether or not its log line was written.
+#[derive(Debug, Default)]
+pub struct HandshakeStats {
+    completed: AtomicU64,
+    failed: [AtomicU64; HandshakeFailure::ALL.len()],
+    pending: AtomicU64,
+}
+
+impl HandshakeStats {
+    /// Handshakes completed.
+    pub fn completed(&self) -> u64 {
+        self.completed.load(Ordering::Relaxed)
+    }
+
+    /// Handshakes failed for `reason`.
+    pub fn failed(&self, reason: HandshakeFailure) -> u64 {
+        self.failed[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Handshakes pending now.
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, reason: HandshakeFailure) {
+        self.failed[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -734,10 +834,13 @@ impl Drop for TlsIncoming {
 /// Accept TCP connections on `listener` and complete their TLS handshakes,
 /// yielding the connections ready for `Server::serve_with_incoming_shutdown`.
 ///
-/// Handshakes never run in the accept loop: each one runs in its own task
-/// under [`AcceptOptions::handshake_timeout`], at most
-/// [`AcceptOptions::max_handshakes`] at a time. Failed handshakes are logged
-/// and dropped; accept errors are logged and never end the stream.
+/// Handshakes never run in the accept loop, and the loop never waits for a
+/// handshake slot: each connection is handshaken in its own task under the
+/// limits of [`AcceptOptions`] (first-byte deadline, handshake timeout,
+/// pending pool and per-address caps that shed the oldest). Failed
+/// handshakes are counted and logged (rate-limited, see
+/// [`crate::server::lograte`]); accept errors are logged and never end the
+/// stream.
 ///
 /// `config` is an `Arc<ServerConfig>` (fixed) or a [`SharedServerConfig`]
 /// (e.g. [`TlsMaterial::shared_config`]): each new handshake takes the
@@ -750,9 +853,82 @@ pub fn incoming(
     config: impl Into<SharedServerConfig>,
     opts: AcceptOptions,
 ) -> TlsIncoming {
+    incoming_counted(listener, config, opts, Arc::default())
+}
+
+/// [`incoming`], counting every handshake into `stats`.
+pub fn incoming_counted(
+    listener: TcpListener,
+    config: impl Into<SharedServerConfig>,
+    opts: AcceptOptions,
+    stats: Arc<HandshakeStats>,
+) -> TlsIncoming {
+    if opts.listen_backlog > 0 {
+        // listen(2) again on a listening socket sets its backlog (Linux);
+        // tokio binds with a small one.
+        let backlog = i32::try_from(opts.listen_backlog).unwrap_or(i32::MAX);
+        if let Err(err) = socket2::SockRef::from(&listener).listen(backlog) {
+            tracing::warn!(error = %err, backlog, "cannot raise the listen backlog");
+        }
+    }
     let (tx, ready) = mpsc::channel(READY_CONNECTIONS);
-    let accept_loop = tokio::spawn(accept_loop(listener, config.into(), opts, tx));
+    let accept_loop = tokio::spawn(accept_loop(listener, config.into(), opts, tx, stats));
     TlsIncoming { ready, accept_loop }
+}
+
+/// Pending handshakes, oldest first, and per source address.
+#[derive(Default)]
+struct Pending {
+    next_id: u64,
+    by_age: BTreeMap<u64, (IpAddr, AbortHandle)>,
+    by_ip: HashMap<IpAddr, BTreeSet<u64>>,
+}
+
+impl Pending {
+    fn remove(&mut self, id: u64) -> Option<AbortHandle> {
+        let (ip, handle) = self.by_age.remove(&id)?;
+        if let Some(ids) = self.by_ip.get_mut(&ip) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_ip.remove(&ip);
+            }
+        }
+        Some(handle)
+    }
+
+    /// Sheds the oldest pending handshake of `ip` if it is at `per_ip`, else
+    /// the oldest of all if the pool is at `pool`.
+    fn make_room(&mut self, ip: IpAddr, per_ip: usize, pool: usize) -> Option<HandshakeFailure> {
+        let oldest_of_ip = self
+            .by_ip
+            .get(&ip)
+            .filter(|ids| ids.len() >= per_ip)
+            .and_then(|ids| ids.first().copied());
+        let (victim, reason) = match oldest_of_ip {
+            Some(id) => (id, HandshakeFailure::ShedPerIp),
+            None if self.by_age.len() >= pool => (*self.by_age.keys().next()?, HandshakeFailure::ShedPool),
+            None => return None,
+        };
+        self.remove(victim)?.abort();
+        Some(reason)
+    }
+}
+
+/// Takes a handshake out of [`Pending`] when its task ends (or is aborted).
+struct PendingGuard {
+    pending: Arc<Mutex<Pending>>,
+    stats: Arc<HandshakeStats>,
+    id: u64,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(self.id);
+        self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 async fn accept_loop(
@@ -760,22 +936,14 @@ async fn accept_loop(
     config: SharedServerConfig,
     opts: AcceptOptions,
     tx: mpsc::Sender<TlsConnection>,
+    stats: Arc<HandshakeStats>,
 ) {
-    let slots = Arc::new(Semaphore::new(opts.max_handshakes.max(1)));
+    let pending = Arc::new(Mutex::new(Pending::default()));
     // Owning the handshake tasks means they are aborted when this loop ends.
     let mut handshakes = JoinSet::new();
     loop {
         while handshakes.try_join_next().is_some() {}
 
-        // Take a handshake slot before accepting: at the cap, new connections
-        // wait in the listen backlog instead of piling up here.
-        let permit = tokio::select! {
-            () = tx.closed() => break,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_closed) => break,
-            },
-        };
         let accepted = tokio::select! {
             () = tx.closed() => break,
             accepted = listener.accept() => accepted,
@@ -787,11 +955,14 @@ async fn accept_loop(
                 continue;
             }
             Err(err) => {
-                tracing::warn!(
-                    error = %err,
-                    backoff_ms = ACCEPT_ERROR_BACKOFF.as_millis() as u64,
-                    "accept failed; backing off"
-                );
+                if let Some(suppressed) = lograte::global().check("accept_failed") {
+                    tracing::warn!(
+                        error = %err,
+                        backoff_ms = ACCEPT_ERROR_BACKOFF.as_millis() as u64,
+                        suppressed,
+                        "accept failed; backing off"
+                    );
+                }
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                 continue;
             }
@@ -804,26 +975,38 @@ async fn accept_loop(
         // this connection's whole life.
         let acceptor = TlsAcceptor::from(config.current());
         let tx = tx.clone();
-        handshakes.spawn(async move {
-            // Held until the connection is handed over, so a server that stops
-            // taking connections also stops new handshakes.
-            let _permit = permit;
-            let local_addr = tcp.local_addr().ok();
-            let stream = match tokio::time::timeout(opts.handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(err)) => {
-                    tracing::info!(peer = %remote_addr, error = %err, "tls handshake failed");
-                    return;
-                }
-                Err(_elapsed) => {
-                    tracing::info!(
-                        peer = %remote_addr,
-                        timeout_ms = opts.handshake_timeout.as_millis() as u64,
-                        "tls handshake timed out"
-                    );
+        let task_stats = stats.clone();
+        let mut registry = pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(reason) = registry.make_room(
+            remote_addr.ip(),
+            opts.max_handshakes_per_ip.max(1),
+            opts.max_handshakes.max(1),
+        ) {
+            stats.fail(reason);
+            log_failure(reason, remote_addr, None, &opts);
+        }
+        let id = registry.next_id;
+        registry.next_id += 1;
+        stats.pending.fetch_add(1, Ordering::Relaxed);
+        let guard = PendingGuard {
+            pending: pending.clone(),
+            stats: stats.clone(),
+            id,
+        };
+        // Registered under the lock the guard takes, so a task that ends at
+        // once still finds (and removes) its entry.
+        let abort = handshakes.spawn(async move {
+            // Held until the connection is handed over.
+            let _guard = guard;
+            let (stream, local_addr) = match handshake(acceptor, tcp, &opts).await {
+                Ok(done) => done,
+                Err((reason, err)) => {
+                    task_stats.fail(reason);
+                    log_failure(reason, remote_addr, err.as_ref(), &opts);
                     return;
                 }
             };
+            task_stats.completed.fetch_add(1, Ordering::Relaxed);
             let info = PeerInfo {
                 remote_addr: Some(remote_addr),
                 local_addr,
@@ -832,6 +1015,64 @@ async fn accept_loop(
             // An error means the server is gone; the connection is dropped.
             let _ = tx.send(TlsConnection { stream, info }).await;
         });
+        registry.by_age.insert(id, (remote_addr.ip(), abort));
+        registry.by_ip.entry(remote_addr.ip()).or_default().insert(id);
+        drop(registry);
+    }
+}
+
+/// Waits for the client's first byte (at most `first_byte_timeout`), then
+/// completes the handshake (within `handshake_timeout` of the accept).
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    opts: &AcceptOptions,
+) -> Result<(TlsStream<TcpStream>, Option<SocketAddr>), (HandshakeFailure, Option<io::Error>)> {
+    let started = tokio::time::Instant::now();
+    let local_addr = tcp.local_addr().ok();
+    let first_byte = opts.first_byte_timeout.min(opts.handshake_timeout);
+    let mut byte = [0_u8; 1];
+    match tokio::time::timeout(first_byte, tcp.peek(&mut byte)).await {
+        Err(_elapsed) => return Err((HandshakeFailure::FirstByteTimeout, None)),
+        Ok(Ok(0)) => return Err((HandshakeFailure::Closed, None)),
+        Ok(Err(err)) => return Err((HandshakeFailure::Closed, Some(err))),
+        Ok(Ok(_)) => {}
+    }
+    match tokio::time::timeout_at(started + opts.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => Ok((stream, local_addr)),
+        Ok(Err(err)) if is_closed(&err) => Err((HandshakeFailure::Closed, Some(err))),
+        Ok(Err(err)) => Err((HandshakeFailure::TlsError, Some(err))),
+        Err(_elapsed) => Err((HandshakeFailure::Timeout, None)),
+    }
+}
+
+/// The peer went away mid-handshake (not a TLS refusal).
+fn is_closed(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// One rate-limited line per failed handshake (they are all counted).
+fn log_failure(reason: HandshakeFailure, peer: SocketAddr, err: Option<&io::Error>, opts: &AcceptOptions) {
+    let Some(suppressed) = lograte::global().check(reason.label()) else {
+        return;
+    };
+    let reason = reason.label();
+    match err {
+        Some(err) => tracing::info!(%peer, reason, error = %err, suppressed, "tls handshake failed"),
+        None => tracing::info!(
+            %peer,
+            reason,
+            timeout_ms = opts.handshake_timeout.as_millis() as u64,
+            first_byte_timeout_ms = opts.first_byte_timeout.as_millis() as u64,
+            suppressed,
+            "tls handshake failed"
+        ),
     }
 }
 
@@ -854,7 +1095,9 @@ fn connection_platform(stream: &TlsStream<TcpStream>, peer: SocketAddr) -> Optio
             Some(Arc::new(platform))
         }
         Err(err) => {
-            tracing::info!(peer = %peer, error = %err, "client certificate names no platform");
+            if let Some(suppressed) = lograte::global().check("certificate_names_no_platform") {
+                tracing::info!(peer = %peer, error = %err, suppressed, "client certificate names no platform");
+            }
             None
         }
     }

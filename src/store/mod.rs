@@ -71,6 +71,13 @@ pub trait Store: Send + Sync + 'static {
     /// Checks that the store answers (for health).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Why the store must not be answered from right now, even though it
+    /// answers (e.g. Redis' `maxmemory-policy` can evict the mirror's keys):
+    /// health is then NOT_SERVING at once. `None`: nothing known against it.
+    fn unsafe_reason(&self) -> Option<String> {
+        None
+    }
+
     /// Replaces the whole mirror with a snapshot's records, atomically.
     /// `records` are sorted by number, one per number. Sequence and `as_of`
     /// checks are done by the caller ([`crate::import`]); the store re-checks
@@ -147,6 +154,10 @@ impl Store for AnyStore {
         dispatch!(self, s => s.ping().await)
     }
 
+    fn unsafe_reason(&self) -> Option<String> {
+        dispatch!(self, s => s.unsafe_reason())
+    }
+
     async fn apply_snapshot(
         &self,
         manifest: &Manifest,
@@ -194,6 +205,10 @@ impl<S: Store> Store for Arc<S> {
 
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
         S::ping(self)
+    }
+
+    fn unsafe_reason(&self) -> Option<String> {
+        S::unsafe_reason(self)
     }
 
     fn apply_snapshot(

@@ -112,6 +112,30 @@ impl RedisServer {
         }
     }
 
+    /// Kills the process (SIGKILL, no save) and starts it again on the same
+    /// port with its data files removed: a Redis that came back empty.
+    pub fn crash_and_restart_empty(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.paused = false;
+        for file in ["dump.rdb", "appendonly.aof"] {
+            let _ = std::fs::remove_file(self.dir.path().join(file));
+        }
+        let _ = std::fs::remove_dir_all(self.dir.path().join("appendonlydir"));
+        let deadline = Instant::now() + DEADLINE;
+        while !self.spawn() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not restart on port {}; log:\n{}",
+                self.port,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Freezes the process (SIGSTOP): connections stay open, nothing answers.
     pub fn pause(&mut self) {
         self.signal("-STOP");

@@ -16,6 +16,7 @@ struct Node {
     port: u16,
     dir: tempfile::TempDir,
     child: Child,
+    extra_args: Vec<String>,
 }
 
 /// A running Redis Cluster of three masters.
@@ -40,6 +41,109 @@ impl RedisCluster {
     /// replica has synchronised with its master.
     pub fn start_with_replicas(replicas: usize) -> Self {
         Self::start_full(replicas, &[])
+    }
+
+    /// Like [`RedisCluster::start_with_replicas`], with more `redis-server`
+    /// arguments for every node (e.g. `["--cluster-node-timeout", "2000"]`).
+    pub fn start_with_replicas_and(replicas: usize, extra_args: &[&str]) -> Self {
+        Self::start_full(replicas, extra_args)
+    }
+
+    /// Runs `redis-cli` against node `i` and returns its output.
+    pub fn cli(&self, i: usize, args: &[&str]) -> Result<String, String> {
+        cli(self.nodes[i].port, args)
+    }
+
+    /// The index of the node listening on `port`.
+    pub fn index_of_port(&self, port: u16) -> Option<usize> {
+        self.nodes.iter().position(|n| n.port == port)
+    }
+
+    /// The port of the master that serves `key` (asked of node 0).
+    pub fn master_port_of(&self, key: &str) -> u16 {
+        let slot: u16 = cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key])
+            .expect("CLUSTER KEYSLOT")
+            .trim()
+            .parse()
+            .expect("slot");
+        let nodes = cli(self.nodes[0].port, &["CLUSTER", "NODES"]).expect("CLUSTER NODES");
+        for line in nodes.lines() {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            if parts.len() < 9 || !parts[2].contains("master") || parts[2].contains("fail") {
+                continue;
+            }
+            for range in &parts[8..] {
+                let (from, to) = match range.split_once('-') {
+                    Some((a, b)) => (a.parse().unwrap_or(u16::MAX), b.parse().unwrap_or(0)),
+                    None => (range.parse().unwrap_or(u16::MAX), range.parse().unwrap_or(0)),
+                };
+                if (from..=to).contains(&slot) {
+                    let addr = parts[1].split('@').next().unwrap_or_default();
+                    return addr
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse().ok())
+                        .expect("port");
+                }
+            }
+        }
+        panic!("no master serves slot {slot}:\n{nodes}")
+    }
+
+    /// The node indexes of the replicas of the master on `port`.
+    pub fn replicas_of(&self, port: u16) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| {
+                cli(self.nodes[i].port, &["INFO", "replication"]).is_ok_and(|info| {
+                    info.contains("role:slave") && info.contains(&format!("master_port:{port}"))
+                })
+            })
+            .collect()
+    }
+
+    /// Freezes node `i` (SIGSTOP).
+    pub fn pause_node(&self, i: usize) {
+        signal_pid(self.nodes[i].child.id(), "-STOP");
+    }
+
+    /// Thaws node `i` (SIGCONT).
+    pub fn resume_node(&self, i: usize) {
+        signal_pid(self.nodes[i].child.id(), "-CONT");
+    }
+
+    /// Kills node `i` (SIGKILL, no save); it stays down.
+    pub fn kill_node(&mut self, i: usize) {
+        let _ = self.nodes[i].child.kill();
+        let _ = self.nodes[i].child.wait();
+    }
+
+    /// Kills node `i` and starts it again on the same port and cluster
+    /// config with its data files removed (it comes back empty, with its
+    /// cluster identity); waits until it answers PING.
+    pub fn restart_node_empty(&mut self, i: usize) {
+        self.kill_node(i);
+        let node = &mut self.nodes[i];
+        for file in ["dump.rdb", "appendonly.aof"] {
+            let _ = std::fs::remove_file(node.dir.path().join(file));
+        }
+        let args: Vec<&str> = node.extra_args.iter().map(String::as_str).collect();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            match spawn_in(node.port, &node.dir, &args) {
+                Ok(child) => {
+                    node.child = child;
+                    if wait_until(Instant::now() + Duration::from_secs(5), || {
+                        cli(node.port, &["PING"]).is_ok_and(|r| r.trim() == "PONG")
+                    })
+                    .is_ok()
+                    {
+                        return;
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
+            assert!(Instant::now() < deadline, "node {} did not restart", node.port);
+        }
     }
 
     fn start_full(replicas: usize, extra_args: &[&str]) -> Self {
@@ -188,10 +292,29 @@ impl Drop for Node {
     }
 }
 
+fn signal_pid(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(signal)
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {pid} failed");
+}
+
 fn spawn_node(port: u16, extra_args: &[&str]) -> Result<Node, String> {
     let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let child = spawn_in(port, &dir, extra_args)?;
+    Ok(Node {
+        port,
+        dir,
+        child,
+        extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
+    })
+}
+
+fn spawn_in(port: u16, dir: &tempfile::TempDir, extra_args: &[&str]) -> Result<Child, String> {
     let path = dir.path();
-    let child = Command::new("redis-server")
+    Command::new("redis-server")
         .args(["--port", &port.to_string()])
         .args(["--bind", "127.0.0.1"])
         .args(["--cluster-enabled", "yes"])
@@ -209,8 +332,7 @@ fn spawn_node(port: u16, extra_args: &[&str]) -> Result<Node, String> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("redis-server must be installed to run these tests: {e}"))?;
-    Ok(Node { port, dir, child })
+        .map_err(|e| format!("redis-server must be installed to run these tests: {e}"))
 }
 
 /// Runs `redis-cli -p port args...` and returns its output.

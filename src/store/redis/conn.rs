@@ -9,7 +9,10 @@ use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_read_routing::RandomReplicaStrategy;
-use ::redis::{Client, Cmd, IntoConnectionInfo, Pipeline, RedisFuture, RedisResult, Value};
+use ::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use ::redis::{
+    Client, Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, Value,
+};
 
 use super::RedisOptions;
 
@@ -22,8 +25,15 @@ pub(super) enum Target {
     /// One Redis server (possibly with replicas behind a failover proxy).
     Single(Client),
     /// A Redis Cluster, reached through any of its nodes (boxed: much larger
-    /// than a single-server client).
-    Cluster(Box<ClusterClient>),
+    /// than a single-server client), and with read-from-replicas a second
+    /// client that reads from the masters only (metadata, and the re-read of
+    /// a replica answer that cannot be proven current).
+    Cluster {
+        /// Reads go where the options say.
+        client: Box<ClusterClient>,
+        /// Only with read-from-replicas: reads from masters.
+        masters: Option<Box<ClusterClient>>,
+    },
 }
 
 /// A connection of either kind. Cheap to clone: clones share the sockets.
@@ -40,6 +50,93 @@ impl Conn {
     pub fn is_cluster(&self) -> bool {
         matches!(self, Conn::Cluster(_))
     }
+}
+
+impl Conn {
+    /// Sends `cmd` to every master (one server: to it), each bounded by
+    /// `limit`; one `(address, result)` per master. On a cluster the masters
+    /// are read from `CLUSTER SLOTS` first (an error there is the only
+    /// entry). A master that fails does not fail the others.
+    pub async fn on_masters(&mut self, cmd: &Cmd, limit: Duration) -> Vec<(String, RedisResult<Value>)> {
+        let bounded = |r: Result<RedisResult<Value>, tokio::time::error::Elapsed>| {
+            r.unwrap_or_else(|_| Err(RedisError::from((ErrorKind::Io, "timed out"))))
+        };
+        let cluster = match self {
+            Conn::Single(c) => {
+                let r = tokio::time::timeout(limit, cmd.query_async::<Value>(c)).await;
+                return vec![(String::new(), bounded(r))];
+            }
+            Conn::Cluster(c) => c,
+        };
+        let slots = tokio::time::timeout(
+            limit,
+            ::redis::cmd("CLUSTER").arg("SLOTS").query_async::<Value>(cluster),
+        )
+        .await;
+        let masters = match bounded(slots) {
+            Ok(v) => cluster_masters(&v),
+            Err(e) => return vec![("cluster slots".to_owned(), Err(e))],
+        };
+        let asks = masters.into_iter().map(|(host, port)| {
+            let mut conn = cluster.clone();
+            let cmd = cmd.clone();
+            async move {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port,
+                });
+                let r = tokio::time::timeout(limit, conn.route_command(cmd, route)).await;
+                (format!("{host}:{port}"), bounded(r))
+            }
+        });
+        futures_util::future::join_all(asks).await
+    }
+}
+
+impl Conn {
+    /// Sends `cmd` to the master `node` (an address from
+    /// [`Conn::on_masters`]; ignored on one server), bounded by `limit`.
+    pub async fn on_node(&mut self, node: &str, cmd: &Cmd, limit: Duration) -> RedisResult<Value> {
+        let sent = match self {
+            Conn::Single(c) => tokio::time::timeout(limit, cmd.query_async::<Value>(c)).await,
+            Conn::Cluster(c) => {
+                let (host, port) = node
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+                    .ok_or_else(|| RedisError::from((ErrorKind::Client, "not a node address")))?;
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+                tokio::time::timeout(limit, c.route_command(cmd.clone(), route)).await
+            }
+        };
+        sent.unwrap_or_else(|_| Err(RedisError::from((ErrorKind::Io, "timed out"))))
+    }
+}
+
+/// The distinct master addresses of a `CLUSTER SLOTS` reply, in order.
+fn cluster_masters(reply: &Value) -> Vec<(String, u16)> {
+    let mut masters: Vec<(String, u16)> = Vec::new();
+    let Value::Array(ranges) = reply else {
+        return masters;
+    };
+    for range in ranges {
+        let Value::Array(parts) = range else { continue };
+        let Some(Value::Array(node)) = parts.get(2) else {
+            continue;
+        };
+        let host = match node.first() {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::SimpleString(s)) => s.clone(),
+            _ => continue,
+        };
+        let Some(Value::Int(port)) = node.get(1) else {
+            continue;
+        };
+        let Ok(port) = u16::try_from(*port) else { continue };
+        if !masters.iter().any(|(h, p)| *h == host && *p == port) {
+            masters.push((host, port));
+        }
+    }
+    masters
 }
 
 impl ConnectionLike for Conn {
@@ -100,15 +197,24 @@ impl Target {
 
     /// A cluster target reached through `urls` (any subset of its nodes).
     pub fn cluster(urls: &[String], opts: &RedisOptions) -> RedisResult<Self> {
-        let mut builder = ClusterClientBuilder::new(urls.iter().map(String::as_str))
-            .connection_timeout(connect_attempt(opts))
-            // As for one server: a last resort; every call has its own bound.
-            .response_timeout(opts.bulk_timeout)
-            .max_retry_wait(1_000);
+        let builder = || {
+            ClusterClientBuilder::new(urls.iter().map(String::as_str))
+                .connection_timeout(connect_attempt(opts))
+                // As for one server: a last resort; every call has its own bound.
+                .response_timeout(opts.bulk_timeout)
+                .max_retry_wait(1_000)
+        };
         if opts.read_from_replicas {
-            builder = builder.read_routing_strategy(RandomReplicaStrategy);
+            Ok(Target::Cluster {
+                client: Box::new(builder().read_routing_strategy(RandomReplicaStrategy).build()?),
+                masters: Some(Box::new(builder().build()?)),
+            })
+        } else {
+            Ok(Target::Cluster {
+                client: Box::new(builder().build()?),
+                masters: None,
+            })
         }
-        builder.build().map(|c| Target::Cluster(Box::new(c)))
     }
 
     /// The passwords of the target's URLs (removed from error messages).
@@ -128,10 +234,24 @@ impl Target {
                     .await
                     .map(Conn::Single)
             }
-            Target::Cluster(client) => client
+            Target::Cluster { client, .. } => client
                 .get_async_connection_with_config(cluster_config(opts))
                 .await
                 .map(Conn::Cluster),
+        }
+    }
+
+    /// A connection that reads from masters only, connecting on first use;
+    /// `None` if reads already go to masters (use the read connection).
+    pub fn connect_lazy_masters(&self, opts: &RedisOptions) -> Option<Conn> {
+        match self {
+            Target::Cluster {
+                masters: Some(client),
+                ..
+            } => Some(Conn::Cluster(
+                client.get_pending_async_connection_with_config(cluster_config(opts)),
+            )),
+            _ => None,
         }
     }
 
@@ -142,7 +262,7 @@ impl Target {
                 ConnectionManager::new_lazy_with_config(client.clone(), manager_config(opts))
                     .map(Conn::Single)
             }
-            Target::Cluster(client) => Ok(Conn::Cluster(
+            Target::Cluster { client, .. } => Ok(Conn::Cluster(
                 client.get_pending_async_connection_with_config(cluster_config(opts)),
             )),
         }

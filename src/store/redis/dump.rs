@@ -19,13 +19,25 @@ const LP_HEADER_SIZE: usize = 6;
 const LP_EOF: u8 = 0xFF;
 const LP_NUMELE_UNKNOWN: u16 = u16::MAX;
 
-/// Appends to `out` the DUMP payload of a hash of integer fields and values.
-pub(super) fn hash_payload(pairs: impl Iterator<Item = (i64, i64)>, out: &mut Vec<u8>) {
+/// Appends to `out` the DUMP payload of a hash of integer fields and values,
+/// followed by the bucket sentinel field `sentinel.0` (a short non-numeric
+/// name) with the integer value `sentinel.1`, if given: the same listpack
+/// HSET of the fields and then of the sentinel builds.
+pub(super) fn hash_payload(
+    pairs: impl Iterator<Item = (i64, i64)>,
+    sentinel: Option<(&str, i64)>,
+    out: &mut Vec<u8>,
+) {
     let mut lp = Vec::with_capacity(LP_HEADER_SIZE + 10 * 256);
     lp.extend_from_slice(&[0; LP_HEADER_SIZE]);
     let mut elements = 0usize;
     for (field, value) in pairs {
         push_int(&mut lp, field);
+        push_int(&mut lp, value);
+        elements += 2;
+    }
+    if let Some((name, value)) = sentinel {
+        push_short_str(&mut lp, name.as_bytes());
         push_int(&mut lp, value);
         elements += 2;
     }
@@ -71,6 +83,17 @@ fn push_int(lp: &mut Vec<u8>, v: i64) {
     }
     // Integer entries are at most 9 bytes: a one-byte back-length.
     lp.push((lp.len() - start) as u8);
+}
+
+/// One listpack string entry of at most 63 bytes (6-bit length encoding)
+/// that does not look like an integer (Redis would store that as one).
+fn push_short_str(lp: &mut Vec<u8>, s: &[u8]) {
+    debug_assert!(s.len() < 64, "short strings only");
+    let len = s.len().min(63);
+    lp.push(0x80 | len as u8);
+    lp.extend_from_slice(&s[..len]);
+    // Entry size 1 + len < 128: a one-byte back-length.
+    lp.push((1 + len) as u8);
 }
 
 /// An RDB length (big-endian forms, as Redis writes them).
@@ -154,7 +177,7 @@ mod tests {
     #[test]
     fn payload_shape() {
         let mut out = Vec::new();
-        hash_payload([(5, 20_000)].into_iter(), &mut out);
+        hash_payload([(5, 20_000)].into_iter(), None, &mut out);
         // type, length 13, listpack (6 header + 2 + 4 + EOF), version, crc.
         assert_eq!(out[0], 16);
         assert_eq!(out[1], 13);
@@ -165,5 +188,16 @@ mod tests {
         assert_eq!(out.len(), 17 + 8);
         let crc = crc64(0, &out[..17]);
         assert_eq!(&out[17..], &crc.to_le_bytes());
+    }
+
+    #[test]
+    fn sentinel_is_a_short_string_entry() {
+        let mut out = Vec::new();
+        hash_payload(std::iter::empty(), Some(("_g", 7)), &mut out);
+        // type, length, listpack (6 header + 4 + 2 + EOF).
+        assert_eq!(out[1], 13);
+        assert_eq!(&out[2..8], &[13, 0, 0, 0, 2, 0]);
+        assert_eq!(&out[8..14], &[0x82, b'_', b'g', 3, 7, 1]);
+        assert_eq!(out[14], LP_EOF);
     }
 }

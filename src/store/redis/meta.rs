@@ -7,8 +7,21 @@ use std::sync::Arc;
 use crate::domain::{Date, MirrorMeta, Prefix};
 use crate::store::StoreError;
 
-/// The layout version this code reads and writes (field `layout`).
-pub(super) const LAYOUT_VERSION: &str = "1";
+/// The layout version this code writes (field `layout`): `2` has a sentinel
+/// field in every bucket (see [`SENTINEL`]).
+pub(super) const LAYOUT_VERSION: &str = "2";
+/// The layout before bucket sentinels; still read (without the sentinel
+/// check, a warning is logged) so that a mirror written by an older importer
+/// keeps answering until the next snapshot.
+pub(super) const LAYOUT_LEGACY: &str = "1";
+
+/// The sentinel field of every bucket hash of a layout-2 generation: its
+/// value is the generation id. A lookup reads it with the number's field;
+/// if it is missing (bucket evicted or deleted, Redis lost its data) or
+/// names another generation (a stale replica, a switch this process has
+/// not seen), the read proves nothing. Non-numeric, so it never collides
+/// with a number's field.
+pub(super) const SENTINEL: &str = "_g";
 
 /// The most buckets a generation may have (records are indexed by `u32`).
 pub(super) const MAX_NBUCKETS: u64 = u32::MAX as u64;
@@ -69,6 +82,8 @@ pub(super) struct Current {
     /// The membership filter, if one is complete for exactly this generation
     /// and sequence.
     pub bloom: Option<BloomParams>,
+    /// True if every bucket carries the [`SENTINEL`] field (layout 2).
+    pub sentinel: bool,
 }
 
 /// Everything the metadata hash says.
@@ -138,13 +153,16 @@ impl Fields {
 /// missing). Without a `generation` field the mirror is empty.
 pub(super) fn parse(raw: HashMap<Vec<u8>, Vec<u8>>) -> Result<StoredMeta, StoreError> {
     let f = Fields(raw);
-    if let Some(layout) = f.text(field::LAYOUT)?
+    let layout = f.text(field::LAYOUT)?;
+    if let Some(layout) = layout
         && layout != LAYOUT_VERSION
+        && layout != LAYOUT_LEGACY
     {
         return Err(corrupt(format_args!(
-            "layout {layout:?} is not supported (this version reads layout {LAYOUT_VERSION})"
+            "layout {layout:?} is not supported (this version reads layouts {LAYOUT_LEGACY} and {LAYOUT_VERSION})"
         )));
     }
+    let sentinel = layout == Some(LAYOUT_VERSION);
     let pending = f.generation(field::PENDING_GENERATION, field::PENDING_NBUCKETS)?;
     let reclaim = f.generation(field::RECLAIM_GENERATION, field::RECLAIM_NBUCKETS)?;
     let Some(generation) = f.generation(field::GENERATION, field::NBUCKETS)? else {
@@ -154,6 +172,10 @@ pub(super) fn parse(raw: HashMap<Vec<u8>, Vec<u8>>) -> Result<StoredMeta, StoreE
             reclaim,
         });
     };
+    if layout.is_none() {
+        // Every version writes it with the generation: a hand-edited hash.
+        return Err(corrupt("field layout is missing"));
+    }
     let prefixes = f.required(field::PREFIXES)?;
     let prefixes = if prefixes.is_empty() {
         Vec::new()
@@ -181,6 +203,7 @@ pub(super) fn parse(raw: HashMap<Vec<u8>, Vec<u8>>) -> Result<StoredMeta, StoreE
             generation,
             meta: Arc::new(meta),
             bloom,
+            sentinel,
         }),
         pending,
         reclaim,
@@ -269,6 +292,7 @@ mod tests {
         assert_eq!(current.generation, g);
         assert_eq!(*current.meta, sample());
         assert!(current.bloom.is_none());
+        assert!(current.sentinel, "new generations carry sentinels");
         assert!(stored.pending.is_none() && stored.reclaim.is_none());
     }
 
@@ -312,7 +336,8 @@ mod tests {
             raw(&[("generation", "x"), ("nbuckets", "1")]),
             raw(&[("generation", "1")]),
             raw(&[("generation", "1"), ("nbuckets", "0")]),
-            raw(&[("layout", "2")]),
+            raw(&[("layout", "3")]),
+            raw(&[("generation", "1"), ("nbuckets", "1")]),
             raw(&[("generation", "1"), ("nbuckets", "1"), ("sequence", "1")]),
         ] {
             assert!(matches!(parse(bad), Err(StoreError::Corrupt(_))));

@@ -184,6 +184,12 @@ pub struct RedisOptions {
     /// process and answer lookups of numbers it rules out without asking
     /// Redis (default true; costs about 1.25 bytes of memory per record).
     pub membership_filter: bool,
+    /// How long an import waits for every replica to acknowledge its
+    /// writes (`WAIT`) before it switches the generation or the sequence,
+    /// and before it deletes a replaced generation (default 10 s). A
+    /// snapshot or delta whose writes are not replicated in time fails,
+    /// with the metadata unswitched.
+    pub replication_timeout: Duration,
 }
 
 impl Default for RedisOptions {
@@ -197,6 +203,7 @@ impl Default for RedisOptions {
             connect_timeout: Duration::from_secs(5),
             read_from_replicas: false,
             membership_filter: true,
+            replication_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -272,6 +279,21 @@ struct Inner {
     filter_loading: AtomicBool,
     /// When the last filter download failed (ms since `started`; 0: never).
     filter_failed_ms: AtomicU64,
+    /// With read-from-replicas on a cluster: a connection that reads from
+    /// masters (metadata, and re-reads of unproven replica answers).
+    masters: ArcSwapOption<Conn>,
+    /// Bumped whenever a connection to Redis broke: the cached metadata is
+    /// then unconfirmed until a metadata read that started after it.
+    epoch: AtomicU64,
+    /// Why Redis is unsafe to answer from (e.g. a maxmemory-policy that
+    /// evicts keys); lookups fail while set.
+    unsafe_reason: ArcSwapOption<String>,
+    /// The run ids of the masters last seen (restart / failover detection).
+    run_ids: std::sync::Mutex<Option<Vec<(String, String)>>>,
+    /// Reads whose bucket sentinel did not prove them (counted).
+    unproven_reads: AtomicU64,
+    /// Once-only warnings (policy unknown or volatile, legacy layout).
+    warned: std::sync::Mutex<std::collections::HashSet<&'static str>>,
     /// Dropped with the store: stops the refresh task.
     _stop: oneshot::Sender<()>,
 }
@@ -310,19 +332,14 @@ impl RedisStore {
         secrets: Vec<String>,
         opts: RedisOptions,
     ) -> Result<Self, StoreError> {
-        let slowest_reader = opts.meta_refresh * 2 + opts.timeout;
-        if opts.reclaim_grace <= slowest_reader {
-            tracing::warn!(
-                reclaim_grace = ?opts.reclaim_grace,
-                meta_refresh = ?opts.meta_refresh,
-                "reclaim_grace should exceed 2 x meta_refresh + timeout: a lagging reader could miss a replaced generation"
-            );
-        }
+        let mut opts = opts;
+        opts.reclaim_grace = effective_reclaim_grace(&opts);
         let conn = tokio::time::timeout(opts.connect_timeout, target.connect(&opts))
             .await
             .map_err(|_| StoreError::Timeout(opts.connect_timeout))?
             .map_err(|e| unavailable(&secrets, &e))?;
         let (stop_tx, stop_rx) = oneshot::channel();
+        let masters = target_masters(&target, &opts);
         let inner = Arc::new(Inner {
             target,
             conn: ArcSwap::from_pointee(conn),
@@ -335,9 +352,16 @@ impl RedisStore {
             filter: ArcSwapOption::empty(),
             filter_loading: AtomicBool::new(false),
             filter_failed_ms: AtomicU64::new(0),
+            masters: ArcSwapOption::from(masters),
+            epoch: AtomicU64::new(0),
+            unsafe_reason: ArcSwapOption::empty(),
+            run_ids: std::sync::Mutex::new(None),
+            unproven_reads: AtomicU64::new(0),
+            warned: std::sync::Mutex::new(std::collections::HashSet::new()),
             _stop: stop_tx,
             opts,
         });
+        inner.check_nodes().await;
         inner.refresh().await?;
         inner.maybe_load_filter();
         tokio::spawn(refresh_loop(
@@ -358,9 +382,28 @@ impl RedisStore {
             .map(|f| (f.generation, f.sequence))
     }
 
+    /// Why this store refuses to answer from Redis right now (e.g. Redis'
+    /// `maxmemory-policy` can evict the mirror's keys); `None`: safe.
+    pub fn unsafe_reason(&self) -> Option<String> {
+        self.inner.unsafe_reason.load().as_deref().cloned()
+    }
+
+    /// Reads so far whose bucket sentinel did not prove them (bucket
+    /// missing, or of another generation); each was retried on the master
+    /// with fresh metadata or answered UNAVAILABLE, never "no record".
+    pub fn unproven_reads(&self) -> u64 {
+        self.inner.unproven_reads.load(Ordering::Relaxed)
+    }
+
+    /// The reclaim grace this store uses (the configured one, raised to at
+    /// least `3 × meta_refresh + timeout`).
+    pub fn reclaim_grace(&self) -> Duration {
+        self.inner.opts.reclaim_grace
+    }
+
     /// True if this store talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.inner.target, Target::Cluster(_))
+        matches!(self.inner.target, Target::Cluster { .. })
     }
 
     /// Redis' `used_memory` (INFO memory), in bytes: for benchmarks. On a
@@ -439,9 +482,27 @@ impl Inner {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(limit, cmd.query_async(conn)).await {
             Err(_) => Err(StoreError::Timeout(limit)),
-            Ok(Err(e)) => Err(self.unavailable(&e)),
+            Ok(Err(e)) => Err(self.failed(&e)),
             Ok(Ok(v)) => Ok(v),
         }
+    }
+
+    /// The error of a failed call; a broken connection also makes the
+    /// cached metadata unconfirmed (see [`Inner::connection_lost`]).
+    fn failed(&self, e: &RedisError) -> StoreError {
+        if e.is_unrecoverable_error() || e.is_io_error() || e.is_connection_dropped() {
+            self.connection_lost();
+        }
+        self.unavailable(e)
+    }
+
+    /// A connection broke: Redis may have restarted (possibly empty, or
+    /// from an older save) behind it, and the client library reconnects
+    /// silently. Until a metadata read that starts after this confirms the
+    /// generation, no lookup is answered from the cache or the filter.
+    fn connection_lost(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.refreshed_ms.store(0, Ordering::Release);
     }
 
     /// Sends one pipeline on `conn`, bounded by `limit`.
@@ -453,17 +514,31 @@ impl Inner {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(limit, pipe.query_async(conn)).await {
             Err(_) => Err(StoreError::Timeout(limit)),
-            Ok(Err(e)) => Err(self.unavailable(&e)),
+            Ok(Err(e)) => Err(self.failed(&e)),
             Ok(Ok(v)) => Ok(v),
         }
     }
 
-    /// Reads the whole metadata hash.
+    /// A connection that reads from masters (on a cluster with
+    /// read-from-replicas, a second one; else the read connection).
+    fn master_conn(&self) -> Conn {
+        match self.masters.load().as_deref() {
+            Some(conn) => conn.clone(),
+            None => self.conn(),
+        }
+    }
+
+    /// Reads the whole metadata hash (from the master: a replica may lag).
     async fn read_meta(&self, limit: Duration) -> Result<StoredMeta, StoreError> {
         let mut cmd = ::redis::cmd("HGETALL");
         cmd.arg(&self.keys.meta);
-        let raw: HashMap<Vec<u8>, Vec<u8>> = self.query(&cmd, limit).await?;
+        let raw: HashMap<Vec<u8>, Vec<u8>> = self.query_on(&mut self.master_conn(), &cmd, limit).await?;
         meta::parse(raw)
+    }
+
+    /// Logs `message` once per process for `key`.
+    fn warn_once(&self, key: &'static str) -> bool {
+        self.warned.lock().map(|mut w| w.insert(key)).unwrap_or(false)
     }
 
     fn now_ms(&self) -> u64 {
@@ -478,7 +553,16 @@ impl Inner {
 
     async fn refresh_locked(&self) -> Result<Option<Arc<Current>>, StoreError> {
         let read_at = self.now_ms();
+        let epoch = self.epoch.load(Ordering::Acquire);
         let stored = self.read_meta(self.opts.timeout).await?;
+        if let Some(current) = &stored.current
+            && !current.sentinel
+            && self.warn_once("legacy_layout")
+        {
+            tracing::warn!(
+                "the redis mirror was written without bucket sentinels (layout 1): lost buckets cannot be detected until the next snapshot import"
+            );
+        }
         let current = stored.current.map(Arc::new);
         let previous = self.current.swap(current.clone());
         let before = previous.as_ref().map(|c| (c.generation.id, c.meta.sequence));
@@ -491,31 +575,129 @@ impl Inner {
                 "redis mirror metadata changed"
             );
         }
-        self.refreshed_ms.fetch_max(read_at.max(1), Ordering::Relaxed);
+        // A connection that broke while this read was on its way leaves the
+        // cache unconfirmed.
+        if self.epoch.load(Ordering::Acquire) == epoch {
+            self.refreshed_ms.fetch_max(read_at.max(1), Ordering::AcqRel);
+        }
         Ok(current)
     }
 
     /// The cached generation, refreshed first if the cache is too old to be
     /// trusted (the background refresh has been failing).
     async fn current(&self) -> Result<Option<Arc<Current>>, StoreError> {
-        let max_age = self.max_cache_age_ms();
-        if self
-            .now_ms()
-            .saturating_sub(self.refreshed_ms.load(Ordering::Relaxed))
-            <= max_age
-        {
+        if let Some(reason) = self.unsafe_reason.load().as_deref() {
+            return Err(StoreError::Unavailable(format!(
+                "redis is unsafe to answer from: {reason}"
+            )));
+        }
+        if self.cache_fresh() {
             return Ok(self.current.load_full());
         }
         let _serial = self.refresh_lock.lock().await;
         // Someone else may have refreshed while we waited.
-        if self
-            .now_ms()
-            .saturating_sub(self.refreshed_ms.load(Ordering::Relaxed))
-            <= max_age
-        {
+        if self.cache_fresh() {
             return Ok(self.current.load_full());
         }
         self.refresh_locked().await
+    }
+
+    /// True if the cache was confirmed by a metadata read recently enough
+    /// (and no connection broke since).
+    fn cache_fresh(&self) -> bool {
+        let refreshed = self.refreshed_ms.load(Ordering::Acquire);
+        refreshed != 0 && self.now_ms().saturating_sub(refreshed) <= self.max_cache_age_ms()
+    }
+
+    /// The metadata to retry an unproven read with: re-read from the master
+    /// unless a read that started after `since` (ms) already did.
+    async fn recheck(&self, since: u64) -> Result<Option<Arc<Current>>, StoreError> {
+        let _serial = self.refresh_lock.lock().await;
+        if self.refreshed_ms.load(Ordering::Acquire) > since {
+            return Ok(self.current.load_full());
+        }
+        self.refresh_locked().await
+    }
+
+    /// Reads, on every master, the run id (a restart or a failover changes
+    /// it) and the `maxmemory-policy` (one that can evict the mirror's keys
+    /// makes the store unsafe: lookups fail, health is NOT_SERVING). A
+    /// master that does not answer keeps its last state; `CONFIG` disabled
+    /// or renamed (managed Redis) is "unknown": logged once, and served
+    /// (bucket sentinels still turn an evicted bucket into UNAVAILABLE).
+    async fn check_nodes(&self) {
+        let limit = self.opts.timeout;
+        let mut conn = self.master_conn();
+        let mut info = ::redis::cmd("INFO");
+        info.arg("server");
+        let mut policy = ::redis::cmd("CONFIG");
+        policy.arg("GET").arg("maxmemory-policy");
+        let (infos, policies) = {
+            let mut other = conn.clone();
+            futures_util::join!(conn.on_masters(&info, limit), other.on_masters(&policy, limit))
+        };
+        let mut ids: Vec<(String, String)> = infos
+            .into_iter()
+            .filter_map(|(node, r)| Some((node, info_field(&r.ok()?, "run_id")?)))
+            .collect();
+        ids.sort();
+        if !ids.is_empty()
+            && let Ok(mut seen) = self.run_ids.lock()
+        {
+            if let Some(before) = seen.as_ref()
+                && *before != ids
+            {
+                tracing::warn!(
+                    "a redis master restarted or failed over (run id changed): re-reading the metadata before the next answer"
+                );
+                self.connection_lost();
+            }
+            *seen = Some(ids);
+        }
+        let mut unsafe_nodes = Vec::new();
+        let mut answered = false;
+        for (node, reply) in policies {
+            match reply.as_ref().map(config_value) {
+                Ok(Some(p)) => {
+                    answered = true;
+                    if p.starts_with("allkeys-") {
+                        unsafe_nodes.push(format!(
+                            "{p} on {}",
+                            if node.is_empty() { "redis" } else { &node }
+                        ));
+                    } else if p.starts_with("volatile-") && self.warn_once("volatile_policy") {
+                        tracing::warn!(
+                            policy = %p,
+                            "redis maxmemory-policy evicts keys with a TTL only: the mirror's keys have none, served"
+                        );
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    if reply.as_ref().is_err_and(|e| e.kind() == ::redis::ErrorKind::Io) {
+                        continue; // node down: keep the last state
+                    }
+                    if self.warn_once("policy_unknown") {
+                        tracing::warn!(
+                            "cannot read redis' maxmemory-policy (CONFIG disabled or renamed?): make sure it is noeviction; served, lost buckets still answer UNAVAILABLE"
+                        );
+                    }
+                }
+            }
+        }
+        if !unsafe_nodes.is_empty() {
+            let reason = format!(
+                "maxmemory-policy {} can evict the mirror's keys (set noeviction)",
+                unsafe_nodes.join(", ")
+            );
+            let changed = self.unsafe_reason.load().as_deref() != Some(&reason);
+            if changed {
+                tracing::error!(reason = %reason, "redis is unsafe: lookups answer UNAVAILABLE, health is NOT_SERVING");
+                self.unsafe_reason.store(Some(Arc::new(reason)));
+            }
+        } else if answered && self.unsafe_reason.load().is_some() {
+            tracing::info!("redis maxmemory-policy is safe again");
+            self.unsafe_reason.store(None);
+        }
     }
 
     fn max_cache_age_ms(&self) -> u64 {
@@ -524,6 +706,9 @@ impl Inner {
 
     /// Replaces the read connection (the old one stopped answering).
     fn reset_connection(&self) {
+        self.connection_lost();
+        self.masters
+            .store(self.target.connect_lazy_masters(&self.opts).map(Arc::new));
         match self.target.connect_lazy(&self.opts) {
             Ok(conn) => {
                 self.conn.store(Arc::new(conn));
@@ -645,6 +830,7 @@ async fn refresh_loop(inner: Weak<Inner>, mut stop: oneshot::Receiver<()>, perio
             _ = ticks.tick() => {}
         }
         let Some(inner) = inner.upgrade() else { return };
+        inner.check_nodes().await;
         match inner.refresh().await {
             Ok(_) => {
                 inner.maybe_load_filter();
@@ -671,6 +857,72 @@ async fn refresh_loop(inner: Weak<Inner>, mut stop: oneshot::Receiver<()>, perio
     }
 }
 
+/// A field of an `INFO` reply (`name:value` lines).
+pub(super) fn info_field(reply: &Value, name: &str) -> Option<String> {
+    let text = match reply {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::VerbatimString { text, .. } => text.clone(),
+        Value::SimpleString(s) => s.clone(),
+        _ => return None,
+    };
+    text.lines().find_map(|l| {
+        l.strip_prefix(name)?
+            .strip_prefix(':')
+            .map(|v| v.trim().to_owned())
+    })
+}
+
+/// The value of a `CONFIG GET name` reply (an array `[name, value]` or a map).
+fn config_value(reply: &Value) -> Option<String> {
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    match reply {
+        Value::Array(items) => items.get(1).and_then(text),
+        Value::Map(pairs) => pairs.first().and_then(|(_, v)| text(v)),
+        _ => None,
+    }
+}
+
+/// The reclaim grace a store uses: the configured one, raised to at least
+/// `3 × meta_refresh + timeout` (a reader's cache lags at most
+/// `2 × meta_refresh` plus one read).
+fn effective_reclaim_grace(opts: &RedisOptions) -> Duration {
+    opts.reclaim_grace.max(opts.meta_refresh * 3 + opts.timeout)
+}
+
+/// The masters-only connection of a cluster with read-from-replicas.
+fn target_masters(target: &Target, opts: &RedisOptions) -> Option<Arc<Conn>> {
+    target.connect_lazy_masters(opts).map(Arc::new)
+}
+
+/// One answer of `HMGET bucket field _g`: the number's date if the bucket
+/// sentinel proves the read (`Ok(None)`: the read proves nothing).
+fn proven_day(current: &Current, reply: Value) -> Result<Option<Option<Date>>, StoreError> {
+    let mut items = match reply {
+        Value::Array(items) if items.len() == 2 => items,
+        _ => return Err(StoreError::Unavailable("redis: unexpected HMGET reply".into())),
+    };
+    let sentinel = items.pop().unwrap_or(Value::Nil);
+    let value = items.pop().unwrap_or(Value::Nil);
+    if current.sentinel {
+        let id = current.generation.id;
+        let names_current = match &sentinel {
+            Value::BulkString(b) => {
+                std::str::from_utf8(b).ok().and_then(|t| t.parse::<u64>().ok()) == Some(id)
+            }
+            Value::Int(i) => u64::try_from(*i).ok() == Some(id),
+            _ => false,
+        };
+        if !names_current {
+            return Ok(None);
+        }
+    }
+    parse_day(value).map(Some)
+}
+
 /// A stored date (days since 1970-01-01); `Nil` is no record.
 fn parse_day(value: Value) -> Result<Option<Date>, StoreError> {
     let days = match value {
@@ -686,31 +938,35 @@ fn parse_day(value: Value) -> Result<Option<Date>, StoreError> {
 impl RedisStore {
     async fn lookup_unbounded(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
         let inner = &self.inner;
+        let started = inner.now_ms();
         let Some(current) = inner.current().await? else {
             return Ok(Lookup {
                 found: None,
                 meta: None,
             });
         };
-        if inner
-            .usable_filter(&current)
-            .is_some_and(|f| !f.filter.may_contain(number.value()))
-        {
-            // Certainly no record: no round trip.
+        if let Some(found) = inner.read_one(&mut inner.conn(), &current, number).await? {
             return Ok(Lookup {
-                found: None,
+                found,
                 meta: Some(current.meta.clone()),
             });
         }
-        let (bucket, field) = current.generation.locate(number.value());
-        let mut cmd = ::redis::cmd("HGET");
-        cmd.arg(inner.keys.bucket(current.generation.id, bucket))
-            .arg(field);
-        let value: Value = inner.query(&cmd, inner.opts.timeout).await?;
-        Ok(Lookup {
-            found: parse_day(value)?,
-            meta: Some(current.meta.clone()),
-        })
+        // The bucket's sentinel is missing or names another generation:
+        // re-read the metadata and the bucket from the master, once.
+        inner.unproven_reads.fetch_add(1, Ordering::Relaxed);
+        let Some(current) = inner.recheck(started).await? else {
+            return Ok(Lookup {
+                found: None,
+                meta: None,
+            });
+        };
+        match inner.read_one(&mut inner.master_conn(), &current, number).await? {
+            Some(found) => Ok(Lookup {
+                found,
+                meta: Some(current.meta.clone()),
+            }),
+            None => Err(unproven(&current)),
+        }
     }
 
     /// See [`batch_timeout`].
@@ -719,14 +975,80 @@ impl RedisStore {
         all: &[PhoneNumber],
     ) -> Result<Lookup<Vec<Option<Date>>>, StoreError> {
         let inner = &self.inner;
+        let started = inner.now_ms();
         let Some(current) = inner.current().await? else {
             return Ok(Lookup {
                 found: vec![None; all.len()],
                 meta: None,
             });
         };
+        if let Some(found) = inner.read_many(inner.conn(), &current, all).await? {
+            return Ok(Lookup {
+                found,
+                meta: Some(current.meta.clone()),
+            });
+        }
+        inner.unproven_reads.fetch_add(1, Ordering::Relaxed);
+        let Some(current) = inner.recheck(started).await? else {
+            return Ok(Lookup {
+                found: vec![None; all.len()],
+                meta: None,
+            });
+        };
+        match inner.read_many(inner.master_conn(), &current, all).await? {
+            Some(found) => Ok(Lookup {
+                found,
+                meta: Some(current.meta.clone()),
+            }),
+            None => Err(unproven(&current)),
+        }
+    }
+}
+
+/// The error of a read that stayed unproven on the master with fresh
+/// metadata: the bucket is gone (evicted, deleted, Redis lost data).
+fn unproven(current: &Current) -> StoreError {
+    StoreError::Unavailable(format!(
+        "redis: a bucket of generation {} has no sentinel (evicted, deleted or lost): its numbers cannot be answered",
+        current.generation.id
+    ))
+}
+
+impl Inner {
+    /// One number: `Ok(None)` if the bucket's sentinel does not prove the
+    /// read. A number the loaded filter rules out needs no round trip.
+    async fn read_one(
+        &self,
+        conn: &mut Conn,
+        current: &Current,
+        number: PhoneNumber,
+    ) -> Result<Option<Option<Date>>, StoreError> {
+        if self
+            .usable_filter(current)
+            .is_some_and(|f| !f.filter.may_contain(number.value()))
+        {
+            // Certainly no record: no round trip.
+            return Ok(Some(None));
+        }
+        let (bucket, field) = current.generation.locate(number.value());
+        let mut cmd = ::redis::cmd("HMGET");
+        cmd.arg(self.keys.bucket(current.generation.id, bucket))
+            .arg(field)
+            .arg(meta::SENTINEL);
+        let reply: Value = self.query_on(conn, &cmd, self.opts.timeout).await?;
+        proven_day(current, reply)
+    }
+
+    /// Many numbers, in the order asked: `Ok(None)` if any bucket's
+    /// sentinel does not prove its read.
+    async fn read_many(
+        &self,
+        conn: Conn,
+        current: &Current,
+        all: &[PhoneNumber],
+    ) -> Result<Option<Vec<Option<Date>>>, StoreError> {
         // Only the numbers the filter does not rule out go to Redis.
-        let filter = inner.usable_filter(&current);
+        let filter = self.usable_filter(current);
         let (indexes, numbers): (Vec<usize>, Vec<PhoneNumber>) = all
             .iter()
             .enumerate()
@@ -735,13 +1057,9 @@ impl RedisStore {
             .unzip();
         let mut found = vec![None; all.len()];
         if numbers.is_empty() {
-            return Ok(Lookup {
-                found,
-                meta: Some(current.meta.clone()),
-            });
+            return Ok(Some(found));
         }
-        let conn = inner.conn();
-        let budget = batch_timeout(inner.opts.timeout, all.len());
+        let budget = batch_timeout(self.opts.timeout, all.len());
         let values: Vec<Value> = if conn.is_cluster() {
             // A pipeline must stay inside one slot and a batch's buckets are
             // spread over all of them: one pipeline per slot, all sent at
@@ -750,17 +1068,17 @@ impl RedisStore {
             let mut by_slot: HashMap<u16, (::redis::Pipeline, Vec<usize>)> = HashMap::new();
             for (i, number) in numbers.iter().enumerate() {
                 let (bucket, field) = current.generation.locate(number.value());
-                let key = inner.keys.bucket(current.generation.id, bucket);
+                let key = self.keys.bucket(current.generation.id, bucket);
                 let (pipe, indexes) = by_slot
                     .entry(conn::key_slot(key.as_bytes()))
                     .or_insert_with(|| (::redis::pipe(), Vec::new()));
-                pipe.cmd("HGET").arg(key).arg(field);
+                pipe.cmd("HMGET").arg(key).arg(field).arg(meta::SENTINEL);
                 indexes.push(i);
             }
             let answers = futures_util::future::try_join_all(by_slot.into_values().map(|(pipe, indexes)| {
                 let mut conn = conn.clone();
                 async move {
-                    let values: Vec<Value> = inner.pipeline_on(&mut conn, &pipe, budget).await?;
+                    let values: Vec<Value> = self.pipeline_on(&mut conn, &pipe, budget).await?;
                     Ok::<_, StoreError>((indexes, values))
                 }
             }))
@@ -786,11 +1104,12 @@ impl RedisStore {
             let mut pipe = ::redis::pipe();
             for number in &numbers {
                 let (bucket, field) = current.generation.locate(number.value());
-                pipe.cmd("HGET")
-                    .arg(inner.keys.bucket(current.generation.id, bucket))
-                    .arg(field);
+                pipe.cmd("HMGET")
+                    .arg(self.keys.bucket(current.generation.id, bucket))
+                    .arg(field)
+                    .arg(meta::SENTINEL);
             }
-            inner.pipeline_on(&mut conn.clone(), &pipe, budget).await?
+            self.pipeline_on(&mut conn.clone(), &pipe, budget).await?
         };
         if values.len() != numbers.len() {
             return Err(StoreError::Unavailable(format!(
@@ -800,12 +1119,12 @@ impl RedisStore {
             )));
         }
         for (i, value) in indexes.into_iter().zip(values) {
-            found[i] = parse_day(value)?;
+            match proven_day(current, value)? {
+                Some(day) => found[i] = day,
+                None => return Ok(None),
+            }
         }
-        Ok(Lookup {
-            found,
-            meta: Some(current.meta.clone()),
-        })
+        Ok(Some(found))
     }
 }
 
@@ -840,14 +1159,30 @@ impl Store for RedisStore {
         Ok(self.inner.refresh().await?.map(|c| c.meta.clone()))
     }
 
+    /// One server: PING. A cluster: PING on every master, fine if any
+    /// answers (the others' shards answer UNAVAILABLE per call while they
+    /// fail over; one shard down must not pull every server out of a load
+    /// balancer).
     async fn ping(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let reply: Value = inner.query(&::redis::cmd("PING"), inner.opts.timeout).await?;
-        match reply {
-            Value::SimpleString(s) if s == "PONG" => Ok(()),
-            Value::BulkString(b) if b == b"PONG" => Ok(()),
-            _ => Err(StoreError::Unavailable("redis: unexpected PING reply".into())),
+        let pongs = inner
+            .conn()
+            .on_masters(&::redis::cmd("PING"), inner.opts.timeout)
+            .await;
+        let mut last = StoreError::Unavailable("redis: no master answered PING".into());
+        for (_, reply) in pongs {
+            match reply {
+                Ok(Value::SimpleString(s)) if s == "PONG" => return Ok(()),
+                Ok(Value::BulkString(b)) if b == b"PONG" => return Ok(()),
+                Ok(_) => last = StoreError::Unavailable("redis: unexpected PING reply".into()),
+                Err(e) => last = inner.unavailable(&e),
+            }
         }
+        Err(last)
+    }
+
+    fn unsafe_reason(&self) -> Option<String> {
+        RedisStore::unsafe_reason(self)
     }
 
     async fn apply_snapshot(

@@ -39,12 +39,20 @@ const LOCK_RENEW: Duration = Duration::from_secs(3);
 const CLEANUP_BUDGET: Duration = Duration::from_secs(20);
 
 /// Sets each field only if it is new or its date is later; returns how many
-/// fields were new. KEYS[1] = a bucket; ARGV = field, day, field, day, ...
+/// fields were new. KEYS[1] = a bucket; ARGV[1] = the generation id its
+/// sentinel must name ('' for a layout-1 generation without sentinels);
+/// ARGV[2..] = field, day, field, day, ... Returns -1 without writing if
+/// the bucket has no sentinel or another one: every bucket was written with
+/// its sentinel by the snapshot, so the bucket was lost (evicted, deleted);
+/// re-creating it with the delta's numbers alone would hide the loss.
 static MERGE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], '_g') ~= ARGV[1] then
+  return -1
+end
 local added = 0
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
   if not cur then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
@@ -571,6 +579,17 @@ async fn snapshot_locked(
         }
     };
     let written = started.elapsed();
+    // Every replica holds the new generation before any reader can be sent
+    // to it; otherwise the import fails with the metadata unswitched.
+    if let Err(e) = async {
+        wait_replicas(inner, &mut bulk, "snapshot's writes").await?;
+        lock.ensure_held()
+    }
+    .await
+    {
+        abandon_pending(inner, &mut bulk, generation).await;
+        return Err(e);
+    }
 
     let mut invocation = SWITCH.key(&inner.keys.meta);
     invocation
@@ -589,7 +608,7 @@ async fn snapshot_locked(
             .arg(field::RECLAIM_NBUCKETS)
             .arg(old.nbuckets);
     }
-    let switched: i64 = match inner.invoke(&invocation, limit).await {
+    let switched: i64 = match invoke_on(inner, &mut bulk, &invocation).await {
         Ok(s) => s,
         Err(e) => {
             // Whether the switch happened is unknown: the cleanup looks.
@@ -629,7 +648,17 @@ async fn snapshot_locked(
         // Readers refresh their cached metadata every meta_refresh; give the
         // slowest of them time to move to the new generation.
         tokio::time::sleep(inner.opts.reclaim_grace).await;
-        match delete_generation(inner, &mut bulk, old).await {
+        // And every replica has the switch: a replica still on the old
+        // metadata must still find the old generation.
+        let replicated = wait_replicas(inner, &mut bulk, "snapshot switch").await;
+        if let Err(e) = &replicated {
+            tracing::warn!(error = %e, generation = old.id, "replicas lag: the replaced generation is kept; the next import deletes it");
+        }
+        let reclaim = match replicated {
+            Ok(()) => delete_generation(inner, &mut bulk, old).await,
+            Err(e) => Err(e),
+        };
+        match reclaim {
             Ok(()) => {
                 let mut clear = ::redis::cmd("HDEL");
                 clear
@@ -749,11 +778,13 @@ struct Grouped {
     runs: Vec<(u64, u32, u32)>,
 }
 
-fn group_by_bucket(numbers: &[u64], nbuckets: u64) -> Grouped {
+/// With `every_bucket` (a snapshot: each bucket gets its sentinel), empty
+/// buckets get (empty) runs too.
+fn group_by_bucket(numbers: &[u64], nbuckets: u64, every_bucket: bool) -> Grouped {
     let len = numbers.len();
     let mut order: Vec<u32>;
     let mut runs = Vec::new();
-    if (len as u64).saturating_mul(4) >= nbuckets {
+    if every_bucket || (len as u64).saturating_mul(4) >= nbuckets {
         // Dense (snapshots): a counting sort, linear.
         let nb = nbuckets as usize;
         let mut starts = vec![0u32; nb + 1];
@@ -771,7 +802,7 @@ fn group_by_bucket(numbers: &[u64], nbuckets: u64) -> Grouped {
             next[b] += 1;
         }
         for b in 0..nb {
-            if starts[b] < starts[b + 1] {
+            if every_bucket || starts[b] < starts[b + 1] {
                 runs.push((b as u64, starts[b], starts[b + 1]));
             }
         }
@@ -874,6 +905,7 @@ fn push_bucket(
             payload.clear();
             dump::hash_payload(
                 fields.map(|(f, d)| (i64::try_from(f).unwrap_or(i64::MAX), i64::from(d))),
+                Some((meta::SENTINEL, i64::try_from(generation.id).unwrap_or(i64::MAX))),
                 payload,
             );
             pipe.cmd("RESTORE")
@@ -888,6 +920,8 @@ fn push_bucket(
             for (field, day) in fields {
                 pipe.arg(field).arg(day);
             }
+            // Last, as in the RESTORE payload (same listpack).
+            pipe.arg(meta::SENTINEL).arg(generation.id);
             pipe.ignore();
         }
     }
@@ -955,7 +989,7 @@ async fn write_generation(
     generation: Generation,
     records: &Records,
 ) -> Result<(), StoreError> {
-    let grouped = group_by_bucket(&records.numbers, generation.nbuckets);
+    let grouped = group_by_bucket(&records.numbers, generation.nbuckets, true);
     let mode = choose_write_mode(inner, bulk, generation, records, &grouped).await?;
     let (batches, in_flight) = plan(inner, bulk, generation, &grouped.runs);
     let grouped = &grouped;
@@ -1010,6 +1044,65 @@ async fn write_filter(
     Ok(params)
 }
 
+/// Waits until every replica of every master has acknowledged the writes
+/// sent on `bulk` so far (`WAIT n timeout` on each master with `n` its
+/// `connected_slaves`; a master without replicas is skipped, so one Redis
+/// without replicas costs one INFO). Fails if a master does not answer or
+/// a replica lags beyond [`RedisOptions::replication_timeout`]: a master
+/// killed after the switch could otherwise leave a promoted replica without
+/// part of the data the metadata says is applied.
+///
+/// [`RedisOptions::replication_timeout`]: super::RedisOptions::replication_timeout
+async fn wait_replicas(inner: &Inner, bulk: &mut Conn, what: &str) -> Result<(), StoreError> {
+    let timeout = inner.opts.replication_timeout;
+    let mut info = ::redis::cmd("INFO");
+    info.arg("replication");
+    let nodes = bulk.on_masters(&info, inner.opts.bulk_timeout).await;
+    let waits = nodes.into_iter().map(|(node, reply)| {
+        let mut conn = bulk.clone();
+        async move {
+            let reply = reply.map_err(|e| inner.unavailable(&e))?;
+            let replicas: i64 = super::info_field(&reply, "connected_slaves")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            if replicas == 0 {
+                return Ok(());
+            }
+            let mut wait = ::redis::cmd("WAIT");
+            wait.arg(replicas)
+                .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+            let acked = match conn.on_node(&node, &wait, timeout + inner.opts.bulk_timeout).await {
+                Ok(Value::Int(n)) => n,
+                Ok(_) => 0,
+                Err(e) => return Err(inner.unavailable(&e)),
+            };
+            if acked < replicas {
+                let at = if node.is_empty() { "redis".to_owned() } else { node };
+                return Err(StoreError::Unavailable(format!(
+                    "replication: {acked} of {replicas} replicas of {at} acknowledged the {what} within {timeout:?}"
+                )));
+            }
+            Ok(())
+        }
+    });
+    futures_util::future::try_join_all(waits).await.map(drop)
+}
+
+/// Runs a one-key script on `bulk` (the import's connection, so that a
+/// following [`wait_replicas`] covers it).
+async fn invoke_on<T: ::redis::FromRedisValue>(
+    inner: &Inner,
+    bulk: &mut Conn,
+    invocation: &ScriptInvocation<'_>,
+) -> Result<T, StoreError> {
+    let limit = inner.opts.bulk_timeout;
+    match tokio::time::timeout(limit, invocation.invoke_async(bulk)).await {
+        Err(_) => Err(StoreError::Timeout(limit)),
+        Ok(Err(e)) => Err(inner.unavailable(&e)),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
 /// Bit offsets set per script call when a delta updates the filter.
 const BITS_PER_CALL: usize = 16 * 1024;
 
@@ -1057,15 +1150,22 @@ async fn merge_generation(
     inner: &Inner,
     bulk: &mut Conn,
     generation: Generation,
+    sentinel: bool,
     records: &Records,
 ) -> Result<u64, StoreError> {
+    let expected = if sentinel {
+        generation.id.to_string()
+    } else {
+        String::new()
+    };
+    let expected = expected.as_str();
     let limit = inner.opts.bulk_timeout;
     let sha = match tokio::time::timeout(limit, MERGE.load_async(bulk)).await {
         Err(_) => return Err(StoreError::Timeout(limit)),
         Ok(Err(e)) => return Err(inner.unavailable(&e)),
         Ok(Ok(sha)) => sha,
     };
-    let grouped = group_by_bucket(&records.numbers, generation.nbuckets);
+    let grouped = group_by_bucket(&records.numbers, generation.nbuckets, false);
     let (batches, in_flight) = plan(inner, bulk, generation, &grouped.runs);
     let (grouped, sha, bulk) = (&grouped, sha.as_str(), &*bulk);
     stream::iter(batches)
@@ -1075,7 +1175,8 @@ async fn merge_generation(
                 pipe.cmd("EVALSHA")
                     .arg(sha)
                     .arg(1)
-                    .arg(inner.keys.bucket(generation.id, bucket));
+                    .arg(inner.keys.bucket(generation.id, bucket))
+                    .arg(expected);
                 for &i in &grouped.order[from as usize..to as usize] {
                     let i = i as usize;
                     pipe.arg(records.numbers[i] / generation.nbuckets)
@@ -1083,6 +1184,11 @@ async fn merge_generation(
                 }
             }
             let added: Vec<i64> = inner.pipeline_on(&mut bulk.clone(), &pipe, limit).await?;
+            if added.iter().any(|&a| a < 0) {
+                return Err(StoreError::Corrupt(
+                    "a bucket of the redis mirror has no sentinel (evicted, deleted or lost): the delta is refused; import a snapshot".into(),
+                ));
+            }
             Ok::<u64, StoreError>(added.iter().map(|&a| a.max(0) as u64).sum())
         })
         .buffer_unordered(in_flight)
@@ -1199,11 +1305,13 @@ async fn delta_locked(
             if records.is_empty() {
                 Ok(0)
             } else {
-                merge_generation(inner, &mut bulk.clone(), generation, records).await
+                merge_generation(inner, &mut bulk.clone(), generation, current.sentinel, records).await
             }
         } => added,
     }?;
     let written = started.elapsed();
+    // The sequence moves only once every replica has the delta's data.
+    wait_replicas(inner, &mut bulk, "delta's writes").await?;
     lock.ensure_held()?;
     if cancel_requested() {
         return Err(interrupted(
@@ -1290,7 +1398,7 @@ mod tests {
     fn grouping_dense_and_sparse_agree() {
         let numbers: Vec<u64> = (0..5000u64).map(|i| 14_155_550_000 + i * 7).collect();
         for nbuckets in [1, 3, 40, 1000, 100_000] {
-            let g = group_by_bucket(&numbers, nbuckets);
+            let g = group_by_bucket(&numbers, nbuckets, false);
             let mut seen = vec![false; numbers.len()];
             let mut last_bucket = None;
             for &(bucket, from, to) in &g.runs {
