@@ -42,8 +42,9 @@ pub fn read_records(manifest: &Manifest, progress: &mut dyn Progress) -> Result<
         path: path.clone(),
         error,
     };
-    check_inside(manifest, &path)?;
-    let file = File::open(&path).map_err(io_err)?;
+    // Open the resolved path that was checked, not the link again.
+    let real = check_inside(manifest, &path)?;
+    let file = File::open(&real).map_err(io_err)?;
     let mut raw = HashingReader {
         inner: file,
         hasher: Sha256::new(),
@@ -116,7 +117,8 @@ pub fn read_records(manifest: &Manifest, progress: &mut dyn Progress) -> Result<
 
 /// Refuses a data file that resolves (through symbolic links) outside the
 /// manifest's directory: the manifest may only describe its own files.
-fn check_inside(manifest: &Manifest, path: &Path) -> Result<(), ImportError> {
+/// Returns the resolved path.
+fn check_inside(manifest: &Manifest, path: &Path) -> Result<std::path::PathBuf, ImportError> {
     let dir = manifest.path.parent().unwrap_or(Path::new("."));
     let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
@@ -146,7 +148,7 @@ fn check_inside(manifest: &Manifest, path: &Path) -> Result<(), ImportError> {
             problems: vec![format!("{}: is not a regular file", path.display())],
         });
     }
-    Ok(())
+    Ok(real)
 }
 
 /// A reader that hashes every byte it hands out and remembers whether the
