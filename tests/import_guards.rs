@@ -1137,3 +1137,25 @@ async fn verify_and_gc_on_a_cluster() {
         .expect("exists");
     assert_eq!(exists, 1, "the current generation is kept");
 }
+
+#[tokio::test]
+async fn the_embedded_resync_skips_a_shrinking_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    good_register(dir.path());
+    let store = Arc::new(open(dir.path()).await);
+    assert_eq!(store.len(), 115);
+    snapshot(5, &[]).write(dir.path(), "snapshot-000005");
+    let (report, problems) =
+        import::sync_dir_lenient(&store, dir.path(), ImportOptions::default(), &mut NoProgress)
+            .await
+            .expect("sync");
+    assert!(report.applied.is_empty(), "{report}");
+    assert!(
+        problems.len() == 1
+            && problems[0].starts_with("snapshot-000005.json: ")
+            && problems[0].contains("from 115 to 0 records"),
+        "{problems:?}"
+    );
+    assert_eq!(store.len(), 115);
+    assert_eq!(store.cached_meta().map(|m| m.sequence), Some(4));
+}
