@@ -35,6 +35,9 @@ enum Command {
         settings: Box<ServeSettings>,
     },
     /// Apply one manifest (snapshot or delta) to the Redis mirror.
+    ///
+    /// SIGTERM or SIGINT stops it cleanly (rolled back or finished, lock
+    /// released) with exit status 143.
     Import {
         /// Redis URL.
         #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
@@ -51,6 +54,9 @@ enum Command {
         guard: ShrinkGuard,
     },
     /// Apply every pending manifest of a directory to the Redis mirror, in sequence order.
+    ///
+    /// SIGTERM or SIGINT stops it cleanly before the next file (the current one
+    /// rolled back or finished, lock released) with exit status 143.
     Sync {
         /// Redis URL.
         #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
