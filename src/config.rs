@@ -116,6 +116,16 @@ pub struct ServeSettings {
     /// local limiter decides (default 50).
     #[arg(long, env = "REASSIGNED_QUOTA_REDIS_TIMEOUT_MS")]
     pub quota_redis_timeout_ms: Option<u64>,
+    /// While the quota Redis is down: `fail-open` (default; each server
+    /// limits on its own, so N servers grant up to N x the limits unless
+    /// `quota_expected_replicas` says N) or `fail-closed` (calls that have a
+    /// limit are refused with UNAVAILABLE).
+    #[arg(long, env = "REASSIGNED_QUOTA_FALLBACK", value_enum)]
+    pub quota_fallback: Option<crate::server::quota::QuotaFallback>,
+    /// Servers sharing the quotas: a server deciding alone (no quota Redis,
+    /// or it is down with `fail-open`) enforces 1/N of each limit (default 1).
+    #[arg(long, env = "REASSIGNED_QUOTA_EXPECTED_REPLICAS")]
+    pub quota_expected_replicas: Option<u32>,
     /// Per-platform quotas (config file only): the `[quotas]` table with a
     /// `default` entry and entries keyed by platform id. None: unlimited.
     #[arg(skip)]
@@ -169,11 +179,6 @@ pub struct ServeSettings {
     /// off). Not authenticated: bind it to a private interface only.
     #[arg(long, env = "REASSIGNED_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Embedded store: the largest share (0.0 to 1.0) of the mirror's
-    /// records a snapshot found by the background resync may remove; a
-    /// snapshot removing more, or empty, is skipped and reported (default 0.10).
-    #[arg(long, env = "REASSIGNED_MAX_SHRINK")]
-    pub max_shrink: Option<f64>,
     /// Milliseconds a new connection gets to send its first byte before it
     /// is closed (default 2000; at most the handshake timeout).
     #[arg(long, env = "REASSIGNED_HANDSHAKE_FIRST_BYTE_TIMEOUT_MS")]
@@ -186,6 +191,11 @@ pub struct ServeSettings {
     /// `net.core.somaxconn` (default 4096).
     #[arg(long, env = "REASSIGNED_LISTEN_BACKLOG")]
     pub listen_backlog: Option<u32>,
+    /// Embedded store: the largest share (0.0 to 1.0) of the mirror's
+    /// records a snapshot found by the background resync may remove; a
+    /// snapshot removing more, or empty, is skipped and reported (default 0.10).
+    #[arg(long, env = "REASSIGNED_MAX_SHRINK")]
+    pub max_shrink: Option<f64>,
 }
 
 impl ServeSettings {
@@ -229,12 +239,14 @@ impl ServeSettings {
             audit_max_len,
             audit_mandatory,
             metrics_listen,
-            max_shrink,
             handshake_first_byte_timeout_ms,
             max_handshakes_per_ip,
             listen_backlog,
             token_max_lifetime,
-            receipt_retired_keys
+            receipt_retired_keys,
+            max_shrink,
+            quota_fallback,
+            quota_expected_replicas
         )
     }
 
@@ -710,6 +722,12 @@ fn quota_config(s: &ServeSettings) -> Result<QuotaConfig, ConfigError> {
         .map_err(|e| ConfigError::Invalid("quotas", e.to_string()))?;
     if let Some(ms) = s.quota_redis_timeout_ms {
         config.redis_timeout_ms = positive("quota_redis_timeout_ms", ms)?;
+    }
+    if let Some(fallback) = s.quota_fallback {
+        config.fallback = fallback;
+    }
+    if let Some(n) = s.quota_expected_replicas {
+        config.expected_replicas = positive("quota_expected_replicas", u64::from(n))? as u32;
     }
     Ok(config)
 }

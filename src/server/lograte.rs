@@ -9,7 +9,7 @@
 //! (`"suppressed similar log lines"`, with `key` and `suppressed`) is
 //! written when a window that suppressed lines ends: at the next line of
 //! that key, or at the next [`LogRate::flush`] (the server calls it every
-//! window). Every event, logged or not, is still counted where it matters
+//! second). Every event, logged or not, is still counted where it matters
 //! (metrics); [`LogRate::suppressed_total`] counts the lines not written.
 //!
 //! ```

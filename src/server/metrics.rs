@@ -196,6 +196,12 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "Audit records dropped (queue full or audit sink down).",
         &one(sources.audit.dropped()),
     );
+    metric(
+        "reassigned_audit_records_in_doubt",
+        "gauge",
+        "Audit records sent in batches not yet settled as written or dropped (audit sink down).",
+        &one(sources.audit.in_doubt()),
+    );
     let meta = sources.store.cached_meta();
     let today = Date::today_utc();
     let (sequence, records, age, stale) = match &meta {
@@ -258,12 +264,6 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "1 if the mirror is older than the configured max staleness (or not loaded).",
         &one(stale),
     );
-    metric(
-        "reassigned_import_skipped_files",
-        "gauge",
-        "Register files skipped at the last load or resync of the data directory (embedded store).",
-        &one(sources.store.import_problems().len() as u64),
-    );
     let handshakes = &handle.inner.handshakes;
     metric(
         "reassigned_handshakes_completed_total",
@@ -288,10 +288,22 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         &one(handshakes.pending()),
     );
     metric(
+        "reassigned_connections_closed_revoked_total",
+        "counter",
+        "Open connections closed because a TLS reload revoked or stopped trusting their client certificate.",
+        &one(handshakes.closed_revoked()),
+    );
+    metric(
         "reassigned_log_suppressed_total",
         "counter",
         "Log lines not written by the rate limit of repeated lines (process-wide).",
         &one(crate::server::lograte::global().suppressed_total()),
+    );
+    metric(
+        "reassigned_import_skipped_files",
+        "gauge",
+        "Register files skipped at the last load or resync of the data directory (embedded store).",
+        &one(sources.store.import_problems().len() as u64),
     );
     out
 }

@@ -7,6 +7,7 @@ pub mod lograte;
 pub mod metrics;
 pub mod quota;
 pub mod reload;
+pub mod revoke;
 pub mod tls;
 pub mod token;
 
@@ -114,7 +115,12 @@ where
         )),
         None => None,
     };
-    let health_task = tokio::spawn(watch_health(store.clone(), reporter.clone(), stop_rx));
+    let health_task = tokio::spawn(watch_health(
+        store.clone(),
+        reporter.clone(),
+        config.metrics.clone(),
+        stop_rx,
+    ));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -156,12 +162,13 @@ where
             first_byte_timeout: Duration::from_millis(config.handshake_first_byte_timeout_ms),
             max_handshakes_per_ip: config.max_handshakes_per_ip,
             listen_backlog: config.listen_backlog,
+            revoked_grace: config.request_timeout(),
         },
         config.metrics.handshakes(),
     );
     let _log_summaries = reload::AbortOnDrop(tokio::spawn(async {
         // Summaries of suppressed log lines, also when a flood stops.
-        let mut ticks = tokio::time::interval(lograte::global().window());
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
         loop {
             ticks.tick().await;
             lograte::global().flush();
@@ -181,6 +188,7 @@ where
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(metrics::CountLayer(config.metrics.clone()))
+        .layer(revoke::TrackLayer(reloader.tls().shared_config().connections()))
         .layer(auth::AuthLayer::with_tokens(tokens))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -274,14 +282,38 @@ fn judge(unsafe_reason: Option<String>, has_meta: bool, failures: u32, failing_f
     Health::Serving
 }
 
-/// SERVING while this server can answer (see [`judge`]).
-async fn watch_health(store: AnyStore, reporter: HealthReporter, mut stop: watch::Receiver<bool>) {
+/// Lookups this server answered so far (calls that finished OK).
+fn answered(metrics: &metrics::MetricsHandle) -> u64 {
+    [
+        "/reassigned.v1.ReassignedNumbers/CheckNumber",
+        "/reassigned.v1.ReassignedNumbers/BatchCheckNumbers",
+    ]
+    .iter()
+    .map(|path| metrics.requests(path, Some(tonic::Code::Ok)))
+    .sum()
+}
+
+/// SERVING while this server can answer (see [`judge`]): a store check
+/// counts as good if the store answers a ping or if this server answered
+/// a lookup since the last check (on a cluster, one shard failing over
+/// makes pings flaky while the other shards answer).
+async fn watch_health(
+    store: AnyStore,
+    reporter: HealthReporter,
+    metrics: metrics::MetricsHandle,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut last = None;
     let mut failures = 0u32;
     let mut failing_since = std::time::Instant::now();
+    let mut answered_before = answered(&metrics);
     loop {
+        let answered_now = answered(&metrics);
+        let answering = answered_now > answered_before;
+        answered_before = answered_now;
         match store.ping().await {
             Ok(()) => failures = 0,
+            Err(_) if answering => failures = 0,
             Err(e) => {
                 if failures == 0 {
                     failing_since = std::time::Instant::now();

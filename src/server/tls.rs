@@ -2,13 +2,16 @@
 //!
 //! We terminate TLS ourselves instead of using tonic's `ServerTlsConfig` so
 //! that we control the handshake: every accepted socket is handshaken in its
-//! own task under a timeout, with a cap on concurrent handshakes, so a client
-//! that connects and sends nothing cannot stall the accept loop; and so that
+//! own task under a first-byte deadline and a timeout, in a large pool that
+//! sheds the oldest pending handshake (per source address, then overall)
+//! rather than refusing the newest, so sockets that connect and send nothing
+//! cannot stall the accept loop or lock new clients out; and so that
 //! [`TlsMaterial::reload`] can replace the server certificate, the client CA
 //! bundle and the client CRLs without a restart: each new handshake takes the
 //! current [`ServerConfig`] from an [`ArcSwap`] ([`SharedServerConfig`]),
-//! while open connections keep the one they were made with. Revocation policy:
-//! see [`TlsMaterial`]. When reloads happen: see [`crate::server::reload`].
+//! while open connections keep the one they were made with (but are closed,
+//! after their calls, when a reload refuses their client certificate: see
+//! [`crate::server::revoke`]). Revocation policy: see [`TlsMaterial`]. When reloads happen: see [`crate::server::reload`].
 //!
 //! Wiring into tonic:
 //!
@@ -47,6 +50,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use futures_util::Stream;
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{InconsistentKeys, RootCertStore, ServerConfig};
@@ -63,6 +67,7 @@ use x509_parser::x509::SubjectPublicKeyInfo;
 
 use crate::server::auth::{Platform, platform_from_cert};
 use crate::server::lograte;
+use crate::server::revoke::{OpenConnections, Registered};
 
 /// Pause after an accept error that is not about a single connection
 /// (e.g. EMFILE), so the loop does not spin while the process is out of
@@ -220,6 +225,8 @@ pub struct TlsMaterial {
     summary: ArcSwap<TlsSummary>,
     /// Serialises reloads, so an older reading never overwrites a newer one.
     reloading: Mutex<()>,
+    /// The client certificate verifier of the configuration in force.
+    verifier: ArcSwap<Arc<dyn ClientCertVerifier>>,
 }
 
 impl TlsMaterial {
@@ -237,13 +244,17 @@ impl TlsMaterial {
         let loaded = Loaded::read(&files, &client_crls, &provider)?;
         let summary = ArcSwap::from_pointee(loaded.summary());
         let current = Arc::new(ArcSwap::from_pointee(loaded.key));
-        let config = build_config(&provider, &current, loaded.roots, loaded.crls)?;
+        let (config, verifier) = build_config(&provider, &current, loaded.roots, loaded.crls)?;
         Ok(Self {
             files,
             client_crls,
             provider,
             current,
-            config: SharedServerConfig(Arc::new(ArcSwap::new(config))),
+            config: SharedServerConfig {
+                config: Arc::new(ArcSwap::new(config)),
+                connections: OpenConnections::new(),
+            },
+            verifier: ArcSwap::from_pointee(verifier),
             summary,
             reloading: Mutex::new(()),
         })
@@ -262,10 +273,20 @@ impl TlsMaterial {
         // Build everything before swapping anything. The new config resolves
         // through `current` like the old ones, and no handshake sees it
         // before the key below is in place.
-        let config = build_config(&self.provider, &self.current, loaded.roots, loaded.crls)?;
+        let (config, verifier) = build_config(&self.provider, &self.current, loaded.roots, loaded.crls)?;
         self.current.store(Arc::new(loaded.key));
-        self.config.0.store(config);
+        self.config.config.store(config);
         self.summary.store(Arc::new(summary.clone()));
+        // Open connections whose certificate the new CAs or CRLs refuse are
+        // closed once their calls finish (see [`crate::server::revoke`]).
+        let closing = self.config.connections.revalidate(verifier.as_ref());
+        if closing > 0 {
+            tracing::info!(
+                connections = closing,
+                "reload: closing connections whose client certificate is no longer accepted"
+            );
+        }
+        self.verifier.store(Arc::new(verifier));
         Ok(summary)
     }
 
@@ -318,21 +339,34 @@ impl TlsMaterial {
 }
 
 /// A [`ServerConfig`] that a reload can replace; [`incoming`] takes the
-/// current one for every new handshake, so open connections keep theirs.
+/// current one for every new handshake, so open connections keep theirs,
+/// and registers every connection it hands over in [`OpenConnections`], so
+/// a reload that revokes a connection's certificate closes it.
 #[derive(Debug, Clone)]
-pub struct SharedServerConfig(Arc<ArcSwap<ServerConfig>>);
+pub struct SharedServerConfig {
+    config: Arc<ArcSwap<ServerConfig>>,
+    connections: OpenConnections,
+}
 
 impl SharedServerConfig {
     /// The configuration in force now.
     pub fn current(&self) -> Arc<ServerConfig> {
-        self.0.load_full()
+        self.config.load_full()
+    }
+
+    /// The connections made with this configuration and still open.
+    pub fn connections(&self) -> OpenConnections {
+        self.connections.clone()
     }
 }
 
 impl From<Arc<ServerConfig>> for SharedServerConfig {
     /// A configuration that never changes.
     fn from(config: Arc<ServerConfig>) -> Self {
-        Self(Arc::new(ArcSwap::new(config)))
+        Self {
+            config: Arc::new(ArcSwap::new(config)),
+            connections: OpenConnections::new(),
+        }
     }
 }
 
@@ -414,7 +448,7 @@ fn build_config(
     key: &Arc<ArcSwap<CertifiedKey>>,
     roots: RootCertStore,
     crls: Vec<CertificateRevocationListDer<'static>>,
-) -> Result<Arc<ServerConfig>, TlsError> {
+) -> Result<(Arc<ServerConfig>, Arc<dyn ClientCertVerifier>), TlsError> {
     let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
     if !crls.is_empty() {
         verifier = verifier.with_crls(crls).allow_unknown_revocation_status();
@@ -423,10 +457,10 @@ fn build_config(
     let mut config = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Config)?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_cert_resolver(Arc::new(SwappableCert(key.clone())));
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), verifier))
 }
 
 /// Load `files` and build the server configuration in one step.
@@ -646,6 +680,9 @@ pub struct AcceptOptions {
     /// Listen backlog set on the listener when the accept loop starts
     /// (the kernel caps it at `net.core.somaxconn`); 0 leaves it as bound.
     pub listen_backlog: u32,
+    /// When a reload revokes an open connection's certificate, the
+    /// connection is closed once its calls finish, or after this long.
+    pub revoked_grace: Duration,
 }
 
 impl Default for AcceptOptions {
@@ -656,6 +693,7 @@ impl Default for AcceptOptions {
             first_byte_timeout: Duration::from_secs(2),
             max_handshakes_per_ip: 256,
             listen_backlog: 4096,
+            revoked_grace: Duration::from_secs(5),
         }
     }
 }
@@ -709,6 +747,7 @@ pub struct HandshakeStats {
     completed: AtomicU64,
     failed: [AtomicU64; HandshakeFailure::ALL.len()],
     pending: AtomicU64,
+    closed_revoked: AtomicU64,
 }
 
 impl HandshakeStats {
@@ -725,6 +764,12 @@ impl HandshakeStats {
     /// Handshakes pending now.
     pub fn pending(&self) -> u64 {
         self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Open connections closed because a reload revoked (or stopped
+    /// trusting) their client certificate.
+    pub fn closed_revoked(&self) -> u64 {
+        self.closed_revoked.load(Ordering::Relaxed)
     }
 
     fn fail(&self, reason: HandshakeFailure) {
@@ -752,6 +797,50 @@ pub struct PeerInfo {
 pub struct TlsConnection {
     stream: TlsStream<TcpStream>,
     info: PeerInfo,
+    /// Its entry in the open connections (with a client certificate).
+    tracked: Option<Tracked>,
+}
+
+/// An open connection's registration, and the grace timer started when a
+/// reload revoked its certificate.
+#[derive(Debug)]
+struct Tracked {
+    registered: Registered,
+    stats: Arc<HandshakeStats>,
+    grace: Option<Pin<Box<tokio::time::Sleep>>>,
+    closed: bool,
+}
+
+impl Tracked {
+    /// Whether the connection must read as closed now: its certificate was
+    /// revoked and it has no call in flight, or its grace is over.
+    fn poll_closed(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.closed {
+            return true;
+        }
+        let state = &self.registered.state;
+        state.register_reader(cx.waker());
+        if !state.revoked() {
+            return false;
+        }
+        let grace = self
+            .grace
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(state.grace())));
+        let expired = grace.as_mut().poll(cx).is_ready();
+        if expired || state.in_flight() == 0 {
+            if let Some(suppressed) = lograte::global().check("revoked_connection_closed") {
+                tracing::info!(
+                    peer = %state.peer(),
+                    in_flight = state.in_flight(),
+                    suppressed,
+                    "closed a connection whose client certificate is no longer accepted"
+                );
+            }
+            self.stats.closed_revoked.fetch_add(1, Ordering::Relaxed);
+            self.closed = true;
+        }
+        self.closed
+    }
 }
 
 impl TlsConnection {
@@ -777,7 +866,12 @@ impl tonic::transport::server::Connected for TlsConnection {
 
 impl AsyncRead for TlsConnection {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        if this.tracked.as_mut().is_some_and(|t| t.poll_closed(cx)) {
+            // End of file: the HTTP/2 connection ends and the socket closes.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
@@ -974,6 +1068,7 @@ async fn accept_loop(
         // The configuration of the latest reload, for this handshake and
         // this connection's whole life.
         let acceptor = TlsAcceptor::from(config.current());
+        let connections = config.connections();
         let tx = tx.clone();
         let task_stats = stats.clone();
         let mut registry = pending.lock().unwrap_or_else(PoisonError::into_inner);
@@ -1012,8 +1107,25 @@ async fn accept_loop(
                 local_addr,
                 platform: connection_platform(&stream, remote_addr),
             };
+            let tracked = stream.get_ref().1.peer_certificates().map(|chain| Tracked {
+                registered: connections.register(
+                    local_addr,
+                    remote_addr,
+                    chain.iter().map(|c| c.clone().into_owned()).collect(),
+                    opts.revoked_grace,
+                ),
+                stats: task_stats.clone(),
+                grace: None,
+                closed: false,
+            });
             // An error means the server is gone; the connection is dropped.
-            let _ = tx.send(TlsConnection { stream, info }).await;
+            let _ = tx
+                .send(TlsConnection {
+                    stream,
+                    info,
+                    tracked,
+                })
+                .await;
         });
         registry.by_age.insert(id, (remote_addr.ip(), abort));
         registry.by_ip.entry(remote_addr.ip()).or_default().insert(id);

@@ -9,7 +9,7 @@ use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_read_routing::RandomReplicaStrategy;
-use ::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use ::redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo};
 use ::redis::{
     Client, Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, Value,
 };
@@ -94,6 +94,23 @@ impl Conn {
 }
 
 impl Conn {
+    /// PING, bounded by `limit`; on a cluster sent to every master and
+    /// answered by the first that answers.
+    pub async fn ping_any_master(&mut self, limit: Duration) -> RedisResult<Value> {
+        let ping = ::redis::cmd("PING");
+        let sent = match self {
+            Conn::Single(c) => tokio::time::timeout(limit, ping.query_async::<Value>(c)).await,
+            Conn::Cluster(c) => {
+                let route = RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::OneSucceeded),
+                ));
+                tokio::time::timeout(limit, c.route_command(ping, route)).await
+            }
+        };
+        sent.unwrap_or_else(|_| Err(RedisError::from((ErrorKind::Io, "timed out"))))
+    }
+
     /// Sends `cmd` to the master `node` (an address from
     /// [`Conn::on_masters`]; ignored on one server), bounded by `limit`.
     pub async fn on_node(&mut self, node: &str, cmd: &Cmd, limit: Duration) -> RedisResult<Value> {

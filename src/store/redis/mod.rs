@@ -1159,26 +1159,22 @@ impl Store for RedisStore {
         Ok(self.inner.refresh().await?.map(|c| c.meta.clone()))
     }
 
-    /// One server: PING. A cluster: PING on every master, fine if any
-    /// answers (the others' shards answer UNAVAILABLE per call while they
+    /// One server: PING. A cluster: PING on every master, fine as soon as
+    /// one answers (the other shards answer UNAVAILABLE per call while they
     /// fail over; one shard down must not pull every server out of a load
     /// balancer).
     async fn ping(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let pongs = inner
+        let reply = inner
             .conn()
-            .on_masters(&::redis::cmd("PING"), inner.opts.timeout)
-            .await;
-        let mut last = StoreError::Unavailable("redis: no master answered PING".into());
-        for (_, reply) in pongs {
-            match reply {
-                Ok(Value::SimpleString(s)) if s == "PONG" => return Ok(()),
-                Ok(Value::BulkString(b)) if b == b"PONG" => return Ok(()),
-                Ok(_) => last = StoreError::Unavailable("redis: unexpected PING reply".into()),
-                Err(e) => last = inner.unavailable(&e),
-            }
+            .ping_any_master(inner.opts.timeout)
+            .await
+            .map_err(|e| inner.unavailable(&e))?;
+        match reply {
+            Value::SimpleString(s) if s == "PONG" => Ok(()),
+            Value::BulkString(b) if b == b"PONG" => Ok(()),
+            _ => Err(StoreError::Unavailable("redis: unexpected PING reply".into())),
         }
-        Err(last)
     }
 
     fn unsafe_reason(&self) -> Option<String> {
