@@ -59,6 +59,11 @@ pub fn read_records(manifest: &Manifest, progress: &mut dyn Progress) -> Result<
     } else {
         drive(&mut raw, &mut parser, progress)
     };
+    if parser.stopped {
+        return Err(ImportError::Interrupted {
+            done: format!("while reading {} (nothing was written)", path.display()),
+        });
+    }
     if parser.overflow {
         // A row bomb (or a wrong count): stop here, neither reading nor
         // hashing the rest.
@@ -192,6 +197,10 @@ fn drive(reader: &mut dyn Read, parser: &mut Parser, progress: &mut dyn Progress
         if eof || parser.overflow {
             return Ok(());
         }
+        if progress.should_stop() {
+            parser.stopped = true;
+            return Ok(());
+        }
         buf.copy_within(consumed..filled, 0);
         filled -= consumed;
         if filled == buf.len() {
@@ -274,6 +283,8 @@ struct Parser {
     compact_at: usize,
     /// The least `compact_at` ([`COMPACT_MIN`]; smaller in tests).
     compact_min: usize,
+    /// True if the read was stopped ([`Progress::should_stop`]).
+    stopped: bool,
 }
 
 /// Rows kept before the first fold of duplicates (40 MiB of rows).
@@ -305,6 +316,7 @@ impl Parser {
             overflow: false,
             compact_at: COMPACT_MIN,
             compact_min: COMPACT_MIN,
+            stopped: false,
         }
     }
 
