@@ -256,7 +256,7 @@ struct Warner {
 /// The drop warning: what happens to calls depends on `mandatory`.
 fn drop_warning(mandatory: bool) -> &'static str {
     if mandatory {
-        "audit records dropped (queue full or sink down); calls are refused with UNAVAILABLE until the audit sink is back"
+        "audit records lost (queued or in flight when the sink failed); calls are refused with UNAVAILABLE while the audit sink is down"
     } else {
         "audit records dropped (queue full or sink down); answers continue"
     }

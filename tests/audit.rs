@@ -286,8 +286,26 @@ fn xlen(port: u16) -> u64 {
     String::from_utf8_lossy(&out.stdout).trim().parse().expect("XLEN")
 }
 
+/// What happens to the audit Redis in the middle of the load.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// SIGSTOP for 3 s (longer than the writer's 2 s timeout), then SIGCONT.
+    Pause,
+    /// `SHUTDOWN SAVE`, then started again on the same port with its data.
+    Restart,
+}
+
 #[tokio::test]
 async fn counters_stay_exact_when_the_sink_pauses_under_load() {
+    counters_stay_exact(Fault::Pause).await;
+}
+
+#[tokio::test]
+async fn counters_stay_exact_when_the_sink_restarts_under_load() {
+    counters_stay_exact(Fault::Restart).await;
+}
+
+async fn counters_stay_exact(fault: Fault) {
     let mut redis = RedisServer::start();
     let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
     let url = redis.url();
@@ -325,9 +343,18 @@ async fn counters_stay_exact_when_the_sink_pauses_under_load() {
     eventually("records written", async || stats.written() > 500).await;
     // Paused longer than the writer's 2 s write timeout: pipelines time out
     // in flight, and Redis runs them when it resumes.
-    redis.pause();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    redis.resume();
+    match fault {
+        Fault::Pause => {
+            redis.pause();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            redis.resume();
+        }
+        Fault::Restart => {
+            redis.stop();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            redis.restart();
+        }
+    }
     let written_at_resume = stats.written();
     eventually("writes after the pause", async || {
         stats.written() > written_at_resume + 500
@@ -352,7 +379,7 @@ async fn counters_stay_exact_when_the_sink_pauses_under_load() {
     }
     let in_stream = xlen(redis.port);
     println!(
-        "answered {answered}, written {}, dropped {}, in the stream {in_stream}",
+        "{fault:?}: answered {answered}, written {}, dropped {}, in the stream {in_stream}",
         stats.written(),
         stats.dropped()
     );

@@ -32,12 +32,12 @@ const STREAM_BUFFER: usize = 1024;
 /// UNAVAILABLE, so the stream keeps reading (HTTP/2 closes a connection
 /// whose peer keeps sending small DATA frames that are not read) and memory
 /// stays bounded however long the store stalls.
-const STREAM_IN_FLIGHT: usize = 4;
+const STREAM_IN_FLIGHT: usize = 16;
 /// With [`STREAM_IN_FLIGHT`] lookups waiting, the stream stops reading for
 /// at most this long (the oldest lookup's wait) before it sheds: a short
 /// pause is harmless to HTTP/2 and spares a busy but healthy store spurious
 /// UNAVAILABLE items.
-const STREAM_SHED_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
+const STREAM_SHED_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Limits and rules of the service.
 #[derive(Clone, Debug)]

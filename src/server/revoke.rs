@@ -155,30 +155,35 @@ impl OpenConnections {
             .cloned()
             .collect();
         let now = UnixTime::now();
-        let mut marked = 0;
-        for conn in conns {
-            if conn.revoked() {
-                continue;
-            }
-            let Some((leaf, intermediates)) = conn.chain.split_first() else {
-                continue;
-            };
-            if let Err(err) = verifier.verify_client_cert(leaf, intermediates, now) {
-                marked += 1;
-                if let Some(suppressed) = lograte::global().check("connection_revoked") {
-                    tracing::info!(
-                        peer = %conn.peer,
-                        reason = %err,
-                        in_flight = conn.in_flight(),
-                        suppressed,
-                        "client certificate no longer accepted; closing its connection after its calls"
-                    );
-                }
-                conn.revoked.store(true, Ordering::Release);
-                conn.reader.wake();
-            }
+        conns.iter().filter(|conn| conn.revalidate(verifier, now)).count()
+    }
+}
+
+impl ConnState {
+    /// Checks this connection's chain with `verifier`; marks it for
+    /// closing (and says so) if it is refused.
+    pub(crate) fn revalidate(&self, verifier: &dyn ClientCertVerifier, now: UnixTime) -> bool {
+        if self.revoked() {
+            return false;
         }
-        marked
+        let Some((leaf, intermediates)) = self.chain.split_first() else {
+            return false;
+        };
+        let Err(err) = verifier.verify_client_cert(leaf, intermediates, now) else {
+            return false;
+        };
+        if let Some(suppressed) = lograte::global().check("connection_revoked") {
+            tracing::info!(
+                peer = %self.peer,
+                reason = %err,
+                in_flight = self.in_flight(),
+                suppressed,
+                "client certificate no longer accepted; closing its connection after its calls"
+            );
+        }
+        self.revoked.store(true, Ordering::Release);
+        self.reader.wake();
+        true
     }
 }
 

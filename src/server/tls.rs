@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use futures_util::Stream;
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::ClientCertVerifier;
@@ -225,8 +225,6 @@ pub struct TlsMaterial {
     summary: ArcSwap<TlsSummary>,
     /// Serialises reloads, so an older reading never overwrites a newer one.
     reloading: Mutex<()>,
-    /// The client certificate verifier of the configuration in force.
-    verifier: ArcSwap<Arc<dyn ClientCertVerifier>>,
 }
 
 impl TlsMaterial {
@@ -252,9 +250,9 @@ impl TlsMaterial {
             current,
             config: SharedServerConfig {
                 config: Arc::new(ArcSwap::new(config)),
+                verifier: Arc::new(ArcSwapOption::from_pointee(verifier)),
                 connections: OpenConnections::new(),
             },
-            verifier: ArcSwap::from_pointee(verifier),
             summary,
             reloading: Mutex::new(()),
         })
@@ -275,6 +273,9 @@ impl TlsMaterial {
         // before the key below is in place.
         let (config, verifier) = build_config(&self.provider, &self.current, loaded.roots, loaded.crls)?;
         self.current.store(Arc::new(loaded.key));
+        // The verifier first: a handshake that sees the new config checks
+        // itself with it (see `accept_loop`).
+        self.config.verifier.store(Some(Arc::new(verifier.clone())));
         self.config.config.store(config);
         self.summary.store(Arc::new(summary.clone()));
         // Open connections whose certificate the new CAs or CRLs refuse are
@@ -286,7 +287,6 @@ impl TlsMaterial {
                 "reload: closing connections whose client certificate is no longer accepted"
             );
         }
-        self.verifier.store(Arc::new(verifier));
         Ok(summary)
     }
 
@@ -345,6 +345,8 @@ impl TlsMaterial {
 #[derive(Debug, Clone)]
 pub struct SharedServerConfig {
     config: Arc<ArcSwap<ServerConfig>>,
+    /// The client certificate verifier of `config` (`None`: fixed config).
+    verifier: Arc<ArcSwapOption<Arc<dyn ClientCertVerifier>>>,
     connections: OpenConnections,
 }
 
@@ -365,6 +367,7 @@ impl From<Arc<ServerConfig>> for SharedServerConfig {
     fn from(config: Arc<ServerConfig>) -> Self {
         Self {
             config: Arc::new(ArcSwap::new(config)),
+            verifier: Arc::new(ArcSwapOption::empty()),
             connections: OpenConnections::new(),
         }
     }
@@ -939,7 +942,10 @@ impl Drop for TlsIncoming {
 /// `config` is an `Arc<ServerConfig>` (fixed) or a [`SharedServerConfig`]
 /// (e.g. [`TlsMaterial::shared_config`]): each new handshake takes the
 /// configuration current at its accept, so a reload never touches the
-/// connections already open.
+/// connections already open, except to close those whose client
+/// certificate it refuses: after their calls if the server counts them with
+/// [`crate::server::revoke::TrackLayer`] over
+/// [`SharedServerConfig::connections`], else at once.
 ///
 /// Must be called inside a tokio runtime.
 pub fn incoming(
@@ -1067,8 +1073,9 @@ async fn accept_loop(
 
         // The configuration of the latest reload, for this handshake and
         // this connection's whole life.
-        let acceptor = TlsAcceptor::from(config.current());
-        let connections = config.connections();
+        let used = config.current();
+        let acceptor = TlsAcceptor::from(used.clone());
+        let shared = config.clone();
         let tx = tx.clone();
         let task_stats = stats.clone();
         let mut registry = pending.lock().unwrap_or_else(PoisonError::into_inner);
@@ -1108,7 +1115,7 @@ async fn accept_loop(
                 platform: connection_platform(&stream, remote_addr),
             };
             let tracked = stream.get_ref().1.peer_certificates().map(|chain| Tracked {
-                registered: connections.register(
+                registered: shared.connections.register(
                     local_addr,
                     remote_addr,
                     chain.iter().map(|c| c.clone().into_owned()).collect(),
@@ -1118,6 +1125,17 @@ async fn accept_loop(
                 grace: None,
                 closed: false,
             });
+            // A reload during the handshake revalidated the connections
+            // registered then, not this one: check it with the new verifier.
+            if let Some(tracked) = &tracked
+                && !Arc::ptr_eq(&used, &shared.current())
+                && let Some(verifier) = shared.verifier.load_full()
+            {
+                tracked
+                    .registered
+                    .state
+                    .revalidate(verifier.as_ref().as_ref(), rustls_pki_types::UnixTime::now());
+            }
             // An error means the server is gone; the connection is dropped.
             let _ = tx
                 .send(TlsConnection {
