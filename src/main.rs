@@ -35,6 +35,9 @@ enum Command {
         settings: Box<ServeSettings>,
     },
     /// Apply one manifest (snapshot or delta) to the Redis mirror.
+    ///
+    /// SIGTERM or SIGINT stops it cleanly (rolled back or finished, lock
+    /// released) with exit status 143.
     Import {
         /// Redis URL.
         #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
@@ -51,6 +54,9 @@ enum Command {
         guard: ShrinkGuard,
     },
     /// Apply every pending manifest of a directory to the Redis mirror, in sequence order.
+    ///
+    /// SIGTERM or SIGINT stops it cleanly before the next file (the current one
+    /// rolled back or finished, lock released) with exit status 143.
     Sync {
         /// Redis URL.
         #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
@@ -66,9 +72,10 @@ enum Command {
         #[command(flatten)]
         guard: ShrinkGuard,
     },
-    /// Compare the Redis mirror with the register files it was built from:
-    /// record count and a checksum per bucket. Exits non-zero, listing the
-    /// differing buckets, if they differ.
+    /// Compare the Redis mirror with the register files it was built from.
+    ///
+    /// Compares the record count and a checksum per bucket; exits non-zero,
+    /// listing the differing buckets, if they differ.
     Verify {
         /// Redis URL.
         #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
@@ -82,9 +89,10 @@ enum Command {
         /// The directory of manifests.
         dir: PathBuf,
     },
-    /// Report and remove orphaned generations of the Redis mirror (bucket
-    /// keys and filter chunks of generations neither current nor used by a
-    /// live import).
+    /// Report and remove orphaned generations of the Redis mirror.
+    ///
+    /// Orphaned: bucket keys and filter chunks of generations neither current
+    /// nor used by a live import.
     Gc {
         /// Redis URL.
         #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
