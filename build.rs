@@ -15,6 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // prost's codec, but a request that does not decode is
+        // INVALID_ARGUMENT, not INTERNAL (src/api/codec.rs).
+        .codec_path("crate::api::codec::ApiCodec")
         .compile_fds(fds)?;
     Ok(())
 }

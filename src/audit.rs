@@ -4,11 +4,27 @@
 //! Handlers hand records to [`Auditor::record`], which only puts them on a
 //! bounded channel: a login never waits for the write. The task takes what
 //! is queued, up to [`WRITE_BATCH`] records, and writes them in one
-//! pipeline. When the channel is full or Redis is down, records are dropped
-//! and counted ([`AuditStats::dropped`]), with a warning at most every
-//! [`WARN_EVERY`]; with `mandatory`, [`Auditor::record`] refuses instead and
-//! the call fails with UNAVAILABLE. A record holds a keyed hash of the
-//! number (HMAC-SHA256 with the server's secret), never the number.
+//! script call ([`BATCH_SCRIPT`]). When the channel is full or Redis is
+//! down, records are dropped and counted ([`AuditStats::dropped`]), with a
+//! warning at most every [`WARN_EVERY`]; with `mandatory`,
+//! [`Auditor::record`] refuses instead and the call fails with UNAVAILABLE.
+//! A record holds a keyed hash of the number (HMAC-SHA256 with the server's
+//! secret), never the number.
+//!
+//! # Exact counters
+//! The counters are evidence, so a batch whose reply never came (a timeout,
+//! a broken connection: Redis may still run it, e.g. after a SIGSTOP) is
+//! neither written nor dropped until it is settled. Each batch carries a
+//! marker key, unique to this writer and batch: the batch script refuses to
+//! run if its marker exists, and sets it to the number of entries it added.
+//! To settle a batch in doubt, [`FENCE_SCRIPT`] reads the marker; if it is
+//! absent it sets it to `fenced`, so that the batch can never run later,
+//! and counts the batch dropped. Both scripts are atomic in Redis, so
+//! whichever runs first decides, and `written` is exactly what the stream
+//! received. New batches are not sent while one is in doubt (they are
+//! dropped, and counted). Markers expire after [`MARKER_TTL_SECS`]; a batch
+//! still in doubt when its marker expired would be counted dropped: that
+//! needs the audit Redis unreachable for a day after running it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,6 +45,43 @@ pub const WARN_EVERY: Duration = Duration::from_secs(10);
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Bound of one write to Redis.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Lifetime of a batch marker (see "Exact counters").
+pub const MARKER_TTL_SECS: u64 = 86_400;
+/// Fields per record in [`BATCH_SCRIPT`]'s arguments (7 name/value pairs).
+const FIELDS_PER_RECORD: usize = 14;
+
+/// Writes one batch. KEYS: the stream, the batch's marker, then markers of
+/// settled batches to delete. ARGV: marker TTL (s), MAXLEN, fields per
+/// record, then the records' fields. Returns -1 (and writes nothing) if the
+/// marker exists (the batch was fenced), else the entries added, which it
+/// also stores in the marker.
+pub const BATCH_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+redis.call('SET', KEYS[2], '0', 'EX', ARGV[1])
+for i = 3, #KEYS do redis.call('UNLINK', KEYS[i]) end
+local per = tonumber(ARGV[3])
+local written = 0
+for i = 4, #ARGV - per + 1, per do
+  local r = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, i, i + per - 1))
+  if not (type(r) == 'table' and r.err) then written = written + 1 end
+end
+redis.call('SET', KEYS[2], tostring(written), 'EX', ARGV[1])
+return written
+"#;
+
+/// Settles a batch in doubt. KEYS: its marker. ARGV: marker TTL (s).
+/// Returns the entries the batch added (and deletes the marker), or -1 if
+/// it never ran (the marker is then `fenced`: it never will).
+pub const FENCE_SCRIPT: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], 'fenced', 'EX', ARGV[1])
+  return -1
+end
+if v == 'fenced' then return -1 end
+redis.call('UNLINK', KEYS[1])
+return tonumber(v)
+"#;
 
 /// Where and how the audit trail is written.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -78,6 +131,7 @@ pub enum AuditError {
 pub struct AuditStats {
     dropped: AtomicU64,
     written: AtomicU64,
+    in_doubt: AtomicU64,
     sink_down: AtomicBool,
 }
 
@@ -90,6 +144,12 @@ impl AuditStats {
     /// Records written so far.
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
+    }
+
+    /// Records sent in batches whose outcome is not settled yet (see
+    /// "Exact counters"): neither written nor dropped so far.
+    pub fn in_doubt(&self) -> u64 {
+        self.in_doubt.load(Ordering::Relaxed)
     }
 
     /// Whether the last write failed.
@@ -129,15 +189,24 @@ impl Auditor {
                 .set_max_delay(Duration::from_secs(1)),
         )?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        let warn = Arc::new(Warner::default());
-        tokio::spawn(write_loop(
-            rx,
-            manager,
-            config.stream.clone(),
-            config.max_len,
-            stats.clone(),
-            warn.clone(),
-        ));
+        let warn = Arc::new(Warner {
+            mandatory: config.mandatory,
+            ..Warner::default()
+        });
+        let writer = Writer {
+            conn: manager,
+            stream: config.stream.clone(),
+            max_len: config.max_len,
+            marker_prefix: format!("{}:batch:{:016x}", config.stream, rand::random::<u64>()),
+            next_batch: 0,
+            batch_script: redis::Script::new(BATCH_SCRIPT),
+            fence_script: redis::Script::new(FENCE_SCRIPT),
+            in_doubt: Vec::new(),
+            confirmed: Vec::new(),
+            stats: stats.clone(),
+            warn: warn.clone(),
+        };
+        tokio::spawn(writer.run(rx));
         Ok(Self {
             tx,
             key: HmacKey::new(secret),
@@ -180,6 +249,17 @@ impl Auditor {
 #[derive(Debug, Default)]
 struct Warner {
     last: std::sync::Mutex<Option<Instant>>,
+    /// Calls are refused while the sink is down (the warning says so).
+    mandatory: bool,
+}
+
+/// The drop warning: what happens to calls depends on `mandatory`.
+fn drop_warning(mandatory: bool) -> &'static str {
+    if mandatory {
+        "audit records lost (queued or in flight when the sink failed); calls are refused with UNAVAILABLE while the audit sink is down"
+    } else {
+        "audit records dropped (queue full or sink down); answers continue"
+    }
 }
 
 impl Warner {
@@ -193,50 +273,127 @@ impl Warner {
         *last = Some(Instant::now());
         tracing::warn!(
             dropped_total = stats.dropped(),
+            in_doubt = stats.in_doubt(),
             sink_down = stats.sink_down(),
-            "audit records dropped (queue full or sink down); answers continue"
+            "{}",
+            drop_warning(self.mandatory)
         );
     }
 }
 
-async fn write_loop(
-    mut rx: mpsc::Receiver<AuditRecord>,
-    mut conn: ConnectionManager,
+/// The background writer (see "Exact counters" in the module doc).
+struct Writer {
+    conn: ConnectionManager,
     stream: String,
     max_len: u64,
+    /// `{stream}:batch:{random writer id}`; a batch's marker adds `:{n}`.
+    marker_prefix: String,
+    next_batch: u64,
+    batch_script: redis::Script,
+    fence_script: redis::Script,
+    /// Batches sent without a reply: (marker, records).
+    in_doubt: Vec<(String, u64)>,
+    /// Markers of batches whose reply came: deleted with the next batch.
+    confirmed: Vec<String>,
     stats: Arc<AuditStats>,
     warn: Arc<Warner>,
-) {
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
-    loop {
-        // While the sink is down (and, with `mandatory`, nothing is queued),
-        // a PING every second notices it is back.
-        let received = match tokio::time::timeout(PROBE_EVERY, rx.recv_many(&mut batch, WRITE_BATCH)).await {
-            Ok(0) => return, // the auditor is gone
-            Ok(n) => n,
-            Err(_) => {
-                if stats.sink_down() {
-                    let ping = redis::cmd("PING");
-                    if let Ok(Ok(())) =
-                        tokio::time::timeout(WRITE_TIMEOUT, ping.query_async::<()>(&mut conn)).await
-                    {
-                        stats.sink_down.store(false, Ordering::Relaxed);
-                        tracing::info!("audit sink back");
-                    }
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<AuditRecord>) {
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        loop {
+            // While the sink is down (and, with `mandatory`, nothing is
+            // queued), settling the batches in doubt (or a PING) every
+            // second notices it is back.
+            match tokio::time::timeout(PROBE_EVERY, rx.recv_many(&mut batch, WRITE_BATCH)).await {
+                Ok(0) => return, // the auditor is gone
+                Ok(_) => {}
+                Err(_) => {
+                    self.idle().await;
+                    continue;
                 }
-                continue;
             }
-        };
-        debug_assert_eq!(received, batch.len());
-        let mut pipe = redis::pipe();
-        for r in &batch {
-            pipe.cmd("XADD")
-                .arg(&stream)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(max_len)
-                .arg("*")
-                .arg("time_ms")
+            self.settle().await;
+            if self.in_doubt.is_empty() {
+                self.write(&batch).await;
+            } else {
+                // Still unsettled: the sink is down; sending more would only
+                // put more in doubt.
+                self.drop_records(batch.len() as u64);
+            }
+            batch.clear();
+        }
+    }
+
+    fn drop_records(&self, n: u64) {
+        self.stats.dropped.fetch_add(n, Ordering::Relaxed);
+        self.warn.maybe_warn(&self.stats);
+    }
+
+    fn mark_up(&self) {
+        if self.in_doubt.is_empty() && self.stats.sink_down.swap(false, Ordering::Relaxed) {
+            tracing::info!("audit sink back");
+        }
+    }
+
+    /// Nothing queued for a while: settle what is in doubt, or probe a
+    /// down sink, or delete the markers of settled batches.
+    async fn idle(&mut self) {
+        if !self.in_doubt.is_empty() {
+            self.settle().await;
+        } else if self.stats.sink_down() {
+            let ping = redis::cmd("PING");
+            if let Ok(Ok(())) =
+                tokio::time::timeout(WRITE_TIMEOUT, ping.query_async::<()>(&mut self.conn)).await
+            {
+                self.mark_up();
+            }
+        } else if !self.confirmed.is_empty() {
+            let mut unlink = redis::cmd("UNLINK");
+            unlink.arg(&self.confirmed);
+            if let Ok(Ok(())) =
+                tokio::time::timeout(WRITE_TIMEOUT, unlink.query_async::<()>(&mut self.conn)).await
+            {
+                self.confirmed.clear();
+            }
+        }
+    }
+
+    /// Settles the batches in doubt, oldest first, until one cannot be.
+    async fn settle(&mut self) {
+        while let Some((marker, n)) = self.in_doubt.first().cloned() {
+            let mut fence = self.fence_script.key(&marker);
+            fence.arg(MARKER_TTL_SECS);
+            let settled =
+                tokio::time::timeout(WRITE_TIMEOUT, fence.invoke_async::<i64>(&mut self.conn)).await;
+            let Ok(Ok(added)) = settled else {
+                return; // still down
+            };
+            self.in_doubt.remove(0);
+            self.stats.in_doubt.fetch_sub(n, Ordering::Relaxed);
+            let added = u64::try_from(added).unwrap_or(0).min(n);
+            self.stats.written.fetch_add(added, Ordering::Relaxed);
+            if added < n {
+                self.drop_records(n - added);
+            }
+            tracing::info!(records = n, written = added, "audit batch in doubt settled");
+        }
+        self.mark_up();
+    }
+
+    async fn write(&mut self, batch: &[AuditRecord]) {
+        let n = batch.len() as u64;
+        let marker = format!("{}:{}", self.marker_prefix, self.next_batch);
+        self.next_batch += 1;
+        let mut call = self.batch_script.key(&self.stream);
+        call.key(&marker);
+        for old in &self.confirmed {
+            call.key(old);
+        }
+        call.arg(MARKER_TTL_SECS).arg(self.max_len).arg(FIELDS_PER_RECORD);
+        for r in batch {
+            call.arg("time_ms")
                 .arg(r.time_ms)
                 .arg("request_id")
                 .arg(&r.request_id)
@@ -249,31 +406,43 @@ async fn write_loop(
                 .arg("status")
                 .arg(&r.status)
                 .arg("data_as_of")
-                .arg(&r.data_as_of)
-                .ignore();
+                .arg(&r.data_as_of);
         }
-        let result = tokio::time::timeout(WRITE_TIMEOUT, pipe.query_async::<()>(&mut conn)).await;
-        let n = batch.len() as u64;
+        let result = tokio::time::timeout(WRITE_TIMEOUT, call.invoke_async::<i64>(&mut self.conn)).await;
         match result {
-            Ok(Ok(())) => {
-                stats.written.fetch_add(n, Ordering::Relaxed);
-                if stats.sink_down.swap(false, Ordering::Relaxed) {
-                    tracing::info!("audit sink back");
+            Ok(Ok(added)) if added >= 0 => {
+                // The script deleted the markers it was given; this one
+                // goes with the next batch (or when idle).
+                self.confirmed.clear();
+                self.confirmed.push(marker);
+                let added = u64::try_from(added).unwrap_or(0).min(n);
+                self.stats.written.fetch_add(added, Ordering::Relaxed);
+                if added < n {
+                    self.drop_records(n - added);
                 }
+                self.mark_up();
+            }
+            Ok(Ok(_fenced)) => {
+                // Cannot happen for a fresh marker; never count it written.
+                self.drop_records(n);
             }
             Ok(Err(e)) => {
-                stats.sink_down.store(true, Ordering::Relaxed);
-                stats.dropped.fetch_add(n, Ordering::Relaxed);
-                tracing::debug!(error = %e, "audit write failed");
-                warn.maybe_warn(&stats);
+                tracing::debug!(error = %e, "audit write failed; settling it later");
+                self.doubt(marker, n);
             }
             Err(_) => {
-                stats.sink_down.store(true, Ordering::Relaxed);
-                stats.dropped.fetch_add(n, Ordering::Relaxed);
-                warn.maybe_warn(&stats);
+                tracing::debug!(timeout = ?WRITE_TIMEOUT, "audit write timed out; settling it later");
+                self.doubt(marker, n);
             }
         }
-        batch.clear();
+    }
+
+    /// A batch without a reply: it may still run. Settled by [`Writer::settle`].
+    fn doubt(&mut self, marker: String, n: u64) {
+        self.in_doubt.push((marker, n));
+        self.stats.in_doubt.fetch_add(n, Ordering::Relaxed);
+        self.stats.sink_down.store(true, Ordering::Relaxed);
+        self.warn.maybe_warn(&self.stats);
     }
 }
 
@@ -396,6 +565,13 @@ mod tests {
             hex::encode(key.mac(b"what do ya want for nothing?")),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    #[test]
+    fn the_mandatory_warning_does_not_say_answers_continue() {
+        assert!(drop_warning(false).contains("answers continue"));
+        assert!(!drop_warning(true).contains("answers continue"));
+        assert!(drop_warning(true).contains("refused"));
     }
 
     #[test]

@@ -102,6 +102,11 @@ pub struct ServeSettings {
     /// The `aud` every bearer token must carry.
     #[arg(long, env = "REASSIGNED_TOKEN_AUDIENCE")]
     pub token_audience: Option<String>,
+    /// Longest lifetime of a bearer token: `exp - iat` and `exp - now` may
+    /// not exceed it, and tokens without `iat` are refused (`90s`, `15m`,
+    /// `24h`, `7d`, plain seconds, or `off` for no limit; default `24h`).
+    #[arg(long, env = "REASSIGNED_TOKEN_MAX_LIFETIME")]
+    pub token_max_lifetime: Option<String>,
     /// Redis shared by all replicas for per-platform quotas (default: the
     /// store's Redis when the store is one Redis server; otherwise quotas
     /// hold per process).
@@ -111,6 +116,16 @@ pub struct ServeSettings {
     /// local limiter decides (default 50).
     #[arg(long, env = "REASSIGNED_QUOTA_REDIS_TIMEOUT_MS")]
     pub quota_redis_timeout_ms: Option<u64>,
+    /// While the quota Redis is down: `fail-open` (default; each server
+    /// limits on its own, so N servers grant up to N x the limits unless
+    /// `quota_expected_replicas` says N) or `fail-closed` (calls that have a
+    /// limit are refused with UNAVAILABLE).
+    #[arg(long, env = "REASSIGNED_QUOTA_FALLBACK", value_enum)]
+    pub quota_fallback: Option<crate::server::quota::QuotaFallback>,
+    /// Servers sharing the quotas: a server deciding alone (no quota Redis,
+    /// or it is down with `fail-open`) enforces 1/N of each limit (default 1).
+    #[arg(long, env = "REASSIGNED_QUOTA_EXPECTED_REPLICAS")]
+    pub quota_expected_replicas: Option<u32>,
     /// Per-platform quotas (config file only): the `[quotas]` table with a
     /// `default` entry and entries keyed by platform id. None: unlimited.
     #[arg(skip)]
@@ -126,6 +141,20 @@ pub struct ServeSettings {
     /// key, as `keys generate` does).
     #[arg(long, env = "REASSIGNED_RECEIPT_KID")]
     pub receipt_kid: Option<String>,
+    /// Retired receipt public keys that stay published (GetSigningKeys) so
+    /// that the receipts they signed still verify: `PATH@NOT_AFTER`, PATH a
+    /// JWKS or JWK JSON file of public keys (as `reassigned receipt jwks`
+    /// prints), NOT_AFTER the last time the key signed (`YYYY-MM-DD`, through
+    /// the end of that UTC day, or `YYYY-MM-DDTHH:MM:SSZ`). Repeat the flag,
+    /// or comma-separate in the environment; in the file,
+    /// `[[receipt_retired_keys]]` tables with `path` and `not_after`.
+    #[arg(
+        long = "receipt-retired-key",
+        env = "REASSIGNED_RECEIPT_RETIRED_KEYS",
+        value_delimiter = ',',
+        value_parser = parse_retired_key
+    )]
+    pub receipt_retired_keys: Option<Vec<RetiredKeySetting>>,
     /// File holding the secret (at least 16 bytes) that keys the number
     /// hashes of the audit trail; setting it turns the audit trail on.
     #[arg(long, env = "REASSIGNED_AUDIT_SECRET_FILE")]
@@ -150,6 +179,23 @@ pub struct ServeSettings {
     /// off). Not authenticated: bind it to a private interface only.
     #[arg(long, env = "REASSIGNED_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Milliseconds a new connection gets to send its first byte before it
+    /// is closed (default 2000; at most the handshake timeout).
+    #[arg(long, env = "REASSIGNED_HANDSHAKE_FIRST_BYTE_TIMEOUT_MS")]
+    pub handshake_first_byte_timeout_ms: Option<u64>,
+    /// Most pending TLS handshakes per client IP address; at the cap the
+    /// oldest of that address is shed (default 256).
+    #[arg(long, env = "REASSIGNED_MAX_HANDSHAKES_PER_IP")]
+    pub max_handshakes_per_ip: Option<usize>,
+    /// Listen backlog of the server socket, capped by the kernel's
+    /// `net.core.somaxconn` (default 4096).
+    #[arg(long, env = "REASSIGNED_LISTEN_BACKLOG")]
+    pub listen_backlog: Option<u32>,
+    /// Embedded store: the largest share (0.0 to 1.0) of the mirror's
+    /// records a snapshot found by the background resync may remove; a
+    /// snapshot removing more, or empty, is skipped and reported (default 0.10).
+    #[arg(long, env = "REASSIGNED_MAX_SHRINK")]
+    pub max_shrink: Option<f64>,
 }
 
 impl ServeSettings {
@@ -192,7 +238,15 @@ impl ServeSettings {
             audit_redis,
             audit_max_len,
             audit_mandatory,
-            metrics_listen
+            metrics_listen,
+            handshake_first_byte_timeout_ms,
+            max_handshakes_per_ip,
+            listen_backlog,
+            token_max_lifetime,
+            receipt_retired_keys,
+            max_shrink,
+            quota_fallback,
+            quota_expected_replicas
         )
     }
 
@@ -202,6 +256,60 @@ impl ServeSettings {
             std::fs::read_to_string(path).map_err(|e| ConfigError::File(path.to_owned(), e.to_string()))?;
         toml::from_str(&text).map_err(|e| ConfigError::File(path.to_owned(), e.to_string()))
     }
+}
+
+/// A retired receipt key as configured: its public key file and the last
+/// time it signed.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RetiredKeySetting {
+    /// JWKS or JWK JSON file of the retired public key(s).
+    pub path: PathBuf,
+    /// `YYYY-MM-DD` (through the end of that UTC day) or
+    /// `YYYY-MM-DDTHH:MM:SSZ`.
+    pub not_after: String,
+}
+
+/// Parses `--receipt-retired-key PATH@NOT_AFTER`.
+fn parse_retired_key(text: &str) -> Result<RetiredKeySetting, String> {
+    let (path, not_after) = text.rsplit_once('@').ok_or_else(|| {
+        format!("{text:?}: expected PATH@NOT_AFTER, e.g. old-receipts.jwks.json@2026-11-30")
+    })?;
+    if path.is_empty() {
+        return Err(format!("{text:?}: the path is empty"));
+    }
+    parse_not_after(not_after)?;
+    Ok(RetiredKeySetting {
+        path: PathBuf::from(path),
+        not_after: not_after.to_owned(),
+    })
+}
+
+/// `YYYY-MM-DD` (the last second of that UTC day) or `YYYY-MM-DDTHH:MM:SSZ`,
+/// as Unix seconds.
+pub fn parse_not_after(text: &str) -> Result<i64, String> {
+    let bad = || format!("{text:?}: not_after must be YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC)");
+    let (date, time) = match text.split_once('T') {
+        Some((date, time)) => (date, Some(time)),
+        None => (text, None),
+    };
+    let day = crate::domain::Date::parse(date).map_err(|_| bad())?;
+    let start = i64::from(day.days()) * 86_400;
+    let Some(time) = time else {
+        return Ok(start + 86_399);
+    };
+    let time = time.strip_suffix('Z').ok_or_else(bad)?;
+    let parts: Vec<&str> = time.split(':').collect();
+    let [h, m, s] = parts[..] else {
+        return Err(bad());
+    };
+    let num = |v: &str, max: i64| -> Result<i64, String> {
+        if v.len() != 2 || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        v.parse::<i64>().ok().filter(|n| *n <= max).ok_or_else(bad)
+    };
+    Ok(start + num(h, 23)? * 3600 + num(m, 59)? * 60 + num(s, 59)?)
 }
 
 /// Where the mirror lives.
@@ -234,7 +342,30 @@ pub enum StoreConfig {
         data_dir: PathBuf,
         /// Seconds between re-syncs.
         resync_interval_secs: u64,
+        /// The largest share of the records a snapshot may remove.
+        max_shrink: ShrinkLimit,
     },
+}
+
+/// A share of the mirror's records (0.0 to 1.0, validated: never NaN).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct ShrinkLimit(pub f64);
+
+impl Eq for ShrinkLimit {}
+
+impl ShrinkLimit {
+    /// Checks `value` is a share from 0.0 to 1.0.
+    pub fn new(value: f64) -> Result<Self, ConfigError> {
+        if (0.0..=1.0).contains(&value) {
+            Ok(Self(value))
+        } else {
+            Err(ConfigError::Invalid(
+                "max_shrink",
+                format!("{value} must be a share from 0.0 to 1.0 (e.g. 0.10 for 10%)"),
+            ))
+        }
+    }
 }
 
 /// Where `reassigned import` and `reassigned sync` write: one Redis server
@@ -309,6 +440,8 @@ pub struct ServeConfig {
     pub receipt_key: Option<PathBuf>,
     /// The receipt key id; `None`: the key's JWK thumbprint.
     pub receipt_kid: Option<String>,
+    /// Retired receipt keys still published: (file, not_after Unix seconds).
+    pub receipt_retired_keys: Vec<(PathBuf, i64)>,
     /// The audit trail; `None`: off.
     pub audit: Option<crate::audit::AuditConfig>,
     /// Counters of the audit trail of the server running with this config.
@@ -320,6 +453,12 @@ pub struct ServeConfig {
     /// with this config.
     #[serde(skip)]
     pub metrics: crate::server::metrics::MetricsHandle,
+    /// Time a new connection gets to send its first byte, in milliseconds.
+    pub handshake_first_byte_timeout_ms: u64,
+    /// Pending handshake limit per client IP address.
+    pub max_handshakes_per_ip: usize,
+    /// Listen backlog of the server socket.
+    pub listen_backlog: u32,
 }
 
 /// A configuration that cannot be used.
@@ -427,6 +566,7 @@ impl ServeConfig {
                         "resync_interval_secs",
                         s.resync_interval_secs.unwrap_or(10),
                     )?,
+                    max_shrink: ShrinkLimit::new(s.max_shrink.unwrap_or(crate::import::DEFAULT_MAX_SHRINK))?,
                 }
             }
         };
@@ -436,7 +576,13 @@ impl ServeConfig {
                 .parse()
                 .map_err(|e| ConfigError::Invalid("listen", format!("{e}")))?,
         };
-        let tokens = token_config(s.tokens, s.jwks, s.token_issuer, s.token_audience)?;
+        let max_lifetime = token_max_lifetime(s.token_max_lifetime.as_deref())?;
+        let tokens = token_config(s.tokens, s.jwks, s.token_issuer, s.token_audience, max_lifetime)?;
+        let receipt_retired_keys = retired_keys_config(
+            s.receipt_retired_keys.unwrap_or_default(),
+            &s.receipt_key,
+            &s.receipt_kid,
+        )?;
         let (receipt_key, receipt_kid) = receipt_config(s.receipt_key, s.receipt_kid)?;
         let audit = match s.audit_secret_file {
             None => None,
@@ -467,6 +613,16 @@ impl ServeConfig {
                 })
             }
         };
+        let first_byte_ms = positive(
+            "handshake_first_byte_timeout_ms",
+            s.handshake_first_byte_timeout_ms.unwrap_or(2_000),
+        )?;
+        if first_byte_ms > s.handshake_timeout_ms.unwrap_or(10_000) {
+            return Err(ConfigError::Invalid(
+                "handshake_first_byte_timeout_ms",
+                "must not exceed handshake_timeout_ms".into(),
+            ));
+        }
         let max_batch = s.max_batch.unwrap_or(1000);
         if !(1..=100_000).contains(&max_batch) {
             return Err(ConfigError::Invalid("max_batch", "must be 1 to 100000".into()));
@@ -484,7 +640,7 @@ impl ServeConfig {
             max_staleness_days: s.max_staleness_days.unwrap_or(45),
             max_batch,
             handshake_timeout_ms: positive("handshake_timeout_ms", s.handshake_timeout_ms.unwrap_or(10_000))?,
-            max_handshakes: positive("max_handshakes", s.max_handshakes.unwrap_or(256) as u64)? as usize,
+            max_handshakes: positive("max_handshakes", s.max_handshakes.unwrap_or(4096) as u64)? as usize,
             request_timeout_ms: positive("request_timeout_ms", s.request_timeout_ms.unwrap_or(5_000))?,
             max_concurrent_streams: positive(
                 "max_concurrent_streams",
@@ -497,10 +653,17 @@ impl ServeConfig {
             tokens,
             receipt_key,
             receipt_kid,
+            receipt_retired_keys,
             audit,
             audit_stats: Default::default(),
             metrics_listen: s.metrics_listen,
             metrics: Default::default(),
+            handshake_first_byte_timeout_ms: first_byte_ms,
+            max_handshakes_per_ip: positive(
+                "max_handshakes_per_ip",
+                s.max_handshakes_per_ip.unwrap_or(256) as u64,
+            )? as usize,
+            listen_backlog: positive("listen_backlog", u64::from(s.listen_backlog.unwrap_or(4096)))? as u32,
         })
     }
 
@@ -560,6 +723,12 @@ fn quota_config(s: &ServeSettings) -> Result<QuotaConfig, ConfigError> {
     if let Some(ms) = s.quota_redis_timeout_ms {
         config.redis_timeout_ms = positive("quota_redis_timeout_ms", ms)?;
     }
+    if let Some(fallback) = s.quota_fallback {
+        config.fallback = fallback;
+    }
+    if let Some(n) = s.quota_expected_replicas {
+        config.expected_replicas = positive("quota_expected_replicas", u64::from(n))? as u32;
+    }
     Ok(config)
 }
 
@@ -570,6 +739,7 @@ fn token_config(
     jwks: Option<PathBuf>,
     issuer: Option<String>,
     audience: Option<String>,
+    max_lifetime_secs: Option<u64>,
 ) -> Result<Option<crate::server::token::TokenConfig>, ConfigError> {
     if on == Some(false) {
         return Ok(None);
@@ -591,10 +761,22 @@ fn token_config(
         jwks,
         issuer,
         audience,
+        max_lifetime_secs,
     };
     crate::server::token::TokenVerifier::load(config.clone())
         .map_err(|e| ConfigError::Invalid("jwks", e.to_string()))?;
     Ok(Some(config))
+}
+
+/// `token_max_lifetime`: a time span (`24h`), or `off`; unset is 24 h.
+fn token_max_lifetime(text: Option<&str>) -> Result<Option<u64>, ConfigError> {
+    match text.map(str::trim) {
+        None => Ok(Some(crate::server::token::DEFAULT_MAX_LIFETIME_SECS)),
+        Some(off) if off.eq_ignore_ascii_case("off") => Ok(None),
+        Some(span) => crate::cli::token::parse_ttl(span)
+            .map(|d| Some(d.as_secs()))
+            .map_err(|e| ConfigError::Invalid("token_max_lifetime", format!("{e}, or off"))),
+    }
 }
 
 /// Checks the receipt key now (it must parse), so a bad key stops `serve`
@@ -623,6 +805,37 @@ fn receipt_config(
     crate::receipt::ReceiptSigner::from_pem_file(&key, kid.clone())
         .map_err(|e| ConfigError::Invalid("receipt_key", e.to_string()))?;
     Ok((Some(key), kid))
+}
+
+/// The retired receipt keys: each file must hold usable public keys, and
+/// no `kid` may be the current key's or repeat.
+fn retired_keys_config(
+    retired: Vec<RetiredKeySetting>,
+    key: &Option<PathBuf>,
+    kid: &Option<String>,
+) -> Result<Vec<(PathBuf, i64)>, ConfigError> {
+    if retired.is_empty() {
+        return Ok(Vec::new());
+    }
+    let invalid = |why: String| ConfigError::Invalid("receipt_retired_keys", why);
+    let key = key
+        .as_ref()
+        .ok_or_else(|| invalid("needs receipt_key (--receipt-key), the key that signs now".into()))?;
+    let mut all = Vec::new();
+    let mut out = Vec::new();
+    for setting in retired {
+        let not_after = parse_not_after(&setting.not_after).map_err(invalid)?;
+        let keys = crate::receipt::load_retired_keys(&setting.path, not_after)
+            .map_err(|e| invalid(e.to_string()))?;
+        all.extend(keys);
+        out.push((setting.path, not_after));
+    }
+    // The signer itself is checked by `receipt_config`; here only whether
+    // the retired keys fit beside it.
+    if let Ok(signer) = crate::receipt::ReceiptSigner::from_pem_file(key, kid.clone()) {
+        signer.with_retired(&all).map_err(|e| invalid(e.to_string()))?;
+    }
+    Ok(out)
 }
 
 fn positive(name: &'static str, v: u64) -> Result<u64, ConfigError> {
@@ -713,6 +926,40 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         }
+    }
+
+    #[test]
+    fn token_max_lifetime_defaults_to_a_day_and_can_be_off() {
+        assert_eq!(token_max_lifetime(None).expect("default"), Some(86_400));
+        assert_eq!(token_max_lifetime(Some("2h")).expect("2h"), Some(7_200));
+        assert_eq!(token_max_lifetime(Some("off")).expect("off"), None);
+        let e = token_max_lifetime(Some("1y")).expect_err("1y");
+        assert!(e.to_string().contains("token_max_lifetime"), "{e}");
+    }
+
+    #[test]
+    fn retired_key_windows_parse() {
+        assert_eq!(parse_not_after("1970-01-01"), Ok(86_399));
+        assert_eq!(parse_not_after("1970-01-02T00:00:10Z"), Ok(86_410));
+        for bad in [
+            "1970-01-01T24:00:00Z",
+            "1970-01-01T00:00:00",
+            "1970-02-30",
+            "yesterday",
+            "",
+        ] {
+            assert!(parse_not_after(bad).is_err(), "{bad}");
+        }
+        let setting = parse_retired_key("keys/old@x.json@2026-11-30").expect("setting");
+        assert_eq!(setting.path, PathBuf::from("keys/old@x.json"));
+        assert!(parse_retired_key("keys/old.json").is_err());
+        let file: ServeSettings =
+            toml::from_str("[[receipt_retired_keys]]\npath = \"a.json\"\nnot_after = \"2026-11-30\"\n")
+                .expect("toml");
+        assert_eq!(
+            file.receipt_retired_keys.expect("keys")[0].not_after,
+            "2026-11-30"
+        );
     }
 
     #[test]

@@ -15,7 +15,9 @@
 //! - [`server`]: TLS termination, the auth layer with certificate-bound
 //!   bearer tokens ([`server::token`]), per-platform quotas
 //!   ([`server::quota`]), reloading TLS material without a restart
-//!   ([`server::reload`]), health, reflection, [`run`].
+//!   ([`server::reload`]), closing connections a reload revoked
+//!   ([`server::revoke`]), rate-limited log lines ([`server::lograte`]),
+//!   health, reflection, [`run`].
 //! - [`receipt`]: signed receipts of answers (compact JWS), their keys, JWKS
 //!   and offline verification.
 //! - [`audit`]: the audit trail of answers (keyed number hashes, a Redis

@@ -35,6 +35,9 @@ enum Command {
         settings: Box<ServeSettings>,
     },
     /// Apply one manifest (snapshot or delta) to the Redis mirror.
+    ///
+    /// SIGTERM or SIGINT stops it cleanly (rolled back or finished, lock
+    /// released) with exit status 143.
     Import {
         /// Redis URL.
         #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
@@ -47,8 +50,13 @@ enum Command {
         redis_key_prefix: String,
         /// The manifest JSON file.
         manifest: PathBuf,
+        #[command(flatten)]
+        guard: ShrinkGuard,
     },
     /// Apply every pending manifest of a directory to the Redis mirror, in sequence order.
+    ///
+    /// SIGTERM or SIGINT stops it cleanly before the next file (the current one
+    /// rolled back or finished, lock released) with exit status 143.
     Sync {
         /// Redis URL.
         #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
@@ -61,6 +69,43 @@ enum Command {
         redis_key_prefix: String,
         /// The directory of manifests.
         dir: PathBuf,
+        #[command(flatten)]
+        guard: ShrinkGuard,
+    },
+    /// Compare the Redis mirror with the register files it was built from.
+    ///
+    /// Compares the record count and a checksum per bucket; exits non-zero,
+    /// listing the differing buckets, if they differ.
+    Verify {
+        /// Redis URL.
+        #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
+        redis: Option<String>,
+        /// Redis Cluster seed nodes, comma-separated (instead of --redis).
+        #[arg(long, env = "REASSIGNED_REDIS_CLUSTER", conflicts_with = "redis")]
+        redis_cluster: Option<String>,
+        /// Prefix of every Redis key.
+        #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX", default_value = "rn")]
+        redis_key_prefix: String,
+        /// The directory of manifests.
+        dir: PathBuf,
+    },
+    /// Report and remove orphaned generations of the Redis mirror.
+    ///
+    /// Orphaned: bucket keys and filter chunks of generations neither current
+    /// nor used by a live import.
+    Gc {
+        /// Redis URL.
+        #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
+        redis: Option<String>,
+        /// Redis Cluster seed nodes, comma-separated (instead of --redis).
+        #[arg(long, env = "REASSIGNED_REDIS_CLUSTER", conflicts_with = "redis")]
+        redis_cluster: Option<String>,
+        /// Prefix of every Redis key.
+        #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX", default_value = "rn")]
+        redis_key_prefix: String,
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Certificates for development.
     Certs {
@@ -108,6 +153,32 @@ enum Command {
         #[arg(long, default_value_t = 100_000)]
         records: u64,
     },
+}
+
+/// The guard of `import` and `sync` against snapshots that wipe the mirror.
+#[derive(clap::Args)]
+struct ShrinkGuard {
+    /// The largest share (0.0 to 1.0) of the mirror's records a snapshot may
+    /// remove; a snapshot removing more, or empty, is refused.
+    #[arg(long, env = "REASSIGNED_MAX_SHRINK", default_value_t = reassigned::import::DEFAULT_MAX_SHRINK)]
+    max_shrink: f64,
+    /// Apply a snapshot however much it shrinks the mirror.
+    #[arg(long)]
+    allow_shrink: bool,
+}
+
+impl ShrinkGuard {
+    fn options(&self) -> anyhow::Result<reassigned::import::ImportOptions> {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.max_shrink),
+            "--max-shrink {} must be a share from 0.0 to 1.0 (e.g. 0.10 for 10%)",
+            self.max_shrink
+        );
+        Ok(reassigned::import::ImportOptions {
+            max_shrink: self.max_shrink,
+            allow_shrink: self.allow_shrink,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -165,6 +236,16 @@ enum ReceiptCommand {
         number: String,
         /// The receipt (compact JWS), or `-` to read it from stdin.
         receipt: String,
+    },
+    /// Print the public JWKS of a receipt key: keep it, and give it to
+    /// `serve --receipt-retired-key FILE@NOT_AFTER` when the key is retired.
+    Jwks {
+        /// The receipt private key (PKCS#8 PEM), as given to `--receipt-key`.
+        #[arg(long)]
+        key: PathBuf,
+        /// The key id, as given to `--receipt-kid` (default: derived from the key).
+        #[arg(long)]
+        kid: Option<String>,
     },
 }
 
@@ -236,17 +317,41 @@ fn main() -> ExitCode {
                 redis_cluster,
                 redis_key_prefix,
                 manifest,
-            } => match RedisTarget::from_flags(redis, redis_cluster) {
-                Ok(target) => cli::import(&target, &redis_key_prefix, &manifest).await,
-                Err(e) => Err(e.into()),
+                guard,
+            } => match (RedisTarget::from_flags(redis, redis_cluster), guard.options()) {
+                (Ok(target), Ok(options)) => {
+                    cli::import_with(&target, &redis_key_prefix, &manifest, options).await
+                }
+                (Err(e), _) => Err(e.into()),
+                (_, Err(e)) => Err(e),
             },
             Command::Sync {
                 redis,
                 redis_cluster,
                 redis_key_prefix,
                 dir,
+                guard,
+            } => match (RedisTarget::from_flags(redis, redis_cluster), guard.options()) {
+                (Ok(target), Ok(options)) => cli::sync_with(&target, &redis_key_prefix, &dir, options).await,
+                (Err(e), _) => Err(e.into()),
+                (_, Err(e)) => Err(e),
+            },
+            Command::Verify {
+                redis,
+                redis_cluster,
+                redis_key_prefix,
+                dir,
             } => match RedisTarget::from_flags(redis, redis_cluster) {
-                Ok(target) => cli::sync(&target, &redis_key_prefix, &dir).await,
+                Ok(target) => cli::verify(&target, &redis_key_prefix, &dir).await,
+                Err(e) => Err(e.into()),
+            },
+            Command::Gc {
+                redis,
+                redis_cluster,
+                redis_key_prefix,
+                dry_run,
+            } => match RedisTarget::from_flags(redis, redis_cluster) {
+                Ok(target) => cli::gc(&target, &redis_key_prefix, dry_run).await,
                 Err(e) => Err(e.into()),
             },
             Command::Certs {
@@ -296,6 +401,9 @@ fn main() -> ExitCode {
                 println!("{}", serde_json::to_string_pretty(&claims)?);
                 Ok(())
             }),
+            Command::Receipt {
+                command: ReceiptCommand::Jwks { key, kid },
+            } => cli::receipt::jwks_cmd(&key, kid).map(|jwks| println!("{jwks}")),
             Command::Token {
                 command: TokenCommand::Mint(options),
             } => cli::token::mint_cmd(&options).map(|token| println!("{token}")),
@@ -308,7 +416,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(cli::exit_code(&e))
         }
     }
 }

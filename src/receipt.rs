@@ -8,13 +8,21 @@
 //! [`check_number`]. The number itself is never in a receipt, only its
 //! SHA-256 ([`number_sha256`]).
 //!
+//! # Key rotation
+//! A new receipt key must not orphan the receipts signed before it: the
+//! public halves of retired keys stay published ([`RetiredKey`],
+//! [`ReceiptSigner::with_retired`]), each with the last time it signed
+//! (`not_after`, Unix seconds, a member of its JWK). [`verify_receipt`]
+//! accepts a receipt under a retired key only if its `iat` is not after
+//! that time; the server never signs with a retired key.
+//!
 //! Signing is on the login path, so [`ReceiptSigner`] parses the key once,
 //! encodes the constant header once, and keeps one ready signer per worker
 //! thread: a receipt costs one JSON serialization, two base64 encodings and
 //! one signature. Uses `jsonwebtoken` with its `rust_crypto` backend only.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -125,6 +133,135 @@ pub enum VerifyError {
     /// The receipt is about another number.
     #[error("the receipt is for another number (number_sha256 differs)")]
     NumberMismatch,
+    /// The receipt claims to be signed after its key was retired.
+    #[error("the receipt's iat {iat} is after key {kid:?} was retired (not_after {not_after})")]
+    KeyRetired {
+        /// The retired key.
+        kid: String,
+        /// The last second (Unix) the key signed.
+        not_after: i64,
+        /// The receipt's `iat`.
+        iat: i64,
+    },
+}
+
+/// The JWK member that marks a retired key: the last second (Unix) at
+/// which it signed receipts. Not a registered JWK member; RFC 7517 says
+/// that readers ignore members they do not know.
+pub const NOT_AFTER_MEMBER: &str = "not_after";
+
+/// The public half of a receipt key that no longer signs, published so
+/// that the receipts it signed stay verifiable.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetiredKey {
+    /// The public key (its `kid` is the one in the receipts' header).
+    pub jwk: Jwk,
+    /// The last second (Unix) the key signed: a receipt under this key
+    /// with a later `iat` is refused.
+    pub not_after: i64,
+}
+
+/// Reads the retired public keys of a JWKS or JWK JSON file (as
+/// `GetSigningKeys` or `reassigned receipt jwks` print them), each given
+/// `not_after` (or the earlier `not_after` it already carries). Refuses
+/// private keys, keys without a `kid`, and keys receipts never use.
+pub fn load_retired_keys(path: &Path, not_after: i64) -> Result<Vec<RetiredKey>, KeyError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read(path).map_err(|e| KeyError::Read(shown.clone(), e.to_string()))?;
+    let bad = |why: String| KeyError::Unusable(format!("{shown}: {why}"));
+    let json: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let members = match json.get("keys") {
+        Some(serde_json::Value::Array(keys)) => keys.clone(),
+        Some(_) => return Err(bad("`keys` is not an array".into())),
+        None => vec![json],
+    };
+    if members.is_empty() {
+        return Err(bad("holds no key".into()));
+    }
+    let mut keys = Vec::with_capacity(members.len());
+    for member in members {
+        if member.get("d").is_some() {
+            return Err(bad("holds a private key: give the public key only".into()));
+        }
+        let own_not_after = member.get(NOT_AFTER_MEMBER).and_then(serde_json::Value::as_i64);
+        let jwk: Jwk = serde_json::from_value(member).map_err(|e| bad(format!("not a JWK: {e}")))?;
+        let kid = jwk.common.key_id.clone().unwrap_or_default();
+        if kid.is_empty() {
+            return Err(bad("a key has no kid".into()));
+        }
+        let algorithm = match &jwk.algorithm {
+            AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Algorithm::ES256,
+            AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => Algorithm::EdDSA,
+            _ => return Err(bad(format!("key {kid:?} is neither P-256 nor Ed25519"))),
+        };
+        if !key_algorithm_fits(&jwk, algorithm) {
+            return Err(bad(format!("key {kid:?}: its alg does not match its curve")));
+        }
+        DecodingKey::from_jwk(&jwk).map_err(|e| bad(format!("key {kid:?}: {e}")))?;
+        keys.push(RetiredKey {
+            jwk,
+            not_after: own_not_after.map_or(not_after, |own| own.min(not_after)),
+        });
+    }
+    Ok(keys)
+}
+
+/// Receipt public keys with the retirement time of the retired ones, as
+/// read from a JWKS by [`parse_receipt_keys`].
+#[derive(Clone, Debug, Default)]
+pub struct ReceiptKeys {
+    /// The keys.
+    pub set: JwkSet,
+    /// `not_after` (Unix seconds) of each retired key, by `kid`.
+    pub not_after: HashMap<String, i64>,
+}
+
+/// Parses a JWKS JSON text, keeping the `not_after` of retired keys.
+pub fn parse_receipt_keys(json: &str) -> Result<ReceiptKeys, VerifyError> {
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| VerifyError::Jwks(e.to_string()))?;
+    let mut not_after = HashMap::new();
+    if let Some(keys) = value.get("keys").and_then(serde_json::Value::as_array) {
+        for key in keys {
+            if let (Some(kid), Some(at)) = (
+                key.get("kid").and_then(serde_json::Value::as_str),
+                key.get(NOT_AFTER_MEMBER).and_then(serde_json::Value::as_i64),
+            ) {
+                not_after.insert(kid.to_owned(), at);
+            }
+        }
+    }
+    let set = serde_json::from_value(value).map_err(|e| VerifyError::Jwks(e.to_string()))?;
+    Ok(ReceiptKeys { set, not_after })
+}
+
+/// Checks a receipt against `keys` as [`verify`] does, and refuses it if
+/// its key is retired and its `iat` is after the key's `not_after`.
+pub fn verify_receipt(receipt: &str, keys: &ReceiptKeys) -> Result<ReceiptClaims, VerifyError> {
+    let claims: ReceiptClaims = verify_with_jwks(receipt, &keys.set)?;
+    let kid = jsonwebtoken::decode_header(receipt.trim())
+        .map_err(|e| VerifyError::Malformed(e.to_string()))?
+        .kid
+        .ok_or(VerifyError::NoKid)?;
+    if let Some(&not_after) = keys.not_after.get(&kid)
+        && claims.iat > not_after
+    {
+        return Err(VerifyError::KeyRetired {
+            kid,
+            not_after,
+            iat: claims.iat,
+        });
+    }
+    Ok(claims)
+}
+
+fn key_algorithm_fits(jwk: &Jwk, algorithm: Algorithm) -> bool {
+    matches!(
+        (jwk.common.key_algorithm, algorithm),
+        (None, _)
+            | (Some(KeyAlgorithm::ES256), Algorithm::ES256)
+            | (Some(KeyAlgorithm::EdDSA), Algorithm::EdDSA)
+    )
 }
 
 /// Ids of signers, so that per-thread caches never confuse two keys.
@@ -263,14 +400,39 @@ impl ReceiptSigner {
         &self.jwk
     }
 
-    /// The public keys as a key set.
+    /// The public key of this signer as a key set (without retired keys;
+    /// [`ReceiptSigner::jwks_json`] publishes those too).
     pub fn jwks(&self) -> JwkSet {
         JwkSet {
             keys: vec![self.jwk.clone()],
         }
     }
 
-    /// The public keys as JWKS JSON (`{"keys":[...]}`).
+    /// Publishes `retired` keys beside this one (see [`RetiredKey`]): they
+    /// are never used to sign. Refuses a retired key with this key's `kid`
+    /// or two with the same `kid`.
+    pub fn with_retired(mut self, retired: &[RetiredKey]) -> Result<Self, KeyError> {
+        let mut seen = HashSet::from([self.kid.clone()]);
+        let mut keys = vec![serde_json::to_value(&self.jwk).map_err(|e| KeyError::Unusable(e.to_string()))?];
+        for key in retired {
+            let kid = key.jwk.common.key_id.clone().unwrap_or_default();
+            if !seen.insert(kid.clone()) {
+                return Err(KeyError::Unusable(format!(
+                    "retired key {kid:?}: its kid is the current key's or another retired key's"
+                )));
+            }
+            let mut value = serde_json::to_value(&key.jwk).map_err(|e| KeyError::Unusable(e.to_string()))?;
+            if let Some(object) = value.as_object_mut() {
+                object.insert(NOT_AFTER_MEMBER.to_owned(), key.not_after.into());
+            }
+            keys.push(value);
+        }
+        self.jwks_json = serde_json::json!({ "keys": keys }).to_string();
+        Ok(self)
+    }
+
+    /// The public keys as JWKS JSON (`{"keys":[...]}`): this key, then the
+    /// retired ones with their `not_after`.
     pub fn jwks_json(&self) -> &str {
         &self.jwks_json
     }
@@ -369,12 +531,7 @@ fn verify_with_jwks<T: serde::de::DeserializeOwned>(receipt: &str, jwks: &JwkSet
         (AlgorithmParameters::OctetKeyPair(p), Algorithm::EdDSA) => p.curve == EllipticCurve::Ed25519,
         _ => false,
     };
-    let alg_fits = matches!(
-        (jwk.common.key_algorithm, algorithm),
-        (None, _)
-            | (Some(KeyAlgorithm::ES256), Algorithm::ES256)
-            | (Some(KeyAlgorithm::EdDSA), Algorithm::EdDSA)
-    );
+    let alg_fits = key_algorithm_fits(jwk, algorithm);
     if !(key_fits && alg_fits) {
         return Err(VerifyError::KeyMismatch(kid, algorithm));
     }

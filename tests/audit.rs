@@ -276,3 +276,117 @@ async fn the_stream_is_capped_near_audit_max_len() {
     assert!((10..=110).contains(&len), "XLEN {len}");
     server.stop().await;
 }
+
+/// `XLEN rn:audit` on the Redis at `port`.
+fn xlen(port: u16) -> u64 {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "XLEN", "rn:audit"])
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("XLEN")
+}
+
+/// What happens to the audit Redis in the middle of the load.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// SIGSTOP for 3 s (longer than the writer's 2 s timeout), then SIGCONT.
+    Pause,
+    /// `SHUTDOWN SAVE`, then started again on the same port with its data.
+    Restart,
+}
+
+#[tokio::test]
+async fn counters_stay_exact_when_the_sink_pauses_under_load() {
+    counters_stay_exact(Fault::Pause).await;
+}
+
+#[tokio::test]
+async fn counters_stay_exact_when_the_sink_restarts_under_load() {
+    counters_stay_exact(Fault::Restart).await;
+}
+
+async fn counters_stay_exact(fault: Fault) {
+    let mut redis = RedisServer::start();
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let url = redis.url();
+    let server = Server::start(store, |s, dir| {
+        embedded(s, dir);
+        s.audit_redis = Some(url.clone());
+    })
+    .await;
+    let client = server.client().await;
+    let stats = server.stats.clone();
+    // Load: 4 callers sending batches of 50 checks, for the whole test.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let mut client = client.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut answered = 0_u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let results = client
+                        .batch_check_numbers(BatchCheckNumbersRequest {
+                            checks: (0..50).map(|i| req(&format!("+1415555{i:04}"))).collect(),
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("answered while the sink pauses")
+                        .into_inner()
+                        .results;
+                    answered += results.len() as u64;
+                }
+                answered
+            })
+        })
+        .collect();
+    eventually("records written", async || stats.written() > 500).await;
+    // Paused longer than the writer's 2 s write timeout: pipelines time out
+    // in flight, and Redis runs them when it resumes.
+    match fault {
+        Fault::Pause => {
+            redis.pause();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            redis.resume();
+        }
+        Fault::Restart => {
+            redis.stop();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            redis.restart();
+        }
+    }
+    let written_at_resume = stats.written();
+    eventually("writes after the pause", async || {
+        stats.written() > written_at_resume + 500
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = 0;
+    for caller in callers {
+        answered += caller.await.expect("caller");
+    }
+    // Every answer is either written or counted dropped, exactly once, and
+    // `written` is exactly what the stream holds.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats.written() + stats.dropped() != answered {
+        assert!(
+            Instant::now() < deadline,
+            "written {} + dropped {} != answered {answered}",
+            stats.written(),
+            stats.dropped()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let in_stream = xlen(redis.port);
+    println!(
+        "{fault:?}: answered {answered}, written {}, dropped {}, in the stream {in_stream}",
+        stats.written(),
+        stats.dropped()
+    );
+    assert_eq!(
+        stats.written(),
+        in_stream,
+        "written must equal the stream's length"
+    );
+    server.stop().await;
+}

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
 use reassigned::api::pb::{self, BatchCheckNumbersRequest, CheckNumberRequest, batch_check_result};
 use reassigned::config::{ServeConfig, ServeSettings};
+use reassigned::server::quota::QuotaFallback;
 use reassigned::store::{AnyStore, EmbeddedStore};
 use support::redis::RedisServer;
 use support::server::TestChannel as Channel;
@@ -285,4 +286,238 @@ fn quotas_come_from_the_config_file_and_are_validated() {
     let settings: ServeSettings = toml::from_str(&bad).expect("toml");
     let err = ServeConfig::from_settings(settings).expect_err("burst 0");
     assert!(err.to_string().contains("burst"), "{err}");
+}
+
+/// Calls `CheckNumber` from `concurrency` tasks on `client` until `for_`
+/// has passed; returns every call's latency. Every call must be answered
+/// with `expect` (`None`: OK, or the code).
+async fn hammer(
+    client: &ReassignedNumbersClient<Channel>,
+    concurrency: usize,
+    for_: Duration,
+    expect: Option<Code>,
+) -> Vec<Duration> {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while started.elapsed() < for_ {
+                    let t = Instant::now();
+                    let result = check(&mut c).await;
+                    latencies.push(t.elapsed());
+                    match (expect, result) {
+                        (None, Ok(())) => {}
+                        (Some(code), Err(status)) if status.code() == code => {}
+                        (_, other) => panic!("expected {expect:?}, got {other:?}"),
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("caller task"));
+    }
+    all.sort();
+    all
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// The quota keys in `redis` (the shared limiter writes them).
+async fn quota_keys(url: &str) -> Vec<String> {
+    let client = redis::Client::open(url).expect("client");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+    redis::cmd("KEYS")
+        .arg("rn:quota:*")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS")
+}
+
+async fn flush(url: &str) {
+    let client = redis::Client::open(url).expect("client");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+    let () = redis::cmd("FLUSHALL")
+        .query_async(&mut conn)
+        .await
+        .expect("FLUSHALL");
+}
+
+const OUTAGE_TIMEOUT_MS: u64 = 500;
+const CONCURRENCY: usize = 8;
+
+#[tokio::test]
+async fn calls_do_not_each_wait_for_a_quota_redis_known_to_be_down() {
+    let mut redis = RedisServer::start();
+    // A generous limit: this test is about time, not refusals. A long quota
+    // timeout, so that a call that waited for it is unmistakable.
+    // (The daily count's key lives until midnight: it shows that the shared
+    // limiter is used.)
+    let quotas = format!(
+        "{}numbers_per_day = 1000000000\n",
+        rate_quota(PLATFORM_A, "100000", 100_000)
+    );
+    let server = serve_with_timeout(&quotas, Some(redis.url()), OUTAGE_TIMEOUT_MS).await;
+    let a = client(&server, PLATFORM_A).await;
+    check(&mut a.clone()).await.expect("first call through redis");
+    assert!(
+        !quota_keys(&redis.url()).await.is_empty(),
+        "the shared limiter is used"
+    );
+    redis.pause();
+    let outage = Duration::from_secs(4);
+    let latencies = hammer(&a, CONCURRENCY, outage, None).await;
+    let waited = latencies
+        .iter()
+        .filter(|l| **l >= Duration::from_millis(OUTAGE_TIMEOUT_MS * 9 / 10))
+        .count();
+    println!(
+        "fail-open outage of {outage:?}, {CONCURRENCY} callers: {} calls, {waited} waited the {OUTAGE_TIMEOUT_MS} ms quota timeout, p50 {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().expect("calls")
+    );
+    // Only the calls in flight when the outage was noticed wait for the
+    // timeout; after that the server knows Redis is down and decides
+    // locally at once (before: every caller waited again once a second).
+    // (A margin of half a wave for a loaded machine; before the probe, 24
+    // of 8 callers' calls waited in 4 s.)
+    assert!(
+        waited <= CONCURRENCY + CONCURRENCY / 2,
+        "{waited} calls waited the quota timeout during the outage"
+    );
+    assert!(
+        percentile(&latencies, 0.99) < Duration::from_millis(OUTAGE_TIMEOUT_MS),
+        "p99"
+    );
+    // Back: the shared limiter is used again (its keys reappear).
+    redis.resume();
+    flush(&redis.url()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut c = a.clone();
+    while quota_keys(&redis.url()).await.is_empty() {
+        assert!(Instant::now() < deadline, "the shared limiter is not used again");
+        check(&mut c).await.expect("answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
+/// A server with a quota Redis and an explicit fallback policy.
+async fn serve_policy(
+    quotas: &str,
+    quota_redis: String,
+    timeout_ms: u64,
+    fallback: QuotaFallback,
+    expected_replicas: Option<u32>,
+) -> TestServer {
+    let file: ServeSettings = toml::from_str(quotas).expect("quota toml");
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    TestServer::start(store, move |s| {
+        s.quotas = file.quotas;
+        s.quota_redis = Some(quota_redis);
+        s.quota_redis_timeout_ms = Some(timeout_ms);
+        s.quota_fallback = Some(fallback);
+        s.quota_expected_replicas = expected_replicas;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn fail_closed_refuses_limited_calls_while_the_quota_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let server = serve_policy(
+        &rate_quota(PLATFORM_A, "100000", 100_000),
+        redis.url(),
+        OUTAGE_TIMEOUT_MS,
+        QuotaFallback::FailClosed,
+        None,
+    )
+    .await;
+    let a = client(&server, PLATFORM_A).await;
+    let mut b = client(&server, PLATFORM_B).await;
+    check(&mut a.clone()).await.expect("served while redis is up");
+
+    // Stopped: every call of the limited platform is UNAVAILABLE, and none
+    // but the first wave waits for the timeout.
+    redis.stop();
+    let latencies = hammer(&a, CONCURRENCY, Duration::from_secs(2), Some(Code::Unavailable)).await;
+    let waited = latencies
+        .iter()
+        .filter(|l| **l >= Duration::from_millis(OUTAGE_TIMEOUT_MS * 9 / 10))
+        .count();
+    println!(
+        "fail-closed, redis stopped: {} calls all UNAVAILABLE, {waited} waited the timeout, p99 {:?}",
+        latencies.len(),
+        percentile(&latencies, 0.99)
+    );
+    assert!(
+        waited <= CONCURRENCY + CONCURRENCY / 2,
+        "{waited} calls waited the quota timeout"
+    );
+    let status = check(&mut a.clone()).await.expect_err("fail closed");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("quota store is unavailable"),
+        "{status:?}"
+    );
+    assert!(status.get_details_retry_info().is_some(), "RetryInfo");
+    // A platform without limits needs no quota store.
+    check(&mut b).await.expect("platform-b has no quota");
+
+    // Paused (calls would hang): still refused, in bounded time.
+    redis.restart();
+    let mut c = a.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(status) = check(&mut c).await {
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(Instant::now() < deadline, "not served again after the restart");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    redis.pause();
+    let latencies = hammer(&a, CONCURRENCY, Duration::from_secs(2), Some(Code::Unavailable)).await;
+    assert!(
+        *latencies.last().expect("calls") < Duration::from_millis(OUTAGE_TIMEOUT_MS * 3),
+        "{:?}",
+        latencies.last()
+    );
+    redis.resume();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while check(&mut c).await.is_err() {
+        assert!(Instant::now() < deadline, "not served again after the pause");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn fail_open_with_expected_replicas_grants_this_servers_share() {
+    let mut redis = RedisServer::start();
+    // Burst 4 shared by 2 expected servers: alone, this one allows 2.
+    let server = serve_policy(
+        &rate_quota(PLATFORM_A, "0.1", 4),
+        redis.url(),
+        OUTAGE_TIMEOUT_MS,
+        QuotaFallback::FailOpen,
+        Some(2),
+    )
+    .await;
+    let mut a = client(&server, PLATFORM_A).await;
+    check(&mut a).await.expect("first call through redis");
+    redis.pause();
+    for i in 0..2 {
+        check(&mut a)
+            .await
+            .unwrap_or_else(|e| panic!("local call {i}: {e:?}"));
+    }
+    exhausted(check(&mut a).await, "rate");
+    redis.resume();
+    server.stop().await;
 }

@@ -16,6 +16,7 @@ use reassigned::api::pb::{
     ReassignmentStatus, batch_check_result,
 };
 use reassigned::cli::certs::platform_uri;
+use reassigned::config::RetiredKeySetting;
 use reassigned::domain::Date;
 use reassigned::import::{self, NoProgress};
 use reassigned::receipt::{self, ReceiptClaims, ReceiptSigner, VerifyError, number_sha256};
@@ -512,4 +513,195 @@ fn bad_receipt_settings_are_refused_at_start() {
     let config = from(settings(Some(key.clone()), Some("k1"))).expect("valid");
     assert_eq!(config.receipt_key, Some(key));
     assert_eq!(config.receipt_kid.as_deref(), Some("k1"));
+}
+
+/// A store loaded with the test snapshot.
+async fn loaded_store(dir: &Path) -> AnyStore {
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let snapshot = FileSpec::snapshot(
+        SEQUENCE,
+        &days_ago(1),
+        "2021-01-27",
+        &["+1"],
+        &[(A, "2024-05-01"), ("+14155550002", "2022-03-03")],
+    );
+    let manifest = snapshot.write(dir, "s3");
+    import::apply_manifest(&store, &manifest, &mut NoProgress)
+        .await
+        .expect("snapshot");
+    store
+}
+
+/// A server signing with `key`, publishing `retired` (`(file, not_after)`).
+async fn serve_rotated(dir: &Path, key: &Path, retired: &[(&Path, &str)]) -> TestServer {
+    let store = loaded_store(dir).await;
+    let retired: Vec<RetiredKeySetting> = retired
+        .iter()
+        .map(|(path, not_after)| RetiredKeySetting {
+            path: path.to_path_buf(),
+            not_after: (*not_after).to_owned(),
+        })
+        .collect();
+    let key = key.to_path_buf();
+    TestServer::start(store, move |s| {
+        s.receipt_key = Some(key);
+        s.receipt_retired_keys = (!retired.is_empty()).then_some(retired);
+    })
+    .await
+}
+
+async fn receipt_from(server: &TestServer) -> String {
+    let answer = server
+        .client()
+        .await
+        .check_number(req(A, "2024-01-01", true))
+        .await
+        .expect("check")
+        .into_inner();
+    assert!(!answer.receipt.is_empty());
+    answer.receipt
+}
+
+async fn signing_keys(server: &TestServer) -> String {
+    server
+        .client()
+        .await
+        .get_signing_keys(GetSigningKeysRequest {})
+        .await
+        .expect("GetSigningKeys")
+        .into_inner()
+        .jwks
+}
+
+fn kid_of(receipt: &str) -> String {
+    jsonwebtoken::decode_header(receipt)
+        .expect("header")
+        .kid
+        .expect("kid")
+}
+
+#[tokio::test]
+async fn receipts_signed_before_a_key_rotation_still_verify() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old_key = dir.path().join("old.key");
+    let new_key = dir.path().join("new.key");
+    std::fs::write(
+        &old_key,
+        receipt::generate_key_pem(Algorithm::EdDSA).expect("key"),
+    )
+    .expect("write");
+    std::fs::write(
+        &new_key,
+        receipt::generate_key_pem(Algorithm::ES256).expect("key"),
+    )
+    .expect("write");
+
+    // Before the rotation: a receipt under the old key.
+    let before = serve_rotated(dir.path(), &old_key, &[]).await;
+    let old_receipt = receipt_from(&before).await;
+    let old_kid = kid_of(&old_receipt);
+    before.stop().await;
+
+    // The operator keeps the old public key (`receipt jwks`) ...
+    let out = Command::new(env!("CARGO_BIN_EXE_reassigned"))
+        .args(["receipt", "jwks", "--key"])
+        .arg(&old_key)
+        .output()
+        .expect("run reassigned");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let old_jwks = dir.path().join("old.jwks.json");
+    std::fs::write(&old_jwks, &out.stdout).expect("write");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("\"d\""),
+        "no private part"
+    );
+
+    // Without it (as before this fix), the new server's keys cannot verify
+    // the old receipt.
+    let forgetful = serve_rotated(dir.path(), &new_key, &[]).await;
+    let keys = receipt::parse_receipt_keys(&signing_keys(&forgetful).await).expect("jwks");
+    assert_eq!(
+        receipt::verify_receipt(&old_receipt, &keys),
+        Err(VerifyError::UnknownKey(old_kid.clone()))
+    );
+    forgetful.stop().await;
+
+    // ... and publishes it as retired on the rotated server.
+    let today = Date::today_utc().to_string();
+    let after = serve_rotated(dir.path(), &new_key, &[(&old_jwks, &today)]).await;
+    let jwks_text = signing_keys(&after).await;
+    let jwks_file = dir.path().join("published.jwks.json");
+    std::fs::write(&jwks_file, &jwks_text).expect("write");
+    let keys = receipt::parse_receipt_keys(&jwks_text).expect("jwks");
+    assert_eq!(keys.set.keys.len(), 2, "{jwks_text}");
+    assert!(keys.not_after.contains_key(&old_kid), "{jwks_text}");
+    assert!(!jwks_text.contains("\"d\""), "no private part");
+    // The old receipt verifies, with the library and with the CLI.
+    let claims = receipt::verify_receipt(&old_receipt, &keys).expect("old receipt verifies");
+    receipt::check_number(&claims, A).expect("same number");
+    let out = cli_verify(&jwks_file, A, &old_receipt);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // New receipts are signed with the new key only, and verify too.
+    let new_receipt = receipt_from(&after).await;
+    assert_ne!(kid_of(&new_receipt), old_kid);
+    receipt::verify_receipt(&new_receipt, &keys).expect("new receipt verifies");
+    assert!(cli_verify(&jwks_file, A, &new_receipt).status.success());
+    after.stop().await;
+
+    // A receipt claiming a time after its key's window is refused.
+    let early = serve_rotated(dir.path(), &new_key, &[(&old_jwks, "2020-01-01")]).await;
+    let jwks_text = signing_keys(&early).await;
+    let keys = receipt::parse_receipt_keys(&jwks_text).expect("jwks");
+    assert!(matches!(
+        receipt::verify_receipt(&old_receipt, &keys),
+        Err(VerifyError::KeyRetired { ref kid, .. }) if *kid == old_kid
+    ));
+    std::fs::write(&jwks_file, &jwks_text).expect("write");
+    let out = cli_verify(&jwks_file, A, &old_receipt);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("retired"),
+        "{out:?}"
+    );
+    early.stop().await;
+}
+
+#[tokio::test]
+async fn bad_retired_keys_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("receipt.key");
+    let pem = receipt::generate_key_pem(Algorithm::EdDSA).expect("key");
+    std::fs::write(&key, &pem).expect("write");
+    let signer = ReceiptSigner::from_pem(pem.as_bytes(), None).expect("signer");
+    let own = dir.path().join("own.jwks.json");
+    std::fs::write(&own, signer.jwks_json()).expect("write");
+    let private = dir.path().join("private.json");
+    std::fs::write(
+        &private,
+        r#"{"kty":"OKP","crv":"Ed25519","x":"AAAA","d":"BBBB","kid":"k"}"#,
+    )
+    .expect("write");
+    let certs = support::server::Certs::mint();
+    for (retired, why) in [
+        (own.clone(), "kid"),                        // the current key again
+        (private, "private"),                        // private key material
+        (dir.path().join("nope.json"), "nope.json"), // missing
+    ] {
+        let settings = reassigned::config::ServeSettings {
+            tls_cert: Some(certs.server_cert.clone()),
+            tls_key: Some(certs.server_key.clone()),
+            client_ca: Some(certs.ca.clone()),
+            data_dir: Some(dir.path().to_owned()),
+            tokens: Some(false),
+            receipt_key: Some(key.clone()),
+            receipt_retired_keys: Some(vec![RetiredKeySetting {
+                path: retired,
+                not_after: "2026-01-01".into(),
+            }]),
+            ..Default::default()
+        };
+        let e = reassigned::config::ServeConfig::from_settings(settings).expect_err(why);
+        assert!(e.to_string().contains("receipt_retired_keys"), "{e}");
+        assert!(e.to_string().contains(why), "{e} should say {why}");
+    }
 }

@@ -428,7 +428,11 @@ async fn second_snapshot_replaces_everything_and_reclaims_old_keys(server: TestR
     assert_eq!(buckets.len(), 12, "{buckets:?}");
     assert!(buckets.iter().all(|k| k.starts_with("rn:g2:")), "{buckets:?}");
     let dbsize: u64 = dbsizes(&server).iter().sum();
-    assert_eq!(dbsize, 12 + 3, "buckets, filter, meta and gen_counter");
+    assert_eq!(
+        dbsize,
+        12 + 4,
+        "buckets, filter, meta, gen_counter and the applied checksums"
+    );
     let mut con = redis_conn(&server);
     let reclaim: Option<String> = redis::cmd("HGET")
         .arg("rn:meta")

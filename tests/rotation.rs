@@ -1,7 +1,8 @@
 //! Revocation and rotation without restarts: CRLs enforced at the handshake,
 //! and the server certificate, client CA bundle and CRLs reloaded for new
 //! connections (on a file change, on the programmatic trigger, on SIGHUP in
-//! the binary) while open connections keep working. Real TLS, real servers
+//! the binary) while open connections keep working, except those whose
+//! client certificate a reload revoked or no longer trusts. Real TLS, real servers
 //! on 127.0.0.1:0, certificates minted per test.
 
 #![allow(clippy::unwrap_used)]
@@ -110,6 +111,7 @@ impl Files {
 struct Server {
     addr: SocketAddr,
     reload: ReloadHandle,
+    metrics: reassigned::server::metrics::MetricsHandle,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     _data: tempfile::TempDir,
@@ -133,6 +135,7 @@ impl Server {
         })
         .unwrap();
         let reload = config.reload.clone();
+        let metrics = config.metrics.clone();
         let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(reassigned::run(listener, config, store, async move {
@@ -141,6 +144,7 @@ impl Server {
         Self {
             addr,
             reload,
+            metrics,
             shutdown: Some(tx),
             task: Some(task),
             _data: data,
@@ -200,8 +204,14 @@ async fn fresh_call(addr: SocketAddr, client: &PemPair, server_ca: &DevPki) -> R
     call(&channel).await
 }
 
+/// Issue 7 §5: a revoked certificate must not keep working on a connection
+/// opened before the revocation. After the CRL reload, the revoked client's
+/// idle connection is closed within a few seconds (a call on it has to
+/// reconnect, and the new handshake is refused), a call in flight on another
+/// of its connections is not cut at once (it gets until its grace), and the
+/// connections of clients still trusted keep working.
 #[tokio::test]
-async fn revoked_client_is_refused_on_new_connections_and_open_ones_keep_working() {
+async fn revoked_client_is_refused_and_its_open_connections_are_closed() {
     let ca = DevPki::named("ca one").unwrap();
     let other_ca = DevPki::named("ca two").unwrap();
     // The bundle trusts two CAs; only `ca` publishes a CRL.
@@ -213,23 +223,67 @@ async fn revoked_client_is_refused_on_new_connections_and_open_ones_keep_working
 
     let open = connect(server.addr, &revoked, &ca).await.unwrap();
     call(&open).await.unwrap();
-    fresh_call(server.addr, &foreign, &ca).await.unwrap();
+    // A call in flight on another connection of the revoked client: a
+    // health Watch, which streams until it is cut.
+    let watching = connect(server.addr, &revoked, &ca).await.unwrap();
+    let mut watch = HealthClient::new(watching.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().expect("first health status");
+    let sibling_open = connect(server.addr, &sibling, &ca).await.unwrap();
+    call(&sibling_open).await.unwrap();
+    let foreign_open = connect(server.addr, &foreign, &ca).await.unwrap();
+    call(&foreign_open).await.unwrap();
 
+    let revoked_at = Instant::now();
     replace(&files.crl, &ca.crl(&[&revoked.cert_pem]).unwrap());
-    eventually("the revoked client is refused", || async {
-        fresh_call(server.addr, &revoked, &ca).await.is_err()
+    eventually("the revoked client's open connection is closed", || async {
+        call(&open).await.is_err()
     })
     .await;
+    let closed_after = revoked_at.elapsed();
+    // The call failed because the connection closed and the reconnect was
+    // refused, not because of a glitch: it keeps failing.
+    let refused = call(&open).await.unwrap_err();
+    assert!(refused.contains("CertificateRevoked"), "{refused}");
     let refused = fresh_call(server.addr, &revoked, &ca).await.unwrap_err();
     assert!(refused.contains("CertificateRevoked"), "{refused}");
-
-    // The connection made before the revocation is still served: a reconnect
-    // would have been refused, so this proves it stayed open.
-    call(&open).await.unwrap();
-    // The CA's other client, and a client of a CA without CRL (unknown
-    // revocation status is allowed), are still accepted.
+    // The watch in flight was not cut with the idle connection; it ends
+    // at its grace (the request timeout, 5 s by default).
+    let cut = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return Instant::now(),
+            }
+        }
+    })
+    .await
+    .expect("the call in flight on a revoked connection was never cut");
+    let cut_after = cut - revoked_at;
+    eprintln!(
+        "revoked: idle connection closed after {closed_after:?}, call in flight cut after {cut_after:?}"
+    );
+    assert!(
+        closed_after < Duration::from_secs(5),
+        "the idle revoked connection stayed open {closed_after:?}"
+    );
+    assert!(
+        cut_after > closed_after,
+        "the call in flight was cut ({cut_after:?}) no later than the idle connection ({closed_after:?})"
+    );
+    // Both of the revoked client's connections were closed for it, and counted.
+    assert_eq!(server.metrics.handshakes().closed_revoked(), 2);
+    // Trusted clients' connections were left alone, and new ones are served.
+    call(&sibling_open).await.unwrap();
+    call(&foreign_open).await.unwrap();
     fresh_call(server.addr, &sibling, &ca).await.unwrap();
     fresh_call(server.addr, &foreign, &ca).await.unwrap();
+    drop((open, watching, sibling_open, foreign_open));
     server.stop().await;
 }
 
@@ -411,7 +465,14 @@ async fn replaced_client_ca_bundle_refuses_the_old_ca_and_accepts_the_new() {
     })
     .await;
     assert!(fresh_call(server.addr, &old_client, &old_ca).await.is_err());
-    call(&open).await.unwrap();
+    // The old CA's client is no longer trusted: its open connection closes
+    // too (issue 7 §5), and the call has to reconnect, which is refused.
+    eventually("the old CA's open connection is closed", || async {
+        call(&open).await.is_err()
+    })
+    .await;
+    let accepted = connect(server.addr, &new_client, &old_ca).await.unwrap();
+    call(&accepted).await.unwrap();
     server.stop().await;
 }
 

@@ -235,23 +235,80 @@ async fn silent_client_does_not_block_others_and_is_dropped() {
 }
 
 #[tokio::test]
-async fn handshake_cap_queues_connections_until_a_slot_frees() {
+async fn at_the_handshake_cap_the_oldest_pending_handshake_is_shed() {
     let pki = DevPki::new().unwrap();
     let opts = AcceptOptions {
         max_handshakes: 1,
-        ..fast_opts()
+        handshake_timeout: Duration::from_secs(30),
+        first_byte_timeout: Duration::from_secs(30),
+        ..AcceptOptions::default()
     };
     let server = TestServer::start(&pki, opts).await;
 
-    // The silent connection takes the only handshake slot until it times out;
-    // the next client waits in the backlog, then is served.
-    let _silent = TcpStream::connect(server.addr).await.unwrap();
+    // The silent connection takes the only pending slot; the next client is
+    // not made to wait for it: the silent one is shed and the client served.
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
     let started = Instant::now();
     let client = pki.client("platform-a").unwrap();
     assert_eq!(server.health(Some(&client)).await, Ok(ServingStatus::Serving));
     assert!(
-        started.elapsed() >= Duration::from_millis(200),
-        "served while the only handshake slot was taken"
+        started.elapsed() < Duration::from_secs(10),
+        "the newcomer waited {:?}",
+        started.elapsed()
+    );
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(DEADLINE, silent.read(&mut buf))
+        .await
+        .expect("the oldest pending handshake was not shed");
+    assert!(matches!(read, Ok(0) | Err(_)), "unexpected data: {read:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn per_address_cap_sheds_that_address_oldest_first() {
+    let pki = DevPki::new().unwrap();
+    let opts = AcceptOptions {
+        max_handshakes_per_ip: 2,
+        handshake_timeout: Duration::from_secs(30),
+        first_byte_timeout: Duration::from_secs(30),
+        ..AcceptOptions::default()
+    };
+    let server = TestServer::start(&pki, opts).await;
+    let mut oldest = TcpStream::connect(server.addr).await.unwrap();
+    let mut second = TcpStream::connect(server.addr).await.unwrap();
+    // The third connection from 127.0.0.1 sheds the oldest, not the second.
+    let client = pki.client("platform-a").unwrap();
+    assert_eq!(server.health(Some(&client)).await, Ok(ServingStatus::Serving));
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(DEADLINE, oldest.read(&mut buf))
+        .await
+        .expect("the oldest was not shed");
+    assert!(matches!(read, Ok(0) | Err(_)), "unexpected data: {read:?}");
+    let second_read = tokio::time::timeout(Duration::from_millis(300), second.read(&mut buf)).await;
+    assert!(second_read.is_err(), "the second was closed too: {second_read:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_sends_nothing_is_dropped_at_the_first_byte_deadline() {
+    let pki = DevPki::new().unwrap();
+    let opts = AcceptOptions {
+        handshake_timeout: Duration::from_secs(30),
+        first_byte_timeout: Duration::from_millis(300),
+        ..AcceptOptions::default()
+    };
+    let server = TestServer::start(&pki, opts).await;
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(DEADLINE, silent.read(&mut buf))
+        .await
+        .expect("the silent connection was not closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "unexpected data: {read:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(10),
+        "closed after {waited:?}, not at the first-byte deadline"
     );
     server.stop().await;
 }

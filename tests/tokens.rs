@@ -194,6 +194,84 @@ async fn expired_and_not_yet_valid_tokens_are_refused() {
     env.server.stop().await;
 }
 
+/// Signs arbitrary JSON claims with the test issuer key (for claims that
+/// `TokenClaims` cannot express, such as a missing `iat`).
+fn minted_json(env: &Env, claims: &serde_json::Value) -> String {
+    let key = &tokens(&env.server).key;
+    use rustls_pki_types::pem::PemObject as _;
+    let der =
+        rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(key.private_pem().as_bytes()).expect("der");
+    let encoding = jsonwebtoken::EncodingKey::from_ec_der(der.secret_pkcs8_der());
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(key.kid().to_owned());
+    jsonwebtoken::encode(&header, claims, &encoding).expect("sign")
+}
+
+#[tokio::test]
+async fn tokens_living_longer_than_the_maximum_are_refused() {
+    let env = serve().await;
+    let now = now_secs();
+    const YEAR: u64 = 365 * 86_400;
+    // Valid for 100 years: refused by the default 24 h maximum.
+    refused_for(&env, "lifetime exceeds the maximum of 86400 s", |c| {
+        c.exp = now + 100 * YEAR;
+    })
+    .await;
+    // A 25 h token, and a short-looking token whose `iat` lies in the future.
+    refused_for(&env, "lifetime exceeds", |c| c.exp = now + 25 * 3600).await;
+    refused_for(&env, "lifetime exceeds", |c| {
+        c.iat = now + 10 * YEAR;
+        c.exp = now + 10 * YEAR + 60;
+    })
+    .await;
+    // No `iat` at all.
+    let mut claims = serde_json::to_value(tokens(&env.server).claims(&env.me, scope::ALL)).expect("json");
+    claims.as_object_mut().expect("object").remove("iat");
+    let token = minted_json(&env, &claims);
+    assert_refused(
+        check_with(&env, Bearer::new(&token)).await,
+        Code::Unauthenticated,
+        "lacks the iat claim",
+        &token,
+    );
+    // Exactly 24 h is fine.
+    let token = minted(&env, &tokens(&env.server).key, |c| c.exp = c.iat + 86_400);
+    check_with(&env, Bearer::new(&token)).await.expect("24 h token");
+    env.server.stop().await;
+}
+
+#[tokio::test]
+async fn the_maximum_token_lifetime_is_configurable() {
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let server = TestServer::start(store, |s| s.token_max_lifetime = Some("2h".into())).await;
+    let me = server.certs.client("platform-a");
+    let keys = tokens(&server);
+    let now = now_secs();
+    let mut long = keys.claims(&me, scope::ALL);
+    long.exp = now + 3 * 3600;
+    let token = keys.key.mint(&long).expect("mint");
+    let channel = server.channel_bearing(&me, Bearer::new(&token)).await;
+    assert_refused(
+        call(channel, Method::Check).await,
+        Code::Unauthenticated,
+        "maximum of 7200 s",
+        &token,
+    );
+    server.stop().await;
+
+    // `off`: no limit, and `iat` is optional.
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let server = TestServer::start(store, |s| s.token_max_lifetime = Some("off".into())).await;
+    let keys = tokens(&server);
+    let me = server.certs.client("platform-a");
+    let mut long = keys.claims(&me, scope::ALL);
+    long.exp = now + 100 * 365 * 86_400;
+    let token = keys.key.mint(&long).expect("mint");
+    let channel = server.channel_bearing(&me, Bearer::new(&token)).await;
+    call(channel, Method::Check).await.expect("no maximum");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn wrong_issuer_or_audience_is_refused() {
     let env = serve().await;
@@ -675,6 +753,7 @@ fn verify_cost() {
             jwks,
             issuer: "i".into(),
             audience: "a".into(),
+            max_lifetime_secs: Some(86_400),
         })
         .expect("verifier");
         let tokens: Vec<String> = (0..500)

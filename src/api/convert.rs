@@ -48,13 +48,20 @@ impl ApiError {
                 }
                 StoreError::Corrupt(_) => (Code::Internal, "the mirror data is unreadable".into()),
             },
-            ApiError::Quota(e) => (
-                Code::ResourceExhausted,
-                match e.kind {
-                    QuotaKind::Rate => "request rate quota exceeded; retry after the delay given".into(),
-                    QuotaKind::Daily => "daily numbers quota exceeded; retry after the UTC day ends".into(),
-                },
-            ),
+            ApiError::Quota(e) => match e.kind {
+                QuotaKind::Rate => (
+                    Code::ResourceExhausted,
+                    "request rate quota exceeded; retry after the delay given".into(),
+                ),
+                QuotaKind::Daily => (
+                    Code::ResourceExhausted,
+                    "daily numbers quota exceeded; retry after the UTC day ends".into(),
+                ),
+                QuotaKind::StoreDown => (
+                    Code::Unavailable,
+                    "the quota store is unavailable and quotas fail closed; retry".into(),
+                ),
+            },
             ApiError::Receipt(e) => match e {
                 ReceiptError::NotConfigured => (
                     Code::FailedPrecondition,
@@ -92,7 +99,11 @@ impl From<ApiError> for Status {
                 Status::with_error_details(code, message, details)
             }
             ApiError::Store(inner) => {
-                tracing::warn!(error = %inner, "store error");
+                // Rate-limited: a store outage fails every call (all are
+                // counted in reassigned_requests_total).
+                if let Some(suppressed) = crate::server::lograte::global().check("store_error") {
+                    tracing::warn!(error = %inner, suppressed, "store error");
+                }
                 Status::new(code, message)
             }
             ApiError::Quota(exceeded) => {
@@ -204,5 +215,6 @@ pub fn status_message(
         }),
         stale: meta.is_stale(today, max_staleness_days),
         max_staleness_days,
+        skipped_files: Vec::new(),
     }
 }

@@ -1,6 +1,8 @@
-//! The gRPC API: the generated code ([`pb`]), conversions between it and the
-//! domain, and the `ReassignedNumbers` service handlers.
+//! The gRPC API: the generated code ([`pb`]) and its codec ([`codec`]:
+//! undecodable requests are INVALID_ARGUMENT), conversions between it and
+//! the domain, and the `ReassignedNumbers` service handlers.
 
+pub mod codec;
 mod convert;
 mod receipts;
 mod service;

@@ -1,7 +1,12 @@
 //! The `reassigned.v1.ReassignedNumbers` handlers: convert, call the domain
 //! and the store, convert back.
 
-use futures_util::StreamExt;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesOrdered, ReadyChunks};
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -22,6 +27,17 @@ use crate::store::{Store, StoreError};
 const STREAM_CHUNK: usize = 512;
 /// Results buffered per stream before the server stops reading requests.
 const STREAM_BUFFER: usize = 1024;
+/// Chunk lookups of one stream waiting on the store at once. Chunks read
+/// while that many wait are not looked up: their items are answered
+/// UNAVAILABLE, so the stream keeps reading (HTTP/2 closes a connection
+/// whose peer keeps sending small DATA frames that are not read) and memory
+/// stays bounded however long the store stalls.
+const STREAM_IN_FLIGHT: usize = 16;
+/// With [`STREAM_IN_FLIGHT`] lookups waiting, the stream stops reading for
+/// at most this long (the oldest lookup's wait) before it sheds: a short
+/// pause is harmless to HTTP/2 and spares a busy but healthy store spurious
+/// UNAVAILABLE items.
+const STREAM_SHED_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Limits and rules of the service.
 #[derive(Clone, Debug)]
@@ -288,55 +304,12 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
             all: false,
             call,
         };
-        let mut first_index = 0_u64;
-        let mut input = request.into_inner().ready_chunks(STREAM_CHUNK);
+        let input = request.into_inner().ready_chunks(STREAM_CHUNK);
         // Bounded: when the client stops reading, sends wait, and the server
         // stops reading requests (HTTP/2 flow control pushes back further).
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let this = self.clone();
         tokio::spawn(
-            async move {
-                while let Some(chunk) = input.next().await {
-                    let mut checks = Vec::with_capacity(chunk.len());
-                    let mut failure = None;
-                    for item in chunk {
-                        match item {
-                            Ok(check) => checks.push(check),
-                            Err(status) => {
-                                failure = Some(status);
-                                break;
-                            }
-                        }
-                    }
-                    let count = checks.len();
-                    let start = first_index;
-                    first_index += count as u64;
-                    if let Err(status) = this.charge(principal.as_ref(), 0, count as u64).await {
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                    let results = match this.check_many(checks, &receipts, start).await {
-                        Ok(results) => results,
-                        Err(e) => {
-                            let error: pb::CheckError = ApiError::from(e).into();
-                            let item = pb::BatchCheckResult {
-                                result: Some(pb::batch_check_result::Result::Error(error)),
-                            };
-                            vec![item; count]
-                        }
-                    };
-                    for result in results {
-                        if tx.send(Ok(result)).await.is_err() {
-                            return; // the client went away
-                        }
-                    }
-                    if let Some(status) = failure {
-                        tracing::debug!(code = ?status.code(), "request stream ended with an error");
-                        return;
-                    }
-                }
-            }
-            .in_current_span(),
+            stream_pipeline(self.clone(), principal, Arc::new(receipts), input, tx).in_current_span(),
         );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -346,11 +319,13 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         _request: Request<pb::GetMirrorStatusRequest>,
     ) -> Result<Response<pb::GetMirrorStatusResponse>, Status> {
         let meta = self.store.cached_meta();
-        Ok(Response::new(status_message(
+        let mut status = status_message(
             meta.as_deref(),
             Date::today_utc(),
             self.options.max_staleness_days,
-        )))
+        );
+        status.skipped_files = self.store.import_problems();
+        Ok(Response::new(status))
     }
 
     async fn get_signing_keys(
@@ -364,5 +339,166 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         Ok(Response::new(pb::GetSigningKeysResponse {
             jwks: signer.jwks_json().to_owned(),
         }))
+    }
+}
+
+/// What one chunk of a stream comes to, in request order.
+enum Segment {
+    /// One result per item of the chunk.
+    Results(Vec<pb::BatchCheckResult>),
+    /// This many items were not looked up (answered UNAVAILABLE).
+    Shed(u64),
+    /// The stream ends with this status (e.g. over quota).
+    Fail(Status),
+}
+
+/// The item error of a request that was read but not looked up.
+fn shed_item() -> pb::BatchCheckResult {
+    let error: pb::CheckError = ApiError::Store(StoreError::Unavailable(
+        "lookups of this stream are waiting on the store".into(),
+    ))
+    .into();
+    pb::BatchCheckResult {
+        result: Some(pb::batch_check_result::Result::Error(error)),
+    }
+}
+
+/// Runs one StreamCheckNumbers call: reads requests in chunks, looks them up
+/// (at most [`STREAM_IN_FLIGHT`] chunks at once, results in request order)
+/// and sends the results to `tx`.
+///
+/// The requests are read as long as the client reads its results, even
+/// while lookups wait on a slow or stalled store: chunks that arrive while
+/// [`STREAM_IN_FLIGHT`] lookups wait are answered UNAVAILABLE item by item
+/// (counted, not stored, so memory stays bounded). When the client stops
+/// reading (results waiting for room in `tx`), reading stops too.
+async fn stream_pipeline<S: Store + Clone>(
+    this: ReassignedService<S>,
+    principal: Option<Principal>,
+    receipts: Arc<ReceiptPlan>,
+    mut input: ReadyChunks<Streaming<pb::CheckNumberRequest>>,
+    tx: mpsc::Sender<Result<pb::BatchCheckResult, Status>>,
+) {
+    let mut lookups: FuturesOrdered<BoxFuture<'static, Segment>> = FuturesOrdered::new();
+    // When each lookup segment (not shed ones) in `lookups` started.
+    let mut in_flight: VecDeque<tokio::time::Instant> = VecDeque::new();
+    // Items shed after the last segment in `lookups` (only while it is not empty).
+    let mut shed_after = 0_u64;
+    // The segment being sent: its results, then its shed items.
+    let mut out: VecDeque<pb::BatchCheckResult> = VecDeque::new();
+    let mut out_shed = 0_u64;
+    let mut input_done = false;
+    let mut first_index = 0_u64;
+    loop {
+        let sending = !out.is_empty() || out_shed > 0;
+        // Full: read again (and shed) once the oldest lookup waited too long.
+        let shed_at = match in_flight.front() {
+            Some(oldest) if in_flight.len() >= STREAM_IN_FLIGHT => Some(*oldest + STREAM_SHED_AFTER),
+            _ => None,
+        };
+        let may_read = shed_at.is_none_or(|at| at <= tokio::time::Instant::now());
+        tokio::select! {
+            biased;
+            permit = tx.reserve(), if sending => {
+                let Ok(permit) = permit else {
+                    return; // the client went away
+                };
+                match out.pop_front() {
+                    Some(result) => permit.send(Ok(result)),
+                    None => {
+                        out_shed -= 1;
+                        permit.send(Ok(shed_item()));
+                    }
+                }
+            }
+            Some(segment) = lookups.next(), if !sending && !lookups.is_empty() => {
+                match segment {
+                    Segment::Results(results) => {
+                        in_flight.pop_front();
+                        out = results.into();
+                    }
+                    Segment::Shed(count) => out_shed = count,
+                    Segment::Fail(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+                if lookups.is_empty() {
+                    out_shed += std::mem::take(&mut shed_after);
+                }
+            }
+            () = tokio::time::sleep_until(shed_at.unwrap_or_else(tokio::time::Instant::now)),
+                if !sending && !input_done && !may_read => {}
+            chunk = input.next(), if !sending && !input_done && may_read => {
+                let Some(chunk) = chunk else {
+                    input_done = true;
+                    continue;
+                };
+                let mut checks = Vec::with_capacity(chunk.len());
+                let mut failure = None;
+                for item in chunk {
+                    match item {
+                        Ok(check) => checks.push(check),
+                        Err(status) => {
+                            tracing::debug!(code = ?status.code(), "request stream ended with an error");
+                            input_done = true;
+                            failure = Some(status);
+                            break;
+                        }
+                    }
+                }
+                let count = checks.len() as u64;
+                if count > 0 && in_flight.len() >= STREAM_IN_FLIGHT {
+                    // Shed items keep their positions (receipt ids count them).
+                    first_index += count;
+                    shed_after += count;
+                } else if count > 0 {
+                    if shed_after > 0 {
+                        let shed = std::mem::take(&mut shed_after);
+                        lookups.push_back(futures_util::future::ready(Segment::Shed(shed)).boxed());
+                    }
+                    let start = first_index;
+                    first_index += count;
+                    in_flight.push_back(tokio::time::Instant::now());
+                    lookups.push_back(lookup_chunk(this.clone(), principal.clone(), receipts.clone(), checks, start).boxed());
+                }
+                if let Some(status) = failure {
+                    // The client must learn that its stream was cut (e.g. a
+                    // message that does not decode): not a silent OK, and
+                    // only after the answers to what came before it.
+                    let shed = std::mem::take(&mut shed_after);
+                    if shed > 0 {
+                        lookups.push_back(futures_util::future::ready(Segment::Shed(shed)).boxed());
+                    }
+                    lookups.push_back(futures_util::future::ready(Segment::Fail(status)).boxed());
+                }
+            }
+            else => return,
+        }
+    }
+}
+
+/// Charges and looks up one chunk of a stream; a store failure answers
+/// every item with the store's error.
+async fn lookup_chunk<S: Store + Clone>(
+    this: ReassignedService<S>,
+    principal: Option<Principal>,
+    receipts: Arc<ReceiptPlan>,
+    checks: Vec<pb::CheckNumberRequest>,
+    start: u64,
+) -> Segment {
+    let count = checks.len();
+    if let Err(status) = this.charge(principal.as_ref(), 0, count as u64).await {
+        return Segment::Fail(status);
+    }
+    match this.check_many(checks, &receipts, start).await {
+        Ok(results) => Segment::Results(results),
+        Err(e) => {
+            let error: pb::CheckError = ApiError::from(e).into();
+            let item = pb::BatchCheckResult {
+                result: Some(pb::batch_check_result::Result::Error(error)),
+            };
+            Segment::Results(vec![item; count])
+        }
     }
 }

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 
 use super::generate::GenerateOptions;
 use crate::config::{RedisTarget, ServeConfig, ServeSettings, StoreConfig};
-use crate::import::{self, Applied};
+use crate::import::{self, Applied, ImportOptions};
 use crate::store::{AnyStore, EmbeddedStore, RedisStore, redis::RedisOptions};
 
 /// Sets up `tracing` on stderr: `text` or `json`, levels from `REASSIGNED_LOG`
@@ -102,16 +102,22 @@ pub async fn open_store(config: &StoreConfig) -> anyhow::Result<AnyStore> {
         StoreConfig::Embedded {
             data_dir,
             resync_interval_secs,
+            max_shrink,
         } => {
+            let options = import::ImportOptions {
+                max_shrink: max_shrink.0,
+                allow_shrink: false,
+            };
             let store = Arc::new(
-                EmbeddedStore::open(data_dir, &mut import::StderrProgress::new())
+                EmbeddedStore::open_with(data_dir, options, &mut import::StderrProgress::new())
                     .await
                     .with_context(|| format!("cannot load {}", data_dir.display()))?,
             );
             // Runs for the life of the process; the server's shutdown ends it.
-            store.spawn_resync(
+            store.spawn_resync_with(
                 data_dir.clone(),
                 Duration::from_secs(*resync_interval_secs),
+                options,
                 std::future::pending(),
             );
             Ok(AnyStore::Embedded(store))
@@ -160,18 +166,174 @@ async fn redis_store(target: &RedisTarget, key_prefix: &str) -> anyhow::Result<R
 
 /// `reassigned import`: applies one manifest to the Redis mirror.
 pub async fn import(target: &RedisTarget, key_prefix: &str, manifest: &Path) -> anyhow::Result<()> {
-    let store = redis_store(target, key_prefix).await?;
-    let started = std::time::Instant::now();
-    let applied = import::apply_manifest(&store, manifest, &mut import::StderrProgress::new()).await?;
-    eprintln!("{} in {:.1?}", describe(&applied), started.elapsed());
-    Ok(())
+    import_with(target, key_prefix, manifest, ImportOptions::default()).await
 }
 
 /// `reassigned sync`: applies every pending manifest of `dir` in order.
 pub async fn sync(target: &RedisTarget, key_prefix: &str, dir: &Path) -> anyhow::Result<()> {
+    sync_with(target, key_prefix, dir, ImportOptions::default()).await
+}
+
+/// The exit status of an import or sync stopped cleanly by SIGTERM or
+/// SIGINT (128 + SIGTERM, as if terminated, but after cleaning up).
+pub const EXIT_INTERRUPTED: u8 = 143;
+
+/// The exit status for an error of a command: [`EXIT_INTERRUPTED`] for an
+/// import stopped by a signal, 1 otherwise.
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    match error.downcast_ref::<import::ImportError>() {
+        Some(import::ImportError::Interrupted { .. }) => EXIT_INTERRUPTED,
+        _ => 1,
+    }
+}
+
+/// Until dropped: on the first SIGTERM or SIGINT, asks the imports of this
+/// process to stop cleanly (`interrupt` and [`RedisStore::cancel_imports`]);
+/// on a second one, exits at once.
+struct SignalGuard(tokio::task::JoinHandle<()>);
+
+impl SignalGuard {
+    fn install(interrupt: import::Interrupt) -> Self {
+        Self(tokio::spawn(async move {
+            shutdown_signal().await;
+            eprintln!(
+                "signal received: stopping cleanly (rolling back or finishing the current step, releasing the lock); a second signal exits at once"
+            );
+            interrupt.raise();
+            RedisStore::cancel_imports();
+            shutdown_signal().await;
+            eprintln!("second signal: exiting at once (the import lock frees itself)");
+            std::process::exit(i32::from(EXIT_INTERRUPTED));
+        }))
+    }
+}
+
+impl Drop for SignalGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// [`import::StderrProgress`] that stops reading once `interrupt` is raised.
+struct StoppableProgress {
+    inner: import::StderrProgress,
+    interrupt: import::Interrupt,
+}
+
+impl StoppableProgress {
+    fn new(interrupt: &import::Interrupt) -> Self {
+        Self {
+            inner: import::StderrProgress::new(),
+            interrupt: interrupt.clone(),
+        }
+    }
+}
+
+impl import::Progress for StoppableProgress {
+    fn start(&mut self, file: &Path, total: u64) {
+        self.inner.start(file, total);
+    }
+
+    fn advance(&mut self, read: u64) {
+        self.inner.advance(read);
+    }
+
+    fn finish(&mut self, read: u64) {
+        self.inner.finish(read);
+    }
+
+    fn should_stop(&self) -> bool {
+        self.interrupt.is_raised()
+    }
+}
+
+/// An error of an import that a signal interrupted, as
+/// [`import::ImportError::Interrupted`].
+fn interrupted_error(interrupt: &import::Interrupt, e: import::ImportError) -> anyhow::Error {
+    const PREFIX: &str = "interrupted by a signal ";
+    match e {
+        e @ import::ImportError::Interrupted { .. } => e.into(),
+        import::ImportError::Store(crate::store::StoreError::Conflict(m)) if m.starts_with(PREFIX) => {
+            import::ImportError::Interrupted {
+                done: m[PREFIX.len()..].to_owned(),
+            }
+            .into()
+        }
+        e if interrupt.is_raised() => import::ImportError::Interrupted {
+            done: format!("after an error: {e}"),
+        }
+        .into(),
+        e => e.into(),
+    }
+}
+
+/// `reassigned import` with the shrink guard of `options`; stops cleanly on
+/// SIGTERM/SIGINT (see [`EXIT_INTERRUPTED`]).
+pub async fn import_with(
+    target: &RedisTarget,
+    key_prefix: &str,
+    manifest: &Path,
+    options: ImportOptions,
+) -> anyhow::Result<()> {
+    let interrupt = import::Interrupt::never();
+    let _signals = SignalGuard::install(interrupt.clone());
     let store = redis_store(target, key_prefix).await?;
-    let report = import::sync_dir(&store, dir, &mut import::StderrProgress::new()).await?;
+    let started = std::time::Instant::now();
+    let applied =
+        import::apply_manifest_with(&store, manifest, options, &mut StoppableProgress::new(&interrupt))
+            .await
+            .map_err(|e| interrupted_error(&interrupt, e))?;
+    eprintln!("{} in {:.1?}", describe(&applied), started.elapsed());
+    Ok(())
+}
+
+/// `reassigned sync` with the shrink guard of `options`; stops cleanly on
+/// SIGTERM/SIGINT before the next file, or rolling back the current one.
+pub async fn sync_with(
+    target: &RedisTarget,
+    key_prefix: &str,
+    dir: &Path,
+    options: ImportOptions,
+) -> anyhow::Result<()> {
+    let interrupt = import::Interrupt::never();
+    let _signals = SignalGuard::install(interrupt.clone());
+    let store = redis_store(target, key_prefix).await?;
+    let report = import::sync_dir_with(
+        &store,
+        dir,
+        options,
+        &interrupt,
+        &mut StoppableProgress::new(&interrupt),
+    )
+    .await
+    .map_err(|e| interrupted_error(&interrupt, e))?;
     eprintln!("{report}");
+    Ok(())
+}
+
+/// `reassigned verify`: compares the Redis mirror with the manifests and
+/// data files of `dir` (record count and per-bucket checksums); an error
+/// listing the differing buckets if they differ.
+pub async fn verify(target: &RedisTarget, key_prefix: &str, dir: &Path) -> anyhow::Result<()> {
+    let store = redis_store(target, key_prefix).await?;
+    let Some(digest) = store.digest().await.context("cannot read the mirror")? else {
+        anyhow::bail!("the redis mirror is empty: nothing to verify");
+    };
+    let report = import::verify::verify(dir, &digest).await?;
+    if report.is_ok() {
+        println!("verify: ok: {report}");
+        Ok(())
+    } else {
+        anyhow::bail!("verify: the mirror does not match its source files: {report}")
+    }
+}
+
+/// `reassigned gc`: reports (and unless `dry_run` removes) the keys of
+/// orphaned generations.
+pub async fn gc(target: &RedisTarget, key_prefix: &str, dry_run: bool) -> anyhow::Result<()> {
+    let store = redis_store(target, key_prefix).await?;
+    let report = store.gc(dry_run).await.context("gc")?;
+    println!("gc: {report}");
     Ok(())
 }
 

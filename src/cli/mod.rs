@@ -7,6 +7,7 @@ pub mod generate;
 pub mod receipt;
 pub mod token;
 
+pub use commands::{EXIT_INTERRUPTED, exit_code, gc, import_with, sync_with, verify};
 pub use commands::{
     certs_dev, demo, generate_cmd, import, init_tracing, open_store, serve, shutdown_signal, sync,
 };

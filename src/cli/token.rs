@@ -244,7 +244,8 @@ pub struct MintOptions {
     /// Scopes, space separated (`numbers:check numbers:batch mirror:read`).
     #[arg(long, default_value = crate::server::token::scope::ALL)]
     pub scope: String,
-    /// Lifetime: `90s`, `15m`, `1h`, `7d`.
+    /// Lifetime: `90s`, `15m`, `1h`, `7d`. `serve` refuses tokens that live
+    /// longer than its `--token-max-lifetime` (default 24h).
     #[arg(long, default_value = "1h", value_parser = parse_ttl)]
     pub ttl: Duration,
     /// The `iss` claim.

@@ -78,7 +78,7 @@ pub struct FieldViolation {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SinceError {
     /// Not a valid date.
-    #[error("{0}")]
+    #[error(transparent)]
     Date(#[from] DateError),
     /// After today (UTC).
     #[error("is after today ({today}, UTC)")]
@@ -146,7 +146,9 @@ pub fn answer(
     if disconnect.is_some_and(|d| d >= check.since) {
         return Status::Reassigned;
     }
-    let Some(meta) = meta else {
+    // A mirror without a single record cannot back a "no" (e.g. after a
+    // snapshot applied with --allow-shrink that had no rows).
+    let Some(meta) = meta.filter(|m| m.record_count > 0) else {
         return Status::NoData(NoDataReason::MirrorEmpty);
     };
     if !meta.covers(check.number) {
@@ -281,6 +283,15 @@ mod tests {
     fn empty_mirror_is_no_data() {
         assert_eq!(
             ask(US, "2024-01-01", None, None, 45),
+            Status::NoData(NoDataReason::MirrorEmpty)
+        );
+        // metadata but not one record: still empty, never NOT_REASSIGNED
+        let m = MirrorMeta {
+            record_count: 0,
+            ..meta()
+        };
+        assert_eq!(
+            ask(US, "2024-01-01", None, Some(&m), 45),
             Status::NoData(NoDataReason::MirrorEmpty)
         );
     }

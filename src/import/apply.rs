@@ -10,6 +10,80 @@ use std::time::Duration;
 use super::{ImportError, Kind, Manifest, NoProgress, Progress, read_records};
 use crate::store::Store;
 
+/// The default of [`ImportOptions::max_shrink`]: a snapshot may remove at
+/// most 10% of the mirror's records.
+pub const DEFAULT_MAX_SHRINK: f64 = 0.10;
+
+/// Guards of an import against files that would wipe the mirror.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ImportOptions {
+    /// The largest share of the mirror's records (0.0 to 1.0) a snapshot may
+    /// remove; a snapshot that removes more, or has no records at all, is
+    /// refused ([`ImportError::Shrink`]) unless `allow_shrink`.
+    pub max_shrink: f64,
+    /// Apply a snapshot however much it shrinks the mirror (`--allow-shrink`).
+    pub allow_shrink: bool,
+}
+
+impl Default for ImportOptions {
+    fn default() -> Self {
+        Self {
+            max_shrink: DEFAULT_MAX_SHRINK,
+            allow_shrink: false,
+        }
+    }
+}
+
+impl ImportOptions {
+    /// Checks a snapshot of `after` records replacing a mirror of `before`
+    /// (`None`: empty).
+    fn check_shrink(&self, manifest: &Manifest, before: Option<u64>, after: u64) -> Result<(), ImportError> {
+        if self.allow_shrink {
+            return Ok(());
+        }
+        let before = before.unwrap_or(0);
+        let floor = (before as f64 * (1.0 - self.max_shrink.clamp(0.0, 1.0))).ceil() as u64;
+        if after == 0 || after < floor {
+            return Err(ImportError::Shrink {
+                file: manifest.path.clone(),
+                sequence: manifest.sequence,
+                before,
+                after,
+                max_shrink: self.max_shrink,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The key under which a store records the checksum of an applied file:
+/// `snapshot:7`, `delta:8`.
+pub fn applied_key(kind: Kind, sequence: u64) -> String {
+    format!("{kind}:{sequence}")
+}
+
+/// How many applied files' checksums a store keeps (the most recent
+/// sequences).
+pub const APPLIED_KEEP: usize = 1024;
+
+/// Refuses `manifest` if the store recorded a different checksum for the
+/// same kind and sequence: the register re-issued a file with other content.
+fn check_reissued(
+    manifest: &Manifest,
+    applied: &std::collections::HashMap<String, String>,
+) -> Result<(), ImportError> {
+    match applied.get(&applied_key(manifest.kind, manifest.sequence)) {
+        Some(sha) if !sha.eq_ignore_ascii_case(&manifest.sha256) => Err(ImportError::Reissued {
+            file: manifest.path.clone(),
+            kind: manifest.kind,
+            sequence: manifest.sequence,
+            applied_sha256: sha.clone(),
+            file_sha256: manifest.sha256.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// What [`apply_manifest`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Applied {
@@ -120,18 +194,35 @@ pub async fn apply_manifest<S: Store>(
     path: &Path,
     progress: &mut dyn Progress,
 ) -> Result<Applied, ImportError> {
+    apply_manifest_with(store, path, ImportOptions::default(), progress).await
+}
+
+/// [`apply_manifest`] with explicit [`ImportOptions`].
+///
+/// Besides the order rules: a file at or below the mirror's sequence whose
+/// SHA-256 differs from the one recorded when that kind and sequence was
+/// applied is refused ([`ImportError::Reissued`]); a snapshot that shrinks
+/// the mirror beyond `options` is refused ([`ImportError::Shrink`]).
+pub async fn apply_manifest_with<S: Store>(
+    store: &S,
+    path: &Path,
+    options: ImportOptions,
+    progress: &mut dyn Progress,
+) -> Result<Applied, ImportError> {
     let manifest = Manifest::load(path)?;
-    apply_loaded(store, &manifest, progress).await
+    apply_loaded(store, &manifest, options, progress).await
 }
 
 async fn apply_loaded<S: Store>(
     store: &S,
     manifest: &Manifest,
+    options: ImportOptions,
     progress: &mut dyn Progress,
 ) -> Result<Applied, ImportError> {
     let current = store.refresh_meta().await?;
     let current_seq = current.as_ref().map(|m| m.sequence);
     if current_seq.is_some_and(|c| manifest.sequence <= c) {
+        check_reissued(manifest, &store.applied_checksums().await?)?;
         return Ok(Applied::AlreadyApplied {
             sequence: manifest.sequence,
         });
@@ -152,6 +243,9 @@ async fn apply_loaded<S: Store>(
     }
     let records = read_records(manifest, progress)?;
     let count = records.len() as u64;
+    if manifest.kind == Kind::Snapshot {
+        options.check_shrink(manifest, current.as_ref().map(|m| m.record_count), count)?;
+    }
     let applied = match manifest.kind {
         Kind::Snapshot => {
             store.apply_snapshot(manifest, &records, current_seq).await?;
@@ -196,8 +290,59 @@ pub async fn sync_dir<S: Store>(
     dir: &Path,
     progress: &mut dyn Progress,
 ) -> Result<SyncReport, ImportError> {
+    sync_dir_with(
+        store,
+        dir,
+        ImportOptions::default(),
+        &Interrupt::never(),
+        progress,
+    )
+    .await
+}
+
+/// Tells a long [`sync_dir_with`] to stop before its next file (e.g. on
+/// SIGTERM). Cheap to clone; clones share the flag.
+#[derive(Clone, Debug, Default)]
+pub struct Interrupt(Arc<std::sync::atomic::AtomicBool>);
+
+impl Interrupt {
+    /// A flag that is never raised unless [`Interrupt::raise`] is called.
+    pub fn never() -> Self {
+        Self::default()
+    }
+
+    /// Asks the sync to stop before its next file.
+    pub fn raise(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// True once raised.
+    pub fn is_raised(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// [`sync_dir`] with explicit [`ImportOptions`]; stops with
+/// [`ImportError::Interrupted`] before the next file once `interrupt` is
+/// raised. Manifests the mirror already has are checked against the
+/// checksums recorded when they were applied ([`ImportError::Reissued`]).
+pub async fn sync_dir_with<S: Store>(
+    store: &S,
+    dir: &Path,
+    options: ImportOptions,
+    interrupt: &Interrupt,
+    progress: &mut dyn Progress,
+) -> Result<SyncReport, ImportError> {
     let manifests = load_dir(dir)?;
     let current = store.refresh_meta().await?.map(|m| m.sequence);
+    if let Some(c) = current
+        && manifests.iter().any(|m| m.sequence <= c)
+    {
+        let applied = store.applied_checksums().await?;
+        for m in manifests.iter().filter(|m| m.sequence <= c) {
+            check_reissued(m, &applied)?;
+        }
+    }
 
     let mut snapshots: BTreeMap<u64, Manifest> = BTreeMap::new();
     let mut deltas: BTreeMap<u64, Manifest> = BTreeMap::new();
@@ -228,7 +373,7 @@ pub async fn sync_dir<S: Store>(
     let start = snapshots.keys().copied().rfind(|&s| above_current(s));
     let mut position = current;
     if let Some(snapshot) = start.and_then(|seq| snapshots.remove(&seq)) {
-        let applied = apply_loaded(store, &snapshot, progress).await?;
+        let applied = apply_loaded(store, &snapshot, options, progress).await?;
         report.applied.push(applied);
         position = Some(snapshot.sequence);
         report.sequence = position;
@@ -246,7 +391,12 @@ pub async fn sync_dir<S: Store>(
                 got: seq,
             });
         }
-        let applied = apply_loaded(store, &delta, progress).await?;
+        if interrupt.is_raised() {
+            return Err(ImportError::Interrupted {
+                done: format!("before the next file ({report})"),
+            });
+        }
+        let applied = apply_loaded(store, &delta, options, progress).await?;
         report.applied.push(applied);
         position = Some(seq);
         report.sequence = position;
@@ -263,11 +413,161 @@ fn skipped(m: Manifest) -> Skipped {
     }
 }
 
-/// Loads every `*.json` file of `dir` as a manifest, in name order.
-fn load_dir(dir: &Path) -> Result<Vec<Manifest>, ImportError> {
-    let io_err = |source| ImportError::Io {
+/// The most problems [`sync_dir_lenient`] reports.
+const MAX_REPORTED: usize = 100;
+
+/// One line `file: reason` (the first line of the reason only).
+fn problem_line(path: &Path, e: &ImportError) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string());
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let rest = text.lines().skip(1).map(str::trim).collect::<Vec<_>>().join(" ");
+    let reason = if rest.is_empty() {
+        first.to_string()
+    } else {
+        format!("{} {rest}", first.trim_end_matches(':'))
+    };
+    let mut line = format!("{name}: {reason}");
+    if line.len() > 400 {
+        let mut cut = 400;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push_str("...");
+    }
+    line
+}
+
+/// Like [`sync_dir_with`], but never gives up on the whole directory because
+/// of one bad file: brings `store` to the longest valid sequence it can
+/// reach and returns, with the report, one `file: reason` line per file it
+/// skipped (invalid or unreadable manifests, bad or missing data files, a
+/// gap, a refused snapshot).
+///
+/// Snapshots above the mirror's sequence are tried newest first until one
+/// applies (a half-written newest snapshot falls back to an older one and
+/// its deltas); then the deltas after it in order, up to the first that
+/// fails or is missing. Only an unreadable directory is an error.
+pub async fn sync_dir_lenient<S: Store>(
+    store: &S,
+    dir: &Path,
+    options: ImportOptions,
+    progress: &mut dyn Progress,
+) -> Result<(SyncReport, Vec<String>), ImportError> {
+    let mut problems = Vec::new();
+    let note = |problems: &mut Vec<String>, line: String| {
+        tracing::warn!(problem = %line, "register file skipped");
+        if problems.len() < MAX_REPORTED {
+            problems.push(line);
+        }
+    };
+    let mut manifests = Vec::new();
+    for path in list_dir(dir)? {
+        match Manifest::load(&path) {
+            Ok(m) => manifests.push(m),
+            Err(e) => note(&mut problems, problem_line(&path, &e)),
+        }
+    }
+    let current = store.refresh_meta().await?.map(|m| m.sequence);
+    let applied = match current {
+        Some(_) => store.applied_checksums().await?,
+        None => Default::default(),
+    };
+    let mut snapshots: BTreeMap<u64, Manifest> = BTreeMap::new();
+    let mut deltas: BTreeMap<u64, Manifest> = BTreeMap::new();
+    let mut report = SyncReport {
+        sequence: current,
+        ..SyncReport::default()
+    };
+    for m in manifests {
+        if current.is_some_and(|c| m.sequence <= c) {
+            if let Err(e) = check_reissued(&m, &applied) {
+                note(&mut problems, problem_line(&m.path, &e));
+            } else {
+                report.skipped.push(skipped(m));
+            }
+            continue;
+        }
+        let map = match m.kind {
+            Kind::Snapshot => &mut snapshots,
+            Kind::Delta => &mut deltas,
+        };
+        if let Some(other) = map.get(&m.sequence) {
+            let e = ImportError::Manifest(
+                m.path.clone(),
+                format!(
+                    "{} {} is also described by {}",
+                    m.kind,
+                    m.sequence,
+                    other.path.display()
+                ),
+            );
+            note(&mut problems, problem_line(&m.path, &e));
+            continue;
+        }
+        map.insert(m.sequence, m);
+    }
+    let mut position = current;
+    while let Some((_, snapshot)) = snapshots.pop_last() {
+        match apply_loaded(store, &snapshot, options, progress).await {
+            Ok(applied) => {
+                report.applied.push(applied);
+                position = Some(snapshot.sequence);
+                report.sequence = position;
+                break;
+            }
+            Err(e) => note(&mut problems, problem_line(&snapshot.path, &e)),
+        }
+    }
+    report.skipped.extend(snapshots.into_values().map(skipped));
+    let mut stopped = false;
+    for (seq, delta) in deltas {
+        if position.is_some_and(|p| seq <= p) {
+            report.skipped.push(skipped(delta));
+            continue;
+        }
+        if stopped {
+            let e = ImportError::Manifest(
+                delta.path.clone(),
+                "not applied: an earlier file of the sequence could not be applied".into(),
+            );
+            note(&mut problems, problem_line(&delta.path, &e));
+            continue;
+        }
+        if position.map(|p| p + 1) != Some(seq) {
+            let e = ImportError::SequenceGap {
+                current: position,
+                got: seq,
+            };
+            note(&mut problems, problem_line(&delta.path, &e));
+            stopped = true;
+            continue;
+        }
+        match apply_loaded(store, &delta, options, progress).await {
+            Ok(applied) => {
+                report.applied.push(applied);
+                position = Some(seq);
+                report.sequence = position;
+            }
+            Err(e) => {
+                note(&mut problems, problem_line(&delta.path, &e));
+                stopped = true;
+            }
+        }
+    }
+    report.skipped.sort_by_key(|s| s.sequence);
+    Ok((report, problems))
+}
+
+/// The `*.json` files of `dir`, in name order.
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, ImportError> {
+    let io_err = |error| ImportError::Io {
         path: dir.to_path_buf(),
-        source,
+        error,
     };
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err)? {
@@ -277,7 +577,17 @@ fn load_dir(dir: &Path) -> Result<Vec<Manifest>, ImportError> {
         }
     }
     paths.sort();
-    paths.iter().map(Manifest::load).collect()
+    Ok(paths)
+}
+
+/// The `*.json` files of `dir`, in name order.
+pub(super) fn list_manifests(dir: &Path) -> Result<Vec<PathBuf>, ImportError> {
+    list_dir(dir)
+}
+
+/// Loads every `*.json` file of `dir` as a manifest, in name order.
+fn load_dir(dir: &Path) -> Result<Vec<Manifest>, ImportError> {
+    list_dir(dir)?.iter().map(Manifest::load).collect()
 }
 
 /// Starts a background task that runs [`sync_dir`] on `dir` every `interval`
@@ -297,6 +607,24 @@ pub fn spawn_resync<S>(
 where
     S: Store + Clone,
 {
+    spawn_resync_with(store, dir, interval, ImportOptions::default(), |_| {}, shutdown)
+}
+
+/// [`spawn_resync`] with explicit [`ImportOptions`], running
+/// [`sync_dir_lenient`] (a bad file does not hold back the valid ones before
+/// it) and handing each run's skipped files to `on_problems`.
+pub fn spawn_resync_with<S, F>(
+    store: S,
+    dir: PathBuf,
+    interval: Duration,
+    options: ImportOptions,
+    on_problems: F,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()>
+where
+    S: Store + Clone,
+    F: Fn(Vec<String>) + Send + Sync + 'static,
+{
     let interval = interval.max(Duration::from_millis(10));
     let dir = Arc::new(dir);
     tokio::spawn(async move {
@@ -310,13 +638,18 @@ where
             }
             let (store, dir) = (store.clone(), Arc::clone(&dir));
             let handle = tokio::runtime::Handle::current();
-            let run =
-                tokio::task::spawn_blocking(move || handle.block_on(sync_dir(&store, &dir, &mut NoProgress)));
+            let run = tokio::task::spawn_blocking(move || {
+                handle.block_on(sync_dir_lenient(&store, &dir, options, &mut NoProgress))
+            });
             match run.await {
-                Ok(Ok(report)) if report.is_noop() => {
-                    tracing::debug!(%report, "register resync: up to date");
+                Ok(Ok((report, problems))) => {
+                    if report.is_noop() {
+                        tracing::debug!(%report, "register resync: up to date");
+                    } else {
+                        tracing::info!(%report, "register resync");
+                    }
+                    on_problems(problems);
                 }
-                Ok(Ok(report)) => tracing::info!(%report, "register resync"),
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "register resync failed; still serving the previous data")
                 }

@@ -73,9 +73,9 @@ impl Manifest {
 
     /// [`Manifest::load`] with an explicit "today" (for tests and tools).
     pub fn load_as_of_today(path: &Path, today: Date) -> Result<Manifest, ImportError> {
-        let bytes = std::fs::read(path).map_err(|source| ImportError::Io {
+        let bytes = std::fs::read(path).map_err(|error| ImportError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let mut manifest: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| ImportError::Manifest(path.to_path_buf(), format!("not a valid manifest: {e}")))?;
@@ -326,6 +326,14 @@ mod tests {
             ),
             (snapshot_json("").replace(SHA, "abc"), "64 hexadecimal"),
             (snapshot_json("").replace("s.csv", "../s.csv"), "without '..'"),
+            (
+                snapshot_json("").replace("s.csv", "/etc/s.csv"),
+                "relative to the manifest's directory",
+            ),
+            (
+                snapshot_json("").replace("s.csv", "a/../../s.csv"),
+                "without '..'",
+            ),
             (snapshot_json("").replace("s.csv", "s.txt"), ".csv or .csv.gz"),
             (
                 snapshot_json("").replace(r#""sequence":1"#, r#""sequence":0"#),

@@ -53,6 +53,22 @@
 //! lists the first 20 problems with their line numbers. Messages never show a
 //! phone number.
 //!
+//! Guards against files that would wipe or exhaust the mirror:
+//!
+//! - reading stops at the first row beyond `records` (a row bomb is refused
+//!   at once), and duplicate numbers are folded while reading, so memory
+//!   follows the distinct numbers;
+//! - `data` must resolve (links followed) to a regular file inside the
+//!   manifest's directory;
+//! - a snapshot that removes more than [`ImportOptions::max_shrink`] of the
+//!   mirror's records, or has none, is refused ([`ImportError::Shrink`])
+//!   unless [`ImportOptions::allow_shrink`];
+//! - a file of an already-applied kind and sequence whose SHA-256 differs
+//!   from the one recorded when it was applied is refused
+//!   ([`ImportError::Reissued`]).
+//!
+//! [`verify`] compares a mirror with its source files.
+//!
 //! ## Order
 //!
 //! [`apply_manifest`] applies one file: a delta needs `sequence` = the
@@ -66,11 +82,16 @@ mod apply;
 mod manifest;
 mod progress;
 mod read;
+pub mod verify;
 
 use std::io;
 use std::path::PathBuf;
 
-pub use apply::{Applied, Skipped, SyncReport, apply_manifest, spawn_resync, sync_dir};
+pub use apply::{
+    APPLIED_KEEP, Applied, DEFAULT_MAX_SHRINK, ImportOptions, Interrupt, Skipped, SyncReport, applied_key,
+    apply_manifest, apply_manifest_with, spawn_resync, spawn_resync_with, sync_dir, sync_dir_lenient,
+    sync_dir_with,
+};
 pub use manifest::{Kind, Manifest, Records};
 pub use progress::{NoProgress, Progress, StderrProgress};
 pub use read::{MAX_PROBLEMS, read_records};
@@ -114,17 +135,63 @@ pub enum ImportError {
         /// The file's `as_of`.
         got: Date,
     },
-    /// The store failed or refused the write.
-    #[error("store: {0}")]
+    /// The store failed or refused the write. (Transparent: the store's
+    /// own message already says "store ...", and a prefix plus a source
+    /// would print the cause twice in an error chain.)
+    #[error(transparent)]
     Store(#[from] StoreError),
+    /// A snapshot would shrink the mirror by more than allowed, or leave it
+    /// empty (see [`ImportOptions`]).
+    #[error(
+        "{}: snapshot {sequence} would shrink the mirror from {before} to {after} records ({}), more than the allowed {:.1}%; refused (pass --allow-shrink if this is intended)",
+        file.display(), shrink_text(*before, *after), max_shrink * 100.0
+    )]
+    Shrink {
+        /// The manifest.
+        file: PathBuf,
+        /// Its sequence.
+        sequence: u64,
+        /// Records in the mirror now.
+        before: u64,
+        /// Records in the snapshot.
+        after: u64,
+        /// The largest share allowed to go.
+        max_shrink: f64,
+    },
+    /// A file of a sequence already applied has other content than the file
+    /// that was applied: the register re-issued it. Nothing was changed.
+    #[error(
+        "{}: {kind} {sequence} was already applied with SHA-256 {applied_sha256}, but this file has SHA-256 {file_sha256}: a re-issued file with different content is refused (the mirror is unchanged; resolve with the register, then import a new snapshot)",
+        file.display()
+    )]
+    Reissued {
+        /// The manifest.
+        file: PathBuf,
+        /// Its kind.
+        kind: Kind,
+        /// Its sequence.
+        sequence: u64,
+        /// The checksum recorded when the sequence was applied.
+        applied_sha256: String,
+        /// The checksum of the file offered now.
+        file_sha256: String,
+    },
+    /// The import was asked to stop (SIGTERM or SIGINT) and stopped cleanly:
+    /// the file being applied was finished or rolled back, the lock released.
+    #[error("interrupted by a signal {done}; the import lock is released")]
+    Interrupted {
+        /// Where it stopped and what had been done (e.g. `before the next
+        /// file (mirror at sequence 2; applied snapshot 2 (100 records))`).
+        done: String,
+    },
     /// A file or directory could not be read.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file or directory.
         path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
+        /// The underlying error, in the message (not a `source`: a chain
+        /// would print it twice).
+        error: io::Error,
     },
 }
 
@@ -135,6 +202,19 @@ fn data_message(file: &std::path::Path, problems: &[String]) -> String {
         out.push_str(p);
     }
     out
+}
+
+fn shrink_text(before: u64, after: u64) -> String {
+    if after == 0 {
+        "it would leave the mirror empty".to_string()
+    } else if before == 0 {
+        "none".to_string()
+    } else {
+        format!(
+            "-{:.1}%",
+            (before.saturating_sub(after)) as f64 * 100.0 / before as f64
+        )
+    }
 }
 
 fn gap_message(current: Option<u64>, got: u64) -> String {

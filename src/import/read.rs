@@ -38,11 +38,13 @@ const CHUNK: usize = 512 * 1024;
 /// date. CPU-bound: call it from a blocking context.
 pub fn read_records(manifest: &Manifest, progress: &mut dyn Progress) -> Result<Records, ImportError> {
     let path = manifest.data_path();
-    let io_err = |source| ImportError::Io {
+    let io_err = |error| ImportError::Io {
         path: path.clone(),
-        source,
+        error,
     };
-    let file = File::open(&path).map_err(io_err)?;
+    // Open the resolved path that was checked, not the link again.
+    let real = check_inside(manifest, &path)?;
+    let file = File::open(&real).map_err(io_err)?;
     let mut raw = HashingReader {
         inner: file,
         hasher: Sha256::new(),
@@ -57,6 +59,24 @@ pub fn read_records(manifest: &Manifest, progress: &mut dyn Progress) -> Result<
     } else {
         drive(&mut raw, &mut parser, progress)
     };
+    if parser.stopped {
+        return Err(ImportError::Interrupted {
+            done: format!("while reading {} (nothing was written)", path.display()),
+        });
+    }
+    if parser.overflow {
+        // A row bomb (or a wrong count): stop here, neither reading nor
+        // hashing the rest.
+        progress.finish(parser.rows);
+        let mut problems = vec![format!(
+            "{}, line {}: more data rows than the manifest's records ({}); stopped reading there",
+            path.display(),
+            parser.line,
+            manifest.records
+        )];
+        problems.append(&mut parser.problems);
+        return Err(ImportError::Data { file: path, problems });
+    }
     if let Err(e) = read {
         if raw.failed {
             return Err(io_err(e));
@@ -100,6 +120,42 @@ pub fn read_records(manifest: &Manifest, progress: &mut dyn Progress) -> Result<
     Ok(finish(parser.numbers, parser.days, parser.non_decreasing))
 }
 
+/// Refuses a data file that resolves (through symbolic links) outside the
+/// manifest's directory: the manifest may only describe its own files.
+/// Returns the resolved path.
+fn check_inside(manifest: &Manifest, path: &Path) -> Result<std::path::PathBuf, ImportError> {
+    let dir = manifest.path.parent().unwrap_or(Path::new("."));
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let io_err = |p: &Path, error| ImportError::Io {
+        path: p.to_path_buf(),
+        error,
+    };
+    let real_dir = dir.canonicalize().map_err(|e| io_err(dir, e))?;
+    let real = path.canonicalize().map_err(|e| io_err(path, e))?;
+    if !real.starts_with(&real_dir) {
+        return Err(ImportError::Data {
+            file: path.to_path_buf(),
+            problems: vec![format!(
+                "{}: resolves to {}, outside the manifest's directory {}; refused (a data file must be a file of the manifest's own directory)",
+                path.display(),
+                real.display(),
+                real_dir.display()
+            )],
+        });
+    }
+    if !real.is_file() {
+        return Err(ImportError::Data {
+            file: path.to_path_buf(),
+            problems: vec![format!("{}: is not a regular file", path.display())],
+        });
+    }
+    Ok(real)
+}
+
 /// A reader that hashes every byte it hands out and remembers whether the
 /// underlying file failed (to tell I/O errors from gzip decoding errors).
 struct HashingReader<R> {
@@ -138,7 +194,11 @@ fn drive(reader: &mut dyn Read, parser: &mut Parser, progress: &mut dyn Progress
         let eof = n == 0;
         filled += n;
         let consumed = parser.process(&buf[..filled], eof);
-        if eof {
+        if eof || parser.overflow {
+            return Ok(());
+        }
+        if progress.should_stop() {
+            parser.stopped = true;
             return Ok(());
         }
         buf.copy_within(consumed..filled, 0);
@@ -152,7 +212,16 @@ fn drive(reader: &mut dyn Read, parser: &mut Parser, progress: &mut dyn Progress
 }
 
 /// Sorts by number and keeps one entry per number, the latest date.
-fn finish(mut numbers: Vec<u64>, mut days: Vec<u16>, non_decreasing: bool) -> Records {
+fn finish(numbers: Vec<u64>, days: Vec<u16>, non_decreasing: bool) -> Records {
+    let (mut numbers, mut days) = dedup(numbers, days, non_decreasing);
+    numbers.shrink_to_fit();
+    days.shrink_to_fit();
+    Records { numbers, days }
+}
+
+/// Sorts by number and keeps one entry per number, the latest date (the
+/// capacity is kept, for reuse).
+fn dedup(mut numbers: Vec<u64>, mut days: Vec<u16>, non_decreasing: bool) -> (Vec<u64>, Vec<u16>) {
     if non_decreasing {
         // Already in order: drop duplicates in place, keeping the latest date.
         let mut w = 0;
@@ -169,11 +238,9 @@ fn finish(mut numbers: Vec<u64>, mut days: Vec<u16>, non_decreasing: bool) -> Re
         days.truncate(w);
     } else {
         let mut pairs: Vec<(u64, u16)> = numbers.iter().copied().zip(days.iter().copied()).collect();
-        drop(numbers);
-        drop(days);
         pairs.sort_unstable();
-        numbers = Vec::with_capacity(pairs.len());
-        days = Vec::with_capacity(pairs.len());
+        numbers.clear();
+        days.clear();
         for (n, d) in pairs {
             // Sorted by (number, date): the last of a run has the latest date.
             if numbers.last() == Some(&n) {
@@ -186,9 +253,7 @@ fn finish(mut numbers: Vec<u64>, mut days: Vec<u16>, non_decreasing: bool) -> Re
             }
         }
     }
-    numbers.shrink_to_fit();
-    days.shrink_to_fit();
-    Records { numbers, days }
+    (numbers, days)
 }
 
 /// The state of one streaming parse.
@@ -209,7 +274,25 @@ struct Parser {
     non_decreasing: bool,
     problems: Vec<String>,
     problem_total: u64,
+    /// The manifest's `records`: reading stops at the first row beyond it.
+    expected: u64,
+    /// True once a row beyond `expected` was seen.
+    overflow: bool,
+    /// Rows kept before duplicates are folded ([`Parser::compact`]): memory
+    /// is bounded by the distinct numbers, not by the rows.
+    compact_at: usize,
+    /// The least `compact_at` ([`COMPACT_MIN`]; smaller in tests).
+    compact_min: usize,
+    /// True if the read was stopped ([`Progress::should_stop`]).
+    stopped: bool,
 }
+
+/// Rows kept before the first fold of duplicates (40 MiB of rows).
+const COMPACT_MIN: usize = 1 << 22;
+/// After a fold, the next comes when the kept rows have grown this many
+/// times (few folds for a file of distinct numbers: the extra sorting stays
+/// under one final sort).
+const COMPACT_GROWTH: usize = 4;
 
 impl Parser {
     fn new(file: &Path, as_of: Date, expected: u64) -> Self {
@@ -229,7 +312,36 @@ impl Parser {
             non_decreasing: true,
             problems: Vec::new(),
             problem_total: 0,
+            expected,
+            overflow: false,
+            compact_at: COMPACT_MIN,
+            compact_min: COMPACT_MIN,
+            stopped: false,
         }
+    }
+
+    /// Counts one more data row; past the manifest's count, marks the
+    /// overflow (the caller stops reading).
+    #[inline]
+    fn count_row(&mut self) {
+        self.rows += 1;
+        if self.rows > self.expected {
+            self.overflow = true;
+        }
+    }
+
+    /// Folds duplicate numbers (keeping the latest date) so that memory
+    /// follows the distinct numbers; the next fold comes when the kept rows
+    /// have grown [`COMPACT_GROWTH`] times.
+    fn compact(&mut self) {
+        let numbers = std::mem::take(&mut self.numbers);
+        let days = std::mem::take(&mut self.days);
+        let (numbers, days) = dedup(numbers, days, self.non_decreasing);
+        self.non_decreasing = true;
+        self.last = numbers.last().copied().unwrap_or(0);
+        self.compact_at = self.compact_min.max(numbers.len().saturating_mul(COMPACT_GROWTH));
+        self.numbers = numbers;
+        self.days = days;
     }
 
     fn problem(&mut self, reason: impl FnOnce() -> String) {
@@ -266,7 +378,7 @@ impl Parser {
                 None => return pos,
             }
         }
-        while pos < data.len() {
+        while pos < data.len() && !self.overflow {
             if let Some((number, (y, m, d), len)) = fast_row(&data[pos..])
                 && let Some(days) = self.day_of(y, m, d)
             {
@@ -306,7 +418,13 @@ impl Parser {
 
     #[inline]
     fn push(&mut self, number: u64, days: u16) {
-        self.rows += 1;
+        self.count_row();
+        if self.overflow {
+            return;
+        }
+        if self.numbers.len() >= self.compact_at {
+            self.compact();
+        }
         if number < self.last {
             self.non_decreasing = false;
         }
@@ -337,7 +455,7 @@ impl Parser {
     fn long_line(&mut self) {
         self.line += 1;
         if self.header_done {
-            self.rows += 1;
+            self.count_row();
         } else {
             self.header_done = true;
         }
@@ -353,7 +471,7 @@ impl Parser {
         match self.check_row(line) {
             Ok((number, days)) => self.push(number, days),
             Err(reason) => {
-                self.rows += 1;
+                self.count_row();
                 self.problem(|| reason);
             }
         }
@@ -707,6 +825,38 @@ mod tests {
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].contains("line 3: line longer than"), "{p:?}");
         assert!(!p[0].contains("999999"));
+    }
+
+    #[test]
+    fn folding_duplicates_keeps_the_latest_date() {
+        // a tiny fold threshold, unsorted rows, duplicates across folds
+        let mut parser = Parser::new(Path::new("d.csv"), Date::parse(AS_OF).expect("date"), 1000);
+        (parser.compact_at, parser.compact_min) = (4, 4);
+        let mut csv = String::from("phone_number,disconnect_date\n");
+        for round in 0..10u32 {
+            for n in [5u64, 3, 9, 1] {
+                csv.push_str(&format!(
+                    "+1415555000{n},2024-05-{:02}\n",
+                    1 + (round * n as u32) % 28
+                ));
+            }
+        }
+        let consumed = parser.process(csv.as_bytes(), true);
+        assert_eq!(consumed, csv.len());
+        assert!(parser.numbers.len() <= 16, "folded: {}", parser.numbers.len());
+        assert_eq!(parser.rows, 40);
+        let r = finish(parser.numbers, parser.days, parser.non_decreasing);
+        let latest = |n: u32| {
+            days(&format!(
+                "2024-05-{:02}",
+                1 + (0..10).map(|round| (round * n) % 28).max().unwrap_or(0)
+            ))
+        };
+        assert_eq!(
+            r.numbers,
+            vec![14155550001, 14155550003, 14155550005, 14155550009]
+        );
+        assert_eq!(r.days, vec![latest(1), latest(3), latest(5), latest(9)]);
     }
 
     #[test]

@@ -264,7 +264,13 @@ where
                     match self.authorize(&req, &platform, needed) {
                         Ok(scopes) => scopes,
                         Err(err) => {
-                            span.in_scope(|| tracing::info!(reason = %err, "request refused"));
+                            if let Some(suppressed) =
+                                crate::server::lograte::global().check("request_refused")
+                            {
+                                span.in_scope(
+                                    || tracing::info!(reason = %err, suppressed, "request refused"),
+                                );
+                            }
                             return Either::Right(ready(Ok(tonic::Status::from(err).into_http())));
                         }
                     }

@@ -80,6 +80,8 @@ struct Inner {
     /// entry of [`CODES`].
     requests: [[AtomicU64; CODES.len()]; METHODS.len() + 1],
     bound: watch::Sender<Option<SocketAddr>>,
+    /// Counters of the TLS accept loop.
+    handshakes: Arc<crate::server::tls::HandshakeStats>,
 }
 
 impl Default for MetricsHandle {
@@ -88,6 +90,7 @@ impl Default for MetricsHandle {
             inner: Arc::new(Inner {
                 requests: Default::default(),
                 bound: watch::channel(None).0,
+                handshakes: Arc::default(),
             }),
         }
     }
@@ -122,6 +125,12 @@ impl MetricsHandle {
     pub fn requests(&self, path: &str, code: Option<tonic::Code>) -> u64 {
         let code = code.map_or(NO_CODE, |c| c as usize);
         self.inner.requests[method_index(path)][code].load(Ordering::Relaxed)
+    }
+
+    /// The counters of the TLS accept loop of the server running with
+    /// this handle.
+    pub fn handshakes(&self) -> Arc<crate::server::tls::HandshakeStats> {
+        self.inner.handshakes.clone()
     }
 
     fn count(&self, method: usize, code: usize) {
@@ -186,6 +195,12 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "counter",
         "Audit records dropped (queue full or audit sink down).",
         &one(sources.audit.dropped()),
+    );
+    metric(
+        "reassigned_audit_records_in_doubt",
+        "gauge",
+        "Audit records sent in batches not yet settled as written or dropped (audit sink down).",
+        &one(sources.audit.in_doubt()),
     );
     let meta = sources.store.cached_meta();
     let today = Date::today_utc();
@@ -254,6 +269,47 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "gauge",
         "1 if the mirror is older than the configured max staleness (or not loaded).",
         &one(stale),
+    );
+    let handshakes = &handle.inner.handshakes;
+    metric(
+        "reassigned_handshakes_completed_total",
+        "counter",
+        "TLS handshakes completed.",
+        &one(handshakes.completed()),
+    );
+    let failures: Vec<(String, u64)> = crate::server::tls::HandshakeFailure::ALL
+        .iter()
+        .map(|r| (format!("{{reason=\"{}\"}}", r.label()), handshakes.failed(*r)))
+        .collect();
+    metric(
+        "reassigned_handshake_failures_total",
+        "counter",
+        "TLS handshakes that did not complete, by reason (first_byte_timeout, timeout, closed, tls_error, shed_per_ip, shed_pool).",
+        &failures,
+    );
+    metric(
+        "reassigned_handshakes_pending",
+        "gauge",
+        "TLS handshakes in progress.",
+        &one(handshakes.pending()),
+    );
+    metric(
+        "reassigned_connections_closed_revoked_total",
+        "counter",
+        "Open connections closed because a TLS reload revoked or stopped trusting their client certificate.",
+        &one(handshakes.closed_revoked()),
+    );
+    metric(
+        "reassigned_log_suppressed_total",
+        "counter",
+        "Log lines not written by the rate limit of repeated lines (process-wide).",
+        &one(crate::server::lograte::global().suppressed_total()),
+    );
+    metric(
+        "reassigned_import_skipped_files",
+        "gauge",
+        "Register files skipped at the last load or resync of the data directory (embedded store).",
+        &one(sources.store.import_problems().len() as u64),
     );
     out
 }

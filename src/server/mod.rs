@@ -3,9 +3,11 @@
 //! resolves.
 
 pub mod auth;
+pub mod lograte;
 pub mod metrics;
 pub mod quota;
 pub mod reload;
+pub mod revoke;
 pub mod tls;
 pub mod token;
 
@@ -151,14 +153,27 @@ where
     )
     .max_decoding_message_size(config.max_message_bytes);
 
-    let incoming = tls::incoming(
+    let incoming = tls::incoming_counted(
         listener,
         reloader.tls().shared_config(),
         tls::AcceptOptions {
             handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
             max_handshakes: config.max_handshakes,
+            first_byte_timeout: Duration::from_millis(config.handshake_first_byte_timeout_ms),
+            max_handshakes_per_ip: config.max_handshakes_per_ip,
+            listen_backlog: config.listen_backlog,
+            revoked_grace: config.request_timeout(),
         },
+        config.metrics.handshakes(),
     );
+    let _log_summaries = reload::AbortOnDrop(tokio::spawn(async {
+        // Summaries of suppressed log lines, also when a flood stops.
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            ticks.tick().await;
+            lograte::global().flush();
+        }
+    }));
     let drain_reporter = reporter.clone();
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let on_shutdown = async move {
@@ -173,6 +188,7 @@ where
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(metrics::CountLayer(config.metrics.clone()))
+        .layer(revoke::TrackLayer(reloader.tls().shared_config().connections()))
         .layer(auth::AuthLayer::with_tokens(tokens))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -210,8 +226,17 @@ fn receipt_signer(
         tracing::info!("receipts: off (no receipt key)");
         return Ok(None);
     };
-    let signer = crate::receipt::ReceiptSigner::from_pem_file(path, config.receipt_kid.clone())?;
-    tracing::info!(kid = signer.kid(), alg = ?signer.algorithm(), "receipts: on");
+    let mut retired = Vec::new();
+    for (file, not_after) in &config.receipt_retired_keys {
+        retired.extend(crate::receipt::load_retired_keys(file, *not_after)?);
+    }
+    let signer = crate::receipt::ReceiptSigner::from_pem_file(path, config.receipt_kid.clone())?
+        .with_retired(&retired)?;
+    let retired_kids: Vec<&str> = retired
+        .iter()
+        .filter_map(|k| k.jwk.common.key_id.as_deref())
+        .collect();
+    tracing::info!(kid = signer.kid(), alg = ?signer.algorithm(), retired = ?retired_kids, "receipts: on");
     Ok(Some(std::sync::Arc::new(signer)))
 }
 

@@ -12,10 +12,19 @@
 //! ([`SCRIPT`]): GCRA over one key per platform for the rate, and an
 //! `INCRBY` counter that expires at the end of the UTC day for the numbers.
 //! A call is charged only if both limits allow it. The Redis call is bounded
-//! by a short timeout; if Redis is slow or down, the call is decided by an
-//! in-process limiter with the same rules (so limits then hold per process),
-//! and Redis is left alone for [`REDIS_BACKOFF`] before being tried again. A
-//! login is never failed because the quota store is slow.
+//! by a short timeout.
+//!
+//! # When the quota Redis is down
+//! A call that fails or times out marks the quota Redis down. While it is
+//! down, calls do not try it (no call waits for the timeout): one
+//! background probe PINGs it every [`PROBE_INTERVAL`] and marks it up when
+//! it answers. Meanwhile the [`QuotaFallback`] policy decides:
+//! - `fail-open` (default): an in-process limiter with the same rules. Each
+//!   server then enforces the limits on its own, so N servers grant up to
+//!   N x each limit, unless `expected_replicas` is set to N: each server then
+//!   enforces 1/N of each limit (rounded up) while it decides alone.
+//! - `fail-closed`: calls with a limit are refused with UNAVAILABLE (retry
+//!   after [`PROBE_INTERVAL`]) until the quota Redis answers again.
 //!
 //! # What a call costs
 //! A unary call or a batch is one request for the rate; a batch adds its
@@ -24,6 +33,7 @@
 //! a fast stream is not cut by the request rate).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -37,8 +47,22 @@ pub const DEFAULT_ENTRY: &str = "default";
 /// How long one quota call to Redis may take before the local limiter decides.
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
 
-/// After a failed or slow Redis call, how long the local limiter decides alone.
-pub const REDIS_BACKOFF: Duration = Duration::from_secs(1);
+/// How often the background probe PINGs a quota Redis that is down.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Bound of one probe PING.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the limiter does while the quota Redis cannot answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum QuotaFallback {
+    /// Decide with the in-process limiter (limits hold per server).
+    #[default]
+    FailOpen,
+    /// Refuse calls that have a limit with UNAVAILABLE.
+    FailClosed,
+}
 
 const SECONDS_PER_DAY: u64 = 86_400;
 const MIN_RATE: f64 = 0.001;
@@ -116,6 +140,12 @@ pub struct QuotaConfig {
     pub key_prefix: String,
     /// Timeout of each quota call to Redis, in milliseconds.
     pub redis_timeout_ms: u64,
+    /// What happens while the quota Redis is down.
+    pub fallback: QuotaFallback,
+    /// Servers expected to share the limits: whenever a server decides
+    /// alone (no quota Redis, or it is down with `fail-open`), it enforces
+    /// 1/`expected_replicas` of each limit. At least 1.
+    pub expected_replicas: u32,
 }
 
 /// Why a `[quotas]` table is refused: the entry and the reason.
@@ -158,6 +188,8 @@ impl QuotaConfig {
             redis,
             key_prefix,
             redis_timeout_ms: DEFAULT_REDIS_TIMEOUT.as_millis() as u64,
+            fallback: QuotaFallback::FailOpen,
+            expected_replicas: 1,
         })
     }
 
@@ -212,6 +244,9 @@ pub enum QuotaKind {
     Rate,
     /// The numbers checked per UTC day.
     Daily,
+    /// No limit refused it: the quota Redis is down and the policy is
+    /// `fail-closed` (UNAVAILABLE, not RESOURCE_EXHAUSTED).
+    StoreDown,
 }
 
 /// A call refused by a quota, and when to retry.
@@ -278,13 +313,28 @@ impl Quotas {
             daily,
             numbers,
         };
-        if let Some(remote) = &self.remote
-            && let Some(verdict) = remote.check(platform, &charge).await
-        {
-            return verdict;
+        if let Some(remote) = &self.remote {
+            if let Some(verdict) = remote.check(platform, &charge).await {
+                return verdict;
+            }
+            if self.config.fallback == QuotaFallback::FailClosed {
+                return Err(QuotaExceeded {
+                    kind: QuotaKind::StoreDown,
+                    retry_after: PROBE_INTERVAL,
+                });
+            }
         }
+        let charge = charge.share(self.config.expected_replicas);
         self.local
             .check(platform, &charge, Instant::now(), SystemTime::now())
+    }
+
+    /// Whether the quota Redis is known to be down (calls are decided by
+    /// the fallback without trying it). False without a quota Redis.
+    pub fn shared_store_down(&self) -> bool {
+        self.remote
+            .as_ref()
+            .is_some_and(|r| r.health.down.load(Ordering::Relaxed))
     }
 }
 
@@ -295,6 +345,24 @@ struct Charge {
     requests: u32,
     daily: Option<u64>,
     numbers: u64,
+}
+
+impl Charge {
+    /// The charge against this server's share of the limits when `replicas`
+    /// servers decide alone: each limit divided by `replicas`, rounded up.
+    fn share(self, replicas: u32) -> Charge {
+        if replicas <= 1 {
+            return self;
+        }
+        Charge {
+            rate: self.rate.map(|r| RateLimit {
+                requests_per_second: (r.requests_per_second / f64::from(replicas)).max(MIN_RATE),
+                burst: r.burst.div_ceil(replicas).max(1),
+            }),
+            daily: self.daily.map(|d| d.div_ceil(u64::from(replicas)).max(1)),
+            ..self
+        }
+    }
 }
 
 /// Seconds since the epoch of `now`, and the time left until the next UTC
@@ -438,8 +506,45 @@ struct RemoteLimiter {
     script: redis::Script,
     prefix: String,
     timeout: Duration,
-    /// Until when Redis is left alone after a failure.
-    backoff_until: Mutex<Option<Instant>>,
+    health: Arc<Health>,
+    /// The background probe (aborted on drop); `None` outside a runtime.
+    probe: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for RemoteLimiter {
+    fn drop(&mut self) {
+        if let Some(probe) = &self.probe {
+            probe.abort();
+        }
+    }
+}
+
+/// Whether the quota Redis is known to be down.
+#[derive(Debug, Default)]
+struct Health {
+    down: AtomicBool,
+}
+
+/// While the quota Redis is down, PINGs it every [`PROBE_INTERVAL`] (one
+/// probe at a time) and marks it up when it answers. Ends when the limiter
+/// is gone.
+async fn probe_loop(health: std::sync::Weak<Health>, mut conn: ConnectionManager) {
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(health) = health.upgrade() else {
+            return;
+        };
+        if !health.down.load(Ordering::Relaxed) {
+            continue;
+        }
+        let ping = redis::cmd("PING");
+        if let Ok(Ok(())) = tokio::time::timeout(PROBE_TIMEOUT, ping.query_async::<()>(&mut conn)).await {
+            health.down.store(false, Ordering::Relaxed);
+            tracing::info!("quota redis answers again; quotas are shared again");
+        }
+    }
 }
 
 impl RemoteLimiter {
@@ -461,25 +566,24 @@ impl RemoteLimiter {
                 }
             });
         }
+        let health = Arc::new(Health::default());
+        let probe = tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|runtime| runtime.spawn(probe_loop(Arc::downgrade(&health), conn.clone())));
         Ok(Self {
             conn,
             script,
             prefix: prefix.to_owned(),
             timeout,
-            backoff_until: Mutex::new(None),
+            health,
+            probe,
         })
     }
 
     /// The verdict of Redis, or `None` if Redis failed or was too slow.
     async fn check(&self, platform: &str, charge: &Charge) -> Option<Result<(), QuotaExceeded>> {
-        {
-            let backoff = self
-                .backoff_until
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if backoff.is_some_and(|until| Instant::now() < until) {
-                return None;
-            }
+        if self.health.down.load(Ordering::Relaxed) {
+            return None;
         }
         // The platform id is hashed: keys stay short and free of odd bytes.
         // The hash tag keeps both keys in one cluster slot.
@@ -510,11 +614,11 @@ impl RemoteLimiter {
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", self.timeout),
         };
-        tracing::warn!(error = %failure, backoff = ?REDIS_BACKOFF, "quota redis failed; local limiter decides");
-        *self
-            .backoff_until
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now() + REDIS_BACKOFF);
+        // Without a probe (no runtime) nobody would mark it up again: then
+        // each call keeps trying Redis.
+        if self.probe.is_some() && !self.health.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(error = %failure, "quota redis failed; the fallback policy decides until it answers again");
+        }
         None
     }
 }
@@ -604,6 +708,25 @@ mod tests {
         let later = t0 + refused.retry_after;
         limiter.check("p", &charge, later, wall).unwrap();
         assert!(limiter.check("p", &charge, later, wall).is_err());
+    }
+
+    #[test]
+    fn a_share_divides_each_limit_rounding_up() {
+        let charge = Charge {
+            rate: Some(RateLimit {
+                requests_per_second: 10.0,
+                burst: 5,
+            }),
+            requests: 1,
+            daily: Some(7),
+            numbers: 1,
+        };
+        let half = charge.share(2);
+        let rate = half.rate.unwrap();
+        assert_eq!((rate.requests_per_second, rate.burst), (5.0, 3));
+        assert_eq!(half.daily, Some(4));
+        assert_eq!(charge.share(100).rate.unwrap().burst, 1);
+        assert_eq!(charge.share(1).daily, Some(7));
     }
 
     #[test]

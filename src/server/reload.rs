@@ -4,7 +4,9 @@
 //! A reload re-reads the server certificate and key, the client CA bundle
 //! and the client CRLs, and swaps them in for new connections only (see
 //! [`TlsMaterial`]); connections already open keep the material they were
-//! handshaken with. A reload that fails changes nothing and logs why at
+//! handshaken with, except that those whose client certificate the new CAs
+//! or CRLs refuse are closed once their calls finish (see
+//! [`crate::server::revoke`]). A reload that fails changes nothing and logs why at
 //! `warn` (file and reason, never key material); a successful one logs the
 //! new certificate's subject, serial and expiry at `info`.
 //!

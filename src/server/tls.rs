@@ -2,13 +2,16 @@
 //!
 //! We terminate TLS ourselves instead of using tonic's `ServerTlsConfig` so
 //! that we control the handshake: every accepted socket is handshaken in its
-//! own task under a timeout, with a cap on concurrent handshakes, so a client
-//! that connects and sends nothing cannot stall the accept loop; and so that
+//! own task under a first-byte deadline and a timeout, in a large pool that
+//! sheds the oldest pending handshake (per source address, then overall)
+//! rather than refusing the newest, so sockets that connect and send nothing
+//! cannot stall the accept loop or lock new clients out; and so that
 //! [`TlsMaterial::reload`] can replace the server certificate, the client CA
 //! bundle and the client CRLs without a restart: each new handshake takes the
 //! current [`ServerConfig`] from an [`ArcSwap`] ([`SharedServerConfig`]),
-//! while open connections keep the one they were made with. Revocation policy:
-//! see [`TlsMaterial`]. When reloads happen: see [`crate::server::reload`].
+//! while open connections keep the one they were made with (but are closed,
+//! after their calls, when a reload refuses their client certificate: see
+//! [`crate::server::revoke`]). Revocation policy: see [`TlsMaterial`]. When reloads happen: see [`crate::server::reload`].
 //!
 //! Wiring into tonic:
 //!
@@ -34,17 +37,20 @@
 //! # }
 //! ```
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use futures_util::Stream;
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{InconsistentKeys, RootCertStore, ServerConfig};
@@ -52,14 +58,16 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use x509_parser::prelude::FromDer as _;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
 use crate::server::auth::{Platform, platform_from_cert};
+use crate::server::lograte;
+use crate::server::revoke::{OpenConnections, Registered};
 
 /// Pause after an accept error that is not about a single connection
 /// (e.g. EMFILE), so the loop does not spin while the process is out of
@@ -85,14 +93,15 @@ pub struct TlsFiles {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file could not be read.
-    #[error("cannot read {what} file {}: {source}", path.display())]
+    #[error("cannot read {what} file {}: {error}", path.display())]
     Read {
         /// Which file: "certificate", "private key" or "client CA".
         what: &'static str,
         /// The file.
         path: PathBuf,
-        /// The I/O error.
-        source: io::Error,
+        /// The I/O error (in the message; not a `source`, which a chain
+        /// would print twice).
+        error: io::Error,
     },
     /// A file is not well-formed PEM.
     #[error("{what} file {} is not valid PEM: {reason}", path.display())]
@@ -170,10 +179,10 @@ pub enum TlsError {
     },
     /// The client certificate verifier could not be built.
     #[error("cannot build the client certificate verifier: {0}")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
+    Verifier(rustls::server::VerifierBuilderError),
     /// rustls refused the configuration.
     #[error("cannot build the TLS server configuration: {0}")]
-    Config(#[source] rustls::Error),
+    Config(rustls::Error),
 }
 
 /// The crypto provider used everywhere in this module: ring, never aws-lc-rs
@@ -233,13 +242,17 @@ impl TlsMaterial {
         let loaded = Loaded::read(&files, &client_crls, &provider)?;
         let summary = ArcSwap::from_pointee(loaded.summary());
         let current = Arc::new(ArcSwap::from_pointee(loaded.key));
-        let config = build_config(&provider, &current, loaded.roots, loaded.crls)?;
+        let (config, verifier) = build_config(&provider, &current, loaded.roots, loaded.crls)?;
         Ok(Self {
             files,
             client_crls,
             provider,
             current,
-            config: SharedServerConfig(Arc::new(ArcSwap::new(config))),
+            config: SharedServerConfig {
+                config: Arc::new(ArcSwap::new(config)),
+                verifier: Arc::new(ArcSwapOption::from_pointee(verifier)),
+                connections: OpenConnections::new(),
+            },
             summary,
             reloading: Mutex::new(()),
         })
@@ -258,10 +271,22 @@ impl TlsMaterial {
         // Build everything before swapping anything. The new config resolves
         // through `current` like the old ones, and no handshake sees it
         // before the key below is in place.
-        let config = build_config(&self.provider, &self.current, loaded.roots, loaded.crls)?;
+        let (config, verifier) = build_config(&self.provider, &self.current, loaded.roots, loaded.crls)?;
         self.current.store(Arc::new(loaded.key));
-        self.config.0.store(config);
+        // The verifier first: a handshake that sees the new config checks
+        // itself with it (see `accept_loop`).
+        self.config.verifier.store(Some(Arc::new(verifier.clone())));
+        self.config.config.store(config);
         self.summary.store(Arc::new(summary.clone()));
+        // Open connections whose certificate the new CAs or CRLs refuse are
+        // closed once their calls finish (see [`crate::server::revoke`]).
+        let closing = self.config.connections.revalidate(verifier.as_ref());
+        if closing > 0 {
+            tracing::info!(
+                connections = closing,
+                "reload: closing connections whose client certificate is no longer accepted"
+            );
+        }
         Ok(summary)
     }
 
@@ -314,21 +339,37 @@ impl TlsMaterial {
 }
 
 /// A [`ServerConfig`] that a reload can replace; [`incoming`] takes the
-/// current one for every new handshake, so open connections keep theirs.
+/// current one for every new handshake, so open connections keep theirs,
+/// and registers every connection it hands over in [`OpenConnections`], so
+/// a reload that revokes a connection's certificate closes it.
 #[derive(Debug, Clone)]
-pub struct SharedServerConfig(Arc<ArcSwap<ServerConfig>>);
+pub struct SharedServerConfig {
+    config: Arc<ArcSwap<ServerConfig>>,
+    /// The client certificate verifier of `config` (`None`: fixed config).
+    verifier: Arc<ArcSwapOption<Arc<dyn ClientCertVerifier>>>,
+    connections: OpenConnections,
+}
 
 impl SharedServerConfig {
     /// The configuration in force now.
     pub fn current(&self) -> Arc<ServerConfig> {
-        self.0.load_full()
+        self.config.load_full()
+    }
+
+    /// The connections made with this configuration and still open.
+    pub fn connections(&self) -> OpenConnections {
+        self.connections.clone()
     }
 }
 
 impl From<Arc<ServerConfig>> for SharedServerConfig {
     /// A configuration that never changes.
     fn from(config: Arc<ServerConfig>) -> Self {
-        Self(Arc::new(ArcSwap::new(config)))
+        Self {
+            config: Arc::new(ArcSwap::new(config)),
+            verifier: Arc::new(ArcSwapOption::empty()),
+            connections: OpenConnections::new(),
+        }
     }
 }
 
@@ -410,19 +451,19 @@ fn build_config(
     key: &Arc<ArcSwap<CertifiedKey>>,
     roots: RootCertStore,
     crls: Vec<CertificateRevocationListDer<'static>>,
-) -> Result<Arc<ServerConfig>, TlsError> {
+) -> Result<(Arc<ServerConfig>, Arc<dyn ClientCertVerifier>), TlsError> {
     let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
     if !crls.is_empty() {
         verifier = verifier.with_crls(crls).allow_unknown_revocation_status();
     }
-    let verifier = verifier.build()?;
+    let verifier = verifier.build().map_err(TlsError::Verifier)?;
     let mut config = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Config)?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_cert_resolver(Arc::new(SwappableCert(key.clone())));
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), verifier))
 }
 
 /// Load `files` and build the server configuration in one step.
@@ -444,10 +485,10 @@ impl ResolvesServerCert for SwappableCert {
 }
 
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         what,
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -614,21 +655,128 @@ fn read_crls(
 }
 
 /// Limits of the accept loop.
+///
+/// A pending handshake (accepted, not yet completed) costs little: a socket
+/// and a small task. So the pool of pending handshakes is large, a client
+/// that sends nothing is dropped after [`AcceptOptions::first_byte_timeout`],
+/// and when a limit is reached the OLDEST pending handshake (of the same
+/// source address, or of all) is shed to make room for the newest, so the
+/// accept loop never stops accepting and a newcomer is never refused because
+/// idle sockets got there first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcceptOptions {
-    /// A TLS handshake that takes longer is abandoned and its socket closed.
+    /// A TLS handshake that takes longer (from accept to completion) is
+    /// abandoned and its socket closed.
     pub handshake_timeout: Duration,
-    /// At most this many handshakes run at once; further connections wait in
-    /// the kernel's listen backlog. Values below 1 are treated as 1.
+    /// At most this many handshakes are pending at once; at the cap the
+    /// oldest pending one is shed for each new connection. Values below 1
+    /// are treated as 1.
     pub max_handshakes: usize,
+    /// A client that has not sent its first byte within this time is
+    /// dropped (shorter than `handshake_timeout`: an idle socket costs the
+    /// attacker nothing).
+    pub first_byte_timeout: Duration,
+    /// At most this many pending handshakes per source IP address; at the
+    /// cap the oldest pending one of that address is shed. Values below 1
+    /// are treated as 1.
+    pub max_handshakes_per_ip: usize,
+    /// Listen backlog set on the listener when the accept loop starts
+    /// (the kernel caps it at `net.core.somaxconn`); 0 leaves it as bound.
+    pub listen_backlog: u32,
+    /// When a reload revokes an open connection's certificate, the
+    /// connection is closed once its calls finish, or after this long.
+    pub revoked_grace: Duration,
 }
 
 impl Default for AcceptOptions {
     fn default() -> Self {
         Self {
             handshake_timeout: Duration::from_secs(10),
-            max_handshakes: 256,
+            max_handshakes: 4096,
+            first_byte_timeout: Duration::from_secs(2),
+            max_handshakes_per_ip: 256,
+            listen_backlog: 4096,
+            revoked_grace: Duration::from_secs(5),
         }
+    }
+}
+
+/// Why a handshake did not complete, as counted in [`HandshakeStats`] and
+/// reported as `reassigned_handshake_failures_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// No byte within [`AcceptOptions::first_byte_timeout`].
+    FirstByteTimeout,
+    /// Not completed within [`AcceptOptions::handshake_timeout`].
+    Timeout,
+    /// The client closed (or reset) the connection before completing.
+    Closed,
+    /// TLS refused it (bad certificate, revoked, not TLS, ...).
+    TlsError,
+    /// Shed, oldest first, to make room at the per-address cap.
+    ShedPerIp,
+    /// Shed, oldest first, to make room at the pool cap.
+    ShedPool,
+}
+
+impl HandshakeFailure {
+    /// Every reason, in the order of the metric lines.
+    pub const ALL: [HandshakeFailure; 6] = [
+        HandshakeFailure::FirstByteTimeout,
+        HandshakeFailure::Timeout,
+        HandshakeFailure::Closed,
+        HandshakeFailure::TlsError,
+        HandshakeFailure::ShedPerIp,
+        HandshakeFailure::ShedPool,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            HandshakeFailure::FirstByteTimeout => "first_byte_timeout",
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::Closed => "closed",
+            HandshakeFailure::TlsError => "tls_error",
+            HandshakeFailure::ShedPerIp => "shed_per_ip",
+            HandshakeFailure::ShedPool => "shed_pool",
+        }
+    }
+}
+
+/// Counters of the accept loop: every handshake is counted once, completed
+/// or failed with its reason, whether or not its log line was written.
+#[derive(Debug, Default)]
+pub struct HandshakeStats {
+    completed: AtomicU64,
+    failed: [AtomicU64; HandshakeFailure::ALL.len()],
+    pending: AtomicU64,
+    closed_revoked: AtomicU64,
+}
+
+impl HandshakeStats {
+    /// Handshakes completed.
+    pub fn completed(&self) -> u64 {
+        self.completed.load(Ordering::Relaxed)
+    }
+
+    /// Handshakes failed for `reason`.
+    pub fn failed(&self, reason: HandshakeFailure) -> u64 {
+        self.failed[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Handshakes pending now.
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Open connections closed because a reload revoked (or stopped
+    /// trusting) their client certificate.
+    pub fn closed_revoked(&self) -> u64 {
+        self.closed_revoked.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, reason: HandshakeFailure) {
+        self.failed[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -652,6 +800,50 @@ pub struct PeerInfo {
 pub struct TlsConnection {
     stream: TlsStream<TcpStream>,
     info: PeerInfo,
+    /// Its entry in the open connections (with a client certificate).
+    tracked: Option<Tracked>,
+}
+
+/// An open connection's registration, and the grace timer started when a
+/// reload revoked its certificate.
+#[derive(Debug)]
+struct Tracked {
+    registered: Registered,
+    stats: Arc<HandshakeStats>,
+    grace: Option<Pin<Box<tokio::time::Sleep>>>,
+    closed: bool,
+}
+
+impl Tracked {
+    /// Whether the connection must read as closed now: its certificate was
+    /// revoked and it has no call in flight, or its grace is over.
+    fn poll_closed(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.closed {
+            return true;
+        }
+        let state = &self.registered.state;
+        state.register_reader(cx.waker());
+        if !state.revoked() {
+            return false;
+        }
+        let grace = self
+            .grace
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(state.grace())));
+        let expired = grace.as_mut().poll(cx).is_ready();
+        if expired || state.in_flight() == 0 {
+            if let Some(suppressed) = lograte::global().check("revoked_connection_closed") {
+                tracing::info!(
+                    peer = %state.peer(),
+                    in_flight = state.in_flight(),
+                    suppressed,
+                    "closed a connection whose client certificate is no longer accepted"
+                );
+            }
+            self.stats.closed_revoked.fetch_add(1, Ordering::Relaxed);
+            self.closed = true;
+        }
+        self.closed
+    }
 }
 
 impl TlsConnection {
@@ -677,7 +869,12 @@ impl tonic::transport::server::Connected for TlsConnection {
 
 impl AsyncRead for TlsConnection {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        if this.tracked.as_mut().is_some_and(|t| t.poll_closed(cx)) {
+            // End of file: the HTTP/2 connection ends and the socket closes.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
@@ -734,15 +931,21 @@ impl Drop for TlsIncoming {
 /// Accept TCP connections on `listener` and complete their TLS handshakes,
 /// yielding the connections ready for `Server::serve_with_incoming_shutdown`.
 ///
-/// Handshakes never run in the accept loop: each one runs in its own task
-/// under [`AcceptOptions::handshake_timeout`], at most
-/// [`AcceptOptions::max_handshakes`] at a time. Failed handshakes are logged
-/// and dropped; accept errors are logged and never end the stream.
+/// Handshakes never run in the accept loop, and the loop never waits for a
+/// handshake slot: each connection is handshaken in its own task under the
+/// limits of [`AcceptOptions`] (first-byte deadline, handshake timeout,
+/// pending pool and per-address caps that shed the oldest). Failed
+/// handshakes are counted and logged (rate-limited, see
+/// [`crate::server::lograte`]); accept errors are logged and never end the
+/// stream.
 ///
 /// `config` is an `Arc<ServerConfig>` (fixed) or a [`SharedServerConfig`]
 /// (e.g. [`TlsMaterial::shared_config`]): each new handshake takes the
 /// configuration current at its accept, so a reload never touches the
-/// connections already open.
+/// connections already open, except to close those whose client
+/// certificate it refuses: after their calls if the server counts them with
+/// [`crate::server::revoke::TrackLayer`] over
+/// [`SharedServerConfig::connections`], else at once.
 ///
 /// Must be called inside a tokio runtime.
 pub fn incoming(
@@ -750,9 +953,82 @@ pub fn incoming(
     config: impl Into<SharedServerConfig>,
     opts: AcceptOptions,
 ) -> TlsIncoming {
+    incoming_counted(listener, config, opts, Arc::default())
+}
+
+/// [`incoming`], counting every handshake into `stats`.
+pub fn incoming_counted(
+    listener: TcpListener,
+    config: impl Into<SharedServerConfig>,
+    opts: AcceptOptions,
+    stats: Arc<HandshakeStats>,
+) -> TlsIncoming {
+    if opts.listen_backlog > 0 {
+        // listen(2) again on a listening socket sets its backlog (Linux);
+        // tokio binds with a small one.
+        let backlog = i32::try_from(opts.listen_backlog).unwrap_or(i32::MAX);
+        if let Err(err) = socket2::SockRef::from(&listener).listen(backlog) {
+            tracing::warn!(error = %err, backlog, "cannot raise the listen backlog");
+        }
+    }
     let (tx, ready) = mpsc::channel(READY_CONNECTIONS);
-    let accept_loop = tokio::spawn(accept_loop(listener, config.into(), opts, tx));
+    let accept_loop = tokio::spawn(accept_loop(listener, config.into(), opts, tx, stats));
     TlsIncoming { ready, accept_loop }
+}
+
+/// Pending handshakes, oldest first, and per source address.
+#[derive(Default)]
+struct Pending {
+    next_id: u64,
+    by_age: BTreeMap<u64, (IpAddr, AbortHandle)>,
+    by_ip: HashMap<IpAddr, BTreeSet<u64>>,
+}
+
+impl Pending {
+    fn remove(&mut self, id: u64) -> Option<AbortHandle> {
+        let (ip, handle) = self.by_age.remove(&id)?;
+        if let Some(ids) = self.by_ip.get_mut(&ip) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_ip.remove(&ip);
+            }
+        }
+        Some(handle)
+    }
+
+    /// Sheds the oldest pending handshake of `ip` if it is at `per_ip`, else
+    /// the oldest of all if the pool is at `pool`.
+    fn make_room(&mut self, ip: IpAddr, per_ip: usize, pool: usize) -> Option<HandshakeFailure> {
+        let oldest_of_ip = self
+            .by_ip
+            .get(&ip)
+            .filter(|ids| ids.len() >= per_ip)
+            .and_then(|ids| ids.first().copied());
+        let (victim, reason) = match oldest_of_ip {
+            Some(id) => (id, HandshakeFailure::ShedPerIp),
+            None if self.by_age.len() >= pool => (*self.by_age.keys().next()?, HandshakeFailure::ShedPool),
+            None => return None,
+        };
+        self.remove(victim)?.abort();
+        Some(reason)
+    }
+}
+
+/// Takes a handshake out of [`Pending`] when its task ends (or is aborted).
+struct PendingGuard {
+    pending: Arc<Mutex<Pending>>,
+    stats: Arc<HandshakeStats>,
+    id: u64,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(self.id);
+        self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 async fn accept_loop(
@@ -760,22 +1036,14 @@ async fn accept_loop(
     config: SharedServerConfig,
     opts: AcceptOptions,
     tx: mpsc::Sender<TlsConnection>,
+    stats: Arc<HandshakeStats>,
 ) {
-    let slots = Arc::new(Semaphore::new(opts.max_handshakes.max(1)));
+    let pending = Arc::new(Mutex::new(Pending::default()));
     // Owning the handshake tasks means they are aborted when this loop ends.
     let mut handshakes = JoinSet::new();
     loop {
         while handshakes.try_join_next().is_some() {}
 
-        // Take a handshake slot before accepting: at the cap, new connections
-        // wait in the listen backlog instead of piling up here.
-        let permit = tokio::select! {
-            () = tx.closed() => break,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_closed) => break,
-            },
-        };
         let accepted = tokio::select! {
             () = tx.closed() => break,
             accepted = listener.accept() => accepted,
@@ -787,11 +1055,14 @@ async fn accept_loop(
                 continue;
             }
             Err(err) => {
-                tracing::warn!(
-                    error = %err,
-                    backoff_ms = ACCEPT_ERROR_BACKOFF.as_millis() as u64,
-                    "accept failed; backing off"
-                );
+                if let Some(suppressed) = lograte::global().check("accept_failed") {
+                    tracing::warn!(
+                        error = %err,
+                        backoff_ms = ACCEPT_ERROR_BACKOFF.as_millis() as u64,
+                        suppressed,
+                        "accept failed; backing off"
+                    );
+                }
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                 continue;
             }
@@ -802,36 +1073,136 @@ async fn accept_loop(
 
         // The configuration of the latest reload, for this handshake and
         // this connection's whole life.
-        let acceptor = TlsAcceptor::from(config.current());
+        let used = config.current();
+        let acceptor = TlsAcceptor::from(used.clone());
+        let shared = config.clone();
         let tx = tx.clone();
-        handshakes.spawn(async move {
-            // Held until the connection is handed over, so a server that stops
-            // taking connections also stops new handshakes.
-            let _permit = permit;
-            let local_addr = tcp.local_addr().ok();
-            let stream = match tokio::time::timeout(opts.handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(err)) => {
-                    tracing::info!(peer = %remote_addr, error = %err, "tls handshake failed");
-                    return;
-                }
-                Err(_elapsed) => {
-                    tracing::info!(
-                        peer = %remote_addr,
-                        timeout_ms = opts.handshake_timeout.as_millis() as u64,
-                        "tls handshake timed out"
-                    );
+        let task_stats = stats.clone();
+        let mut registry = pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(reason) = registry.make_room(
+            remote_addr.ip(),
+            opts.max_handshakes_per_ip.max(1),
+            opts.max_handshakes.max(1),
+        ) {
+            stats.fail(reason);
+            log_failure(reason, remote_addr, None, &opts);
+        }
+        let id = registry.next_id;
+        registry.next_id += 1;
+        stats.pending.fetch_add(1, Ordering::Relaxed);
+        let guard = PendingGuard {
+            pending: pending.clone(),
+            stats: stats.clone(),
+            id,
+        };
+        // Registered under the lock the guard takes, so a task that ends at
+        // once still finds (and removes) its entry.
+        let abort = handshakes.spawn(async move {
+            // Held until the connection is handed over.
+            let _guard = guard;
+            let (stream, local_addr) = match handshake(acceptor, tcp, &opts).await {
+                Ok(done) => done,
+                Err((reason, err)) => {
+                    task_stats.fail(reason);
+                    log_failure(reason, remote_addr, err.as_ref(), &opts);
                     return;
                 }
             };
+            task_stats.completed.fetch_add(1, Ordering::Relaxed);
             let info = PeerInfo {
                 remote_addr: Some(remote_addr),
                 local_addr,
                 platform: connection_platform(&stream, remote_addr),
             };
+            let tracked = stream.get_ref().1.peer_certificates().map(|chain| Tracked {
+                registered: shared.connections.register(
+                    local_addr,
+                    remote_addr,
+                    chain.iter().map(|c| c.clone().into_owned()).collect(),
+                    opts.revoked_grace,
+                ),
+                stats: task_stats.clone(),
+                grace: None,
+                closed: false,
+            });
+            // A reload during the handshake revalidated the connections
+            // registered then, not this one: check it with the new verifier.
+            if let Some(tracked) = &tracked
+                && !Arc::ptr_eq(&used, &shared.current())
+                && let Some(verifier) = shared.verifier.load_full()
+            {
+                tracked
+                    .registered
+                    .state
+                    .revalidate(verifier.as_ref().as_ref(), rustls_pki_types::UnixTime::now());
+            }
             // An error means the server is gone; the connection is dropped.
-            let _ = tx.send(TlsConnection { stream, info }).await;
+            let _ = tx
+                .send(TlsConnection {
+                    stream,
+                    info,
+                    tracked,
+                })
+                .await;
         });
+        registry.by_age.insert(id, (remote_addr.ip(), abort));
+        registry.by_ip.entry(remote_addr.ip()).or_default().insert(id);
+        drop(registry);
+    }
+}
+
+/// Waits for the client's first byte (at most `first_byte_timeout`), then
+/// completes the handshake (within `handshake_timeout` of the accept).
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    opts: &AcceptOptions,
+) -> Result<(TlsStream<TcpStream>, Option<SocketAddr>), (HandshakeFailure, Option<io::Error>)> {
+    let started = tokio::time::Instant::now();
+    let local_addr = tcp.local_addr().ok();
+    let first_byte = opts.first_byte_timeout.min(opts.handshake_timeout);
+    let mut byte = [0_u8; 1];
+    match tokio::time::timeout(first_byte, tcp.peek(&mut byte)).await {
+        Err(_elapsed) => return Err((HandshakeFailure::FirstByteTimeout, None)),
+        Ok(Ok(0)) => return Err((HandshakeFailure::Closed, None)),
+        Ok(Err(err)) => return Err((HandshakeFailure::Closed, Some(err))),
+        Ok(Ok(_)) => {}
+    }
+    match tokio::time::timeout_at(started + opts.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => Ok((stream, local_addr)),
+        Ok(Err(err)) if is_closed(&err) => Err((HandshakeFailure::Closed, Some(err))),
+        Ok(Err(err)) => Err((HandshakeFailure::TlsError, Some(err))),
+        Err(_elapsed) => Err((HandshakeFailure::Timeout, None)),
+    }
+}
+
+/// The peer went away mid-handshake (not a TLS refusal).
+fn is_closed(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// One rate-limited line per failed handshake (they are all counted).
+fn log_failure(reason: HandshakeFailure, peer: SocketAddr, err: Option<&io::Error>, opts: &AcceptOptions) {
+    let Some(suppressed) = lograte::global().check(reason.label()) else {
+        return;
+    };
+    let reason = reason.label();
+    match err {
+        Some(err) => tracing::info!(%peer, reason, error = %err, suppressed, "tls handshake failed"),
+        None => tracing::info!(
+            %peer,
+            reason,
+            timeout_ms = opts.handshake_timeout.as_millis() as u64,
+            first_byte_timeout_ms = opts.first_byte_timeout.as_millis() as u64,
+            suppressed,
+            "tls handshake failed"
+        ),
     }
 }
 
@@ -854,7 +1225,9 @@ fn connection_platform(stream: &TlsStream<TcpStream>, peer: SocketAddr) -> Optio
             Some(Arc::new(platform))
         }
         Err(err) => {
-            tracing::info!(peer = %peer, error = %err, "client certificate names no platform");
+            if let Some(suppressed) = lograte::global().check("certificate_names_no_platform") {
+                tracing::info!(peer = %peer, error = %err, suppressed, "client certificate names no platform");
+            }
             None
         }
     }

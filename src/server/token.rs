@@ -61,7 +61,15 @@ pub struct TokenConfig {
     pub issuer: String,
     /// The required `aud`.
     pub audience: String,
+    /// The longest lifetime a token may have, in seconds: `exp - iat` and
+    /// `exp - now` must not exceed it (plus [`LEEWAY_SECS`] for the latter),
+    /// and a token without `iat` is refused. `None`: no limit (and `iat`
+    /// is optional).
+    pub max_lifetime_secs: Option<u64>,
 }
+
+/// The default of [`TokenConfig::max_lifetime_secs`]: 24 hours.
+pub const DEFAULT_MAX_LIFETIME_SECS: u64 = 24 * 3600;
 
 /// The `cnf` (confirmation) claim of RFC 8705.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +115,8 @@ pub struct TokenClaims {
 struct ReadClaims {
     sub: String,
     exp: f64,
+    #[serde(default)]
+    iat: Option<f64>,
     #[serde(default)]
     scope: Option<String>,
     #[serde(default)]
@@ -160,6 +170,10 @@ pub enum TokenError {
     /// `exp` has passed.
     #[error("token expired")]
     Expired,
+    /// `exp - iat` or `exp - now` is longer than the configured maximum
+    /// lifetime (in seconds).
+    #[error("token lifetime exceeds the maximum of {0} s")]
+    TooLong(u64),
     /// `nbf` is still ahead.
     #[error("token not yet valid")]
     NotYetValid,
@@ -331,6 +345,9 @@ impl TokenVerifier {
         let claims = jsonwebtoken::decode::<ReadClaims>(token, &key.key, &key.validation)
             .map_err(|e| map_error(e.kind()))?
             .claims;
+        if let Some(max) = self.config.max_lifetime_secs {
+            check_lifetime(claims.iat, claims.exp, now, max)?;
+        }
         let verified = Arc::new(Verified {
             sub: claims.sub,
             bound: claims
@@ -395,6 +412,21 @@ fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
     #[cfg(not(unix))]
     let inode = 0;
     Some((meta.modified().ok()?, meta.len(), inode))
+}
+
+/// A token's lifetime against `max` seconds: it must carry `iat`, and
+/// neither `exp - iat` nor `exp - now` may exceed `max` (the latter with
+/// [`LEEWAY_SECS`] for clock skew). Checked once per token: both only
+/// shrink as time passes.
+fn check_lifetime(iat: Option<f64>, exp: f64, now: u64, max: u64) -> Result<(), TokenError> {
+    let iat = iat.ok_or(TokenError::MissingClaim("iat"))?;
+    if !iat.is_finite() {
+        return Err(TokenError::Malformed);
+    }
+    if exp - iat > max as f64 || exp - now as f64 > (max + LEEWAY_SECS) as f64 {
+        return Err(TokenError::TooLong(max));
+    }
+    Ok(())
 }
 
 fn map_error(kind: &ErrorKind) -> TokenError {
@@ -529,5 +561,26 @@ mod tests {
             ..verified
         };
         assert_eq!(unbound.check(900, &platform), Err(TokenError::Unbound));
+    }
+
+    #[test]
+    fn lifetimes_are_bounded_by_iat_and_now() {
+        let day = DEFAULT_MAX_LIFETIME_SECS;
+        let now = 1_000_000;
+        let ok = |iat: Option<f64>, exp: u64| check_lifetime(iat, exp as f64, now, day);
+        assert_eq!(ok(Some(now as f64), now + day), Ok(()));
+        assert_eq!(ok(Some(now as f64), now + day + 1), Err(TokenError::TooLong(day)));
+        // A token issued in the past for 100 years.
+        assert_eq!(
+            ok(Some((now - 10) as f64), now + 100 * 365 * day),
+            Err(TokenError::TooLong(day))
+        );
+        // An `iat` set in the future to hide a long `exp`.
+        assert_eq!(
+            ok(Some((now + 10 * day) as f64), now + 11 * day),
+            Err(TokenError::TooLong(day))
+        );
+        assert_eq!(ok(None, now + 60), Err(TokenError::MissingClaim("iat")));
+        assert_eq!(ok(Some(f64::NAN), now + 60), Err(TokenError::Malformed));
     }
 }

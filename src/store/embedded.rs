@@ -20,7 +20,10 @@ use arc_swap::ArcSwapOption;
 
 use super::{Lookup, Store, StoreError};
 use crate::domain::{Date, MirrorMeta, PhoneNumber};
-use crate::import::{ImportError, Manifest, Progress, Records, spawn_resync, sync_dir};
+use crate::import::{
+    APPLIED_KEEP, ImportError, ImportOptions, Manifest, Progress, Records, applied_key, spawn_resync_with,
+    sync_dir_lenient,
+};
 
 /// Records per block of the sparse index.
 pub const BLOCK: usize = 32;
@@ -71,6 +74,11 @@ pub struct EmbeddedStore {
     state: ArcSwapOption<State>,
     /// Serialises writers (check, build, swap); never taken by readers.
     write: Mutex<()>,
+    /// SHA-256 of the files applied, by (sequence, kind), the most recent
+    /// [`APPLIED_KEEP`] sequences.
+    applied: Mutex<std::collections::BTreeMap<(u64, &'static str), String>>,
+    /// Files skipped at the last load or resync (`file: reason`).
+    problems: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -105,27 +113,89 @@ impl EmbeddedStore {
     }
 
     /// A store loaded from a register directory: runs
-    /// [`sync_dir`] on `dir` (the newest snapshot, then its deltas).
+    /// [`sync_dir_lenient`] on `dir` (the newest snapshot that applies, then
+    /// its deltas up to the first that does not).
     ///
-    /// Strict: any invalid manifest, data file or sequence gap is an error.
-    /// An empty directory gives an empty store.
+    /// Never refuses to start because of a bad file: it loads the longest
+    /// valid sequence and logs and keeps (see
+    /// [`EmbeddedStore::import_problems`]) what it skipped, e.g. a garbage
+    /// manifest, a half-written or missing data file, a gap. Only an
+    /// unreadable directory is an error; an empty one gives an empty store.
     pub async fn open(dir: &Path, progress: &mut dyn Progress) -> Result<Self, ImportError> {
+        Self::open_with(dir, ImportOptions::default(), progress).await
+    }
+
+    /// [`EmbeddedStore::open`] with explicit [`ImportOptions`].
+    pub async fn open_with(
+        dir: &Path,
+        options: ImportOptions,
+        progress: &mut dyn Progress,
+    ) -> Result<Self, ImportError> {
         let store = Self::new();
-        let report = sync_dir(&store, dir, progress).await?;
-        tracing::info!(%report, records = store.len(), "register loaded");
+        let (report, problems) = sync_dir_lenient(&store, dir, options, progress).await?;
+        if problems.is_empty() {
+            tracing::info!(%report, records = store.len(), "register loaded");
+        } else {
+            tracing::warn!(
+                %report,
+                records = store.len(),
+                skipped = problems.len(),
+                "register loaded; some files were skipped"
+            );
+        }
+        store.set_problems(problems);
         Ok(store)
     }
 
-    /// Starts a Tokio task that re-runs [`sync_dir`] on `dir` every
-    /// `interval` until `shutdown` completes; errors are logged and the
-    /// store keeps serving its current data. See [`spawn_resync`].
+    /// Starts a Tokio task that re-runs [`sync_dir_lenient`] on `dir` every
+    /// `interval` until `shutdown` completes; problems are logged and kept
+    /// ([`EmbeddedStore::import_problems`]), and the store keeps serving
+    /// what it has. See [`crate::import::spawn_resync`].
     pub fn spawn_resync(
         self: &Arc<Self>,
         dir: PathBuf,
         interval: Duration,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
-        spawn_resync(Arc::clone(self), dir, interval, shutdown)
+        self.spawn_resync_with(dir, interval, ImportOptions::default(), shutdown)
+    }
+
+    /// [`EmbeddedStore::spawn_resync`] with explicit [`ImportOptions`].
+    pub fn spawn_resync_with(
+        self: &Arc<Self>,
+        dir: PathBuf,
+        interval: Duration,
+        options: ImportOptions,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = Arc::downgrade(self);
+        let on_problems = move |problems| {
+            if let Some(me) = me.upgrade() {
+                me.set_problems(problems);
+            }
+        };
+        spawn_resync_with(Arc::clone(self), dir, interval, options, on_problems, shutdown)
+    }
+
+    /// Register files skipped at the last load or resync, one
+    /// `file: reason` line each (empty when every file applied).
+    pub fn import_problems(&self) -> Vec<String> {
+        self.problems.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_problems(&self, problems: Vec<String>) {
+        *self.problems.lock().unwrap_or_else(|p| p.into_inner()) = problems;
+    }
+
+    fn record_applied(&self, manifest: &Manifest) {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        applied.insert(
+            (manifest.sequence, manifest.kind.as_str()),
+            manifest.sha256.to_ascii_lowercase(),
+        );
+        while applied.len() > APPLIED_KEEP {
+            applied.pop_first();
+        }
     }
 
     /// The latest disconnect date of `number` and the metadata of the
@@ -170,6 +240,32 @@ impl EmbeddedStore {
         self.len() == 0
     }
 
+    /// Per-bucket digests of the records, bucketed as `number % nbuckets`
+    /// (see [`crate::import::verify`]).
+    pub fn bucket_digests(&self, nbuckets: u64) -> Vec<crate::import::verify::BucketDigest> {
+        let nbuckets = nbuckets.max(1);
+        let mut out = vec![crate::import::verify::BucketDigest::default(); nbuckets as usize];
+        if let Some(state) = self.state.load().as_ref() {
+            for (&n, &d) in state.numbers.iter().zip(&state.days) {
+                out[(n % nbuckets) as usize].add(n, u64::from(d));
+            }
+        }
+        out
+    }
+
+    /// What [`crate::import::verify::verify`] compares, with buckets of
+    /// about 128 records; `None` while the mirror is empty.
+    pub fn digest(&self) -> Option<crate::import::verify::MirrorDigest> {
+        let meta = self.cached_meta()?;
+        let nbuckets = (self.len() as u64).div_ceil(128).max(1);
+        Some(crate::import::verify::MirrorDigest {
+            sequence: meta.sequence,
+            meta_records: meta.record_count,
+            buckets: self.bucket_digests(nbuckets),
+            name_prefix: "bucket ".into(),
+        })
+    }
+
     /// The heap bytes held by the current generation (numbers, dates, index).
     pub fn memory_bytes(&self) -> usize {
         self.state.load().as_ref().map_or(0, |s| s.memory_bytes())
@@ -197,6 +293,7 @@ impl EmbeddedStore {
         }
         let state = State::new(records.numbers.clone(), records.days.clone(), meta);
         self.state.store(Some(Arc::new(state)));
+        self.record_applied(manifest);
         Ok(())
     }
 
@@ -231,6 +328,7 @@ impl EmbeddedStore {
             ..(*old.meta).clone()
         };
         self.state.store(Some(Arc::new(State::new(numbers, days, meta))));
+        self.record_applied(manifest);
         Ok(())
     }
 }
@@ -303,6 +401,24 @@ impl Store for EmbeddedStore {
 
     async fn apply_delta(&self, manifest: &Manifest, records: &Records) -> Result<(), StoreError> {
         self.merge_delta(manifest, records)
+    }
+
+    async fn applied_checksums(&self) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(applied
+            .iter()
+            .map(|((sequence, kind), sha)| {
+                let kind = match *kind {
+                    "snapshot" => crate::import::Kind::Snapshot,
+                    _ => crate::import::Kind::Delta,
+                };
+                (applied_key(kind, *sequence), sha.clone())
+            })
+            .collect())
+    }
+
+    fn import_problems(&self) -> Vec<String> {
+        EmbeddedStore::import_problems(self)
     }
 }
 

@@ -98,6 +98,21 @@ pub trait Store: Send + Sync + 'static {
         manifest: &Manifest,
         records: &Records,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The SHA-256 of the files applied, by [`crate::import::applied_key`]
+    /// (`snapshot:7`), for the most recent
+    /// [`crate::import::APPLIED_KEEP`] sequences: lets an import refuse a
+    /// re-issued file whose content differs from what was applied.
+    fn applied_checksums(
+        &self,
+    ) -> impl Future<Output = Result<std::collections::HashMap<String, String>, StoreError>> + Send;
+
+    /// Register files this store skipped when it last loaded or re-synced
+    /// its data directory, one `file: reason` line each (only the embedded
+    /// store loads files itself; empty otherwise).
+    fn import_problems(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// One of the two stores, chosen by configuration.
@@ -155,6 +170,14 @@ impl Store for AnyStore {
     async fn apply_delta(&self, manifest: &Manifest, records: &Records) -> Result<(), StoreError> {
         dispatch!(self, s => s.apply_delta(manifest, records).await)
     }
+
+    async fn applied_checksums(&self) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        dispatch!(self, s => s.applied_checksums().await)
+    }
+
+    fn import_problems(&self) -> Vec<String> {
+        dispatch!(self, s => s.import_problems())
+    }
 }
 
 impl<S: Store> Store for Arc<S> {
@@ -203,5 +226,15 @@ impl<S: Store> Store for Arc<S> {
         records: &Records,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         S::apply_delta(self, manifest, records)
+    }
+
+    fn applied_checksums(
+        &self,
+    ) -> impl Future<Output = Result<std::collections::HashMap<String, String>, StoreError>> + Send {
+        S::applied_checksums(self)
+    }
+
+    fn import_problems(&self) -> Vec<String> {
+        S::import_problems(self)
     }
 }

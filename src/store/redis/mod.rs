@@ -10,7 +10,8 @@
 //! | `{prefix}:g{gen}:{bucket}` | hash | one bucket of generation `gen`, with the sentinel field `_g` = `gen` |
 //! | `{prefix}:bloom:g{gen}:{chunk}` | string | the membership filter of generation `gen`, in chunks of at most 8 MiB |
 //! | `{prefix}:gen_counter` | string | INCR counter: generation numbers are never reused |
-//! | `{prefix}:lock` | string | the import lock (random token, PX 60 s, renewed while importing) |
+//! | `{prefix}:lock` | string | the import lock: its owner (host, pid, process start, start time, random token) as JSON, PX 15 s, renewed every 3 s while importing |
+//! | `{prefix}:applied` | hash | SHA-256 of applied files by `snapshot:N` / `delta:N` (the last 1,024 sequences) |
 //! | `{prefix}:events` | pub/sub channel | `switched` after each snapshot switch (informational) |
 //!
 //! **Buckets.** A snapshot chooses `nbuckets = max(1, ceil(records / 128))`
@@ -110,9 +111,12 @@
 //!
 //! # Writes
 //!
-//! Imports take the lock `{prefix}:lock` (SET NX PX, renewed every 15 s,
+//! Imports take the lock `{prefix}:lock` (SET NX PX, renewed every 3 s,
 //! released with a check-and-delete script) and use their own connection, so
-//! bulk writes never queue in front of lookups.
+//! bulk writes never queue in front of lookups. A lock whose owner ran on
+//! this host and is gone is taken over at once (compare-and-set on its
+//! value); a failed snapshot deletes its pending generation before it
+//! returns. See `write` for the details and `admin` for `verify`/`gc`.
 //!
 //! *Snapshot*: re-check the sequence; delete what a crashed import left
 //! (`pending_*`, `reclaim_*`); take a new generation number from
@@ -153,6 +157,7 @@
 //! million (listpack entries of 5 + 4 bytes, plus about 80 bytes per bucket
 //! key). The filter adds 1.25 bytes per record (10 bits).
 
+mod admin;
 mod bloom;
 mod conn;
 mod dump;
@@ -168,6 +173,7 @@ use ::redis::{Cmd, FromRedisValue, Pipeline, RedisError, Value};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::oneshot;
 
+pub use self::admin::GcReport;
 use self::conn::{Conn, Target};
 use self::meta::{BloomParams, Current, StoredMeta};
 use super::{Lookup, Store, StoreError};
@@ -1312,6 +1318,21 @@ impl Store for RedisStore {
 
     async fn apply_delta(&self, manifest: &Manifest, records: &Records) -> Result<(), StoreError> {
         write::apply_delta(&self.inner, manifest, records).await
+    }
+
+    async fn applied_checksums(&self) -> Result<HashMap<String, String>, StoreError> {
+        write::applied_checksums(&self.inner).await
+    }
+}
+
+impl RedisStore {
+    /// Asks the imports of this process to stop cleanly at their next step
+    /// (on SIGTERM): a snapshot not yet switched deletes its pending
+    /// generation, one already switched finishes deleting the replaced
+    /// generation; a delta stops before moving the sequence; the lock is
+    /// released. Process-wide: every store of the process is affected.
+    pub fn cancel_imports() {
+        write::cancel_imports();
     }
 }
 

@@ -30,9 +30,13 @@ const IN_FLIGHT: usize = 4;
 /// On a cluster: pipelines (each inside one slot, so much smaller) or single
 /// commands in flight at once, over all nodes together.
 const IN_FLIGHT_CLUSTER: usize = 64;
-/// Lifetime of the import lock; renewed every [`LOCK_RENEW`] while held.
-const LOCK_TTL_MS: u64 = 60_000;
-const LOCK_RENEW: Duration = Duration::from_secs(15);
+/// Lifetime of the import lock; renewed every [`LOCK_RENEW`] while held, so
+/// the lock of an importer that died on another host frees itself within
+/// this time (on the same host, a dead owner is detected at once).
+const LOCK_TTL_MS: u64 = 15_000;
+const LOCK_RENEW: Duration = Duration::from_secs(3);
+/// How long a failed import may spend removing its pending generation.
+const CLEANUP_BUDGET: Duration = Duration::from_secs(20);
 
 /// Sets each field only if it is new or its date is later; returns how many
 /// fields were new. KEYS[1] = a bucket; ARGV[1] = the generation id its
@@ -109,6 +113,20 @@ return 1
     )
 });
 
+/// Replaces the lock's value if it still holds the dead owner's value
+/// (compare-and-set). KEYS[1] = lock; ARGV = old value, new value, TTL ms.
+static TAKEOVER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+",
+    )
+});
+
 /// Deletes the lock if it still holds our token.
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -156,7 +174,7 @@ impl Inner {
 }
 
 /// The import lock `{prefix}:lock`, renewed in the background while held.
-struct ImportLock {
+pub(super) struct ImportLock {
     inner: Arc<Inner>,
     token: String,
     lost: Arc<AtomicBool>,
@@ -164,8 +182,9 @@ struct ImportLock {
 }
 
 impl ImportLock {
-    async fn acquire(inner: &Arc<Inner>) -> Result<Self, StoreError> {
-        let token = format!("{:032x}", rand::random::<u128>());
+    pub(super) async fn acquire(inner: &Arc<Inner>) -> Result<Self, StoreError> {
+        let owner = LockOwner::me();
+        let token = owner.encode();
         let mut cmd = ::redis::cmd("SET");
         cmd.arg(&inner.keys.lock)
             .arg(&token)
@@ -174,9 +193,7 @@ impl ImportLock {
             .arg(LOCK_TTL_MS);
         let reply: Value = inner.query(&cmd, inner.opts.bulk_timeout).await?;
         if matches!(reply, Value::Nil) {
-            return Err(StoreError::Conflict(
-                "another import holds the redis import lock".into(),
-            ));
+            take_over_stale(inner, &token).await?;
         }
         let lost = Arc::new(AtomicBool::new(false));
         let renew = tokio::spawn(renew_lock(inner.clone(), token.clone(), lost.clone()));
@@ -189,7 +206,7 @@ impl ImportLock {
     }
 
     /// Fails if the lock expired or was taken by someone else.
-    fn ensure_held(&self) -> Result<(), StoreError> {
+    pub(super) fn ensure_held(&self) -> Result<(), StoreError> {
         if self.lost.load(Ordering::Relaxed) {
             Err(StoreError::Conflict(
                 "the redis import lock was lost during the import".into(),
@@ -199,7 +216,7 @@ impl ImportLock {
         }
     }
 
-    async fn release(&self) {
+    pub(super) async fn release(&self) {
         self.renew.abort();
         let mut invocation = RELEASE.key(&self.inner.keys.lock);
         invocation.arg(&self.token);
@@ -217,6 +234,219 @@ impl Drop for ImportLock {
     fn drop(&mut self) {
         self.renew.abort();
     }
+}
+
+/// Who holds the import lock: the lock's value (JSON), so that an import
+/// finding the lock taken can tell a live owner from a dead one.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) struct LockOwner {
+    /// The owner's host name.
+    pub host: String,
+    /// The owner's process id.
+    pub pid: u32,
+    /// The process' start time (clock ticks since boot, `/proc/<pid>/stat`),
+    /// so that a reused pid is not mistaken for the owner; 0 if unknown.
+    pub pid_start: u64,
+    /// When the lock was taken (Unix seconds).
+    pub started_unix: i64,
+    /// A random token: the value is unique to one acquisition.
+    pub token: String,
+}
+
+impl LockOwner {
+    fn me() -> Self {
+        let pid = std::process::id();
+        Self {
+            host: host_name(),
+            pid,
+            pid_start: process_start(pid).unwrap_or(0),
+            started_unix: unix_now(),
+            token: format!("{:032x}", rand::random::<u128>()),
+        }
+    }
+
+    fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| self.token.clone())
+    }
+
+    /// Parses a lock value; `None` for a value this version did not write.
+    pub(super) fn decode(value: &[u8]) -> Option<Self> {
+        serde_json::from_slice(value).ok()
+    }
+
+    /// True if the owner is certainly gone: it ran on this host and its
+    /// process no longer exists (or the pid now belongs to another process).
+    /// An owner on another host is never declared dead here: its lock
+    /// expires [`LOCK_TTL_MS`] after its last renewal.
+    pub(super) fn is_dead_here(&self) -> bool {
+        if self.host != host_name() {
+            return false;
+        }
+        if self.pid == std::process::id() {
+            // Our own process: a lock of an earlier import of this process
+            // that was not released (the renewal stopped).
+            return false;
+        }
+        match process_start(self.pid) {
+            None => true,
+            Some(start) => self.pid_start != 0 && start != self.pid_start,
+        }
+    }
+}
+
+/// This machine's host name (`/proc/sys/kernel/hostname`, else `$HOSTNAME`).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The start time of process `pid` (field 22 of `/proc/<pid>/stat`), or
+/// `None` if there is no such process.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The lock is taken: take it over if its owner is gone (compare-and-set on
+/// the owner's value), or fail saying who holds it.
+async fn take_over_stale(inner: &Arc<Inner>, token: &str) -> Result<(), StoreError> {
+    let limit = inner.opts.bulk_timeout;
+    let mut get = ::redis::cmd("GET");
+    get.arg(&inner.keys.lock);
+    let held: Option<Vec<u8>> = inner.query(&get, limit).await?;
+    let Some(held) = held else {
+        // Released in the meantime: try once more.
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(&inner.keys.lock)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(LOCK_TTL_MS);
+        let reply: Value = inner.query(&cmd, limit).await?;
+        if matches!(reply, Value::Nil) {
+            return Err(StoreError::Conflict(
+                "another import holds the redis import lock".into(),
+            ));
+        }
+        return Ok(());
+    };
+    let owner = LockOwner::decode(&held);
+    if let Some(owner) = owner.as_ref().filter(|o| o.is_dead_here()) {
+        let mut invocation = TAKEOVER.key(&inner.keys.lock);
+        invocation.arg(held.as_slice()).arg(token).arg(LOCK_TTL_MS);
+        let taken: i64 = inner.invoke(&invocation, limit).await?;
+        if taken == 1 {
+            tracing::warn!(
+                host = %owner.host,
+                pid = owner.pid,
+                started_unix = owner.started_unix,
+                "took over the redis import lock of an import that is gone"
+            );
+            return Ok(());
+        }
+        return Err(StoreError::Conflict(
+            "another import took the redis import lock first".into(),
+        ));
+    }
+    let mut pttl = ::redis::cmd("PTTL");
+    pttl.arg(&inner.keys.lock);
+    let ttl: i64 = inner.query(&pttl, limit).await.unwrap_or(-1);
+    Err(StoreError::Conflict(match owner {
+        Some(o) => format!(
+            "another import holds the redis import lock (host {}, pid {}, since unix {}; it frees itself {} ms after its last renewal, {} ms from now)",
+            o.host, o.pid, o.started_unix, LOCK_TTL_MS, ttl
+        ),
+        None => {
+            format!("another import holds the redis import lock (an older version; it expires in {ttl} ms)")
+        }
+    }))
+}
+
+/// Set by [`cancel_imports`]: imports of this process stop at their next
+/// step (before the switch: the pending generation is deleted; after it: the
+/// reclaim is finished). Process-wide on purpose: a signal stops the
+/// process' imports, and one `reassigned import`/`sync` runs per process.
+static CANCEL: LazyLock<tokio::sync::watch::Sender<bool>> =
+    LazyLock::new(|| tokio::sync::watch::Sender::new(false));
+
+/// Asks every import of this process to stop cleanly (see [`CANCEL`]).
+pub(super) fn cancel_imports() {
+    CANCEL.send_replace(true);
+}
+
+fn cancel_requested() -> bool {
+    *CANCEL.borrow()
+}
+
+/// Resolves once [`cancel_imports`] was called.
+async fn cancelled() {
+    let mut rx = CANCEL.subscribe();
+    let _ = rx.wait_for(|&c| c).await;
+}
+
+fn interrupted(what: &str) -> StoreError {
+    StoreError::Conflict(format!("interrupted by a signal {what}"))
+}
+
+/// `{prefix}:applied`: SHA-256 of applied files by `kind:sequence`.
+fn applied_key_name(inner: &Inner) -> String {
+    format!("{}:applied", inner.keys.prefix)
+}
+
+/// Records the checksum of an applied file and keeps only the most recent
+/// [`crate::import::APPLIED_KEEP`] sequences (best effort: a failure only
+/// weakens the re-issue check, so it is logged, not returned).
+async fn record_applied(inner: &Inner, manifest: &Manifest) {
+    let key = applied_key_name(inner);
+    let limit = inner.opts.bulk_timeout;
+    let mut hset = ::redis::cmd("HSET");
+    hset.arg(&key)
+        .arg(crate::import::applied_key(manifest.kind, manifest.sequence))
+        .arg(manifest.sha256.to_ascii_lowercase());
+    if let Err(e) = inner.query::<Value>(&hset, limit).await {
+        tracing::warn!(error = %e, "cannot record the checksum of the applied file");
+        return;
+    }
+    let mut hkeys = ::redis::cmd("HKEYS");
+    hkeys.arg(&key);
+    let Ok(fields) = inner.query::<Vec<String>>(&hkeys, limit).await else {
+        return;
+    };
+    if fields.len() <= crate::import::APPLIED_KEEP {
+        return;
+    }
+    let mut by_sequence: Vec<(u64, &String)> = fields
+        .iter()
+        .map(|f| {
+            let seq = f.rsplit(':').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+            (seq, f)
+        })
+        .collect();
+    by_sequence.sort();
+    let excess = fields.len() - crate::import::APPLIED_KEEP;
+    let mut hdel = ::redis::cmd("HDEL");
+    hdel.arg(&key);
+    for (_, f) in by_sequence.iter().take(excess) {
+        hdel.arg(f.as_str());
+    }
+    if let Err(e) = inner.query::<Value>(&hdel, limit).await {
+        tracing::debug!(error = %e, "cannot trim the applied checksums");
+    }
+}
+
+/// The recorded checksums of applied files (see [`record_applied`]).
+pub(super) async fn applied_checksums(
+    inner: &Inner,
+) -> Result<std::collections::HashMap<String, String>, StoreError> {
+    let mut cmd = ::redis::cmd("HGETALL");
+    cmd.arg(applied_key_name(inner));
+    inner.query(&cmd, inner.opts.bulk_timeout).await
 }
 
 async fn renew_lock(inner: Arc<Inner>, token: String, lost: Arc<AtomicBool>) {
@@ -281,8 +511,14 @@ pub(super) async fn apply_snapshot(
 ) -> Result<(), StoreError> {
     check_records(records)?;
     let meta = snapshot_meta(manifest, records)?;
+    if cancel_requested() {
+        return Err(interrupted("before the snapshot started"));
+    }
     let lock = ImportLock::acquire(inner).await?;
     let result = snapshot_locked(inner, &lock, meta, records, expected_previous).await;
+    if result.is_ok() {
+        record_applied(inner, manifest).await;
+    }
     lock.release().await;
     result
 }
@@ -321,13 +557,39 @@ async fn snapshot_locked(
     inner.query::<Value>(&pending, limit).await?;
 
     let started = Instant::now();
-    write_generation(inner, &mut bulk, generation, records).await?;
-    let bloom_params = write_filter(inner, &mut bulk, generation, records).await?;
+    let written = tokio::select! {
+        biased;
+        () = cancelled() => Err(interrupted("while writing the new generation; rolled back")),
+        w = async {
+            write_generation(inner, &mut bulk.clone(), generation, records).await?;
+            write_filter(inner, &mut bulk.clone(), generation, records).await
+        } => w,
+    };
+    let bloom_params = match written.and_then(|p| {
+        lock.ensure_held()?;
+        if cancel_requested() {
+            return Err(interrupted("before the switch; rolled back"));
+        }
+        Ok(p)
+    }) {
+        Ok(p) => p,
+        Err(e) => {
+            abandon_pending(inner, &mut bulk, generation).await;
+            return Err(e);
+        }
+    };
     let written = started.elapsed();
     // Every replica holds the new generation before any reader can be sent
     // to it; otherwise the import fails with the metadata unswitched.
-    wait_replicas(inner, &mut bulk, "snapshot's writes").await?;
-    lock.ensure_held()?;
+    if let Err(e) = async {
+        wait_replicas(inner, &mut bulk, "snapshot's writes").await?;
+        lock.ensure_held()
+    }
+    .await
+    {
+        abandon_pending(inner, &mut bulk, generation).await;
+        return Err(e);
+    }
 
     let mut invocation = SWITCH.key(&inner.keys.meta);
     invocation
@@ -346,7 +608,14 @@ async fn snapshot_locked(
             .arg(field::RECLAIM_NBUCKETS)
             .arg(old.nbuckets);
     }
-    let switched: i64 = invoke_on(inner, &mut bulk, &invocation).await?;
+    let switched: i64 = match invoke_on(inner, &mut bulk, &invocation).await {
+        Ok(s) => s,
+        Err(e) => {
+            // Whether the switch happened is unknown: the cleanup looks.
+            abandon_pending(inner, &mut bulk, generation).await;
+            return Err(e);
+        }
+    };
     if switched != 1 {
         if let Err(e) = delete_generation(inner, &mut bulk, generation).await {
             tracing::warn!(error = %e, generation = generation.id, "cannot delete the refused generation");
@@ -407,6 +676,45 @@ async fn snapshot_locked(
         }
     }
     Ok(())
+}
+
+/// After a failed snapshot import: deletes our pending generation unless it
+/// became current, and clears the `pending_*` mark if it is still ours. Best
+/// effort, bounded by [`CLEANUP_BUDGET`]; the next import finishes whatever
+/// is left.
+async fn abandon_pending(inner: &Inner, bulk: &mut Conn, generation: Generation) {
+    let work = async {
+        let stored = inner.read_meta(inner.opts.bulk_timeout).await?;
+        if stored.current.as_ref().map(|c| c.generation.id) == Some(generation.id) {
+            return Ok(false);
+        }
+        delete_generation(inner, bulk, generation).await?;
+        if stored.pending.map(|p| p.id) == Some(generation.id) {
+            let mut clear = ::redis::cmd("HDEL");
+            clear
+                .arg(&inner.keys.meta)
+                .arg(field::PENDING_GENERATION)
+                .arg(field::PENDING_NBUCKETS);
+            inner.query::<Value>(&clear, inner.opts.bulk_timeout).await?;
+        }
+        Ok::<bool, StoreError>(true)
+    };
+    match tokio::time::timeout(CLEANUP_BUDGET, work).await {
+        Ok(Ok(true)) => tracing::info!(
+            generation = generation.id,
+            "deleted the pending generation of the failed import"
+        ),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::warn!(
+            error = %e,
+            generation = generation.id,
+            "cannot delete the pending generation of the failed import; the next import does"
+        ),
+        Err(_) => tracing::warn!(
+            generation = generation.id,
+            "deleting the pending generation of the failed import takes too long; the next import finishes it"
+        ),
+    }
 }
 
 /// Deletes what an interrupted import left: a pending generation that never
@@ -940,8 +1248,14 @@ pub(super) async fn apply_delta(
     records: &Records,
 ) -> Result<(), StoreError> {
     check_records(records)?;
+    if cancel_requested() {
+        return Err(interrupted("before the delta started"));
+    }
     let lock = ImportLock::acquire(inner).await?;
     let result = delta_locked(inner, &lock, manifest, records).await;
+    if result.is_ok() {
+        record_applied(inner, manifest).await;
+    }
     lock.release().await;
     result
 }
@@ -975,22 +1289,35 @@ async fn delta_locked(
     clean_leftovers(inner, &mut bulk, &stored).await?;
 
     let started = Instant::now();
-    // The filter first: a reader that sees the new sequence must find every
-    // new number's bits set.
-    if let Some(params) = current.bloom
-        && !records.is_empty()
-    {
-        set_filter_bits(inner, &mut bulk, generation, params, records).await?;
-    }
-    let added = if records.is_empty() {
-        0
-    } else {
-        merge_generation(inner, &mut bulk, generation, current.sentinel, records).await?
-    };
+    // Interrupted before the metadata moves, a delta leaves the mirror at the
+    // previous sequence (merging again later gives the same data).
+    let added = tokio::select! {
+        biased;
+        () = cancelled() => Err(interrupted("while merging the delta; the sequence did not move")),
+        added = async {
+            // The filter first: a reader that sees the new sequence must find
+            // every new number's bits set.
+            if let Some(params) = current.bloom
+                && !records.is_empty()
+            {
+                set_filter_bits(inner, &mut bulk.clone(), generation, params, records).await?;
+            }
+            if records.is_empty() {
+                Ok(0)
+            } else {
+                merge_generation(inner, &mut bulk.clone(), generation, current.sentinel, records).await
+            }
+        } => added,
+    }?;
     let written = started.elapsed();
     // The sequence moves only once every replica has the delta's data.
     wait_replicas(inner, &mut bulk, "delta's writes").await?;
     lock.ensure_held()?;
+    if cancel_requested() {
+        return Err(interrupted(
+            "before the delta's switch; the sequence did not move",
+        ));
+    }
 
     let mut invocation = DELTA_META.key(&inner.keys.meta);
     invocation
@@ -1031,6 +1358,41 @@ async fn delta_locked(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_owner_alive_or_dead() {
+        let me = LockOwner::me();
+        assert_eq!(LockOwner::decode(me.encode().as_bytes()), Some(me.clone()));
+        assert!(!me.is_dead_here(), "this process is alive");
+        assert_eq!(
+            LockOwner::decode(b"0123456789abcdef"),
+            None,
+            "an old random token"
+        );
+        // a process that has exited
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id();
+        child.wait().expect("wait");
+        let gone = LockOwner {
+            pid,
+            pid_start: 1,
+            ..me.clone()
+        };
+        assert!(gone.is_dead_here());
+        // a live pid that is another process now (its start time differs)
+        let reused = LockOwner {
+            pid: 1,
+            pid_start: process_start(1).unwrap_or(0) + 1,
+            ..me.clone()
+        };
+        assert!(reused.is_dead_here());
+        // another host: never declared dead here (its lock expires instead)
+        let remote = LockOwner {
+            host: format!("{}-elsewhere", me.host),
+            ..gone
+        };
+        assert!(!remote.is_dead_here());
+    }
 
     #[test]
     fn grouping_dense_and_sparse_agree() {
