@@ -298,6 +298,8 @@ fn main() -> ExitCode {
         eprintln!("error: a rustls crypto provider was already installed");
         return ExitCode::from(2);
     }
+    let open_files = reassigned::server::limits::raise_open_files_limit();
+    tracing::debug!(?open_files, "open files limit");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -3,6 +3,7 @@
 //! resolves.
 
 pub mod auth;
+pub mod limits;
 pub mod lograte;
 pub mod metrics;
 pub mod quota;
