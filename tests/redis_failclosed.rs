@@ -965,3 +965,84 @@ async fn delta_waits_for_replicas_before_moving_the_sequence() {
     println!("after the failover: {missing} of {checked} delta numbers missing");
     assert_eq!(missing, 0);
 }
+
+/// Samples health every 100 ms while `during` runs.
+async fn health_during<F: std::future::Future<Output = ()>>(server: &TestServer, during: F) -> Vec<i32> {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let (channel, seen, watching) = (server.channel("platform-a").await, seen.clone(), watching.clone());
+        tokio::spawn(async move {
+            let mut client = HealthClient::new(channel);
+            while watching.load(Ordering::Relaxed) {
+                if let Ok(r) = client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                {
+                    seen.lock().expect("lock").push(r.into_inner().status);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    during.await;
+    watching.store(false, Ordering::Relaxed);
+    watcher.await.expect("health watcher");
+    seen.lock().map(|s| s.clone()).expect("lock")
+}
+
+/// Health has hysteresis: one server SIGSTOPped for 1 s stays SERVING (its
+/// lookups answer UNAVAILABLE meanwhile), for 5 s goes NOT_SERVING and
+/// comes back; on a cluster, one master SIGSTOPped for 3 s keeps health
+/// SERVING while the other shards answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_rides_out_short_stalls() {
+    let mut env = Env::new(TestRedis::start(false, &[])).await;
+    let (server, _store) = env.serve().await;
+    let TestRedis::Single(redis) = &mut env.redis else {
+        unreachable!("one server")
+    };
+    redis.pause();
+    let seen = health_during(&server, tokio::time::sleep(Duration::from_secs(1))).await;
+    redis.resume();
+    println!("one server stopped 1 s: health {seen:?}");
+    assert!(
+        seen.iter().all(|&s| s == ServingStatus::Serving as i32),
+        "{seen:?}"
+    );
+    redis.pause();
+    let seen = health_during(&server, tokio::time::sleep(Duration::from_secs(5))).await;
+    redis.resume();
+    println!("one server stopped 5 s: health {seen:?}");
+    assert!(seen.contains(&(ServingStatus::NotServing as i32)), "{seen:?}");
+    support::bin::eventually(|| async { health(&server).await == Some(ServingStatus::Serving as i32) }).await;
+    server.stop().await;
+
+    let env = Env::new(TestRedis::start(true, &[])).await;
+    let (server, _store) = env.serve().await;
+    let TestRedis::Cluster(cluster) = &env.redis else {
+        unreachable!("a cluster")
+    };
+    let meta_port = cluster.master_port_of("rn:meta");
+    let victim = (0..cluster.ports().len())
+        .find(|&i| cluster.ports()[i] != meta_port)
+        .expect("another master");
+    let load = Load::start(&server, &env.register).await;
+    load.wait_checks(1_000).await;
+    cluster.pause_node(victim);
+    let before = load.tally.reassigned.load(Ordering::Relaxed);
+    let seen = health_during(&server, tokio::time::sleep(Duration::from_secs(3))).await;
+    let answered = load.tally.reassigned.load(Ordering::Relaxed) - before;
+    cluster.resume_node(victim);
+    let tally = load.stop().await;
+    println!("one master of three stopped 3 s: {answered} hits answered meanwhile, health {seen:?}");
+    assert_no_wrong(&tally, "one master stopped 3 s", 1_000);
+    assert!(answered > 0, "the other shards answered");
+    assert!(
+        seen.iter().all(|&s| s == ServingStatus::Serving as i32),
+        "{seen:?}"
+    );
+    server.stop().await;
+}

@@ -87,7 +87,7 @@
 //! cached metadata shows a generation or sequence the loaded filter is not
 //! for, and while the loaded filter matches the cached metadata exactly, a
 //! number the filter rules out is answered "no record" without a Redis round
-//! trip; everything else is an HGET, as before. Until a new filter is
+//! trip; everything else is an HMGET, as before. Until a new filter is
 //! loaded (after a snapshot or a delta), lookups just ask Redis. The filter
 //! costs about 1.25 bytes per record in Redis and in every server process
 //! (off with [`RedisOptions::membership_filter`]).
@@ -101,7 +101,7 @@
 //! so they spread over all slots and masters; the metadata is one key, so the
 //! snapshot switch and the delta check-and-set (one-key scripts) stay atomic.
 //! A pipeline must stay inside one slot, so on a cluster a batch lookup sends
-//! its HGETs as concurrent single commands, snapshot and delta writes group
+//! its HMGETs as concurrent single commands, snapshot and delta writes group
 //! their bucket commands by slot (pipelines of one slot, 64 in flight), and a
 //! replaced generation is deleted with concurrent single UNLINKs. RESTORE
 //! works per key, so the fast bulk load works on a cluster too. With
