@@ -18,7 +18,7 @@ use reassigned::domain::Date;
 use reassigned::import::{self, Applied, ImportError, NoProgress};
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
-use support::bin::eventually;
+use support::poll::{eventually, eventually_within};
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
 use support::register::FileSpec;
@@ -414,9 +414,12 @@ async fn health(kind: Kind) {
         }
     };
     // empty mirror: not serving
-    eventually(|| async { status_of("").await.ok() == Some(ServingStatus::NotServing as i32) }).await;
+    eventually("health is NOT_SERVING on an empty mirror", || async {
+        status_of("").await.ok() == Some(ServingStatus::NotServing as i32)
+    })
+    .await;
     env.apply(base_snapshot(), "s1").await.expect("snapshot");
-    eventually(|| async {
+    eventually("the service is SERVING after the snapshot", || async {
         status_of("reassigned.v1.ReassignedNumbers").await.ok() == Some(ServingStatus::Serving as i32)
     })
     .await;
@@ -719,7 +722,7 @@ async fn redis_outage_and_recovery() {
         .expect_err("redis is down");
     assert_eq!(e.code(), Code::Unavailable);
     let h = health.clone();
-    eventually(move || {
+    eventually("health is NOT_SERVING while redis is down", move || {
         let mut h = h.clone();
         async move {
             h.check(HealthCheckRequest::default())
@@ -733,7 +736,7 @@ async fn redis_outage_and_recovery() {
 
     redis.restart();
     let c = client.clone();
-    eventually(move || {
+    eventually("lookups answer again after redis restarts", move || {
         let mut c = c.clone();
         async move { c.check_number(req(A, "2024-01-01")).await.is_ok() }
     })
@@ -744,7 +747,7 @@ async fn redis_outage_and_recovery() {
         .expect("answers again")
         .into_inner();
     assert_eq!(r.status, ReassignmentStatus::Reassigned as i32);
-    eventually(move || {
+    eventually("health is SERVING again", move || {
         let mut h = health.clone();
         async move {
             h.check(HealthCheckRequest::default())
@@ -776,18 +779,25 @@ async fn a_stream_that_is_not_read_stops_the_server_reading() {
     });
     // The response headers arrive; the results are never read.
     let results = client.stream_check_numbers(requests).await.expect("stream");
-    // Wait until the client has stopped handing over requests (no progress
-    // for 1 s), then check that it stopped far short of the whole stream.
-    let mut last = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = taken.load(Ordering::Relaxed);
-        if now == last || now == TOTAL || Instant::now() > deadline {
-            break;
-        }
-        last = now;
-    }
+    // Wait until the client has stopped handing over requests, then check
+    // that it stopped far short of the whole stream. A stop can only be seen
+    // as no progress for a while: the 1 s quiet window is the subject here,
+    // the condition is polled.
+    let quiet = Duration::from_secs(1);
+    let (mut last, mut since) = (u64::MAX, Instant::now());
+    eventually_within(
+        "the client stops handing over requests",
+        Duration::from_secs(60),
+        || {
+            let now = taken.load(Ordering::Relaxed);
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+            let stopped = now == TOTAL || since.elapsed() >= quiet;
+            async move { stopped }
+        },
+    )
+    .await;
     let now = taken.load(Ordering::Relaxed);
     assert!(
         now < TOTAL / 2,

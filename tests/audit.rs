@@ -8,7 +8,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
 use reassigned::api::pb::{BatchCheckNumbersRequest, CheckNumberRequest};
@@ -19,6 +19,7 @@ use reassigned::domain::Date;
 use reassigned::import::{self, NoProgress};
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
+use support::poll::{eventually, eventually_within};
 use support::redis::RedisServer;
 use support::register::FileSpec;
 use support::server::{TestChannel, TestServer};
@@ -63,15 +64,6 @@ impl Server {
 
     async fn stop(self) {
         self.inner.stop().await;
-    }
-}
-
-/// Polls `f` until it holds or 10 s pass.
-async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -367,16 +359,19 @@ async fn counters_stay_exact(fault: Fault) {
     }
     // Every answer is either written or counted dropped, exactly once, and
     // `written` is exactly what the stream holds.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while stats.written() + stats.dropped() != answered {
-        assert!(
-            Instant::now() < deadline,
-            "written {} + dropped {} != answered {answered}",
-            stats.written(),
-            stats.dropped()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_within(
+        "every answer is written or counted dropped",
+        Duration::from_secs(20),
+        async || stats.written() + stats.dropped() == answered,
+    )
+    .await;
+    assert_eq!(
+        stats.written() + stats.dropped(),
+        answered,
+        "written {} + dropped {} != answered {answered}",
+        stats.written(),
+        stats.dropped()
+    );
     let in_stream = xlen(redis.port);
     println!(
         "{fault:?}: answered {answered}, written {}, dropped {}, in the stream {in_stream}",

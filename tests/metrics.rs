@@ -6,7 +6,7 @@ mod support;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reassigned::api::pb::CheckNumberRequest;
 use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
@@ -15,6 +15,7 @@ use reassigned::domain::Date;
 use reassigned::import::{self, NoProgress};
 use reassigned::server::metrics::MetricsHandle;
 use reassigned::store::{AnyStore, EmbeddedStore};
+use support::poll::eventually;
 use support::register::FileSpec;
 use support::server::{TestChannel, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -91,15 +92,6 @@ impl Server {
 fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
-/// Polls `f` until it holds or 10 s pass.
-async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

@@ -26,6 +26,7 @@ use rustls::crypto::CryptoProvider;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use support::bin::Killed;
+use support::poll::eventually;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -50,23 +51,6 @@ fn leaf(cert_pem: &str) -> Vec<u8> {
     CertificateDer::from_pem_slice(cert_pem.as_bytes())
         .unwrap()
         .to_vec()
-}
-
-/// Poll `check` until it returns true, failing the test with `what` after
-/// [`DEADLINE`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Server TLS files in a temporary directory.

@@ -424,36 +424,19 @@ impl Store for EmbeddedStore {
 
 #[cfg(test)]
 mod tests {
+    //! The embedded store's internals. Its behaviour as a [`Store`] (lookups,
+    //! snapshots, deltas, conflicts, checksums) is tested with the other
+    //! stores' in `tests/store_contract.rs`.
     use super::*;
     use crate::import::Kind;
 
-    fn d(s: &str) -> Date {
-        Date::parse(s).expect("date")
-    }
-
-    fn n(s: &str) -> PhoneNumber {
-        PhoneNumber::parse(s).expect("number")
-    }
-
-    fn records(rows: &[(&str, &str)]) -> Records {
-        let mut pairs: Vec<(u64, u16)> = rows
-            .iter()
-            .map(|(num, date)| (n(num).value(), d(date).days() as u16))
-            .collect();
-        pairs.sort_unstable();
-        Records {
-            numbers: pairs.iter().map(|p| p.0).collect(),
-            days: pairs.iter().map(|p| p.1).collect(),
-        }
-    }
-
-    fn manifest(kind: Kind, sequence: u64, as_of: &str) -> Manifest {
+    fn manifest(kind: Kind, sequence: u64) -> Manifest {
         let snapshot = kind == Kind::Snapshot;
         Manifest {
             kind,
             sequence,
-            as_of: d(as_of),
-            coverage_start: snapshot.then(|| d("2021-01-27")),
+            as_of: Date::parse("2026-11-01").expect("date"),
+            coverage_start: snapshot.then(|| Date::parse("2021-01-27").expect("date")),
             covered_prefixes: snapshot.then(|| vec!["+1".into(), "+86".into()]),
             data: "x.csv".into(),
             records: 0,
@@ -462,175 +445,44 @@ mod tests {
         }
     }
 
-    const A: &str = "+14155550100";
-    const B: &str = "+14155550123";
-    const C: &str = "+8613800138000";
-
-    async fn base() -> EmbeddedStore {
-        let store = EmbeddedStore::new();
-        let r = records(&[(A, "2024-01-01"), (B, "2024-05-01")]);
-        store
-            .apply_snapshot(&manifest(Kind::Snapshot, 1, "2026-11-01"), &r, None)
-            .await
-            .expect("snapshot");
-        store
-    }
-
+    /// `len` counts the records held, and the memory stays at about 10
+    /// bytes per record (numbers, dates, the sparse index).
     #[tokio::test]
-    async fn empty_store_answers_without_meta() {
+    async fn len_and_memory_follow_the_records() {
         let store = EmbeddedStore::new();
-        let l = store.lookup(n(A)).await.expect("lookup");
-        assert_eq!(l.found, None);
-        assert!(l.meta.is_none());
-        assert!(store.refresh_meta().await.expect("meta").is_none());
-        assert!(store.ping().await.is_ok());
         assert_eq!(
-            store.lookup_many(&[n(A), n(B)]).await.expect("many").found,
-            vec![None, None]
+            (store.len(), store.is_empty(), store.memory_bytes()),
+            (0, true, 0)
         );
-    }
-
-    #[tokio::test]
-    async fn lookup_hit_and_miss() {
-        let store = base().await;
-        let l = store.lookup(n(B)).await.expect("lookup");
-        assert_eq!(l.found, Some(d("2024-05-01")));
-        let meta = l.meta.expect("meta");
-        assert_eq!((meta.sequence, meta.record_count), (1, 2));
-        assert_eq!(meta.coverage_start, d("2021-01-27"));
-        assert_eq!(meta.prefixes.len(), 2);
-        assert!(meta.last_import_unix > 0);
-        assert_eq!(store.lookup(n(C)).await.expect("lookup").found, None);
-        assert_eq!(store.lookup(n("+10000")).await.expect("lookup").found, None);
-        assert_eq!(
-            store.lookup(n("+999999999999999")).await.expect("lookup").found,
-            None
-        );
-        let many = store.lookup_many(&[n(C), n(A), n(B)]).await.expect("many");
-        assert_eq!(
-            many.found,
-            vec![None, Some(d("2024-01-01")), Some(d("2024-05-01"))]
-        );
-    }
-
-    #[tokio::test]
-    async fn lookups_across_many_blocks() {
-        let store = EmbeddedStore::new();
         let numbers: Vec<u64> = (0..10_000u64).map(|i| 14_155_550_000 + i * 3).collect();
         let days: Vec<u16> = (0..10_000u64).map(|i| (i % 20_000) as u16).collect();
         let r = Records { numbers, days };
         store
-            .apply_snapshot(&manifest(Kind::Snapshot, 1, "2026-11-01"), &r, None)
+            .apply_snapshot(&manifest(Kind::Snapshot, 1), &r, None)
             .await
             .expect("snapshot");
-        for (i, &num) in r.numbers.iter().enumerate() {
-            let found = store.get(PhoneNumber::from_value(num).expect("n")).found;
-            assert_eq!(found, Some(Date::from_days(i32::from(r.days[i]))));
-            let miss = PhoneNumber::from_value(num + 1).expect("n");
-            assert_eq!(store.get(miss).found, None);
-        }
-        assert!(store.memory_bytes() <= 10_000 * 11);
-    }
-
-    #[tokio::test]
-    async fn snapshot_replaces_everything() {
-        let store = base().await;
-        let r = records(&[(C, "2025-01-01")]);
-        store
-            .apply_snapshot(&manifest(Kind::Snapshot, 7, "2026-11-02"), &r, Some(1))
-            .await
-            .expect("snapshot");
-        assert_eq!(store.lookup(n(A)).await.expect("lookup").found, None);
-        let l = store.lookup(n(C)).await.expect("lookup");
-        assert_eq!(l.found, Some(d("2025-01-01")));
-        assert_eq!(l.meta.expect("meta").sequence, 7);
-        assert_eq!(store.len(), 1);
-    }
-
-    #[tokio::test]
-    async fn a_reader_keeps_its_generation() {
-        let store = base().await;
-        let before = store.lookup(n(A)).await.expect("lookup");
-        store
-            .apply_snapshot(
-                &manifest(Kind::Snapshot, 2, "2026-11-02"),
-                &Records::default(),
-                Some(1),
-            )
-            .await
-            .expect("snapshot");
-        assert_eq!(before.meta.expect("meta").sequence, 1);
-        let after = store.lookup(n(A)).await.expect("lookup");
-        assert_eq!((after.found, after.meta.expect("meta").sequence), (None, 2));
-    }
-
-    #[tokio::test]
-    async fn delta_merge_keeps_the_latest_date() {
-        let store = base().await;
-        let delta = records(&[(A, "2023-01-01"), (B, "2026-10-30"), (C, "2026-10-31")]);
-        store
-            .apply_delta(&manifest(Kind::Delta, 2, "2026-11-02"), &delta)
-            .await
-            .expect("delta");
-        let l = store.lookup_many(&[n(A), n(B), n(C)]).await.expect("many");
-        assert_eq!(
-            l.found,
-            vec![
-                Some(d("2024-01-01")),
-                Some(d("2026-10-30")),
-                Some(d("2026-10-31"))
-            ]
-        );
-        let meta = l.meta.expect("meta");
-        assert_eq!(
-            (meta.sequence, meta.record_count, meta.as_of),
-            (2, 3, d("2026-11-02"))
-        );
-        assert_eq!(meta.coverage_start, d("2021-01-27"));
-        assert_eq!(meta.prefixes.len(), 2);
-    }
-
-    #[tokio::test]
-    async fn delta_twice_is_idempotent() {
-        let store = base().await;
-        let m = manifest(Kind::Delta, 2, "2026-11-02");
-        let delta = records(&[(B, "2026-10-30"), (C, "2026-10-31")]);
-        store.apply_delta(&m, &delta).await.expect("delta");
-        let once = store.lookup_many(&[n(A), n(B), n(C)]).await.expect("many");
-        store.apply_delta(&m, &delta).await.expect("again");
-        let twice = store.lookup_many(&[n(A), n(B), n(C)]).await.expect("many");
-        assert_eq!(once.found, twice.found);
-        assert_eq!(once.meta, twice.meta);
-        assert_eq!(store.len(), 3);
-    }
-
-    #[tokio::test]
-    async fn conflicts() {
-        let store = EmbeddedStore::new();
-        let delta = records(&[(C, "2026-10-31")]);
-        let e = store
-            .apply_delta(&manifest(Kind::Delta, 1, "2026-11-02"), &delta)
-            .await;
-        assert!(matches!(e, Err(StoreError::Conflict(_))), "{e:?}");
-        let store = base().await;
-        let e = store
-            .apply_delta(&manifest(Kind::Delta, 3, "2026-11-02"), &delta)
-            .await;
-        assert!(matches!(e, Err(StoreError::Conflict(_))), "{e:?}");
-        let snap = manifest(Kind::Snapshot, 5, "2026-11-02");
-        for expected in [None, Some(0), Some(2)] {
-            let e = store.apply_snapshot(&snap, &delta, expected).await;
-            assert!(matches!(e, Err(StoreError::Conflict(_))), "{e:?}");
-        }
-        let unsorted = Records {
-            numbers: vec![2_000_000, 1_000_000],
-            days: vec![1, 1],
+        assert_eq!(store.len(), 10_000);
+        assert!(store.memory_bytes() <= 10_000 * 11, "{}", store.memory_bytes());
+        // A delta of one new number and one known: one more record.
+        let delta = Records {
+            numbers: vec![14_155_550_000, 14_155_550_001],
+            days: vec![30_000, 30_000],
         };
-        let e = store.apply_snapshot(&snap, &unsorted, Some(1)).await;
-        assert!(matches!(e, Err(StoreError::Corrupt(_))), "{e:?}");
-        // nothing changed
-        let meta = store.cached_meta().expect("meta");
-        assert_eq!((meta.sequence, meta.record_count), (1, 2));
+        let m = manifest(Kind::Delta, 2);
+        store.apply_delta(&m, &delta).await.expect("delta");
+        assert_eq!(store.len(), 10_001);
+        store.apply_delta(&m, &delta).await.expect("delta again");
+        assert_eq!(store.len(), 10_001);
+        // A snapshot of one record replaces them all.
+        let one = Records {
+            numbers: vec![8_613_800_138_000],
+            days: vec![20_000],
+        };
+        store
+            .apply_snapshot(&manifest(Kind::Snapshot, 7), &one, Some(2))
+            .await
+            .expect("snapshot");
+        assert_eq!((store.len(), store.is_empty()), (1, false));
     }
 
     #[test]

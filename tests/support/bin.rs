@@ -67,17 +67,15 @@ pub fn free_port() -> u16 {
         .expect("port")
 }
 
-/// Polls `f` until it is true, failing after 15 s.
+/// Polls `f` until it is true, failing after [`super::poll::DEADLINE`]: the
+/// same as [`super::poll::eventually`] without a description (kept for the
+/// callers that do not name their condition; new tests name it).
 pub async fn eventually<F, Fut>(mut f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !f().await {
-        assert!(Instant::now() < deadline, "condition not met within 15 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    super::poll::eventually("the condition holds", async || f().await).await;
 }
 
 /// A mutual-TLS channel to a `reassigned serve` child on 127.0.0.1:`port`, as

@@ -5,5 +5,6 @@ pub mod redis;
 pub mod redis_cluster;
 
 pub mod bin;
+pub mod poll;
 pub mod register;
 pub mod server;

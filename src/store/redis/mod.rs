@@ -80,7 +80,7 @@
 //! # Membership filter
 //!
 //! Most numbers asked have no record. Each snapshot also stores a Bloom
-//! filter of its generation's numbers (about 10 bits per number, under 1%
+//! filter of its generation's numbers (about 8 bits per number, about 2%
 //! false positives; layout and validity rules in the `bloom` module), and
 //! each delta sets its numbers' bits before it moves the sequence. Each
 //! process downloads the filter (on a connection of its own) whenever its
@@ -89,7 +89,7 @@
 //! number the filter rules out is answered "no record" without a Redis round
 //! trip; everything else is an HMGET, as before. Until a new filter is
 //! loaded (after a snapshot or a delta), lookups just ask Redis. The filter
-//! costs about 1.25 bytes per record in Redis and in every server process
+//! costs about 1 byte per record in Redis and in every server process
 //! (off with [`RedisOptions::membership_filter`]).
 //!
 //! # Redis Cluster
@@ -155,7 +155,7 @@
 //! Measured on Redis 7.0 with US-like numbers, before the membership filter:
 //! 10.9 bytes of `used_memory` per record at 1 million records, 10.7 at 10
 //! million (listpack entries of 5 + 4 bytes, plus about 80 bytes per bucket
-//! key). The filter adds 1.25 bytes per record (10 bits).
+//! key). The filter adds 1 byte per record (8 bits).
 
 mod admin;
 mod bloom;

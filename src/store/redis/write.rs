@@ -475,6 +475,13 @@ fn check_records(records: &Records) -> Result<(), StoreError> {
     if u32::try_from(records.len()).is_err() {
         return Err(StoreError::Corrupt("records: more than 2^32 in one file".into()));
     }
+    // The same rule as the embedded store's: a duplicate number would be a
+    // duplicate field in a RESTOREd bucket and count twice.
+    if !records.is_well_formed() {
+        return Err(StoreError::Corrupt(
+            "records must be sorted by number with one entry per number".into(),
+        ));
+    }
     Ok(())
 }
 
