@@ -1,7 +1,8 @@
 //! Where the mirror lives: the [`Store`] trait, the Redis store (production)
 //! and the embedded in-process store (the default without Redis).
 //!
-//! Both implement the same contract and pass the same test suite: lookups
+//! Both implement the same contract and pass the same test suite
+//! (`tests/store_contract.rs`, also on a Redis Cluster): lookups
 //! never read metadata per request (it is cached in the process), a snapshot
 //! switches atomically (a reader sees the old data or the new, never a mix),
 //! and a delta keeps each number's latest disconnect date, so applying it twice
