@@ -11,6 +11,13 @@
 //!
 //! The keys live in an [`ArcSwap`]: [`TokenVerifier::reload`] re-reads the
 //! JWKS file and swaps them in; a reload that fails keeps the old keys.
+//!
+//! A verified token is remembered twice: per connection (the connection's
+//! [`TokenMemo`]: the same bytes again skip any hashing, see
+//! [`TokenVerifier::verify_on_connection`]) and in a shared cache by SHA-256
+//! (a new connection with a known token skips the signature). Both are
+//! forgotten when the keys are reloaded; expiry, the certificate binding and
+//! the subject are checked on every call.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
