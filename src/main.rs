@@ -35,66 +35,46 @@ enum Command {
         settings: Box<ServeSettings>,
     },
     /// Apply one manifest (snapshot or delta) to the Redis mirror.
+    ///
+    /// SIGTERM or SIGINT stops it cleanly (rolled back or finished, lock
+    /// released) with exit status 143.
     Import {
-        /// Redis URL.
-        #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
-        redis: Option<String>,
-        /// Redis Cluster seed nodes, comma-separated (instead of --redis).
-        #[arg(long, env = "REASSIGNED_REDIS_CLUSTER", conflicts_with = "redis")]
-        redis_cluster: Option<String>,
-        /// Prefix of every Redis key.
-        #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX", default_value = "rn")]
-        redis_key_prefix: String,
+        #[command(flatten)]
+        mirror: MirrorArgs,
         /// The manifest JSON file.
         manifest: PathBuf,
         #[command(flatten)]
         guard: ShrinkGuard,
     },
     /// Apply every pending manifest of a directory to the Redis mirror, in sequence order.
+    ///
+    /// SIGTERM or SIGINT stops it cleanly before the next file (the current one
+    /// rolled back or finished, lock released) with exit status 143.
     Sync {
-        /// Redis URL.
-        #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
-        redis: Option<String>,
-        /// Redis Cluster seed nodes, comma-separated (instead of --redis).
-        #[arg(long, env = "REASSIGNED_REDIS_CLUSTER", conflicts_with = "redis")]
-        redis_cluster: Option<String>,
-        /// Prefix of every Redis key.
-        #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX", default_value = "rn")]
-        redis_key_prefix: String,
+        #[command(flatten)]
+        mirror: MirrorArgs,
         /// The directory of manifests.
         dir: PathBuf,
         #[command(flatten)]
         guard: ShrinkGuard,
     },
-    /// Compare the Redis mirror with the register files it was built from:
-    /// record count and a checksum per bucket. Exits non-zero, listing the
-    /// differing buckets, if they differ.
+    /// Compare the Redis mirror with the register files it was built from.
+    ///
+    /// Compares the record count and a checksum per bucket; exits non-zero,
+    /// listing the differing buckets, if they differ.
     Verify {
-        /// Redis URL.
-        #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
-        redis: Option<String>,
-        /// Redis Cluster seed nodes, comma-separated (instead of --redis).
-        #[arg(long, env = "REASSIGNED_REDIS_CLUSTER", conflicts_with = "redis")]
-        redis_cluster: Option<String>,
-        /// Prefix of every Redis key.
-        #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX", default_value = "rn")]
-        redis_key_prefix: String,
+        #[command(flatten)]
+        mirror: MirrorArgs,
         /// The directory of manifests.
         dir: PathBuf,
     },
-    /// Report and remove orphaned generations of the Redis mirror (bucket
-    /// keys and filter chunks of generations neither current nor used by a
-    /// live import).
+    /// Report and remove orphaned generations of the Redis mirror.
+    ///
+    /// Orphaned: bucket keys and filter chunks of generations neither current
+    /// nor used by a live import.
     Gc {
-        /// Redis URL.
-        #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
-        redis: Option<String>,
-        /// Redis Cluster seed nodes, comma-separated (instead of --redis).
-        #[arg(long, env = "REASSIGNED_REDIS_CLUSTER", conflicts_with = "redis")]
-        redis_cluster: Option<String>,
-        /// Prefix of every Redis key.
-        #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX", default_value = "rn")]
-        redis_key_prefix: String,
+        #[command(flatten)]
+        mirror: MirrorArgs,
         /// Only report what would be removed.
         #[arg(long)]
         dry_run: bool,
@@ -145,6 +125,30 @@ enum Command {
         #[arg(long, default_value_t = 100_000)]
         records: u64,
     },
+}
+
+/// Where the Redis mirror is (`import`, `sync`, `verify`, `gc`).
+#[derive(clap::Args)]
+struct MirrorArgs {
+    /// Redis URL.
+    #[arg(long, env = "REASSIGNED_REDIS", required_unless_present = "redis_cluster")]
+    redis: Option<String>,
+    /// Redis Cluster seed nodes, comma-separated (instead of --redis).
+    #[arg(long, env = "REASSIGNED_REDIS_CLUSTER", conflicts_with = "redis")]
+    redis_cluster: Option<String>,
+    /// Prefix of every Redis key.
+    #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX", default_value = "rn")]
+    redis_key_prefix: String,
+}
+
+impl MirrorArgs {
+    /// The Redis (or cluster) to talk to and the key prefix.
+    fn target(self) -> anyhow::Result<(RedisTarget, String)> {
+        Ok((
+            RedisTarget::from_flags(self.redis, self.redis_cluster)?,
+            self.redis_key_prefix,
+        ))
+    }
 }
 
 /// The guard of `import` and `sync` against snapshots that wipe the mirror.
@@ -290,6 +294,8 @@ fn main() -> ExitCode {
         eprintln!("error: a rustls crypto provider was already installed");
         return ExitCode::from(2);
     }
+    let open_files = reassigned::server::limits::raise_open_files_limit();
+    tracing::debug!(?open_files, "open files limit");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -305,47 +311,37 @@ fn main() -> ExitCode {
                 settings,
             } => cli::serve(config, dump_config, *settings).await,
             Command::Import {
-                redis,
-                redis_cluster,
-                redis_key_prefix,
+                mirror,
                 manifest,
                 guard,
-            } => match (RedisTarget::from_flags(redis, redis_cluster), guard.options()) {
-                (Ok(target), Ok(options)) => {
-                    cli::import_with(&target, &redis_key_prefix, &manifest, options).await
+            } => {
+                async {
+                    let (target, prefix) = mirror.target()?;
+                    cli::import_with(&target, &prefix, &manifest, guard.options()?).await
                 }
-                (Err(e), _) => Err(e.into()),
-                (_, Err(e)) => Err(e),
-            },
-            Command::Sync {
-                redis,
-                redis_cluster,
-                redis_key_prefix,
-                dir,
-                guard,
-            } => match (RedisTarget::from_flags(redis, redis_cluster), guard.options()) {
-                (Ok(target), Ok(options)) => cli::sync_with(&target, &redis_key_prefix, &dir, options).await,
-                (Err(e), _) => Err(e.into()),
-                (_, Err(e)) => Err(e),
-            },
-            Command::Verify {
-                redis,
-                redis_cluster,
-                redis_key_prefix,
-                dir,
-            } => match RedisTarget::from_flags(redis, redis_cluster) {
-                Ok(target) => cli::verify(&target, &redis_key_prefix, &dir).await,
-                Err(e) => Err(e.into()),
-            },
-            Command::Gc {
-                redis,
-                redis_cluster,
-                redis_key_prefix,
-                dry_run,
-            } => match RedisTarget::from_flags(redis, redis_cluster) {
-                Ok(target) => cli::gc(&target, &redis_key_prefix, dry_run).await,
-                Err(e) => Err(e.into()),
-            },
+                .await
+            }
+            Command::Sync { mirror, dir, guard } => {
+                async {
+                    let (target, prefix) = mirror.target()?;
+                    cli::sync_with(&target, &prefix, &dir, guard.options()?).await
+                }
+                .await
+            }
+            Command::Verify { mirror, dir } => {
+                async {
+                    let (target, prefix) = mirror.target()?;
+                    cli::verify(&target, &prefix, &dir).await
+                }
+                .await
+            }
+            Command::Gc { mirror, dry_run } => {
+                async {
+                    let (target, prefix) = mirror.target()?;
+                    cli::gc(&target, &prefix, dry_run).await
+                }
+                .await
+            }
             Command::Certs {
                 command: CertsCommand::Dev { out, force },
             } => cli::certs_dev(&out, force),

@@ -1137,3 +1137,80 @@ async fn verify_and_gc_on_a_cluster() {
         .expect("exists");
     assert_eq!(exists, 1, "the current generation is kept");
 }
+
+#[tokio::test]
+async fn the_embedded_resync_skips_a_shrinking_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    good_register(dir.path());
+    let store = Arc::new(open(dir.path()).await);
+    assert_eq!(store.len(), 115);
+    snapshot(5, &[]).write(dir.path(), "snapshot-000005");
+    let (report, problems) =
+        import::sync_dir_lenient(&store, dir.path(), ImportOptions::default(), &mut NoProgress)
+            .await
+            .expect("sync");
+    assert!(report.applied.is_empty(), "{report}");
+    assert!(
+        problems.len() == 1
+            && problems[0].starts_with("snapshot-000005.json: ")
+            && problems[0].contains("from 115 to 0 records"),
+        "{problems:?}"
+    );
+    assert_eq!(store.len(), 115);
+    assert_eq!(store.cached_meta().map(|m| m.sequence), Some(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_reading_stops_at_once() {
+    use std::io::BufRead;
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let register = generate(dir.path(), 2_000_000, 0);
+    let mut child = Killed(
+        bin()
+            .arg("import")
+            .arg(register.join("snapshot-000001.json"))
+            .env("REASSIGNED_REDIS", redis.url())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn import"),
+    );
+    // progress lines ("N/2000000 records") show that it is reading
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect("a progress line");
+        let reading = line.contains("/2000000 records");
+        log.push(line);
+        if reading {
+            break;
+        }
+    }
+    let signalled = Instant::now();
+    child.signal("TERM");
+    let status = child.0.wait().expect("wait");
+    let stopped = signalled.elapsed();
+    reader.join().expect("reader");
+    log.extend(rx.try_iter());
+    let log = log.join("\n");
+    assert_eq!(status.code(), Some(143), "{log}");
+    assert!(log.contains("interrupted by a signal while reading"), "{log}");
+    // generous: a chunk, not the rest of the file
+    assert!(
+        stopped < Duration::from_secs(3),
+        "stopped {stopped:?} after the signal"
+    );
+    let mut conn = redis_conn(&redis).await;
+    assert_eq!(
+        keys(&mut conn, "rn:*").await,
+        Vec::<String>::new(),
+        "nothing written"
+    );
+}

@@ -565,8 +565,8 @@ async fn generation_changed_by_hand(cluster: bool) {
     load.wait_checks(2_000).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let tally = load.stop().await;
-    assert!(tally.unavailable.load(Ordering::Relaxed) > 0);
     assert_no_wrong(&tally, "generation changed by hand", 5_000);
+    assert!(tally.unavailable.load(Ordering::Relaxed) > 0);
     server.stop().await;
 }
 
@@ -624,6 +624,65 @@ async fn evicting_policy_refuses_to_serve(cluster: bool) {
     assert!(tally.reassigned.load(Ordering::Relaxed) <= before + 50);
     assert_no_wrong(&tally, "allkeys-lru set at runtime", 1_000);
     assert_eq!(metric(&scrape(&server).await, unsafe_metric), Some(1));
+    server.stop().await;
+}
+
+/// One server killed under load and restarted from a save made before the
+/// last delta (its numbers are gone, the buckets and their sentinels are
+/// not): the store notices the broken connection and the sequence going
+/// back, answers UNAVAILABLE (never "no record" for the lost delta's
+/// numbers), health NOT_SERVING, until the delta is imported again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_from_an_older_save_under_load() {
+    let env = Env::new(TestRedis::start(false, &[])).await;
+    let TestRedis::Single(redis) = &env.redis else {
+        unreachable!("one server")
+    };
+    let old_save = redis.save_rdb();
+    let delta = hits(FIRST_HIT + 1, 3_000);
+    env.writer
+        .apply_delta(&manifest(Kind::Delta, 2), &records(&delta))
+        .await
+        .expect("delta");
+    let (server, _store) = env.serve().await;
+    let load = Load::start(&server, &delta).await;
+    load.wait_checks(2_000).await;
+    assert_eq!(
+        load.tally.reassigned.load(Ordering::Relaxed),
+        load.tally.checked()
+    );
+    let mut env = env;
+    let TestRedis::Single(redis) = &mut env.redis else {
+        unreachable!("one server")
+    };
+    redis.crash_and_restart_from(&old_save);
+    load.wait_checks(3_000).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    println!("{}", load.tally.report("after the restart from an older save"));
+    support::bin::eventually(|| async { health(&server).await == Some(ServingStatus::NotServing as i32) })
+        .await;
+    assert_eq!(
+        metric(
+            &scrape(&server).await,
+            "reassigned_store_unsafe{reason=\"data_lost\"} "
+        ),
+        Some(1)
+    );
+    // The sync runs again: the delta is applied again and answers come back.
+    let writer = env.redis.store(options()).await.expect("writer");
+    writer
+        .apply_delta(&manifest(Kind::Delta, 2), &records(&delta))
+        .await
+        .expect("delta again");
+    let recovered = load.wait_recovered(Duration::from_secs(15)).await;
+    let tally = load.stop().await;
+    println!(
+        "answers again {:.2} s after the delta was re-imported",
+        recovered.as_secs_f64()
+    );
+    assert_no_wrong(&tally, "redis restarted from an older save", 5_000);
+    assert!(tally.unavailable.load(Ordering::Relaxed) > 0);
+    support::bin::eventually(|| async { health(&server).await == Some(ServingStatus::Serving as i32) }).await;
     server.stop().await;
 }
 
@@ -905,4 +964,85 @@ async fn delta_waits_for_replicas_before_moving_the_sequence() {
     }
     println!("after the failover: {missing} of {checked} delta numbers missing");
     assert_eq!(missing, 0);
+}
+
+/// Samples health every 100 ms while `during` runs.
+async fn health_during<F: std::future::Future<Output = ()>>(server: &TestServer, during: F) -> Vec<i32> {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let (channel, seen, watching) = (server.channel("platform-a").await, seen.clone(), watching.clone());
+        tokio::spawn(async move {
+            let mut client = HealthClient::new(channel);
+            while watching.load(Ordering::Relaxed) {
+                if let Ok(r) = client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                {
+                    seen.lock().expect("lock").push(r.into_inner().status);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    during.await;
+    watching.store(false, Ordering::Relaxed);
+    watcher.await.expect("health watcher");
+    seen.lock().map(|s| s.clone()).expect("lock")
+}
+
+/// Health has hysteresis: one server SIGSTOPped for 1 s stays SERVING (its
+/// lookups answer UNAVAILABLE meanwhile), for 5 s goes NOT_SERVING and
+/// comes back; on a cluster, one master SIGSTOPped for 3 s keeps health
+/// SERVING while the other shards answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_rides_out_short_stalls() {
+    let mut env = Env::new(TestRedis::start(false, &[])).await;
+    let (server, _store) = env.serve().await;
+    let TestRedis::Single(redis) = &mut env.redis else {
+        unreachable!("one server")
+    };
+    redis.pause();
+    let seen = health_during(&server, tokio::time::sleep(Duration::from_secs(1))).await;
+    redis.resume();
+    println!("one server stopped 1 s: health {seen:?}");
+    assert!(
+        seen.iter().all(|&s| s == ServingStatus::Serving as i32),
+        "{seen:?}"
+    );
+    redis.pause();
+    let seen = health_during(&server, tokio::time::sleep(Duration::from_secs(5))).await;
+    redis.resume();
+    println!("one server stopped 5 s: health {seen:?}");
+    assert!(seen.contains(&(ServingStatus::NotServing as i32)), "{seen:?}");
+    support::bin::eventually(|| async { health(&server).await == Some(ServingStatus::Serving as i32) }).await;
+    server.stop().await;
+
+    let env = Env::new(TestRedis::start(true, &[])).await;
+    let (server, _store) = env.serve().await;
+    let TestRedis::Cluster(cluster) = &env.redis else {
+        unreachable!("a cluster")
+    };
+    let meta_port = cluster.master_port_of("rn:meta");
+    let victim = (0..cluster.ports().len())
+        .find(|&i| cluster.ports()[i] != meta_port)
+        .expect("another master");
+    let load = Load::start(&server, &env.register).await;
+    load.wait_checks(1_000).await;
+    cluster.pause_node(victim);
+    let before = load.tally.reassigned.load(Ordering::Relaxed);
+    let seen = health_during(&server, tokio::time::sleep(Duration::from_secs(3))).await;
+    let answered = load.tally.reassigned.load(Ordering::Relaxed) - before;
+    cluster.resume_node(victim);
+    let tally = load.stop().await;
+    println!("one master of three stopped 3 s: {answered} hits answered meanwhile, health {seen:?}");
+    assert_no_wrong(&tally, "one master stopped 3 s", 1_000);
+    assert!(answered > 0, "the other shards answered");
+    assert!(
+        seen.iter().all(|&s| s == ServingStatus::Serving as i32),
+        "{seen:?}"
+    );
+    server.stop().await;
 }

@@ -214,6 +214,39 @@ impl Drop for SignalGuard {
     }
 }
 
+/// [`import::StderrProgress`] that stops reading once `interrupt` is raised.
+struct StoppableProgress {
+    inner: import::StderrProgress,
+    interrupt: import::Interrupt,
+}
+
+impl StoppableProgress {
+    fn new(interrupt: &import::Interrupt) -> Self {
+        Self {
+            inner: import::StderrProgress::new(),
+            interrupt: interrupt.clone(),
+        }
+    }
+}
+
+impl import::Progress for StoppableProgress {
+    fn start(&mut self, file: &Path, total: u64) {
+        self.inner.start(file, total);
+    }
+
+    fn advance(&mut self, read: u64) {
+        self.inner.advance(read);
+    }
+
+    fn finish(&mut self, read: u64) {
+        self.inner.finish(read);
+    }
+
+    fn should_stop(&self) -> bool {
+        self.interrupt.is_raised()
+    }
+}
+
 /// An error of an import that a signal interrupted, as
 /// [`import::ImportError::Interrupted`].
 fn interrupted_error(interrupt: &import::Interrupt, e: import::ImportError) -> anyhow::Error {
@@ -246,9 +279,10 @@ pub async fn import_with(
     let _signals = SignalGuard::install(interrupt.clone());
     let store = redis_store(target, key_prefix).await?;
     let started = std::time::Instant::now();
-    let applied = import::apply_manifest_with(&store, manifest, options, &mut import::StderrProgress::new())
-        .await
-        .map_err(|e| interrupted_error(&interrupt, e))?;
+    let applied =
+        import::apply_manifest_with(&store, manifest, options, &mut StoppableProgress::new(&interrupt))
+            .await
+            .map_err(|e| interrupted_error(&interrupt, e))?;
     eprintln!("{} in {:.1?}", describe(&applied), started.elapsed());
     Ok(())
 }
@@ -269,7 +303,7 @@ pub async fn sync_with(
         dir,
         options,
         &interrupt,
-        &mut import::StderrProgress::new(),
+        &mut StoppableProgress::new(&interrupt),
     )
     .await
     .map_err(|e| interrupted_error(&interrupt, e))?;

@@ -326,6 +326,14 @@ mod tests {
             ),
             (snapshot_json("").replace(SHA, "abc"), "64 hexadecimal"),
             (snapshot_json("").replace("s.csv", "../s.csv"), "without '..'"),
+            (
+                snapshot_json("").replace("s.csv", "/etc/s.csv"),
+                "relative to the manifest's directory",
+            ),
+            (
+                snapshot_json("").replace("s.csv", "a/../../s.csv"),
+                "without '..'",
+            ),
             (snapshot_json("").replace("s.csv", "s.txt"), ".csv or .csv.gz"),
             (
                 snapshot_json("").replace(r#""sequence":1"#, r#""sequence":0"#),

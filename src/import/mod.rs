@@ -53,6 +53,22 @@
 //! lists the first 20 problems with their line numbers. Messages never show a
 //! phone number.
 //!
+//! Guards against files that would wipe or exhaust the mirror:
+//!
+//! - reading stops at the first row beyond `records` (a row bomb is refused
+//!   at once), and duplicate numbers are folded while reading, so memory
+//!   follows the distinct numbers;
+//! - `data` must resolve (links followed) to a regular file inside the
+//!   manifest's directory;
+//! - a snapshot that removes more than [`ImportOptions::max_shrink`] of the
+//!   mirror's records, or has none, is refused ([`ImportError::Shrink`])
+//!   unless [`ImportOptions::allow_shrink`];
+//! - a file of an already-applied kind and sequence whose SHA-256 differs
+//!   from the one recorded when it was applied is refused
+//!   ([`ImportError::Reissued`]).
+//!
+//! [`verify`] compares a mirror with its source files.
+//!
 //! ## Order
 //!
 //! [`apply_manifest`] applies one file: a delta needs `sequence` = the

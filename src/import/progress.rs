@@ -15,6 +15,11 @@ pub trait Progress: Send {
     fn advance(&mut self, read: u64);
     /// The current file has been read completely (`read` rows, valid or not).
     fn finish(&mut self, read: u64);
+    /// Asked between chunks: `true` stops the read at once with
+    /// [`super::ImportError::Interrupted`] (e.g. after SIGTERM). Default: never.
+    fn should_stop(&self) -> bool {
+        false
+    }
 }
 
 /// Reports nothing (tests, the server's background resync).

@@ -42,8 +42,9 @@ pub fn read_records(manifest: &Manifest, progress: &mut dyn Progress) -> Result<
         path: path.clone(),
         error,
     };
-    check_inside(manifest, &path)?;
-    let file = File::open(&path).map_err(io_err)?;
+    // Open the resolved path that was checked, not the link again.
+    let real = check_inside(manifest, &path)?;
+    let file = File::open(&real).map_err(io_err)?;
     let mut raw = HashingReader {
         inner: file,
         hasher: Sha256::new(),
@@ -58,6 +59,11 @@ pub fn read_records(manifest: &Manifest, progress: &mut dyn Progress) -> Result<
     } else {
         drive(&mut raw, &mut parser, progress)
     };
+    if parser.stopped {
+        return Err(ImportError::Interrupted {
+            done: format!("while reading {} (nothing was written)", path.display()),
+        });
+    }
     if parser.overflow {
         // A row bomb (or a wrong count): stop here, neither reading nor
         // hashing the rest.
@@ -116,7 +122,8 @@ pub fn read_records(manifest: &Manifest, progress: &mut dyn Progress) -> Result<
 
 /// Refuses a data file that resolves (through symbolic links) outside the
 /// manifest's directory: the manifest may only describe its own files.
-fn check_inside(manifest: &Manifest, path: &Path) -> Result<(), ImportError> {
+/// Returns the resolved path.
+fn check_inside(manifest: &Manifest, path: &Path) -> Result<std::path::PathBuf, ImportError> {
     let dir = manifest.path.parent().unwrap_or(Path::new("."));
     let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
@@ -146,7 +153,7 @@ fn check_inside(manifest: &Manifest, path: &Path) -> Result<(), ImportError> {
             problems: vec![format!("{}: is not a regular file", path.display())],
         });
     }
-    Ok(())
+    Ok(real)
 }
 
 /// A reader that hashes every byte it hands out and remembers whether the
@@ -188,6 +195,10 @@ fn drive(reader: &mut dyn Read, parser: &mut Parser, progress: &mut dyn Progress
         filled += n;
         let consumed = parser.process(&buf[..filled], eof);
         if eof || parser.overflow {
+            return Ok(());
+        }
+        if progress.should_stop() {
+            parser.stopped = true;
             return Ok(());
         }
         buf.copy_within(consumed..filled, 0);
@@ -272,6 +283,8 @@ struct Parser {
     compact_at: usize,
     /// The least `compact_at` ([`COMPACT_MIN`]; smaller in tests).
     compact_min: usize,
+    /// True if the read was stopped ([`Progress::should_stop`]).
+    stopped: bool,
 }
 
 /// Rows kept before the first fold of duplicates (40 MiB of rows).
@@ -303,6 +316,7 @@ impl Parser {
             overflow: false,
             compact_at: COMPACT_MIN,
             compact_min: COMPACT_MIN,
+            stopped: false,
         }
     }
 

@@ -206,10 +206,16 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "reassigned_store_unsafe",
         "gauge",
         "1 if the store must not be answered from (health NOT_SERVING, lookups UNAVAILABLE), by reason.",
-        &[(
-            "{reason=\"maxmemory_policy\"}".to_owned(),
-            u64::from(policy_unsafe),
-        )],
+        &[
+            (
+                "{reason=\"maxmemory_policy\"}".to_owned(),
+                u64::from(policy_unsafe),
+            ),
+            (
+                "{reason=\"data_lost\"}".to_owned(),
+                u64::from(unsafe_reason.as_deref().is_some_and(|r| r.contains("went back"))),
+            ),
+        ],
     );
     if let AnyStore::Redis(redis) = &sources.store {
         metric(

@@ -3,6 +3,7 @@
 //! resolves.
 
 pub mod auth;
+pub mod limits;
 pub mod metrics;
 pub mod reload;
 pub mod revoke;

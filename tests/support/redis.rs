@@ -136,6 +136,34 @@ impl RedisServer {
         }
     }
 
+    /// Saves the data now (`SAVE`) and returns the RDB file's bytes.
+    pub fn save_rdb(&self) -> Vec<u8> {
+        let reply = send_inline(self.port, "SAVE").expect("SAVE");
+        assert!(reply.starts_with("+OK"), "SAVE: {reply}");
+        std::fs::read(self.dir.path().join("dump.rdb")).expect("read dump.rdb")
+    }
+
+    /// Kills the process (SIGKILL) and starts it again from `rdb` (a file
+    /// [`RedisServer::save_rdb`] returned earlier): a Redis that came back
+    /// from an older save.
+    pub fn crash_and_restart_from(&mut self, rdb: &[u8]) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.paused = false;
+        std::fs::write(self.dir.path().join("dump.rdb"), rdb).expect("write dump.rdb");
+        let deadline = Instant::now() + DEADLINE;
+        while !self.spawn() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not restart; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Freezes the process (SIGSTOP): connections stay open, nothing answers.
     pub fn pause(&mut self) {
         self.signal("-STOP");

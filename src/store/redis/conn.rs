@@ -321,6 +321,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn masters_of_cluster_slots() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let range = |from: i64, to: i64, master: Value, replica: Value| {
+            Value::Array(vec![Value::Int(from), Value::Int(to), master, replica])
+        };
+        let reply = Value::Array(vec![
+            range(0, 100, node("127.0.0.1", 7000), node("127.0.0.1", 7003)),
+            range(101, 200, node("127.0.0.1", 7001), node("127.0.0.1", 7004)),
+            range(201, 300, node("127.0.0.1", 7000), node("127.0.0.1", 7003)),
+        ]);
+        assert_eq!(
+            cluster_masters(&reply),
+            vec![("127.0.0.1".to_owned(), 7000), ("127.0.0.1".to_owned(), 7001)]
+        );
+        assert!(cluster_masters(&Value::Nil).is_empty());
+    }
+
+    #[test]
     fn slots_match_redis() {
         // Values from CLUSTER KEYSLOT.
         assert_eq!(key_slot(b"foo"), 12_182);

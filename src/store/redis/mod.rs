@@ -7,7 +7,7 @@
 //! | key | type | content |
 //! |---|---|---|
 //! | `{prefix}:meta` | hash | the metadata (below) |
-//! | `{prefix}:g{gen}:{bucket}` | hash | one bucket of generation `gen` |
+//! | `{prefix}:g{gen}:{bucket}` | hash | one bucket of generation `gen`, with the sentinel field `_g` = `gen` |
 //! | `{prefix}:bloom:g{gen}:{chunk}` | string | the membership filter of generation `gen`, in chunks of at most 8 MiB |
 //! | `{prefix}:gen_counter` | string | INCR counter: generation numbers are never reused |
 //! | `{prefix}:lock` | string | the import lock: its owner (host, pid, process start, start time, random token) as JSON, PX 15 s, renewed every 3 s while importing |
@@ -27,10 +27,19 @@
 //! snapshot re-buckets. Imports log a warning when the average bucket passes
 //! 384 fields.
 //!
+//! **Sentinels** (layout 2). Every bucket of a generation, empty ones
+//! included, holds the non-numeric field `_g` = the generation id, written
+//! last by the snapshot (RESTORE payload or HSET). Lookups read it with the
+//! number's field (`HMGET bucket field _g`): a missing or foreign sentinel
+//! means the read proves nothing (bucket evicted or deleted, Redis lost its
+//! data, a stale replica, a switch not seen yet). A delta refuses to merge
+//! into a bucket without its sentinel (re-creating it would hide the loss).
+//!
 //! **Metadata** (`{prefix}:meta`, one small hash): `generation`, `nbuckets`,
 //! `sequence`, `as_of`, `coverage_start` (ISO dates), `prefixes`
 //! (comma-separated, e.g. `+1,+86`), `record_count`, `last_import_unix`,
-//! `layout` (`1`), and, only while needed, `pending_generation` /
+//! `layout` (`2`; `1`, without sentinels, is still read, unchecked), and,
+//! only while needed, `pending_generation` /
 //! `pending_nbuckets` (a snapshot being written, or left by a crashed import)
 //! and `reclaim_generation` / `reclaim_nbuckets` (a replaced generation not yet
 //! deleted), and `bloom_generation` / `bloom_sequence` / `bloom_bits` /
@@ -44,12 +53,22 @@
 //!
 //! Each process caches the metadata (generation, buckets, coverage) and
 //! refreshes it every [`RedisOptions::meta_refresh`] in a background task
-//! (which stops when the last handle to the store is dropped). A lookup is
-//! at most one HGET; a batch is at most one pipeline of HGETs. If the cache has not
-//! been refreshed for `2 × meta_refresh` (Redis was unreachable), a lookup
-//! first refreshes it, and fails if it cannot: a replaced generation is deleted
-//! [`RedisOptions::reclaim_grace`] after a switch, so an old cache must not be
-//! trusted. Every Redis call, and every lookup as a whole, is bounded by
+//! (which stops when the last handle to the store is dropped), always from a
+//! master. A lookup is at most one HMGET; a batch is at most one pipeline of
+//! HMGETs. If the cache has not been refreshed for `2 × meta_refresh` (Redis
+//! was unreachable), a lookup first refreshes it, and fails if it cannot.
+//!
+//! **Fail closed.** An unproven read (sentinel missing or foreign) is
+//! retried once with the metadata re-read, on the master; still unproven, it
+//! is [`StoreError::Unavailable`] (or an empty mirror if the metadata is
+//! gone), never "no record". A broken connection (Redis killed or restarted:
+//! the client reconnects silently, maybe to an empty or older Redis) leaves
+//! the cache unconfirmed: nothing, not even the membership filter, answers
+//! until a metadata read made after the break. Each refresh also reads the
+//! masters' `run_id` (a change unconfirms the cache the same way) and
+//! `maxmemory-policy` (`allkeys-*` makes the store unsafe: lookups fail and
+//! [`RedisStore::unsafe_reason`] says why; `volatile-*` and unknown, CONFIG
+//! disabled, are served with one warning). Every Redis call, and every lookup as a whole, is bounded by
 //! [`RedisOptions::timeout`] ([`StoreError::Timeout`]); Redis errors are
 //! [`StoreError::Unavailable`].
 //! On one server the connection is a
@@ -68,7 +87,7 @@
 //! cached metadata shows a generation or sequence the loaded filter is not
 //! for, and while the loaded filter matches the cached metadata exactly, a
 //! number the filter rules out is answered "no record" without a Redis round
-//! trip; everything else is an HGET, as before. Until a new filter is
+//! trip; everything else is an HMGET, as before. Until a new filter is
 //! loaded (after a snapshot or a delta), lookups just ask Redis. The filter
 //! costs about 1.25 bytes per record in Redis and in every server process
 //! (off with [`RedisOptions::membership_filter`]).
@@ -82,7 +101,7 @@
 //! so they spread over all slots and masters; the metadata is one key, so the
 //! snapshot switch and the delta check-and-set (one-key scripts) stay atomic.
 //! A pipeline must stay inside one slot, so on a cluster a batch lookup sends
-//! its HGETs as concurrent single commands, snapshot and delta writes group
+//! its HMGETs as concurrent single commands, snapshot and delta writes group
 //! their bucket commands by slot (pipelines of one slot, 64 in flight), and a
 //! replaced generation is deleted with concurrent single UNLINKs. RESTORE
 //! works per key, so the fast bulk load works on a cluster too. With
@@ -109,10 +128,14 @@
 //! bottleneck), or per-bucket HSETs if this Redis refuses such payloads
 //! (older than 7.0, RESTORE disabled); then switch in one atomic step: a
 //! script on `{prefix}:meta` alone that checks sequence and pending
-//! generation and sets all metadata fields. Readers
+//! generation and sets all metadata fields. Before the switch (and before a
+//! delta moves the sequence) the import waits for every replica of every
+//! master (`WAIT`, [`RedisOptions::replication_timeout`]; a lagging replica
+//! fails the import with the metadata unswitched). Readers
 //! see the old generation or the new one, never a mix and never an empty
 //! mirror. After [`RedisOptions::reclaim_grace`] (longer than any reader's
-//! cache may lag) the old generation's keys are UNLINKed. While a snapshot is
+//! cache may lag) and once the replicas have the switch, the old
+//! generation's keys are UNLINKed. While a snapshot is
 //! written Redis holds both generations: plan memory for twice the mirror.
 //!
 //! *Delta*: the metadata sequence must be `manifest.sequence - 1` (if it is
@@ -167,8 +190,11 @@ pub struct RedisOptions {
     /// How often the cached metadata is re-read (default 1 s).
     pub meta_refresh: Duration,
     /// How long a snapshot import waits after its switch before it deletes the
-    /// replaced generation (default 3 s). Must exceed every reader's
-    /// `2 × meta_refresh + timeout`.
+    /// replaced generation (default 3 s; raised to at least
+    /// `3 × meta_refresh + timeout`). It spares readers whose cache still
+    /// names the old generation a retry: a slower reader gets no wrong
+    /// answer either (its reads find no sentinel, re-read the metadata and
+    /// retry).
     pub reclaim_grace: Duration,
     /// Bound on each call of an import: a bulk pipeline, the lock, the
     /// metadata switch (default 30 s).
@@ -288,6 +314,13 @@ struct Inner {
     /// Why Redis is unsafe to answer from (e.g. a maxmemory-policy that
     /// evicts keys); lookups fail while set.
     unsafe_reason: ArcSwapOption<String>,
+    /// Set while the metadata is behind the latest generation and sequence
+    /// this process has seen (Redis restarted from an older save, a
+    /// failover lost writes): the data lost since is unknown, so lookups
+    /// fail until an import brings the mirror back to (or past) that point.
+    regressed: ArcSwapOption<String>,
+    /// The generation and the latest sequence of it seen.
+    high_water: std::sync::Mutex<Option<(u64, u64)>>,
     /// The run ids of the masters last seen (restart / failover detection).
     run_ids: std::sync::Mutex<Option<Vec<(String, String)>>>,
     /// Reads whose bucket sentinel did not prove them (counted).
@@ -355,6 +388,8 @@ impl RedisStore {
             masters: ArcSwapOption::from(masters),
             epoch: AtomicU64::new(0),
             unsafe_reason: ArcSwapOption::empty(),
+            regressed: ArcSwapOption::empty(),
+            high_water: std::sync::Mutex::new(None),
             run_ids: std::sync::Mutex::new(None),
             unproven_reads: AtomicU64::new(0),
             warned: std::sync::Mutex::new(std::collections::HashSet::new()),
@@ -385,7 +420,7 @@ impl RedisStore {
     /// Why this store refuses to answer from Redis right now (e.g. Redis'
     /// `maxmemory-policy` can evict the mirror's keys); `None`: safe.
     pub fn unsafe_reason(&self) -> Option<String> {
-        self.inner.unsafe_reason.load().as_deref().cloned()
+        self.inner.unsafe_now()
     }
 
     /// Reads so far whose bucket sentinel did not prove them (bucket
@@ -536,9 +571,54 @@ impl Inner {
         meta::parse(raw)
     }
 
-    /// Logs `message` once per process for `key`.
+    /// True the first time `key` is asked: for warnings logged once per
+    /// process, not per call.
     fn warn_once(&self, key: &'static str) -> bool {
         self.warned.lock().map(|mut w| w.insert(key)).unwrap_or(false)
+    }
+
+    /// The reason the store must not be answered from, if any.
+    fn unsafe_now(&self) -> Option<String> {
+        self.unsafe_reason
+            .load()
+            .as_deref()
+            .or(self.regressed.load().as_deref())
+            .cloned()
+    }
+
+    /// Notes the metadata just read: a sequence behind the latest seen in
+    /// the same generation means Redis lost deltas (restarted from an older
+    /// save, a failover to a replica that missed writes) and makes the store
+    /// unsafe until an import brings it back there: answers already given
+    /// from those deltas are not taken back. Another generation (a switch,
+    /// or the metadata edited by hand) and an empty mirror start over.
+    fn track_progress(&self, now: Option<(u64, u64)>) {
+        let Ok(mut high) = self.high_water.lock() else {
+            return;
+        };
+        let Some(now) = now else {
+            *high = None;
+            self.regressed.store(None);
+            return;
+        };
+        match *high {
+            Some(seen) if now.0 == seen.0 && now.1 < seen.1 => {
+                let reason = format!(
+                    "the mirror went back from generation {} sequence {} to generation {} sequence {} (redis restarted from an older save or lost writes): re-run the import",
+                    seen.0, seen.1, now.0, now.1
+                );
+                if self.regressed.load().as_deref() != Some(&reason) {
+                    tracing::error!(reason = %reason, "redis lost data: lookups answer UNAVAILABLE, health is NOT_SERVING");
+                    self.regressed.store(Some(Arc::new(reason)));
+                }
+            }
+            _ => {
+                *high = Some(now);
+                if self.regressed.swap(None).is_some() {
+                    tracing::info!("the redis mirror is back to the latest data seen");
+                }
+            }
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -567,6 +647,7 @@ impl Inner {
         let previous = self.current.swap(current.clone());
         let before = previous.as_ref().map(|c| (c.generation.id, c.meta.sequence));
         let after = current.as_ref().map(|c| (c.generation.id, c.meta.sequence));
+        self.track_progress(after);
         if before != after {
             tracing::info!(
                 generation = after.map(|a| a.0),
@@ -586,11 +667,18 @@ impl Inner {
     /// The cached generation, refreshed first if the cache is too old to be
     /// trusted (the background refresh has been failing).
     async fn current(&self) -> Result<Option<Arc<Current>>, StoreError> {
-        if let Some(reason) = self.unsafe_reason.load().as_deref() {
+        let current = self.current_unchecked().await?;
+        // Checked after the refresh too: the read that finds the data lost
+        // must not be answered from it.
+        if let Some(reason) = self.unsafe_now() {
             return Err(StoreError::Unavailable(format!(
                 "redis is unsafe to answer from: {reason}"
             )));
         }
+        Ok(current)
+    }
+
+    async fn current_unchecked(&self) -> Result<Option<Arc<Current>>, StoreError> {
         if self.cache_fresh() {
             return Ok(self.current.load_full());
         }
@@ -613,10 +701,17 @@ impl Inner {
     /// unless a read that started after `since` (ms) already did.
     async fn recheck(&self, since: u64) -> Result<Option<Arc<Current>>, StoreError> {
         let _serial = self.refresh_lock.lock().await;
-        if self.refreshed_ms.load(Ordering::Acquire) > since {
-            return Ok(self.current.load_full());
+        let current = if self.refreshed_ms.load(Ordering::Acquire) > since {
+            self.current.load_full()
+        } else {
+            self.refresh_locked().await?
+        };
+        if let Some(reason) = self.unsafe_now() {
+            return Err(StoreError::Unavailable(format!(
+                "redis is unsafe to answer from: {reason}"
+            )));
         }
-        self.refresh_locked().await
+        Ok(current)
     }
 
     /// Reads, on every master, the run id (a restart or a failover changes
@@ -636,23 +731,46 @@ impl Inner {
             let mut other = conn.clone();
             futures_util::join!(conn.on_masters(&info, limit), other.on_masters(&policy, limit))
         };
-        let mut ids: Vec<(String, String)> = infos
+        let ids: Vec<(String, String)> = infos
             .into_iter()
             .filter_map(|(node, r)| Some((node, info_field(&r.ok()?, "run_id")?)))
             .collect();
-        ids.sort();
-        if !ids.is_empty()
-            && let Ok(mut seen) = self.run_ids.lock()
-        {
-            if let Some(before) = seen.as_ref()
-                && *before != ids
-            {
-                tracing::warn!(
-                    "a redis master restarted or failed over (run id changed): re-reading the metadata before the next answer"
-                );
+        // Changed: a master answering with another run id than before, or
+        // a master not seen before (a promoted replica). A master that does
+        // not answer this time keeps its last entry.
+        let changed = match self.run_ids.lock() {
+            Ok(mut seen) => {
+                let known = seen.get_or_insert_with(Vec::new);
+                let first = known.is_empty();
+                let mut changed = false;
+                for (node, id) in ids {
+                    match known.iter_mut().find(|(n, _)| *n == node) {
+                        Some((_, old)) if *old == id => {}
+                        Some((_, old)) => {
+                            *old = id;
+                            changed = true;
+                        }
+                        None => {
+                            known.push((node, id));
+                            changed |= !first;
+                        }
+                    }
+                }
+                changed
+            }
+            Err(_) => false,
+        };
+        if changed {
+            tracing::warn!(
+                "a redis master restarted or failed over (run id changed): re-reading the metadata before the next answer"
+            );
+            if matches!(self.target, Target::Cluster { .. }) {
+                // A fresh cluster connection reads the new topology at once
+                // instead of waiting for its own retries.
+                self.reset_connection();
+            } else {
                 self.connection_lost();
             }
-            *seen = Some(ids);
         }
         let mut unsafe_nodes = Vec::new();
         let mut answered = false;
@@ -939,20 +1057,25 @@ impl RedisStore {
     async fn lookup_unbounded(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
         let inner = &self.inner;
         let started = inner.now_ms();
+        let epoch = inner.epoch.load(Ordering::Acquire);
         let Some(current) = inner.current().await? else {
             return Ok(Lookup {
                 found: None,
                 meta: None,
             });
         };
-        if let Some(found) = inner.read_one(&mut inner.conn(), &current, number).await? {
+        if let Some(found) = inner.read_one(&mut inner.conn(), &current, number).await?
+            && inner.epoch.load(Ordering::Acquire) == epoch
+        {
             return Ok(Lookup {
                 found,
                 meta: Some(current.meta.clone()),
             });
         }
-        // The bucket's sentinel is missing or names another generation:
-        // re-read the metadata and the bucket from the master, once.
+        // The bucket's sentinel is missing or names another generation, or a
+        // connection broke while the read was on its way (it may have been
+        // answered by a Redis that came back with other data): re-read the
+        // metadata and the bucket from the master, once.
         inner.unproven_reads.fetch_add(1, Ordering::Relaxed);
         let Some(current) = inner.recheck(started).await? else {
             return Ok(Lookup {
@@ -976,13 +1099,16 @@ impl RedisStore {
     ) -> Result<Lookup<Vec<Option<Date>>>, StoreError> {
         let inner = &self.inner;
         let started = inner.now_ms();
+        let epoch = inner.epoch.load(Ordering::Acquire);
         let Some(current) = inner.current().await? else {
             return Ok(Lookup {
                 found: vec![None; all.len()],
                 meta: None,
             });
         };
-        if let Some(found) = inner.read_many(inner.conn(), &current, all).await? {
+        if let Some(found) = inner.read_many(inner.conn(), &current, all).await?
+            && inner.epoch.load(Ordering::Acquire) == epoch
+        {
             return Ok(Lookup {
                 found,
                 meta: Some(current.meta.clone()),
@@ -1216,4 +1342,79 @@ impl RedisStore {
 /// queued behind each other are not mistaken for an outage.
 fn batch_timeout(timeout: Duration, n: usize) -> Duration {
     timeout + Duration::from_micros(200).saturating_mul(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Prefix;
+
+    fn current(id: u64, sentinel: bool) -> Current {
+        Current {
+            generation: meta::Generation { id, nbuckets: 3 },
+            meta: Arc::new(MirrorMeta {
+                sequence: 1,
+                as_of: Date::from_days(20_000),
+                coverage_start: Date::from_days(18_654),
+                prefixes: vec![Prefix::parse("+1").expect("prefix")],
+                record_count: 1,
+                last_import_unix: 0,
+            }),
+            bloom: None,
+            sentinel,
+        }
+    }
+
+    fn reply(value: Option<&str>, sentinel: Option<&str>) -> Value {
+        let v = |t: Option<&str>| t.map_or(Value::Nil, |t| Value::BulkString(t.as_bytes().to_vec()));
+        Value::Array(vec![v(value), v(sentinel)])
+    }
+
+    #[test]
+    fn a_read_is_proven_only_by_its_generations_sentinel() {
+        let c = current(7, true);
+        let day = |d: i32| Some(Some(Date::from_days(d)));
+        assert_eq!(
+            proven_day(&c, reply(Some("19000"), Some("7"))).expect("ok"),
+            day(19_000)
+        );
+        assert_eq!(proven_day(&c, reply(None, Some("7"))).expect("ok"), Some(None));
+        // Bucket gone, or of another generation: proves nothing.
+        assert_eq!(proven_day(&c, reply(None, None)).expect("ok"), None);
+        assert_eq!(proven_day(&c, reply(Some("19000"), None)).expect("ok"), None);
+        assert_eq!(proven_day(&c, reply(None, Some("6"))).expect("ok"), None);
+        assert_eq!(proven_day(&c, reply(None, Some("7x"))).expect("ok"), None);
+        // Layout 1 (no sentinels): unchecked.
+        assert_eq!(
+            proven_day(&current(7, false), reply(None, None)).expect("ok"),
+            Some(None)
+        );
+        assert!(proven_day(&c, Value::Nil).is_err());
+    }
+
+    #[test]
+    fn info_and_config_replies() {
+        let info = Value::BulkString(b"# Server\r\nredis_version:7.0.15\r\nrun_id:abc123\r\n".to_vec());
+        assert_eq!(info_field(&info, "run_id").as_deref(), Some("abc123"));
+        assert_eq!(info_field(&info, "run"), None);
+        let config = Value::Array(vec![
+            Value::BulkString(b"maxmemory-policy".to_vec()),
+            Value::BulkString(b"allkeys-lru".to_vec()),
+        ]);
+        assert_eq!(config_value(&config).as_deref(), Some("allkeys-lru"));
+        assert_eq!(config_value(&Value::Array(vec![])), None);
+    }
+
+    #[test]
+    fn reclaim_grace_covers_the_slowest_reader() {
+        let opts = RedisOptions {
+            timeout: Duration::from_millis(2_000),
+            ..RedisOptions::default()
+        };
+        assert_eq!(effective_reclaim_grace(&opts), Duration::from_millis(5_000));
+        assert_eq!(
+            effective_reclaim_grace(&RedisOptions::default()),
+            Duration::from_millis(3_200)
+        );
+    }
 }
