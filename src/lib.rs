@@ -46,13 +46,13 @@
 //! | `import` | `domain`, `store`, `lograte` |
 //! | `audit`, `receipt`, `quota` | `domain` |
 //! | `api` | `domain`, `identity`, `store`, `audit`, `receipt`, `quota`, `lograte`; never `server` |
-//! | `server` | all of the above and `api`, `config` (not `cli`) |
+//! | `server` | `domain`, `identity`, `store`, `audit`, `receipt`, `quota`, `lograte`, `api`, `config` (not `import`, not `cli`) |
 //! | `config` | all but `api` and `lograte` (today also `server` and `cli`: pending, issue 8) |
 //! | `cli` | everything |
 //!
-//! Inside `server`, `tls`, `token`, `auth`, `revoke`, `reload` and `metrics`
-//! import each other without a circle: identity and scopes come from
-//! [`identity`], the method table from [`api::methods`].
+//! Inside `server`, the submodules (`tls`, `token`, `auth`, `revoke`,
+//! `reload`, `metrics`, ...) import each other without a circle: identity and
+//! scopes come from [`identity`], the method table from [`api::methods`].
 
 pub mod api;
 pub mod audit;
