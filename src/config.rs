@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::server::quota::{QuotaConfig, QuotaSettings};
+use crate::quota::{QuotaConfig, QuotaSettings};
 
 /// Settings that can come from a file, the environment or flags; every field
 /// optional so the layers can be merged.
@@ -121,7 +121,7 @@ pub struct ServeSettings {
     /// `quota_expected_replicas` says N) or `fail-closed` (calls that have a
     /// limit are refused with UNAVAILABLE).
     #[arg(long, env = "REASSIGNED_QUOTA_FALLBACK", value_enum)]
-    pub quota_fallback: Option<crate::server::quota::QuotaFallback>,
+    pub quota_fallback: Option<crate::quota::QuotaFallback>,
     /// Servers sharing the quotas: a server deciding alone (no quota Redis,
     /// or it is down with `fail-open`) enforces 1/N of each limit (default 1).
     #[arg(long, env = "REASSIGNED_QUOTA_EXPECTED_REPLICAS")]

@@ -11,27 +11,58 @@
 //!   embedded in-process store (default without Redis).
 //! - [`import`]: manifests and CSV data files of the national register, their
 //!   checks, and applying snapshots and deltas in sequence order.
-//! - [`api`]: the generated protobuf code, conversions, the service handlers.
+//! - [`identity`]: who is calling: the certificate-identity rule
+//!   ([`identity::Platform`]), the connection's [`identity::PeerInfo`], token
+//!   [`identity::Scopes`], the request's [`identity::Principal`] (no tonic).
+//! - [`quota`]: per-platform quotas (request rate, numbers per day), a policy
+//!   the handlers apply.
+//! - [`api`]: the generated protobuf code, conversions, the service handlers,
+//!   and the one table of the proto's methods ([`api::methods`]: scope,
+//!   metrics label, streaming kind).
 //! - [`server`]: TLS termination, the auth layer with certificate-bound
-//!   bearer tokens ([`server::token`]), per-platform quotas
-//!   ([`server::quota`]), reloading TLS material without a restart
-//!   ([`server::reload`]), closing connections a reload revoked
-//!   ([`server::revoke`]), rate-limited log lines ([`server::lograte`]),
-//!   health, reflection, [`run`].
+//!   bearer tokens ([`server::token`]), reloading TLS material without a
+//!   restart ([`server::reload`]), closing connections a reload revoked
+//!   ([`server::revoke`]), metrics, health, reflection, [`run`].
 //! - [`receipt`]: signed receipts of answers (compact JWS), their keys, JWKS
 //!   and offline verification.
 //! - [`audit`]: the audit trail of answers (keyed number hashes, a Redis
 //!   Stream written in the background).
+//! - [`lograte`]: rate-limited log lines (used by every room).
 //! - [`config`]: layered, validated configuration of `serve`.
 //! - [`cli`]: operator commands (dev certificates, token issuer keys and
 //!   tokens, synthetic data, demo).
+//!
+//! # Who may import whom
+//! Imports run one way, from transport down to the domain. `tests/layout.rs`
+//! reads every `crate::` path of `src/` (comments and test modules aside) and
+//! fails on an import this table does not allow.
+//!
+//! | module | may import (besides its own submodules) |
+//! |---|---|
+//! | `domain` | nothing |
+//! | `lograte` | nothing |
+//! | `identity` | `domain` |
+//! | `store` | `domain`, `lograte` (today also `import`: pending, issue 8) |
+//! | `import` | `domain`, `store`, `lograte` |
+//! | `audit`, `receipt`, `quota` | `domain` |
+//! | `api` | `domain`, `identity`, `store`, `audit`, `receipt`, `quota`, `lograte`; never `server` |
+//! | `server` | `domain`, `identity`, `store`, `audit`, `receipt`, `quota`, `lograte`, `api`, `config` (not `import`, not `cli`) |
+//! | `config` | all but `api` and `lograte` (today also `server` and `cli`: pending, issue 8) |
+//! | `cli` | everything |
+//!
+//! Inside `server`, the submodules (`tls`, `token`, `auth`, `revoke`,
+//! `reload`, `metrics`, ...) import each other without a circle: identity and
+//! scopes come from [`identity`], the method table from [`api::methods`].
 
 pub mod api;
 pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod identity;
 pub mod import;
+pub mod lograte;
+pub mod quota;
 pub mod receipt;
 pub mod server;
 pub mod store;

@@ -14,8 +14,8 @@ use std::sync::OnceLock;
 use proptest::prelude::*;
 use reassigned::cli::token::{IssuerKey, KeyAlg, jwks_json};
 use reassigned::domain::{Date, DateError, NumberError, PhoneNumber};
+use reassigned::identity::Platform;
 use reassigned::import::{ImportError, Manifest, NoProgress, read_records};
-use reassigned::server::auth::Platform;
 use reassigned::server::token::{Confirmation, TokenClaims, TokenConfig, TokenError, TokenVerifier};
 use sha2::{Digest, Sha256};
 

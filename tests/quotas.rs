@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
 use reassigned::api::pb::{self, BatchCheckNumbersRequest, CheckNumberRequest, batch_check_result};
 use reassigned::config::{ServeConfig, ServeSettings};
-use reassigned::server::quota::QuotaFallback;
+use reassigned::quota::QuotaFallback;
 use reassigned::store::{AnyStore, EmbeddedStore};
 use support::redis::RedisServer;
 use support::server::TestChannel as Channel;

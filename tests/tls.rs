@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use reassigned::cli::certs::{ClientCertSpec, DevPki, PemPair, platform_uri};
-use reassigned::server::auth::{AuthLayer, platform_from_cert};
+use reassigned::identity::platform_from_cert;
+use reassigned::server::auth::AuthLayer;
 use reassigned::server::tls::{AcceptOptions, TlsFiles, TlsMaterial, incoming};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;

@@ -4,11 +4,12 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use super::methods::code_name;
 use super::pb;
 use crate::audit::AuditError;
 use crate::domain::{self, FieldViolation, MirrorMeta};
+use crate::quota::{QuotaExceeded, QuotaKind};
 use crate::receipt::ReceiptError;
-use crate::server::quota::{QuotaExceeded, QuotaKind};
 use crate::store::StoreError;
 
 /// Why a call failed, before it becomes a [`tonic::Status`].
@@ -101,7 +102,7 @@ impl From<ApiError> for Status {
             ApiError::Store(inner) => {
                 // Rate-limited: a store outage fails every call (all are
                 // counted in reassigned_requests_total).
-                if let Some(suppressed) = crate::server::lograte::global().check("store_error") {
+                if let Some(suppressed) = crate::lograte::global().check("store_error") {
                     tracing::warn!(error = %inner, suppressed, "store error");
                 }
                 Status::new(code, message)
@@ -129,29 +130,6 @@ impl From<ApiError> for pb::CheckError {
             code: code_name(code).to_owned(),
             message,
         }
-    }
-}
-
-/// The canonical upper-case name of a gRPC code (`INVALID_ARGUMENT`).
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

@@ -4,10 +4,12 @@
 
 pub mod codec;
 mod convert;
+pub mod methods;
 mod receipts;
 mod service;
 
-pub use convert::{ApiError, code_name};
+pub use convert::ApiError;
+pub use methods::code_name;
 pub use receipts::{CallInfo, REQUEST_ID_HEADER, ReceiptContext, ReceiptPlan};
 pub use service::{ReassignedService, ServiceOptions};
 

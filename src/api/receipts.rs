@@ -8,8 +8,8 @@ use tonic::Request;
 
 use super::pb;
 use crate::domain::{Check, MirrorMeta};
+use crate::identity::Principal;
 use crate::receipt::{ReceiptClaims, ReceiptError, ReceiptSigner, number_sha256};
-use crate::server::auth::Principal;
 
 /// The metadata key of a client-chosen request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";

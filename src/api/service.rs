@@ -18,9 +18,9 @@ use super::receipts::{CallInfo, ReceiptContext, ReceiptPlan};
 use super::{ApiError, pb};
 use crate::audit::{AuditError, AuditRecord, Auditor};
 use crate::domain::{self, Check, Date, FieldViolation};
+use crate::identity::Principal;
+use crate::quota::Quotas;
 use crate::receipt::{ReceiptError, ReceiptSigner};
-use crate::server::auth::Principal;
-use crate::server::quota::Quotas;
 use crate::store::{Store, StoreError};
 
 /// Most requests of a stream answered with one store round trip.
@@ -185,7 +185,7 @@ impl<S: Store> ReassignedService<S> {
     }
 
     /// Charges the caller's quotas with `requests` requests and `numbers`
-    /// numbers (see [`crate::server::quota`]); skipped without quotas or
+    /// numbers (see [`crate::quota`]); skipped without quotas or
     /// without a [`Principal`].
     async fn charge(&self, principal: Option<&Principal>, requests: u32, numbers: u64) -> Result<(), Status> {
         let (Some(quotas), Some(principal)) = (&self.options.quotas, principal) else {

@@ -402,7 +402,7 @@ pub async fn demo(dir: &Path, listen: SocketAddr, records: u64) -> anyhow::Resul
         kid: None,
         platform: "platform-a".into(),
         cert: certs.join("platform-a.pem"),
-        scope: crate::server::token::scope::ALL.into(),
+        scope: crate::identity::scope::ALL.into(),
         ttl: Duration::from_secs(24 * 60 * 60),
         issuer: super::token::DEFAULT_ISSUER.into(),
         audience: super::token::DEFAULT_AUDIENCE.into(),

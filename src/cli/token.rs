@@ -22,7 +22,7 @@ use rustls_pki_types::pem::PemObject as _;
 use sha2::{Digest as _, Sha256};
 
 use crate::cli::certs::platform_uri;
-use crate::server::auth::platform_from_cert;
+use crate::identity::platform_from_cert;
 use crate::server::token::{Confirmation, TokenClaims};
 
 /// The issuer (`iss`) of development tokens, and of `token mint` by default.
@@ -242,7 +242,7 @@ pub struct MintOptions {
     #[arg(long)]
     pub cert: PathBuf,
     /// Scopes, space separated (`numbers:check numbers:batch mirror:read`).
-    #[arg(long, default_value = crate::server::token::scope::ALL)]
+    #[arg(long, default_value = crate::identity::scope::ALL)]
     pub scope: String,
     /// Lifetime: `90s`, `15m`, `1h`, `7d`. `serve` refuses tokens that live
     /// longer than its `--token-max-lifetime` (default 24h).

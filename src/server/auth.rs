@@ -1,8 +1,8 @@
-//! Platform identity and the authentication layer.
+//! The authentication layer.
 //!
 //! The TLS acceptor ([`crate::server::tls`]) verifies the client certificate
 //! during the handshake and derives the caller's [`Platform`] once per
-//! connection. [`AuthLayer`] then turns that connection identity into a
+//! connection (the rule: [`crate::identity::platform_from_cert`]). [`AuthLayer`] then turns that connection identity into a
 //! [`Principal`] in each request's extensions, or answers `UNAUTHENTICATED`
 //! before the request reaches a handler.
 //!
@@ -10,7 +10,10 @@
 //! health and reflection, a bearer token bound to the connection's client
 //! certificate (RFC 8705, see [`crate::server::token`]) that grants the
 //! method's scope: a missing or bad token is `UNAUTHENTICATED`, a valid token
-//! without the scope `PERMISSION_DENIED`.
+//! without the scope `PERMISSION_DENIED`. Scopes come from the one method
+//! table, [`crate::api::methods`]; a path that is neither in it nor health or
+//! reflection is refused with `UNIMPLEMENTED` before any handler runs (fail
+//! closed: an RPC nobody listed gets no free pass).
 //!
 //! `UNAUTHENTICATED` ("who are you?") and `PERMISSION_DENIED` ("you may not do
 //! this") stay distinct: see [`AuthError`].
@@ -20,112 +23,14 @@ use std::task::{Context, Poll};
 
 use futures_util::future::{Either, Ready, ready};
 use http::{Request, Response};
-use sha2::{Digest, Sha256};
 use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing::instrument::Instrumented;
-use x509_parser::extensions::GeneralName;
 
-use crate::server::tls::PeerInfo;
-use crate::server::token::{Scopes, TokenError, TokenVerifier, scope};
-
-/// gRPC path prefixes that may be called without a platform identity.
-///
-/// They still need a completed TLS handshake, and the handshake already
-/// requires a client certificate signed by a trusted CA.
-const EXEMPT_PREFIXES: &[&str] = &["/grpc.health.v1.Health/", "/grpc.reflection."];
-
-/// The calling platform, as named by its client certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Platform {
-    /// The platform identifier: the first URI SAN, else the first DNS SAN,
-    /// else the subject common name of the leaf certificate.
-    pub id: String,
-    /// SHA-256 over the DER of the leaf certificate (for RFC 8705 token
-    /// binding and for logs that must tell two certificates apart).
-    pub cert_sha256: [u8; 32],
-}
-
-impl Platform {
-    /// The certificate fingerprint as lowercase hex.
-    pub fn cert_sha256_hex(&self) -> String {
-        hex::encode(self.cert_sha256)
-    }
-}
-
-/// Why no platform identity could be read from a certificate.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CertIdentityError {
-    /// The bytes are not a DER X.509 certificate.
-    #[error("cannot parse the client certificate: {0}")]
-    Parse(String),
-    /// The certificate has an unreadable subject alternative name extension.
-    #[error("cannot read the subject alternative names: {0}")]
-    SubjectAltName(String),
-    /// The certificate carries no URI SAN, no DNS SAN and no subject CN.
-    #[error("the certificate names no URI SAN, DNS SAN or subject common name")]
-    NoIdentity,
-}
-
-/// Derive the [`Platform`] from a leaf certificate in DER.
-///
-/// The id is the first URI SAN, else the first DNS SAN, else the subject
-/// common name. Empty names are skipped.
-pub fn platform_from_cert(der: &[u8]) -> Result<Platform, CertIdentityError> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|err| CertIdentityError::Parse(err.to_string()))?;
-
-    let sans: Vec<&GeneralName<'_>> = cert
-        .subject_alternative_name()
-        .map_err(|err| CertIdentityError::SubjectAltName(err.to_string()))?
-        .map(|ext| ext.value.general_names.iter().collect())
-        .unwrap_or_default();
-    let uri = sans.iter().find_map(|name| match name {
-        GeneralName::URI(uri) if !uri.is_empty() => Some(*uri),
-        _ => None,
-    });
-    let dns = || {
-        sans.iter().find_map(|name| match name {
-            GeneralName::DNSName(dns) if !dns.is_empty() => Some(*dns),
-            _ => None,
-        })
-    };
-    let cn = || {
-        cert.subject()
-            .iter_common_name()
-            .find_map(|cn| cn.as_str().ok().filter(|cn| !cn.is_empty()))
-    };
-    let id = uri
-        .or_else(dns)
-        .or_else(cn)
-        .ok_or(CertIdentityError::NoIdentity)?;
-
-    Ok(Platform {
-        id: id.to_owned(),
-        cert_sha256: Sha256::digest(der).into(),
-    })
-}
-
-/// The authenticated caller of one request, found in the request extensions
-/// of every request that passed [`AuthLayer`].
-#[derive(Debug, Clone)]
-pub struct Principal {
-    /// The platform named by the client certificate of the connection.
-    pub platform: Arc<Platform>,
-    /// The scopes granted by the call's bearer token; `None` when the server
-    /// runs without tokens (mTLS only) or for an exempt (health, reflection)
-    /// call.
-    pub scopes: Option<Scopes>,
-}
-
-impl Principal {
-    /// The RFC 8705 thumbprint of the client certificate: base64url (no
-    /// padding) SHA-256 of its DER, as in a token's `cnf["x5t#S256"]`.
-    pub fn cert_thumbprint(&self) -> String {
-        crate::server::token::Confirmation::for_cert_sha256(&self.platform.cert_sha256).x5t_s256
-    }
-}
+use crate::api::methods::{Access, Route, route};
+use crate::identity::{PeerInfo, Platform, Principal, Scope, Scopes};
+use crate::server::token::{TokenError, TokenVerifier};
 
 /// Why a request is refused. Each variant maps to exactly one gRPC status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -138,7 +43,11 @@ pub enum AuthError {
     Token(TokenError),
     /// The token is valid but does not grant the method's scope.
     #[error("missing scope {0}")]
-    MissingScope(&'static str),
+    MissingScope(Scope),
+    /// The path is no method of this server (not in the method table, not
+    /// health or reflection).
+    #[error("unknown method")]
+    UnknownMethod,
 }
 
 impl From<AuthError> for tonic::Status {
@@ -147,6 +56,7 @@ impl From<AuthError> for tonic::Status {
         match err {
             AuthError::NoCertificate | AuthError::Token(_) => tonic::Status::unauthenticated(message),
             AuthError::MissingScope(_) => tonic::Status::permission_denied(message),
+            AuthError::UnknownMethod => tonic::Status::unimplemented(message),
         }
     }
 }
@@ -205,8 +115,9 @@ impl<S> Auth<S> {
     fn authorize<B>(
         &self,
         req: &Request<B>,
+        peer: &PeerInfo,
         platform: &Platform,
-        needed: Option<&'static str>,
+        access: Access,
     ) -> Result<Option<Scopes>, AuthError> {
         let Some(tokens) = &self.tokens else {
             return Ok(None);
@@ -215,13 +126,13 @@ impl<S> Auth<S> {
             .headers()
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        let scopes = tokens.verify(header, platform).map_err(AuthError::Token)?;
-        if let Some(needed) = needed
-            && !scopes.contains(needed)
-        {
-            return Err(AuthError::MissingScope(needed));
+        let scopes = tokens
+            .verify_on_connection(header, platform, &peer.token_memo)
+            .map_err(AuthError::Token)?;
+        match access {
+            Access::Scope(needed) if !scopes.grants(needed) => Err(AuthError::MissingScope(needed)),
+            Access::Scope(_) | Access::AnyToken => Ok(Some(scopes)),
         }
-        Ok(Some(scopes))
     }
 }
 
@@ -245,8 +156,8 @@ where
             platform = tracing::field::Empty,
             method = %path
         );
-        let exempt = EXEMPT_PREFIXES.iter().any(|prefix| path.starts_with(prefix));
-        let needed = scope::required(path);
+        let route = route(path);
+        let exempt = route == Route::Exempt;
 
         let peer = req.extensions().get::<PeerInfo>().cloned();
         if let Some(peer) = &peer {
@@ -255,24 +166,24 @@ where
                 remote_addr: peer.remote_addr,
             });
         }
-        match peer.and_then(|peer| peer.platform) {
-            Some(platform) => {
+        match peer
+            .as_ref()
+            .and_then(|peer| Some((peer, peer.platform.clone()?)))
+        {
+            Some((peer, platform)) => {
                 span.record("platform", tracing::field::display(&platform.id));
-                let scopes = if exempt {
-                    None
-                } else {
-                    match self.authorize(&req, &platform, needed) {
-                        Ok(scopes) => scopes,
-                        Err(err) => {
-                            if let Some(suppressed) =
-                                crate::server::lograte::global().check("request_refused")
-                            {
-                                span.in_scope(
-                                    || tracing::info!(reason = %err, suppressed, "request refused"),
-                                );
-                            }
-                            return Either::Right(ready(Ok(tonic::Status::from(err).into_http())));
+                let authorized = match route {
+                    Route::Exempt => Ok(None),
+                    Route::Unknown => Err(AuthError::UnknownMethod),
+                    Route::Api(method) => self.authorize(&req, peer, &platform, method.access),
+                };
+                let scopes = match authorized {
+                    Ok(scopes) => scopes,
+                    Err(err) => {
+                        if let Some(suppressed) = crate::lograte::global().check("request_refused") {
+                            span.in_scope(|| tracing::info!(reason = %err, suppressed, "request refused"));
                         }
+                        return Either::Right(ready(Ok(tonic::Status::from(err).into_http())));
                     }
                 };
                 req.extensions_mut().insert(Principal { platform, scopes });
@@ -305,9 +216,13 @@ mod tests {
             tonic::Status::from(AuthError::Token(TokenError::Expired)).code(),
             tonic::Code::Unauthenticated
         );
-        let denied = tonic::Status::from(AuthError::MissingScope(scope::BATCH));
+        let denied = tonic::Status::from(AuthError::MissingScope(Scope::NumbersBatch));
         assert_eq!(denied.code(), tonic::Code::PermissionDenied);
         assert_eq!(denied.message(), "missing scope numbers:batch");
+        assert_eq!(
+            tonic::Status::from(AuthError::UnknownMethod).code(),
+            tonic::Code::Unimplemented
+        );
     }
 
     use std::convert::Infallible;
@@ -342,6 +257,7 @@ mod tests {
                     cert_sha256: [7; 32],
                 })
             }),
+            token_memo: Arc::default(),
         }
     }
 
@@ -357,7 +273,7 @@ mod tests {
         let svc = AuthLayer::new().layer(tower::service_fn(echo_principal));
         let response = svc
             .oneshot(request(
-                "/reassigned.v1.Lookup/Check",
+                "/reassigned.v1.ReassignedNumbers/CheckNumber",
                 Some(peer(Some("platform-a"))),
             ))
             .await
@@ -371,7 +287,7 @@ mod tests {
         for peer in [None, Some(peer(None))] {
             let svc = AuthLayer::new().layer(tower::service_fn(echo_principal));
             let response = svc
-                .oneshot(request("/reassigned.v1.Lookup/Check", peer))
+                .oneshot(request("/reassigned.v1.ReassignedNumbers/CheckNumber", peer))
                 .await
                 .unwrap();
             assert_eq!(grpc_status(&response), Some("16"));
@@ -399,11 +315,35 @@ mod tests {
         assert_eq!(grpc_status(&response), Some("16"));
     }
 
-    #[test]
-    fn garbage_is_not_a_certificate() {
-        assert!(matches!(
-            platform_from_cert(b"not a certificate"),
-            Err(CertIdentityError::Parse(_))
-        ));
+    /// A path outside the method table (say a new RPC nobody gave a scope)
+    /// is refused by the layer itself: the inner service never runs, with
+    /// or without tokens. Health and reflection stay open.
+    #[tokio::test]
+    async fn unknown_methods_are_refused_before_the_handler() {
+        for path in [
+            "/reassigned.v1.ReassignedNumbers/DeleteEverything",
+            "/reassigned.v1.Admin/Wipe",
+            "/other.Service/Method",
+            "/",
+        ] {
+            let svc = AuthLayer::new().layer(tower::service_fn(echo_principal));
+            let response = svc
+                .oneshot(request(path, Some(peer(Some("platform-a")))))
+                .await
+                .unwrap();
+            assert_eq!(grpc_status(&response), Some("12"), "{path}");
+            assert!(
+                response.headers().get("x-platform").is_none(),
+                "{path} reached the handler"
+            );
+        }
+        for method in &crate::api::methods::METHODS {
+            let svc = AuthLayer::new().layer(tower::service_fn(echo_principal));
+            let response = svc
+                .oneshot(request(method.path, Some(peer(Some("platform-a")))))
+                .await
+                .unwrap();
+            assert_eq!(grpc_status(&response), None, "{}", method.path);
+        }
     }
 }

@@ -16,56 +16,25 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::api::methods;
 use crate::audit::AuditStats;
 use crate::domain::Date;
 use crate::store::{AnyStore, Store};
 
-/// The gRPC methods counted by name; any other path counts as `other`.
-const METHODS: [(&str, &str); 7] = [
-    ("/reassigned.v1.ReassignedNumbers/CheckNumber", "CheckNumber"),
-    (
-        "/reassigned.v1.ReassignedNumbers/BatchCheckNumbers",
-        "BatchCheckNumbers",
-    ),
-    (
-        "/reassigned.v1.ReassignedNumbers/StreamCheckNumbers",
-        "StreamCheckNumbers",
-    ),
-    (
-        "/reassigned.v1.ReassignedNumbers/GetMirrorStatus",
-        "GetMirrorStatus",
-    ),
-    (
-        "/reassigned.v1.ReassignedNumbers/GetSigningKeys",
-        "GetSigningKeys",
-    ),
-    ("/grpc.health.v1.Health/Check", "HealthCheck"),
-    ("/grpc.health.v1.Health/Watch", "HealthWatch"),
-];
+/// Columns of the request counters: the 17 gRPC codes by number, then
+/// `none` (the call ended without a status: cancelled by the client or
+/// connection lost).
+const CODES: usize = 18;
+const NO_CODE: usize = CODES - 1;
 
-/// The `code` labels: the 17 gRPC codes by number, then `none` (the call
-/// ended without a status: cancelled by the client or connection lost).
-const CODES: [&str; 18] = [
-    "OK",
-    "Cancelled",
-    "Unknown",
-    "InvalidArgument",
-    "DeadlineExceeded",
-    "NotFound",
-    "AlreadyExists",
-    "PermissionDenied",
-    "ResourceExhausted",
-    "FailedPrecondition",
-    "Aborted",
-    "OutOfRange",
-    "Unimplemented",
-    "Internal",
-    "Unavailable",
-    "DataLoss",
-    "Unauthenticated",
-    "none",
-];
-const NO_CODE: usize = CODES.len() - 1;
+/// The `code` label of a column: the gRPC code's one spelling
+/// ([`methods::code_name`]), or `none`.
+fn code_label(column: usize) -> &'static str {
+    match i32::try_from(column) {
+        Ok(code) if column < NO_CODE => methods::code_name(tonic::Code::from_i32(code)),
+        _ => "none",
+    }
+}
 
 /// Handle shared between a [`crate::config::ServeConfig`] and the server
 /// running it: the request counters, and the address the metrics endpoint
@@ -76,9 +45,9 @@ pub struct MetricsHandle {
 }
 
 struct Inner {
-    /// One row per entry of [`METHODS`], then `other`; one column per
-    /// entry of [`CODES`].
-    requests: [[AtomicU64; CODES.len()]; METHODS.len() + 1],
+    /// One row per metrics label of [`methods::label_index`]; one column
+    /// per gRPC code, then `none` (see [`code_label`]).
+    requests: [[AtomicU64; CODES]; methods::LABEL_COUNT],
     bound: watch::Sender<Option<SocketAddr>>,
     /// Counters of the TLS accept loop.
     handshakes: Arc<crate::server::tls::HandshakeStats>,
@@ -124,7 +93,7 @@ impl MetricsHandle {
     /// `code` (a number; `None`: without a status).
     pub fn requests(&self, path: &str, code: Option<tonic::Code>) -> u64 {
         let code = code.map_or(NO_CODE, |c| c as usize);
-        self.inner.requests[method_index(path)][code].load(Ordering::Relaxed)
+        self.inner.requests[methods::label_index(path)][code].load(Ordering::Relaxed)
     }
 
     /// The counters of the TLS accept loop of the server running with
@@ -136,13 +105,6 @@ impl MetricsHandle {
     fn count(&self, method: usize, code: usize) {
         self.inner.requests[method][code].fetch_add(1, Ordering::Relaxed);
     }
-}
-
-fn method_index(path: &str) -> usize {
-    METHODS
-        .iter()
-        .position(|(p, _)| *p == path)
-        .unwrap_or(METHODS.len())
 }
 
 /// What the endpoint reports besides the request counters.
@@ -165,14 +127,13 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         }
     };
     // Only the (method, code) pairs seen so far: a fixed, bounded set.
-    let requests: Vec<(String, u64)> = METHODS
-        .iter()
-        .map(|(_, m)| *m)
-        .chain(std::iter::once("other"))
+    let requests: Vec<(String, u64)> = (0..methods::LABEL_COUNT)
+        .map(methods::label)
         .zip(&handle.inner.requests)
         .flat_map(|(m, row)| {
-            CODES.iter().zip(row).filter_map(move |(code, c)| {
+            row.iter().enumerate().filter_map(move |(column, c)| {
                 let n = c.load(Ordering::Relaxed);
+                let code = code_label(column);
                 (n > 0).then(|| (format!("{{method=\"{m}\",code=\"{code}\"}}"), n))
             })
         })
@@ -303,7 +264,7 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "reassigned_log_suppressed_total",
         "counter",
         "Log lines not written by the rate limit of repeated lines (process-wide).",
-        &one(crate::server::lograte::global().suppressed_total()),
+        &one(crate::lograte::global().suppressed_total()),
     );
     metric(
         "reassigned_import_skipped_files",
@@ -385,7 +346,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = method_index(req.uri().path());
+        let method = methods::label_index(req.uri().path());
         let handle = self.handle.clone();
         let call = self.inner.call(req);
         Box::pin(async move {
@@ -415,7 +376,7 @@ where
     }
 }
 
-/// The `CODES` index of the `grpc-status` in `headers`, if any.
+/// The counter column of the `grpc-status` in `headers`, if any.
 fn status_of(headers: &http::HeaderMap) -> Option<usize> {
     let code = headers.get("grpc-status")?.to_str().ok()?.parse::<usize>().ok()?;
     (code < NO_CODE).then_some(code)

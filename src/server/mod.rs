@@ -4,9 +4,7 @@
 
 pub mod auth;
 pub mod limits;
-pub mod lograte;
 pub mod metrics;
-pub mod quota;
 pub mod reload;
 pub mod revoke;
 pub mod tls;
@@ -146,7 +144,7 @@ where
             ServiceOptions {
                 max_batch: config.max_batch,
                 max_staleness_days: config.max_staleness_days,
-                quotas: quota::Quotas::new(config.quotas.clone())?,
+                quotas: crate::quota::Quotas::new(config.quotas.clone())?,
             },
         )
         .with_receipts(receipts)
@@ -172,7 +170,7 @@ where
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
         loop {
             ticks.tick().await;
-            lograte::global().flush();
+            crate::lograte::global().flush();
         }
     }));
     let drain_reporter = reporter.clone();

@@ -26,8 +26,8 @@ use http_body::{Body, Frame, SizeHint};
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, UnixTime};
 
-use crate::server::lograte;
-use crate::server::tls::PeerInfo;
+use crate::identity::PeerInfo;
+use crate::lograte;
 
 /// Identifies a connection: our address and the client's.
 type ConnKey = (Option<SocketAddr>, SocketAddr);

@@ -65,8 +65,8 @@ use tokio_rustls::server::TlsStream;
 use x509_parser::prelude::FromDer as _;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
-use crate::server::auth::{Platform, platform_from_cert};
-use crate::server::lograte;
+use crate::identity::{PeerInfo, Platform, platform_from_cert};
+use crate::lograte;
 use crate::server::revoke::{OpenConnections, Registered};
 
 /// Pause after an accept error that is not about a single connection
@@ -780,21 +780,6 @@ impl HandshakeStats {
     }
 }
 
-/// Who is on the other end of a connection, computed once at handshake time.
-///
-/// Tonic inserts a clone into every request's extensions (see
-/// [`tonic::transport::server::Connected`]); [`crate::server::auth::AuthLayer`]
-/// reads it from there.
-#[derive(Debug, Clone, Default)]
-pub struct PeerInfo {
-    /// The client's address.
-    pub remote_addr: Option<SocketAddr>,
-    /// Our address on this connection.
-    pub local_addr: Option<SocketAddr>,
-    /// The platform named by the client certificate, if it names one.
-    pub platform: Option<Arc<Platform>>,
-}
-
 /// A server-side TLS connection whose handshake has completed.
 #[derive(Debug)]
 pub struct TlsConnection {
@@ -936,7 +921,7 @@ impl Drop for TlsIncoming {
 /// limits of [`AcceptOptions`] (first-byte deadline, handshake timeout,
 /// pending pool and per-address caps that shed the oldest). Failed
 /// handshakes are counted and logged (rate-limited, see
-/// [`crate::server::lograte`]); accept errors are logged and never end the
+/// [`crate::lograte`]); accept errors are logged and never end the
 /// stream.
 ///
 /// `config` is an `Arc<ServerConfig>` (fixed) or a [`SharedServerConfig`]
@@ -1113,6 +1098,7 @@ async fn accept_loop(
                 remote_addr: Some(remote_addr),
                 local_addr,
                 platform: connection_platform(&stream, remote_addr),
+                token_memo: Arc::default(),
             };
             let tracked = stream.get_ref().1.peer_certificates().map(|chain| Tracked {
                 registered: shared.connections.register(

@@ -11,9 +11,17 @@
 //!
 //! The keys live in an [`ArcSwap`]: [`TokenVerifier::reload`] re-reads the
 //! JWKS file and swaps them in; a reload that fails keeps the old keys.
+//!
+//! A verified token is remembered twice: per connection (the connection's
+//! [`TokenMemo`]: the same bytes again skip any hashing, see
+//! [`TokenVerifier::verify_on_connection`]) and in a shared cache by SHA-256
+//! (a new connection with a known token skips the signature). Both are
+//! forgotten when the keys are reloaded; expiry, the certificate binding and
+//! the subject are checked on every call.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -24,33 +32,15 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::server::auth::Platform;
+use crate::identity::{Platform, RememberedToken, Scopes, TokenMemo, VerifiedToken};
 
 /// Seconds of clock skew allowed on `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 30;
 
-/// The scopes a token can grant, and the methods that need them.
-pub mod scope {
-    /// `CheckNumber`.
-    pub const CHECK: &str = "numbers:check";
-    /// `BatchCheckNumbers` and `StreamCheckNumbers`.
-    pub const BATCH: &str = "numbers:batch";
-    /// `GetMirrorStatus`.
-    pub const MIRROR_READ: &str = "mirror:read";
-    /// Every scope, space separated (as in a token's `scope` claim).
-    pub const ALL: &str = "numbers:check numbers:batch mirror:read";
-
-    /// The scope a gRPC method path needs. `None`: a valid token is enough
-    /// (other `reassigned.v1` methods, such as a future `GetSigningKeys`).
-    pub fn required(path: &str) -> Option<&'static str> {
-        match path.strip_prefix("/reassigned.v1.ReassignedNumbers/")? {
-            "CheckNumber" => Some(CHECK),
-            "BatchCheckNumbers" | "StreamCheckNumbers" => Some(BATCH),
-            "GetMirrorStatus" => Some(MIRROR_READ),
-            _ => None,
-        }
-    }
-}
+/// The scope names, kept here too for code written against this path; they
+/// live in [`crate::identity::scope`], and which method needs which in
+/// [`crate::api::methods`].
+pub use crate::identity::scope;
 
 /// Where the verifier finds its keys and what it expects of a token.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -83,7 +73,7 @@ impl Confirmation {
     /// The confirmation for a certificate whose DER has this SHA-256.
     pub fn for_cert_sha256(sha256: &[u8; 32]) -> Self {
         Self {
-            x5t_s256: URL_SAFE_NO_PAD.encode(sha256),
+            x5t_s256: crate::identity::cert_thumbprint(sha256),
         }
     }
 }
@@ -121,27 +111,6 @@ struct ReadClaims {
     scope: Option<String>,
     #[serde(default)]
     cnf: Option<Confirmation>,
-}
-
-/// The scopes granted by a verified token.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Scopes(Arc<[Box<str>]>);
-
-impl Scopes {
-    /// Parses a space-separated `scope` claim.
-    pub fn parse(claim: &str) -> Self {
-        Self(claim.split_ascii_whitespace().map(Box::from).collect())
-    }
-
-    /// Whether `scope` is granted.
-    pub fn contains(&self, scope: &str) -> bool {
-        self.0.iter().any(|s| &**s == scope)
-    }
-
-    /// The granted scopes.
-    pub fn iter(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(|s| &**s)
-    }
 }
 
 /// Why a bearer token is refused. Every variant answers `UNAUTHENTICATED`
@@ -230,46 +199,52 @@ struct VerifyKey {
 /// The keys of one JWKS file, by `kid`.
 struct KeySet {
     keys: HashMap<String, VerifyKey>,
+    /// Tells this key set from every other one loaded in the process: a
+    /// connection's [`TokenMemo`] remembers it, so a reload also forgets the
+    /// tokens remembered per connection.
+    generation: u64,
     /// Tokens these keys verified, by SHA-256 of the token. Platforms send
     /// the same token on every call until it expires: a hit costs a hash
-    /// instead of a signature check. It lives and dies with the key set, so
-    /// a reload forgets every token verified with the old keys.
-    verified: Mutex<HashMap<[u8; 32], Arc<Verified>>>,
+    /// instead of a signature check (and a connection's [`TokenMemo`] spares
+    /// even the hash). It lives and dies with the key set, so a reload
+    /// forgets every token verified with the old keys.
+    verified: Mutex<HashMap<[u8; 32], Arc<VerifiedToken>>>,
 }
+
+/// The source of [`KeySet::generation`].
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 
 /// Most tokens remembered per key set; past it, expired ones are dropped,
 /// and if that is not enough, all.
 const VERIFIED_CAPACITY: usize = 4096;
 
-/// What a verified token says, minus what must be checked on every call.
-#[derive(Debug)]
-struct Verified {
-    sub: String,
-    /// `cnf` `x5t#S256`, decoded; `None` if absent or not base64url.
-    bound: Option<Vec<u8>>,
-    /// `exp`, seconds since the epoch.
-    exp: f64,
-    scopes: Scopes,
+/// The checks of a verified token that depend on the time and the
+/// connection: expiry (its signature, issuer, audience and `nbf` were checked
+/// once), binding to the certificate, and the subject. Run on every call.
+fn check(verified: &VerifiedToken, now: u64, platform: &Platform) -> Result<Scopes, TokenError> {
+    if verified.exp + (LEEWAY_SECS as f64) < now as f64 {
+        return Err(TokenError::Expired);
+    }
+    match &verified.bound {
+        None => return Err(TokenError::Unbound),
+        Some(bound) if bound[..] != platform.cert_sha256[..] => return Err(TokenError::WrongCertificate),
+        Some(_) => {}
+    }
+    if verified.sub != platform.id {
+        return Err(TokenError::WrongSubject);
+    }
+    Ok(verified.scopes.clone())
 }
 
-impl Verified {
-    /// The checks that depend on the time and the connection: expiry (its
-    /// signature, issuer, audience and `nbf` were checked once), binding to
-    /// the certificate, and the subject.
-    fn check(&self, now: u64, platform: &Platform) -> Result<Scopes, TokenError> {
-        if self.exp + (LEEWAY_SECS as f64) < now as f64 {
-            return Err(TokenError::Expired);
-        }
-        match &self.bound {
-            None => return Err(TokenError::Unbound),
-            Some(bound) if bound[..] != platform.cert_sha256[..] => return Err(TokenError::WrongCertificate),
-            Some(_) => {}
-        }
-        if self.sub != platform.id {
-            return Err(TokenError::WrongSubject);
-        }
-        Ok(self.scopes.clone())
+/// The token of an `authorization` metadata value `Bearer <token>`.
+fn bearer(authorization: Option<&[u8]>) -> Result<&str, TokenError> {
+    let value = authorization.ok_or(TokenError::Missing)?;
+    let value = std::str::from_utf8(value).map_err(|_| TokenError::NotBearer)?;
+    let (scheme, token) = value.trim().split_once(' ').ok_or(TokenError::NotBearer)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(TokenError::NotBearer);
     }
+    Ok(token.trim())
 }
 
 /// Verifies bearer tokens against the keys of a JWKS file.
@@ -320,15 +295,45 @@ impl TokenVerifier {
     /// Verifies the `authorization` metadata value of a call from `platform`
     /// and returns the granted scopes.
     pub fn verify(&self, authorization: Option<&[u8]>, platform: &Platform) -> Result<Scopes, TokenError> {
-        let value = authorization.ok_or(TokenError::Missing)?;
-        let value = std::str::from_utf8(value).map_err(|_| TokenError::NotBearer)?;
-        let (scheme, token) = value.trim().split_once(' ').ok_or(TokenError::NotBearer)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(TokenError::NotBearer);
-        }
-        let token = token.trim();
+        let token = bearer(authorization)?;
         let now = jsonwebtoken::get_current_timestamp();
         let keys = self.keys.load();
+        let verified = self.verified(&keys, token, now)?;
+        check(&verified, now, platform)
+    }
+
+    /// [`Self::verify`] for a call on a connection whose last verified token
+    /// is in `memo`: the same token again (byte for byte, verified with the
+    /// current keys) skips the hash and the shared cache. Expiry, the
+    /// certificate binding and the subject are checked on every call all the
+    /// same.
+    pub fn verify_on_connection(
+        &self,
+        authorization: Option<&[u8]>,
+        platform: &Platform,
+        memo: &TokenMemo,
+    ) -> Result<Scopes, TokenError> {
+        let token = bearer(authorization)?;
+        let now = jsonwebtoken::get_current_timestamp();
+        let keys = self.keys.load();
+        if let Some(remembered) = memo.get()
+            && remembered.generation == keys.generation
+            && *remembered.token == *token.as_bytes()
+        {
+            return check(&remembered.verified, now, platform);
+        }
+        let verified = self.verified(&keys, token, now)?;
+        memo.set(RememberedToken {
+            token: token.as_bytes().into(),
+            generation: keys.generation,
+            verified: verified.clone(),
+        });
+        check(&verified, now, platform)
+    }
+
+    /// The verified claims of `token`: from the shared cache, else checked
+    /// (signature, issuer, audience, time claims, lifetime) and cached.
+    fn verified(&self, keys: &KeySet, token: &str, now: u64) -> Result<Arc<VerifiedToken>, TokenError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let hit = keys
             .verified
@@ -337,7 +342,7 @@ impl TokenVerifier {
             .get(&digest)
             .cloned();
         if let Some(verified) = hit {
-            return verified.check(now, platform);
+            return Ok(verified);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         let kid = header.kid.ok_or(TokenError::UnknownKey)?;
@@ -348,7 +353,7 @@ impl TokenVerifier {
         if let Some(max) = self.config.max_lifetime_secs {
             check_lifetime(claims.iat, claims.exp, now, max)?;
         }
-        let verified = Arc::new(Verified {
+        let verified = Arc::new(VerifiedToken {
             sub: claims.sub,
             bound: claims
                 .cnf
@@ -364,8 +369,7 @@ impl TokenVerifier {
             }
         }
         cache.insert(digest, verified.clone());
-        drop(cache);
-        verified.check(now, platform)
+        Ok(verified)
     }
 }
 
@@ -505,6 +509,7 @@ fn read_jwks(path: &Path, config: &TokenConfig) -> Result<KeySet, JwksError> {
     }
     Ok(KeySet {
         keys,
+        generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
         verified: Mutex::new(HashMap::new()),
     })
 }
@@ -514,33 +519,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scopes_by_method() {
-        let p = |m: &str| scope::required(&format!("/reassigned.v1.ReassignedNumbers/{m}"));
-        assert_eq!(p("CheckNumber"), Some(scope::CHECK));
-        assert_eq!(p("BatchCheckNumbers"), Some(scope::BATCH));
-        assert_eq!(p("StreamCheckNumbers"), Some(scope::BATCH));
-        assert_eq!(p("GetMirrorStatus"), Some(scope::MIRROR_READ));
-        assert_eq!(p("GetSigningKeys"), None);
-        let all = Scopes::parse(scope::ALL);
-        assert!(all.contains(scope::CHECK) && all.contains(scope::BATCH) && all.contains(scope::MIRROR_READ));
-        assert!(!Scopes::parse("numbers:checks").contains(scope::CHECK));
-    }
-
-    #[test]
     fn remembered_tokens_still_expire_and_stay_bound() {
         let platform = Platform {
             id: "p".into(),
             cert_sha256: [7; 32],
         };
-        let verified = Verified {
+        let verified = VerifiedToken {
             sub: "p".into(),
             bound: Some(vec![7; 32]),
             exp: 1000.0,
             scopes: Scopes::parse(scope::ALL),
         };
-        assert!(verified.check(1000 + LEEWAY_SECS, &platform).is_ok());
+        assert!(check(&verified, 1000 + LEEWAY_SECS, &platform).is_ok());
         assert_eq!(
-            verified.check(1001 + LEEWAY_SECS, &platform),
+            check(&verified, 1001 + LEEWAY_SECS, &platform),
             Err(TokenError::Expired)
         );
         let other_cert = Platform {
@@ -548,19 +540,19 @@ mod tests {
             cert_sha256: [8; 32],
         };
         assert_eq!(
-            verified.check(900, &other_cert),
+            check(&verified, 900, &other_cert),
             Err(TokenError::WrongCertificate)
         );
         let other_sub = Platform {
             id: "q".into(),
             cert_sha256: [7; 32],
         };
-        assert_eq!(verified.check(900, &other_sub), Err(TokenError::WrongSubject));
-        let unbound = Verified {
+        assert_eq!(check(&verified, 900, &other_sub), Err(TokenError::WrongSubject));
+        let unbound = VerifiedToken {
             bound: None,
             ..verified
         };
-        assert_eq!(unbound.check(900, &platform), Err(TokenError::Unbound));
+        assert_eq!(check(&unbound, 900, &platform), Err(TokenError::Unbound));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! (metrics); [`LogRate::suppressed_total`] counts the lines not written.
 //!
 //! ```
-//! use reassigned::server::lograte;
+//! use reassigned::lograte;
 //!
 //! if let Some(suppressed) = lograte::global().check("example_failure") {
 //!     tracing::info!(suppressed, "something failed");
