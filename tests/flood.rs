@@ -507,7 +507,7 @@ async fn failure_floods_are_rate_limited_in_the_log_and_counted_exactly() {
     assert_eq!(
         sample(
             &text,
-            "reassigned_requests_total{method=\"CheckNumber\",code=\"UNAVAILABLE\"}"
+            "reassigned_requests_total{method=\"CheckNumber\",code=\"Unavailable\"}"
         ),
         FAILURES,
         "{text}"

@@ -126,7 +126,7 @@ async fn metrics_count_calls_by_method_and_status_and_report_the_mirror() {
     assert_eq!(bad.code(), Code::InvalidArgument);
 
     let ok = r#"reassigned_requests_total{method="CheckNumber",code="OK"}"#;
-    let invalid = r#"reassigned_requests_total{method="CheckNumber",code="INVALID_ARGUMENT"}"#;
+    let invalid = r#"reassigned_requests_total{method="CheckNumber",code="InvalidArgument"}"#;
     let mut text = String::new();
     eventually("4 calls counted", async || {
         text = server.metrics().await;

@@ -27,12 +27,15 @@ use crate::store::{AnyStore, Store};
 const CODES: usize = 18;
 const NO_CODE: usize = CODES - 1;
 
-/// The `code` label of a column: the gRPC code's one spelling
-/// ([`methods::code_name`]), or `none`.
-fn code_label(column: usize) -> &'static str {
+/// The `code` label of a column: the gRPC code as tonic names it (`OK`,
+/// `InvalidArgument`, `Unavailable`, ...: the label values dashboards were
+/// built on, kept as documented), or `none`. The canonical spelling of
+/// error codes in responses is [`methods::code_name`].
+fn code_label(column: usize) -> String {
     match i32::try_from(column) {
-        Ok(code) if column < NO_CODE => methods::code_name(tonic::Code::from_i32(code)),
-        _ => "none",
+        Ok(0) => "OK".to_owned(),
+        Ok(code) if column < NO_CODE => format!("{:?}", tonic::Code::from_i32(code)),
+        _ => "none".to_owned(),
     }
 }
 
