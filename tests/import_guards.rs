@@ -468,6 +468,29 @@ fn generate(dir: &Path, records: u64, deltas: u32) -> PathBuf {
 }
 
 /// Waits until the import child has started writing its pending generation.
+/// The import lock's value, if any.
+async fn lock_value(conn: &mut ::redis::aio::MultiplexedConnection) -> Option<String> {
+    ::redis::cmd("GET")
+        .arg("rn:lock")
+        .query_async(conn)
+        .await
+        .expect("GET rn:lock")
+}
+
+/// The binary's `command path` against `redis`, running in the background.
+fn spawn_against(redis: &RedisServer, command: &str, path: &Path, stderr: Stdio) -> Killed {
+    Killed(
+        bin()
+            .arg(command)
+            .arg(path)
+            .env("REASSIGNED_REDIS", redis.url())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {command}: {e}")),
+    )
+}
+
 async fn until_writing(conn: &mut ::redis::aio::MultiplexedConnection, child: &mut Killed) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -495,24 +518,11 @@ async fn kill_9_of_an_import_then_an_immediate_rerun_succeeds() {
     let manifest = register.join("snapshot-000001.json");
     let mut conn = redis_conn(&redis).await;
 
-    let mut child = Killed(
-        bin()
-            .arg("import")
-            .arg(&manifest)
-            .env("REASSIGNED_REDIS", redis.url())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn import"),
-    );
+    let mut child = spawn_against(&redis, "import", &manifest, Stdio::null());
     until_writing(&mut conn, &mut child).await;
     child.signal("KILL");
     let _ = child.0.wait();
-    let lock: Option<String> = ::redis::cmd("GET")
-        .arg("rn:lock")
-        .query_async(&mut conn)
-        .await
-        .expect("get");
+    let lock = lock_value(&mut conn).await;
     assert!(lock.is_some(), "the killed import left its lock");
     assert!(!keys(&mut conn, "rn:g*:*").await.is_empty(), "and pending keys");
 
@@ -539,11 +549,7 @@ async fn kill_9_of_an_import_then_an_immediate_rerun_succeeds() {
         keys(&mut conn, &format!("rn:g{}:*", m["generation"])).await.len(),
         nbuckets
     );
-    let lock: Option<String> = ::redis::cmd("GET")
-        .arg("rn:lock")
-        .query_async(&mut conn)
-        .await
-        .expect("get");
+    let lock = lock_value(&mut conn).await;
     assert_eq!(lock, None, "released");
 
     // every record is there, with its date
@@ -566,16 +572,7 @@ async fn sigterm_of_sync_rolls_back_and_releases_the_lock() {
     let mut conn = redis_conn(&redis).await;
 
     // before the switch: the pending generation is rolled back
-    let mut child = Killed(
-        bin()
-            .arg("sync")
-            .arg(&register)
-            .env("REASSIGNED_REDIS", redis.url())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn sync"),
-    );
+    let mut child = spawn_against(&redis, "sync", &register, Stdio::piped());
     until_writing(&mut conn, &mut child).await;
     child.signal("TERM");
     let out = wait_out(child).await;
@@ -585,11 +582,7 @@ async fn sigterm_of_sync_rolls_back_and_releases_the_lock() {
         log.contains("interrupted by a signal") && log.contains("rolled back"),
         "{log}"
     );
-    let lock: Option<String> = ::redis::cmd("GET")
-        .arg("rn:lock")
-        .query_async(&mut conn)
-        .await
-        .expect("get");
+    let lock = lock_value(&mut conn).await;
     assert_eq!(lock, None, "lock released");
     let m = meta(&mut conn).await;
     assert!(
@@ -656,11 +649,7 @@ async fn sigterm_after_the_switch_finishes_the_reclaim() {
     assert_eq!(m["sequence"], "2", "stopped before the delta: {m:?}");
     assert!(!m.contains_key("reclaim_generation"), "reclaim finished: {m:?}");
     assert_eq!(foreign_generation_keys(&mut conn).await, Vec::<String>::new());
-    let lock: Option<String> = ::redis::cmd("GET")
-        .arg("rn:lock")
-        .query_async(&mut conn)
-        .await
-        .expect("get");
+    let lock = lock_value(&mut conn).await;
     assert_eq!(lock, None, "lock released");
 }
 
@@ -1054,11 +1043,7 @@ async fn an_import_that_hits_maxmemory_removes_its_pending_keys() {
     assert_eq!(keys(&mut conn, "rn:bloom:*").await, Vec::<String>::new());
     let m = meta(&mut conn).await;
     assert!(!m.contains_key("pending_generation"), "{m:?}");
-    let lock: Option<String> = ::redis::cmd("GET")
-        .arg("rn:lock")
-        .query_async(&mut conn)
-        .await
-        .expect("get");
+    let lock = lock_value(&mut conn).await;
     assert_eq!(lock, None, "lock released");
 }
 
