@@ -338,6 +338,9 @@ struct Inner {
     /// On a cluster: the masters (`CLUSTER SLOTS` of a seed) at the last
     /// probe. Another set while reads fail makes a new connection.
     masters_at_connect: std::sync::Mutex<Option<Vec<String>>>,
+    /// Masters whose appearance already replaced the read connection (by
+    /// [`Inner::probe_masters`]): their first run id is not a change.
+    adopted: std::sync::Mutex<Vec<String>>,
     /// Once-only warnings (policy unknown or volatile, legacy layout).
     warned: std::sync::Mutex<std::collections::HashSet<&'static str>>,
     /// Dropped with the store: stops the refresh task.
@@ -409,6 +412,7 @@ impl RedisStore {
             wake: Arc::new(tokio::sync::Notify::new()),
             probe_wake: Arc::new(tokio::sync::Notify::new()),
             masters_at_connect: std::sync::Mutex::new(None),
+            adopted: std::sync::Mutex::new(Vec::new()),
             warned: std::sync::Mutex::new(std::collections::HashSet::new()),
             _stop: stop_tx,
             opts,
@@ -807,8 +811,19 @@ impl Inner {
                             changed = true;
                         }
                         None => {
+                            // A promoted replica the probe already replaced
+                            // the connection for is no second change.
+                            let adopted = self
+                                .adopted
+                                .lock()
+                                .map(|mut a| {
+                                    let had = a.contains(&node);
+                                    a.retain(|n| *n != node);
+                                    had
+                                })
+                                .unwrap_or(false);
                             known.push((node, id));
-                            changed |= !first;
+                            changed |= !first && !adopted;
                         }
                     }
                 }
@@ -900,6 +915,9 @@ impl Inner {
         let moved = match self.masters_at_connect.lock() {
             Ok(mut seen) => {
                 let moved = seen.as_ref().is_some_and(|before| *before != now);
+                if moved && let (Some(before), Ok(mut adopted)) = (seen.as_ref(), self.adopted.lock()) {
+                    adopted.extend(now.iter().filter(|m| !before.contains(m)).cloned());
+                }
                 *seen = Some(now);
                 moved
             }
