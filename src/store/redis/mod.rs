@@ -74,8 +74,17 @@
 //! On one server the connection is a
 //! [`ConnectionManager`](::redis::aio::ConnectionManager), which reconnects by
 //! itself when Redis comes back; if Redis stops answering on an open
-//! connection (three metadata refreshes in a row time out), the connection is
-//! replaced (on a cluster too).
+//! connection (metadata refreshes time out for three `meta_refresh`
+//! periods), the connection is replaced (on a cluster too).
+//!
+//! **Failover.** While Redis calls fail, the refresh runs every
+//! `trouble_period` (at most 200 ms) instead of every `meta_refresh`. On a cluster,
+//! redis-rs learns a new topology only from a MOVED reply and, while it
+//! retries a dead master's address, holds every request of the connection;
+//! so a probe task asks a seed for `CLUSTER SLOTS` every 100 ms
+//! on a plain connection of its own and replaces the cluster connection as
+//! soon as the masters changed (a replica promoted), which unconfirms the
+//! cache like any broken connection.
 //!
 //! # Membership filter
 //!
