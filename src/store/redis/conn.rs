@@ -3,6 +3,7 @@
 //! store is shared; and the cluster slot of a key, to keep each pipeline
 //! inside one slot.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -15,6 +16,10 @@ use ::redis::{
 };
 
 use super::RedisOptions;
+
+/// The node name of [`Conn::on_masters`]' only entry when `CLUSTER SLOTS`
+/// failed.
+const CLUSTER_SLOTS_FAILED: &str = "cluster slots";
 
 /// Number of hash slots of a Redis Cluster.
 pub(super) const SLOTS: u16 = 16_384;
@@ -33,6 +38,9 @@ pub(super) enum Target {
         client: Box<ClusterClient>,
         /// Only with read-from-replicas: reads from masters.
         masters: Option<Box<ClusterClient>>,
+        /// One plain client per seed URL: topology probes that do not go
+        /// through the cluster connection (see [`Target::seed_masters`]).
+        seeds: Arc<[Client]>,
     },
 }
 
@@ -68,14 +76,18 @@ impl Conn {
             }
             Conn::Cluster(c) => c,
         };
-        let slots = tokio::time::timeout(
-            limit,
-            ::redis::cmd("CLUSTER").arg("SLOTS").query_async::<Value>(cluster),
-        )
-        .await;
+        // Asked of every node, the first answer wins: a random node (the
+        // library's default for CLUSTER SLOTS) may be the one that is down.
+        let all = RoutingInfo::MultiNode((
+            MultipleNodeRoutingInfo::AllNodes,
+            Some(ResponsePolicy::OneSucceeded),
+        ));
+        let mut slots_cmd = ::redis::cmd("CLUSTER");
+        slots_cmd.arg("SLOTS");
+        let slots = tokio::time::timeout(limit, cluster.route_command(slots_cmd, all)).await;
         let masters = match bounded(slots) {
             Ok(v) => cluster_masters(&v),
-            Err(e) => return vec![("cluster slots".to_owned(), Err(e))],
+            Err(e) => return vec![(CLUSTER_SLOTS_FAILED.to_owned(), Err(e))],
         };
         let asks = masters.into_iter().map(|(host, port)| {
             let mut conn = cluster.clone();
@@ -221,17 +233,58 @@ impl Target {
                 .response_timeout(opts.bulk_timeout)
                 .max_retry_wait(1_000)
         };
+        let seeds: Arc<[Client]> = urls
+            .iter()
+            .map(|u| Client::open(u.as_str()))
+            .collect::<RedisResult<Vec<_>>>()?
+            .into();
         if opts.read_from_replicas {
             Ok(Target::Cluster {
                 client: Box::new(builder().read_routing_strategy(RandomReplicaStrategy).build()?),
                 masters: Some(Box::new(builder().build()?)),
+                seeds,
             })
         } else {
             Ok(Target::Cluster {
                 client: Box::new(builder().build()?),
                 masters: None,
+                seeds,
             })
         }
+    }
+
+    /// On a cluster: the masters (`host:port`, sorted) named by `CLUSTER
+    /// SLOTS`, asked of the seed nodes one after the other over a plain
+    /// connection of its own (each attempt bounded by `limit`), the first
+    /// answer wins; `None` on one server or if no seed answered. It does not
+    /// go through the cluster connection, which holds every request while
+    /// the client library recovers from a dead node (and, until a MOVED
+    /// reply, keeps a failed-over master's slots on the dead address).
+    pub async fn seed_masters(&self, limit: Duration) -> Option<Vec<String>> {
+        let Target::Cluster { seeds, .. } = self else {
+            return None;
+        };
+        for seed in seeds.iter() {
+            let ask = async {
+                let mut conn = seed.get_multiplexed_async_connection().await?;
+                ::redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query_async::<Value>(&mut conn)
+                    .await
+            };
+            if let Ok(Ok(reply)) = tokio::time::timeout(limit, ask).await {
+                let mut masters: Vec<String> = cluster_masters(&reply)
+                    .into_iter()
+                    .map(|(host, port)| format!("{host}:{port}"))
+                    .collect();
+                if masters.is_empty() {
+                    continue;
+                }
+                masters.sort();
+                return Some(masters);
+            }
+        }
+        None
     }
 
     /// The passwords of the target's URLs (removed from error messages).

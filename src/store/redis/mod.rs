@@ -74,8 +74,17 @@
 //! On one server the connection is a
 //! [`ConnectionManager`](::redis::aio::ConnectionManager), which reconnects by
 //! itself when Redis comes back; if Redis stops answering on an open
-//! connection (three metadata refreshes in a row time out), the connection is
-//! replaced (on a cluster too).
+//! connection (metadata refreshes time out for three `meta_refresh`
+//! periods), the connection is replaced (on a cluster too).
+//!
+//! **Failover.** While Redis calls fail, the refresh runs every
+//! `trouble_period` (at most 200 ms) instead of every `meta_refresh`. On a cluster,
+//! redis-rs learns a new topology only from a MOVED reply and, while it
+//! retries a dead master's address, holds every request of the connection;
+//! so a probe task asks a seed for `CLUSTER SLOTS` every 100 ms
+//! on a plain connection of its own and replaces the cluster connection as
+//! soon as the masters changed (a replica promoted), which unconfirms the
+//! cache like any broken connection.
 //!
 //! # Membership filter
 //!
@@ -325,6 +334,22 @@ struct Inner {
     run_ids: std::sync::Mutex<Option<Vec<(String, String)>>>,
     /// Reads whose bucket sentinel did not prove them (counted).
     unproven_reads: AtomicU64,
+    /// When a Redis call of a read last failed or timed out (ms since
+    /// `started`; 0: never). While that is recent, the refresh loop checks
+    /// the nodes and the metadata every [`trouble_period`] instead of every
+    /// `meta_refresh`: a failover is noticed in a fraction of a second.
+    trouble_ms: AtomicU64,
+    /// Wakes the refresh loop at a failure (it still keeps
+    /// [`trouble_period`] between two checks).
+    wake: Arc<tokio::sync::Notify>,
+    /// Wakes the topology probe ([`probe_loop`], clusters only) at a failure.
+    probe_wake: Arc<tokio::sync::Notify>,
+    /// On a cluster: the masters (`CLUSTER SLOTS` of a seed) at the last
+    /// probe. Another set while reads fail makes a new connection.
+    masters_at_connect: std::sync::Mutex<Option<Vec<String>>>,
+    /// Masters whose appearance already replaced the read connection (by
+    /// [`Inner::probe_masters`]): their first run id is not a change.
+    adopted: std::sync::Mutex<Vec<String>>,
     /// Once-only warnings (policy unknown or volatile, legacy layout).
     warned: std::sync::Mutex<std::collections::HashSet<&'static str>>,
     /// Dropped with the store: stops the refresh task.
@@ -392,6 +417,11 @@ impl RedisStore {
             high_water: std::sync::Mutex::new(None),
             run_ids: std::sync::Mutex::new(None),
             unproven_reads: AtomicU64::new(0),
+            trouble_ms: AtomicU64::new(0),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            probe_wake: Arc::new(tokio::sync::Notify::new()),
+            masters_at_connect: std::sync::Mutex::new(None),
+            adopted: std::sync::Mutex::new(Vec::new()),
             warned: std::sync::Mutex::new(std::collections::HashSet::new()),
             _stop: stop_tx,
             opts,
@@ -401,9 +431,17 @@ impl RedisStore {
         inner.maybe_load_filter();
         tokio::spawn(refresh_loop(
             Arc::downgrade(&inner),
+            inner.wake.clone(),
             stop_rx,
             inner.opts.meta_refresh.max(Duration::from_millis(10)),
         ));
+        if matches!(inner.target, Target::Cluster { .. }) {
+            tokio::spawn(probe_loop(
+                Arc::downgrade(&inner),
+                inner.probe_wake.clone(),
+                inner.opts.meta_refresh.max(Duration::from_millis(10)),
+            ));
+        }
         Ok(Self { inner })
     }
 
@@ -516,7 +554,10 @@ impl Inner {
         limit: Duration,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(limit, cmd.query_async(conn)).await {
-            Err(_) => Err(StoreError::Timeout(limit)),
+            Err(_) => {
+                self.note_trouble();
+                Err(StoreError::Timeout(limit))
+            }
             Ok(Err(e)) => Err(self.failed(&e)),
             Ok(Ok(v)) => Ok(v),
         }
@@ -525,10 +566,34 @@ impl Inner {
     /// The error of a failed call; a broken connection also makes the
     /// cached metadata unconfirmed (see [`Inner::connection_lost`]).
     fn failed(&self, e: &RedisError) -> StoreError {
+        self.note_trouble();
         if e.is_unrecoverable_error() || e.is_io_error() || e.is_connection_dropped() {
             self.connection_lost();
         }
         self.unavailable(e)
+    }
+
+    /// A Redis call failed or timed out: the refresh loop checks the nodes
+    /// and the metadata faster until calls work again (a failed-over master
+    /// is then replaced by its promoted replica within a fraction of a
+    /// second instead of at the next `meta_refresh` tick).
+    fn note_trouble(&self) {
+        self.trouble_ms.store(self.now_ms().max(1), Ordering::Release);
+        self.wake.notify_one();
+        self.probe_wake.notify_one();
+    }
+
+    /// [`Inner::note_trouble`] for a read that ran out of time as a whole.
+    fn note_timeout(&self, e: &StoreError) {
+        if matches!(e, StoreError::Timeout(_)) {
+            self.note_trouble();
+        }
+    }
+
+    /// True if a Redis call failed within the last `within`.
+    fn troubled_within(&self, within: Duration) -> bool {
+        let at = self.trouble_ms.load(Ordering::Acquire);
+        at != 0 && u128::from(self.now_ms().saturating_sub(at)) <= within.as_millis()
     }
 
     /// A connection broke: Redis may have restarted (possibly empty, or
@@ -548,7 +613,10 @@ impl Inner {
         limit: Duration,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(limit, pipe.query_async(conn)).await {
-            Err(_) => Err(StoreError::Timeout(limit)),
+            Err(_) => {
+                self.note_trouble();
+                Err(StoreError::Timeout(limit))
+            }
             Ok(Err(e)) => Err(self.failed(&e)),
             Ok(Ok(v)) => Ok(v),
         }
@@ -722,6 +790,7 @@ impl Inner {
     /// (bucket sentinels still turn an evicted bucket into UNAVAILABLE).
     async fn check_nodes(&self) {
         let limit = self.opts.timeout;
+        let moved = self.probe_masters(limit).await;
         let mut conn = self.master_conn();
         let mut info = ::redis::cmd("INFO");
         info.arg("server");
@@ -751,8 +820,19 @@ impl Inner {
                             changed = true;
                         }
                         None => {
+                            // A promoted replica the probe already replaced
+                            // the connection for is no second change.
+                            let adopted = self
+                                .adopted
+                                .lock()
+                                .map(|mut a| {
+                                    let had = a.contains(&node);
+                                    a.retain(|n| *n != node);
+                                    had
+                                })
+                                .unwrap_or(false);
                             known.push((node, id));
-                            changed |= !first;
+                            changed |= !first && !adopted;
                         }
                     }
                 }
@@ -760,7 +840,7 @@ impl Inner {
             }
             Err(_) => false,
         };
-        if changed {
+        if changed && !moved {
             tracing::warn!(
                 "a redis master restarted or failed over (run id changed): re-reading the metadata before the next answer"
             );
@@ -822,7 +902,45 @@ impl Inner {
         u64::try_from((self.opts.meta_refresh * 2).as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Replaces the read connection (the old one stopped answering).
+    /// On a cluster while reads fail (and once at the start): asks a seed
+    /// for the masters; if they changed since the last probe (a replica
+    /// promoted), replaces the read connection at once and returns true.
+    /// The client library learns a new topology only from a MOVED reply
+    /// and holds every request while it retries a dead master's address;
+    /// a new connection reads the slots as it connects.
+    async fn probe_masters(&self, limit: Duration) -> bool {
+        let probe = self.troubled_within(self.opts.meta_refresh)
+            || self
+                .masters_at_connect
+                .lock()
+                .map(|m| m.is_none())
+                .unwrap_or(false);
+        if !probe {
+            return false;
+        }
+        let Some(now) = self.target.seed_masters(limit).await else {
+            return false;
+        };
+        let moved = match self.masters_at_connect.lock() {
+            Ok(mut seen) => {
+                let moved = seen.as_ref().is_some_and(|before| *before != now);
+                if moved && let (Some(before), Ok(mut adopted)) = (seen.as_ref(), self.adopted.lock()) {
+                    adopted.extend(now.iter().filter(|m| !before.contains(m)).cloned());
+                }
+                *seen = Some(now);
+                moved
+            }
+            Err(_) => false,
+        };
+        if moved {
+            tracing::warn!("the redis cluster's masters changed while reads fail: new connection");
+            self.reset_connection();
+        }
+        moved
+    }
+
+    /// Replaces the read connection (the old one stopped answering, or the
+    /// cluster's topology changed under it).
     fn reset_connection(&self) {
         self.connection_lost();
         self.masters
@@ -935,24 +1053,76 @@ impl Inner {
     }
 }
 
-/// Re-reads the metadata every `period` until the store is dropped.
-async fn refresh_loop(inner: Weak<Inner>, mut stop: oneshot::Receiver<()>, period: Duration) {
-    let mut ticks = tokio::time::interval(period);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
-    let mut timeouts = 0u32;
+/// The period of the refresh loop while Redis calls fail: a fifth of
+/// `meta_refresh`, between 20 and 200 ms (at most `meta_refresh`).
+fn trouble_period(period: Duration) -> Duration {
+    (period / 5)
+        .clamp(Duration::from_millis(20), Duration::from_millis(200))
+        .min(period)
+}
+
+/// How often [`probe_loop`] asks a seed for the masters while reads fail.
+const PROBE_PERIOD: Duration = Duration::from_millis(100);
+
+/// On a cluster, while reads fail: asks a seed for the masters every
+/// [`PROBE_PERIOD`] (one `CLUSTER SLOTS` on a short plain connection) and
+/// replaces the read connection as soon as a replica was promoted (see
+/// [`Inner::probe_masters`]), independently of the refresh loop, whose
+/// calls wait on the stuck cluster connection. Idle otherwise; ends within
+/// `period` of the store being dropped.
+async fn probe_loop(inner: Weak<Inner>, wake: Arc<tokio::sync::Notify>, period: Duration) {
+    loop {
+        let troubled = match inner.upgrade() {
+            Some(inner) => inner.troubled_within(period),
+            None => return,
+        };
+        if troubled {
+            tokio::time::sleep(PROBE_PERIOD).await;
+        } else {
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(period) => continue,
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        inner.probe_masters(inner.opts.timeout).await;
+    }
+}
+
+/// Checks the nodes and re-reads the metadata every `period` until the
+/// store is dropped; while Redis calls fail (see [`Inner::note_trouble`]),
+/// at once and then every [`trouble_period`]: one `CLUSTER SLOTS`, one
+/// `INFO` and one `CONFIG GET` per master and one `HGETALL` per check,
+/// never more often than that, however many lookups fail.
+async fn refresh_loop(
+    inner: Weak<Inner>,
+    wake: Arc<tokio::sync::Notify>,
+    mut stop: oneshot::Receiver<()>,
+    period: Duration,
+) {
+    let fast = trouble_period(period);
+    let mut wait = period;
+    let mut stuck_since: Option<Instant> = None;
     let mut failing = false;
     loop {
+        // At least `fast` between two checks, whatever wakes the loop.
         tokio::select! {
             _ = &mut stop => return,
-            _ = ticks.tick() => {}
+            _ = tokio::time::sleep(fast) => {}
+        }
+        if wait > fast {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(wait - fast) => {}
+                _ = wake.notified() => {}
+            }
         }
         let Some(inner) = inner.upgrade() else { return };
         inner.check_nodes().await;
         match inner.refresh().await {
             Ok(_) => {
                 inner.maybe_load_filter();
-                timeouts = 0;
+                stuck_since = None;
                 if failing {
                     failing = false;
                     tracing::info!("redis metadata refresh works again");
@@ -960,11 +1130,15 @@ async fn refresh_loop(inner: Weak<Inner>, mut stop: oneshot::Receiver<()>, perio
             }
             Err(e) => {
                 if matches!(e, StoreError::Timeout(_)) {
-                    timeouts += 1;
-                    if timeouts >= STUCK_REFRESHES {
-                        timeouts = 0;
+                    // Timing out for STUCK_REFRESHES periods in a row: Redis
+                    // stopped answering on an open socket.
+                    let since = *stuck_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= period * STUCK_REFRESHES {
+                        stuck_since = None;
                         inner.reset_connection();
                     }
+                } else {
+                    stuck_since = None;
                 }
                 if !failing {
                     failing = true;
@@ -972,6 +1146,11 @@ async fn refresh_loop(inner: Weak<Inner>, mut stop: oneshot::Receiver<()>, perio
                 }
             }
         }
+        wait = if inner.troubled_within(period) {
+            fast
+        } else {
+            period
+        };
     }
 }
 
@@ -1266,7 +1445,9 @@ async fn bounded<T>(
 
 impl Store for RedisStore {
     async fn lookup(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
-        bounded(self.inner.opts.timeout, self.lookup_unbounded(number)).await
+        bounded(self.inner.opts.timeout, self.lookup_unbounded(number))
+            .await
+            .inspect_err(|e| self.inner.note_timeout(e))
     }
 
     async fn lookup_many(&self, numbers: &[PhoneNumber]) -> Result<Lookup<Vec<Option<Date>>>, StoreError> {
@@ -1275,6 +1456,7 @@ impl Store for RedisStore {
             self.lookup_many_unbounded(numbers),
         )
         .await
+        .inspect_err(|e| self.inner.note_timeout(e))
     }
 
     fn cached_meta(&self) -> Option<Arc<MirrorMeta>> {
