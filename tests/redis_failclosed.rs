@@ -653,9 +653,16 @@ async fn redis_restarted_from_an_older_save_under_load() {
     let (server, _store) = env.serve().await;
     let load = Load::start(&server, &delta).await;
     load.wait_checks(2_000).await;
-    assert_eq!(
-        load.tally.reassigned.load(Ordering::Relaxed),
-        load.tally.checked()
+    // Before the fault: no wrong answer, and every answer REASSIGNED but
+    // for the odd timeout of a loaded machine (UNAVAILABLE is never wrong).
+    assert_no_wrong(&load.tally, "before the restart from an older save", 2_000);
+    let before = load.tally.checked();
+    assert!(
+        load.tally.reassigned.load(Ordering::Relaxed) + load.tally.unavailable.load(Ordering::Relaxed)
+            >= before
+            && load.tally.reassigned.load(Ordering::Relaxed) * 10 >= before * 9,
+        "{}",
+        load.tally.report("before the restart from an older save")
     );
     let mut env = env;
     let TestRedis::Single(redis) = &mut env.redis else {
