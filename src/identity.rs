@@ -232,6 +232,19 @@ pub struct PeerInfo {
     pub platform: Option<Arc<Platform>>,
     /// The last bearer token verified on this connection.
     pub token_memo: Arc<TokenMemo>,
+    /// Told when a call starts and ends on this connection (the server's
+    /// revocation tracking); `None` when nothing tracks the connection.
+    pub calls: Option<Arc<dyn CallHook>>,
+}
+
+/// Per-connection bookkeeping of calls in flight, set once at handshake
+/// time so that each call reaches it without a shared lookup.
+pub trait CallHook: Send + Sync + std::fmt::Debug {
+    /// A call started on the connection.
+    fn call_started(&self);
+    /// A call on the connection ended (its response body ended or was
+    /// dropped).
+    fn call_ended(&self);
 }
 
 /// The authenticated caller of one request, found in the request extensions

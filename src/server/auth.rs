@@ -258,6 +258,7 @@ mod tests {
                 })
             }),
             token_memo: Arc::default(),
+            calls: None,
         }
     }
 

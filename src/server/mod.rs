@@ -187,7 +187,7 @@ where
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(metrics::CountLayer(config.metrics.clone()))
-        .layer(revoke::TrackLayer(reloader.tls().shared_config().connections()))
+        .layer(revoke::TrackLayer)
         .layer(auth::AuthLayer::with_tokens(tokens))
         .add_service(health_service)
         .add_service(reflection_v1)

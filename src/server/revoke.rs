@@ -26,7 +26,7 @@ use http_body::{Body, Frame, SizeHint};
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, UnixTime};
 
-use crate::identity::PeerInfo;
+use crate::identity::{CallHook, PeerInfo};
 use crate::lograte;
 
 /// Identifies a connection: our address and the client's.
@@ -88,6 +88,18 @@ impl ConnState {
     }
 }
 
+impl CallHook for ConnState {
+    fn call_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn call_ended(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 && self.revoked() {
+            self.reader.wake();
+        }
+    }
+}
+
 impl OpenConnections {
     /// A registry with no connections.
     pub fn new() -> Self {
@@ -131,15 +143,6 @@ impl OpenConnections {
             key,
             state,
         }
-    }
-
-    fn get(&self, key: &ConnKey) -> Option<Arc<ConnState>> {
-        self.0
-            .conns
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key)
-            .cloned()
     }
 
     /// Checks every open connection's client certificate chain with
@@ -209,18 +212,16 @@ impl Drop for Registered {
     }
 }
 
-/// Counts the calls in flight on each connection of an [`OpenConnections`]
-/// (from the request until its response body ends or is dropped).
-#[derive(Clone, Debug)]
-pub struct TrackLayer(pub OpenConnections);
+/// Counts the calls in flight on each tracked connection (from the request
+/// until its response body ends or is dropped), through the connection's
+/// own [`CallHook`] in its [`PeerInfo`]: no shared lookup per call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrackLayer;
 
 impl<S> tower::Layer<S> for TrackLayer {
     type Service = Track<S>;
     fn layer(&self, inner: S) -> Track<S> {
-        Track {
-            inner,
-            conns: self.0.clone(),
-        }
+        Track { inner }
     }
 }
 
@@ -228,24 +229,21 @@ impl<S> tower::Layer<S> for TrackLayer {
 #[derive(Clone, Debug)]
 pub struct Track<S> {
     inner: S,
-    conns: OpenConnections,
 }
 
 /// One call in flight on a connection.
-struct InFlight(Arc<ConnState>);
+struct InFlight(Arc<dyn CallHook>);
 
 impl InFlight {
-    fn new(state: Arc<ConnState>) -> Self {
-        state.in_flight.fetch_add(1, Ordering::AcqRel);
-        Self(state)
+    fn new(hook: Arc<dyn CallHook>) -> Self {
+        hook.call_started();
+        Self(hook)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.revoked() {
-            self.0.reader.wake();
-        }
+        self.0.call_ended();
     }
 }
 
@@ -265,11 +263,12 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        // The connection's own hook, set at handshake time: no shared
+        // lookup per call.
         let guard = req
             .extensions()
             .get::<PeerInfo>()
-            .and_then(|peer| Some((peer.local_addr, peer.remote_addr?)))
-            .and_then(|key| self.conns.get(&key))
+            .and_then(|peer| peer.calls.clone())
             .map(InFlight::new);
         let call = self.inner.call(req);
         Box::pin(async move {

@@ -929,8 +929,8 @@ impl Drop for TlsIncoming {
 /// configuration current at its accept, so a reload never touches the
 /// connections already open, except to close those whose client
 /// certificate it refuses: after their calls if the server counts them with
-/// [`crate::server::revoke::TrackLayer`] over
-/// [`SharedServerConfig::connections`], else at once.
+/// [`crate::server::revoke::TrackLayer`] (each connection's calls reach it
+/// through its [`PeerInfo`]), else at once.
 ///
 /// Must be called inside a tokio runtime.
 pub fn incoming(
@@ -1094,12 +1094,6 @@ async fn accept_loop(
                 }
             };
             task_stats.completed.fetch_add(1, Ordering::Relaxed);
-            let info = PeerInfo {
-                remote_addr: Some(remote_addr),
-                local_addr,
-                platform: connection_platform(&stream, remote_addr),
-                token_memo: Arc::default(),
-            };
             let tracked = stream.get_ref().1.peer_certificates().map(|chain| Tracked {
                 registered: shared.connections.register(
                     local_addr,
@@ -1111,6 +1105,15 @@ async fn accept_loop(
                 grace: None,
                 closed: false,
             });
+            let info = PeerInfo {
+                remote_addr: Some(remote_addr),
+                local_addr,
+                platform: connection_platform(&stream, remote_addr),
+                token_memo: Arc::default(),
+                calls: tracked
+                    .as_ref()
+                    .map(|t| t.registered.state.clone() as Arc<dyn crate::identity::CallHook>),
+            };
             // A reload during the handshake revalidated the connections
             // registered then, not this one: check it with the new verifier.
             if let Some(tracked) = &tracked
