@@ -842,46 +842,26 @@ async fn master_killed_replica_promoted_under_load() {
     let load = Load::start(&server, &env.register).await;
     load.wait_checks(2_000).await;
 
-    let health_seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let watching = Arc::new(AtomicBool::new(true));
-    let watcher = {
-        let (channel, seen, watching) = (
-            server.channel("platform-a").await,
-            health_seen.clone(),
-            watching.clone(),
-        );
-        tokio::spawn(async move {
-            let mut client = HealthClient::new(channel);
-            while watching.load(Ordering::Relaxed) {
-                if let Ok(r) = client
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                {
-                    seen.lock().expect("lock").push(r.into_inner().status);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
-    let killed = Instant::now();
-    env.cluster.kill_node(victim);
-    tracing::info!("test: master killed");
-    // Promotion: the replica reports role:master (polled every 5 ms, each
-    // poll a redis-cli INFO of a few ms: precise to ~10 ms).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while env.cluster.is_replica(replica) {
-        assert!(Instant::now() < deadline, "the replica was never promoted");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let promoted_at = Instant::now();
-    tracing::info!("test: replica promoted");
-    let promoted = promoted_at - killed;
-    load.wait_recovered(Duration::from_secs(30)).await;
-    load.wait_checks(2_000).await;
-    watching.store(false, Ordering::Relaxed);
-    watcher.await.expect("health watcher");
+    let mut promoted_at = Instant::now();
+    let mut promoted = Duration::ZERO;
+    let seen = health_during(&server, async {
+        let killed = Instant::now();
+        env.cluster.kill_node(victim);
+        tracing::info!("test: master killed");
+        // Promotion: the replica reports role:master (polled every 5 ms,
+        // each poll a redis-cli INFO of a few ms: precise to ~10 ms).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while env.cluster.is_replica(replica) {
+            assert!(Instant::now() < deadline, "the replica was never promoted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        promoted_at = Instant::now();
+        tracing::info!("test: replica promoted");
+        promoted = promoted_at - killed;
+        load.wait_recovered(Duration::from_secs(30)).await;
+        load.wait_checks(2_000).await;
+    })
+    .await;
     let tally = load.stop().await;
     // Calls succeed again from the last answer that was not REASSIGNED
     // (none after it, through a streak and 2,000 more checks).
@@ -905,7 +885,6 @@ async fn master_killed_replica_promoted_under_load() {
         recovered < Duration::from_secs(2),
         "calls answered again {recovered:?} after the promotion (limit: promotion + 2 s)"
     );
-    let seen = health_seen.lock().expect("lock").clone();
     assert!(!seen.is_empty());
     assert!(
         seen.iter().all(|&s| s == ServingStatus::Serving as i32),

@@ -99,7 +99,12 @@ impl RedisServer {
     /// first if it runs); the data saved by `stop()` is loaded back.
     pub fn restart(&mut self) {
         self.stop();
-        // The port may linger briefly; retry until the deadline.
+        self.respawn();
+    }
+
+    /// Starts the process again on the same port (the port may linger
+    /// briefly: retried until the deadline).
+    fn respawn(&mut self) {
         let deadline = Instant::now() + DEADLINE;
         while !self.spawn() {
             assert!(
@@ -108,7 +113,7 @@ impl RedisServer {
                 self.port,
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -124,16 +129,7 @@ impl RedisServer {
             let _ = std::fs::remove_file(self.dir.path().join(file));
         }
         let _ = std::fs::remove_dir_all(self.dir.path().join("appendonlydir"));
-        let deadline = Instant::now() + DEADLINE;
-        while !self.spawn() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not restart on port {}; log:\n{}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.respawn();
     }
 
     /// Saves the data now (`SAVE`) and returns the RDB file's bytes.
@@ -153,15 +149,7 @@ impl RedisServer {
         }
         self.paused = false;
         std::fs::write(self.dir.path().join("dump.rdb"), rdb).expect("write dump.rdb");
-        let deadline = Instant::now() + DEADLINE;
-        while !self.spawn() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not restart; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.respawn();
     }
 
     /// Freezes the process (SIGSTOP): connections stay open, nothing answers.
