@@ -153,19 +153,28 @@ impl From<domain::Status> for (pb::ReassignmentStatus, pb::NoDataReason) {
     }
 }
 
-/// Builds the answer message for one check.
-pub fn answer_message(
-    phone_number: String,
-    status: domain::Status,
-    meta: Option<&MirrorMeta>,
-) -> pb::CheckNumberResponse {
-    let (status, reason) = status.into();
+/// The wire names of an answer: the `ReassignmentStatus` name and, for
+/// NO_DATA, the `NoDataReason` name (as receipts and audit records carry
+/// them).
+pub fn status_names(status: domain::Status) -> (&'static str, Option<&'static str>) {
+    let (status, reason): (pb::ReassignmentStatus, pb::NoDataReason) = status.into();
+    let reason = match reason {
+        pb::NoDataReason::Unspecified => None,
+        reason => Some(reason.as_str_name()),
+    };
+    (status.as_str_name(), reason)
+}
+
+/// The response message of one answer, to the number as the client wrote
+/// it, with its receipt (empty: none).
+pub fn answer_message(phone_number: String, answer: &domain::Answer, receipt: String) -> pb::CheckNumberResponse {
+    let (status, reason) = answer.status.into();
     pb::CheckNumberResponse {
         phone_number,
         status: status as i32,
-        data_as_of: meta.map(|m| m.as_of.to_string()).unwrap_or_default(),
+        data_as_of: answer.as_of.map(|d| d.to_string()).unwrap_or_default(),
         no_data_reason: reason as i32,
-        receipt: String::new(),
+        receipt,
     }
 }
 

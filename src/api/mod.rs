@@ -10,7 +10,7 @@ mod service;
 
 pub use convert::ApiError;
 pub use methods::code_name;
-pub use receipts::{CallInfo, REQUEST_ID_HEADER, ReceiptContext, ReceiptPlan};
+pub use receipts::{CallInfo, REQUEST_ID_HEADER, ReceiptContext, ReceiptPlan, Receipts};
 pub use service::{ReassignedService, ServiceOptions};
 
 /// Code generated from `proto/reassigned/v1/reassigned.proto`.

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use tonic::Request;
 
-use super::pb;
-use crate::domain::{Check, MirrorMeta};
+use super::convert::status_names;
+use crate::domain::Answer;
 use crate::identity::Principal;
 use crate::receipt::{ReceiptClaims, ReceiptError, ReceiptSigner, number_sha256};
 
@@ -76,29 +76,18 @@ impl ReceiptContext {
         })
     }
 
-    /// Signs the receipt of `answer` to `check`, given from `meta`. `index`
-    /// is the item's position in a batch or stream (suffixed to the `jti`).
-    pub fn sign(
-        &self,
-        check: Check,
-        answer: &pb::CheckNumberResponse,
-        meta: Option<&MirrorMeta>,
-        index: Option<u64>,
-    ) -> Result<String, ReceiptError> {
-        let status =
-            pb::ReassignmentStatus::try_from(answer.status).unwrap_or(pb::ReassignmentStatus::Unspecified);
-        let no_data_reason = match pb::NoDataReason::try_from(answer.no_data_reason) {
-            Ok(pb::NoDataReason::Unspecified) | Err(_) => None,
-            Ok(reason) => Some(reason.as_str_name().to_owned()),
-        };
+    /// Signs the receipt of `answer`. `index` is the item's position in a
+    /// batch or stream (suffixed to the `jti`).
+    pub fn sign(&self, answer: &Answer, index: Option<u64>) -> Result<String, ReceiptError> {
+        let (status, reason) = status_names(answer.status);
         let claims = ReceiptClaims {
             platform: self.platform.clone(),
-            number_sha256: number_sha256(&check.number.to_string()),
-            since: check.since.to_string(),
-            status: status.as_str_name().to_owned(),
-            no_data_reason,
-            data_as_of: answer.data_as_of.clone(),
-            sequence: meta.map_or(0, |m| m.sequence),
+            number_sha256: number_sha256(&answer.check.number.to_string()),
+            since: answer.check.since.to_string(),
+            status: status.to_owned(),
+            no_data_reason: reason.map(str::to_owned),
+            data_as_of: answer.as_of.map(|d| d.to_string()).unwrap_or_default(),
+            sequence: answer.sequence,
             iat: self.iat,
             jti: match index {
                 Some(i) => format!("{}.{i}", self.request_id),
@@ -109,12 +98,24 @@ impl ReceiptContext {
     }
 }
 
-/// Which answers of a batch or stream get receipts.
+/// What the receipts of one call come to.
+#[derive(Clone, Debug)]
+pub enum Receipts {
+    /// The call asked for none: no answer of it gets a receipt.
+    NotWanted,
+    /// Answers that ask for one are signed in this context.
+    Sign(ReceiptContext),
+    /// Receipts cannot be made on this call (no signer, no platform):
+    /// answers that ask for one fail with this error, item by item.
+    Refused(ReceiptError),
+}
+
+/// Which answers of a call get receipts, and who made the call (for the
+/// audit trail too).
 #[derive(Clone, Debug)]
 pub struct ReceiptPlan {
-    /// The call's context; `Err` when receipts cannot be made (asked-for
-    /// receipts then fail per item).
-    pub context: Result<ReceiptContext, ReceiptError>,
+    /// What the call's receipts come to.
+    pub receipts: Receipts,
     /// Every answer gets one (`want_receipts`), not only the checks that set
     /// `want_receipt`.
     pub all: bool,
@@ -123,21 +124,54 @@ pub struct ReceiptPlan {
 }
 
 impl ReceiptPlan {
-    /// The receipt for one answer, if `wanted` (by the check or the plan).
+    /// The plan of a call that asked for receipts (`wanted`: by any of its
+    /// checks; `all`: for every answer) or not: receipts that cannot be
+    /// made fail the whole call.
+    pub fn for_call(
+        signer: Option<&Arc<ReceiptSigner>>,
+        call: CallInfo,
+        wanted: bool,
+        all: bool,
+    ) -> Result<Self, ReceiptError> {
+        let receipts = match wanted || all {
+            true => Receipts::Sign(ReceiptContext::new(signer, &call)?),
+            false => Receipts::NotWanted,
+        };
+        Ok(Self { receipts, all, call })
+    }
+
+    /// The plan of a stream, whose checks are not known in advance: receipts
+    /// that cannot be made fail only the items that ask for one.
+    pub fn for_stream(signer: Option<&Arc<ReceiptSigner>>, call: CallInfo) -> Self {
+        let receipts = match ReceiptContext::new(signer, &call) {
+            Ok(context) => Receipts::Sign(context),
+            Err(e) => Receipts::Refused(e),
+        };
+        Self {
+            receipts,
+            all: false,
+            call,
+        }
+    }
+
+    /// The receipt of `answer` if it is `wanted` (by its check or the plan):
+    /// `Ok(None)` when not wanted. `index` is the item's position in a batch
+    /// or stream (`None`: a single check).
     pub fn receipt(
         &self,
         wanted: bool,
-        check: Check,
-        answer: &pb::CheckNumberResponse,
-        meta: Option<&MirrorMeta>,
-        index: u64,
-    ) -> Option<Result<String, ReceiptError>> {
+        answer: &Answer,
+        index: Option<u64>,
+    ) -> Result<Option<String>, ReceiptError> {
         if !(wanted || self.all) {
-            return None;
+            return Ok(None);
         }
-        Some(match &self.context {
-            Ok(context) => context.sign(check, answer, meta, Some(index)),
-            Err(e) => Err(e.clone()),
-        })
+        match &self.receipts {
+            Receipts::Sign(context) => context.sign(answer, index).map(Some),
+            Receipts::Refused(e) => Err(e.clone()),
+            // A plan for a call that asked for none, asked anyway: never
+            // answer without the receipt that was asked for.
+            Receipts::NotWanted => Err(ReceiptError::NotConfigured),
+        }
     }
 }

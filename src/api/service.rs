@@ -14,10 +14,11 @@ use tracing::Instrument;
 
 use super::convert::{answer_message, status_message};
 use super::pb::reassigned_numbers_server::ReassignedNumbers;
-use super::receipts::{CallInfo, ReceiptContext, ReceiptPlan};
+use super::convert::status_names;
+use super::receipts::{CallInfo, ReceiptPlan};
 use super::{ApiError, pb};
 use crate::audit::{AuditError, AuditRecord, Auditor};
-use crate::domain::{self, Check, Date, FieldViolation};
+use crate::domain::{self, Answer, Check, Date, FieldViolation};
 use crate::identity::Principal;
 use crate::quota::Quotas;
 use crate::receipt::{ReceiptError, ReceiptSigner};
@@ -98,13 +99,8 @@ impl<S: Store> ReassignedService<S> {
         CallInfo::of(request)
     }
 
-    /// Hands the record of one answer to the audit trail (never waits).
-    fn audit(
-        &self,
-        call: &CallInfo,
-        check: Check,
-        answer: &pb::CheckNumberResponse,
-    ) -> Result<(), AuditError> {
+    /// Hands the record of `answer` to the audit trail (never waits).
+    fn audit(&self, call: &CallInfo, answer: &Answer) -> Result<(), AuditError> {
         let Some(auditor) = &self.audit else {
             return Ok(());
         };
@@ -115,11 +111,29 @@ impl<S: Store> ReassignedService<S> {
             time_ms,
             request_id: call.request_id.clone(),
             platform: call.platform.clone().unwrap_or_default(),
-            number_hmac: auditor.number_hmac(&check.number.to_string()),
-            since: check.since.to_string(),
-            status: answer.status().as_str_name().to_owned(),
-            data_as_of: answer.data_as_of.clone(),
+            number_hmac: auditor.number_hmac(&answer.check.number.to_string()),
+            since: answer.check.since.to_string(),
+            status: status_names(answer.status).0.to_owned(),
+            data_as_of: answer.as_of.map(|d| d.to_string()).unwrap_or_default(),
         })
+    }
+
+    /// The one per-answer path of every check method (single, batch,
+    /// stream): `answer` becomes the response message to `phone_number` (as
+    /// the client wrote it), with its receipt if `wanted` (by the check or
+    /// the plan), and its audit record. `index`: the item's position in a
+    /// batch or stream (`None`: a single check).
+    fn respond(
+        &self,
+        plan: &ReceiptPlan,
+        phone_number: String,
+        wanted: bool,
+        answer: &Answer,
+        index: Option<u64>,
+    ) -> Result<pb::CheckNumberResponse, ApiError> {
+        let receipt = plan.receipt(wanted, answer, index)?.unwrap_or_default();
+        self.audit(&plan.call, answer)?;
+        Ok(answer_message(phone_number, answer, receipt))
     }
 
     /// Signs receipts with `signer` (none: receipts are refused).
@@ -129,13 +143,13 @@ impl<S: Store> ReassignedService<S> {
     }
 
     /// Answers many checks with one store round trip; invalid items get their
-    /// own error, and so do receipts (per `receipts`) that cannot be made.
+    /// own error, and so do receipts (per `plan`) that cannot be made.
     /// `first_index` is the position of `checks[0]` in the call (for receipt
     /// ids). Fails only if the store cannot answer.
     async fn check_many(
         &self,
         checks: Vec<pb::CheckNumberRequest>,
-        receipts: &ReceiptPlan,
+        plan: &ReceiptPlan,
         first_index: u64,
     ) -> Result<Vec<pb::BatchCheckResult>, StoreError> {
         let today = Date::today_utc();
@@ -154,24 +168,10 @@ impl<S: Store> ReassignedService<S> {
             .map(|((request, parsed), index)| {
                 let result = match parsed {
                     Ok(check) => {
-                        let disconnect = found.next().flatten();
-                        let status = self.answer(check, disconnect, meta, today);
+                        let answer = self.answer(check, found.next().flatten(), meta, today);
                         let wanted = request.want_receipt;
-                        let mut answer = answer_message(request.phone_number, status, meta);
-                        let signed = match receipts.receipt(wanted, check, &answer, meta, index) {
-                            None => Ok(answer),
-                            Some(Ok(receipt)) => {
-                                answer.receipt = receipt;
-                                Ok(answer)
-                            }
-                            Some(Err(e)) => Err(ApiError::from(e)),
-                        };
-                        let audited = signed.and_then(|answer| {
-                            self.audit(&receipts.call, check, &answer)?;
-                            Ok(answer)
-                        });
-                        match audited {
-                            Ok(answer) => pb::batch_check_result::Result::Answer(answer),
+                        match self.respond(plan, request.phone_number, wanted, &answer, Some(index)) {
+                            Ok(message) => pb::batch_check_result::Result::Answer(message),
                             Err(e) => pb::batch_check_result::Result::Error(e.into()),
                         }
                     }
@@ -197,14 +197,15 @@ impl<S: Store> ReassignedService<S> {
             .map_err(|e| ApiError::from(e).into())
     }
 
+    /// The domain answer to `check` (see [`Answer::new`]).
     fn answer(
         &self,
         check: Check,
         disconnect: Option<Date>,
         meta: Option<&domain::MirrorMeta>,
         today: Date,
-    ) -> domain::Status {
-        domain::answer(check, disconnect, meta, today, self.options.max_staleness_days)
+    ) -> Answer {
+        Answer::new(check, disconnect, meta, today, self.options.max_staleness_days)
     }
 }
 
@@ -215,29 +216,21 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         request: Request<pb::CheckNumberRequest>,
     ) -> Result<Response<pb::CheckNumberResponse>, Status> {
         self.charge(request.extensions().get(), 1, 1).await?;
-        let call = self.call_info(&request);
-        let receipt = match request.get_ref().want_receipt {
-            true => Some(ReceiptContext::new(self.receipts.as_ref(), &call).map_err(ApiError::from)?),
-            false => None,
-        };
+        let wanted = request.get_ref().want_receipt;
+        let plan = ReceiptPlan::for_call(self.receipts.as_ref(), self.call_info(&request), wanted, false)
+            .map_err(ApiError::from)?;
         let pb::CheckNumberRequest {
             phone_number,
             since,
-            want_receipt: _,
+            want_receipt,
         } = request.into_inner();
         let today = Date::today_utc();
         let check = Check::parse(&phone_number, &since, today).map_err(ApiError::InvalidArgument)?;
         let lookup = self.store.lookup(check.number).await.map_err(ApiError::from)?;
-        let status = self.answer(check, lookup.found, lookup.meta.as_deref(), today);
-        tracing::debug!(?status, "checked");
-        let mut answer = answer_message(phone_number, status, lookup.meta.as_deref());
-        if let Some(context) = receipt {
-            answer.receipt = context
-                .sign(check, &answer, lookup.meta.as_deref(), None)
-                .map_err(ApiError::from)?;
-        }
-        self.audit(&call, check, &answer).map_err(ApiError::from)?;
-        Ok(Response::new(answer))
+        let answer = self.answer(check, lookup.found, lookup.meta.as_deref(), today);
+        tracing::debug!(status = ?answer.status, "checked");
+        let message = self.respond(&plan, phone_number, want_receipt, &answer, None)?;
+        Ok(Response::new(message))
     }
 
     async fn batch_check_numbers(
@@ -253,17 +246,10 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
             0
         };
         self.charge(request.extensions().get(), 1, numbers).await?;
-        let wanted =
-            request.get_ref().want_receipts || request.get_ref().checks.iter().any(|c| c.want_receipt);
-        let call = self.call_info(&request);
-        let receipts = ReceiptPlan {
-            context: match wanted {
-                true => Ok(ReceiptContext::new(self.receipts.as_ref(), &call).map_err(ApiError::from)?),
-                false => Err(ReceiptError::NotConfigured),
-            },
-            all: request.get_ref().want_receipts,
-            call,
-        };
+        let all = request.get_ref().want_receipts;
+        let wanted = request.get_ref().checks.iter().any(|c| c.want_receipt);
+        let plan = ReceiptPlan::for_call(self.receipts.as_ref(), self.call_info(&request), wanted, all)
+            .map_err(ApiError::from)?;
         let pb::BatchCheckNumbersRequest {
             checks,
             want_receipts: _,
@@ -280,7 +266,7 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
             .into());
         }
         let results = self
-            .check_many(checks, &receipts, 0)
+            .check_many(checks, &plan, 0)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::BatchCheckNumbersResponse { results }))
@@ -298,12 +284,7 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         self.charge(principal.as_ref(), 1, 0).await?;
         // Checks that set `want_receipt` get one; without a signer, they get
         // FAILED_PRECONDITION as their item error.
-        let call = self.call_info(&request);
-        let receipts = ReceiptPlan {
-            context: ReceiptContext::new(self.receipts.as_ref(), &call),
-            all: false,
-            call,
-        };
+        let receipts = ReceiptPlan::for_stream(self.receipts.as_ref(), self.call_info(&request));
         let input = request.into_inner().ready_chunks(STREAM_CHUNK);
         // Bounded: when the client stops reading, sends wait, and the server
         // stops reading requests (HTTP/2 flow control pushes back further).

@@ -129,6 +129,42 @@ pub fn parse_since(text: &str, today: Date) -> Result<Date, SinceError> {
     Ok(date)
 }
 
+/// One check answered: the single value from which the response, the
+/// receipt and the audit record of the answer are all made (none of them
+/// reads another's encoding back).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// The check that was answered.
+    pub check: Check,
+    /// The answer (see [`answer`]).
+    pub status: Status,
+    /// The date the mirror's data was complete through; `None` when the
+    /// mirror held no data.
+    pub as_of: Option<Date>,
+    /// The sequence of the last snapshot or delta applied to the mirror that
+    /// answered (0 when it held no data).
+    pub sequence: u64,
+}
+
+impl Answer {
+    /// Answers `check` by the rule of [`answer`], from the number's latest
+    /// disconnect date (if any) and the mirror's metadata (`None`: empty).
+    pub fn new(
+        check: Check,
+        disconnect: Option<Date>,
+        meta: Option<&MirrorMeta>,
+        today: Date,
+        max_staleness_days: u32,
+    ) -> Self {
+        Self {
+            check,
+            status: answer(check, disconnect, meta, today, max_staleness_days),
+            as_of: meta.map(|m| m.as_of),
+            sequence: meta.map_or(0, |m| m.sequence),
+        }
+    }
+}
+
 /// The answer rule (see DOMAIN.md): a known disconnect on or after `since`
 /// always wins; only a "no" needs the coverage to back it.
 ///
@@ -277,6 +313,19 @@ mod tests {
             ask(US, "2024-01-01", Some("2023-12-31"), Some(&m), 27),
             Status::NoData(NoDataReason::MirrorStale)
         );
+    }
+
+    #[test]
+    fn an_answer_carries_the_mirror_it_came_from() {
+        let m = meta();
+        let a = Answer::new(check(US, "2024-01-01"), None, Some(&m), d(TODAY), 45);
+        assert_eq!(a.status, Status::NotReassigned);
+        assert_eq!(a.as_of, Some(d("2026-11-01")));
+        assert_eq!(a.sequence, 1);
+        assert_eq!(a.check, check(US, "2024-01-01"));
+        let empty = Answer::new(check(US, "2024-01-01"), Some(d("2024-02-01")), None, d(TODAY), 45);
+        assert_eq!(empty.status, Status::Reassigned);
+        assert_eq!((empty.as_of, empty.sequence), (None, 0));
     }
 
     #[test]
