@@ -144,7 +144,28 @@ impl FromStr for Date {
 impl fmt::Display for Date {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (y, m, d) = self.ymd();
-        write!(f, "{y:04}-{m:02}-{d:02}")
+        // Every answer carries a date: the usual years are written digit by
+        // digit in one piece, without the formatting machinery.
+        let (Ok(y @ 0..=9999), Ok(m), Ok(d)) = (u16::try_from(y), u8::try_from(m), u8::try_from(d)) else {
+            return write!(f, "{y:04}-{m:02}-{d:02}");
+        };
+        let digit = |v: u16| b'0' + (v % 10) as u8;
+        let text = [
+            digit(y / 1000),
+            digit(y / 100),
+            digit(y / 10),
+            digit(y),
+            b'-',
+            digit(u16::from(m) / 10),
+            digit(u16::from(m)),
+            b'-',
+            digit(u16::from(d) / 10),
+            digit(u16::from(d)),
+        ];
+        match std::str::from_utf8(&text) {
+            Ok(text) => f.pad(text),
+            Err(_) => write!(f, "{y:04}-{m:02}-{d:02}"),
+        }
     }
 }
 
@@ -177,6 +198,18 @@ mod tests {
             Date::parse("2024-02-29").map(|d| d.to_string()),
             Ok("2024-02-29".into())
         );
+    }
+
+    #[test]
+    fn writes_every_date_as_the_formatting_machinery_would() {
+        // Year 0 to 9999 (the fast path) and beyond it on both sides.
+        for days in (-720_000..=2_933_000).step_by(997).chain([-719_528, -719_529, 2_932_896, 2_932_897]) {
+            let d = Date::from_days(days);
+            let (y, m, day) = d.ymd();
+            assert_eq!(d.to_string(), format!("{y:04}-{m:02}-{day:02}"), "{days}");
+        }
+        assert_eq!(Date::EPOCH.to_string(), "1970-01-01");
+        assert_eq!(format!("{:>12}", Date::EPOCH), "  1970-01-01");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Numbers are kept as a sorted `Vec<u64>` and dates as a parallel `Vec<u16>`
 //! (days since 1970-01-01): 10 bytes per record, plus a sparse index holding
 //! every [`BLOCK`]th number (1/4 byte per record) that narrows a lookup to one
-//! block of a few cache lines.
+//! block of a few cache lines, itself narrowed by a top index of every
+//! [`TOP`]th index entry (small enough to stay in cache), so that a lookup
+//! touches few cold cache lines.
 //!
 //! The numbers, their dates and the metadata describing them form one
 //! immutable `State` generation behind an [`ArcSwapOption`]: a lookup loads
@@ -27,6 +29,8 @@ use crate::import::{
 
 /// Records per block of the sparse index.
 pub const BLOCK: usize = 32;
+/// Index entries per entry of the top index.
+pub const TOP: usize = 64;
 
 /// One immutable generation of the mirror.
 struct State {
@@ -36,27 +40,34 @@ struct State {
     days: Vec<u16>,
     /// `numbers[i * BLOCK]` for every block.
     index: Vec<u64>,
+    /// `index[i * TOP]`.
+    top: Vec<u64>,
     meta: Arc<MirrorMeta>,
 }
 
 impl State {
     fn new(numbers: Vec<u64>, days: Vec<u16>, meta: MirrorMeta) -> Self {
-        let index = numbers.iter().step_by(BLOCK).copied().collect();
+        let index: Vec<u64> = numbers.iter().step_by(BLOCK).copied().collect();
+        let top = index.iter().step_by(TOP).copied().collect();
         Self {
             numbers,
             days,
             index,
+            top,
             meta: Arc::new(meta),
         }
     }
 
     #[inline]
     fn get(&self, number: u64) -> Option<Date> {
-        // The last block whose first number is <= `number`.
-        let block = self
-            .index
-            .partition_point(|&first| first <= number)
-            .checked_sub(1)?;
+        // The last block whose first number is <= `number`: in the stretch
+        // of the index under the last top entry <= `number`.
+        let stretch = self.top.partition_point(|&first| first <= number).checked_sub(1)? * TOP;
+        let end = (stretch + TOP).min(self.index.len());
+        let block = stretch
+            + self.index[stretch..end]
+                .partition_point(|&first| first <= number)
+                .checked_sub(1)?;
         let start = block * BLOCK;
         let end = (start + BLOCK).min(self.numbers.len());
         let i = self.numbers[start..end].binary_search(&number).ok()?;
@@ -64,7 +75,10 @@ impl State {
     }
 
     fn memory_bytes(&self) -> usize {
-        self.numbers.capacity() * 8 + self.days.capacity() * 2 + self.index.capacity() * 8
+        self.numbers.capacity() * 8
+            + self.days.capacity() * 2
+            + self.index.capacity() * 8
+            + self.top.capacity() * 8
     }
 }
 
@@ -483,6 +497,34 @@ mod tests {
             .await
             .expect("snapshot");
         assert_eq!((store.len(), store.is_empty()), (1, false));
+    }
+
+    /// The two-level index finds exactly what a search of the whole sorted
+    /// list finds, at every size around the block and top boundaries.
+    #[test]
+    fn indexed_lookups_find_what_a_full_search_finds() {
+        let meta = || MirrorMeta {
+            sequence: 1,
+            as_of: Date::from_days(20_000),
+            coverage_start: Date::from_days(18_654),
+            prefixes: Vec::new(),
+            record_count: 0,
+            last_import_unix: 0,
+        };
+        let stride = BLOCK * TOP;
+        for len in [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, stride - 1, stride, stride + 1, 3 * stride + 7] {
+            // Every third value, so misses fall between, before and after.
+            let numbers: Vec<u64> = (0..len as u64).map(|i| 1_000 + 3 * i).collect();
+            let days: Vec<u16> = (0..len).map(|i| (i % 60_000) as u16).collect();
+            let state = State::new(numbers.clone(), days.clone(), meta());
+            for probe in 0..(1_000 + 3 * len as u64 + 5) {
+                let expected = numbers
+                    .binary_search(&probe)
+                    .ok()
+                    .map(|i| Date::from_days(i32::from(days[i])));
+                assert_eq!(state.get(probe), expected, "len {len} probe {probe}");
+            }
+        }
     }
 
     #[test]
