@@ -206,9 +206,10 @@ pub struct RememberedToken {
 pub struct TokenMemo(ArcSwapOption<RememberedToken>);
 
 impl TokenMemo {
-    /// The remembered token, if any.
-    pub fn get(&self) -> Option<Arc<RememberedToken>> {
-        self.0.load_full()
+    /// The remembered token, if any: a guard, so that the calls of one
+    /// connection read it without touching its reference count.
+    pub fn get(&self) -> arc_swap::Guard<Option<Arc<RememberedToken>>> {
+        self.0.load()
     }
 
     /// Remembers `token` (replacing the one before).

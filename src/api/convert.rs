@@ -167,7 +167,11 @@ pub fn status_names(status: domain::Status) -> (&'static str, Option<&'static st
 
 /// The response message of one answer, to the number as the client wrote
 /// it, with its receipt (empty: none).
-pub fn answer_message(phone_number: String, answer: &domain::Answer, receipt: String) -> pb::CheckNumberResponse {
+pub fn answer_message(
+    phone_number: String,
+    answer: &domain::Answer,
+    receipt: String,
+) -> pb::CheckNumberResponse {
     let (status, reason) = answer.status.into();
     pb::CheckNumberResponse {
         phone_number,

@@ -12,9 +12,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::convert::status_names;
 use super::convert::{answer_message, status_message};
 use super::pb::reassigned_numbers_server::ReassignedNumbers;
-use super::convert::status_names;
 use super::receipts::{CallInfo, ReceiptPlan};
 use super::{ApiError, pb};
 use crate::audit::{AuditError, AuditRecord, Auditor};
@@ -265,10 +265,7 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
             }])
             .into());
         }
-        let results = self
-            .check_many(checks, &plan, 0)
-            .await
-            .map_err(ApiError::from)?;
+        let results = self.check_many(checks, &plan, 0).await.map_err(ApiError::from)?;
         Ok(Response::new(pb::BatchCheckNumbersResponse { results }))
     }
 

@@ -203,7 +203,10 @@ mod tests {
     #[test]
     fn writes_every_date_as_the_formatting_machinery_would() {
         // Year 0 to 9999 (the fast path) and beyond it on both sides.
-        for days in (-720_000..=2_933_000).step_by(997).chain([-719_528, -719_529, 2_932_896, 2_932_897]) {
+        for days in (-720_000..=2_933_000)
+            .step_by(997)
+            .chain([-719_528, -719_529, 2_932_896, 2_932_897])
+        {
             let d = Date::from_days(days);
             let (y, m, day) = d.ymd();
             assert_eq!(d.to_string(), format!("{y:04}-{m:02}-{day:02}"), "{days}");

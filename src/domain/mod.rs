@@ -5,6 +5,8 @@ mod answer;
 mod date;
 mod number;
 
-pub use answer::{Answer, Check, FieldViolation, MirrorMeta, NoDataReason, SinceError, Status, answer, parse_since};
+pub use answer::{
+    Answer, Check, FieldViolation, MirrorMeta, NoDataReason, SinceError, Status, answer, parse_since,
+};
 pub use date::{Date, DateError};
 pub use number::{NumberError, PhoneNumber, Prefix};

@@ -159,24 +159,33 @@ where
         let route = route(path);
         let exempt = route == Route::Exempt;
 
-        let peer = req.extensions().get::<PeerInfo>().cloned();
-        if let Some(peer) = &peer {
-            req.extensions_mut().insert(TcpConnectInfo {
-                local_addr: peer.local_addr,
-                remote_addr: peer.remote_addr,
-            });
-        }
-        match peer
-            .as_ref()
-            .and_then(|peer| Some((peer, peer.platform.clone()?)))
-        {
-            Some((peer, platform)) => {
-                span.record("platform", tracing::field::display(&platform.id));
-                let authorized = match route {
-                    Route::Exempt => Ok(None),
-                    Route::Unknown => Err(AuthError::UnknownMethod),
-                    Route::Api(method) => self.authorize(&req, peer, &platform, method.access),
+        // Read from the connection's PeerInfo in place (no clone of its
+        // shared handles per call): its addresses, and the platform with
+        // the call's scopes or the reason to refuse it.
+        let (addrs, identified) = match req.extensions().get::<PeerInfo>() {
+            Some(peer) => {
+                let addrs = TcpConnectInfo {
+                    local_addr: peer.local_addr,
+                    remote_addr: peer.remote_addr,
                 };
+                let identified = peer.platform.as_ref().map(|platform| {
+                    let authorized = match route {
+                        Route::Exempt => Ok(None),
+                        Route::Unknown => Err(AuthError::UnknownMethod),
+                        Route::Api(method) => self.authorize(&req, peer, platform, method.access),
+                    };
+                    (platform.clone(), authorized)
+                });
+                (Some(addrs), identified)
+            }
+            None => (None, None),
+        };
+        if let Some(addrs) = addrs {
+            req.extensions_mut().insert(addrs);
+        }
+        match identified {
+            Some((platform, authorized)) => {
+                span.record("platform", tracing::field::display(&platform.id));
                 let scopes = match authorized {
                     Ok(scopes) => scopes,
                     Err(err) => {

@@ -336,13 +336,11 @@ pub struct Count<S> {
 impl<S, B, R> tower::Service<http::Request<B>> for Count<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<R>>,
-    S::Future: Send + 'static,
-    S::Error: 'static,
-    R: Body + Send + 'static,
+    R: Body,
 {
     type Response = http::Response<CountBody<R>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = CountFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -350,30 +348,63 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let method = methods::label_index(req.uri().path());
-        let handle = self.handle.clone();
-        let call = self.inner.call(req);
-        Box::pin(async move {
-            match call.await {
-                Ok(response) => {
-                    // A trailers-only response (errors) carries the status
-                    // in its headers; others in the trailers of the body.
-                    let pending = match status_of(response.headers()) {
-                        Some(code) => {
-                            handle.count(method, code);
-                            None
-                        }
-                        None => Some(handle),
-                    };
-                    Ok(response.map(|body| CountBody {
-                        inner: Box::pin(body),
-                        method,
-                        pending,
-                    }))
-                }
-                Err(e) => {
-                    handle.count(method, NO_CODE);
-                    Err(e)
-                }
+        CountFuture {
+            call: self.inner.call(req),
+            method,
+            handle: Some(self.handle.clone()),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`Count`] (no allocation per call).
+    pub struct CountFuture<F> {
+        #[pin]
+        call: F,
+        method: usize,
+        // `Some` until the response (or the error) passes.
+        handle: Option<MetricsHandle>,
+    }
+}
+
+impl<F, R, E> Future for CountFuture<F>
+where
+    F: Future<Output = Result<http::Response<R>, E>>,
+{
+    type Output = Result<http::Response<CountBody<R>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if this.handle.is_none() {
+            // Polled again after it finished (a caller's contract
+            // violation): never ready again, never counted twice.
+            return Poll::Pending;
+        }
+        let result = std::task::ready!(this.call.poll(cx));
+        let method = *this.method;
+        let Some(handle) = this.handle.take() else {
+            return Poll::Pending;
+        };
+        Poll::Ready(match result {
+            Ok(response) => {
+                // A trailers-only response (errors) carries the status
+                // in its headers; others in the trailers of the body.
+                let pending = match status_of(response.headers()) {
+                    Some(code) => {
+                        handle.count(method, code);
+                        None
+                    }
+                    None => Some(handle),
+                };
+                Ok(response.map(|body| CountBody {
+                    inner: body,
+                    method,
+                    pending,
+                }))
+            }
+            Err(e) => {
+                handle.count(method, NO_CODE);
+                Err(e)
             }
         })
     }
@@ -385,26 +416,29 @@ fn status_of(headers: &http::HeaderMap) -> Option<usize> {
     (code < NO_CODE).then_some(code)
 }
 
-/// A response body that counts its call when its trailers pass (or, with
-/// no status, when it ends or is dropped).
-pub struct CountBody<B> {
-    inner: Pin<Box<B>>,
-    method: usize,
-    /// `Some` until the call is counted.
-    pending: Option<MetricsHandle>,
-}
+pin_project_lite::pin_project! {
+    /// A response body that counts its call when its trailers pass (or, with
+    /// no status, when it ends or is dropped).
+    pub struct CountBody<B> {
+        #[pin]
+        inner: B,
+        method: usize,
+        // `Some` until the call is counted.
+        pending: Option<MetricsHandle>,
+    }
 
-impl<B> CountBody<B> {
-    fn finish(&mut self, code: usize) {
-        if let Some(handle) = self.pending.take() {
-            handle.count(self.method, code);
+    impl<B> PinnedDrop for CountBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            finish(this.pending, *this.method, NO_CODE);
         }
     }
 }
 
-impl<B> Drop for CountBody<B> {
-    fn drop(&mut self) {
-        self.finish(NO_CODE);
+/// Counts the call of a [`CountBody`] once, with `code`.
+fn finish(pending: &mut Option<MetricsHandle>, method: usize, code: usize) {
+    if let Some(handle) = pending.take() {
+        handle.count(method, code);
     }
 }
 
@@ -413,18 +447,18 @@ impl<B: Body> Body for CountBody<B> {
     type Error = B::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        let polled = this.inner.as_mut().poll_frame(cx);
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
-                    this.finish(status_of(trailers).unwrap_or(NO_CODE));
+                    finish(this.pending, *this.method, status_of(trailers).unwrap_or(NO_CODE));
                 }
             }
-            Poll::Ready(Some(Err(_)) | None) => this.finish(NO_CODE),
+            Poll::Ready(Some(Err(_)) | None) => finish(this.pending, *this.method, NO_CODE),
             Poll::Pending => {}
         }
         polled

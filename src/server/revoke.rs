@@ -250,13 +250,11 @@ impl Drop for InFlight {
 impl<S, B, R> tower::Service<http::Request<B>> for Track<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<R>>,
-    S::Future: Send + 'static,
-    S::Error: 'static,
-    R: Body + Send + 'static,
+    R: Body,
 {
     type Response = http::Response<TrackedBody<R>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = TrackFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -270,21 +268,46 @@ where
             .get::<PeerInfo>()
             .and_then(|peer| peer.calls.clone())
             .map(InFlight::new);
-        let call = self.inner.call(req);
-        Box::pin(async move {
-            let response = call.await?;
-            Ok(response.map(|body| TrackedBody {
-                inner: Box::pin(body),
-                _in_flight: guard,
-            }))
-        })
+        TrackFuture {
+            call: self.inner.call(req),
+            guard,
+        }
     }
 }
 
-/// A response body that holds its call's place in flight until it ends.
-pub struct TrackedBody<B> {
-    inner: Pin<Box<B>>,
-    _in_flight: Option<InFlight>,
+pin_project_lite::pin_project! {
+    /// The response future of [`Track`] (no allocation per call).
+    pub struct TrackFuture<F> {
+        #[pin]
+        call: F,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<F, R, E> Future for TrackFuture<F>
+where
+    F: Future<Output = Result<http::Response<R>, E>>,
+{
+    type Output = Result<http::Response<TrackedBody<R>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.call.poll(cx))?;
+        let in_flight = this.guard.take();
+        Poll::Ready(Ok(response.map(|body| TrackedBody {
+            inner: body,
+            _in_flight: in_flight,
+        })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds its call's place in flight until it ends.
+    pub struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        _in_flight: Option<InFlight>,
+    }
 }
 
 impl<B: Body> Body for TrackedBody<B> {
@@ -292,10 +315,10 @@ impl<B: Body> Body for TrackedBody<B> {
     type Error = B::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.inner.as_mut().poll_frame(cx)
+        self.project().inner.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -316,7 +316,7 @@ impl TokenVerifier {
         let token = bearer(authorization)?;
         let now = jsonwebtoken::get_current_timestamp();
         let keys = self.keys.load();
-        if let Some(remembered) = memo.get()
+        if let Some(remembered) = memo.get().as_ref()
             && remembered.generation == keys.generation
             && *remembered.token == *token.as_bytes()
         {

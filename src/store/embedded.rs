@@ -62,7 +62,11 @@ impl State {
     fn get(&self, number: u64) -> Option<Date> {
         // The last block whose first number is <= `number`: in the stretch
         // of the index under the last top entry <= `number`.
-        let stretch = self.top.partition_point(|&first| first <= number).checked_sub(1)? * TOP;
+        let stretch = self
+            .top
+            .partition_point(|&first| first <= number)
+            .checked_sub(1)?
+            * TOP;
         let end = (stretch + TOP).min(self.index.len());
         let block = stretch
             + self.index[stretch..end]
@@ -512,7 +516,17 @@ mod tests {
             last_import_unix: 0,
         };
         let stride = BLOCK * TOP;
-        for len in [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, stride - 1, stride, stride + 1, 3 * stride + 7] {
+        for len in [
+            0,
+            1,
+            BLOCK - 1,
+            BLOCK,
+            BLOCK + 1,
+            stride - 1,
+            stride,
+            stride + 1,
+            3 * stride + 7,
+        ] {
             // Every third value, so misses fall between, before and after.
             let numbers: Vec<u64> = (0..len as u64).map(|i| 1_000 + 3 * i).collect();
             let days: Vec<u16> = (0..len).map(|i| (i % 60_000) as u16).collect();
