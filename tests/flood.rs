@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use reassigned::api::pb::{self, CheckNumberRequest, ReassignmentStatus};
 use reassigned::domain::Date;
 use reassigned::import::{self, NoProgress};
-use reassigned::server::tls::HandshakeFailure;
+use reassigned::server::accept::HandshakeFailure;
 use reassigned::store::{AnyStore, EmbeddedStore};
 use support::register::FileSpec;
 use support::server::TestServer;

@@ -2,6 +2,7 @@
 //! health, reflection, and [`run`], which serves until a shutdown future
 //! resolves.
 
+pub mod accept;
 pub mod auth;
 pub mod limits;
 pub mod metrics;
@@ -152,10 +153,10 @@ where
     )
     .max_decoding_message_size(config.max_message_bytes);
 
-    let incoming = tls::incoming_counted(
+    let incoming = accept::incoming_counted(
         listener,
         reloader.tls().shared_config(),
-        tls::AcceptOptions {
+        accept::AcceptOptions {
             handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
             max_handshakes: config.max_handshakes,
             first_byte_timeout: Duration::from_millis(config.handshake_first_byte_timeout_ms),
