@@ -98,14 +98,31 @@ pub struct AcceptOptions {
 }
 
 impl Default for AcceptOptions {
+    /// The defaults of `serve`'s settings.
     fn default() -> Self {
+        use crate::config::defaults;
         Self {
-            handshake_timeout: Duration::from_secs(10),
-            max_handshakes: 4096,
-            first_byte_timeout: Duration::from_secs(2),
-            max_handshakes_per_ip: 256,
-            listen_backlog: 4096,
-            revoked_grace: Duration::from_secs(5),
+            handshake_timeout: Duration::from_millis(defaults::HANDSHAKE_TIMEOUT_MS),
+            max_handshakes: defaults::MAX_HANDSHAKES,
+            first_byte_timeout: Duration::from_millis(defaults::HANDSHAKE_FIRST_BYTE_TIMEOUT_MS),
+            max_handshakes_per_ip: defaults::MAX_HANDSHAKES_PER_IP,
+            listen_backlog: defaults::LISTEN_BACKLOG,
+            revoked_grace: Duration::from_millis(defaults::REQUEST_TIMEOUT_MS),
+        }
+    }
+}
+
+impl From<&crate::config::ServeConfig> for AcceptOptions {
+    /// The accept-loop settings of `config`; a revoked connection gets the
+    /// per-call timeout to finish its calls.
+    fn from(config: &crate::config::ServeConfig) -> Self {
+        Self {
+            handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
+            max_handshakes: config.max_handshakes,
+            first_byte_timeout: Duration::from_millis(config.handshake_first_byte_timeout_ms),
+            max_handshakes_per_ip: config.max_handshakes_per_ip,
+            listen_backlog: config.listen_backlog,
+            revoked_grace: config.request_timeout(),
         }
     }
 }
