@@ -584,7 +584,7 @@ fn metric(text: &str, line_start: &str) -> Option<u64> {
 }
 
 async fn scrape(server: &TestServer) -> String {
-    let addr = server.config.metrics.bound_addr().await;
+    let addr = server.handles.metrics.bound_addr().await;
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("metrics");
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream

@@ -42,12 +42,17 @@ pub async fn serve(
         Some(path) => ServeSettings::from_file(path)?,
         None => ServeSettings::default(),
     };
-    let config = ServeConfig::from_settings(flags.or(file))?;
+    let settings = flags.or(file);
+    let config = ServeConfig::from_settings(settings.clone())?;
+    // The JWKS is read now, so a bad one stops `serve` before it binds.
+    let tokens = crate::server::load_tokens(&config)?;
     if dump_config {
-        print!("{}", toml::to_string_pretty(&config)?);
+        // The settings over the defaults: `--config` reads them back.
+        print!("{}", settings.to_toml()?);
         return Ok(());
     }
     let store = open_store(&config.store).await?;
+    let handles = crate::server::Handles::default();
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -56,11 +61,11 @@ pub async fn serve(
     // does, and before "listening", so no SIGHUP can find the default action.
     #[cfg(unix)]
     let _sighup = crate::server::reload::AbortOnDrop(
-        crate::server::reload::spawn_sighup_reloader(config.reload.clone())
+        crate::server::reload::spawn_sighup_reloader(handles.reload.clone())
             .context("cannot listen for SIGHUP")?,
     );
     tracing::info!(addr = %listener.local_addr()?, "listening");
-    crate::run(listener, config, store, shutdown_signal()).await
+    crate::server::run_with(listener, config, store, handles, tokens, shutdown_signal()).await
 }
 
 /// Opens the configured store: connects to Redis, or loads the embedded store

@@ -226,11 +226,17 @@ pub struct RedisOptions {
     pub replication_timeout: Duration,
 }
 
+/// The prefix of every key of the mirror unless configured otherwise.
+pub const DEFAULT_KEY_PREFIX: &str = "rn";
+
+/// The timeout of each Redis call unless configured otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(200);
+
 impl Default for RedisOptions {
     fn default() -> Self {
         Self {
-            key_prefix: "rn".to_owned(),
-            timeout: Duration::from_millis(200),
+            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            timeout: DEFAULT_TIMEOUT,
             meta_refresh: Duration::from_secs(1),
             reclaim_grace: Duration::from_secs(3),
             bulk_timeout: Duration::from_secs(30),
