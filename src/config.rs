@@ -1,146 +1,298 @@
 //! Typed, layered configuration of `serve`: defaults, then a TOML file
-//! (`--config`), then `REASSIGNED_*` environment variables, then flags; validated
-//! before anything is bound.
+//! (`--config`), then `REASSIGNED_*` environment variables, then flags;
+//! validated in one place ([`ServeConfig::from_settings`]) before anything is
+//! bound.
+//!
+//! Every setting is written once, in the table of [`settings_table!`]: its
+//! name (the TOML key and the field of [`ServeSettings`]), its flag, its
+//! environment variable, its default (a constant of [`defaults`] or of the
+//! module that owns the value) and its doc. The clap arguments, the
+//! environment lookup, the file keys, [`ServeSettings::defaults`], the help
+//! text's `[default: ..]` and `serve --dump-config` all derive from it
+//! ([`SETTINGS`] lists it at run time).
+//!
+//! The configuration is plain data: the server builds its runtime handles
+//! (reload, metrics, audit counters, token verifier) from it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::quota::{QuotaConfig, QuotaSettings};
+use crate::quota::{QuotaConfig, QuotaFallback, QuotaSettings};
 
-/// Settings that can come from a file, the environment or flags; every field
-/// optional so the layers can be merged.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, clap::Args)]
-#[serde(deny_unknown_fields)]
-pub struct ServeSettings {
-    /// Address to listen on (default 127.0.0.1:50051).
-    #[arg(long, env = "REASSIGNED_LISTEN")]
-    pub listen: Option<SocketAddr>,
+/// Defaults of the settings that belong to `serve` itself; the others are
+/// the constants of the module that owns the value (named in the table).
+pub mod defaults {
+    use super::*;
+
+    /// `listen`.
+    pub const LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 50051);
+    /// `tls_reload_interval_ms`.
+    pub const TLS_RELOAD_INTERVAL_MS: u64 = 2_000;
+    /// `redis_key_prefix` (also of `import`, `sync`, `audit export`, ...).
+    pub const KEY_PREFIX: &str = crate::store::redis::DEFAULT_KEY_PREFIX;
+    /// `redis_timeout_ms`.
+    pub const REDIS_TIMEOUT_MS: u64 = crate::store::redis::DEFAULT_TIMEOUT.as_millis() as u64;
+    /// `max_staleness_days`.
+    pub const MAX_STALENESS_DAYS: u32 = crate::domain::DEFAULT_MAX_STALENESS_DAYS;
+    /// `max_batch`.
+    pub const MAX_BATCH: usize = crate::domain::DEFAULT_MAX_BATCH;
+    /// `resync_interval_secs`.
+    pub const RESYNC_INTERVAL_SECS: u64 = 10;
+    /// `handshake_timeout_ms`.
+    pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+    /// `max_handshakes`.
+    pub const MAX_HANDSHAKES: usize = 4096;
+    /// `request_timeout_ms`.
+    pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
+    /// `max_concurrent_streams`.
+    pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+    /// `max_message_bytes`.
+    pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+    /// `token_max_lifetime`, in seconds.
+    pub const TOKEN_MAX_LIFETIME_SECS: u64 = 24 * 3600;
+    /// `audit_max_len`.
+    pub const AUDIT_MAX_LEN: u64 = 10_000_000;
+    /// `handshake_first_byte_timeout_ms`.
+    pub const HANDSHAKE_FIRST_BYTE_TIMEOUT_MS: u64 = 2_000;
+    /// `max_handshakes_per_ip`.
+    pub const MAX_HANDSHAKES_PER_IP: usize = 256;
+    /// `listen_backlog`.
+    pub const LISTEN_BACKLOG: u32 = 4096;
+    /// `max_shrink`.
+    pub const MAX_SHRINK: f64 = crate::import::DEFAULT_MAX_SHRINK;
+    /// `quota_redis_timeout_ms`.
+    pub const QUOTA_REDIS_TIMEOUT_MS: u64 = crate::quota::DEFAULT_REDIS_TIMEOUT.as_millis() as u64;
+    /// `quota_expected_replicas`.
+    pub const QUOTA_EXPECTED_REPLICAS: u32 = 1;
+}
+
+/// One setting of `serve`, as the table writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Setting {
+    /// The TOML key and the field of [`ServeSettings`].
+    pub name: &'static str,
+    /// The flag without `--`; `None`: config file only.
+    pub flag: Option<&'static str>,
+    /// The environment variable; `None`: config file only.
+    pub env: Option<&'static str>,
+    /// What it does.
+    pub doc: &'static str,
+}
+
+impl Setting {
+    /// The setting called `name` (a field of [`ServeSettings`]).
+    pub fn named(name: &str) -> Option<&'static Setting> {
+        SETTINGS.iter().find(|s| s.name == name)
+    }
+
+    /// The default as the config file spells it (`None`: no default).
+    pub fn default_text(&self) -> Option<String> {
+        let defaults = toml::Table::try_from(ServeSettings::defaults()).ok()?;
+        defaults.get(self.name).map(|v| match v {
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    }
+
+    /// The help of its flag: the doc, then the default.
+    fn help(&self) -> String {
+        let doc = self.doc.trim();
+        match self.default_text() {
+            Some(default) => format!("{doc} [default: {default}]"),
+            None => doc.to_owned(),
+        }
+    }
+}
+
+/// The help text of the flag of setting `name` (for clap).
+fn help_of(name: &str) -> String {
+    Setting::named(name).map(Setting::help).unwrap_or_default()
+}
+
+/// Writes the settings: [`ServeSettings`] (every field an `Option`, so the
+/// layers merge), its clap arguments and serde keys, [`ServeSettings::or`],
+/// [`ServeSettings::defaults`] and [`SETTINGS`]. Each entry:
+/// `/// doc`, `name: Type = default, flag "flag", env "ENV" (, clap(extra
+/// attributes))?;` then, after `file only:`, settings without flag or
+/// environment variable.
+macro_rules! settings_table {
+    (
+        $(
+            $(#[doc = $doc:literal])+
+            $name:ident: $ty:ty $(= $default:expr)?, flag $flag:literal, env $env:literal
+                $(, clap($($arg:tt)*))?;
+        )*
+        file only:
+        $(
+            $(#[doc = $fdoc:literal])+
+            $fname:ident: $fty:ty;
+        )*
+    ) => {
+        /// Settings that can come from a file, the environment or flags;
+        /// every field optional so the layers can be merged (see
+        /// [`ServeSettings::or`]). Written by [`settings_table!`].
+        #[derive(Clone, Debug, Default, Deserialize, Serialize, clap::Args)]
+        #[serde(deny_unknown_fields)]
+        pub struct ServeSettings {
+            $(
+                $(#[doc = $doc])+
+                #[arg(long = $flag, env = $env, help = help_of(stringify!($name)) $(, $($arg)*)?)]
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                pub $name: Option<$ty>,
+            )*
+            $(
+                $(#[doc = $fdoc])+
+                #[arg(skip)]
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                pub $fname: Option<$fty>,
+            )*
+        }
+
+        impl ServeSettings {
+            /// Fills every field still unset from `lower`.
+            pub fn or(self, lower: ServeSettings) -> ServeSettings {
+                ServeSettings {
+                    $($name: self.$name.or(lower.$name),)*
+                    $($fname: self.$fname.or(lower.$fname),)*
+                }
+            }
+
+            /// The defaults: the lowest layer.
+            pub fn defaults() -> ServeSettings {
+                ServeSettings {
+                    $($name: settings_table!(@default $($default)?),)*
+                    $($fname: None,)*
+                }
+            }
+        }
+
+        /// Every setting of `serve`, in the order of the table.
+        pub const SETTINGS: &[Setting] = &[
+            $(Setting {
+                name: stringify!($name),
+                flag: Some($flag),
+                env: Some($env),
+                doc: concat!($($doc, "\n"),+),
+            },)*
+            $(Setting {
+                name: stringify!($fname),
+                flag: None,
+                env: None,
+                doc: concat!($($fdoc, "\n"),+),
+            },)*
+        ];
+    };
+    (@default) => { None };
+    (@default $default:expr) => { Some($default.into()) };
+}
+
+settings_table! {
+    /// Address to listen on.
+    listen: SocketAddr = defaults::LISTEN, flag "listen", env "REASSIGNED_LISTEN";
     /// Server certificate chain (PEM).
-    #[arg(long, env = "REASSIGNED_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
+    tls_cert: PathBuf, flag "tls-cert", env "REASSIGNED_TLS_CERT";
     /// Server private key (PEM).
-    #[arg(long, env = "REASSIGNED_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
+    tls_key: PathBuf, flag "tls-key", env "REASSIGNED_TLS_KEY";
     /// CA bundle (PEM) that client certificates must chain to.
-    #[arg(long, env = "REASSIGNED_CLIENT_CA")]
-    pub client_ca: Option<PathBuf>,
+    client_ca: PathBuf, flag "client-ca", env "REASSIGNED_CLIENT_CA";
     /// Certificate revocation list for client certificates (PEM or DER);
     /// repeat the flag, or comma-separate in the environment, for several.
-    #[arg(long = "client-crl", env = "REASSIGNED_CLIENT_CRLS", value_delimiter = ',')]
-    pub client_crls: Option<Vec<PathBuf>>,
+    client_crls: Vec<PathBuf>, flag "client-crl", env "REASSIGNED_CLIENT_CRLS",
+        clap(value_delimiter = ',');
     /// Milliseconds between looks at the TLS files (certificate, key, client
-    /// CA, CRLs) for changes to reload (default 2000).
-    #[arg(long, env = "REASSIGNED_TLS_RELOAD_INTERVAL_MS")]
-    pub tls_reload_interval_ms: Option<u64>,
+    /// CA, CRLs) for changes to reload.
+    tls_reload_interval_ms: u64 = defaults::TLS_RELOAD_INTERVAL_MS,
+        flag "tls-reload-interval-ms", env "REASSIGNED_TLS_RELOAD_INTERVAL_MS";
     /// Redis URL (`redis://host:6379/0`); without it the embedded store is used.
-    #[arg(long, env = "REASSIGNED_REDIS")]
-    pub redis: Option<String>,
+    redis: String, flag "redis", env "REASSIGNED_REDIS";
     /// Redis Cluster seed nodes, comma-separated
     /// (`redis://10.0.0.1:6379,redis://10.0.0.2:6379`); instead of `redis`.
-    #[arg(long, env = "REASSIGNED_REDIS_CLUSTER")]
-    pub redis_cluster: Option<String>,
-    /// With `redis_cluster`: send reads to replicas (default false).
-    #[arg(
-        long,
-        env = "REASSIGNED_REDIS_READ_FROM_REPLICAS",
-        num_args = 0..=1,
-        default_missing_value = "true"
-    )]
-    pub redis_read_from_replicas: Option<bool>,
+    redis_cluster: String, flag "redis-cluster", env "REASSIGNED_REDIS_CLUSTER";
+    /// With `redis_cluster`: send reads to replicas.
+    redis_read_from_replicas: bool = false,
+        flag "redis-read-from-replicas", env "REASSIGNED_REDIS_READ_FROM_REPLICAS",
+        clap(num_args = 0..=1, default_missing_value = "true");
     /// Directory of manifests for the embedded store.
-    #[arg(long, env = "REASSIGNED_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Prefix of every Redis key (default `rn`).
-    #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX")]
-    pub redis_key_prefix: Option<String>,
-    /// Timeout of each Redis call in milliseconds (default 200).
-    #[arg(long, env = "REASSIGNED_REDIS_TIMEOUT_MS")]
-    pub redis_timeout_ms: Option<u64>,
-    /// Days after `as_of` before the mirror counts as stale (default 45).
-    #[arg(long, env = "REASSIGNED_MAX_STALENESS_DAYS")]
-    pub max_staleness_days: Option<u32>,
-    /// Most checks in one batch call (default 1000).
-    #[arg(long, env = "REASSIGNED_MAX_BATCH")]
-    pub max_batch: Option<usize>,
-    /// Seconds between re-syncs of the embedded store's data directory (default 10).
-    #[arg(long, env = "REASSIGNED_RESYNC_INTERVAL_SECS")]
-    pub resync_interval_secs: Option<u64>,
-    /// TLS handshake timeout in milliseconds (default 10000).
-    #[arg(long, env = "REASSIGNED_HANDSHAKE_TIMEOUT_MS")]
-    pub handshake_timeout_ms: Option<u64>,
-    /// Most TLS handshakes in progress at once (default 256).
-    #[arg(long, env = "REASSIGNED_MAX_HANDSHAKES")]
-    pub max_handshakes: Option<usize>,
-    /// Timeout of each call in milliseconds (default 5000).
-    #[arg(long, env = "REASSIGNED_REQUEST_TIMEOUT_MS")]
-    pub request_timeout_ms: Option<u64>,
-    /// Most concurrent calls (HTTP/2 streams) per connection (default 256).
-    #[arg(long, env = "REASSIGNED_MAX_CONCURRENT_STREAMS")]
-    pub max_concurrent_streams: Option<u32>,
-    /// Largest request message in bytes (default 262144).
-    #[arg(long, env = "REASSIGNED_MAX_MESSAGE_BYTES")]
-    pub max_message_bytes: Option<usize>,
-    /// Require certificate-bound bearer tokens (default true). `--no-tokens`
+    data_dir: PathBuf, flag "data-dir", env "REASSIGNED_DATA_DIR";
+    /// Prefix of every Redis key.
+    redis_key_prefix: String = defaults::KEY_PREFIX,
+        flag "redis-key-prefix", env "REASSIGNED_REDIS_KEY_PREFIX";
+    /// Timeout of each Redis call in milliseconds.
+    redis_timeout_ms: u64 = defaults::REDIS_TIMEOUT_MS,
+        flag "redis-timeout-ms", env "REASSIGNED_REDIS_TIMEOUT_MS";
+    /// Days after `as_of` before the mirror counts as stale.
+    max_staleness_days: u32 = defaults::MAX_STALENESS_DAYS,
+        flag "max-staleness-days", env "REASSIGNED_MAX_STALENESS_DAYS";
+    /// Most checks in one batch call (1 to 100000).
+    max_batch: usize = defaults::MAX_BATCH, flag "max-batch", env "REASSIGNED_MAX_BATCH";
+    /// Seconds between re-syncs of the embedded store's data directory.
+    resync_interval_secs: u64 = defaults::RESYNC_INTERVAL_SECS,
+        flag "resync-interval-secs", env "REASSIGNED_RESYNC_INTERVAL_SECS";
+    /// TLS handshake timeout in milliseconds (from accept to completion).
+    handshake_timeout_ms: u64 = defaults::HANDSHAKE_TIMEOUT_MS,
+        flag "handshake-timeout-ms", env "REASSIGNED_HANDSHAKE_TIMEOUT_MS";
+    /// Most TLS handshakes in progress at once; at the cap the oldest
+    /// pending one is shed for each new connection.
+    max_handshakes: usize = defaults::MAX_HANDSHAKES,
+        flag "max-handshakes", env "REASSIGNED_MAX_HANDSHAKES";
+    /// Timeout of each call in milliseconds.
+    request_timeout_ms: u64 = defaults::REQUEST_TIMEOUT_MS,
+        flag "request-timeout-ms", env "REASSIGNED_REQUEST_TIMEOUT_MS";
+    /// Most concurrent calls (HTTP/2 streams) per connection.
+    max_concurrent_streams: u32 = defaults::MAX_CONCURRENT_STREAMS,
+        flag "max-concurrent-streams", env "REASSIGNED_MAX_CONCURRENT_STREAMS";
+    /// Largest request message in bytes.
+    max_message_bytes: usize = defaults::MAX_MESSAGE_BYTES,
+        flag "max-message-bytes", env "REASSIGNED_MAX_MESSAGE_BYTES";
+    /// Require certificate-bound bearer tokens. `--no-tokens`
     /// (`REASSIGNED_TOKENS=false`, `tokens = false`) serves with mTLS alone.
-    #[arg(
-        long = "no-tokens",
-        env = "REASSIGNED_TOKENS",
-        num_args = 0,
-        default_missing_value = "false",
-        value_parser = clap::builder::BoolishValueParser::new()
-    )]
-    pub tokens: Option<bool>,
+    tokens: bool = true, flag "no-tokens", env "REASSIGNED_TOKENS",
+        clap(
+            num_args = 0,
+            default_missing_value = "false",
+            value_parser = clap::builder::BoolishValueParser::new()
+        );
     /// JWKS file (public keys, ES256 or EdDSA) that bearer tokens are verified with.
-    #[arg(long, env = "REASSIGNED_JWKS")]
-    pub jwks: Option<PathBuf>,
+    jwks: PathBuf, flag "jwks", env "REASSIGNED_JWKS";
     /// The `iss` every bearer token must carry.
-    #[arg(long, env = "REASSIGNED_TOKEN_ISSUER")]
-    pub token_issuer: Option<String>,
+    token_issuer: String, flag "token-issuer", env "REASSIGNED_TOKEN_ISSUER";
     /// The `aud` every bearer token must carry.
-    #[arg(long, env = "REASSIGNED_TOKEN_AUDIENCE")]
-    pub token_audience: Option<String>,
+    token_audience: String, flag "token-audience", env "REASSIGNED_TOKEN_AUDIENCE";
     /// Longest lifetime of a bearer token: `exp - iat` and `exp - now` may
     /// not exceed it, and tokens without `iat` are refused (`90s`, `15m`,
-    /// `24h`, `7d`, plain seconds, or `off` for no limit; default `24h`).
-    #[arg(long, env = "REASSIGNED_TOKEN_MAX_LIFETIME")]
-    pub token_max_lifetime: Option<String>,
+    /// `24h`, `7d`, plain seconds, or `off` for no limit).
+    token_max_lifetime: String = span_text(defaults::TOKEN_MAX_LIFETIME_SECS),
+        flag "token-max-lifetime", env "REASSIGNED_TOKEN_MAX_LIFETIME";
     /// Redis shared by all replicas for per-platform quotas (default: the
     /// store's Redis when the store is one Redis server; otherwise quotas
     /// hold per process).
-    #[arg(long, env = "REASSIGNED_QUOTA_REDIS")]
-    pub quota_redis: Option<String>,
+    quota_redis: String, flag "quota-redis", env "REASSIGNED_QUOTA_REDIS";
     /// Timeout of each quota call to Redis in milliseconds, after which the
-    /// local limiter decides (default 50).
-    #[arg(long, env = "REASSIGNED_QUOTA_REDIS_TIMEOUT_MS")]
-    pub quota_redis_timeout_ms: Option<u64>,
-    /// While the quota Redis is down: `fail-open` (default; each server
-    /// limits on its own, so N servers grant up to N x the limits unless
+    /// local limiter decides.
+    quota_redis_timeout_ms: u64 = defaults::QUOTA_REDIS_TIMEOUT_MS,
+        flag "quota-redis-timeout-ms", env "REASSIGNED_QUOTA_REDIS_TIMEOUT_MS";
+    /// While the quota Redis is down: `fail-open` (each server limits on its
+    /// own, so N servers grant up to N x the limits unless
     /// `quota_expected_replicas` says N) or `fail-closed` (calls that have a
     /// limit are refused with UNAVAILABLE).
-    #[arg(long, env = "REASSIGNED_QUOTA_FALLBACK", value_enum)]
-    pub quota_fallback: Option<crate::quota::QuotaFallback>,
+    quota_fallback: QuotaFallback = QuotaFallback::default(),
+        flag "quota-fallback", env "REASSIGNED_QUOTA_FALLBACK", clap(value_enum);
     /// Servers sharing the quotas: a server deciding alone (no quota Redis,
-    /// or it is down with `fail-open`) enforces 1/N of each limit (default 1).
-    #[arg(long, env = "REASSIGNED_QUOTA_EXPECTED_REPLICAS")]
-    pub quota_expected_replicas: Option<u32>,
-    /// Per-platform quotas (config file only): the `[quotas]` table with a
-    /// `default` entry and entries keyed by platform id. None: unlimited.
-    #[arg(skip)]
-    pub quotas: Option<QuotaSettings>,
+    /// or it is down with `fail-open`) enforces 1/N of each limit.
+    quota_expected_replicas: u32 = defaults::QUOTA_EXPECTED_REPLICAS,
+        flag "quota-expected-replicas", env "REASSIGNED_QUOTA_EXPECTED_REPLICAS";
     /// Private key (PEM PKCS#8, ECDSA P-256 or Ed25519) that signs receipts
     /// (`want_receipt`). Without it, asking for a receipt is
     /// FAILED_PRECONDITION. Make one with `reassigned keys generate --out
     /// DIR` (it is `DIR/issuer.key`; use a key of its own, not the token
     /// issuer's).
-    #[arg(long, env = "REASSIGNED_RECEIPT_KEY")]
-    pub receipt_key: Option<PathBuf>,
+    receipt_key: PathBuf, flag "receipt-key", env "REASSIGNED_RECEIPT_KEY";
     /// Key id (`kid`) of the receipt key (default: derived from the public
     /// key, as `keys generate` does).
-    #[arg(long, env = "REASSIGNED_RECEIPT_KID")]
-    pub receipt_kid: Option<String>,
+    receipt_kid: String, flag "receipt-kid", env "REASSIGNED_RECEIPT_KID";
     /// Retired receipt public keys that stay published (GetSigningKeys) so
     /// that the receipts they signed still verify: `PATH@NOT_AFTER`, PATH a
     /// JWKS or JWK JSON file of public keys (as `reassigned receipt jwks`
@@ -148,114 +300,99 @@ pub struct ServeSettings {
     /// the end of that UTC day, or `YYYY-MM-DDTHH:MM:SSZ`). Repeat the flag,
     /// or comma-separate in the environment; in the file,
     /// `[[receipt_retired_keys]]` tables with `path` and `not_after`.
-    #[arg(
-        long = "receipt-retired-key",
-        env = "REASSIGNED_RECEIPT_RETIRED_KEYS",
-        value_delimiter = ',',
-        value_parser = parse_retired_key
-    )]
-    pub receipt_retired_keys: Option<Vec<RetiredKeySetting>>,
+    receipt_retired_keys: Vec<RetiredKeySetting>,
+        flag "receipt-retired-key", env "REASSIGNED_RECEIPT_RETIRED_KEYS",
+        clap(value_delimiter = ',', value_parser = parse_retired_key);
     /// File holding the secret (at least 16 bytes) that keys the number
     /// hashes of the audit trail; setting it turns the audit trail on.
-    #[arg(long, env = "REASSIGNED_AUDIT_SECRET_FILE")]
-    pub audit_secret_file: Option<PathBuf>,
+    audit_secret_file: PathBuf, flag "audit-secret-file", env "REASSIGNED_AUDIT_SECRET_FILE";
     /// Redis URL of the audit stream (default: the store's Redis).
-    #[arg(long, env = "REASSIGNED_AUDIT_REDIS")]
-    pub audit_redis: Option<String>,
-    /// Approximate most entries kept in the audit stream (default 10000000).
-    #[arg(long, env = "REASSIGNED_AUDIT_MAX_LEN")]
-    pub audit_max_len: Option<u64>,
+    audit_redis: String, flag "audit-redis", env "REASSIGNED_AUDIT_REDIS";
+    /// Approximate most entries kept in the audit stream.
+    audit_max_len: u64 = defaults::AUDIT_MAX_LEN, flag "audit-max-len", env "REASSIGNED_AUDIT_MAX_LEN";
     /// Fail calls with UNAVAILABLE when their audit record cannot be queued
-    /// or the audit sink is down (default: answer, and count the drop).
-    #[arg(
-        long,
-        env = "REASSIGNED_AUDIT_MANDATORY",
-        num_args = 0,
-        default_missing_value = "true",
-        value_parser = clap::builder::BoolishValueParser::new()
-    )]
-    pub audit_mandatory: Option<bool>,
+    /// or the audit sink is down (false: answer, and count the drop).
+    audit_mandatory: bool = false, flag "audit-mandatory", env "REASSIGNED_AUDIT_MANDATORY",
+        clap(
+            num_args = 0,
+            default_missing_value = "true",
+            value_parser = clap::builder::BoolishValueParser::new()
+        );
     /// Address of the plain-HTTP Prometheus endpoint `GET /metrics` (default:
     /// off). Not authenticated: bind it to a private interface only.
-    #[arg(long, env = "REASSIGNED_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
+    metrics_listen: SocketAddr, flag "metrics-listen", env "REASSIGNED_METRICS_LISTEN";
     /// Milliseconds a new connection gets to send its first byte before it
-    /// is closed (default 2000; at most the handshake timeout).
-    #[arg(long, env = "REASSIGNED_HANDSHAKE_FIRST_BYTE_TIMEOUT_MS")]
-    pub handshake_first_byte_timeout_ms: Option<u64>,
+    /// is closed (at most the handshake timeout).
+    handshake_first_byte_timeout_ms: u64 = defaults::HANDSHAKE_FIRST_BYTE_TIMEOUT_MS,
+        flag "handshake-first-byte-timeout-ms", env "REASSIGNED_HANDSHAKE_FIRST_BYTE_TIMEOUT_MS";
     /// Most pending TLS handshakes per client IP address; at the cap the
-    /// oldest of that address is shed (default 256).
-    #[arg(long, env = "REASSIGNED_MAX_HANDSHAKES_PER_IP")]
-    pub max_handshakes_per_ip: Option<usize>,
+    /// oldest of that address is shed.
+    max_handshakes_per_ip: usize = defaults::MAX_HANDSHAKES_PER_IP,
+        flag "max-handshakes-per-ip", env "REASSIGNED_MAX_HANDSHAKES_PER_IP";
     /// Listen backlog of the server socket, capped by the kernel's
-    /// `net.core.somaxconn` (default 4096).
-    #[arg(long, env = "REASSIGNED_LISTEN_BACKLOG")]
-    pub listen_backlog: Option<u32>,
+    /// `net.core.somaxconn`.
+    listen_backlog: u32 = defaults::LISTEN_BACKLOG, flag "listen-backlog", env "REASSIGNED_LISTEN_BACKLOG";
     /// Embedded store: the largest share (0.0 to 1.0) of the mirror's
     /// records a snapshot found by the background resync may remove; a
-    /// snapshot removing more, or empty, is skipped and reported (default 0.10).
-    #[arg(long, env = "REASSIGNED_MAX_SHRINK")]
-    pub max_shrink: Option<f64>,
+    /// snapshot removing more, or empty, is skipped and reported.
+    max_shrink: f64 = defaults::MAX_SHRINK, flag "max-shrink", env "REASSIGNED_MAX_SHRINK";
+    file only:
+    /// Per-platform quotas (config file only): the `[quotas]` table with a
+    /// `default` entry and entries keyed by platform id. None: unlimited.
+    quotas: QuotaSettings;
 }
 
 impl ServeSettings {
-    /// Fills every field still unset from `lower`.
-    pub fn or(self, lower: ServeSettings) -> ServeSettings {
-        macro_rules! merge {
-            ($($f:ident),*) => { ServeSettings { $($f: self.$f.or(lower.$f)),* } };
-        }
-        merge!(
-            listen,
-            tls_cert,
-            tls_key,
-            client_ca,
-            client_crls,
-            tls_reload_interval_ms,
-            redis,
-            redis_cluster,
-            redis_read_from_replicas,
-            data_dir,
-            redis_key_prefix,
-            redis_timeout_ms,
-            max_staleness_days,
-            max_batch,
-            resync_interval_secs,
-            handshake_timeout_ms,
-            max_handshakes,
-            request_timeout_ms,
-            max_concurrent_streams,
-            max_message_bytes,
-            tokens,
-            jwks,
-            token_issuer,
-            token_audience,
-            quota_redis,
-            quota_redis_timeout_ms,
-            quotas,
-            receipt_key,
-            receipt_kid,
-            audit_secret_file,
-            audit_redis,
-            audit_max_len,
-            audit_mandatory,
-            metrics_listen,
-            handshake_first_byte_timeout_ms,
-            max_handshakes_per_ip,
-            listen_backlog,
-            token_max_lifetime,
-            receipt_retired_keys,
-            max_shrink,
-            quota_fallback,
-            quota_expected_replicas
-        )
-    }
-
     /// Reads a TOML file of settings (same names as the flags, with `_`).
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::File(path.to_owned(), e.to_string()))?;
         toml::from_str(&text).map_err(|e| ConfigError::File(path.to_owned(), e.to_string()))
     }
+
+    /// These settings over the defaults, as a TOML file that `--config`
+    /// reads back unchanged (`serve --dump-config`).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string_pretty(&self.clone().or(ServeSettings::defaults()))
+            .map_err(|e| ConfigError::Invalid("settings", e.to_string()))
+    }
+}
+
+/// `secs` as a time span of [`parse_span`]: whole days, hours or minutes
+/// where they fit, else seconds (`86400` is `24h`).
+fn span_text(secs: u64) -> String {
+    match secs {
+        0 => "0s".into(),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// Parses a time span: `90s`, `15m`, `1h`, `7d`, or plain seconds.
+pub fn parse_span(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 90s, 15m, 1h or 7d"))?;
+    let unit_secs: u64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (s, m, h or d)")),
+    };
+    let secs = n
+        .checked_mul(unit_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))?;
+    if secs == 0 {
+        return Err("the ttl must be more than 0 seconds".into());
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 /// A retired receipt key as configured: its public key file and the last
@@ -397,7 +534,28 @@ impl RedisTarget {
     }
 }
 
-/// The validated configuration of `serve`.
+/// Where the bearer-token verifier finds its keys and what it expects of a
+/// token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TokenConfig {
+    /// The JWKS file (public keys only).
+    pub jwks: PathBuf,
+    /// The required `iss`.
+    pub issuer: String,
+    /// The required `aud`.
+    pub audience: String,
+    /// The longest lifetime a token may have, in seconds: `exp - iat` and
+    /// `exp - now` must not exceed it (plus the verifier's leeway for the
+    /// latter), and a token without `iat` is refused. `None`: no limit (and
+    /// `iat` is optional).
+    pub max_lifetime_secs: Option<u64>,
+}
+
+/// The default of [`TokenConfig::max_lifetime_secs`]: 24 hours.
+pub const DEFAULT_MAX_LIFETIME_SECS: u64 = defaults::TOKEN_MAX_LIFETIME_SECS;
+
+/// The validated configuration of `serve`: plain data, no runtime handles
+/// (the server makes those: see `server::Handles`).
 #[derive(Clone, Debug, Serialize)]
 pub struct ServeConfig {
     /// Address to listen on.
@@ -412,10 +570,6 @@ pub struct ServeConfig {
     pub client_crls: Vec<PathBuf>,
     /// Milliseconds between looks at the TLS files for changes.
     pub tls_reload_interval_ms: u64,
-    /// Reloads the TLS material of the server running with this config;
-    /// clone it before calling [`crate::run`].
-    #[serde(skip)]
-    pub reload: crate::server::reload::ReloadHandle,
     /// The store.
     pub store: StoreConfig,
     /// Staleness limit in days.
@@ -433,7 +587,7 @@ pub struct ServeConfig {
     /// Largest request message in bytes.
     pub max_message_bytes: usize,
     /// Bearer tokens: `None` when turned off (mTLS only).
-    pub tokens: Option<crate::server::token::TokenConfig>,
+    pub tokens: Option<TokenConfig>,
     /// Per-platform quotas.
     pub quotas: QuotaConfig,
     /// The receipt signing key file; `None`: receipts are refused.
@@ -444,15 +598,8 @@ pub struct ServeConfig {
     pub receipt_retired_keys: Vec<(PathBuf, i64)>,
     /// The audit trail; `None`: off.
     pub audit: Option<crate::audit::AuditConfig>,
-    /// Counters of the audit trail of the server running with this config.
-    #[serde(skip)]
-    pub audit_stats: std::sync::Arc<crate::audit::AuditStats>,
     /// Address of the Prometheus endpoint; `None`: off.
     pub metrics_listen: Option<SocketAddr>,
-    /// Request counters and the bound metrics address of the server running
-    /// with this config.
-    #[serde(skip)]
-    pub metrics: crate::server::metrics::MetricsHandle,
     /// Time a new connection gets to send its first byte, in milliseconds.
     pub handshake_first_byte_timeout_ms: u64,
     /// Pending handshake limit per client IP address.
@@ -475,195 +622,130 @@ pub enum ConfigError {
     File(PathBuf, String),
 }
 
+/// The value of a setting after the defaults, or that it is missing (naming
+/// its flag and environment variable from the table).
+fn required<T>(value: Option<T>, name: &'static str) -> Result<T, ConfigError> {
+    value.ok_or_else(|| match Setting::named(name) {
+        Some(Setting {
+            name,
+            flag: Some(flag),
+            env: Some(env),
+            ..
+        }) => ConfigError::Missing(name, flag, env),
+        _ => ConfigError::Invalid(name, "missing (config file only)".into()),
+    })
+}
+
+/// `take!(s.field)`: the setting `field` of `s`, or [`ConfigError::Missing`].
+macro_rules! take {
+    ($s:ident . $field:ident) => {
+        required($s.$field.clone(), stringify!($field))
+    };
+}
+
+/// `positive!(s.field)`: the setting `field` of `s`, which must be above 0.
+macro_rules! positive {
+    ($s:ident . $field:ident) => {
+        required($s.$field.clone(), stringify!($field)).and_then(|v| {
+            if v == 0 {
+                Err(ConfigError::Invalid(
+                    stringify!($field),
+                    "must be greater than 0".into(),
+                ))
+            } else {
+                Ok(v)
+            }
+        })
+    };
+}
+
+/// A readable file named by setting `name`.
+fn readable_file(path: PathBuf, name: &'static str) -> Result<PathBuf, ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError::Invalid(
+            name,
+            format!("{} is not a readable file", path.display()),
+        ));
+    }
+    Ok(path)
+}
+
+/// A Redis URL (`redis://`, `rediss://` or `unix://`) of setting `name`.
+fn redis_url(url: String, name: &'static str) -> Result<String, ConfigError> {
+    if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+        return Err(ConfigError::Invalid(
+            name,
+            "must be a redis://, rediss:// or unix:// URL".into(),
+        ));
+    }
+    Ok(url)
+}
+
 impl ServeConfig {
     /// The default listen address.
-    pub const DEFAULT_LISTEN: &'static str = "127.0.0.1:50051";
+    pub const DEFAULT_LISTEN: SocketAddr = defaults::LISTEN;
 
-    /// Validates merged settings and fills in defaults.
+    /// Validates settings over the defaults: the one place that checks
+    /// them; each error names the setting.
     pub fn from_settings(s: ServeSettings) -> Result<Self, ConfigError> {
+        let s = s.or(ServeSettings::defaults());
         let quotas = quota_config(&s)?;
-        let need = |v: Option<PathBuf>, name, flag, env| -> Result<PathBuf, ConfigError> {
-            let path = v.ok_or(ConfigError::Missing(name, flag, env))?;
-            if !path.is_file() {
-                return Err(ConfigError::Invalid(
-                    name,
-                    format!("{} is not a readable file", path.display()),
-                ));
-            }
-            Ok(path)
-        };
-        let tls_cert = need(s.tls_cert, "tls_cert", "tls-cert", "REASSIGNED_TLS_CERT")?;
-        let tls_key = need(s.tls_key, "tls_key", "tls-key", "REASSIGNED_TLS_KEY")?;
-        let client_ca = need(s.client_ca, "client_ca", "client-ca", "REASSIGNED_CLIENT_CA")?;
+        let tls_cert = readable_file(take!(s.tls_cert)?, "tls_cert")?;
+        let tls_key = readable_file(take!(s.tls_key)?, "tls_key")?;
+        let client_ca = readable_file(take!(s.client_ca)?, "client_ca")?;
         let client_crls = s
             .client_crls
             .clone()
             .unwrap_or_default()
             .into_iter()
-            .map(|crl| need(Some(crl), "client_crls", "client-crl", "REASSIGNED_CLIENT_CRLS"))
+            .map(|crl| readable_file(crl, "client_crls"))
             .collect::<Result<Vec<_>, _>>()?;
-        let tls_reload_interval_ms = positive(
-            "tls_reload_interval_ms",
-            s.tls_reload_interval_ms.unwrap_or(2_000),
-        )?;
-        let given = [s.redis.is_some(), s.redis_cluster.is_some(), s.data_dir.is_some()];
-        if given.iter().filter(|&&g| g).count() > 1 {
-            return Err(ConfigError::Invalid(
-                "redis",
-                "give only one of redis, redis_cluster and data_dir".into(),
-            ));
-        }
-        if s.redis_read_from_replicas.is_some() && s.redis_cluster.is_none() {
-            return Err(ConfigError::Invalid(
-                "redis_read_from_replicas",
-                "applies to redis_cluster only".into(),
-            ));
-        }
-        let store = match (s.redis, s.data_dir) {
-            (None, None) if s.redis_cluster.is_some() => StoreConfig::RedisCluster {
-                urls: parse_cluster_urls(s.redis_cluster.as_deref().unwrap_or_default())?,
-                key_prefix: s.redis_key_prefix.unwrap_or_else(|| "rn".into()),
-                timeout_ms: positive("redis_timeout_ms", s.redis_timeout_ms.unwrap_or(200))?,
-                read_from_replicas: s.redis_read_from_replicas.unwrap_or(false),
-            },
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::Invalid(
-                    "redis",
-                    "give either redis or data_dir, not both".into(),
-                ));
-            }
-            (Some(url), None) => {
-                if !(url.starts_with("redis://")
-                    || url.starts_with("rediss://")
-                    || url.starts_with("unix://"))
-                {
-                    return Err(ConfigError::Invalid(
-                        "redis",
-                        "must be a redis://, rediss:// or unix:// URL".into(),
-                    ));
-                }
-                StoreConfig::Redis {
-                    url,
-                    key_prefix: s.redis_key_prefix.unwrap_or_else(|| "rn".into()),
-                    timeout_ms: positive("redis_timeout_ms", s.redis_timeout_ms.unwrap_or(200))?,
-                }
-            }
-            (None, data_dir) => {
-                let data_dir = data_dir.ok_or(ConfigError::Missing(
-                    "redis, redis_cluster or data_dir",
-                    "redis, --redis-cluster or --data-dir",
-                    "REASSIGNED_REDIS, REASSIGNED_REDIS_CLUSTER or REASSIGNED_DATA_DIR",
-                ))?;
-                if !data_dir.is_dir() {
-                    return Err(ConfigError::Invalid(
-                        "data_dir",
-                        format!("{} is not a directory", data_dir.display()),
-                    ));
-                }
-                StoreConfig::Embedded {
-                    data_dir,
-                    resync_interval_secs: positive(
-                        "resync_interval_secs",
-                        s.resync_interval_secs.unwrap_or(10),
-                    )?,
-                    max_shrink: ShrinkLimit::new(s.max_shrink.unwrap_or(crate::import::DEFAULT_MAX_SHRINK))?,
-                }
-            }
-        };
-        let listen = match s.listen {
-            Some(addr) => addr,
-            None => Self::DEFAULT_LISTEN
-                .parse()
-                .map_err(|e| ConfigError::Invalid("listen", format!("{e}")))?,
-        };
-        let max_lifetime = token_max_lifetime(s.token_max_lifetime.as_deref())?;
-        let tokens = token_config(s.tokens, s.jwks, s.token_issuer, s.token_audience, max_lifetime)?;
+        let store = store_config(&s)?;
+        let tokens = token_config(&s)?;
         let receipt_retired_keys = retired_keys_config(
-            s.receipt_retired_keys.unwrap_or_default(),
+            s.receipt_retired_keys.clone().unwrap_or_default(),
             &s.receipt_key,
             &s.receipt_kid,
         )?;
-        let (receipt_key, receipt_kid) = receipt_config(s.receipt_key, s.receipt_kid)?;
-        let audit = match s.audit_secret_file {
-            None => None,
-            Some(secret_file) => {
-                if !secret_file.is_file() {
-                    return Err(ConfigError::Invalid(
-                        "audit_secret_file",
-                        format!("{} is not a readable file", secret_file.display()),
-                    ));
-                }
-                let (store_url, prefix) = match &store {
-                    StoreConfig::Redis { url, key_prefix, .. } => (Some(url.clone()), key_prefix.clone()),
-                    // The writer speaks to one server: a cluster needs --audit-redis.
-                    StoreConfig::RedisCluster { key_prefix, .. } => (None, key_prefix.clone()),
-                    _ => (None, "rn".to_owned()),
-                };
-                let redis_url = s.audit_redis.or(store_url).ok_or(ConfigError::Missing(
-                    "audit_redis",
-                    "audit-redis",
-                    "REASSIGNED_AUDIT_REDIS",
-                ))?;
-                Some(crate::audit::AuditConfig {
-                    redis_url,
-                    stream: format!("{prefix}:audit"),
-                    max_len: positive("audit_max_len", s.audit_max_len.unwrap_or(10_000_000))?,
-                    mandatory: s.audit_mandatory.unwrap_or(false),
-                    secret_file,
-                })
-            }
-        };
-        let first_byte_ms = positive(
-            "handshake_first_byte_timeout_ms",
-            s.handshake_first_byte_timeout_ms.unwrap_or(2_000),
-        )?;
-        if first_byte_ms > s.handshake_timeout_ms.unwrap_or(10_000) {
+        let (receipt_key, receipt_kid) = receipt_config(s.receipt_key.clone(), s.receipt_kid.clone())?;
+        let audit = audit_config(&s, &store)?;
+        let handshake_timeout_ms = positive!(s.handshake_timeout_ms)?;
+        let handshake_first_byte_timeout_ms = positive!(s.handshake_first_byte_timeout_ms)?;
+        if handshake_first_byte_timeout_ms > handshake_timeout_ms {
             return Err(ConfigError::Invalid(
                 "handshake_first_byte_timeout_ms",
                 "must not exceed handshake_timeout_ms".into(),
             ));
         }
-        let max_batch = s.max_batch.unwrap_or(1000);
+        let max_batch = take!(s.max_batch)?;
         if !(1..=100_000).contains(&max_batch) {
             return Err(ConfigError::Invalid("max_batch", "must be 1 to 100000".into()));
         }
         Ok(Self {
             quotas,
-            listen,
+            listen: take!(s.listen)?,
             tls_cert,
             tls_key,
             client_ca,
             client_crls,
-            tls_reload_interval_ms,
-            reload: crate::server::reload::ReloadHandle::new(),
+            tls_reload_interval_ms: positive!(s.tls_reload_interval_ms)?,
             store,
-            max_staleness_days: s.max_staleness_days.unwrap_or(45),
+            max_staleness_days: take!(s.max_staleness_days)?,
             max_batch,
-            handshake_timeout_ms: positive("handshake_timeout_ms", s.handshake_timeout_ms.unwrap_or(10_000))?,
-            max_handshakes: positive("max_handshakes", s.max_handshakes.unwrap_or(4096) as u64)? as usize,
-            request_timeout_ms: positive("request_timeout_ms", s.request_timeout_ms.unwrap_or(5_000))?,
-            max_concurrent_streams: positive(
-                "max_concurrent_streams",
-                u64::from(s.max_concurrent_streams.unwrap_or(256)),
-            )? as u32,
-            max_message_bytes: positive(
-                "max_message_bytes",
-                s.max_message_bytes.unwrap_or(256 * 1024) as u64,
-            )? as usize,
+            handshake_timeout_ms,
+            max_handshakes: positive!(s.max_handshakes)?,
+            request_timeout_ms: positive!(s.request_timeout_ms)?,
+            max_concurrent_streams: positive!(s.max_concurrent_streams)?,
+            max_message_bytes: positive!(s.max_message_bytes)?,
             tokens,
             receipt_key,
             receipt_kid,
             receipt_retired_keys,
             audit,
-            audit_stats: Default::default(),
             metrics_listen: s.metrics_listen,
-            metrics: Default::default(),
-            handshake_first_byte_timeout_ms: first_byte_ms,
-            max_handshakes_per_ip: positive(
-                "max_handshakes_per_ip",
-                s.max_handshakes_per_ip.unwrap_or(256) as u64,
-            )? as usize,
-            listen_backlog: positive("listen_backlog", u64::from(s.listen_backlog.unwrap_or(4096)))? as u32,
+            handshake_first_byte_timeout_ms,
+            max_handshakes_per_ip: positive!(s.max_handshakes_per_ip)?,
+            listen_backlog: positive!(s.listen_backlog)?,
         })
     }
 
@@ -676,6 +758,83 @@ impl ServeConfig {
     pub fn tls_reload_interval(&self) -> Duration {
         Duration::from_millis(self.tls_reload_interval_ms)
     }
+}
+
+/// Exactly one store: `redis`, `redis_cluster` or `data_dir`.
+fn store_config(s: &ServeSettings) -> Result<StoreConfig, ConfigError> {
+    let given = [s.redis.is_some(), s.redis_cluster.is_some(), s.data_dir.is_some()];
+    if given.iter().filter(|&&g| g).count() > 1 {
+        return Err(ConfigError::Invalid(
+            "redis",
+            "give only one of redis, redis_cluster and data_dir".into(),
+        ));
+    }
+    // `false` is the default (and what --dump-config writes): only `true`
+    // needs a cluster.
+    if s.redis_read_from_replicas == Some(true) && s.redis_cluster.is_none() {
+        return Err(ConfigError::Invalid(
+            "redis_read_from_replicas",
+            "applies to redis_cluster only".into(),
+        ));
+    }
+    let s = s.clone();
+    if let Some(list) = &s.redis_cluster {
+        return Ok(StoreConfig::RedisCluster {
+            urls: parse_cluster_urls(list)?,
+            key_prefix: take!(s.redis_key_prefix)?,
+            timeout_ms: positive!(s.redis_timeout_ms)?,
+            read_from_replicas: take!(s.redis_read_from_replicas)?,
+        });
+    }
+    if let Some(url) = s.redis {
+        return Ok(StoreConfig::Redis {
+            url: redis_url(url, "redis")?,
+            key_prefix: take!(s.redis_key_prefix)?,
+            timeout_ms: positive!(s.redis_timeout_ms)?,
+        });
+    }
+    let data_dir = s.data_dir.ok_or(ConfigError::Missing(
+        "redis, redis_cluster or data_dir",
+        "redis, --redis-cluster or --data-dir",
+        "REASSIGNED_REDIS, REASSIGNED_REDIS_CLUSTER or REASSIGNED_DATA_DIR",
+    ))?;
+    if !data_dir.is_dir() {
+        return Err(ConfigError::Invalid(
+            "data_dir",
+            format!("{} is not a directory", data_dir.display()),
+        ));
+    }
+    Ok(StoreConfig::Embedded {
+        data_dir,
+        resync_interval_secs: positive!(s.resync_interval_secs)?,
+        max_shrink: ShrinkLimit::new(take!(s.max_shrink)?)?,
+    })
+}
+
+/// The audit trail, when `audit_secret_file` is set; the stream lives in the
+/// store's Redis unless `audit_redis` says otherwise.
+fn audit_config(
+    s: &ServeSettings,
+    store: &StoreConfig,
+) -> Result<Option<crate::audit::AuditConfig>, ConfigError> {
+    let Some(secret_file) = s.audit_secret_file.clone() else {
+        return Ok(None);
+    };
+    let secret_file = readable_file(secret_file, "audit_secret_file")?;
+    let s = s.clone();
+    let store_url = match store {
+        StoreConfig::Redis { url, .. } => Some(url.clone()),
+        // The writer speaks to one server: a cluster needs --audit-redis.
+        StoreConfig::RedisCluster { .. } | StoreConfig::Embedded { .. } => None,
+    };
+    let redis_url = required(s.audit_redis.or(store_url), "audit_redis")?;
+    Ok(Some(crate::audit::AuditConfig {
+        redis_url,
+        stream: format!("{}:audit", take!(s.redis_key_prefix)?),
+        max_len: positive!(s.audit_max_len)?,
+        mandatory: take!(s.audit_mandatory)?,
+        secret_file,
+    }))
 }
 
 /// Splits a comma-separated list of Redis Cluster node URLs and checks each.
@@ -708,75 +867,67 @@ pub fn parse_cluster_urls(list: &str) -> Result<Vec<String>, ConfigError> {
 
 /// The `[quotas]` table, validated; the quota Redis defaults to the store's.
 fn quota_config(s: &ServeSettings) -> Result<QuotaConfig, ConfigError> {
-    let redis = s.quota_redis.clone().or_else(|| s.redis.clone());
-    if let Some(url) = &redis
-        && !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
-    {
-        return Err(ConfigError::Invalid(
-            "quota_redis",
-            "must be a redis://, rediss:// or unix:// URL".into(),
-        ));
-    }
-    let prefix = s.redis_key_prefix.clone().unwrap_or_else(|| "rn".into());
-    let mut config = QuotaConfig::from_settings(s.quotas.as_ref(), redis, prefix)
+    let redis = match s.quota_redis.clone().or_else(|| s.redis.clone()) {
+        Some(url) => Some(redis_url(url, "quota_redis")?),
+        None => None,
+    };
+    let s = s.clone();
+    let mut config = QuotaConfig::from_settings(s.quotas.as_ref(), redis, take!(s.redis_key_prefix)?)
         .map_err(|e| ConfigError::Invalid("quotas", e.to_string()))?;
-    if let Some(ms) = s.quota_redis_timeout_ms {
-        config.redis_timeout_ms = positive("quota_redis_timeout_ms", ms)?;
-    }
-    if let Some(fallback) = s.quota_fallback {
-        config.fallback = fallback;
-    }
-    if let Some(n) = s.quota_expected_replicas {
-        config.expected_replicas = positive("quota_expected_replicas", u64::from(n))? as u32;
-    }
+    config.redis_timeout_ms = positive!(s.quota_redis_timeout_ms)?;
+    config.fallback = take!(s.quota_fallback)?;
+    config.expected_replicas = positive!(s.quota_expected_replicas)?;
     Ok(config)
 }
 
 /// Tokens are on unless turned off explicitly; then the JWKS, issuer and
-/// audience are required, and the JWKS must load.
-fn token_config(
-    on: Option<bool>,
-    jwks: Option<PathBuf>,
-    issuer: Option<String>,
-    audience: Option<String>,
-    max_lifetime_secs: Option<u64>,
-) -> Result<Option<crate::server::token::TokenConfig>, ConfigError> {
-    if on == Some(false) {
+/// audience are required. (The JWKS itself is loaded by the server's
+/// verifier, which `serve` builds before it binds.)
+fn token_config(s: &ServeSettings) -> Result<Option<TokenConfig>, ConfigError> {
+    let s = s.clone();
+    if !take!(s.tokens)? {
         return Ok(None);
     }
-    const HINT: &str = "bearer tokens are on by default; --no-tokens serves with mTLS alone";
-    let jwks = jwks.ok_or(ConfigError::Invalid(
-        "jwks",
-        format!("missing (flag --jwks, environment REASSIGNED_JWKS): {HINT}"),
-    ))?;
-    let issuer = issuer.filter(|s| !s.is_empty()).ok_or(ConfigError::Invalid(
-        "token_issuer",
-        format!("missing (flag --token-issuer, environment REASSIGNED_TOKEN_ISSUER): {HINT}"),
-    ))?;
-    let audience = audience.filter(|s| !s.is_empty()).ok_or(ConfigError::Invalid(
-        "token_audience",
-        format!("missing (flag --token-audience, environment REASSIGNED_TOKEN_AUDIENCE): {HINT}"),
-    ))?;
-    let config = crate::server::token::TokenConfig {
+    let max_lifetime_secs = token_max_lifetime(&take!(s.token_max_lifetime)?)?;
+    let hint = |name: &'static str| -> ConfigError {
+        let (flag, env) = Setting::named(name)
+            .map(|s| (s.flag.unwrap_or_default(), s.env.unwrap_or_default()))
+            .unwrap_or_default();
+        ConfigError::Invalid(
+            name,
+            format!(
+                "missing (flag --{flag}, environment {env}): bearer tokens are on by default; \
+                 --no-tokens serves with mTLS alone"
+            ),
+        )
+    };
+    let jwks = s.jwks.ok_or_else(|| hint("jwks"))?;
+    let jwks = readable_file(jwks, "jwks")?;
+    let issuer = s
+        .token_issuer
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| hint("token_issuer"))?;
+    let audience = s
+        .token_audience
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| hint("token_audience"))?;
+    Ok(Some(TokenConfig {
         jwks,
         issuer,
         audience,
         max_lifetime_secs,
-    };
-    crate::server::token::TokenVerifier::load(config.clone())
-        .map_err(|e| ConfigError::Invalid("jwks", e.to_string()))?;
-    Ok(Some(config))
+    }))
 }
 
-/// `token_max_lifetime`: a time span (`24h`), or `off`; unset is 24 h.
-fn token_max_lifetime(text: Option<&str>) -> Result<Option<u64>, ConfigError> {
-    match text.map(str::trim) {
-        None => Ok(Some(crate::server::token::DEFAULT_MAX_LIFETIME_SECS)),
-        Some(off) if off.eq_ignore_ascii_case("off") => Ok(None),
-        Some(span) => crate::cli::token::parse_ttl(span)
-            .map(|d| Some(d.as_secs()))
-            .map_err(|e| ConfigError::Invalid("token_max_lifetime", format!("{e}, or off"))),
+/// `token_max_lifetime`: a time span (`24h`), or `off`.
+fn token_max_lifetime(text: &str) -> Result<Option<u64>, ConfigError> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
     }
+    parse_span(text)
+        .map(|d| Some(d.as_secs()))
+        .map_err(|e| ConfigError::Invalid("token_max_lifetime", format!("{e}, or off")))
 }
 
 /// Checks the receipt key now (it must parse), so a bad key stops `serve`
@@ -836,13 +987,6 @@ fn retired_keys_config(
         signer.with_retired(&all).map_err(|e| invalid(e.to_string()))?;
     }
     Ok(out)
-}
-
-fn positive(name: &'static str, v: u64) -> Result<u64, ConfigError> {
-    if v == 0 {
-        return Err(ConfigError::Invalid(name, "must be greater than 0".into()));
-    }
-    Ok(v)
 }
 
 #[cfg(test)]
@@ -930,10 +1074,12 @@ mod tests {
 
     #[test]
     fn token_max_lifetime_defaults_to_a_day_and_can_be_off() {
-        assert_eq!(token_max_lifetime(None).expect("default"), Some(86_400));
-        assert_eq!(token_max_lifetime(Some("2h")).expect("2h"), Some(7_200));
-        assert_eq!(token_max_lifetime(Some("off")).expect("off"), None);
-        let e = token_max_lifetime(Some("1y")).expect_err("1y");
+        let default = ServeSettings::defaults().token_max_lifetime.expect("a default");
+        assert_eq!(default, "24h");
+        assert_eq!(token_max_lifetime(&default).expect("default"), Some(86_400));
+        assert_eq!(token_max_lifetime("2h").expect("2h"), Some(7_200));
+        assert_eq!(token_max_lifetime("off").expect("off"), None);
+        let e = token_max_lifetime("1y").expect_err("1y");
         assert!(e.to_string().contains("token_max_lifetime"), "{e}");
     }
 
@@ -966,5 +1112,96 @@ mod tests {
     fn missing_tls_is_a_clear_error() {
         let e = ServeConfig::from_settings(ServeSettings::default()).expect_err("missing");
         assert!(e.to_string().contains("--tls-cert"), "{e}");
+    }
+
+    #[test]
+    fn the_table_names_every_setting_once() {
+        let mut names = std::collections::BTreeSet::new();
+        let mut flags = std::collections::BTreeSet::new();
+        let mut envs = std::collections::BTreeSet::new();
+        for setting in SETTINGS {
+            assert!(names.insert(setting.name), "{} twice", setting.name);
+            assert!(!setting.doc.trim().is_empty(), "{} has no doc", setting.name);
+            if let Some(flag) = setting.flag {
+                assert!(flags.insert(flag), "flag {flag} twice");
+            }
+            if let Some(env) = setting.env {
+                assert!(env.starts_with("REASSIGNED_"), "{env}");
+                assert!(envs.insert(env), "env {env} twice");
+            }
+        }
+        // Every field of the settings is in the table: a file naming all
+        // of them (as the defaults spell them) is read.
+        let all = toml::Table::try_from(ServeSettings::defaults()).expect("defaults as toml");
+        for key in all.keys() {
+            assert!(Setting::named(key).is_some(), "{key} is not in SETTINGS");
+        }
+        assert_eq!(
+            Setting::named("max_batch")
+                .and_then(Setting::default_text)
+                .as_deref(),
+            Some("1000")
+        );
+        assert_eq!(
+            Setting::named("redis_key_prefix")
+                .and_then(Setting::default_text)
+                .as_deref(),
+            Some("rn")
+        );
+        assert_eq!(Setting::named("tls_cert").and_then(Setting::default_text), None);
+    }
+
+    #[test]
+    fn help_shows_the_default_from_the_table() {
+        use clap::CommandFactory as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            settings: ServeSettings,
+        }
+        let mut command = Cli::command();
+        let help = command.render_help().to_string();
+        assert!(help.contains("--max-batch"), "{help}");
+        assert!(help.contains("[default: 1000]"), "{help}");
+        assert!(help.contains("[default: 127.0.0.1:50051]"), "{help}");
+        assert!(help.contains("--no-tokens"), "{help}");
+    }
+
+    #[test]
+    fn the_dump_reads_back_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("f.pem");
+        std::fs::write(&file, "x").expect("write");
+        let quotas: ServeSettings =
+            toml::from_str("[quotas.default]\nrequests_per_second = 5\n").expect("quotas");
+        let settings = ServeSettings {
+            tls_cert: Some(file.clone()),
+            tls_key: Some(file.clone()),
+            client_ca: Some(file),
+            data_dir: Some(dir.path().to_owned()),
+            tokens: Some(false),
+            max_batch: Some(20),
+            receipt_retired_keys: Some(vec![RetiredKeySetting {
+                path: "old.json".into(),
+                not_after: "2026-11-30".into(),
+            }]),
+            ..quotas
+        };
+        let dumped = settings.to_toml().expect("dump");
+        let read: ServeSettings = toml::from_str(&dumped).expect("the dump is a valid config file");
+        assert_eq!(read.to_toml().expect("dump again"), dumped);
+        assert_eq!(read.max_batch, Some(20));
+        assert_eq!(read.max_staleness_days, Some(defaults::MAX_STALENESS_DAYS));
+        assert_eq!(read.redis_read_from_replicas, Some(false));
+        assert!(dumped.contains("requests_per_second = 5"), "{dumped}");
+    }
+
+    #[test]
+    fn missing_settings_name_their_flag_and_environment() {
+        let e = required::<u32>(None, "max_batch").expect_err("missing");
+        assert_eq!(
+            e.to_string(),
+            "missing setting max_batch (flag --max-batch, environment REASSIGNED_MAX_BATCH)"
+        );
     }
 }

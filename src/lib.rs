@@ -7,10 +7,13 @@
 //!
 //! - [`domain`]: E.164 numbers, calendar dates and the answer rule (plain Rust,
 //!   no tonic, no redis).
-//! - [`store`]: the [`store::Store`] trait, the Redis store (production) and the
-//!   embedded in-process store (default without Redis).
+//! - [`store`]: the [`store::Store`] trait and its input types
+//!   ([`store::Records`], checked once when built; the snapshot and delta
+//!   writes), the Redis store (production) and the embedded in-process
+//!   store (default without Redis).
 //! - [`import`]: manifests and CSV data files of the national register, their
-//!   checks, and applying snapshots and deltas in sequence order.
+//!   checks, applying snapshots and deltas in sequence order, and the
+//!   embedded store's directory (load at start, background resync).
 //! - [`identity`]: who is calling: the certificate-identity rule
 //!   ([`identity::Platform`]), the connection's [`identity::PeerInfo`], token
 //!   [`identity::Scopes`], the request's [`identity::Principal`] (no tonic).
@@ -19,7 +22,8 @@
 //! - [`api`]: the generated protobuf code, conversions, the service handlers,
 //!   and the one table of the proto's methods ([`api::methods`]: scope,
 //!   metrics label, streaming kind).
-//! - [`server`]: TLS termination, the auth layer with certificate-bound
+//! - [`server`]: TLS material ([`server::tls`]) and the accept loop
+//!   ([`server::accept`]), the auth layer with certificate-bound
 //!   bearer tokens ([`server::token`]), reloading TLS material without a
 //!   restart ([`server::reload`]), closing connections a reload revoked
 //!   ([`server::revoke`]), metrics, health, reflection, [`run`].
@@ -28,7 +32,9 @@
 //! - [`audit`]: the audit trail of answers (keyed number hashes, a Redis
 //!   Stream written in the background).
 //! - [`lograte`]: rate-limited log lines (used by every room).
-//! - [`config`]: layered, validated configuration of `serve`.
+//! - [`config`]: the one table of `serve`'s settings (name, flag,
+//!   environment variable, default, doc) and their validation into a plain
+//!   [`config::ServeConfig`]; the server makes its runtime handles from it.
 //! - [`cli`]: operator commands (dev certificates, token issuer keys and
 //!   tokens, synthetic data, demo).
 //!
@@ -42,15 +48,15 @@
 //! | `domain` | nothing |
 //! | `lograte` | nothing |
 //! | `identity` | `domain` |
-//! | `store` | `domain`, `lograte` (today also `import`: pending, issue 8) |
+//! | `store` | `domain`, `lograte` |
 //! | `import` | `domain`, `store`, `lograte` |
 //! | `audit`, `receipt`, `quota` | `domain` |
 //! | `api` | `domain`, `identity`, `store`, `audit`, `receipt`, `quota`, `lograte`; never `server` |
 //! | `server` | `domain`, `identity`, `store`, `audit`, `receipt`, `quota`, `lograte`, `api`, `config` (not `import`, not `cli`) |
-//! | `config` | all but `api` and `lograte` (today also `server` and `cli`: pending, issue 8) |
+//! | `config` | `domain`, `identity`, `store`, `import`, `audit`, `receipt`, `quota` (plain data: never `server`, `cli`, `api`) |
 //! | `cli` | everything |
 //!
-//! Inside `server`, the submodules (`tls`, `token`, `auth`, `revoke`,
+//! Inside `server`, the submodules (`tls`, `accept`, `token`, `auth`, `revoke`,
 //! `reload`, `metrics`, ...) import each other without a circle: identity and
 //! scopes come from [`identity`], the method table from [`api::methods`].
 

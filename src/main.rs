@@ -137,7 +137,7 @@ struct MirrorArgs {
     #[arg(long, env = "REASSIGNED_REDIS_CLUSTER", conflicts_with = "redis")]
     redis_cluster: Option<String>,
     /// Prefix of every Redis key.
-    #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX", default_value = "rn")]
+    #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX", default_value = reassigned::config::defaults::KEY_PREFIX)]
     redis_key_prefix: String,
 }
 
@@ -204,7 +204,7 @@ enum AuditCommand {
         #[arg(long, env = "REASSIGNED_AUDIT_REDIS")]
         redis: String,
         /// Key prefix (the stream is `{prefix}:audit`).
-        #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX", default_value = "rn")]
+        #[arg(long, env = "REASSIGNED_REDIS_KEY_PREFIX", default_value = reassigned::config::defaults::KEY_PREFIX)]
         redis_key_prefix: String,
         /// The platform id (e.g. `spiffe://dev.reassigned/platform-a`).
         #[arg(long)]

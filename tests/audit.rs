@@ -54,7 +54,7 @@ impl Server {
             tweak(s, dir);
         })
         .await;
-        let stats = inner.config.audit_stats.clone();
+        let stats = inner.handles.audit_stats.clone();
         Self { inner, stats }
     }
 

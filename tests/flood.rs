@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use reassigned::api::pb::{self, CheckNumberRequest, ReassignmentStatus};
 use reassigned::domain::Date;
 use reassigned::import::{self, NoProgress};
-use reassigned::server::tls::HandshakeFailure;
+use reassigned::server::accept::HandshakeFailure;
 use reassigned::store::{AnyStore, EmbeddedStore};
 use support::register::FileSpec;
 use support::server::TestServer;
@@ -162,7 +162,7 @@ async fn idle_flood(tweak: impl FnOnce(&mut reassigned::config::ServeSettings), 
     // The defence held the pending pool to the per-address cap, shedding
     // the oldest of the attacker's sockets.
     // (Shed tasks end asynchronously, so the gauge settles shortly after.)
-    let stats = server.config.metrics.handshakes();
+    let stats = server.handles.metrics.handshakes();
     if sheds_per_ip {
         let cap = server.config.max_handshakes_per_ip as u64;
         support::bin::eventually(|| async { stats.pending() <= cap }).await;

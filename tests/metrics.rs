@@ -47,7 +47,7 @@ impl Server {
             tweak(s, dir);
         })
         .await;
-        let metrics = inner.config.metrics.clone();
+        let metrics = inner.handles.metrics.clone();
         Self { inner, metrics }
     }
 

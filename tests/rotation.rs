@@ -91,7 +91,7 @@ impl Files {
     }
 }
 
-/// `reassigned::run` on 127.0.0.1:0 with the embedded store, mTLS only.
+/// `reassigned::server::run_with` on 127.0.0.1:0 with the embedded store, mTLS only.
 struct Server {
     addr: SocketAddr,
     reload: ReloadHandle,
@@ -118,13 +118,21 @@ impl Server {
             ..ServeSettings::default()
         })
         .unwrap();
-        let reload = config.reload.clone();
-        let metrics = config.metrics.clone();
+        let handles = reassigned::server::Handles::default();
+        let reload = handles.reload.clone();
+        let metrics = handles.metrics.clone();
         let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(reassigned::run(listener, config, store, async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(reassigned::server::run_with(
+            listener,
+            config,
+            store,
+            handles,
+            None,
+            async move {
+                let _ = rx.await;
+            },
+        ));
         Self {
             addr,
             reload,

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use reassigned::cli::certs::{ClientCertSpec, DevPki, PemPair, platform_uri};
 use reassigned::identity::platform_from_cert;
+use reassigned::server::accept::{AcceptOptions, incoming};
 use reassigned::server::auth::AuthLayer;
-use reassigned::server::tls::{AcceptOptions, TlsFiles, TlsMaterial, incoming};
+use reassigned::server::tls::{TlsFiles, TlsMaterial};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::io::AsyncReadExt;

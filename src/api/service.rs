@@ -54,8 +54,8 @@ pub struct ServiceOptions {
 impl Default for ServiceOptions {
     fn default() -> Self {
         Self {
-            max_batch: 1000,
-            max_staleness_days: 45,
+            max_batch: crate::domain::DEFAULT_MAX_BATCH,
+            max_staleness_days: crate::domain::DEFAULT_MAX_STALENESS_DAYS,
             quotas: None,
         }
     }

@@ -70,6 +70,7 @@ use crate::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
 use crate::api::pb::reassigned_numbers_server::{ReassignedNumbers, ReassignedNumbersServer};
 use crate::domain::{Date, PhoneNumber, Prefix};
 use crate::import::{Kind, Manifest, NoProgress, read_records};
+use crate::server::accept;
 use crate::server::auth::AuthLayer;
 use crate::server::tls::{self, TlsFiles};
 
@@ -572,7 +573,7 @@ fn load_register(mut manifests: Vec<Manifest>, path: &Path) -> anyhow::Result<So
                 .collect();
         }
         let records = read_records(manifest, &mut NoProgress)?;
-        numbers.extend_from_slice(&records.numbers);
+        numbers.extend(records.numbers());
     }
     numbers.sort_unstable();
     numbers.dedup();
@@ -1364,7 +1365,7 @@ impl ReassignedNumbers for BareService {
 }
 
 /// Serves [`BareService`] on `listener` until `shutdown` resolves, behind
-/// the same TLS acceptor ([`tls::incoming`], [`tls::server_config`]), auth
+/// the same TLS acceptor ([`accept::incoming`], [`tls::server_config`]), auth
 /// layer and server settings (per-call timeout, streams per connection,
 /// keepalive) as `reassigned serve` with its defaults, plus health.
 pub async fn serve_bare<F>(listener: TcpListener, tls_files: TlsFiles, shutdown: F) -> anyhow::Result<()>
@@ -1376,7 +1377,7 @@ where
     reporter
         .set_serving::<ReassignedNumbersServer<BareService>>()
         .await;
-    let incoming = tls::incoming(listener, config, tls::AcceptOptions::default());
+    let incoming = accept::incoming(listener, config, accept::AcceptOptions::default());
     Server::builder()
         .timeout(BARE_REQUEST_TIMEOUT)
         .max_concurrent_streams(BARE_MAX_CONCURRENT_STREAMS)

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use super::generate::GenerateOptions;
 use crate::config::{RedisTarget, ServeConfig, ServeSettings, StoreConfig};
 use crate::import::{self, Applied, ImportOptions};
-use crate::store::{AnyStore, EmbeddedStore, RedisStore, redis::RedisOptions};
+use crate::store::{AnyStore, RedisStore, redis::RedisOptions};
 
 /// Sets up `tracing` on stderr: `text` or `json`, levels from `REASSIGNED_LOG`
 /// (default `info`).
@@ -42,12 +42,17 @@ pub async fn serve(
         Some(path) => ServeSettings::from_file(path)?,
         None => ServeSettings::default(),
     };
-    let config = ServeConfig::from_settings(flags.or(file))?;
+    let settings = flags.or(file);
+    let config = ServeConfig::from_settings(settings.clone())?;
+    // The JWKS is read now, so a bad one stops `serve` before it binds.
+    let tokens = crate::server::load_tokens(&config)?;
     if dump_config {
-        print!("{}", toml::to_string_pretty(&config)?);
+        // The settings over the defaults: `--config` reads them back.
+        print!("{}", settings.to_toml()?);
         return Ok(());
     }
     let store = open_store(&config.store).await?;
+    let handles = crate::server::Handles::default();
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -56,11 +61,11 @@ pub async fn serve(
     // does, and before "listening", so no SIGHUP can find the default action.
     #[cfg(unix)]
     let _sighup = crate::server::reload::AbortOnDrop(
-        crate::server::reload::spawn_sighup_reloader(config.reload.clone())
+        crate::server::reload::spawn_sighup_reloader(handles.reload.clone())
             .context("cannot listen for SIGHUP")?,
     );
     tracing::info!(addr = %listener.local_addr()?, "listening");
-    crate::run(listener, config, store, shutdown_signal()).await
+    crate::server::run_with(listener, config, store, handles, tokens, shutdown_signal()).await
 }
 
 /// Opens the configured store: connects to Redis, or loads the embedded store
@@ -109,12 +114,13 @@ pub async fn open_store(config: &StoreConfig) -> anyhow::Result<AnyStore> {
                 allow_shrink: false,
             };
             let store = Arc::new(
-                EmbeddedStore::open_with(data_dir, options, &mut import::StderrProgress::new())
+                import::embedded::open_dir(data_dir, options, &mut import::StderrProgress::new())
                     .await
                     .with_context(|| format!("cannot load {}", data_dir.display()))?,
             );
             // Runs for the life of the process; the server's shutdown ends it.
-            store.spawn_resync_with(
+            import::embedded::spawn_resync(
+                &store,
                 data_dir.clone(),
                 Duration::from_secs(*resync_interval_secs),
                 options,

@@ -199,31 +199,9 @@ pub fn claims_for_cert(
     })
 }
 
-/// Parses a time span: `90s`, `15m`, `1h`, `7d`, or plain seconds.
-pub fn parse_ttl(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(at) => text.split_at(at),
-        None => (text, "s"),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 90s, 15m, 1h or 7d"))?;
-    let unit_secs: u64 = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (s, m, h or d)")),
-    };
-    let secs = n
-        .checked_mul(unit_secs)
-        .ok_or_else(|| format!("{text:?} is too long"))?;
-    if secs == 0 {
-        return Err("the ttl must be more than 0 seconds".into());
-    }
-    Ok(Duration::from_secs(secs))
-}
+/// Parses a time span: `90s`, `15m`, `1h`, `7d`, or plain seconds (the
+/// same spans as `serve --token-max-lifetime`).
+pub use crate::config::parse_span as parse_ttl;
 
 /// What `reassigned token mint` needs.
 #[derive(Clone, Debug, clap::Args)]

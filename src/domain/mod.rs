@@ -5,6 +5,14 @@ mod answer;
 mod date;
 mod number;
 
+/// The most checks of one batch call, unless configured otherwise: the US
+/// RND's bulk limit (1,000 numbers per API call).
+pub const DEFAULT_MAX_BATCH: usize = 1000;
+
+/// Days after `as_of` before a mirror counts as stale, unless configured
+/// otherwise: the US rules' shortest quarantine of a disconnected number.
+pub const DEFAULT_MAX_STALENESS_DAYS: u32 = 45;
+
 pub use answer::{
     Answer, Check, FieldViolation, MirrorMeta, NoDataReason, SinceError, Status, answer, parse_since,
 };

@@ -53,7 +53,7 @@ struct Inner {
     requests: [[AtomicU64; CODES]; methods::LABEL_COUNT],
     bound: watch::Sender<Option<SocketAddr>>,
     /// Counters of the TLS accept loop.
-    handshakes: Arc<crate::server::tls::HandshakeStats>,
+    handshakes: Arc<crate::server::accept::HandshakeStats>,
 }
 
 impl Default for MetricsHandle {
@@ -101,7 +101,7 @@ impl MetricsHandle {
 
     /// The counters of the TLS accept loop of the server running with
     /// this handle.
-    pub fn handshakes(&self) -> Arc<crate::server::tls::HandshakeStats> {
+    pub fn handshakes(&self) -> Arc<crate::server::accept::HandshakeStats> {
         self.inner.handshakes.clone()
     }
 
@@ -241,7 +241,7 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "TLS handshakes completed.",
         &one(handshakes.completed()),
     );
-    let failures: Vec<(String, u64)> = crate::server::tls::HandshakeFailure::ALL
+    let failures: Vec<(String, u64)> = crate::server::accept::HandshakeFailure::ALL
         .iter()
         .map(|r| (format!("{{reason=\"{}\"}}", r.label()), handshakes.failed(*r)))
         .collect();

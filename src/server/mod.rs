@@ -2,6 +2,7 @@
 //! health, reflection, and [`run`], which serves until a shutdown future
 //! resolves.
 
+pub mod accept;
 pub mod auth;
 pub mod limits;
 pub mod metrics;
@@ -11,12 +12,14 @@ pub mod tls;
 pub mod token;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
+use tower::layer::util::{Identity, Stack};
 
 use crate::api::pb::reassigned_numbers_server::ReassignedNumbersServer;
 use crate::api::{ReassignedService, ServiceOptions, pb};
@@ -26,6 +29,9 @@ use crate::store::{AnyStore, Store};
 /// The least time in-flight calls get to finish after a shutdown signal (the
 /// per-call timeout, if longer, is used instead).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP/2 keepalive pings on idle connections.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How often health re-checks the store.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
@@ -37,11 +43,97 @@ const HEALTH_FAILURES: u32 = 3;
 /// over, must not pull every server out of a load balancer at once).
 const HEALTH_GRACE: Duration = Duration::from_secs(2);
 
+/// The runtime handles of a server: made by the caller (or by [`run`]) and
+/// kept to watch or steer the server while it runs. The configuration
+/// ([`ServeConfig`]) is plain data; these are the live parts.
+#[derive(Clone, Default)]
+pub struct Handles {
+    /// Reloads the TLS material of the server (SIGHUP in `reassigned serve`).
+    pub reload: reload::ReloadHandle,
+    /// Request counters, handshake counters and the bound metrics address.
+    pub metrics: metrics::MetricsHandle,
+    /// Counters of the audit trail.
+    pub audit_stats: Arc<crate::audit::AuditStats>,
+}
+
+/// The token verifier of `config` (`None`: tokens off), its JWKS loaded
+/// now: a bad JWKS fails here, before anything is bound.
+pub fn load_tokens(config: &ServeConfig) -> anyhow::Result<Option<Arc<token::TokenVerifier>>> {
+    Ok(match &config.tokens {
+        Some(tokens) => Some(Arc::new(token::TokenVerifier::load(tokens.clone())?)),
+        None => None,
+    })
+}
+
+/// Limits of the transport: the accept loop's and tonic's. From a
+/// [`ServeConfig`], or the defaults of `serve`'s settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The accept loop (handshakes).
+    pub accept: accept::AcceptOptions,
+    /// The per-call timeout.
+    pub request_timeout: Duration,
+    /// Concurrent calls per connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    /// The defaults of `serve`'s settings.
+    fn default() -> Self {
+        use crate::config::defaults;
+        Self {
+            accept: accept::AcceptOptions::default(),
+            request_timeout: Duration::from_millis(defaults::REQUEST_TIMEOUT_MS),
+            max_concurrent_streams: defaults::MAX_CONCURRENT_STREAMS,
+        }
+    }
+}
+
+impl From<&ServeConfig> for Limits {
+    fn from(config: &ServeConfig) -> Self {
+        Self {
+            accept: accept::AcceptOptions::from(config),
+            request_timeout: config.request_timeout(),
+            max_concurrent_streams: config.max_concurrent_streams,
+        }
+    }
+}
+
+/// The layers every call passes, outermost first: counting
+/// ([`metrics::CountLayer`]), revocation tracking ([`revoke::TrackLayer`]),
+/// authentication ([`auth::AuthLayer`]).
+pub type Layers = Stack<auth::AuthLayer, Stack<revoke::TrackLayer, Stack<metrics::CountLayer, Identity>>>;
+
+/// The server's transport, shared by [`run`] and the bare benchmark server
+/// (`reassigned bench-bare`): TLS termination over `listener` with the
+/// accept loop's limits (handshakes counted into `metrics`), and tonic's
+/// server with the per-call timeout, the stream limit, keepalive and
+/// [`Layers`]; `tokens` `None` serves with mTLS alone. Add the services to
+/// the returned builder, then serve the returned connections.
+pub fn transport(
+    listener: TcpListener,
+    tls: impl Into<tls::SharedServerConfig>,
+    limits: Limits,
+    metrics: &metrics::MetricsHandle,
+    tokens: Option<Arc<token::TokenVerifier>>,
+) -> (Server<Layers>, accept::TlsIncoming) {
+    let incoming = accept::incoming_counted(listener, tls, limits.accept, metrics.handshakes());
+    let server = Server::builder()
+        .timeout(limits.request_timeout)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .layer(metrics::CountLayer(metrics.clone()))
+        .layer(revoke::TrackLayer)
+        .layer(auth::AuthLayer::with_tokens(tokens));
+    (server, incoming)
+}
+
 /// Serves the API on `listener` (already bound) until `shutdown` resolves,
 /// then flips health to NOT_SERVING and lets in-flight calls finish.
 ///
 /// With `config.tokens`, every call but health and reflection needs a
 /// certificate-bound bearer token verified with that JWKS (see [`token`]).
+/// The handles are made here and not returned: see [`run_with`].
 pub async fn run<F>(
     listener: TcpListener,
     config: ServeConfig,
@@ -51,23 +143,22 @@ pub async fn run<F>(
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let tokens = match &config.tokens {
-        Some(tokens) => Some(std::sync::Arc::new(token::TokenVerifier::load(tokens.clone())?)),
-        None => None,
-    };
-    run_with_tokens(listener, config, store, tokens, shutdown).await
+    let tokens = load_tokens(&config)?;
+    run_with(listener, config, store, Handles::default(), tokens, shutdown).await
 }
 
-/// [`run`] with a token verifier made by the caller, who keeps a handle to
-/// it (to call [`token::TokenVerifier::reload`]); `config.tokens` is not
-/// read. `None` serves with mTLS alone. The verifier re-reads its JWKS when
-/// the file changes ([`token::spawn_reload`]) and on every explicit reload
-/// of the server (SIGHUP in `reassigned serve`, see [`reload`]).
-pub async fn run_with_tokens<F>(
+/// [`run`] with the caller's [`Handles`] and token verifier (the caller
+/// keeps them, e.g. to call [`token::TokenVerifier::reload`] or read the
+/// metrics); `config.tokens` is not read. `None` serves with mTLS alone.
+/// The verifier re-reads its JWKS when the file changes
+/// ([`token::spawn_reload`]) and on every explicit reload of the server
+/// (SIGHUP in `reassigned serve`, see [`reload`]).
+pub async fn run_with<F>(
     listener: TcpListener,
     config: ServeConfig,
     store: AnyStore,
-    tokens: Option<std::sync::Arc<token::TokenVerifier>>,
+    handles: Handles,
+    tokens: Option<Arc<token::TokenVerifier>>,
     shutdown: F,
 ) -> anyhow::Result<()>
 where
@@ -75,7 +166,7 @@ where
 {
     let token_reload = tokens.clone().map(token::spawn_reload);
     // TLS material, reloaded for new connections on a file change, on
-    // `config.reload` and (in the binary) on SIGHUP; see [`reload`].
+    // `handles.reload` and (in the binary) on SIGHUP; see [`reload`].
     let mut reloader = reload::Reloader::load(
         tls::TlsFiles {
             cert: config.tls_cert.clone(),
@@ -90,7 +181,7 @@ where
         reloader = reloader.with_hook("jwks", move || Ok(verifier.reload()?));
     }
     let reloader = std::sync::Arc::new(reloader);
-    let _reload_attached = config.reload.attach(reloader.clone());
+    let _reload_attached = handles.reload.attach(reloader.clone());
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let (stop_tx, stop_rx) = watch::channel(false);
     let _tls_watch = reload::AbortOnDrop(tokio::spawn(reload::watch_files(
@@ -102,10 +193,10 @@ where
         Some(addr) => Some(reload::AbortOnDrop(
             metrics::serve(
                 addr,
-                config.metrics.clone(),
+                handles.metrics.clone(),
                 metrics::Sources {
                     store: store.clone(),
-                    audit: config.audit_stats.clone(),
+                    audit: handles.audit_stats.clone(),
                     max_staleness_days: config.max_staleness_days,
                 },
                 stop_rx.clone(),
@@ -117,7 +208,7 @@ where
     let health_task = tokio::spawn(watch_health(
         store.clone(),
         reporter.clone(),
-        config.metrics.clone(),
+        handles.metrics.clone(),
         stop_rx,
     ));
 
@@ -132,7 +223,7 @@ where
     let receipts = receipt_signer(&config)?;
     let audit = match &config.audit {
         Some(audit) => {
-            let auditor = crate::audit::Auditor::start(audit, config.audit_stats.clone())?;
+            let auditor = crate::audit::Auditor::start(audit, handles.audit_stats.clone())?;
             tracing::info!(stream = %audit.stream, mandatory = audit.mandatory, "audit trail: on");
             Some(std::sync::Arc::new(auditor))
         }
@@ -152,18 +243,12 @@ where
     )
     .max_decoding_message_size(config.max_message_bytes);
 
-    let incoming = tls::incoming_counted(
+    let (mut server, incoming) = transport(
         listener,
         reloader.tls().shared_config(),
-        tls::AcceptOptions {
-            handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
-            max_handshakes: config.max_handshakes,
-            first_byte_timeout: Duration::from_millis(config.handshake_first_byte_timeout_ms),
-            max_handshakes_per_ip: config.max_handshakes_per_ip,
-            listen_backlog: config.listen_backlog,
-            revoked_grace: config.request_timeout(),
-        },
-        config.metrics.handshakes(),
+        Limits::from(&config),
+        &handles.metrics,
+        tokens,
     );
     let _log_summaries = reload::AbortOnDrop(tokio::spawn(async {
         // Summaries of suppressed log lines, also when a flood stops.
@@ -182,13 +267,7 @@ where
         set_serving(&drain_reporter, false).await;
         let _ = draining_tx.send(());
     };
-    let serve = Server::builder()
-        .timeout(config.request_timeout())
-        .max_concurrent_streams(config.max_concurrent_streams)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .layer(metrics::CountLayer(config.metrics.clone()))
-        .layer(revoke::TrackLayer)
-        .layer(auth::AuthLayer::with_tokens(tokens))
+    let serve = server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -42,24 +42,9 @@ pub const LEEWAY_SECS: u64 = 30;
 /// [`crate::api::methods`].
 pub use crate::identity::scope;
 
-/// Where the verifier finds its keys and what it expects of a token.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct TokenConfig {
-    /// The JWKS file (public keys only).
-    pub jwks: PathBuf,
-    /// The required `iss`.
-    pub issuer: String,
-    /// The required `aud`.
-    pub audience: String,
-    /// The longest lifetime a token may have, in seconds: `exp - iat` and
-    /// `exp - now` must not exceed it (plus [`LEEWAY_SECS`] for the latter),
-    /// and a token without `iat` is refused. `None`: no limit (and `iat`
-    /// is optional).
-    pub max_lifetime_secs: Option<u64>,
-}
-
-/// The default of [`TokenConfig::max_lifetime_secs`]: 24 hours.
-pub const DEFAULT_MAX_LIFETIME_SECS: u64 = 24 * 3600;
+/// Where the verifier finds its keys and what it expects of a token (plain
+/// data of the configuration), and the default token lifetime.
+pub use crate::config::{DEFAULT_MAX_LIFETIME_SECS, TokenConfig};
 
 /// The `cnf` (confirmation) claim of RFC 8705.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,7 @@ use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
 use reassigned::cli::certs::{ClientCertSpec, DevPki, PemPair};
 use reassigned::cli::token::{IssuerKey, KeyAlg, claims_for_cert, jwks_json};
 use reassigned::config::{ServeConfig, ServeSettings};
+use reassigned::server::Handles;
 use reassigned::server::token::{TokenClaims, TokenVerifier, scope};
 use reassigned::store::AnyStore;
 use tempfile::TempDir;
@@ -147,8 +148,10 @@ pub struct TestServer {
     pub certs: Certs,
     /// `None` when the server runs without tokens.
     pub tokens: Option<Tokens>,
-    /// The configuration it runs with (its handles: metrics, audit stats, reload).
+    /// The configuration it runs with.
     pub config: ServeConfig,
+    /// Its runtime handles (metrics, audit stats, reload).
+    pub handles: Handles,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
     _data: TempDir,
@@ -199,10 +202,12 @@ impl TestServer {
         });
         let verifier = tokens.as_ref().map(|t| t.verifier.clone());
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(reassigned::server::run_with_tokens(
+        let handles = Handles::default();
+        let handle = tokio::spawn(reassigned::server::run_with(
             listener,
             config.clone(),
             store,
+            handles.clone(),
             verifier,
             async move {
                 let _ = rx.await;
@@ -213,6 +218,7 @@ impl TestServer {
             certs,
             tokens,
             config,
+            handles,
             shutdown: Some(tx),
             handle: Some(handle),
             _data: data,
