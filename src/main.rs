@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use reassigned::cli;
-use reassigned::cli::bench::{self, BareOptions, BenchOptions};
+use reassigned::cli::bench::{self, BenchOptions};
+use reassigned::cli::bench_bare::{self, BareOptions};
 use reassigned::cli::generate::GenerateOptions;
 use reassigned::config::{RedisTarget, ServeSettings};
 
@@ -396,7 +397,7 @@ fn main() -> ExitCode {
                 command: TokenCommand::Mint(options),
             } => cli::token::mint_cmd(&options).map(|token| println!("{token}")),
             Command::Bench(options) => bench::run(&options).await,
-            Command::BenchBare(options) => bench::run_bare(&options).await,
+            Command::BenchBare(options) => bench_bare::run_bare(&options).await,
             Command::Demo { dir, listen, records } => cli::demo(&dir, listen, records).await,
         }
     });
