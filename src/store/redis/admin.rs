@@ -10,8 +10,8 @@ use futures_util::{StreamExt, TryStreamExt, stream};
 use super::meta::Generation;
 use super::write::{ImportLock, LockOwner};
 use super::{Conn, Inner, RedisStore};
-use crate::import::verify::{BucketDigest, MirrorDigest};
 use crate::store::StoreError;
+use crate::store::digest::{BucketDigest, MirrorDigest};
 
 /// Buckets read per pipeline (one server) by [`RedisStore::digest`].
 const DIGEST_BATCH: u64 = 256;
@@ -49,7 +49,7 @@ fn digest_bucket(digest: &mut BucketDigest, generation: Generation, bucket: u64,
 
 impl RedisStore {
     /// Reads every bucket of the current generation and reduces it to
-    /// per-bucket digests (see [`crate::import::verify`]); `None` while the
+    /// per-bucket digests (see [`crate::store::digest`]); `None` while the
     /// mirror is empty. Reads on a connection of its own, a few hundred
     /// buckets at a time.
     pub async fn digest(&self) -> Result<Option<MirrorDigest>, StoreError> {

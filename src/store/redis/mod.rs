@@ -147,8 +147,8 @@
 //! generation's keys are UNLINKed. While a snapshot is
 //! written Redis holds both generations: plan memory for twice the mirror.
 //!
-//! *Delta*: the metadata sequence must be `manifest.sequence - 1` (if it is
-//! already `manifest.sequence`, the delta was applied: nothing to do). Each
+//! *Delta*: the metadata sequence must be `delta.sequence - 1` (if it is
+//! already `delta.sequence`, the delta was applied: nothing to do). Each
 //! bucket is merged by a script that keeps the later date of old and new and
 //! counts new fields; then one check-and-set script on `{prefix}:meta` moves the
 //! sequence, `as_of`, `last_import_unix` and adds the new fields to
@@ -185,9 +185,8 @@ use tokio::sync::oneshot;
 pub use self::admin::GcReport;
 use self::conn::{Conn, Target};
 use self::meta::{BloomParams, Current, StoredMeta};
-use super::{Lookup, Store, StoreError};
+use super::{DeltaWrite, Lookup, Records, SnapshotWrite, Store, StoreError};
 use crate::domain::{Date, MirrorMeta, PhoneNumber};
-use crate::import::{Manifest, Records};
 
 /// Settings of a [`RedisStore`].
 #[derive(Clone, Debug)]
@@ -1497,15 +1496,15 @@ impl Store for RedisStore {
 
     async fn apply_snapshot(
         &self,
-        manifest: &Manifest,
+        snapshot: &SnapshotWrite,
         records: &Records,
         expected_previous: Option<u64>,
     ) -> Result<(), StoreError> {
-        write::apply_snapshot(&self.inner, manifest, records, expected_previous).await
+        write::apply_snapshot(&self.inner, snapshot, records, expected_previous).await
     }
 
-    async fn apply_delta(&self, manifest: &Manifest, records: &Records) -> Result<(), StoreError> {
-        write::apply_delta(&self.inner, manifest, records).await
+    async fn apply_delta(&self, delta: &DeltaWrite, records: &Records) -> Result<(), StoreError> {
+        write::apply_delta(&self.inner, delta, records).await
     }
 
     async fn applied_checksums(&self) -> Result<HashMap<String, String>, StoreError> {
