@@ -29,7 +29,8 @@ enum Command {
         /// A TOML file of settings (same names as the flags, with `_`).
         #[arg(long, env = "REASSIGNED_CONFIG")]
         config: Option<PathBuf>,
-        /// Print the resolved configuration as TOML and exit.
+        /// Print the resolved settings (defaults written out) as a TOML config
+        /// file that `--config` reads back unchanged, and exit.
         #[arg(long)]
         dump_config: bool,
         #[command(flatten)]
