@@ -9,6 +9,7 @@
 //! is the same as applying it once.
 
 pub mod embedded;
+pub mod packed;
 pub mod redis;
 
 use std::future::Future;
