@@ -1130,7 +1130,7 @@ async fn cluster_reads_from_replicas() {
     })
     .await;
     let hgets = |server: &TestRedis| -> (u64, u64) {
-        let per_node = command_calls_per_node(server, "hmget");
+        let per_node = command_calls_per_node(server, "get");
         let on = |want: bool| {
             per_node
                 .iter()
@@ -1155,7 +1155,7 @@ async fn cluster_reads_from_replicas() {
 
 /// Most numbers asked have no record: once the membership filter of the
 /// current generation and sequence is loaded, they are answered without a
-/// round trip (HGET calls stay flat); a number a delta adds is found as soon
+/// round trip (GET calls stay flat); a number a delta adds is found as soon
 /// as the reader sees the delta's sequence; an import that does not keep the
 /// filter up to date makes readers stop using it.
 async fn membership_filter_answers_misses_without_redis(server: TestRedis) {
@@ -1176,14 +1176,14 @@ async fn membership_filter_answers_misses_without_redis(server: TestRedis) {
     }
     // ... and absent numbers (one after each stored one) rarely reach Redis.
     let absent: Vec<u64> = data.iter().map(|&(n, _)| n + 1).collect();
-    let before = command_calls(&server, "hmget");
+    let before = command_calls(&server, "get");
     for &n in &absent[..1000] {
         assert_eq!(lookup_day(&reader, n).await, None);
     }
     let asked: Vec<PhoneNumber> = absent[1000..].iter().copied().map(number).collect();
     let many = reader.lookup_many(&asked).await.expect("lookup_many");
     assert!(many.found.iter().all(Option::is_none));
-    let reached = command_calls(&server, "hmget") - before;
+    let reached = command_calls(&server, "get") - before;
     assert!(
         reached <= 60,
         "{reached} of 2000 absent numbers reached redis (false positives)"
@@ -1212,11 +1212,11 @@ async fn membership_filter_answers_misses_without_redis(server: TestRedis) {
     )
     .await;
     assert_eq!(lookup_day(&reader, new_number).await, Some(20_001));
-    let before = command_calls(&server, "hmget");
+    let before = command_calls(&server, "get");
     for &n in &absent[..500] {
         assert_eq!(lookup_day(&reader, n).await, None);
     }
-    assert!(command_calls(&server, "hmget") - before <= 20);
+    assert!(command_calls(&server, "get") - before <= 20);
 
     // An import that moves the sequence without the filter (an older
     // version): readers ask Redis again.
@@ -1231,11 +1231,11 @@ async fn membership_filter_answers_misses_without_redis(server: TestRedis) {
         reader.cached_meta().is_some_and(|m| m.sequence == 3)
     })
     .await;
-    let before = command_calls(&server, "hmget");
+    let before = command_calls(&server, "get");
     for &n in &absent[..100] {
         assert_eq!(lookup_day(&reader, n).await, None);
     }
-    assert_eq!(command_calls(&server, "hmget") - before, 100, "no stale filter");
+    assert_eq!(command_calls(&server, "get") - before, 100, "no stale filter");
 }
 
 /// Lookup cost of layout 3 (GET of a packed bucket, searched here) against
