@@ -755,7 +755,10 @@ async fn verify_finds_damage_and_gc_removes_orphans() {
         .query_async(&mut conn)
         .await
         .expect("get");
-    let entries: Vec<(u64, u16)> = packed::Bucket::parse(&saved7).expect("a packed bucket").iter().collect();
+    let entries: Vec<(u64, u16)> = packed::Bucket::parse(&saved7)
+        .expect("a packed bucket")
+        .iter()
+        .collect();
     assert!(!entries.is_empty());
     let mut foreign = Vec::new();
     packed::encode(generation.parse::<u64>().expect("id") + 1, &entries, &mut foreign);

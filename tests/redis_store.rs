@@ -576,13 +576,24 @@ async fn snapshot_buckets_are_packed_strings(server: TestRedis) {
     assert_eq!(buckets.len() as u64, nbuckets);
     let mut seen: Vec<(u64, u16)> = Vec::new();
     for key in &buckets {
-        let index: u64 = key.rsplit(':').next().and_then(|b| b.parse().ok()).expect("bucket index");
+        let index: u64 = key
+            .rsplit(':')
+            .next()
+            .and_then(|b| b.parse().ok())
+            .expect("bucket index");
         let raw: Vec<u8> = redis::cmd("GET").arg(key).query(&mut *con).expect("GET");
         let bucket = packed::Bucket::parse(&raw).expect("a packed bucket");
         assert_eq!(bucket.header().generation, 1, "{key}");
         let entries: Vec<(u64, u16)> = bucket.iter().collect();
-        assert!(entries.windows(2).all(|w| w[0].0 < w[1].0), "suffix order in {key}");
-        seen.extend(entries.iter().map(|&(suffix, day)| (suffix * nbuckets + index, day)));
+        assert!(
+            entries.windows(2).all(|w| w[0].0 < w[1].0),
+            "suffix order in {key}"
+        );
+        seen.extend(
+            entries
+                .iter()
+                .map(|&(suffix, day)| (suffix * nbuckets + index, day)),
+        );
     }
     seen.sort_unstable();
     let mut want = data.clone();
@@ -682,7 +693,11 @@ async fn a_layout_2_mirror_is_read_until_the_next_snapshot(server: TestRedis) {
     ));
     // The next snapshot writes layout 3 and deletes the hash buckets.
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 3, 20_060), &records(data.clone()), Some(2))
+        .apply_snapshot(
+            &manifest(Kind::Snapshot, 3, 20_060),
+            &records(data.clone()),
+            Some(2),
+        )
         .await
         .expect("snapshot");
     let mut con = redis_conn(&server);
@@ -721,9 +736,16 @@ async fn a_bucket_of_another_generation_is_never_no_record(server: TestRedis) {
     let mut stale = Vec::new();
     packed::encode(2, &[], &mut stale);
     for value in [stale, b"not a bucket".to_vec()] {
-        let _: () = redis::cmd("SET").arg(&key).arg(value).query(&mut *con).expect("SET");
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(value)
+            .query(&mut *con)
+            .expect("SET");
         let before = store.unproven_reads();
-        assert!(matches!(store.lookup(number(n)).await, Err(StoreError::Unavailable(_))));
+        assert!(matches!(
+            store.lookup(number(n)).await,
+            Err(StoreError::Unavailable(_))
+        ));
         assert!(matches!(
             store.lookup_many(&in_bucket).await,
             Err(StoreError::Unavailable(_))
@@ -737,7 +759,10 @@ async fn a_bucket_of_another_generation_is_never_no_record(server: TestRedis) {
         ));
     }
     // Other buckets answer.
-    let other = data.iter().find(|(m, _)| m % nbuckets != n % nbuckets).expect("other");
+    let other = data
+        .iter()
+        .find(|(m, _)| m % nbuckets != n % nbuckets)
+        .expect("other");
     assert_eq!(lookup_day(&store, other.0).await, Some(i32::from(other.1)));
 }
 
@@ -1274,9 +1299,13 @@ async fn bench_lookup_layouts() {
     };
     let l2 = server.connect_with(options("l2")).await.expect("connect l2");
     let l3 = server.connect_with(options("l3")).await.expect("connect l3");
-    l3.apply_snapshot(&manifest(Kind::Snapshot, 1, 20_500), &records(pairs.clone()), None)
-        .await
-        .expect("snapshot");
+    l3.apply_snapshot(
+        &manifest(Kind::Snapshot, 1, 20_500),
+        &records(pairs.clone()),
+        None,
+    )
+    .await
+    .expect("snapshot");
     // 1 in 4 asked numbers has a record (the filter is off: misses cost the
     // same round trip as hits).
     let asked: Vec<PhoneNumber> = (0..200_000)

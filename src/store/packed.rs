@@ -197,10 +197,7 @@ impl<'a> Bucket<'a> {
     pub fn get(&self, i: usize) -> (u64, u16) {
         let at = i as u64 * entry_bits(&self.header);
         let offset = self.bits(at + u64::from(self.header.suffix_bits), self.header.day_bits);
-        (
-            self.suffix(i),
-            self.header.day_base.wrapping_add(offset as u16),
-        )
+        (self.suffix(i), self.header.day_base.wrapping_add(offset as u16))
     }
 
     /// The day stored for `suffix` (binary search).

@@ -72,7 +72,13 @@ fn digest_packed(digest: &mut BucketDigest, generation: Generation, bucket: u64,
 }
 
 /// Adds one bucket (the reply of [`bucket_dump`]) to `digest`.
-fn digest_value(digest: &mut BucketDigest, layout: BucketLayout, generation: Generation, bucket: u64, value: Value) {
+fn digest_value(
+    digest: &mut BucketDigest,
+    layout: BucketLayout,
+    generation: Generation,
+    bucket: u64,
+    value: Value,
+) {
     if layout == BucketLayout::Packed {
         digest_packed(digest, generation, bucket, &value);
         return;

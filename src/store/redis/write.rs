@@ -8,9 +8,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ::redis::{Script, ScriptInvocation, Value};
 use futures_util::{StreamExt, TryStreamExt, stream};
 
+use super::Inner;
 use super::bloom::{self, Filter};
 use super::conn::{Conn, key_slot};
-use super::Inner;
 use super::meta::{self, BloomParams, BucketLayout, Generation, StoredMeta, field};
 use crate::domain::{MirrorMeta, Prefix};
 use crate::import::{Manifest, Records};
