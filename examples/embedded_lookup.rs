@@ -10,8 +10,7 @@
 use std::time::Instant;
 
 use reassigned::domain::PhoneNumber;
-use reassigned::import::NoProgress;
-use reassigned::store::EmbeddedStore;
+use reassigned::import::{ImportOptions, NoProgress, embedded};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
@@ -20,7 +19,7 @@ async fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("usage: embedded_lookup DIR"))?;
     let dir = std::path::Path::new(&dir);
     let started = Instant::now();
-    let store = EmbeddedStore::open(dir, &mut NoProgress).await?;
+    let store = embedded::open_dir(dir, ImportOptions::default(), &mut NoProgress).await?;
     println!("loaded {} records in {:.2?}", store.len(), started.elapsed());
     let queries = std::fs::read_to_string(dir.join("queries.csv"))?;
     let numbers: Vec<PhoneNumber> = queries

@@ -7,10 +7,13 @@
 //!
 //! - [`domain`]: E.164 numbers, calendar dates and the answer rule (plain Rust,
 //!   no tonic, no redis).
-//! - [`store`]: the [`store::Store`] trait, the Redis store (production) and the
-//!   embedded in-process store (default without Redis).
+//! - [`store`]: the [`store::Store`] trait and its input types
+//!   ([`store::Records`], checked once when built; the snapshot and delta
+//!   writes), the Redis store (production) and the embedded in-process
+//!   store (default without Redis).
 //! - [`import`]: manifests and CSV data files of the national register, their
-//!   checks, and applying snapshots and deltas in sequence order.
+//!   checks, applying snapshots and deltas in sequence order, and the
+//!   embedded store's directory (load at start, background resync).
 //! - [`identity`]: who is calling: the certificate-identity rule
 //!   ([`identity::Platform`]), the connection's [`identity::PeerInfo`], token
 //!   [`identity::Scopes`], the request's [`identity::Principal`] (no tonic).
@@ -42,7 +45,7 @@
 //! | `domain` | nothing |
 //! | `lograte` | nothing |
 //! | `identity` | `domain` |
-//! | `store` | `domain`, `lograte` (today also `import`: pending, issue 8) |
+//! | `store` | `domain`, `lograte` |
 //! | `import` | `domain`, `store`, `lograte` |
 //! | `audit`, `receipt`, `quota` | `domain` |
 //! | `api` | `domain`, `identity`, `store`, `audit`, `receipt`, `quota`, `lograte`; never `server` |

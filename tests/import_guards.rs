@@ -893,7 +893,9 @@ fn good_register(dir: &Path) {
 }
 
 async fn open(dir: &Path) -> EmbeddedStore {
-    EmbeddedStore::open(dir, &mut NoProgress).await.expect("starts")
+    import::embedded::open_dir(dir, ImportOptions::default(), &mut NoProgress)
+        .await
+        .expect("starts")
 }
 
 #[tokio::test]

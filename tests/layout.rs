@@ -51,11 +51,6 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
 /// without being removed here (so the list only shrinks).
 const PENDING: &[(&str, &str, &str)] = &[
     (
-        "store",
-        "import",
-        "the store takes `Manifest`/`Records` of the importer (issue 8: the store owns its input types)",
-    ),
-    (
         "config",
         "server",
         "`ServeConfig` carries runtime handles (issue 8: config as plain data)",

@@ -10,7 +10,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -19,10 +18,9 @@ use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
 use reassigned::api::pb::{
     BatchCheckNumbersRequest, CheckNumberRequest, NoDataReason, ReassignmentStatus, batch_check_result,
 };
-use reassigned::domain::Date;
-use reassigned::import::{Kind, Manifest, Records};
+use reassigned::domain::{Date, Prefix};
 use reassigned::store::redis::RedisOptions;
-use reassigned::store::{AnyStore, RedisStore, Store, StoreError};
+use reassigned::store::{AnyStore, DeltaWrite, Records, RedisStore, SnapshotWrite, Store, StoreError};
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
 use support::server::{TestChannel, TestServer};
@@ -110,18 +108,23 @@ fn today() -> i32 {
     Date::today_utc().days()
 }
 
-fn manifest(kind: Kind, sequence: u64) -> Manifest {
-    let snapshot = kind == Kind::Snapshot;
-    Manifest {
-        kind,
+/// A snapshot write covering +1, complete through yesterday.
+fn snap(sequence: u64) -> SnapshotWrite {
+    SnapshotWrite {
         sequence,
         as_of: Date::from_days(today() - 1),
-        coverage_start: snapshot.then(|| Date::from_days(COVERAGE_START)),
-        covered_prefixes: snapshot.then(|| vec!["+1".to_owned()]),
-        data: "data.csv".to_owned(),
-        records: 0,
+        coverage_start: Date::from_days(COVERAGE_START),
+        prefixes: vec![Prefix::parse("+1").expect("prefix")],
         sha256: String::new(),
-        path: PathBuf::new(),
+    }
+}
+
+/// A delta write, complete through yesterday.
+fn delta_write(sequence: u64) -> DeltaWrite {
+    DeltaWrite {
+        sequence,
+        as_of: Date::from_days(today() - 1),
+        sha256: String::new(),
     }
 }
 
@@ -136,10 +139,8 @@ fn records(pairs: &[(u64, u16)]) -> Records {
     let mut pairs = pairs.to_vec();
     pairs.sort_unstable();
     pairs.dedup_by_key(|p| p.0);
-    Records {
-        numbers: pairs.iter().map(|p| p.0).collect(),
-        days: pairs.iter().map(|p| p.1).collect(),
-    }
+    let (numbers, days) = pairs.into_iter().unzip();
+    Records::new(numbers, days).expect("valid records")
 }
 
 fn check_of(number: u64, day: u16) -> CheckNumberRequest {
@@ -369,7 +370,7 @@ impl Env {
         let writer = redis.store(options()).await.expect("writer store");
         let register = hits(FIRST_HIT, HITS);
         writer
-            .apply_snapshot(&manifest(Kind::Snapshot, 1), &records(&register), None)
+            .apply_snapshot(&snap(1), &records(&register), None)
             .await
             .expect("snapshot");
         Self {
@@ -514,7 +515,7 @@ async fn a_deleted_bucket_is_never_no_record(cluster: bool) {
     let delta: Vec<(u64, u16)> = vec![(in_bucket[0].0, 20_000)];
     let err = env
         .writer
-        .apply_delta(&manifest(Kind::Delta, 2), &records(&delta))
+        .apply_delta(&delta_write(2), &records(&delta))
         .await
         .expect_err("a delta into a lost bucket is refused");
     assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
@@ -536,7 +537,7 @@ async fn generation_changed_by_hand(cluster: bool) {
     let env = Env::new(TestRedis::start(cluster, &[])).await;
     // A second snapshot (fewer numbers): generation 1 is replaced.
     let second: Vec<(u64, u16)> = env.register[..HITS as usize / 2].to_vec();
-    let s2 = manifest(Kind::Snapshot, 2);
+    let s2 = snap(2);
     env.writer
         .apply_snapshot(&s2, &records(&second), Some(1))
         .await
@@ -651,7 +652,7 @@ async fn redis_restarted_from_an_older_save_under_load() {
     let old_save = redis.save_rdb();
     let delta = hits(FIRST_HIT + 1, 3_000);
     env.writer
-        .apply_delta(&manifest(Kind::Delta, 2), &records(&delta))
+        .apply_delta(&delta_write(2), &records(&delta))
         .await
         .expect("delta");
     let (server, _store) = env.serve().await;
@@ -688,7 +689,7 @@ async fn redis_restarted_from_an_older_save_under_load() {
     // The sync runs again: the delta is applied again and answers come back.
     let writer = env.redis.store(options()).await.expect("writer");
     writer
-        .apply_delta(&manifest(Kind::Delta, 2), &records(&delta))
+        .apply_delta(&delta_write(2), &records(&delta))
         .await
         .expect("delta again");
     let recovered = load.wait_recovered(Duration::from_secs(15)).await;
@@ -727,7 +728,7 @@ impl ClusterEnv {
             .expect("writer");
         let register = hits(FIRST_HIT, HITS);
         writer
-            .apply_snapshot(&manifest(Kind::Snapshot, 1), &records(&register), None)
+            .apply_snapshot(&snap(1), &records(&register), None)
             .await
             .expect("snapshot");
         Self {
@@ -795,7 +796,7 @@ async fn replica_paused_during_a_snapshot_switch() {
     }
     let started = Instant::now();
     env.writer
-        .apply_snapshot(&manifest(Kind::Snapshot, 2), &records(&second), Some(1))
+        .apply_snapshot(&snap(2), &records(&second), Some(1))
         .await
         .expect("second snapshot (waits for the replicas)");
     println!(
@@ -916,7 +917,7 @@ async fn delta_waits_for_replicas_before_moving_the_sequence() {
     env.cluster.pause_node(replica);
     let err = env
         .writer
-        .apply_delta(&manifest(Kind::Delta, 2), &records(&delta))
+        .apply_delta(&delta_write(2), &records(&delta))
         .await
         .expect_err("the delta must wait for the frozen replica");
     env.cluster.resume_node(replica);
@@ -932,7 +933,7 @@ async fn delta_waits_for_replicas_before_moving_the_sequence() {
         1
     );
     env.writer
-        .apply_delta(&manifest(Kind::Delta, 2), &records(&delta))
+        .apply_delta(&delta_write(2), &records(&delta))
         .await
         .expect("the rerun applies the delta");
     assert_eq!(

@@ -8,16 +8,14 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use reassigned::domain::{Date, PhoneNumber};
-use reassigned::import::{Kind, Manifest, Records};
+use reassigned::domain::{Date, PhoneNumber, Prefix};
 use reassigned::store::packed;
 use reassigned::store::redis::RedisOptions;
-use reassigned::store::{RedisStore, Store, StoreError};
+use reassigned::store::{DeltaWrite, Records, RedisStore, SnapshotWrite, Store, StoreError};
 use support::poll::eventually_within;
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
@@ -163,18 +161,26 @@ on_both_with!(
 
 const COVERAGE_START: i32 = 18_654; // 2021-01-27
 
-fn manifest(kind: Kind, sequence: u64, as_of: i32) -> Manifest {
-    let snapshot = kind == Kind::Snapshot;
-    Manifest {
-        kind,
+/// A snapshot write covering +1 and +86 from 2021-01-27.
+fn snap(sequence: u64, as_of: i32) -> SnapshotWrite {
+    SnapshotWrite {
         sequence,
         as_of: Date::from_days(as_of),
-        coverage_start: snapshot.then(|| Date::from_days(COVERAGE_START)),
-        covered_prefixes: snapshot.then(|| vec!["+1".to_owned(), "+86".to_owned()]),
-        data: "data.csv".to_owned(),
-        records: 0,
+        coverage_start: Date::from_days(COVERAGE_START),
+        prefixes: ["+1", "+86"]
+            .iter()
+            .map(|p| Prefix::parse(p).expect("prefix"))
+            .collect(),
         sha256: String::new(),
-        path: PathBuf::new(),
+    }
+}
+
+/// A delta write.
+fn delta_write(sequence: u64, as_of: i32) -> DeltaWrite {
+    DeltaWrite {
+        sequence,
+        as_of: Date::from_days(as_of),
+        sha256: String::new(),
     }
 }
 
@@ -182,10 +188,8 @@ fn manifest(kind: Kind, sequence: u64, as_of: i32) -> Manifest {
 fn records(mut pairs: Vec<(u64, u16)>) -> Records {
     pairs.sort_unstable();
     pairs.dedup_by_key(|p| p.0);
-    Records {
-        numbers: pairs.iter().map(|p| p.0).collect(),
-        days: pairs.iter().map(|p| p.1).collect(),
-    }
+    let (numbers, days) = pairs.into_iter().unzip();
+    Records::new(numbers, days).expect("valid records")
 }
 
 /// `count` US numbers from `first`, `step` apart, with varying dates.
@@ -254,7 +258,7 @@ async fn snapshot_key_layout(server: TestRedis) {
     let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 3, 1000);
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_100), &records(data.clone()), None)
+        .apply_snapshot(&snap(1, 20_100), &records(data.clone()), None)
         .await
         .expect("snapshot");
     // Layout: ceil(1000 / 256) = 4 string buckets, no hash tag, lock released.
@@ -290,22 +294,18 @@ async fn a_snapshot_reclaims_the_old_generations_keys(server: TestRedis) {
     let store = connect(&server).await;
     let first = us_numbers(12_125_550_000, 7, 3000);
     store
-        .apply_snapshot(
-            &manifest(Kind::Snapshot, 1, 20_000),
-            &records(first.clone()),
-            None,
-        )
+        .apply_snapshot(&snap(1, 20_000), &records(first.clone()), None)
         .await
         .expect("first snapshot");
     let delta: Vec<(u64, u16)> = first.iter().step_by(3).map(|&(n, _)| (n + 1, 20_001)).collect();
     store
-        .apply_delta(&manifest(Kind::Delta, 2, 20_001), &records(delta))
+        .apply_delta(&delta_write(2, 20_001), &records(delta))
         .await
         .expect("delta");
     let mut second = us_numbers(13_105_550_000, 11, 1500);
     second.push(first[0]);
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 3, 20_030), &records(second), Some(2))
+        .apply_snapshot(&snap(3, 20_030), &records(second), Some(2))
         .await
         .expect("second snapshot");
     // Only the new generation's ceil(1501 / 256) = 6 buckets remain.
@@ -328,11 +328,7 @@ async fn a_snapshot_reclaims_the_old_generations_keys(server: TestRedis) {
     assert_eq!(reclaim, None);
     // And again: ceil(500 / 256) = 2 buckets of generation 3.
     store
-        .apply_snapshot(
-            &manifest(Kind::Snapshot, 4, 20_031),
-            &records(first[..500].to_vec()),
-            Some(3),
-        )
+        .apply_snapshot(&snap(4, 20_031), &records(first[..500].to_vec()), Some(3))
         .await
         .expect("third snapshot");
     assert!(keys(&server, "rn:g2:*").is_empty());
@@ -347,19 +343,19 @@ async fn a_delta_retried_after_a_crash_before_the_metadata(server: TestRedis) {
     let store = connect(&server).await;
     let base = us_numbers(14_155_550_000, 13, 2000);
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(base.clone()), None)
+        .apply_snapshot(&snap(1, 20_000), &records(base.clone()), None)
         .await
         .expect("snapshot");
     let a = base[3];
     let new_number = 14_155_550_001;
     store
         .apply_delta(
-            &manifest(Kind::Delta, 2, 20_001),
+            &delta_write(2, 20_001),
             &records(vec![(a.0, a.1 + 100), (new_number, 20_001)]),
         )
         .await
         .expect("delta 2");
-    let m3 = manifest(Kind::Delta, 3, 20_002);
+    let m3 = delta_write(3, 20_002);
     let delta3 = records(vec![(a.0, a.1 + 200), (new_number + 2, 20_002)]);
     store.apply_delta(&m3, &delta3).await.expect("delta 3");
     let mut con = redis_conn(&server);
@@ -391,7 +387,7 @@ async fn a_held_import_lock_refuses_imports(server: TestRedis) {
     let store = connect(&server).await;
     let recs = records(us_numbers(14_155_550_000, 1, 100));
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 5, 20_000), &recs, None)
+        .apply_snapshot(&snap(5, 20_000), &recs, None)
         .await
         .expect("snapshot");
     let mut con = redis_conn(&server);
@@ -403,14 +399,14 @@ async fn a_held_import_lock_refuses_imports(server: TestRedis) {
         .query(&mut *con)
         .expect("SET lock");
     assert!(matches!(
-        store.apply_delta(&manifest(Kind::Delta, 6, 20_001), &recs).await,
+        store.apply_delta(&delta_write(6, 20_001), &recs).await,
         Err(StoreError::Conflict(_))
     ));
     let holder: String = redis::cmd("GET").arg("rn:lock").query(&mut *con).expect("GET");
     assert_eq!(holder, "someone-else", "a refused import leaves the lock alone");
     let _: () = redis::cmd("DEL").arg("rn:lock").query(&mut *con).expect("DEL");
     store
-        .apply_delta(&manifest(Kind::Delta, 6, 20_001), &recs)
+        .apply_delta(&delta_write(6, 20_001), &recs)
         .await
         .expect("delta after the lock is free");
     assert_eq!(store.cached_meta().expect("meta").sequence, 6);
@@ -420,7 +416,7 @@ async fn crashed_snapshot_leftovers_are_deleted(server: TestRedis) {
     let store = connect(&server).await;
     let recs = records(us_numbers(14_155_550_000, 1, 300));
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &recs, None)
+        .apply_snapshot(&snap(1, 20_000), &recs, None)
         .await
         .expect("snapshot");
     // What a snapshot import that crashed half-way leaves behind.
@@ -443,11 +439,11 @@ async fn crashed_snapshot_leftovers_are_deleted(server: TestRedis) {
     }
     // Readers ignore it.
     assert_eq!(
-        lookup_day(&store, recs.numbers[0]).await,
-        Some(i32::from(recs.days[0]))
+        lookup_day(&store, recs.number(0)).await,
+        Some(i32::from(recs.day(0)))
     );
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 2, 20_001), &recs, Some(1))
+        .apply_snapshot(&snap(2, 20_001), &recs, Some(1))
         .await
         .expect("next snapshot");
     let left = keys(&server, "rn:g[0-9]*");
@@ -487,11 +483,7 @@ async fn garbled_meta_is_corrupt(server: TestRedis) {
     // A bucket value that is not a day number.
     let _: () = redis::cmd("DEL").arg("rn:meta").query(&mut *con).expect("DEL");
     store
-        .apply_snapshot(
-            &manifest(Kind::Snapshot, 1, 20_000),
-            &records(vec![(14_155_550_123, 19_000)]),
-            None,
-        )
+        .apply_snapshot(&snap(1, 20_000), &records(vec![(14_155_550_123, 19_000)]), None)
         .await
         .expect("snapshot");
     // Our header (generation 1) with a body one byte short of it.
@@ -561,7 +553,7 @@ async fn snapshot_buckets_are_packed_strings(server: TestRedis) {
     let store = connect(&server).await;
     let data = mixed_numbers();
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data.clone()), None)
+        .apply_snapshot(&snap(1, 20_000), &records(data.clone()), None)
         .await
         .expect("snapshot");
     let nbuckets = 12_000u64.div_ceil(256);
@@ -673,7 +665,7 @@ async fn a_layout_2_mirror_is_read_until_the_next_snapshot(server: TestRedis) {
     // A delta merges into the hash buckets (later date wins, new number added).
     let delta = vec![(data[1].0, 20_050u16), (data[0].0 + 1, 20_050)];
     store
-        .apply_delta(&manifest(Kind::Delta, 2, 20_050), &records(delta))
+        .apply_delta(&delta_write(2, 20_050), &records(delta))
         .await
         .expect("delta into layout 2");
     assert_eq!(lookup_day(&store, data[1].0).await, Some(20_050));
@@ -693,11 +685,7 @@ async fn a_layout_2_mirror_is_read_until_the_next_snapshot(server: TestRedis) {
     ));
     // The next snapshot writes layout 3 and deletes the hash buckets.
     store
-        .apply_snapshot(
-            &manifest(Kind::Snapshot, 3, 20_060),
-            &records(data.clone()),
-            Some(2),
-        )
+        .apply_snapshot(&snap(3, 20_060), &records(data.clone()), Some(2))
         .await
         .expect("snapshot");
     let mut con = redis_conn(&server);
@@ -721,7 +709,7 @@ async fn a_bucket_of_another_generation_is_never_no_record(server: TestRedis) {
     let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 3, 1000);
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data.clone()), None)
+        .apply_snapshot(&snap(1, 20_000), &records(data.clone()), None)
         .await
         .expect("snapshot");
     let nbuckets = 4;
@@ -753,7 +741,7 @@ async fn a_bucket_of_another_generation_is_never_no_record(server: TestRedis) {
         assert!(store.unproven_reads() > before);
         assert!(matches!(
             store
-                .apply_delta(&manifest(Kind::Delta, 2, 20_001), &records(vec![(n, 20_001)]))
+                .apply_delta(&delta_write(2, 20_001), &records(vec![(n, 20_001)]))
                 .await,
             Err(StoreError::Corrupt(_))
         ));
@@ -770,7 +758,7 @@ async fn lookups_fail_fast_while_redis_hangs_and_recover(mut server: TestRedis) 
     let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 5, 500);
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data.clone()), None)
+        .apply_snapshot(&snap(1, 20_000), &records(data.clone()), None)
         .await
         .expect("snapshot");
     assert!(lookup_day(&store, data[0].0).await.is_some());
@@ -816,7 +804,7 @@ async fn a_long_hang_replaces_the_connection_and_recovers(mut server: TestRedis)
     let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 5, 500);
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data.clone()), None)
+        .apply_snapshot(&snap(1, 20_000), &records(data.clone()), None)
         .await
         .expect("snapshot");
     server.pause();
@@ -847,7 +835,7 @@ async fn store_recovers_after_redis_restarts() {
     let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 5, 500);
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data.clone()), None)
+        .apply_snapshot(&snap(1, 20_000), &records(data.clone()), None)
         .await
         .expect("snapshot");
     server.single().stop();
@@ -938,7 +926,7 @@ async fn cluster_keys_spread_evenly_over_masters() {
     let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 3, 20_000);
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data), None)
+        .apply_snapshot(&snap(1, 20_000), &records(data), None)
         .await
         .expect("snapshot");
     let per_node: Vec<usize> = server
@@ -1032,7 +1020,7 @@ async fn bench_snapshot_memory_and_rate() {
     let cpu_before = redis_cpu_seconds(&server);
     let started = Instant::now();
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_500), &recs, None)
+        .apply_snapshot(&snap(1, 20_500), &recs, None)
         .await
         .expect("snapshot");
     let took = started.elapsed();
@@ -1052,7 +1040,7 @@ async fn bench_snapshot_memory_and_rate() {
     let mut delta_pairs: Vec<(u64, u16)> = (0..delta_len)
         .map(|i| {
             if i % 2 == 0 {
-                (recs.numbers[(i * 7919) % recs.len()], 20_600)
+                (recs.number((i * 7919) % recs.len()), 20_600)
             } else {
                 (
                     10_000_000_000u64 + rng.random_range(2_002_000_000u64..9_999_999_999),
@@ -1066,7 +1054,7 @@ async fn bench_snapshot_memory_and_rate() {
     let delta = records(delta_pairs);
     let started = Instant::now();
     store
-        .apply_delta(&manifest(Kind::Delta, 2, 20_600), &delta)
+        .apply_delta(&delta_write(2, 20_600), &delta)
         .await
         .expect("delta");
     let took = started.elapsed();
@@ -1090,7 +1078,7 @@ async fn bench_snapshot_memory_and_rate() {
     let asked: Vec<PhoneNumber> = (0..200_000usize)
         .map(|i| {
             if i % 25 == 0 {
-                number(recs.numbers[(i * 7919) % recs.len()])
+                number(recs.number((i * 7919) % recs.len()))
             } else {
                 number(10_000_000_000u64 + rng.random_range(2_002_000_000u64..9_999_999_999))
             }
@@ -1139,7 +1127,7 @@ async fn cluster_reads_from_replicas() {
         .expect("connect");
     let data = us_numbers(14_155_550_000, 3, 2000);
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data.clone()), None)
+        .apply_snapshot(&snap(1, 20_000), &records(data.clone()), None)
         .await
         .expect("snapshot");
     // Replication is asynchronous: wait until the replicas have it all.
@@ -1188,7 +1176,7 @@ async fn membership_filter_answers_misses_without_redis(server: TestRedis) {
     let reader = connect(&server).await;
     let data = us_numbers(14_155_550_000, 3, 2000);
     writer
-        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data.clone()), None)
+        .apply_snapshot(&snap(1, 20_000), &records(data.clone()), None)
         .await
         .expect("snapshot");
     eventually_within("the reader loads the filter", Duration::from_secs(5), || async {
@@ -1219,10 +1207,7 @@ async fn membership_filter_answers_misses_without_redis(server: TestRedis) {
     let new_number = 14_155_550_002;
     assert_eq!(lookup_day(&reader, new_number).await, None);
     writer
-        .apply_delta(
-            &manifest(Kind::Delta, 2, 20_001),
-            &records(vec![(new_number, 20_001)]),
-        )
+        .apply_delta(&delta_write(2, 20_001), &records(vec![(new_number, 20_001)]))
         .await
         .expect("delta");
     eventually_within("the reader sees sequence 2", Duration::from_secs(5), || async {
@@ -1299,13 +1284,9 @@ async fn bench_lookup_layouts() {
     };
     let l2 = server.connect_with(options("l2")).await.expect("connect l2");
     let l3 = server.connect_with(options("l3")).await.expect("connect l3");
-    l3.apply_snapshot(
-        &manifest(Kind::Snapshot, 1, 20_500),
-        &records(pairs.clone()),
-        None,
-    )
-    .await
-    .expect("snapshot");
+    l3.apply_snapshot(&snap(1, 20_500), &records(pairs.clone()), None)
+        .await
+        .expect("snapshot");
     // 1 in 4 asked numbers has a record (the filter is off: misses cost the
     // same round trip as hits).
     let asked: Vec<PhoneNumber> = (0..200_000)

@@ -14,15 +14,16 @@
 mod support;
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use reassigned::domain::Prefix;
 use reassigned::domain::{Date, PhoneNumber};
-use reassigned::import::{Kind, Manifest, Records};
 use reassigned::store::redis::RedisOptions;
-use reassigned::store::{EmbeddedStore, RedisStore, Store, StoreError};
+use reassigned::store::{
+    DeltaWrite, EmbeddedStore, Records, RecordsError, RedisStore, SnapshotWrite, Store, StoreError,
+};
 use support::poll::eventually;
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
@@ -113,7 +114,6 @@ store_contract!(
     delta_twice_is_idempotent,
     an_empty_delta_moves_the_sequence,
     sequence_conflicts_change_nothing,
-    malformed_records_are_refused,
     another_handle_sees_imports,
     applied_checksums_remember_the_files,
 );
@@ -124,18 +124,26 @@ const A: &str = "+14155550100";
 const B: &str = "+14155550123";
 const C: &str = "+8613800138000";
 
-fn manifest(kind: Kind, sequence: u64, as_of: i32) -> Manifest {
-    let snapshot = kind == Kind::Snapshot;
-    Manifest {
-        kind,
+/// A snapshot write covering +1 and +86 from 2021-01-27.
+fn snap(sequence: u64, as_of: i32) -> SnapshotWrite {
+    SnapshotWrite {
         sequence,
         as_of: Date::from_days(as_of),
-        coverage_start: snapshot.then(|| Date::from_days(COVERAGE_START)),
-        covered_prefixes: snapshot.then(|| vec!["+1".to_owned(), "+86".to_owned()]),
-        data: "data.csv".to_owned(),
-        records: 0,
+        coverage_start: Date::from_days(COVERAGE_START),
+        prefixes: ["+1", "+86"]
+            .iter()
+            .map(|p| Prefix::parse(p).expect("prefix"))
+            .collect(),
         sha256: "0".repeat(64),
-        path: PathBuf::from("data.json"),
+    }
+}
+
+/// A delta write.
+fn delta_write(sequence: u64, as_of: i32) -> DeltaWrite {
+    DeltaWrite {
+        sequence,
+        as_of: Date::from_days(as_of),
+        sha256: "0".repeat(64),
     }
 }
 
@@ -160,10 +168,8 @@ fn number(value: u64) -> PhoneNumber {
 fn records(mut pairs: Vec<(u64, u16)>) -> Records {
     pairs.sort_unstable();
     pairs.dedup_by_key(|p| p.0);
-    Records {
-        numbers: pairs.iter().map(|p| p.0).collect(),
-        days: pairs.iter().map(|p| p.1).collect(),
-    }
+    let (numbers, days) = pairs.into_iter().unzip();
+    Records::new(numbers, days).expect("valid records")
 }
 
 /// Records from (E.164 number, ISO date) rows.
@@ -195,7 +201,7 @@ async fn lookup_day(store: &impl Store, value: u64) -> Option<i32> {
 async fn base<S: Store>(store: &S) {
     store
         .apply_snapshot(
-            &manifest(Kind::Snapshot, 1, days("2026-11-01")),
+            &snap(1, days("2026-11-01")),
             &rows(&[(A, "2024-01-01"), (B, "2024-05-01")]),
             None,
         )
@@ -250,7 +256,7 @@ async fn snapshot_then_lookups(backend: impl Backend) {
     let store = backend.open().await;
     let data = us_numbers(14_155_550_000, 3, 1000);
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_100), &records(data.clone()), None)
+        .apply_snapshot(&snap(1, 20_100), &records(data.clone()), None)
         .await
         .expect("snapshot");
 
@@ -298,7 +304,7 @@ async fn lookups_across_many_blocks(backend: impl Backend) {
         .map(|i| (14_155_550_000 + i * 3, (i % 20_000) as u16))
         .collect();
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_100), &records(data.clone()), None)
+        .apply_snapshot(&snap(1, 20_100), &records(data.clone()), None)
         .await
         .expect("snapshot");
     for &(num, day) in &data {
@@ -313,7 +319,7 @@ async fn big_batches_and_deltas_over_many_buckets(backend: impl Backend) {
     let store = backend.open().await;
     let data = us_numbers(12_015_550_000, 7, 20_000);
     store
-        .apply_snapshot(&manifest(Kind::Snapshot, 1, 20_000), &records(data.clone()), None)
+        .apply_snapshot(&snap(1, 20_000), &records(data.clone()), None)
         .await
         .expect("snapshot");
     // A batch of 2000: every 20th number, and the number after each (absent).
@@ -348,30 +354,25 @@ async fn big_batches_and_deltas_over_many_buckets(backend: impl Backend) {
     );
     let delta = records(delta);
     store
-        .apply_delta(&manifest(Kind::Delta, 2, 20_001), &delta)
+        .apply_delta(&delta_write(2, 20_001), &delta)
         .await
         .expect("delta");
     let meta = store.refresh_meta().await.expect("refresh").expect("meta");
     assert_eq!((meta.sequence, meta.record_count), (2, 23_000));
-    let asked: Vec<PhoneNumber> = delta.numbers.iter().copied().map(number).collect();
+    let asked: Vec<PhoneNumber> = delta.numbers().map(number).collect();
     let many = store
         .lookup_many(&asked)
         .await
         .expect("lookup_many after the delta");
     let expected: Vec<Option<Date>> = delta
-        .days
-        .iter()
-        .map(|&day| Some(Date::from_days(i32::from(day))))
+        .pairs()
+        .map(|(_, day)| Some(Date::from_days(i32::from(day))))
         .collect();
     assert_eq!(many.found, expected);
 
     // A second snapshot of 500 of them replaces all of it.
     store
-        .apply_snapshot(
-            &manifest(Kind::Snapshot, 3, 20_002),
-            &records(data[..500].to_vec()),
-            Some(2),
-        )
+        .apply_snapshot(&snap(3, 20_002), &records(data[..500].to_vec()), Some(2))
         .await
         .expect("second snapshot");
     let asked: Vec<PhoneNumber> = data[495..505].iter().map(|&(num, _)| number(num)).collect();
@@ -391,11 +392,7 @@ async fn a_snapshot_replaces_everything(backend: impl Backend) {
     let store = backend.open().await;
     base(&store).await;
     store
-        .apply_snapshot(
-            &manifest(Kind::Snapshot, 7, days("2026-11-02")),
-            &rows(&[(C, "2025-01-01")]),
-            Some(1),
-        )
+        .apply_snapshot(&snap(7, days("2026-11-02")), &rows(&[(C, "2025-01-01")]), Some(1))
         .await
         .expect("snapshot");
     assert_eq!(store.lookup(n(A)).await.expect("lookup").found, None);
@@ -419,11 +416,7 @@ async fn a_snapshot_switches_atomically_for_readers(backend: impl Backend) {
     let mut second = us_numbers(13_105_550_000, 11, 1500);
     second.push(first[0]);
     writer
-        .apply_snapshot(
-            &manifest(Kind::Snapshot, 1, 20_000),
-            &records(first.clone()),
-            None,
-        )
+        .apply_snapshot(&snap(1, 20_000), &records(first.clone()), None)
         .await
         .expect("first snapshot");
     eventually("the reader sees the first snapshot", async || {
@@ -473,11 +466,7 @@ async fn a_snapshot_switches_atomically_for_readers(backend: impl Backend) {
     })
     .await;
     writer
-        .apply_snapshot(
-            &manifest(Kind::Snapshot, 2, 20_030),
-            &records(second.clone()),
-            Some(1),
-        )
+        .apply_snapshot(&snap(2, 20_030), &records(second.clone()), Some(1))
         .await
         .expect("second snapshot");
     eventually("the reader asks after the switch", async || {
@@ -506,11 +495,7 @@ async fn a_reader_keeps_its_generation(backend: impl Backend) {
     base(&store).await;
     let before = store.lookup(n(A)).await.expect("lookup");
     store
-        .apply_snapshot(
-            &manifest(Kind::Snapshot, 2, days("2026-11-02")),
-            &Records::default(),
-            Some(1),
-        )
+        .apply_snapshot(&snap(2, days("2026-11-02")), &Records::default(), Some(1))
         .await
         .expect("empty snapshot");
     assert_eq!(before.found, Some(d("2024-01-01")));
@@ -533,7 +518,7 @@ async fn delta_keeps_the_latest_date(backend: impl Backend) {
         ("+15005550006", "2026-10-29"), // new
     ]);
     store
-        .apply_delta(&manifest(Kind::Delta, 2, days("2026-11-02")), &delta)
+        .apply_delta(&delta_write(2, days("2026-11-02")), &delta)
         .await
         .expect("delta");
     let asked = [n(A), n(B), n(C), n("+15005550006"), n("+15005550007")];
@@ -567,7 +552,7 @@ async fn delta_keeps_the_latest_date(backend: impl Backend) {
 async fn delta_twice_is_idempotent(backend: impl Backend) {
     let store = backend.open().await;
     base(&store).await;
-    let m = manifest(Kind::Delta, 2, days("2026-11-02"));
+    let m = delta_write(2, days("2026-11-02"));
     let delta = rows(&[(B, "2026-10-30"), (C, "2026-10-31")]);
     store.apply_delta(&m, &delta).await.expect("delta");
     let once = store.lookup_many(&[n(A), n(B), n(C)]).await.expect("many");
@@ -591,7 +576,7 @@ async fn an_empty_delta_moves_the_sequence(backend: impl Backend) {
     let store = backend.open().await;
     base(&store).await;
     store
-        .apply_delta(&manifest(Kind::Delta, 2, days("2026-11-03")), &Records::default())
+        .apply_delta(&delta_write(2, days("2026-11-03")), &Records::default())
         .await
         .expect("empty delta");
     let meta = store.refresh_meta().await.expect("refresh").expect("meta");
@@ -614,12 +599,12 @@ async fn sequence_conflicts_change_nothing(backend: impl Backend) {
 
     // A delta needs a snapshot first.
     let e = store
-        .apply_delta(&manifest(Kind::Delta, 1, days("2026-11-02")), &delta)
+        .apply_delta(&delta_write(1, days("2026-11-02")), &delta)
         .await;
     assert!(conflict(e), "delta on an empty mirror");
     // A snapshot expecting a sequence the (empty) mirror does not have.
     let e = store
-        .apply_snapshot(&manifest(Kind::Snapshot, 5, days("2026-11-02")), &delta, Some(4))
+        .apply_snapshot(&snap(5, days("2026-11-02")), &delta, Some(4))
         .await;
     assert!(conflict(e), "snapshot expecting 4 on an empty mirror");
     assert!(store.refresh_meta().await.expect("refresh").is_none());
@@ -628,12 +613,12 @@ async fn sequence_conflicts_change_nothing(backend: impl Backend) {
     // Deltas out of order: a gap, an older one.
     for sequence in [3, 7, 0] {
         let e = store
-            .apply_delta(&manifest(Kind::Delta, sequence, days("2026-11-02")), &delta)
+            .apply_delta(&delta_write(sequence, days("2026-11-02")), &delta)
             .await;
         assert!(conflict(e), "delta {sequence} at sequence 1");
     }
     // A snapshot expecting anything but the current sequence.
-    let snap = manifest(Kind::Snapshot, 5, days("2026-11-02"));
+    let snap = snap(5, days("2026-11-02"));
     for expected in [None, Some(0), Some(2), Some(4)] {
         let e = store.apply_snapshot(&snap, &delta, expected).await;
         assert!(conflict(e), "snapshot expecting {expected:?} at sequence 1");
@@ -645,7 +630,7 @@ async fn sequence_conflicts_change_nothing(backend: impl Backend) {
     assert_eq!(l.found, vec![Some(d("2024-01-01")), Some(d("2024-05-01")), None]);
     // The next delta in order applies.
     store
-        .apply_delta(&manifest(Kind::Delta, 2, days("2026-11-02")), &delta)
+        .apply_delta(&delta_write(2, days("2026-11-02")), &delta)
         .await
         .expect("delta 2 after the refused ones");
     assert_eq!(store.cached_meta().expect("meta").sequence, 2);
@@ -655,59 +640,40 @@ async fn sequence_conflicts_change_nothing(backend: impl Backend) {
     );
 }
 
-/// Records must be sorted by number with one entry per number (what the
-/// importer hands over): anything else is refused as corrupt, and nothing
-/// changes.
-async fn malformed_records_are_refused(backend: impl Backend) {
-    let store = backend.open().await;
-    base(&store).await;
+/// Records must be sorted by number with one entry per number, of valid
+/// numbers: anything else cannot even be built, so no store ever receives
+/// it (the stores rely on the invariant instead of re-checking it).
+#[test]
+fn malformed_records_cannot_be_built() {
     let malformed = [
         (
             "unsorted",
-            Records {
-                numbers: vec![14_155_550_200, 14_155_550_199],
-                days: vec![19_000, 19_000],
-            },
+            vec![14_155_550_200, 14_155_550_199],
+            vec![19_000, 19_000],
+            RecordsError::NotIncreasing { index: 1 },
         ),
         (
             "duplicate",
-            Records {
-                numbers: vec![14_155_550_200, 14_155_550_200],
-                days: vec![19_000, 19_001],
-            },
+            vec![14_155_550_200, 14_155_550_200],
+            vec![19_000, 19_001],
+            RecordsError::NotIncreasing { index: 1 },
         ),
         (
             "lengths differ",
-            Records {
-                numbers: vec![14_155_550_200, 14_155_550_201],
-                days: vec![19_000],
-            },
+            vec![14_155_550_200, 14_155_550_201],
+            vec![19_000],
+            RecordsError::LengthMismatch { numbers: 2, days: 1 },
+        ),
+        (
+            "not a number",
+            vec![1234, 14_155_550_201],
+            vec![19_000, 19_000],
+            RecordsError::InvalidNumber { index: 0 },
         ),
     ];
-    for (what, recs) in &malformed {
-        let e = store
-            .apply_snapshot(&manifest(Kind::Snapshot, 5, days("2026-11-02")), recs, Some(1))
-            .await;
-        assert!(
-            matches!(e, Err(StoreError::Corrupt(_))),
-            "snapshot, {what}: {e:?}"
-        );
-        let e = store
-            .apply_delta(&manifest(Kind::Delta, 2, days("2026-11-02")), recs)
-            .await;
-        assert!(matches!(e, Err(StoreError::Corrupt(_))), "delta, {what}: {e:?}");
+    for (what, numbers, days, want) in malformed {
+        assert_eq!(Records::new(numbers, days), Err(want), "{what}");
     }
-    // Nothing changed.
-    let meta = store.refresh_meta().await.expect("refresh").expect("meta");
-    assert_eq!((meta.sequence, meta.record_count), (1, 2));
-    let l = store
-        .lookup_many(&[n(A), n(B), number(14_155_550_199), number(14_155_550_200)])
-        .await
-        .expect("many");
-    assert_eq!(
-        l.found,
-        vec![Some(d("2024-01-01")), Some(d("2024-05-01")), None, None]
-    );
 }
 
 /// A handle opened before or after an import (another server replica) sees
@@ -726,10 +692,7 @@ async fn another_handle_sees_imports(backend: impl Backend) {
     );
 
     writer
-        .apply_delta(
-            &manifest(Kind::Delta, 2, days("2026-11-02")),
-            &rows(&[(C, "2026-10-31")]),
-        )
+        .apply_delta(&delta_write(2, days("2026-11-02")), &rows(&[(C, "2026-10-31")]))
         .await
         .expect("delta");
     // Without an explicit refresh, the cache follows by itself.
@@ -761,19 +724,19 @@ async fn another_handle_sees_imports(backend: impl Backend) {
 async fn applied_checksums_remember_the_files(backend: impl Backend) {
     let store = backend.open().await;
     assert!(store.applied_checksums().await.expect("checksums").is_empty());
-    let mut snapshot = manifest(Kind::Snapshot, 1, days("2026-11-01"));
+    let mut snapshot = snap(1, days("2026-11-01"));
     snapshot.sha256 = "AB".repeat(32);
     store
         .apply_snapshot(&snapshot, &rows(&[(A, "2024-01-01")]), None)
         .await
         .expect("snapshot");
-    let mut delta = manifest(Kind::Delta, 2, days("2026-11-02"));
+    let mut delta = delta_write(2, days("2026-11-02"));
     delta.sha256 = "cd".repeat(32);
     store
         .apply_delta(&delta, &rows(&[(B, "2024-05-01")]))
         .await
         .expect("delta");
-    let mut refused = manifest(Kind::Delta, 4, days("2026-11-03"));
+    let mut refused = delta_write(4, days("2026-11-03"));
     refused.sha256 = "ef".repeat(32);
     assert!(matches!(
         store.apply_delta(&refused, &Records::default()).await,

@@ -572,7 +572,7 @@ fn load_register(mut manifests: Vec<Manifest>, path: &Path) -> anyhow::Result<So
                 .collect();
         }
         let records = read_records(manifest, &mut NoProgress)?;
-        numbers.extend_from_slice(&records.numbers);
+        numbers.extend(records.numbers());
     }
     numbers.sort_unstable();
     numbers.dedup();

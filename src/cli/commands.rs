@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use super::generate::GenerateOptions;
 use crate::config::{RedisTarget, ServeConfig, ServeSettings, StoreConfig};
 use crate::import::{self, Applied, ImportOptions};
-use crate::store::{AnyStore, EmbeddedStore, RedisStore, redis::RedisOptions};
+use crate::store::{AnyStore, RedisStore, redis::RedisOptions};
 
 /// Sets up `tracing` on stderr: `text` or `json`, levels from `REASSIGNED_LOG`
 /// (default `info`).
@@ -109,12 +109,13 @@ pub async fn open_store(config: &StoreConfig) -> anyhow::Result<AnyStore> {
                 allow_shrink: false,
             };
             let store = Arc::new(
-                EmbeddedStore::open_with(data_dir, options, &mut import::StderrProgress::new())
+                import::embedded::open_dir(data_dir, options, &mut import::StderrProgress::new())
                     .await
                     .with_context(|| format!("cannot load {}", data_dir.display()))?,
             );
             // Runs for the life of the process; the server's shutdown ends it.
-            store.spawn_resync_with(
+            import::embedded::spawn_resync(
+                &store,
                 data_dir.clone(),
                 Duration::from_secs(*resync_interval_secs),
                 options,

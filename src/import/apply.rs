@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ImportError, Kind, Manifest, NoProgress, Progress, read_records};
+use super::{ImportError, Kind, Manifest, NoProgress, Progress, applied_key, read_records};
 use crate::store::Store;
 
 /// The default of [`ImportOptions::max_shrink`]: a snapshot may remove at
@@ -55,16 +55,6 @@ impl ImportOptions {
         Ok(())
     }
 }
-
-/// The key under which a store records the checksum of an applied file:
-/// `snapshot:7`, `delta:8`.
-pub fn applied_key(kind: Kind, sequence: u64) -> String {
-    format!("{kind}:{sequence}")
-}
-
-/// How many applied files' checksums a store keeps (the most recent
-/// sequences).
-pub const APPLIED_KEEP: usize = 1024;
 
 /// Refuses `manifest` if the store recorded a different checksum for the
 /// same kind and sequence: the register re-issued a file with other content.
@@ -213,6 +203,21 @@ pub async fn apply_manifest_with<S: Store>(
     apply_loaded(store, &manifest, options, progress).await
 }
 
+/// The store write a manifest turns into.
+enum Write {
+    Snapshot(crate::store::SnapshotWrite),
+    Delta(crate::store::DeltaWrite),
+}
+
+/// Builds the store write of a checked manifest, once.
+fn write_of(manifest: &Manifest) -> Result<Write, ImportError> {
+    let write = match manifest.kind {
+        Kind::Snapshot => manifest.snapshot_write().map(Write::Snapshot),
+        Kind::Delta => manifest.delta_write().map(Write::Delta),
+    };
+    write.map_err(|reason| ImportError::Manifest(manifest.path.clone(), reason))
+}
+
 async fn apply_loaded<S: Store>(
     store: &S,
     manifest: &Manifest,
@@ -241,21 +246,22 @@ async fn apply_loaded<S: Store>(
             got: manifest.as_of,
         });
     }
+    let write = write_of(manifest)?;
     let records = read_records(manifest, progress)?;
     let count = records.len() as u64;
     if manifest.kind == Kind::Snapshot {
         options.check_shrink(manifest, current.as_ref().map(|m| m.record_count), count)?;
     }
-    let applied = match manifest.kind {
-        Kind::Snapshot => {
-            store.apply_snapshot(manifest, &records, current_seq).await?;
+    let applied = match write {
+        Write::Snapshot(snapshot) => {
+            store.apply_snapshot(&snapshot, &records, current_seq).await?;
             Applied::Snapshot {
                 sequence: manifest.sequence,
                 records: count,
             }
         }
-        Kind::Delta => {
-            store.apply_delta(manifest, &records).await?;
+        Write::Delta(delta) => {
+            store.apply_delta(&delta, &records).await?;
             Applied::Delta {
                 sequence: manifest.sequence,
                 records: count,
@@ -947,28 +953,47 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         write(dir.path(), Kind::Snapshot, 1, 10, &[(1, 100)]);
         let store = Arc::new(
-            EmbeddedStore::open(dir.path(), &mut NoProgress)
+            super::super::embedded::open_dir(dir.path(), ImportOptions::default(), &mut NoProgress)
                 .await
                 .expect("open"),
         );
         assert_eq!(seq(&store), Some(1));
 
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = store.spawn_resync(dir.path().to_path_buf(), Duration::from_millis(20), async move {
-            let _ = stopped.await;
-        });
-        // a broken file is logged and the old data kept
+        let task = super::super::embedded::spawn_resync(
+            &store,
+            dir.path().to_path_buf(),
+            Duration::from_millis(20),
+            ImportOptions::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        );
+        // a broken file is logged (a resync ran and saw it) and the old data kept
         std::fs::write(dir.path().join("delta-000002.json"), "{").expect("write");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let saw_it = || {
+            store
+                .import_problems()
+                .iter()
+                .any(|p| p.starts_with("delta-000002.json: "))
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !saw_it() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(saw_it(), "{:?}", store.import_problems());
         assert_eq!(seq(&store), Some(1));
         write(dir.path(), Kind::Delta, 2, 9, &[(2, 9)]);
-        for _ in 0..100 {
-            if seq(&store) == Some(2) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while seq(&store) != Some(2) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(seq(&store), Some(2));
+        assert!(
+            store.import_problems().is_empty(),
+            "{:?}",
+            store.import_problems()
+        );
         stop.send(()).expect("stop");
         tokio::time::timeout(Duration::from_secs(5), task)
             .await

@@ -1,38 +1,13 @@
-//! The manifest that describes one file of the register, and the validated
-//! records read from its data file.
+//! The manifest that describes one file of the register, and the store
+//! write it turns into.
 
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::ImportError;
-use crate::domain::{Date, MirrorMeta, NumberError, PhoneNumber, Prefix};
-
-/// Whether a file replaces the mirror or adds to it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// Replaces the whole mirror.
-    Snapshot,
-    /// Adds disconnects to the current mirror; needs `sequence == current + 1`.
-    Delta,
-}
-
-impl Kind {
-    /// `snapshot` or `delta`, as written in the manifest.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Snapshot => "snapshot",
-            Kind::Delta => "delta",
-        }
-    }
-}
-
-impl std::fmt::Display for Kind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use crate::domain::{Date, NumberError, Prefix};
+use crate::store::{DeltaWrite, Kind, SnapshotWrite};
 
 /// A manifest: one JSON file describing one data file of the register.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,23 +128,39 @@ impl Manifest {
             .collect()
     }
 
-    /// The mirror metadata a snapshot sets up: its sequence, `as_of`,
-    /// coverage and prefixes, with `record_count` and `last_import_unix`
-    /// given. `Err` if the manifest is not a valid snapshot.
-    pub fn snapshot_meta(&self, record_count: u64, last_import_unix: i64) -> Result<MirrorMeta, String> {
+    /// What a snapshot installs in a store: its sequence, `as_of`, coverage,
+    /// parsed prefixes and checksum (the one place a manifest becomes store
+    /// metadata). `Err` if the manifest is not a valid snapshot.
+    pub fn snapshot_write(&self) -> Result<SnapshotWrite, String> {
         if self.kind != Kind::Snapshot {
             return Err(format!("sequence {} is a delta, not a snapshot", self.sequence));
         }
         let coverage_start = self
             .coverage_start
             .ok_or_else(|| "a snapshot needs coverage_start".to_string())?;
-        Ok(MirrorMeta {
+        let prefixes = self.prefixes()?;
+        if prefixes.is_empty() {
+            return Err("covered_prefixes must not be empty".into());
+        }
+        Ok(SnapshotWrite {
             sequence: self.sequence,
             as_of: self.as_of,
             coverage_start,
-            prefixes: self.prefixes()?,
-            record_count,
-            last_import_unix,
+            prefixes,
+            sha256: self.sha256.to_ascii_lowercase(),
+        })
+    }
+
+    /// What a delta merges into a store: its sequence, `as_of` and checksum.
+    /// `Err` if the manifest is not a delta.
+    pub fn delta_write(&self) -> Result<DeltaWrite, String> {
+        if self.kind != Kind::Delta {
+            return Err(format!("sequence {} is a snapshot, not a delta", self.sequence));
+        }
+        Ok(DeltaWrite {
+            sequence: self.sequence,
+            as_of: self.as_of,
+            sha256: self.sha256.to_ascii_lowercase(),
         })
     }
 
@@ -203,58 +194,6 @@ fn check_data_name(data: &str) -> Result<(), String> {
         return Err(format!("data ({data:?}) must end with .csv or .csv.gz"));
     }
     Ok(())
-}
-
-/// Validated records of one data file: sorted by number, one entry per number
-/// (the latest date wins), as parallel arrays (10 bytes per record).
-///
-/// `Debug` shows only the count, so records never reach a log by accident.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Records {
-    /// [`PhoneNumber::value`] of each number, strictly increasing.
-    pub numbers: Vec<u64>,
-    /// The disconnect date of `numbers[i]`, as days since 1970-01-01.
-    pub days: Vec<u16>,
-}
-
-impl std::fmt::Debug for Records {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Records")
-            .field("len", &self.numbers.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Records {
-    /// The number of records.
-    pub fn len(&self) -> usize {
-        self.numbers.len()
-    }
-
-    /// True if there are no records.
-    pub fn is_empty(&self) -> bool {
-        self.numbers.is_empty()
-    }
-
-    /// The records as (number, date) pairs, in number order.
-    pub fn iter(&self) -> impl Iterator<Item = (PhoneNumber, Date)> + '_ {
-        self.numbers
-            .iter()
-            .zip(&self.days)
-            .filter_map(|(&n, &d)| PhoneNumber::from_value(n).map(|n| (n, Date::from_days(i32::from(d)))))
-    }
-
-    /// The date recorded for `number`, by binary search.
-    pub fn get(&self, number: PhoneNumber) -> Option<Date> {
-        let i = self.numbers.binary_search(&number.value()).ok()?;
-        self.days.get(i).map(|&d| Date::from_days(i32::from(d)))
-    }
-
-    /// True if the arrays have the same length and the numbers are strictly
-    /// increasing (the invariant every producer of `Records` keeps).
-    pub fn is_well_formed(&self) -> bool {
-        self.numbers.len() == self.days.len() && self.numbers.windows(2).all(|w| w[0] < w[1])
-    }
 }
 
 #[cfg(test)]
@@ -291,11 +230,12 @@ mod tests {
         assert_eq!(m.data_path(), dir.path().join("s.csv"));
         assert!(!m.is_gzip());
         assert_eq!(m.prefixes().expect("prefixes").len(), 2);
-        let meta = m.snapshot_meta(5, 7).expect("meta");
+        let write = m.snapshot_write().expect("snapshot");
         assert_eq!(
-            (meta.sequence, meta.record_count, meta.last_import_unix),
-            (1, 5, 7)
+            (write.sequence, write.prefixes.len(), write.sha256.as_str()),
+            (1, 2, SHA.to_ascii_lowercase().as_str())
         );
+        assert!(m.delta_write().is_err());
         assert_eq!(m.describe(), "snapshot 1 (s.json)");
     }
 
@@ -372,12 +312,8 @@ mod tests {
         assert!(m.is_gzip());
         assert_eq!(m.data_path(), dir.path().join("sub/d.csv.gz"));
         assert!(m.prefixes().expect("none").is_empty());
-        assert!(m.snapshot_meta(0, 0).is_err());
-        let r = Records {
-            numbers: vec![14_155_550_123],
-            days: vec![1],
-        };
-        assert_eq!(format!("{r:?}"), "Records { len: 1, .. }");
+        assert!(m.snapshot_write().is_err());
+        assert_eq!(m.delta_write().expect("delta").sequence, 2);
         let missing = Manifest::load_as_of_today(&dir.path().join("nope.json"), today()).expect_err("io");
         assert!(matches!(missing, ImportError::Io { .. }));
     }

@@ -79,6 +79,7 @@
 //! the consecutive deltas after it. Running it again applies nothing.
 
 mod apply;
+pub mod embedded;
 mod manifest;
 mod progress;
 mod read;
@@ -88,16 +89,16 @@ use std::io;
 use std::path::PathBuf;
 
 pub use apply::{
-    APPLIED_KEEP, Applied, DEFAULT_MAX_SHRINK, ImportOptions, Interrupt, Skipped, SyncReport, applied_key,
-    apply_manifest, apply_manifest_with, spawn_resync, spawn_resync_with, sync_dir, sync_dir_lenient,
-    sync_dir_with,
+    Applied, DEFAULT_MAX_SHRINK, ImportOptions, Interrupt, Skipped, SyncReport, apply_manifest,
+    apply_manifest_with, spawn_resync, spawn_resync_with, sync_dir, sync_dir_lenient, sync_dir_with,
 };
-pub use manifest::{Kind, Manifest, Records};
+pub use manifest::Manifest;
 pub use progress::{NoProgress, Progress, StderrProgress};
 pub use read::{MAX_PROBLEMS, read_records};
 
 use crate::domain::Date;
 use crate::store::StoreError;
+pub use crate::store::{APPLIED_KEEP, Kind, Records, applied_key};
 
 /// Why an import failed. Nothing in the store has changed when one is
 /// returned by [`apply_manifest`]; [`sync_dir`] may have applied earlier files

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::{ImportError, Manifest, Progress, Records};
 use crate::domain::{Date, PhoneNumber};
+use crate::store::RecordsError;
 
 /// At most this many row problems are listed in an [`ImportError::Data`]
 /// (the rest are counted).
@@ -117,7 +118,10 @@ pub fn read_records(manifest: &Manifest, progress: &mut dyn Progress) -> Result<
         }
         return Err(ImportError::Data { file: path, problems });
     }
-    Ok(finish(parser.numbers, parser.days, parser.non_decreasing))
+    finish(parser.numbers, parser.days, parser.non_decreasing).map_err(|e| ImportError::Data {
+        file: path,
+        problems: vec![e.to_string()],
+    })
 }
 
 /// Refuses a data file that resolves (through symbolic links) outside the
@@ -212,11 +216,11 @@ fn drive(reader: &mut dyn Read, parser: &mut Parser, progress: &mut dyn Progress
 }
 
 /// Sorts by number and keeps one entry per number, the latest date.
-fn finish(numbers: Vec<u64>, days: Vec<u16>, non_decreasing: bool) -> Records {
+fn finish(numbers: Vec<u64>, days: Vec<u16>, non_decreasing: bool) -> Result<Records, RecordsError> {
     let (mut numbers, mut days) = dedup(numbers, days, non_decreasing);
     numbers.shrink_to_fit();
     days.shrink_to_fit();
-    Records { numbers, days }
+    Records::new(numbers, days)
 }
 
 /// Sorts by number and keeps one entry per number, the latest date (the
@@ -644,9 +648,14 @@ mod tests {
                    +12345,1970-01-01\n";
         let m = setup(dir.path(), "d.csv", csv.as_bytes(), None);
         let r = read(&m).expect("valid");
-        assert_eq!(r.numbers, vec![12345, 14155550123, 8613800138000]);
-        assert_eq!(r.days, vec![0, days("2024-06-30"), days("2024-05-01")]);
-        assert!(r.is_well_formed());
+        assert_eq!(
+            r.pairs().collect::<Vec<_>>(),
+            vec![
+                (12345, 0),
+                (14155550123, days("2024-06-30")),
+                (8613800138000, days("2024-05-01"))
+            ]
+        );
     }
 
     #[test]
@@ -659,8 +668,11 @@ mod tests {
                    +14155550124,2024-01-02\n";
         let m = setup(dir.path(), "d.csv", csv.as_bytes(), None);
         let r = read(&m).expect("valid");
-        assert_eq!(r.numbers, vec![14155550100, 14155550123, 14155550124]);
-        assert_eq!(r.days[1], days("2024-06-30"));
+        assert_eq!(
+            r.numbers().collect::<Vec<_>>(),
+            vec![14155550100, 14155550123, 14155550124]
+        );
+        assert_eq!(r.day(1), days("2024-06-30"));
     }
 
     #[test]
@@ -815,7 +827,7 @@ mod tests {
         let m = setup(dir.path(), "big.csv", csv.as_bytes(), None);
         let r = read(&m).expect("valid");
         assert_eq!(r.len(), n);
-        assert_eq!(r.days[27], days("2024-05-28"));
+        assert_eq!(r.day(27), days("2024-05-28"));
 
         let mut csv = String::from("phone_number,disconnect_date\n+14155550123,2024-05-01\n");
         csv.push_str(&"9".repeat(CHUNK + 10));
@@ -845,7 +857,7 @@ mod tests {
         assert_eq!(consumed, csv.len());
         assert!(parser.numbers.len() <= 16, "folded: {}", parser.numbers.len());
         assert_eq!(parser.rows, 40);
-        let r = finish(parser.numbers, parser.days, parser.non_decreasing);
+        let r = finish(parser.numbers, parser.days, parser.non_decreasing).expect("records");
         let latest = |n: u32| {
             days(&format!(
                 "2024-05-{:02}",
@@ -853,10 +865,13 @@ mod tests {
             ))
         };
         assert_eq!(
-            r.numbers,
+            r.numbers().collect::<Vec<_>>(),
             vec![14155550001, 14155550003, 14155550005, 14155550009]
         );
-        assert_eq!(r.days, vec![latest(1), latest(3), latest(5), latest(9)]);
+        assert_eq!(
+            r.pairs().map(|(_, d)| d).collect::<Vec<_>>(),
+            vec![latest(1), latest(3), latest(5), latest(9)]
+        );
     }
 
     #[test]

@@ -12,18 +12,13 @@
 //! generation aside and swap it in; they are serialised by a mutex that
 //! readers never touch.
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 
-use super::{Lookup, Store, StoreError};
+use super::{APPLIED_KEEP, DeltaWrite, Kind, Lookup, Records, SnapshotWrite, Store, StoreError, applied_key};
 use crate::domain::{Date, MirrorMeta, PhoneNumber};
-use crate::import::{
-    APPLIED_KEEP, ImportError, ImportOptions, Manifest, Progress, Records, applied_key, spawn_resync_with,
-    sync_dir_lenient,
-};
 
 /// Records per block of the sparse index.
 pub const BLOCK: usize = 32;
@@ -76,7 +71,7 @@ pub struct EmbeddedStore {
     write: Mutex<()>,
     /// SHA-256 of the files applied, by (sequence, kind), the most recent
     /// [`APPLIED_KEEP`] sequences.
-    applied: Mutex<std::collections::BTreeMap<(u64, &'static str), String>>,
+    applied: Mutex<std::collections::BTreeMap<(u64, Kind), String>>,
     /// Files skipped at the last load or resync (`file: reason`).
     problems: Mutex<Vec<String>>,
 }
@@ -96,85 +91,12 @@ fn now_unix() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-fn check_records(records: &Records) -> Result<(), StoreError> {
-    if records.is_well_formed() {
-        Ok(())
-    } else {
-        Err(StoreError::Corrupt(
-            "records must be sorted by number with one entry per number".into(),
-        ))
-    }
-}
-
 impl EmbeddedStore {
     /// An empty store (every answer is NO_DATA until a snapshot is applied).
+    /// To load one from a register directory, see
+    /// `crate::import::embedded::open_dir`.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// A store loaded from a register directory: runs
-    /// [`sync_dir_lenient`] on `dir` (the newest snapshot that applies, then
-    /// its deltas up to the first that does not).
-    ///
-    /// Never refuses to start because of a bad file: it loads the longest
-    /// valid sequence and logs and keeps (see
-    /// [`EmbeddedStore::import_problems`]) what it skipped, e.g. a garbage
-    /// manifest, a half-written or missing data file, a gap. Only an
-    /// unreadable directory is an error; an empty one gives an empty store.
-    pub async fn open(dir: &Path, progress: &mut dyn Progress) -> Result<Self, ImportError> {
-        Self::open_with(dir, ImportOptions::default(), progress).await
-    }
-
-    /// [`EmbeddedStore::open`] with explicit [`ImportOptions`].
-    pub async fn open_with(
-        dir: &Path,
-        options: ImportOptions,
-        progress: &mut dyn Progress,
-    ) -> Result<Self, ImportError> {
-        let store = Self::new();
-        let (report, problems) = sync_dir_lenient(&store, dir, options, progress).await?;
-        if problems.is_empty() {
-            tracing::info!(%report, records = store.len(), "register loaded");
-        } else {
-            tracing::warn!(
-                %report,
-                records = store.len(),
-                skipped = problems.len(),
-                "register loaded; some files were skipped"
-            );
-        }
-        store.set_problems(problems);
-        Ok(store)
-    }
-
-    /// Starts a Tokio task that re-runs [`sync_dir_lenient`] on `dir` every
-    /// `interval` until `shutdown` completes; problems are logged and kept
-    /// ([`EmbeddedStore::import_problems`]), and the store keeps serving
-    /// what it has. See [`crate::import::spawn_resync`].
-    pub fn spawn_resync(
-        self: &Arc<Self>,
-        dir: PathBuf,
-        interval: Duration,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> tokio::task::JoinHandle<()> {
-        self.spawn_resync_with(dir, interval, ImportOptions::default(), shutdown)
-    }
-
-    /// [`EmbeddedStore::spawn_resync`] with explicit [`ImportOptions`].
-    pub fn spawn_resync_with(
-        self: &Arc<Self>,
-        dir: PathBuf,
-        interval: Duration,
-        options: ImportOptions,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> tokio::task::JoinHandle<()> {
-        let me = Arc::downgrade(self);
-        let on_problems = move |problems| {
-            if let Some(me) = me.upgrade() {
-                me.set_problems(problems);
-            }
-        };
-        spawn_resync_with(Arc::clone(self), dir, interval, options, on_problems, shutdown)
     }
 
     /// Register files skipped at the last load or resync, one
@@ -183,16 +105,15 @@ impl EmbeddedStore {
         self.problems.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn set_problems(&self, problems: Vec<String>) {
+    /// Replaces the list of [`EmbeddedStore::import_problems`] (by the
+    /// importer that loads and re-syncs the store's directory).
+    pub fn set_import_problems(&self, problems: Vec<String>) {
         *self.problems.lock().unwrap_or_else(|p| p.into_inner()) = problems;
     }
 
-    fn record_applied(&self, manifest: &Manifest) {
+    fn record_applied(&self, sequence: u64, kind: Kind, sha256: &str) {
         let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        applied.insert(
-            (manifest.sequence, manifest.kind.as_str()),
-            manifest.sha256.to_ascii_lowercase(),
-        );
+        applied.insert((sequence, kind), sha256.to_ascii_lowercase());
         while applied.len() > APPLIED_KEEP {
             applied.pop_first();
         }
@@ -241,10 +162,10 @@ impl EmbeddedStore {
     }
 
     /// Per-bucket digests of the records, bucketed as `number % nbuckets`
-    /// (see [`crate::import::verify`]).
-    pub fn bucket_digests(&self, nbuckets: u64) -> Vec<crate::import::verify::BucketDigest> {
+    /// (see [`super::digest`]).
+    pub fn bucket_digests(&self, nbuckets: u64) -> Vec<super::digest::BucketDigest> {
         let nbuckets = nbuckets.max(1);
-        let mut out = vec![crate::import::verify::BucketDigest::default(); nbuckets as usize];
+        let mut out = vec![super::digest::BucketDigest::default(); nbuckets as usize];
         if let Some(state) = self.state.load().as_ref() {
             for (&n, &d) in state.numbers.iter().zip(&state.days) {
                 out[(n % nbuckets) as usize].add(n, u64::from(d));
@@ -253,12 +174,12 @@ impl EmbeddedStore {
         out
     }
 
-    /// What [`crate::import::verify::verify`] compares, with buckets of
+    /// What `crate::import::verify::verify` compares, with buckets of
     /// about 128 records; `None` while the mirror is empty.
-    pub fn digest(&self) -> Option<crate::import::verify::MirrorDigest> {
+    pub fn digest(&self) -> Option<super::digest::MirrorDigest> {
         let meta = self.cached_meta()?;
         let nbuckets = (self.len() as u64).div_ceil(128).max(1);
-        Some(crate::import::verify::MirrorDigest {
+        Some(super::digest::MirrorDigest {
             sequence: meta.sequence,
             meta_records: meta.record_count,
             buckets: self.bucket_digests(nbuckets),
@@ -273,62 +194,60 @@ impl EmbeddedStore {
 
     fn swap_snapshot(
         &self,
-        manifest: &Manifest,
+        snapshot: &SnapshotWrite,
         records: &Records,
         expected_previous: Option<u64>,
     ) -> Result<(), StoreError> {
-        check_records(records)?;
-        let meta = manifest
-            .snapshot_meta(records.len() as u64, now_unix())
-            .map_err(|e| StoreError::Corrupt(format!("manifest {}: {e}", manifest.path.display())))?;
+        let meta = snapshot.meta(records.len() as u64, now_unix());
         let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.state.load().as_ref().map(|s| s.meta.sequence);
         if current != expected_previous {
             return Err(StoreError::Conflict(format!(
                 "snapshot {} expected the mirror at {}, but it is at {}",
-                manifest.sequence,
+                snapshot.sequence,
                 describe_seq(expected_previous),
                 describe_seq(current)
             )));
         }
-        let state = State::new(records.numbers.clone(), records.days.clone(), meta);
+        let (numbers, days) = records.parts();
+        let state = State::new(numbers.to_vec(), days.to_vec(), meta);
         self.state.store(Some(Arc::new(state)));
-        self.record_applied(manifest);
+        self.record_applied(snapshot.sequence, Kind::Snapshot, &snapshot.sha256);
         Ok(())
     }
 
-    fn merge_delta(&self, manifest: &Manifest, records: &Records) -> Result<(), StoreError> {
-        check_records(records)?;
+    fn merge_delta(&self, delta: &DeltaWrite, records: &Records) -> Result<(), StoreError> {
         let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.state.load_full();
         let Some(old) = current else {
             return Err(StoreError::Conflict(format!(
                 "delta {} cannot apply to an empty mirror",
-                manifest.sequence
+                delta.sequence
             )));
         };
-        if old.meta.sequence == manifest.sequence {
+        if old.meta.sequence == delta.sequence {
             // Already applied: merging again would change nothing.
             return Ok(());
         }
-        if old.meta.sequence.checked_add(1) != Some(manifest.sequence) {
+        if old.meta.sequence.checked_add(1) != Some(delta.sequence) {
             return Err(StoreError::Conflict(format!(
                 "delta {} needs the mirror at {}, but it is at {}",
-                manifest.sequence,
-                manifest.sequence.saturating_sub(1),
+                delta.sequence,
+                delta.sequence.saturating_sub(1),
                 old.meta.sequence
             )));
         }
-        let (numbers, days) = merge(&old.numbers, &old.days, &records.numbers, &records.days);
+        let (new_numbers, new_days) = records.parts();
+        let (numbers, days) = merge(&old.numbers, &old.days, new_numbers, new_days);
         let meta = MirrorMeta {
-            sequence: manifest.sequence,
-            as_of: manifest.as_of.max(old.meta.as_of),
+            sequence: delta.sequence,
+            as_of: delta.as_of.max(old.meta.as_of),
             record_count: numbers.len() as u64,
             last_import_unix: now_unix(),
             ..(*old.meta).clone()
         };
         self.state.store(Some(Arc::new(State::new(numbers, days, meta))));
-        self.record_applied(manifest);
+        self.record_applied(delta.sequence, Kind::Delta, &delta.sha256);
         Ok(())
     }
 }
@@ -392,28 +311,22 @@ impl Store for EmbeddedStore {
 
     async fn apply_snapshot(
         &self,
-        manifest: &Manifest,
+        snapshot: &SnapshotWrite,
         records: &Records,
         expected_previous: Option<u64>,
     ) -> Result<(), StoreError> {
-        self.swap_snapshot(manifest, records, expected_previous)
+        self.swap_snapshot(snapshot, records, expected_previous)
     }
 
-    async fn apply_delta(&self, manifest: &Manifest, records: &Records) -> Result<(), StoreError> {
-        self.merge_delta(manifest, records)
+    async fn apply_delta(&self, delta: &DeltaWrite, records: &Records) -> Result<(), StoreError> {
+        self.merge_delta(delta, records)
     }
 
     async fn applied_checksums(&self) -> Result<std::collections::HashMap<String, String>, StoreError> {
         let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
         Ok(applied
             .iter()
-            .map(|((sequence, kind), sha)| {
-                let kind = match *kind {
-                    "snapshot" => crate::import::Kind::Snapshot,
-                    _ => crate::import::Kind::Delta,
-                };
-                (applied_key(kind, *sequence), sha.clone())
-            })
+            .map(|(&(sequence, kind), sha)| (applied_key(kind, sequence), sha.clone()))
             .collect())
     }
 
@@ -428,20 +341,23 @@ mod tests {
     //! snapshots, deltas, conflicts, checksums) is tested with the other
     //! stores' in `tests/store_contract.rs`.
     use super::*;
-    use crate::import::Kind;
+    use crate::domain::Prefix;
 
-    fn manifest(kind: Kind, sequence: u64) -> Manifest {
-        let snapshot = kind == Kind::Snapshot;
-        Manifest {
-            kind,
+    fn snapshot(sequence: u64) -> SnapshotWrite {
+        SnapshotWrite {
             sequence,
             as_of: Date::parse("2026-11-01").expect("date"),
-            coverage_start: snapshot.then(|| Date::parse("2021-01-27").expect("date")),
-            covered_prefixes: snapshot.then(|| vec!["+1".into(), "+86".into()]),
-            data: "x.csv".into(),
-            records: 0,
+            coverage_start: Date::parse("2021-01-27").expect("date"),
+            prefixes: vec![Prefix::parse("+1").expect("prefix")],
             sha256: "0".repeat(64),
-            path: "x.json".into(),
+        }
+    }
+
+    fn delta(sequence: u64) -> DeltaWrite {
+        DeltaWrite {
+            sequence,
+            as_of: Date::parse("2026-11-01").expect("date"),
+            sha256: "0".repeat(64),
         }
     }
 
@@ -456,30 +372,24 @@ mod tests {
         );
         let numbers: Vec<u64> = (0..10_000u64).map(|i| 14_155_550_000 + i * 3).collect();
         let days: Vec<u16> = (0..10_000u64).map(|i| (i % 20_000) as u16).collect();
-        let r = Records { numbers, days };
+        let r = Records::new(numbers, days).expect("records");
         store
-            .apply_snapshot(&manifest(Kind::Snapshot, 1), &r, None)
+            .apply_snapshot(&snapshot(1), &r, None)
             .await
             .expect("snapshot");
         assert_eq!(store.len(), 10_000);
         assert!(store.memory_bytes() <= 10_000 * 11, "{}", store.memory_bytes());
         // A delta of one new number and one known: one more record.
-        let delta = Records {
-            numbers: vec![14_155_550_000, 14_155_550_001],
-            days: vec![30_000, 30_000],
-        };
-        let m = manifest(Kind::Delta, 2);
-        store.apply_delta(&m, &delta).await.expect("delta");
+        let records =
+            Records::new(vec![14_155_550_000, 14_155_550_001], vec![30_000, 30_000]).expect("records");
+        store.apply_delta(&delta(2), &records).await.expect("delta");
         assert_eq!(store.len(), 10_001);
-        store.apply_delta(&m, &delta).await.expect("delta again");
+        store.apply_delta(&delta(2), &records).await.expect("delta again");
         assert_eq!(store.len(), 10_001);
         // A snapshot of one record replaces them all.
-        let one = Records {
-            numbers: vec![8_613_800_138_000],
-            days: vec![20_000],
-        };
+        let one = Records::new(vec![8_613_800_138_000], vec![20_000]).expect("records");
         store
-            .apply_snapshot(&manifest(Kind::Snapshot, 7), &one, Some(2))
+            .apply_snapshot(&snapshot(7), &one, Some(2))
             .await
             .expect("snapshot");
         assert_eq!((store.len(), store.is_empty()), (1, false));

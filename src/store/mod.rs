@@ -8,17 +8,21 @@
 //! and a delta keeps each number's latest disconnect date, so applying it twice
 //! is the same as applying it once.
 
+pub mod digest;
 pub mod embedded;
+mod input;
 pub mod packed;
+mod records;
 pub mod redis;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use crate::domain::{Date, MirrorMeta, PhoneNumber};
-use crate::import::{Manifest, Records};
 
 pub use self::embedded::EmbeddedStore;
+pub use self::input::{APPLIED_KEEP, DeltaWrite, Kind, SnapshotWrite, applied_key};
+pub use self::records::{MAX_RECORDS, Records, RecordsError};
 pub use self::redis::RedisStore;
 
 /// Why a store could not do what was asked.
@@ -81,29 +85,29 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Replaces the whole mirror with a snapshot's records, atomically.
-    /// `records` are sorted by number, one per number. Sequence and `as_of`
-    /// checks are done by the caller ([`crate::import`]); the store re-checks
-    /// that the sequence it replaces is still `expected_previous`.
+    /// ([`Records`] are sorted by number, one per number, by construction.)
+    /// Sequence and `as_of` checks are done by the caller
+    /// ([`crate::import`]); the store re-checks that the sequence it
+    /// replaces is still `expected_previous`.
     fn apply_snapshot(
         &self,
-        manifest: &Manifest,
+        snapshot: &SnapshotWrite,
         records: &Records,
         expected_previous: Option<u64>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Merges a delta's records (each number keeps its latest date) and moves
-    /// the sequence from `manifest.sequence - 1` to `manifest.sequence`.
+    /// the sequence from `delta.sequence - 1` to `delta.sequence`.
     /// Idempotent: after a crash half-way, applying it again gives the same
     /// result as applying it once.
     fn apply_delta(
         &self,
-        manifest: &Manifest,
+        delta: &DeltaWrite,
         records: &Records,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// The SHA-256 of the files applied, by [`crate::import::applied_key`]
-    /// (`snapshot:7`), for the most recent
-    /// [`crate::import::APPLIED_KEEP`] sequences: lets an import refuse a
+    /// The SHA-256 of the files applied, by [`applied_key`]
+    /// (`snapshot:7`), for the most recent [`APPLIED_KEEP`] sequences: lets an import refuse a
     /// re-issued file whose content differs from what was applied.
     fn applied_checksums(
         &self,
@@ -162,15 +166,15 @@ impl Store for AnyStore {
 
     async fn apply_snapshot(
         &self,
-        manifest: &Manifest,
+        snapshot: &SnapshotWrite,
         records: &Records,
         expected_previous: Option<u64>,
     ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.apply_snapshot(manifest, records, expected_previous).await)
+        dispatch!(self, s => s.apply_snapshot(snapshot, records, expected_previous).await)
     }
 
-    async fn apply_delta(&self, manifest: &Manifest, records: &Records) -> Result<(), StoreError> {
-        dispatch!(self, s => s.apply_delta(manifest, records).await)
+    async fn apply_delta(&self, delta: &DeltaWrite, records: &Records) -> Result<(), StoreError> {
+        dispatch!(self, s => s.apply_delta(delta, records).await)
     }
 
     async fn applied_checksums(&self) -> Result<std::collections::HashMap<String, String>, StoreError> {
@@ -215,19 +219,19 @@ impl<S: Store> Store for Arc<S> {
 
     fn apply_snapshot(
         &self,
-        manifest: &Manifest,
+        snapshot: &SnapshotWrite,
         records: &Records,
         expected_previous: Option<u64>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        S::apply_snapshot(self, manifest, records, expected_previous)
+        S::apply_snapshot(self, snapshot, records, expected_previous)
     }
 
     fn apply_delta(
         &self,
-        manifest: &Manifest,
+        delta: &DeltaWrite,
         records: &Records,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        S::apply_delta(self, manifest, records)
+        S::apply_delta(self, delta, records)
     }
 
     fn applied_checksums(

@@ -10,7 +10,7 @@ use futures_util::{StreamExt, TryStreamExt, stream};
 use super::meta::{BucketLayout, Generation};
 use super::write::{ImportLock, LockOwner};
 use super::{Conn, Inner, RedisStore};
-use crate::import::verify::{BucketDigest, MirrorDigest};
+use crate::store::digest::{BucketDigest, MirrorDigest};
 use crate::store::{StoreError, packed};
 
 /// Buckets read per pipeline (one server) by [`RedisStore::digest`].
@@ -102,7 +102,7 @@ fn bucket_dump(layout: BucketLayout, key: String) -> ::redis::Cmd {
 
 impl RedisStore {
     /// Reads every bucket of the current generation and reduces it to
-    /// per-bucket digests (see [`crate::import::verify`]); `None` while the
+    /// per-bucket digests (see [`crate::store::digest`]); `None` while the
     /// mirror is empty. Reads on a connection of its own, a few hundred
     /// buckets at a time.
     pub async fn digest(&self) -> Result<Option<MirrorDigest>, StoreError> {

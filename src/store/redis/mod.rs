@@ -156,8 +156,8 @@
 //! generation's keys are UNLINKed. While a snapshot is
 //! written Redis holds both generations: plan memory for twice the mirror.
 //!
-//! *Delta*: the metadata sequence must be `manifest.sequence - 1` (if it is
-//! already `manifest.sequence`, the delta was applied: nothing to do). The
+//! *Delta*: the metadata sequence must be `delta.sequence - 1` (if it is
+//! already `delta.sequence`, the delta was applied: nothing to do). The
 //! buckets it touches are read (pipelined GETs), merged here (the later
 //! date of old and new wins; new numbers are counted) and written back
 //! (pipelined SETs); the import lock keeps every other writer out meanwhile.
@@ -198,9 +198,8 @@ use tokio::sync::oneshot;
 pub use self::admin::GcReport;
 use self::conn::{Conn, Target};
 use self::meta::{BloomParams, BucketLayout, Current, StoredMeta};
-use super::{Lookup, Store, StoreError};
+use super::{DeltaWrite, Lookup, Records, SnapshotWrite, Store, StoreError};
 use crate::domain::{Date, MirrorMeta, PhoneNumber};
-use crate::import::{Manifest, Records};
 use crate::store::packed;
 
 /// Settings of a [`RedisStore`].
@@ -1544,15 +1543,15 @@ impl Store for RedisStore {
 
     async fn apply_snapshot(
         &self,
-        manifest: &Manifest,
+        snapshot: &SnapshotWrite,
         records: &Records,
         expected_previous: Option<u64>,
     ) -> Result<(), StoreError> {
-        write::apply_snapshot(&self.inner, manifest, records, expected_previous).await
+        write::apply_snapshot(&self.inner, snapshot, records, expected_previous).await
     }
 
-    async fn apply_delta(&self, manifest: &Manifest, records: &Records) -> Result<(), StoreError> {
-        write::apply_delta(&self.inner, manifest, records).await
+    async fn apply_delta(&self, delta: &DeltaWrite, records: &Records) -> Result<(), StoreError> {
+        write::apply_delta(&self.inner, delta, records).await
     }
 
     async fn applied_checksums(&self) -> Result<HashMap<String, String>, StoreError> {

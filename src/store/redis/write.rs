@@ -12,9 +12,8 @@ use super::Inner;
 use super::bloom::{self, Filter};
 use super::conn::{Conn, key_slot};
 use super::meta::{self, BloomParams, BucketLayout, Generation, StoredMeta, field};
-use crate::domain::{MirrorMeta, Prefix};
-use crate::import::{Manifest, Records};
-use crate::store::{StoreError, packed};
+use crate::domain::MirrorMeta;
+use crate::store::{APPLIED_KEEP, DeltaWrite, Records, SnapshotWrite, StoreError, packed};
 
 /// Target number of records per packed bucket when a snapshot chooses
 /// `nbuckets` (layout 3): the key overhead (about 80 bytes) is then about
@@ -408,15 +407,14 @@ fn applied_key_name(inner: &Inner) -> String {
 }
 
 /// Records the checksum of an applied file and keeps only the most recent
-/// [`crate::import::APPLIED_KEEP`] sequences (best effort: a failure only
-/// weakens the re-issue check, so it is logged, not returned).
-async fn record_applied(inner: &Inner, manifest: &Manifest) {
+/// [`APPLIED_KEEP`] sequences (best effort: a failure only weakens the
+/// re-issue check, so it is logged, not returned). `applied` is the file's
+/// [`crate::store::applied_key`].
+async fn record_applied(inner: &Inner, applied: String, sha256: &str) {
     let key = applied_key_name(inner);
     let limit = inner.opts.bulk_timeout;
     let mut hset = ::redis::cmd("HSET");
-    hset.arg(&key)
-        .arg(crate::import::applied_key(manifest.kind, manifest.sequence))
-        .arg(manifest.sha256.to_ascii_lowercase());
+    hset.arg(&key).arg(applied).arg(sha256.to_ascii_lowercase());
     if let Err(e) = inner.query::<Value>(&hset, limit).await {
         tracing::warn!(error = %e, "cannot record the checksum of the applied file");
         return;
@@ -426,7 +424,7 @@ async fn record_applied(inner: &Inner, manifest: &Manifest) {
     let Ok(fields) = inner.query::<Vec<String>>(&hkeys, limit).await else {
         return;
     };
-    if fields.len() <= crate::import::APPLIED_KEEP {
+    if fields.len() <= APPLIED_KEEP {
         return;
     }
     let mut by_sequence: Vec<(u64, &String)> = fields
@@ -437,7 +435,7 @@ async fn record_applied(inner: &Inner, manifest: &Manifest) {
         })
         .collect();
     by_sequence.sort();
-    let excess = fields.len() - crate::import::APPLIED_KEEP;
+    let excess = fields.len() - APPLIED_KEEP;
     let mut hdel = ::redis::cmd("HDEL");
     hdel.arg(&key);
     for (_, f) in by_sequence.iter().take(excess) {
@@ -474,65 +472,21 @@ async fn renew_lock(inner: Arc<Inner>, token: String, lost: Arc<AtomicBool>) {
     }
 }
 
-fn check_records(records: &Records) -> Result<(), StoreError> {
-    if records.numbers.len() != records.days.len() {
-        return Err(StoreError::Corrupt(
-            "records: numbers and days differ in length".into(),
-        ));
-    }
-    if u32::try_from(records.len()).is_err() {
-        return Err(StoreError::Corrupt("records: more than 2^32 in one file".into()));
-    }
-    // The same rule as the embedded store's: a duplicate number would be a
-    // duplicate entry in a packed bucket and count twice.
-    if !records.is_well_formed() {
-        return Err(StoreError::Corrupt(
-            "records must be sorted by number with one entry per number".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// The metadata a snapshot installs.
-fn snapshot_meta(manifest: &Manifest, records: &Records) -> Result<MirrorMeta, StoreError> {
-    let coverage_start = manifest
-        .coverage_start
-        .ok_or_else(|| StoreError::Corrupt("snapshot manifest has no coverage_start".into()))?;
-    let prefixes = manifest
-        .covered_prefixes
-        .as_deref()
-        .ok_or_else(|| StoreError::Corrupt("snapshot manifest has no covered_prefixes".into()))?
-        .iter()
-        .map(|p| {
-            Prefix::parse(p).map_err(|e| StoreError::Corrupt(format!("snapshot manifest: prefix {p:?} {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(MirrorMeta {
-        sequence: manifest.sequence,
-        as_of: manifest.as_of,
-        coverage_start,
-        prefixes,
-        record_count: records.len() as u64,
-        last_import_unix: unix_now(),
-    })
-}
-
 /// Replaces the mirror with a snapshot (see the module documentation).
 pub(super) async fn apply_snapshot(
     inner: &Arc<Inner>,
-    manifest: &Manifest,
+    snapshot: &SnapshotWrite,
     records: &Records,
     expected_previous: Option<u64>,
 ) -> Result<(), StoreError> {
-    check_records(records)?;
-    let meta = snapshot_meta(manifest, records)?;
+    let meta = snapshot.meta(records.len() as u64, unix_now());
     if cancel_requested() {
         return Err(interrupted("before the snapshot started"));
     }
     let lock = ImportLock::acquire(inner).await?;
     let result = snapshot_locked(inner, &lock, meta, records, expected_previous).await;
     if result.is_ok() {
-        record_applied(inner, manifest).await;
+        record_applied(inner, snapshot.applied_key(), &snapshot.sha256).await;
     }
     lock.release().await;
     result
@@ -795,24 +749,23 @@ struct Grouped {
 
 /// With `every_bucket` (a snapshot: each bucket gets its sentinel), empty
 /// buckets get (empty) runs too.
-fn group_by_bucket(numbers: &[u64], nbuckets: u64, every_bucket: bool) -> Grouped {
-    let len = numbers.len();
+fn group_by_bucket(len: usize, number: impl Fn(usize) -> u64, nbuckets: u64, every_bucket: bool) -> Grouped {
     let mut order: Vec<u32>;
     let mut runs = Vec::new();
     if every_bucket || (len as u64).saturating_mul(4) >= nbuckets {
         // Dense (snapshots): a counting sort, linear.
         let nb = nbuckets as usize;
         let mut starts = vec![0u32; nb + 1];
-        for &n in numbers {
-            starts[(n % nbuckets) as usize + 1] += 1;
+        for i in 0..len {
+            starts[(number(i) % nbuckets) as usize + 1] += 1;
         }
         for b in 0..nb {
             starts[b + 1] += starts[b];
         }
         let mut next = starts[..nb].to_vec();
         order = vec![0u32; len];
-        for (i, &n) in numbers.iter().enumerate() {
-            let b = (n % nbuckets) as usize;
+        for i in 0..len {
+            let b = (number(i) % nbuckets) as usize;
             order[next[b] as usize] = i as u32;
             next[b] += 1;
         }
@@ -824,12 +777,12 @@ fn group_by_bucket(numbers: &[u64], nbuckets: u64, every_bucket: bool) -> Groupe
     } else {
         // Sparse (small deltas over many buckets): a stable sort.
         order = (0..len as u32).collect();
-        order.sort_by_key(|&i| numbers[i as usize] % nbuckets);
+        order.sort_by_key(|&i| number(i as usize) % nbuckets);
         let mut start = 0usize;
         while start < len {
-            let bucket = numbers[order[start] as usize] % nbuckets;
+            let bucket = number(order[start] as usize) % nbuckets;
             let mut end = start + 1;
-            while end < len && numbers[order[end] as usize] % nbuckets == bucket {
+            while end < len && number(order[end] as usize) % nbuckets == bucket {
                 end += 1;
             }
             runs.push((bucket, start as u32, end as u32));
@@ -907,7 +860,7 @@ fn push_packed(
     entries.clear();
     entries.extend(indexes.iter().map(|&i| {
         let i = i as usize;
-        (records.numbers[i] / generation.nbuckets, records.days[i])
+        (records.number(i) / generation.nbuckets, records.day(i))
     }));
     payload.clear();
     packed::encode(generation.id, entries, payload);
@@ -922,7 +875,7 @@ async fn write_generation(
     generation: Generation,
     records: &Records,
 ) -> Result<(), StoreError> {
-    let grouped = group_by_bucket(&records.numbers, generation.nbuckets, true);
+    let grouped = group_by_bucket(records.len(), |i| records.number(i), generation.nbuckets, true);
     let (batches, in_flight) = plan(inner, bulk, generation, &grouped.runs);
     let grouped = &grouped;
     let bulk = &*bulk;
@@ -962,7 +915,7 @@ async fn write_filter(
         hashes: bloom::HASHES,
     };
     let mut filter = Filter::new(params.bits, params.hashes);
-    for &number in &records.numbers {
+    for number in records.numbers() {
         filter.insert(number);
     }
     for (i, chunk) in filter.chunks().enumerate() {
@@ -1047,7 +1000,7 @@ async fn set_filter_bits(
     records: &Records,
 ) -> Result<(), StoreError> {
     let mut by_chunk: std::collections::BTreeMap<u64, Vec<u64>> = std::collections::BTreeMap::new();
-    for &number in &records.numbers {
+    for number in records.numbers() {
         for p in bloom::positions(number, params.bits, params.hashes) {
             by_chunk
                 .entry(p / bloom::CHUNK_BITS)
@@ -1096,7 +1049,7 @@ async fn merge_generation(
         Ok(Err(e)) => return Err(inner.unavailable(&e)),
         Ok(Ok(sha)) => sha,
     };
-    let grouped = group_by_bucket(&records.numbers, generation.nbuckets, false);
+    let grouped = group_by_bucket(records.len(), |i| records.number(i), generation.nbuckets, false);
     let (batches, in_flight) = plan(inner, bulk, generation, &grouped.runs);
     let (grouped, sha, bulk) = (&grouped, sha.as_str(), &*bulk);
     stream::iter(batches)
@@ -1110,8 +1063,8 @@ async fn merge_generation(
                     .arg(expected);
                 for &i in &grouped.order[from as usize..to as usize] {
                     let i = i as usize;
-                    pipe.arg(records.numbers[i] / generation.nbuckets)
-                        .arg(records.days[i]);
+                    pipe.arg(records.number(i) / generation.nbuckets)
+                        .arg(records.day(i));
                 }
             }
             let added: Vec<i64> = inner.pipeline_on(&mut bulk.clone(), &pipe, limit).await?;
@@ -1147,7 +1100,7 @@ async fn merge_packed(
     records: &Records,
 ) -> Result<u64, StoreError> {
     let limit = inner.opts.bulk_timeout;
-    let grouped = group_by_bucket(&records.numbers, generation.nbuckets, false);
+    let grouped = group_by_bucket(records.len(), |i| records.number(i), generation.nbuckets, false);
     let (batches, in_flight) = plan(inner, bulk, generation, &grouped.runs);
     let (grouped, bulk) = (&grouped, &*bulk);
     stream::iter(batches)
@@ -1188,7 +1141,7 @@ async fn merge_packed(
                 new.clear();
                 new.extend(grouped.order[from as usize..to as usize].iter().map(|&i| {
                     let i = i as usize;
-                    (records.numbers[i] / generation.nbuckets, records.days[i])
+                    (records.number(i) / generation.nbuckets, records.day(i))
                 }));
                 let (merged, fresh) = packed::merge(&old, &new);
                 if u32::try_from(merged.len()).is_err() {
@@ -1265,17 +1218,16 @@ async fn delete_generation(inner: &Inner, bulk: &mut Conn, generation: Generatio
 /// Merges a delta (see the module documentation).
 pub(super) async fn apply_delta(
     inner: &Arc<Inner>,
-    manifest: &Manifest,
+    delta: &DeltaWrite,
     records: &Records,
 ) -> Result<(), StoreError> {
-    check_records(records)?;
     if cancel_requested() {
         return Err(interrupted("before the delta started"));
     }
     let lock = ImportLock::acquire(inner).await?;
-    let result = delta_locked(inner, &lock, manifest, records).await;
+    let result = delta_locked(inner, &lock, delta, records).await;
     if result.is_ok() {
-        record_applied(inner, manifest).await;
+        record_applied(inner, delta.applied_key(), &delta.sha256).await;
     }
     lock.release().await;
     result
@@ -1284,7 +1236,7 @@ pub(super) async fn apply_delta(
 async fn delta_locked(
     inner: &Arc<Inner>,
     lock: &ImportLock,
-    manifest: &Manifest,
+    delta: &DeltaWrite,
     records: &Records,
 ) -> Result<(), StoreError> {
     let limit = inner.opts.bulk_timeout;
@@ -1295,14 +1247,14 @@ async fn delta_locked(
         ));
     };
     let sequence = current.meta.sequence;
-    if sequence == manifest.sequence {
+    if sequence == delta.sequence {
         tracing::info!(sequence, "delta already applied to the redis mirror");
         return Ok(());
     }
-    if manifest.sequence.checked_sub(1) != Some(sequence) {
+    if delta.sequence.checked_sub(1) != Some(sequence) {
         return Err(StoreError::Conflict(format!(
             "the redis mirror is at sequence {sequence}, the delta needs {}",
-            manifest.sequence.saturating_sub(1)
+            delta.sequence.saturating_sub(1)
         )));
     }
     let generation = current.generation;
@@ -1348,8 +1300,8 @@ async fn delta_locked(
     invocation
         .arg(sequence)
         .arg(generation.id)
-        .arg(manifest.sequence)
-        .arg(manifest.as_of.to_string())
+        .arg(delta.sequence)
+        .arg(delta.as_of.to_string())
         .arg(unix_now())
         .arg(added)
         .arg(if current.bloom.is_some() { "1" } else { "0" });
@@ -1363,7 +1315,7 @@ async fn delta_locked(
     tracing::info!(
         records = records.len(),
         new_numbers = added,
-        sequence = manifest.sequence,
+        sequence = delta.sequence,
         written_ms = written.as_millis() as u64,
         records_per_s = rate(records.len(), written),
         "redis delta applied"
@@ -1430,7 +1382,7 @@ mod tests {
     fn grouping_dense_and_sparse_agree() {
         let numbers: Vec<u64> = (0..5000u64).map(|i| 14_155_550_000 + i * 7).collect();
         for nbuckets in [1, 3, 40, 1000, 100_000] {
-            let g = group_by_bucket(&numbers, nbuckets, false);
+            let g = group_by_bucket(numbers.len(), |i| numbers[i], nbuckets, false);
             let mut seen = vec![false; numbers.len()];
             let mut last_bucket = None;
             for &(bucket, from, to) in &g.runs {
