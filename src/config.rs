@@ -777,7 +777,6 @@ fn store_config(s: &ServeSettings) -> Result<StoreConfig, ConfigError> {
             "applies to redis_cluster only".into(),
         ));
     }
-    let s = s.clone();
     if let Some(list) = &s.redis_cluster {
         return Ok(StoreConfig::RedisCluster {
             urls: parse_cluster_urls(list)?,
@@ -786,14 +785,14 @@ fn store_config(s: &ServeSettings) -> Result<StoreConfig, ConfigError> {
             read_from_replicas: take!(s.redis_read_from_replicas)?,
         });
     }
-    if let Some(url) = s.redis {
+    if let Some(url) = s.redis.clone() {
         return Ok(StoreConfig::Redis {
             url: redis_url(url, "redis")?,
             key_prefix: take!(s.redis_key_prefix)?,
             timeout_ms: positive!(s.redis_timeout_ms)?,
         });
     }
-    let data_dir = s.data_dir.ok_or(ConfigError::Missing(
+    let data_dir = s.data_dir.clone().ok_or(ConfigError::Missing(
         "redis, redis_cluster or data_dir",
         "redis, --redis-cluster or --data-dir",
         "REASSIGNED_REDIS, REASSIGNED_REDIS_CLUSTER or REASSIGNED_DATA_DIR",
@@ -821,13 +820,12 @@ fn audit_config(
         return Ok(None);
     };
     let secret_file = readable_file(secret_file, "audit_secret_file")?;
-    let s = s.clone();
     let store_url = match store {
         StoreConfig::Redis { url, .. } => Some(url.clone()),
         // The writer speaks to one server: a cluster needs --audit-redis.
         StoreConfig::RedisCluster { .. } | StoreConfig::Embedded { .. } => None,
     };
-    let redis_url = required(s.audit_redis.or(store_url), "audit_redis")?;
+    let redis_url = required(s.audit_redis.clone().or(store_url), "audit_redis")?;
     Ok(Some(crate::audit::AuditConfig {
         redis_url,
         stream: format!("{}:audit", take!(s.redis_key_prefix)?),
@@ -871,7 +869,6 @@ fn quota_config(s: &ServeSettings) -> Result<QuotaConfig, ConfigError> {
         Some(url) => Some(redis_url(url, "quota_redis")?),
         None => None,
     };
-    let s = s.clone();
     let mut config = QuotaConfig::from_settings(s.quotas.as_ref(), redis, take!(s.redis_key_prefix)?)
         .map_err(|e| ConfigError::Invalid("quotas", e.to_string()))?;
     config.redis_timeout_ms = positive!(s.quota_redis_timeout_ms)?;
@@ -884,7 +881,6 @@ fn quota_config(s: &ServeSettings) -> Result<QuotaConfig, ConfigError> {
 /// audience are required. (The JWKS itself is loaded by the server's
 /// verifier, which `serve` builds before it binds.)
 fn token_config(s: &ServeSettings) -> Result<Option<TokenConfig>, ConfigError> {
-    let s = s.clone();
     if !take!(s.tokens)? {
         return Ok(None);
     }
@@ -901,14 +897,16 @@ fn token_config(s: &ServeSettings) -> Result<Option<TokenConfig>, ConfigError> {
             ),
         )
     };
-    let jwks = s.jwks.ok_or_else(|| hint("jwks"))?;
+    let jwks = s.jwks.clone().ok_or_else(|| hint("jwks"))?;
     let jwks = readable_file(jwks, "jwks")?;
     let issuer = s
         .token_issuer
+        .clone()
         .filter(|s| !s.is_empty())
         .ok_or_else(|| hint("token_issuer"))?;
     let audience = s
         .token_audience
+        .clone()
         .filter(|s| !s.is_empty())
         .ok_or_else(|| hint("token_audience"))?;
     Ok(Some(TokenConfig {

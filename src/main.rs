@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use reassigned::cli;
-use reassigned::cli::bench::{self, BareOptions, BenchOptions};
+use reassigned::cli::bench::{self, BenchOptions};
+use reassigned::cli::bench_bare::{self, BareOptions};
 use reassigned::cli::generate::GenerateOptions;
 use reassigned::config::{RedisTarget, ServeSettings};
 
@@ -28,7 +29,8 @@ enum Command {
         /// A TOML file of settings (same names as the flags, with `_`).
         #[arg(long, env = "REASSIGNED_CONFIG")]
         config: Option<PathBuf>,
-        /// Print the resolved configuration as TOML and exit.
+        /// Print the resolved settings (defaults written out) as a TOML config
+        /// file that `--config` reads back unchanged, and exit.
         #[arg(long)]
         dump_config: bool,
         #[command(flatten)]
@@ -396,7 +398,7 @@ fn main() -> ExitCode {
                 command: TokenCommand::Mint(options),
             } => cli::token::mint_cmd(&options).map(|token| println!("{token}")),
             Command::Bench(options) => bench::run(&options).await,
-            Command::BenchBare(options) => bench::run_bare(&options).await,
+            Command::BenchBare(options) => bench_bare::run_bare(&options).await,
             Command::Demo { dir, listen, records } => cli::demo(&dir, listen, records).await,
         }
     });

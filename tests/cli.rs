@@ -55,6 +55,13 @@ fn bad_configuration_is_refused_before_binding() {
     let dumped = String::from_utf8_lossy(&out.stdout);
     assert!(dumped.contains("max_batch = 20"), "{dumped}");
     assert!(dumped.contains("max_staleness_days = 30"), "{dumped}");
+    // The dump is a config file: read back, it dumps the same, defaults
+    // written out (issue 10 relies on this).
+    assert!(dumped.contains("redis_key_prefix = \"rn\""), "{dumped}");
+    let again = dir.path().join("dumped.toml");
+    std::fs::write(&again, dumped.as_bytes()).expect("write dump");
+    let out = run(bin().args(["serve", "--dump-config", "--config"]).arg(&again));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), dumped);
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "max_bacth = 3\n").expect("write");
     let out = bin().args(["serve", "--config"]).arg(&bad).output().expect("run");

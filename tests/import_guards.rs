@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use reassigned::api::pb::{self, GetMirrorStatusRequest, NoDataReason, ReassignmentStatus};
 use reassigned::domain::{Date, PhoneNumber};
 use reassigned::import::{self, ImportError, ImportOptions, NoProgress};
+use reassigned::store::packed;
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore, Store};
 use sha2::{Digest, Sha256};
@@ -746,21 +747,38 @@ async fn verify_finds_damage_and_gc_removes_orphans() {
     let mut conn = redis_conn(&redis).await;
     let m = meta(&mut conn).await;
     let generation = m["generation"].clone();
-    // a sentinel-like field is not a record: still ok
+    // a bucket whose header names another generation (a stale copy): its
+    // records do not count
     let bucket7 = format!("rn:g{generation}:7");
-    let _: i64 = ::redis::cmd("HSET")
+    let saved7: Vec<u8> = ::redis::cmd("GET")
         .arg(&bucket7)
-        .arg("_g")
-        .arg(&generation)
         .query_async(&mut conn)
         .await
-        .expect("hset");
+        .expect("get");
+    let entries: Vec<(u64, u16)> = packed::Bucket::parse(&saved7)
+        .expect("a packed bucket")
+        .iter()
+        .collect();
+    assert!(!entries.is_empty());
+    let mut foreign = Vec::new();
+    packed::encode(generation.parse::<u64>().expect("id") + 1, &entries, &mut foreign);
+    let _: () = ::redis::cmd("SET")
+        .arg(&bucket7)
+        .arg(foreign)
+        .query_async(&mut conn)
+        .await
+        .expect("set");
     let out = verify();
-    assert!(
-        out.status.success(),
-        "a non-numeric field is ignored: {}",
-        stderr(&out)
-    );
+    let log = stderr(&out);
+    assert!(!out.status.success());
+    assert!(log.contains(&format!("bucket 7 ({bucket7})")), "{log}");
+    let _: () = ::redis::cmd("SET")
+        .arg(&bucket7)
+        .arg(saved7)
+        .query_async(&mut conn)
+        .await
+        .expect("set");
+    assert!(verify().status.success());
 
     // a deleted bucket
     let bucket3 = format!("rn:g{generation}:3");
@@ -792,24 +810,33 @@ async fn verify_finds_damage_and_gc_removes_orphans() {
 
     // a bogus record in a bucket
     let bucket5 = format!("rn:g{generation}:5");
-    let _: i64 = ::redis::cmd("HSET")
+    let saved5: Vec<u8> = ::redis::cmd("GET")
         .arg(&bucket5)
-        .arg("999999")
-        .arg("19000")
         .query_async(&mut conn)
         .await
-        .expect("hset");
+        .expect("get");
+    let old = packed::Bucket::parse(&saved5).expect("a packed bucket");
+    let (bogus, added) = packed::merge(&old, &[(999_999_999, 19_000)]);
+    assert_eq!(added, 1);
+    let mut damaged = Vec::new();
+    packed::encode(old.header().generation, &bogus, &mut damaged);
+    let _: () = ::redis::cmd("SET")
+        .arg(&bucket5)
+        .arg(damaged)
+        .query_async(&mut conn)
+        .await
+        .expect("set");
     let out = verify();
     let log = stderr(&out);
     assert!(!out.status.success());
     assert!(log.contains(&format!("bucket 5 ({bucket5})")), "{log}");
     assert!(!log.contains("bucket 3 ("), "only the damaged bucket: {log}");
-    let _: i64 = ::redis::cmd("HDEL")
+    let _: () = ::redis::cmd("SET")
         .arg(&bucket5)
-        .arg("999999")
+        .arg(saved5)
         .query_async(&mut conn)
         .await
-        .expect("hdel");
+        .expect("set");
 
     // an orphaned generation: reported by a dry run, removed by gc
     let current_keys = keys(&mut conn, &format!("rn:g{generation}:*")).await.len();

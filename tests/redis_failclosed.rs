@@ -461,7 +461,12 @@ async fn redis_restarted_empty_under_load(cluster: bool) {
 async fn a_deleted_bucket_is_never_no_record(cluster: bool) {
     let env = Env::new(TestRedis::start(cluster, &[])).await;
     let (server, store) = env.serve().await;
-    let nbuckets = HITS.div_ceil(128);
+    let mut con = env.redis.conn();
+    let nbuckets: u64 = redis::cmd("HGET")
+        .arg("rn:meta")
+        .arg("nbuckets")
+        .query(&mut *con)
+        .expect("nbuckets");
     let bucket = 7u64;
     let in_bucket: Vec<(u64, u16)> = env
         .register
@@ -470,7 +475,6 @@ async fn a_deleted_bucket_is_never_no_record(cluster: bool) {
         .filter(|(n, _)| n % nbuckets == bucket)
         .collect();
     assert!(!in_bucket.is_empty());
-    let mut con = env.redis.conn();
     let generation: u64 = redis::cmd("HGET")
         .arg("rn:meta")
         .arg("generation")

@@ -1,7 +1,6 @@
-//! Load testing: `reassigned bench` (a load generator for a running server)
-//! and `reassigned bench-bare` (a server that answers without any store).
-//!
-//! # `bench`
+//! Load testing: `reassigned bench`, a load generator for a running server
+//! (the bare reference server it is compared with is
+//! [`crate::cli::bench_bare`]).
 //!
 //! [`bench`] opens `--connections` HTTP/2 connections over mutual TLS and
 //! keeps `--concurrency` calls in flight for `--warmup` then `--duration`,
@@ -30,49 +29,34 @@
 //! of numbers that are in it (`--hit-ratio`); the others are numbers under the
 //! same prefixes, near real ones, that are certainly not in it.
 //!
-//! # `bench-bare`
-//!
-//! [`serve_bare`] serves `ReassignedNumbers` behind the same TLS acceptor and
-//! auth layer as `reassigned serve`, but answers fixed messages without a
-//! store: the ceiling of the framework on this machine, to which the real
-//! server's throughput is compared.
-//!
 //! Nothing here prints or logs a phone number.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use futures_util::{Stream, StreamExt as _};
+use futures_util::StreamExt as _;
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use serde::Serialize;
-use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Status};
 
 use crate::api::code_name;
 use crate::api::pb;
 use crate::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
-use crate::api::pb::reassigned_numbers_server::{ReassignedNumbers, ReassignedNumbersServer};
 use crate::domain::{Date, PhoneNumber, Prefix};
 use crate::import::{Kind, Manifest, NoProgress, read_records};
-use crate::server::accept;
-use crate::server::auth::AuthLayer;
-use crate::server::tls::{self, TlsFiles};
 
 /// Numbers prepared for a run (at least; more when batches need them).
 const POOL_NUMBERS: usize = 1 << 16;
@@ -1263,175 +1247,12 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-// ---------------------------------------------------------------------------
-// The bare server
-// ---------------------------------------------------------------------------
-
-/// The `data_as_of` of every bare answer.
-const BARE_AS_OF: &str = "2026-01-01";
-/// The same per-call timeout as `serve`'s default.
-const BARE_REQUEST_TIMEOUT: Duration = Duration::from_millis(5000);
-/// The same stream limit per connection as `serve`'s default.
-const BARE_MAX_CONCURRENT_STREAMS: u32 = 256;
-
-/// Options of `reassigned bench-bare` (flatten into the subcommand).
-#[derive(Clone, Debug, clap::Args)]
-pub struct BareOptions {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:50052")]
-    pub listen: SocketAddr,
-    /// Server certificate chain (PEM).
-    #[arg(long)]
-    pub tls_cert: PathBuf,
-    /// Private key of the server certificate (PEM).
-    #[arg(long)]
-    pub tls_key: PathBuf,
-    /// CA certificate(s) that sign client certificates (PEM).
-    #[arg(long)]
-    pub client_ca: PathBuf,
-}
-
-/// `ReassignedNumbers` answering fixed messages without a store: every
-/// number is NOT_REASSIGNED, no input is checked, no receipt is signed.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct BareService;
-
-fn bare_answer(phone_number: String) -> pb::CheckNumberResponse {
-    pb::CheckNumberResponse {
-        phone_number,
-        status: pb::ReassignmentStatus::NotReassigned as i32,
-        data_as_of: BARE_AS_OF.to_owned(),
-        no_data_reason: pb::NoDataReason::Unspecified as i32,
-        ..Default::default()
-    }
-}
-
-fn bare_result(phone_number: String) -> pb::BatchCheckResult {
-    pb::BatchCheckResult {
-        result: Some(pb::batch_check_result::Result::Answer(bare_answer(phone_number))),
-    }
-}
-
-/// The response stream of [`BareService`]'s `StreamCheckNumbers`.
-pub type BareStream = Pin<Box<dyn Stream<Item = Result<pb::BatchCheckResult, Status>> + Send + 'static>>;
-
-#[tonic::async_trait]
-impl ReassignedNumbers for BareService {
-    async fn check_number(
-        &self,
-        request: Request<pb::CheckNumberRequest>,
-    ) -> Result<Response<pb::CheckNumberResponse>, Status> {
-        Ok(Response::new(bare_answer(request.into_inner().phone_number)))
-    }
-
-    async fn batch_check_numbers(
-        &self,
-        request: Request<pb::BatchCheckNumbersRequest>,
-    ) -> Result<Response<pb::BatchCheckNumbersResponse>, Status> {
-        let results = request
-            .into_inner()
-            .checks
-            .into_iter()
-            .map(|check| bare_result(check.phone_number))
-            .collect();
-        Ok(Response::new(pb::BatchCheckNumbersResponse { results }))
-    }
-
-    type StreamCheckNumbersStream = BareStream;
-
-    async fn stream_check_numbers(
-        &self,
-        request: Request<Streaming<pb::CheckNumberRequest>>,
-    ) -> Result<Response<Self::StreamCheckNumbersStream>, Status> {
-        let results = request
-            .into_inner()
-            .map(|check| check.map(|check| bare_result(check.phone_number)));
-        Ok(Response::new(Box::pin(results)))
-    }
-
-    async fn get_mirror_status(
-        &self,
-        _request: Request<pb::GetMirrorStatusRequest>,
-    ) -> Result<Response<pb::GetMirrorStatusResponse>, Status> {
-        Ok(Response::new(pb::GetMirrorStatusResponse::default()))
-    }
-
-    async fn get_signing_keys(
-        &self,
-        _request: Request<pb::GetSigningKeysRequest>,
-    ) -> Result<Response<pb::GetSigningKeysResponse>, Status> {
-        Err(Status::failed_precondition("the bare server signs no receipts"))
-    }
-}
-
-/// Serves [`BareService`] on `listener` until `shutdown` resolves, behind
-/// the same TLS acceptor ([`accept::incoming`], [`tls::server_config`]), auth
-/// layer and server settings (per-call timeout, streams per connection,
-/// keepalive) as `reassigned serve` with its defaults, plus health.
-pub async fn serve_bare<F>(listener: TcpListener, tls_files: TlsFiles, shutdown: F) -> anyhow::Result<()>
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    let config = tls::server_config(&tls_files)?;
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_serving::<ReassignedNumbersServer<BareService>>()
-        .await;
-    let incoming = accept::incoming(listener, config, accept::AcceptOptions::default());
-    Server::builder()
-        .timeout(BARE_REQUEST_TIMEOUT)
-        .max_concurrent_streams(BARE_MAX_CONCURRENT_STREAMS)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .layer(AuthLayer::new())
-        .add_service(health)
-        .add_service(ReassignedNumbersServer::new(BareService))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
-    Ok(())
-}
-
-/// `reassigned bench-bare`: binds `--listen` and runs [`serve_bare`] until
-/// SIGTERM or SIGINT.
-pub async fn run_bare(opts: &BareOptions) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(opts.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", opts.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, "bare server listening (fixed answers, no store)");
-    let files = TlsFiles {
-        cert: opts.tls_cert.clone(),
-        key: opts.tls_key.clone(),
-        client_ca: opts.client_ca.clone(),
-    };
-    serve_bare(listener, files, stop_signal()).await
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::server::tls::TlsFiles;
+    use tokio::net::TcpListener;
 
     #[test]
     fn schedules_calls_at_the_rate() {
@@ -1643,7 +1464,7 @@ mod tests {
             client_ca: certs.join("ca.pem"),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_bare(listener, files, async move {
+        let server = tokio::spawn(crate::cli::bench_bare::serve_bare(listener, files, async move {
             let _ = stopped.await;
         }));
         for (method, rate, batch_size) in [

@@ -1,6 +1,7 @@
 //! Operator commands: certificates and other tooling behind `reassigned <command>`.
 pub mod audit;
 pub mod bench;
+pub mod bench_bare;
 pub mod certs;
 mod commands;
 pub mod generate;

@@ -11,6 +11,7 @@
 pub mod digest;
 pub mod embedded;
 mod input;
+pub mod packed;
 mod records;
 pub mod redis;
 

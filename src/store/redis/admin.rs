@@ -7,11 +7,11 @@ use std::fmt;
 use ::redis::Value;
 use futures_util::{StreamExt, TryStreamExt, stream};
 
-use super::meta::Generation;
+use super::meta::{BucketLayout, Generation};
 use super::write::{ImportLock, LockOwner};
 use super::{Conn, Inner, RedisStore};
-use crate::store::StoreError;
 use crate::store::digest::{BucketDigest, MirrorDigest};
+use crate::store::{StoreError, packed};
 
 /// Buckets read per pipeline (one server) by [`RedisStore::digest`].
 const DIGEST_BATCH: u64 = 256;
@@ -47,6 +47,59 @@ fn digest_bucket(digest: &mut BucketDigest, generation: Generation, bucket: u64,
     }
 }
 
+/// Adds one packed bucket (layout 3, the `GET` reply) to `digest`. A
+/// missing bucket adds nothing (the count then differs); one that is not a
+/// packed bucket of `generation` adds a record that can match nothing.
+fn digest_packed(digest: &mut BucketDigest, generation: Generation, bucket: u64, value: &Value) {
+    let Value::BulkString(bytes) = value else {
+        if !matches!(value, Value::Nil) {
+            digest.add(u64::MAX, u64::MAX);
+        }
+        return;
+    };
+    match packed::Bucket::parse(bytes) {
+        Ok(b) if b.header().generation == generation.id => {
+            for (suffix, day) in b.iter() {
+                let number = suffix
+                    .checked_mul(generation.nbuckets)
+                    .and_then(|n| n.checked_add(bucket))
+                    .unwrap_or(u64::MAX);
+                digest.add(number, u64::from(day));
+            }
+        }
+        _ => digest.add(u64::MAX, u64::MAX),
+    }
+}
+
+/// Adds one bucket (the reply of [`bucket_dump`]) to `digest`.
+fn digest_value(
+    digest: &mut BucketDigest,
+    layout: BucketLayout,
+    generation: Generation,
+    bucket: u64,
+    value: Value,
+) {
+    if layout == BucketLayout::Packed {
+        digest_packed(digest, generation, bucket, &value);
+        return;
+    }
+    match <Fields as ::redis::FromRedisValue>::from_redis_value(value) {
+        Ok(fields) => digest_bucket(digest, generation, bucket, &fields),
+        Err(_) => digest.add(u64::MAX, u64::MAX),
+    }
+}
+
+/// The command reading a whole bucket: `GET` (layout 3) or `HGETALL`.
+fn bucket_dump(layout: BucketLayout, key: String) -> ::redis::Cmd {
+    let mut cmd = ::redis::cmd(if layout == BucketLayout::Packed {
+        "GET"
+    } else {
+        "HGETALL"
+    });
+    cmd.arg(key);
+    cmd
+}
+
 impl RedisStore {
     /// Reads every bucket of the current generation and reduces it to
     /// per-bucket digests (see [`crate::store::digest`]); `None` while the
@@ -59,18 +112,18 @@ impl RedisStore {
             return Ok(None);
         };
         let generation = current.generation;
+        let layout = current.layout;
         let conn = inner.bulk_conn()?;
         let mut buckets = vec![BucketDigest::default(); usize::try_from(generation.nbuckets).unwrap_or(0)];
         let limit = inner.opts.bulk_timeout;
-        let read: Vec<Vec<(u64, Fields)>> = if conn.is_cluster() {
+        let read: Vec<Vec<(u64, Value)>> = if conn.is_cluster() {
             stream::iter(0..generation.nbuckets)
                 .map(|bucket| {
                     let mut conn = conn.clone();
                     async move {
-                        let mut cmd = ::redis::cmd("HGETALL");
-                        cmd.arg(inner.keys.bucket(generation.id, bucket));
-                        let fields: Fields = inner.query_on(&mut conn, &cmd, limit).await?;
-                        Ok::<_, StoreError>(vec![(bucket, fields)])
+                        let cmd = bucket_dump(layout, inner.keys.bucket(generation.id, bucket));
+                        let value: Value = inner.query_on(&mut conn, &cmd, limit).await?;
+                        Ok::<_, StoreError>(vec![(bucket, value)])
                     }
                 })
                 .buffer_unordered(DIGEST_IN_FLIGHT_CLUSTER)
@@ -84,9 +137,9 @@ impl RedisStore {
                         let to = (from + DIGEST_BATCH).min(generation.nbuckets);
                         let mut pipe = ::redis::pipe();
                         for bucket in from..to {
-                            pipe.cmd("HGETALL").arg(inner.keys.bucket(generation.id, bucket));
+                            pipe.add_command(bucket_dump(layout, inner.keys.bucket(generation.id, bucket)));
                         }
-                        let all: Vec<Fields> = inner.pipeline_on(&mut conn, &pipe, limit).await?;
+                        let all: Vec<Value> = inner.pipeline_on(&mut conn, &pipe, limit).await?;
                         Ok::<_, StoreError>((from..to).zip(all).collect())
                     }
                 })
@@ -94,9 +147,9 @@ impl RedisStore {
                 .try_collect()
                 .await?
         };
-        for (bucket, fields) in read.into_iter().flatten() {
+        for (bucket, value) in read.into_iter().flatten() {
             if let Some(digest) = usize::try_from(bucket).ok().and_then(|b| buckets.get_mut(b)) {
-                digest_bucket(digest, generation, bucket, &fields);
+                digest_value(digest, layout, generation, bucket, value);
             }
         }
         Ok(Some(MirrorDigest {

@@ -4,7 +4,8 @@
 //! trip.
 //!
 //! **Parameters.** A generation of `nbuckets` buckets gets
-//! `bits = max(1024, nbuckets × 128 × 8)` bits (rounded up to a multiple of
+//! `bits = max(1024, nbuckets × records per bucket × 8)` bits (256 records per bucket
+//! in layout 3, 128 in layout 2), rounded up to a multiple of
 //! 64) and [`HASHES`] = 6 hash functions: about 8 bits (1 byte) per number,
 //! about 2% false positives at snapshot time (a false positive only costs a
 //! round trip). Number `n` sets bits

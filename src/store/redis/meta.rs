@@ -7,13 +7,31 @@ use std::sync::Arc;
 use crate::domain::{Date, MirrorMeta, Prefix};
 use crate::store::StoreError;
 
-/// The layout version this code writes (field `layout`): `2` has a sentinel
-/// field in every bucket (see [`SENTINEL`]).
-pub(super) const LAYOUT_VERSION: &str = "2";
+/// The layout version this code writes (field `layout`): `3` stores each
+/// bucket as one packed string whose header names its generation (see
+/// [`crate::store::packed`]).
+pub(super) const LAYOUT_VERSION: &str = "3";
+/// The layout of hash buckets with a sentinel field in every bucket (see
+/// [`SENTINEL`]); still read, and deltas still merge into it, so that a
+/// mirror written by the previous version keeps answering until the next
+/// snapshot.
+pub(super) const LAYOUT_SENTINEL: &str = "2";
 /// The layout before bucket sentinels; still read (without the sentinel
 /// check, a warning is logged) so that a mirror written by an older importer
 /// keeps answering until the next snapshot.
 pub(super) const LAYOUT_LEGACY: &str = "1";
+
+/// How a generation's buckets are stored (the metadata field `layout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum BucketLayout {
+    /// Layout 1: hashes without sentinels (read unchecked).
+    Plain,
+    /// Layout 2: hashes with the [`SENTINEL`] field.
+    Sentinel,
+    /// Layout 3: one packed string per bucket, its header naming the
+    /// generation.
+    Packed,
+}
 
 /// The sentinel field of every bucket hash of a layout-2 generation: its
 /// value is the generation id. A lookup reads it with the number's field;
@@ -82,8 +100,9 @@ pub(super) struct Current {
     /// The membership filter, if one is complete for exactly this generation
     /// and sequence.
     pub bloom: Option<BloomParams>,
-    /// True if every bucket carries the [`SENTINEL`] field (layout 2).
-    pub sentinel: bool,
+    /// How the buckets are stored: proven by their sentinel field (layout
+    /// 2), by their packed header (layout 3), or unchecked (layout 1).
+    pub layout: BucketLayout,
 }
 
 /// Everything the metadata hash says.
@@ -156,13 +175,18 @@ pub(super) fn parse(raw: HashMap<Vec<u8>, Vec<u8>>) -> Result<StoredMeta, StoreE
     let layout = f.text(field::LAYOUT)?;
     if let Some(layout) = layout
         && layout != LAYOUT_VERSION
+        && layout != LAYOUT_SENTINEL
         && layout != LAYOUT_LEGACY
     {
         return Err(corrupt(format_args!(
-            "layout {layout:?} is not supported (this version reads layouts {LAYOUT_LEGACY} and {LAYOUT_VERSION})"
+            "layout {layout:?} is not supported (this version reads layouts {LAYOUT_LEGACY} to {LAYOUT_VERSION})"
         )));
     }
-    let sentinel = layout == Some(LAYOUT_VERSION);
+    let bucket_layout = match layout {
+        Some(LAYOUT_VERSION) => BucketLayout::Packed,
+        Some(LAYOUT_SENTINEL) => BucketLayout::Sentinel,
+        _ => BucketLayout::Plain,
+    };
     let pending = f.generation(field::PENDING_GENERATION, field::PENDING_NBUCKETS)?;
     let reclaim = f.generation(field::RECLAIM_GENERATION, field::RECLAIM_NBUCKETS)?;
     let Some(generation) = f.generation(field::GENERATION, field::NBUCKETS)? else {
@@ -203,7 +227,7 @@ pub(super) fn parse(raw: HashMap<Vec<u8>, Vec<u8>>) -> Result<StoredMeta, StoreE
             generation,
             meta: Arc::new(meta),
             bloom,
-            sentinel,
+            layout: bucket_layout,
         }),
         pending,
         reclaim,
@@ -292,7 +316,7 @@ mod tests {
         assert_eq!(current.generation, g);
         assert_eq!(*current.meta, sample());
         assert!(current.bloom.is_none());
-        assert!(current.sentinel, "new generations carry sentinels");
+        assert_eq!(current.layout, BucketLayout::Packed, "new generations are packed");
         assert!(stored.pending.is_none() && stored.reclaim.is_none());
     }
 
@@ -336,7 +360,7 @@ mod tests {
             raw(&[("generation", "x"), ("nbuckets", "1")]),
             raw(&[("generation", "1")]),
             raw(&[("generation", "1"), ("nbuckets", "0")]),
-            raw(&[("layout", "3")]),
+            raw(&[("layout", "4")]),
             raw(&[("generation", "1"), ("nbuckets", "1")]),
             raw(&[("generation", "1"), ("nbuckets", "1"), ("sequence", "1")]),
         ] {

@@ -7,38 +7,50 @@
 //! | key | type | content |
 //! |---|---|---|
 //! | `{prefix}:meta` | hash | the metadata (below) |
-//! | `{prefix}:g{gen}:{bucket}` | hash | one bucket of generation `gen`, with the sentinel field `_g` = `gen` |
+//! | `{prefix}:g{gen}:{bucket}` | string | one bucket of generation `gen`: a packed string whose header names `gen` (layout 3; see [`crate::store::packed`]) |
 //! | `{prefix}:bloom:g{gen}:{chunk}` | string | the membership filter of generation `gen`, in chunks of at most 8 MiB |
 //! | `{prefix}:gen_counter` | string | INCR counter: generation numbers are never reused |
 //! | `{prefix}:lock` | string | the import lock: its owner (host, pid, process start, start time, random token) as JSON, PX 15 s, renewed every 3 s while importing |
 //! | `{prefix}:applied` | hash | SHA-256 of applied files by `snapshot:N` / `delta:N` (the last 1,024 sequences) |
 //! | `{prefix}:events` | pub/sub channel | `switched` after each snapshot switch (informational) |
 //!
-//! **Buckets.** A snapshot chooses `nbuckets = max(1, ceil(records / 128))`
-//! for its generation. Number `n` (its E.164 digits as an integer) lives in
-//! bucket `n % nbuckets`, hash field `n / nbuckets`, and the value is its
-//! latest disconnect date as days since 1970-01-01. Both field and value are
-//! small integers, so each bucket (about 128 fields, well under Redis'
-//! `hash-max-listpack-entries` of 512) is a compact listpack; `(bucket, field)`
-//! identifies `n` exactly. Bucket keys carry no hash tag, so in a cluster they
-//! spread over all slots. Deltas add fields to the existing buckets: after the
-//! register has grown about 4-fold since the last snapshot, buckets pass 512
-//! fields and Redis converts them to (much larger) hash tables; a new
-//! snapshot re-buckets. Imports log a warning when the average bucket passes
-//! 384 fields.
+//! **Buckets** (layout 3). A snapshot chooses
+//! `nbuckets = max(1, ceil(records / 256))` for its generation. Number `n`
+//! (its E.164 digits as an integer) lives in bucket `n % nbuckets` with the
+//! suffix `n / nbuckets`; `(bucket, suffix)` identifies `n` exactly. Each
+//! bucket is one Redis string ([`crate::store::packed`]): an 18-byte header
+//! (magic, layout, generation id, entry count, bit widths, day base) and the
+//! bucket's entries sorted by suffix, each `suffix_bits + day_bits` bits
+//! wide, with the narrowest widths that hold the bucket's largest suffix
+//! and its range of days (about 30 bits per record for US-like numbers at
+//! 10^7 records, fewer as the mirror grows). A lookup is one `GET` of about
+//! 1 KB and a binary search here. Bucket keys carry no hash tag, so in a
+//! cluster they spread over all slots. Deltas rewrite the buckets they
+//! touch; buckets grow with them, and imports log a warning when the
+//! average bucket passes 1,024 records (a new snapshot re-buckets).
 //!
-//! **Sentinels** (layout 2). Every bucket of a generation, empty ones
-//! included, holds the non-numeric field `_g` = the generation id, written
-//! last by the snapshot (RESTORE payload or HSET). Lookups read it with the
-//! number's field (`HMGET bucket field _g`): a missing or foreign sentinel
-//! means the read proves nothing (bucket evicted or deleted, Redis lost its
-//! data, a stale replica, a switch not seen yet). A delta refuses to merge
-//! into a bucket without its sentinel (re-creating it would hide the loss).
+//! **Sentinels.** The header's generation id is the bucket's sentinel.
+//! Every bucket of a generation, empty ones included, is written whole by
+//! one `SET`, so a bucket is either absent or complete with its
+//! generation. A missing key, a header naming another generation, or a
+//! string that is no packed bucket means the read proves nothing (bucket
+//! evicted or deleted, Redis lost its data, a stale replica, a switch not
+//! seen yet); a packed header whose length disagrees with its body is
+//! [`StoreError::Corrupt`]. A delta refuses to merge into a bucket without
+//! its header (re-creating it would hide the loss).
+//!
+//! **Older layouts.** Layout 2 (the previous version's) stores each bucket as
+//! a hash (`field = n / nbuckets`, value = days since 1970-01-01, about 128
+//! fields) with the sentinel field `_g` = the generation id; it is still
+//! read (`HMGET bucket field _g`, the same fail-closed rules) and deltas
+//! still merge into it (a script per bucket), until the next snapshot writes
+//! layout 3. Layout 1 (hashes without sentinels) is read unchecked, with a
+//! warning. Which one a generation uses is the metadata's `layout`.
 //!
 //! **Metadata** (`{prefix}:meta`, one small hash): `generation`, `nbuckets`,
 //! `sequence`, `as_of`, `coverage_start` (ISO dates), `prefixes`
 //! (comma-separated, e.g. `+1,+86`), `record_count`, `last_import_unix`,
-//! `layout` (`2`; `1`, without sentinels, is still read, unchecked), and,
+//! `layout` (`3`; `2` and `1`, hash buckets, are still read, see above), and,
 //! only while needed, `pending_generation` /
 //! `pending_nbuckets` (a snapshot being written, or left by a crashed import)
 //! and `reclaim_generation` / `reclaim_nbuckets` (a replaced generation not yet
@@ -54,11 +66,11 @@
 //! Each process caches the metadata (generation, buckets, coverage) and
 //! refreshes it every [`RedisOptions::meta_refresh`] in a background task
 //! (which stops when the last handle to the store is dropped), always from a
-//! master. A lookup is at most one HMGET; a batch is at most one pipeline of
-//! HMGETs. If the cache has not been refreshed for `2 × meta_refresh` (Redis
+//! master. A lookup is at most one GET (HMGET on layouts 1 and 2); a batch
+//! is at most one pipeline of them. If the cache has not been refreshed for `2 × meta_refresh` (Redis
 //! was unreachable), a lookup first refreshes it, and fails if it cannot.
 //!
-//! **Fail closed.** An unproven read (sentinel missing or foreign) is
+//! **Fail closed.** An unproven read (bucket or sentinel missing or foreign) is
 //! retried once with the metadata re-read, on the master; still unproven, it
 //! is [`StoreError::Unavailable`] (or an empty mirror if the metadata is
 //! gone), never "no record". A broken connection (Redis killed or restarted:
@@ -96,7 +108,7 @@
 //! cached metadata shows a generation or sequence the loaded filter is not
 //! for, and while the loaded filter matches the cached metadata exactly, a
 //! number the filter rules out is answered "no record" without a Redis round
-//! trip; everything else is an HMGET, as before. Until a new filter is
+//! trip; everything else is a bucket read, as before. Until a new filter is
 //! loaded (after a snapshot or a delta), lookups just ask Redis. The filter
 //! costs about 1 byte per record in Redis and in every server process
 //! (off with [`RedisOptions::membership_filter`]).
@@ -110,10 +122,9 @@
 //! so they spread over all slots and masters; the metadata is one key, so the
 //! snapshot switch and the delta check-and-set (one-key scripts) stay atomic.
 //! A pipeline must stay inside one slot, so on a cluster a batch lookup sends
-//! its HMGETs as concurrent single commands, snapshot and delta writes group
+//! one pipeline of bucket reads per slot, all at once, snapshot and delta writes group
 //! their bucket commands by slot (pipelines of one slot, 64 in flight), and a
-//! replaced generation is deleted with concurrent single UNLINKs. RESTORE
-//! works per key, so the fast bulk load works on a cluster too. With
+//! replaced generation is deleted with concurrent single UNLINKs. With
 //! [`RedisOptions::read_from_replicas`] reads go to replicas; replication is
 //! asynchronous, so right after an import a replica can briefly answer from
 //! before it (a lookup may then miss a number a delta has just added).
@@ -130,12 +141,10 @@
 //! *Snapshot*: re-check the sequence; delete what a crashed import left
 //! (`pending_*`, `reclaim_*`); take a new generation number from
 //! `{prefix}:gen_counter` and record it as `pending_*`; write every record
-//! into the new generation, one command per bucket in pipelines of about
-//! 64 Ki records, four in flight: `RESTORE key 0 <payload> REPLACE` with the
-//! bucket's listpack built here (byte-identical to what HSET would build;
-//! Redis only copies it, so Redis' single thread is no longer the
-//! bottleneck), or per-bucket HSETs if this Redis refuses such payloads
-//! (older than 7.0, RESTORE disabled); then switch in one atomic step: a
+//! into the new generation, one `SET` of the packed string built here per
+//! bucket, in pipelines of about 64 Ki records, four in flight (Redis only
+//! stores the bytes, so its single thread is not the bottleneck); then
+//! switch in one atomic step: a
 //! script on `{prefix}:meta` alone that checks sequence and pending
 //! generation and sets all metadata fields. Before the switch (and before a
 //! delta moves the sequence) the import waits for every replica of every
@@ -148,28 +157,36 @@
 //! written Redis holds both generations: plan memory for twice the mirror.
 //!
 //! *Delta*: the metadata sequence must be `delta.sequence - 1` (if it is
-//! already `delta.sequence`, the delta was applied: nothing to do). Each
-//! bucket is merged by a script that keeps the later date of old and new and
-//! counts new fields; then one check-and-set script on `{prefix}:meta` moves the
+//! already `delta.sequence`, the delta was applied: nothing to do). The
+//! buckets it touches are read (pipelined GETs), merged here (the later
+//! date of old and new wins; new numbers are counted) and written back
+//! (pipelined SETs); the import lock keeps every other writer out meanwhile.
+//! A bucket whose header is missing or names another generation refuses
+//! the delta ("import a snapshot"). On a layout-2 generation each bucket is
+//! merged by a script instead, with the same rules. Then one check-and-set
+//! script on `{prefix}:meta` moves the
 //! sequence, `as_of`, `last_import_unix` and adds the new fields to
 //! `record_count`. Applying a delta twice, or again after a crash half-way,
 //! gives the same data as applying it once. `record_count` can then
-//! under-count: fields written by the crashed attempt are not new on the retry.
+//! under-count: numbers written by the crashed attempt are not new on the retry.
 //!
 //! Every script touches one key only, so the layout works on Redis Cluster
 //! (see below).
 //!
 //! # Memory
 //!
-//! Measured on Redis 7.0 with US-like numbers, before the membership filter:
-//! 10.9 bytes of `used_memory` per record at 1 million records, 10.7 at 10
-//! million (listpack entries of 5 + 4 bytes, plus about 80 bytes per bucket
-//! key). The filter adds 1 byte per record (8 bits).
+//! Measured on Redis 7.0 with US-like numbers (`used_memory` after a
+//! snapshot, membership filter included; `bench_snapshot_memory_and_rate`
+//! in `tests/redis_store.rs`, random US numbers): 6.53 bytes of `used_memory`
+//! per record at 1 million records and 5.57 at 10 million (packed entries of
+//! 34 and 30 bits, jemalloc's rounding of each string, about 80 bytes per
+//! bucket key, and the filter's 1 byte). A `reassigned generate` register of
+//! 10 million records (+1 and +86 numbers, so wider suffixes) took 6.97.
+//! Layout 2 took 12.0 bytes per record (hash buckets of about 128 fields).
 
 mod admin;
 mod bloom;
 mod conn;
-mod dump;
 mod meta;
 mod write;
 
@@ -184,9 +201,10 @@ use tokio::sync::oneshot;
 
 pub use self::admin::GcReport;
 use self::conn::{Conn, Target};
-use self::meta::{BloomParams, Current, StoredMeta};
+use self::meta::{BloomParams, BucketLayout, Current, StoredMeta};
 use super::{DeltaWrite, Lookup, Records, SnapshotWrite, Store, StoreError};
 use crate::domain::{Date, MirrorMeta, PhoneNumber};
+use crate::store::packed;
 
 /// Settings of a [`RedisStore`].
 #[derive(Clone, Debug)]
@@ -709,7 +727,7 @@ impl Inner {
         let epoch = self.epoch.load(Ordering::Acquire);
         let stored = self.read_meta(self.opts.timeout).await?;
         if let Some(current) = &stored.current
-            && !current.sentinel
+            && current.layout == BucketLayout::Plain
             && self.warn_once("legacy_layout")
         {
             tracing::warn!(
@@ -1230,6 +1248,53 @@ fn target_masters(target: &Target, opts: &RedisOptions) -> Option<Arc<Conn>> {
     target.connect_lazy_masters(opts).map(Arc::new)
 }
 
+/// The command reading `number`'s bucket: `GET bucket` (layout 3, searched
+/// here by [`proven_packed`]) or `HMGET bucket field _g` (layouts 1 and 2).
+fn bucket_read(keys: &Keys, current: &Current, number: u64) -> Cmd {
+    let (bucket, field) = current.generation.locate(number);
+    let key = keys.bucket(current.generation.id, bucket);
+    if current.layout == BucketLayout::Packed {
+        let mut cmd = ::redis::cmd("GET");
+        cmd.arg(key);
+        cmd
+    } else {
+        let mut cmd = ::redis::cmd("HMGET");
+        cmd.arg(key).arg(field).arg(meta::SENTINEL);
+        cmd
+    }
+}
+
+/// One answer of [`bucket_read`] for `number`: its date if the bucket's
+/// sentinel (layout 2) or packed header (layout 3) proves the read
+/// (`Ok(None)`: the read proves nothing).
+fn proven(current: &Current, number: u64, reply: Value) -> Result<Option<Option<Date>>, StoreError> {
+    if current.layout == BucketLayout::Packed {
+        proven_packed(current, current.generation.locate(number).1, reply)
+    } else {
+        proven_day(current, reply)
+    }
+}
+
+/// One answer of `GET bucket` (layout 3): the date stored for `suffix` if the
+/// string is a packed bucket of the current generation. A missing key, a
+/// string of another generation or one that is no packed bucket proves
+/// nothing; a packed header whose body disagrees with it is corrupt.
+fn proven_packed(current: &Current, suffix: u64, reply: Value) -> Result<Option<Option<Date>>, StoreError> {
+    let bytes = match reply {
+        Value::Nil => return Ok(None),
+        Value::BulkString(b) => b,
+        _ => return Err(StoreError::Unavailable("redis: unexpected GET reply".into())),
+    };
+    match packed::Bucket::parse(&bytes) {
+        Err(packed::PackedError::Foreign) => Ok(None),
+        Err(packed::PackedError::Malformed) => Err(StoreError::Corrupt(
+            "a packed bucket's length disagrees with its header".into(),
+        )),
+        Ok(b) if b.header().generation != current.generation.id => Ok(None),
+        Ok(b) => Ok(Some(b.find(suffix).map(|d| Date::from_days(i32::from(d))))),
+    }
+}
+
 /// One answer of `HMGET bucket field _g`: the number's date if the bucket
 /// sentinel proves the read (`Ok(None)`: the read proves nothing).
 fn proven_day(current: &Current, reply: Value) -> Result<Option<Option<Date>>, StoreError> {
@@ -1239,7 +1304,7 @@ fn proven_day(current: &Current, reply: Value) -> Result<Option<Option<Date>>, S
     };
     let sentinel = items.pop().unwrap_or(Value::Nil);
     let value = items.pop().unwrap_or(Value::Nil);
-    if current.sentinel {
+    if current.layout != BucketLayout::Plain {
         let id = current.generation.id;
         let names_current = match &sentinel {
             Value::BulkString(b) => {
@@ -1370,13 +1435,9 @@ impl Inner {
             // Certainly no record: no round trip.
             return Ok(Some(None));
         }
-        let (bucket, field) = current.generation.locate(number.value());
-        let mut cmd = ::redis::cmd("HMGET");
-        cmd.arg(self.keys.bucket(current.generation.id, bucket))
-            .arg(field)
-            .arg(meta::SENTINEL);
+        let cmd = bucket_read(&self.keys, current, number.value());
         let reply: Value = self.query_on(conn, &cmd, self.opts.timeout).await?;
-        proven_day(current, reply)
+        proven(current, number.value(), reply)
     }
 
     /// Many numbers, in the order asked: `Ok(None)` if any bucket's
@@ -1407,12 +1468,12 @@ impl Inner {
             // connections).
             let mut by_slot: HashMap<u16, (::redis::Pipeline, Vec<usize>)> = HashMap::new();
             for (i, number) in numbers.iter().enumerate() {
-                let (bucket, field) = current.generation.locate(number.value());
+                let (bucket, _) = current.generation.locate(number.value());
                 let key = self.keys.bucket(current.generation.id, bucket);
                 let (pipe, indexes) = by_slot
                     .entry(conn::key_slot(key.as_bytes()))
                     .or_insert_with(|| (::redis::pipe(), Vec::new()));
-                pipe.cmd("HMGET").arg(key).arg(field).arg(meta::SENTINEL);
+                pipe.add_command(bucket_read(&self.keys, current, number.value()));
                 indexes.push(i);
             }
             let answers = futures_util::future::try_join_all(by_slot.into_values().map(|(pipe, indexes)| {
@@ -1443,11 +1504,7 @@ impl Inner {
         } else {
             let mut pipe = ::redis::pipe();
             for number in &numbers {
-                let (bucket, field) = current.generation.locate(number.value());
-                pipe.cmd("HMGET")
-                    .arg(self.keys.bucket(current.generation.id, bucket))
-                    .arg(field)
-                    .arg(meta::SENTINEL);
+                pipe.add_command(bucket_read(&self.keys, current, number.value()));
             }
             self.pipeline_on(&mut conn.clone(), &pipe, budget).await?
         };
@@ -1458,8 +1515,8 @@ impl Inner {
                 numbers.len()
             )));
         }
-        for (i, value) in indexes.into_iter().zip(values) {
-            match proven_day(current, value)? {
+        for ((i, number), value) in indexes.into_iter().zip(&numbers).zip(values) {
+            match proven(current, number.value(), value)? {
                 Some(day) => found[i] = day,
                 None => return Ok(None),
             }
@@ -1570,7 +1627,7 @@ mod tests {
     use super::*;
     use crate::domain::Prefix;
 
-    fn current(id: u64, sentinel: bool) -> Current {
+    fn current(id: u64, layout: BucketLayout) -> Current {
         Current {
             generation: meta::Generation { id, nbuckets: 3 },
             meta: Arc::new(MirrorMeta {
@@ -1582,7 +1639,7 @@ mod tests {
                 last_import_unix: 0,
             }),
             bloom: None,
-            sentinel,
+            layout,
         }
     }
 
@@ -1593,7 +1650,7 @@ mod tests {
 
     #[test]
     fn a_read_is_proven_only_by_its_generations_sentinel() {
-        let c = current(7, true);
+        let c = current(7, BucketLayout::Sentinel);
         let day = |d: i32| Some(Some(Date::from_days(d)));
         assert_eq!(
             proven_day(&c, reply(Some("19000"), Some("7"))).expect("ok"),
@@ -1607,10 +1664,40 @@ mod tests {
         assert_eq!(proven_day(&c, reply(None, Some("7x"))).expect("ok"), None);
         // Layout 1 (no sentinels): unchecked.
         assert_eq!(
-            proven_day(&current(7, false), reply(None, None)).expect("ok"),
+            proven_day(&current(7, BucketLayout::Plain), reply(None, None)).expect("ok"),
             Some(None)
         );
         assert!(proven_day(&c, Value::Nil).is_err());
+    }
+
+    #[test]
+    fn a_packed_read_is_proven_only_by_its_generations_header() {
+        let c = current(7, BucketLayout::Packed);
+        let bucket = |generation: u64| {
+            let mut out = Vec::new();
+            packed::encode(generation, &[(3, 19_000), (9, 19_500)], &mut out);
+            Value::BulkString(out)
+        };
+        let day = |d: i32| Some(Some(Date::from_days(d)));
+        assert_eq!(proven_packed(&c, 9, bucket(7)).expect("ok"), day(19_500));
+        assert_eq!(proven_packed(&c, 4, bucket(7)).expect("ok"), Some(None));
+        // Missing, of another generation, or not a packed bucket: unproven.
+        assert_eq!(proven_packed(&c, 9, Value::Nil).expect("ok"), None);
+        assert_eq!(proven_packed(&c, 9, bucket(6)).expect("ok"), None);
+        assert_eq!(
+            proven_packed(&c, 9, Value::BulkString(b"19000".to_vec())).expect("ok"),
+            None
+        );
+        // Our header with a body that disagrees: corrupt, never "no record".
+        let Value::BulkString(mut cut) = bucket(7) else {
+            unreachable!()
+        };
+        cut.pop();
+        assert!(matches!(
+            proven_packed(&c, 4, Value::BulkString(cut)),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(proven_packed(&c, 4, Value::Int(1)).is_err());
     }
 
     #[test]

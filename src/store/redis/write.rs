@@ -8,17 +8,25 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ::redis::{Script, ScriptInvocation, Value};
 use futures_util::{StreamExt, TryStreamExt, stream};
 
+use super::Inner;
 use super::bloom::{self, Filter};
 use super::conn::{Conn, key_slot};
-use super::meta::{self, BloomParams, Generation, StoredMeta, field};
-use super::{Inner, dump};
+use super::meta::{self, BloomParams, BucketLayout, Generation, StoredMeta, field};
 use crate::domain::MirrorMeta;
-use crate::store::{APPLIED_KEEP, DeltaWrite, Records, SnapshotWrite, StoreError};
+use crate::store::{APPLIED_KEEP, DeltaWrite, Records, SnapshotWrite, StoreError, packed};
 
-/// Target number of fields per bucket when a snapshot chooses `nbuckets`.
-const FIELDS_PER_BUCKET: u64 = 128;
-/// Above this many fields per bucket on average, imports warn (Redis turns
-/// buckets over 512 fields into hash tables, several times larger).
+/// Target number of records per packed bucket when a snapshot chooses
+/// `nbuckets` (layout 3): the key overhead (about 80 bytes) is then about
+/// 0.3 bytes per record, and a lookup reads about 1 KB.
+pub(super) const RECORDS_PER_BUCKET: u64 = 256;
+/// Above this many records per packed bucket on average, deltas warn
+/// (lookups read and search larger strings): import a snapshot.
+const WARN_RECORDS_PER_BUCKET: u64 = 4 * RECORDS_PER_BUCKET;
+/// Fields per bucket of the hash layouts (1 and 2) at snapshot time.
+const LEGACY_FIELDS_PER_BUCKET: u64 = 128;
+/// Above this many fields per hash bucket on average, deltas into a layout
+/// 1 or 2 generation warn (Redis turns buckets over 512 fields into hash
+/// tables, several times larger).
 const WARN_FIELDS_PER_BUCKET: u64 = 384;
 /// A bulk pipeline is cut after this many records...
 const PIPELINE_RECORDS: usize = 64 * 1024;
@@ -503,7 +511,7 @@ async fn snapshot_locked(
     let mut bulk = inner.bulk_conn()?;
     clean_leftovers(inner, &mut bulk, &stored).await?;
 
-    let nbuckets = (records.len() as u64).div_ceil(FIELDS_PER_BUCKET).max(1);
+    let nbuckets = (records.len() as u64).div_ceil(RECORDS_PER_BUCKET).max(1);
     let generation = Generation {
         id: next_generation_id(inner, &stored).await?,
         nbuckets,
@@ -836,113 +844,31 @@ fn plan(
     }
 }
 
-/// How a new generation's buckets are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum WriteMode {
-    /// RESTORE of ready-made listpack payloads (fast; Redis 7.0 and later).
-    Restore,
-    /// HSET of the fields (any Redis; Redis' CPU limits it to well under a
-    /// million records per second).
-    Hset,
-}
-
-/// Adds the command writing one bucket to `pipe`.
-fn push_bucket(
+/// Adds the `SET` writing one packed bucket (layout 3) to `pipe`: the
+/// records `indexes` (in number order, so in suffix order) of `generation`.
+/// A SET replaces the key whole, so a reader finds the bucket absent or
+/// complete with its generation in the header.
+fn push_packed(
     pipe: &mut ::redis::Pipeline,
-    payload: &mut Vec<u8>,
-    mode: WriteMode,
+    scratch: &mut (Vec<(u64, u16)>, Vec<u8>),
     key: String,
     generation: Generation,
     records: &Records,
     indexes: &[u32],
 ) {
-    let fields = indexes.iter().map(|&i| {
+    let (entries, payload) = scratch;
+    entries.clear();
+    entries.extend(indexes.iter().map(|&i| {
         let i = i as usize;
         (records.number(i) / generation.nbuckets, records.day(i))
-    });
-    match mode {
-        WriteMode::Restore => {
-            payload.clear();
-            dump::hash_payload(
-                fields.map(|(f, d)| (i64::try_from(f).unwrap_or(i64::MAX), i64::from(d))),
-                Some((meta::SENTINEL, i64::try_from(generation.id).unwrap_or(i64::MAX))),
-                payload,
-            );
-            pipe.cmd("RESTORE")
-                .arg(key)
-                .arg(0)
-                .arg(payload.as_slice())
-                .arg("REPLACE")
-                .ignore();
-        }
-        WriteMode::Hset => {
-            pipe.cmd("HSET").arg(key);
-            for (field, day) in fields {
-                pipe.arg(field).arg(day);
-            }
-            // Last, as in the RESTORE payload (same listpack).
-            pipe.arg(meta::SENTINEL).arg(generation.id);
-            pipe.ignore();
-        }
-    }
+    }));
+    payload.clear();
+    packed::encode(generation.id, entries, payload);
+    pipe.cmd("SET").arg(key).arg(payload.as_slice()).ignore();
 }
 
-/// Writes the first bucket with RESTORE to learn whether this Redis accepts
-/// listpack payloads; HSET otherwise.
-async fn choose_write_mode(
-    inner: &Inner,
-    bulk: &mut Conn,
-    generation: Generation,
-    records: &Records,
-    grouped: &Grouped,
-) -> Result<WriteMode, StoreError> {
-    let Some(&(bucket, from, to)) = grouped.runs.first() else {
-        return Ok(WriteMode::Restore);
-    };
-    let mut pipe = ::redis::pipe();
-    push_bucket(
-        &mut pipe,
-        &mut Vec::new(),
-        WriteMode::Restore,
-        inner.keys.bucket(generation.id, bucket),
-        generation,
-        records,
-        &grouped.order[from as usize..to as usize],
-    );
-    let Some(restore) = pipe.cmd_iter().next() else {
-        return Ok(WriteMode::Hset);
-    };
-    let limit = inner.opts.bulk_timeout;
-    // A renamed or disabled RESTORE would echo the binary payload in its
-    // error: ask first.
-    let mut info = ::redis::cmd("COMMAND");
-    info.arg("INFO").arg("RESTORE");
-    if let Ok(Ok(Value::Array(entries))) = tokio::time::timeout(limit, info.query_async::<Value>(bulk)).await
-        && entries.iter().all(|e| matches!(e, Value::Nil))
-    {
-        tracing::warn!("redis has no RESTORE command: writing with HSET, several times slower");
-        return Ok(WriteMode::Hset);
-    }
-    match tokio::time::timeout(limit, restore.query_async::<Value>(bulk)).await {
-        Err(_) => Err(StoreError::Timeout(limit)),
-        Ok(Ok(_)) => Ok(WriteMode::Restore),
-        Ok(Err(e))
-            if matches!(
-                e.kind(),
-                ::redis::ErrorKind::Server(_) | ::redis::ErrorKind::Extension | ::redis::ErrorKind::Parse
-            ) =>
-        {
-            tracing::warn!(
-                error = %inner.unavailable(&e),
-                "redis refused a listpack RESTORE payload (older than 7.0, or RESTORE disabled): writing with HSET, several times slower"
-            );
-            Ok(WriteMode::Hset)
-        }
-        Ok(Err(e)) => Err(inner.unavailable(&e)),
-    }
-}
-
-/// Writes every record into a new generation's buckets.
+/// Writes every record into a new generation's packed buckets (every
+/// bucket, empty ones included: a missing bucket is a lost one).
 async fn write_generation(
     inner: &Inner,
     bulk: &mut Conn,
@@ -950,19 +876,17 @@ async fn write_generation(
     records: &Records,
 ) -> Result<(), StoreError> {
     let grouped = group_by_bucket(records.len(), |i| records.number(i), generation.nbuckets, true);
-    let mode = choose_write_mode(inner, bulk, generation, records, &grouped).await?;
     let (batches, in_flight) = plan(inner, bulk, generation, &grouped.runs);
     let grouped = &grouped;
     let bulk = &*bulk;
     stream::iter(batches)
         .map(|batch| async move {
             let mut pipe = ::redis::pipe();
-            let mut payload = Vec::new();
+            let mut scratch = (Vec::new(), Vec::new());
             for &(bucket, from, to) in batch.iter().map(|&i| &grouped.runs[i as usize]) {
-                push_bucket(
+                push_packed(
                     &mut pipe,
-                    &mut payload,
-                    mode,
+                    &mut scratch,
                     inner.keys.bucket(generation.id, bucket),
                     generation,
                     records,
@@ -987,7 +911,7 @@ async fn write_filter(
     records: &Records,
 ) -> Result<BloomParams, StoreError> {
     let params = BloomParams {
-        bits: bloom::bits_for(generation.nbuckets, FIELDS_PER_BUCKET),
+        bits: bloom::bits_for(generation.nbuckets, RECORDS_PER_BUCKET),
         hashes: bloom::HASHES,
     };
     let mut filter = Filter::new(params.bits, params.hashes);
@@ -1145,9 +1069,7 @@ async fn merge_generation(
             }
             let added: Vec<i64> = inner.pipeline_on(&mut bulk.clone(), &pipe, limit).await?;
             if added.iter().any(|&a| a < 0) {
-                return Err(StoreError::Corrupt(
-                    "a bucket of the redis mirror has no sentinel (evicted, deleted or lost): the delta is refused; import a snapshot".into(),
-                ));
+                return Err(lost_bucket());
             }
             Ok::<u64, StoreError>(added.iter().map(|&a| a.max(0) as u64).sum())
         })
@@ -1156,9 +1078,101 @@ async fn merge_generation(
         .await
 }
 
+/// The error of a delta that finds a bucket of its generation missing or
+/// foreign: every bucket was written whole by the snapshot, so it was lost
+/// (evicted, deleted); re-creating it with the delta's numbers alone would
+/// hide the loss.
+fn lost_bucket() -> StoreError {
+    StoreError::Corrupt(
+        "a bucket of the redis mirror has no sentinel (evicted, deleted or lost): the delta is refused; import a snapshot".into(),
+    )
+}
+
+/// Merges records into a packed generation (layout 3), keeping each
+/// number's latest date; returns how many numbers were new. Per pipeline
+/// of buckets: one pipelined GET, the merge here, one pipelined SET of the
+/// new strings. The importer holds the import lock, so nothing else writes
+/// the buckets in between; each bucket is in one pipeline only.
+async fn merge_packed(
+    inner: &Inner,
+    bulk: &mut Conn,
+    generation: Generation,
+    records: &Records,
+) -> Result<u64, StoreError> {
+    let limit = inner.opts.bulk_timeout;
+    let grouped = group_by_bucket(records.len(), |i| records.number(i), generation.nbuckets, false);
+    let (batches, in_flight) = plan(inner, bulk, generation, &grouped.runs);
+    let (grouped, bulk) = (&grouped, &*bulk);
+    stream::iter(batches)
+        .map(|batch| async move {
+            let runs: Vec<(u64, u32, u32)> = batch.iter().map(|&i| grouped.runs[i as usize]).collect();
+            let mut get = ::redis::pipe();
+            for &(bucket, _, _) in &runs {
+                get.cmd("GET").arg(inner.keys.bucket(generation.id, bucket));
+            }
+            let olds: Vec<Value> = inner.pipeline_on(&mut bulk.clone(), &get, limit).await?;
+            if olds.len() != runs.len() {
+                return Err(StoreError::Unavailable(format!(
+                    "redis answered {} of {} bucket reads",
+                    olds.len(),
+                    runs.len()
+                )));
+            }
+            let mut set = ::redis::pipe();
+            let mut added = 0u64;
+            let mut new = Vec::new();
+            let mut payload = Vec::new();
+            for (&(bucket, from, to), old) in runs.iter().zip(olds) {
+                let Value::BulkString(bytes) = old else {
+                    return Err(match old {
+                        Value::Nil => lost_bucket(),
+                        _ => StoreError::Unavailable("redis: unexpected GET reply".into()),
+                    });
+                };
+                let old = match packed::Bucket::parse(&bytes) {
+                    Ok(b) if b.header().generation == generation.id => b,
+                    Ok(_) | Err(packed::PackedError::Foreign) => return Err(lost_bucket()),
+                    Err(packed::PackedError::Malformed) => {
+                        return Err(StoreError::Corrupt(
+                            "a packed bucket's length disagrees with its header: the delta is refused; import a snapshot".into(),
+                        ));
+                    }
+                };
+                new.clear();
+                new.extend(grouped.order[from as usize..to as usize].iter().map(|&i| {
+                    let i = i as usize;
+                    (records.number(i) / generation.nbuckets, records.day(i))
+                }));
+                let (merged, fresh) = packed::merge(&old, &new);
+                if u32::try_from(merged.len()).is_err() {
+                    return Err(StoreError::Corrupt(
+                        "a packed bucket would hold more than 2^32 records: import a snapshot".into(),
+                    ));
+                }
+                added += fresh;
+                payload.clear();
+                packed::encode(generation.id, &merged, &mut payload);
+                set.cmd("SET")
+                    .arg(inner.keys.bucket(generation.id, bucket))
+                    .arg(payload.as_slice())
+                    .ignore();
+            }
+            inner.pipeline_on::<()>(&mut bulk.clone(), &set, limit).await?;
+            Ok::<u64, StoreError>(added)
+        })
+        .buffer_unordered(in_flight)
+        .try_fold(0u64, |total, added| async move { Ok(total + added) })
+        .await
+}
+
 /// UNLINKs every bucket and filter chunk of a generation.
 async fn delete_generation(inner: &Inner, bulk: &mut Conn, generation: Generation) -> Result<(), StoreError> {
-    let chunks = bloom::chunks(bloom::bits_for(generation.nbuckets, FIELDS_PER_BUCKET));
+    // Sized for the larger of the layouts' buckets: a chunk that does not
+    // exist costs one UNLINK of nothing.
+    let chunks = bloom::chunks(bloom::bits_for(
+        generation.nbuckets,
+        RECORDS_PER_BUCKET.max(LEGACY_FIELDS_PER_BUCKET),
+    ));
     for chunk in 0..chunks {
         let mut cmd = ::redis::cmd("UNLINK");
         cmd.arg(inner.keys.bloom(generation.id, chunk));
@@ -1264,7 +1278,11 @@ async fn delta_locked(
             if records.is_empty() {
                 Ok(0)
             } else {
-                merge_generation(inner, &mut bulk.clone(), generation, current.sentinel, records).await
+                match current.layout {
+                    BucketLayout::Packed => merge_packed(inner, &mut bulk.clone(), generation, records).await,
+                    BucketLayout::Sentinel => merge_generation(inner, &mut bulk.clone(), generation, true, records).await,
+                    BucketLayout::Plain => merge_generation(inner, &mut bulk.clone(), generation, false, records).await,
+                }
             }
         } => added,
     }?;
@@ -1302,7 +1320,14 @@ async fn delta_locked(
         records_per_s = rate(records.len(), written),
         "redis delta applied"
     );
-    if total / generation.nbuckets > WARN_FIELDS_PER_BUCKET {
+    if current.layout == BucketLayout::Packed {
+        if total / generation.nbuckets > WARN_RECORDS_PER_BUCKET {
+            tracing::warn!(
+                records_per_bucket = total / generation.nbuckets,
+                "redis buckets are filling up (each lookup reads and searches a larger string): import a snapshot to re-bucket"
+            );
+        }
+    } else if total / generation.nbuckets > WARN_FIELDS_PER_BUCKET {
         tracing::warn!(
             fields_per_bucket = total / generation.nbuckets,
             "redis buckets are filling up (Redis converts buckets over 512 fields to larger hash tables): import a snapshot to re-bucket"
