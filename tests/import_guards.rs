@@ -18,7 +18,8 @@ use reassigned::import::{self, ImportError, ImportOptions, NoProgress};
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore, Store};
 use sha2::{Digest, Sha256};
-use support::bin::{Killed, bin, eventually, run};
+use support::bin::{Killed, bin, run};
+use support::poll::eventually;
 use support::redis::RedisServer;
 use support::register::FileSpec;
 use support::server::TestServer;
@@ -430,7 +431,14 @@ fn embedded_memory_per_record() {
     let unsorted = std::env::var("MEASURE_UNSORTED").is_ok_and(|v| v == "1");
     let dir = tempfile::tempdir().expect("tempdir");
     run(bin()
-        .args(["generate", "--records", &records.to_string(), "--seed", "1", "--out"])
+        .args([
+            "generate",
+            "--records",
+            &records.to_string(),
+            "--seed",
+            "1",
+            "--out",
+        ])
         .arg(dir.path()));
     if unsorted {
         let data = "snapshot-000001.csv.gz";
@@ -464,14 +472,22 @@ fn embedded_memory_per_record() {
         .expect("loads");
     let elapsed = started.elapsed();
     let (peak, after) = (rss_kib("VmHWM:"), rss_kib("VmRSS:"));
-    assert!(store.import_problems().is_empty(), "{:?}", store.import_problems());
+    assert!(
+        store.import_problems().is_empty(),
+        "{:?}",
+        store.import_problems()
+    );
     let held = store.len() as f64;
     assert!(held >= records as f64, "{held} records of {records}");
     let per = |kib: u64| kib.saturating_sub(before) as f64 * 1024.0 / held;
     println!(
         "{} records ({}) loaded in {elapsed:.2?}: RSS +{:.2} bytes/record steady, +{:.2} peak while loading; store heap {:.2} bytes/record (RSS before {before} KiB, peak {peak} KiB, after {after} KiB)",
         store.len(),
-        if unsorted { "snapshot rows shuffled" } else { "snapshot rows sorted" },
+        if unsorted {
+            "snapshot rows shuffled"
+        } else {
+            "snapshot rows sorted"
+        },
         per(after),
         per(peak),
         store.memory_bytes() as f64 / held,
@@ -1072,7 +1088,7 @@ async fn the_server_starts_with_a_bad_file_and_reports_it() {
 
     // a later valid file is picked up by the resync; the bad one stays reported
     FileSpec::delta(5, &days_ago(5), &as_refs(&rows(9000, 1))).write(dir.path(), "delta-000005b");
-    eventually(|| {
+    eventually("the resync applies delta 5", || {
         let mut client = client.clone();
         async move {
             client
