@@ -136,6 +136,12 @@ impl EmbeddedStore {
         self.state.load().as_ref().map_or(0, |s| s.records.len())
     }
 
+    /// The current generation's records (shared, not copied); `None`
+    /// while the mirror is empty.
+    pub fn records(&self) -> Option<Records> {
+        self.state.load().as_ref().map(|s| s.records.clone())
+    }
+
     /// True if no records are held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
