@@ -368,7 +368,7 @@ mod tests {
             .expect("snapshot");
         assert_eq!(store.len(), 10_000);
         assert!(
-            store.memory_bytes() <= 10_000 * 5 + 64,
+            store.memory_bytes() <= 10_000 * 5 + 10_000 / 64 * 8 + 64,
             "{}",
             store.memory_bytes()
         );
