@@ -165,7 +165,11 @@ async fn idle_flood(tweak: impl FnOnce(&mut reassigned::config::ServeSettings), 
     let stats = server.handles.metrics.handshakes();
     if sheds_per_ip {
         let cap = server.config.max_handshakes_per_ip as u64;
-        support::bin::eventually(|| async { stats.pending() <= cap }).await;
+        support::poll::eventually(
+            "pending handshakes settle under the per-address cap",
+            async || stats.pending() <= cap,
+        )
+        .await;
         assert!(stats.failed(HandshakeFailure::ShedPerIp) > 0);
     } else {
         assert!(
@@ -404,7 +408,8 @@ async fn failure_floods_are_rate_limited_in_the_log_and_counted_exactly() {
     use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
     use reassigned::store::RedisStore;
     use reassigned::store::redis::RedisOptions;
-    use support::bin::{Killed, bin, connect_as_platform_a, eventually, free_port, run};
+    use support::bin::{Killed, bin, connect_as_platform_a, free_port, run};
+    use support::poll::eventually;
     use support::redis::RedisServer;
 
     const FAILURES: u64 = 500;
@@ -497,7 +502,7 @@ async fn failure_floods_are_rate_limited_in_the_log_and_counted_exactly() {
     redis.resume();
 
     // Every failure is counted exactly.
-    eventually(|| async {
+    eventually("every failure is counted", || async {
         metrics(metrics_port).await.is_some_and(|m| {
             sample(&m, "reassigned_handshake_failures_total{reason=\"tls_error\"}") == FAILURES
         })
@@ -532,7 +537,7 @@ async fn failure_floods_are_rate_limited_in_the_log_and_counted_exactly() {
     assert!(sample(&text, "reassigned_log_suppressed_total") >= 2 * FAILURES - 20);
     // Within 15 s (the window is 10 s) the summaries account for every
     // line left out.
-    eventually(|| async {
+    eventually("the summaries account for every line left out", || async {
         let all = lines.lock().unwrap();
         summarised(&all, "tls_error") == FAILURES - handshake_lines as u64
             && summarised(&all, "store_error") == FAILURES - store_lines as u64

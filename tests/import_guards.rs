@@ -19,7 +19,8 @@ use reassigned::store::packed;
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore, Store};
 use sha2::{Digest, Sha256};
-use support::bin::{Killed, bin, eventually, run};
+use support::bin::{Killed, bin, run};
+use support::poll::eventually;
 use support::redis::RedisServer;
 use support::register::FileSpec;
 use support::server::TestServer;
@@ -400,6 +401,98 @@ fn peak_rss_of_row_bombs() {
             before / 1024
         );
     }
+}
+
+fn rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Measurement of the embedded store's memory (run alone: it reads the
+/// process' RSS and peak RSS). Generates a register with `reassigned
+/// generate --seed 1` (in a child process, so it does not count), then
+/// loads it with `import::embedded::open_dir` as `serve --data-dir` does
+/// and prints the RSS grown while loading (peak) and after, per record.
+/// `MEASURE_RECORDS` sets the snapshot's size (default 10,000,000), and
+/// `MEASURE_UNSORTED=1` shuffles its rows first (the importer then sorts):
+/// `cargo test --release --test import_guards -- --ignored --nocapture embedded_memory`
+#[test]
+#[ignore = "measurement: prints RSS per record"]
+fn embedded_memory_per_record() {
+    let records: u64 = std::env::var("MEASURE_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000_000);
+    let unsorted = std::env::var("MEASURE_UNSORTED").is_ok_and(|v| v == "1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    run(bin()
+        .args([
+            "generate",
+            "--records",
+            &records.to_string(),
+            "--seed",
+            "1",
+            "--out",
+        ])
+        .arg(dir.path()));
+    if unsorted {
+        let data = "snapshot-000001.csv.gz";
+        let shuffle = format!(
+            "set -e; cd '{}'; (gzip -dc {data} | head -1; gzip -dc {data} | tail -n +2 | shuf --random-source=/dev/zero) | gzip -1 > shuffled.gz; mv shuffled.gz {data}",
+            dir.path().display()
+        );
+        let ok = std::process::Command::new("sh")
+            .args(["-c", &shuffle])
+            .status()
+            .expect("sh");
+        assert!(ok.success(), "shuffle");
+        let path = dir.path().join("snapshot-000001.json");
+        let mut manifest = import::Manifest::load(&path).expect("manifest");
+        let bytes = std::fs::read(dir.path().join(data)).expect("data");
+        manifest.sha256 = hex::encode(Sha256::digest(&bytes));
+        drop(bytes);
+        std::fs::write(&path, serde_json::to_vec(&manifest).expect("json")).expect("write");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let before = rss_kib("VmRSS:");
+    let started = Instant::now();
+    let store = rt
+        .block_on(import::embedded::open_dir(
+            dir.path(),
+            ImportOptions::default(),
+            &mut NoProgress,
+        ))
+        .expect("loads");
+    let elapsed = started.elapsed();
+    let (peak, after) = (rss_kib("VmHWM:"), rss_kib("VmRSS:"));
+    assert!(
+        store.import_problems().is_empty(),
+        "{:?}",
+        store.import_problems()
+    );
+    let held = store.len() as f64;
+    assert!(held >= records as f64, "{held} records of {records}");
+    let per = |kib: u64| kib.saturating_sub(before) as f64 * 1024.0 / held;
+    println!(
+        "{} records ({}) loaded in {elapsed:.2?}: RSS +{:.2} bytes/record steady, +{:.2} peak while loading; store heap {:.2} bytes/record (RSS before {before} KiB, peak {peak} KiB, after {after} KiB)",
+        store.len(),
+        if unsorted {
+            "snapshot rows shuffled"
+        } else {
+            "snapshot rows sorted"
+        },
+        per(after),
+        per(peak),
+        store.memory_bytes() as f64 / held,
+    );
 }
 
 // ------------------------------------------------- the binary, on real Redis
@@ -1022,7 +1115,7 @@ async fn the_server_starts_with_a_bad_file_and_reports_it() {
 
     // a later valid file is picked up by the resync; the bad one stays reported
     FileSpec::delta(5, &days_ago(5), &as_refs(&rows(9000, 1))).write(dir.path(), "delta-000005b");
-    eventually(|| {
+    eventually("the resync applies delta 5", || {
         let mut client = client.clone();
         async move {
             client

@@ -451,8 +451,10 @@ async fn redis_restarted_empty_under_load(cluster: bool) {
     );
     assert_no_wrong(&tally, "redis restarted empty under load", 5_000);
     // Health: the mirror is empty now.
-    support::bin::eventually(|| async { health(&server).await == Some(ServingStatus::NotServing as i32) })
-        .await;
+    support::poll::eventually("health is NOT_SERVING", || async {
+        health(&server).await == Some(ServingStatus::NotServing as i32)
+    })
+    .await;
     server.stop().await;
 }
 
@@ -608,8 +610,10 @@ async fn evicting_policy_refuses_to_serve(cluster: bool) {
     let (server, store) = env.serve().await;
     let unsafe_metric = "reassigned_store_unsafe{reason=\"maxmemory_policy\"} ";
     assert!(store.unsafe_reason().is_some_and(|r| r.contains("allkeys-lru")));
-    support::bin::eventually(|| async { health(&server).await == Some(ServingStatus::NotServing as i32) })
-        .await;
+    support::poll::eventually("health is NOT_SERVING", || async {
+        health(&server).await == Some(ServingStatus::NotServing as i32)
+    })
+    .await;
     assert_eq!(metric(&scrape(&server).await, unsafe_metric), Some(1));
     let load = Load::start(&server, &env.register).await;
     load.wait_checks(1_000).await;
@@ -619,15 +623,20 @@ async fn evicting_policy_refuses_to_serve(cluster: bool) {
 
     env.redis
         .on_masters(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
-    support::bin::eventually(|| async { health(&server).await == Some(ServingStatus::Serving as i32) }).await;
+    support::poll::eventually("health is SERVING", || async {
+        health(&server).await == Some(ServingStatus::Serving as i32)
+    })
+    .await;
     assert_eq!(metric(&scrape(&server).await, unsafe_metric), Some(0));
 
     let load = Load::start(&server, &env.register).await;
     load.wait_checks(500).await;
     env.redis
         .on_masters(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
-    support::bin::eventually(|| async { health(&server).await == Some(ServingStatus::NotServing as i32) })
-        .await;
+    support::poll::eventually("health is NOT_SERVING", || async {
+        health(&server).await == Some(ServingStatus::NotServing as i32)
+    })
+    .await;
     let before = load.tally.reassigned.load(Ordering::Relaxed);
     load.wait_checks(500).await;
     let tally = load.stop().await;
@@ -677,8 +686,10 @@ async fn redis_restarted_from_an_older_save_under_load() {
     load.wait_checks(3_000).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     println!("{}", load.tally.report("after the restart from an older save"));
-    support::bin::eventually(|| async { health(&server).await == Some(ServingStatus::NotServing as i32) })
-        .await;
+    support::poll::eventually("health is NOT_SERVING", || async {
+        health(&server).await == Some(ServingStatus::NotServing as i32)
+    })
+    .await;
     assert_eq!(
         metric(
             &scrape(&server).await,
@@ -700,7 +711,10 @@ async fn redis_restarted_from_an_older_save_under_load() {
     );
     assert_no_wrong(&tally, "redis restarted from an older save", 5_000);
     assert!(tally.unavailable.load(Ordering::Relaxed) > 0);
-    support::bin::eventually(|| async { health(&server).await == Some(ServingStatus::Serving as i32) }).await;
+    support::poll::eventually("health is SERVING", || async {
+        health(&server).await == Some(ServingStatus::Serving as i32)
+    })
+    .await;
     server.stop().await;
 }
 
@@ -1036,7 +1050,10 @@ async fn health_rides_out_short_stalls() {
     redis.resume();
     println!("one server stopped 5 s: health {seen:?}");
     assert!(seen.contains(&(ServingStatus::NotServing as i32)), "{seen:?}");
-    support::bin::eventually(|| async { health(&server).await == Some(ServingStatus::Serving as i32) }).await;
+    support::poll::eventually("health is SERVING", || async {
+        health(&server).await == Some(ServingStatus::Serving as i32)
+    })
+    .await;
     server.stop().await;
 
     let env = Env::new(TestRedis::start(true, &[])).await;

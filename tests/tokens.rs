@@ -19,7 +19,8 @@ use reassigned::cli::token::{IssuerKey, KeyAlg, jwks_json, now_secs};
 use reassigned::import::{self, NoProgress};
 use reassigned::server::token::{TokenClaims, scope};
 use reassigned::store::{AnyStore, EmbeddedStore};
-use support::bin::{Killed, bin, eventually, run};
+use support::bin::{Killed, bin, run};
+use support::poll::eventually;
 use support::register::FileSpec;
 use support::server::{Bearer, TestChannel, TestServer};
 use tempfile::TempDir;
@@ -502,10 +503,16 @@ async fn jwks_file_change_is_picked_up() {
     assert!(check_with(&env, Bearer::new(&token)).await.is_err());
     // added by file change alone, no reload call
     write_jwks(&t.jwks, &[&t.key, &second]);
-    eventually(|| async { check_with(&env, Bearer::new(&token)).await.is_ok() }).await;
+    eventually("the token is accepted", || async {
+        check_with(&env, Bearer::new(&token)).await.is_ok()
+    })
+    .await;
     // and removed again
     write_jwks(&t.jwks, &[&t.key]);
-    eventually(|| async { check_with(&env, Bearer::new(&token)).await.is_err() }).await;
+    eventually("the token is refused", || async {
+        check_with(&env, Bearer::new(&token)).await.is_err()
+    })
+    .await;
     env.server.stop().await;
 }
 
@@ -723,7 +730,10 @@ async fn sighup_reloads_the_jwks() {
             .expect("set mtime");
     }
     server.signal("HUP");
-    eventually(|| async { call(with(&token_two), Method::Status).await.is_ok() }).await;
+    eventually("the second token is accepted", || async {
+        call(with(&token_two), Method::Status).await.is_ok()
+    })
+    .await;
     assert_refused(
         call(with(&token_one), Method::Status).await,
         Code::Unauthenticated,

@@ -217,47 +217,147 @@ fn drive(reader: &mut dyn Read, parser: &mut Parser, progress: &mut dyn Progress
 
 /// Sorts by number and keeps one entry per number, the latest date.
 fn finish(numbers: Vec<u64>, days: Vec<u16>, non_decreasing: bool) -> Result<Records, RecordsError> {
-    let (mut numbers, mut days) = dedup(numbers, days, non_decreasing);
-    numbers.shrink_to_fit();
-    days.shrink_to_fit();
+    // Packs in place into the numbers' buffer, which then shrinks: the
+    // rows are never held twice.
+    let (numbers, days) = dedup(numbers, days, non_decreasing);
     Records::new(numbers, days)
 }
 
 /// Sorts by number and keeps one entry per number, the latest date (the
-/// capacity is kept, for reuse).
+/// capacity is kept, for reuse). In place: sorting the two arrays together
+/// ([`sort_pairs`]) needs no third copy of the rows.
 fn dedup(mut numbers: Vec<u64>, mut days: Vec<u16>, non_decreasing: bool) -> (Vec<u64>, Vec<u16>) {
-    if non_decreasing {
-        // Already in order: drop duplicates in place, keeping the latest date.
-        let mut w = 0;
-        for r in 0..numbers.len() {
-            if w > 0 && numbers[r] == numbers[w - 1] {
-                days[w - 1] = days[w - 1].max(days[r]);
-            } else {
-                numbers[w] = numbers[r];
-                days[w] = days[r];
-                w += 1;
-            }
-        }
-        numbers.truncate(w);
-        days.truncate(w);
-    } else {
-        let mut pairs: Vec<(u64, u16)> = numbers.iter().copied().zip(days.iter().copied()).collect();
-        pairs.sort_unstable();
-        numbers.clear();
-        days.clear();
-        for (n, d) in pairs {
-            // Sorted by (number, date): the last of a run has the latest date.
-            if numbers.last() == Some(&n) {
-                if let Some(last) = days.last_mut() {
-                    *last = d;
-                }
-            } else {
-                numbers.push(n);
-                days.push(d);
-            }
+    if !non_decreasing {
+        sort_pairs(&mut numbers, &mut days);
+    }
+    // In order: drop duplicates in place, keeping the latest date.
+    let mut w = 0;
+    for r in 0..numbers.len() {
+        if w > 0 && numbers[r] == numbers[w - 1] {
+            days[w - 1] = days[w - 1].max(days[r]);
+        } else {
+            numbers[w] = numbers[r];
+            days[w] = days[r];
+            w += 1;
         }
     }
+    numbers.truncate(w);
+    days.truncate(w);
     (numbers, days)
+}
+
+/// Slices this short are sorted by insertion.
+const INSERTION_MAX: usize = 16;
+
+/// Sorts `keys` in increasing order and moves `vals[i]` along with
+/// `keys[i]`, in place (no allocation): quicksort with a median-of-three
+/// pivot, insertion sort for short slices, heap sort past a depth limit
+/// (so never worse than O(n log n)). Not stable.
+fn sort_pairs(keys: &mut [u64], vals: &mut [u16]) {
+    debug_assert_eq!(keys.len(), vals.len());
+    let n = vals.len().min(keys.len());
+    let depth = 2 * (usize::BITS - n.leading_zeros());
+    quicksort(&mut keys[..n], &mut vals[..n], depth);
+}
+
+fn quicksort(mut keys: &mut [u64], mut vals: &mut [u16], mut depth: u32) {
+    loop {
+        let n = keys.len();
+        if n <= INSERTION_MAX {
+            insertion_sort(keys, vals);
+            return;
+        }
+        if depth == 0 {
+            heapsort(keys, vals);
+            return;
+        }
+        depth -= 1;
+        let mid = n / 2;
+        let swap = |keys: &mut [u64], vals: &mut [u16], a: usize, b: usize| {
+            keys.swap(a, b);
+            vals.swap(a, b);
+        };
+        if keys[mid] < keys[0] {
+            swap(keys, vals, 0, mid);
+        }
+        if keys[n - 1] < keys[0] {
+            swap(keys, vals, 0, n - 1);
+        }
+        if keys[n - 1] < keys[mid] {
+            swap(keys, vals, mid, n - 1);
+        }
+        // Hoare's partition around the median: keys[..=j] <= pivot <= keys[j + 1..],
+        // with 0 <= j < n - 1 (keys[0] <= pivot <= keys[n - 1] stop both scans).
+        let pivot = keys[mid];
+        let (mut i, mut j) = (0, n - 1);
+        loop {
+            while keys[i] < pivot {
+                i += 1;
+            }
+            while keys[j] > pivot {
+                j -= 1;
+            }
+            if i >= j {
+                break;
+            }
+            swap(keys, vals, i, j);
+            i += 1;
+            j -= 1;
+        }
+        let (left_keys, right_keys) = keys.split_at_mut(j + 1);
+        let (left_vals, right_vals) = vals.split_at_mut(j + 1);
+        // Recurse into the smaller side, loop on the larger: O(log n) stack.
+        if left_keys.len() < right_keys.len() {
+            quicksort(left_keys, left_vals, depth);
+            (keys, vals) = (right_keys, right_vals);
+        } else {
+            quicksort(right_keys, right_vals, depth);
+            (keys, vals) = (left_keys, left_vals);
+        }
+    }
+}
+
+fn insertion_sort(keys: &mut [u64], vals: &mut [u16]) {
+    for i in 1..keys.len() {
+        let (k, v) = (keys[i], vals[i]);
+        let mut j = i;
+        while j > 0 && keys[j - 1] > k {
+            keys[j] = keys[j - 1];
+            vals[j] = vals[j - 1];
+            j -= 1;
+        }
+        keys[j] = k;
+        vals[j] = v;
+    }
+}
+
+fn heapsort(keys: &mut [u64], vals: &mut [u16]) {
+    fn sift_down(keys: &mut [u64], vals: &mut [u16], mut root: usize, end: usize) {
+        loop {
+            let mut child = 2 * root + 1;
+            if child >= end {
+                return;
+            }
+            if child + 1 < end && keys[child] < keys[child + 1] {
+                child += 1;
+            }
+            if keys[root] >= keys[child] {
+                return;
+            }
+            keys.swap(root, child);
+            vals.swap(root, child);
+            root = child;
+        }
+    }
+    let n = keys.len();
+    for root in (0..n / 2).rev() {
+        sift_down(keys, vals, root, n);
+    }
+    for end in (1..n).rev() {
+        keys.swap(0, end);
+        vals.swap(0, end);
+        sift_down(keys, vals, 0, end);
+    }
 }
 
 /// The state of one streaming parse.
@@ -871,6 +971,43 @@ mod tests {
         assert_eq!(
             r.pairs().map(|(_, d)| d).collect::<Vec<_>>(),
             vec![latest(1), latest(3), latest(5), latest(9)]
+        );
+    }
+
+    /// The in-place sort of the parallel arrays sorts like the standard
+    /// sort of the pairs (random, many duplicates, sorted, reversed, and
+    /// the heap sort fallback), keeping each number with its own days.
+    #[test]
+    fn sort_pairs_sorts_like_the_standard_sort() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = SmallRng::seed_from_u64(11);
+        let mut cases: Vec<Vec<(u64, u16)>> = Vec::new();
+        for n in [0usize, 1, 2, 3, 15, 16, 17, 100, 1000, 50_000] {
+            cases.push((0..n).map(|_| (rng.random(), rng.random())).collect());
+            cases.push((0..n).map(|_| (rng.random_range(0..8), rng.random())).collect());
+            cases.push((0..n as u64).map(|i| (i, i as u16)).collect());
+            cases.push((0..n as u64).rev().map(|i| (i / 3, i as u16)).collect());
+        }
+        for (c, pairs) in cases.iter().enumerate() {
+            let (mut keys, mut vals): (Vec<u64>, Vec<u16>) = pairs.iter().copied().unzip();
+            sort_pairs(&mut keys, &mut vals);
+            let mut got: Vec<(u64, u16)> = keys.iter().copied().zip(vals.iter().copied()).collect();
+            assert!(keys.windows(2).all(|w| w[0] <= w[1]), "case {c}: not sorted");
+            // Same multiset of pairs: each key kept its own values.
+            got.sort_unstable();
+            let mut want = pairs.clone();
+            want.sort_unstable();
+            assert_eq!(got, want, "case {c}");
+        }
+        let (mut keys, mut vals): (Vec<u64>, Vec<u16>) =
+            (0..1000u64).map(|i| ((i * 7919) % 1000, i as u16)).unzip();
+        heapsort(&mut keys, &mut vals);
+        assert_eq!(keys, (0..1000).collect::<Vec<_>>());
+        assert!(
+            keys.iter()
+                .zip(&vals)
+                .all(|(&k, &v)| (u64::from(v) * 7919) % 1000 == k)
         );
     }
 

@@ -1,83 +1,45 @@
 //! The embedded store: the whole mirror in process memory.
 //!
-//! Numbers are kept as a sorted `Vec<u64>` and dates as a parallel `Vec<u16>`
-//! (days since 1970-01-01): 10 bytes per record, plus a sparse index holding
-//! every [`BLOCK`]th number (1/4 byte per record) that narrows a lookup to one
-//! block of a few cache lines, itself narrowed by a top index of every
-//! [`TOP`]th index entry (small enough to stay in cache), so that a lookup
-//! touches few cold cache lines.
+//! The records are kept as the importer hands them over, a [`Records`]:
+//! numbers and dates packed in 5 bytes per record plus a small table of
+//! runs (one per 2^24 numbers in use), looked up by two binary searches
+//! (see [`super::records`]).
 //!
-//! The numbers, their dates and the metadata describing them form one
-//! immutable `State` generation behind an [`ArcSwapOption`]: a lookup loads
-//! the current generation without a lock and answers from it alone, so it
-//! sees the old data or the new, never a mix. Writers (imports) build a new
-//! generation aside and swap it in; they are serialised by a mutex that
-//! readers never touch.
+//! The records and the metadata describing them form one immutable `State`
+//! generation behind an [`ArcSwapOption`]: a lookup loads the current
+//! generation without a lock and answers from it alone, so it sees the old
+//! data or the new, never a mix. Writers (imports) build a new generation
+//! aside and swap it in; they are serialised by a mutex that readers never
+//! touch. A snapshot's generation shares the importer's records (no copy);
+//! a delta's is merged from the old one and the delta into a new buffer,
+//! so the old and the new generation are both held only while it merges.
 
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 
+use super::records::Builder;
 use super::{APPLIED_KEEP, DeltaWrite, Kind, Lookup, Records, SnapshotWrite, Store, StoreError, applied_key};
 use crate::domain::{Date, MirrorMeta, PhoneNumber};
 
-/// Records per block of the sparse index.
-pub const BLOCK: usize = 32;
-/// Index entries per entry of the top index.
-pub const TOP: usize = 64;
-
 /// One immutable generation of the mirror.
 struct State {
-    /// [`PhoneNumber::value`]s, strictly increasing.
-    numbers: Vec<u64>,
-    /// Disconnect date of `numbers[i]`, days since 1970-01-01.
-    days: Vec<u16>,
-    /// `numbers[i * BLOCK]` for every block.
-    index: Vec<u64>,
-    /// `index[i * TOP]`.
-    top: Vec<u64>,
+    records: Records,
     meta: Arc<MirrorMeta>,
 }
 
 impl State {
-    fn new(numbers: Vec<u64>, days: Vec<u16>, meta: MirrorMeta) -> Self {
-        let index: Vec<u64> = numbers.iter().step_by(BLOCK).copied().collect();
-        let top = index.iter().step_by(TOP).copied().collect();
+    fn new(records: Records, meta: MirrorMeta) -> Self {
         Self {
-            numbers,
-            days,
-            index,
-            top,
+            records,
             meta: Arc::new(meta),
         }
     }
 
     #[inline]
     fn get(&self, number: u64) -> Option<Date> {
-        // The last block whose first number is <= `number`: in the stretch
-        // of the index under the last top entry <= `number`.
-        let stretch = self
-            .top
-            .partition_point(|&first| first <= number)
-            .checked_sub(1)?
-            * TOP;
-        let end = (stretch + TOP).min(self.index.len());
-        let block = stretch
-            + self.index[stretch..end]
-                .partition_point(|&first| first <= number)
-                .checked_sub(1)?;
-        let start = block * BLOCK;
-        let end = (start + BLOCK).min(self.numbers.len());
-        let i = self.numbers[start..end].binary_search(&number).ok()?;
-        Some(Date::from_days(i32::from(self.days[start + i])))
-    }
-
-    fn memory_bytes(&self) -> usize {
-        self.numbers.capacity() * 8
-            + self.days.capacity() * 2
-            + self.index.capacity() * 8
-            + self.top.capacity() * 8
+        self.records.day_of(number).map(|d| Date::from_days(i32::from(d)))
     }
 }
 
@@ -171,7 +133,13 @@ impl EmbeddedStore {
 
     /// The number of records held.
     pub fn len(&self) -> usize {
-        self.state.load().as_ref().map_or(0, |s| s.numbers.len())
+        self.state.load().as_ref().map_or(0, |s| s.records.len())
+    }
+
+    /// The current generation's records (shared, not copied); `None`
+    /// while the mirror is empty.
+    pub fn records(&self) -> Option<Records> {
+        self.state.load().as_ref().map(|s| s.records.clone())
     }
 
     /// True if no records are held.
@@ -185,7 +153,7 @@ impl EmbeddedStore {
         let nbuckets = nbuckets.max(1);
         let mut out = vec![super::digest::BucketDigest::default(); nbuckets as usize];
         if let Some(state) = self.state.load().as_ref() {
-            for (&n, &d) in state.numbers.iter().zip(&state.days) {
+            for (n, d) in state.records.pairs() {
                 out[(n % nbuckets) as usize].add(n, u64::from(d));
             }
         }
@@ -205,9 +173,9 @@ impl EmbeddedStore {
         })
     }
 
-    /// The heap bytes held by the current generation (numbers, dates, index).
+    /// The heap bytes held by the current generation's records.
     pub fn memory_bytes(&self) -> usize {
-        self.state.load().as_ref().map_or(0, |s| s.memory_bytes())
+        self.state.load().as_ref().map_or(0, |s| s.records.memory_bytes())
     }
 
     fn swap_snapshot(
@@ -227,8 +195,8 @@ impl EmbeddedStore {
                 describe_seq(current)
             )));
         }
-        let (numbers, days) = records.parts();
-        let state = State::new(numbers.to_vec(), days.to_vec(), meta);
+        // Shares the importer's records: no copy.
+        let state = State::new(records.clone(), meta);
         self.state.store(Some(Arc::new(state)));
         self.record_applied(snapshot.sequence, Kind::Snapshot, &snapshot.sha256);
         Ok(())
@@ -255,16 +223,15 @@ impl EmbeddedStore {
                 old.meta.sequence
             )));
         }
-        let (new_numbers, new_days) = records.parts();
-        let (numbers, days) = merge(&old.numbers, &old.days, new_numbers, new_days);
+        let merged = merge(&old.records, records)?;
         let meta = MirrorMeta {
             sequence: delta.sequence,
             as_of: delta.as_of.max(old.meta.as_of),
-            record_count: numbers.len() as u64,
+            record_count: merged.len() as u64,
             last_import_unix: now_unix(),
             ..(*old.meta).clone()
         };
-        self.state.store(Some(Arc::new(State::new(numbers, days, meta))));
+        self.state.store(Some(Arc::new(State::new(merged, meta))));
         self.record_applied(delta.sequence, Kind::Delta, &delta.sha256);
         Ok(())
     }
@@ -274,36 +241,40 @@ fn describe_seq(seq: Option<u64>) -> String {
     seq.map_or_else(|| "empty".to_string(), |s| format!("sequence {s}"))
 }
 
-/// Merges two sorted, duplicate-free record sets; a number in both keeps the
-/// later date.
-fn merge(a_num: &[u64], a_day: &[u16], b_num: &[u64], b_day: &[u16]) -> (Vec<u64>, Vec<u16>) {
-    let cap = a_num.len() + b_num.len();
-    let (mut numbers, mut days) = (Vec::with_capacity(cap), Vec::with_capacity(cap));
-    let (mut i, mut j) = (0, 0);
-    while i < a_num.len() && j < b_num.len() {
-        let (x, y) = (a_num[i], b_num[j]);
-        if x < y {
-            numbers.push(x);
-            days.push(a_day[i]);
-            i += 1;
-        } else if y < x {
-            numbers.push(y);
-            days.push(b_day[j]);
-            j += 1;
-        } else {
-            numbers.push(x);
-            days.push(a_day[i].max(b_day[j]));
-            i += 1;
-            j += 1;
-        }
+/// Merges two record sets; a number in both keeps the later date.
+fn merge(a: &Records, b: &Records) -> Result<Records, StoreError> {
+    let mut out = Builder::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.pairs().peekable(), b.pairs().peekable());
+    loop {
+        let next = match (a.peek().copied(), b.peek().copied()) {
+            (None, None) => break,
+            (Some(x), None) => {
+                a.next();
+                x
+            }
+            (None, Some(y)) => {
+                b.next();
+                y
+            }
+            (Some(x), Some(y)) if x.0 < y.0 => {
+                a.next();
+                x
+            }
+            (Some(x), Some(y)) if y.0 < x.0 => {
+                b.next();
+                y
+            }
+            (Some(x), Some(y)) => {
+                a.next();
+                b.next();
+                (x.0, x.1.max(y.1))
+            }
+        };
+        // Both inputs hold the invariant, so the merge does too.
+        out.push(next.0, next.1)
+            .map_err(|e| StoreError::Corrupt(format!("merging a delta: {e}")))?;
     }
-    numbers.extend_from_slice(&a_num[i..]);
-    days.extend_from_slice(&a_day[i..]);
-    numbers.extend_from_slice(&b_num[j..]);
-    days.extend_from_slice(&b_day[j..]);
-    numbers.shrink_to_fit();
-    days.shrink_to_fit();
-    (numbers, days)
+    Ok(out.finish())
 }
 
 impl Store for EmbeddedStore {
@@ -379,8 +350,8 @@ mod tests {
         }
     }
 
-    /// `len` counts the records held, and the memory stays at about 10
-    /// bytes per record (numbers, dates, the sparse index).
+    /// `len` counts the records held, and the memory stays at about 5
+    /// bytes per record (packed records, the table of runs).
     #[tokio::test]
     async fn len_and_memory_follow_the_records() {
         let store = EmbeddedStore::new();
@@ -396,7 +367,11 @@ mod tests {
             .await
             .expect("snapshot");
         assert_eq!(store.len(), 10_000);
-        assert!(store.memory_bytes() <= 10_000 * 11, "{}", store.memory_bytes());
+        assert!(
+            store.memory_bytes() <= 10_000 * 5 + 10_000 / 64 * 8 + 64,
+            "{}",
+            store.memory_bytes()
+        );
         // A delta of one new number and one known: one more record.
         let records =
             Records::new(vec![14_155_550_000, 14_155_550_001], vec![30_000, 30_000]).expect("records");
@@ -413,50 +388,28 @@ mod tests {
         assert_eq!((store.len(), store.is_empty()), (1, false));
     }
 
-    /// The two-level index finds exactly what a search of the whole sorted
-    /// list finds, at every size around the block and top boundaries.
-    #[test]
-    fn indexed_lookups_find_what_a_full_search_finds() {
-        let meta = || MirrorMeta {
-            sequence: 1,
-            as_of: Date::from_days(20_000),
-            coverage_start: Date::from_days(18_654),
-            prefixes: Vec::new(),
-            record_count: 0,
-            last_import_unix: 0,
-        };
-        let stride = BLOCK * TOP;
-        for len in [
-            0,
-            1,
-            BLOCK - 1,
-            BLOCK,
-            BLOCK + 1,
-            stride - 1,
-            stride,
-            stride + 1,
-            3 * stride + 7,
-        ] {
-            // Every third value, so misses fall between, before and after.
-            let numbers: Vec<u64> = (0..len as u64).map(|i| 1_000 + 3 * i).collect();
-            let days: Vec<u16> = (0..len).map(|i| (i % 60_000) as u16).collect();
-            let state = State::new(numbers.clone(), days.clone(), meta());
-            for probe in 0..(1_000 + 3 * len as u64 + 5) {
-                let expected = numbers
-                    .binary_search(&probe)
-                    .ok()
-                    .map(|i| Date::from_days(i32::from(days[i])));
-                assert_eq!(state.get(probe), expected, "len {len} probe {probe}");
-            }
-        }
-    }
-
     #[test]
     fn merge_interleaves() {
-        let (n, d) = merge(&[1, 3, 5], &[1, 3, 5], &[2, 3, 6], &[2, 9, 6]);
-        assert_eq!(n, vec![1, 2, 3, 5, 6]);
-        assert_eq!(d, vec![1, 2, 9, 5, 6]);
-        let (n, _) = merge(&[], &[], &[4], &[4]);
-        assert_eq!(n, vec![4]);
+        let r = |pairs: &[(u64, u16)]| Records::from_unsorted(pairs.iter().copied()).expect("records");
+        let pairs = |r: &Records| r.pairs().collect::<Vec<_>>();
+        let m = merge(
+            &r(&[(100_001, 1), (100_003, 3), (100_005, 5)]),
+            &r(&[(100_002, 2), (100_003, 9), (100_006, 6)]),
+        )
+        .expect("merge");
+        assert_eq!(
+            pairs(&m),
+            vec![
+                (100_001, 1),
+                (100_002, 2),
+                (100_003, 9),
+                (100_005, 5),
+                (100_006, 6)
+            ]
+        );
+        let m = merge(&r(&[(100_003, 9)]), &r(&[(100_003, 2)])).expect("merge");
+        assert_eq!(pairs(&m), vec![(100_003, 9)]);
+        let m = merge(&Records::default(), &r(&[(100_004, 4)])).expect("merge");
+        assert_eq!(pairs(&m), vec![(100_004, 4)]);
     }
 }

@@ -1,6 +1,6 @@
 //! Running the `reassigned` binary in tests: a command with a clean
 //! environment, a runner that fails the test with the output, a child that
-//! is killed when dropped, and polling with a deadline.
+//! is killed when dropped (polling with a deadline is [`super::poll`]).
 #![allow(dead_code)]
 
 use std::process::{Child, Command, Output};
@@ -65,17 +65,6 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("port")
-}
-
-/// Polls `f` until it is true, failing after [`super::poll::DEADLINE`]: the
-/// same as [`super::poll::eventually`] without a description (kept for the
-/// callers that do not name their condition; new tests name it).
-pub async fn eventually<F, Fut>(mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    super::poll::eventually("the condition holds", async || f().await).await;
 }
 
 /// A mutual-TLS channel to a `reassigned serve` child on 127.0.0.1:`port`, as
