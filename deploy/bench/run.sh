@@ -48,6 +48,8 @@
 #   TARGETS="bare redis embedded"
 #   SEED=1            seed of the data set and of the queries
 #   WORK=<new temp>   working directory (kept if KEEP_WORK=1 or given)
+#   PIN=0             1: servers and redis-server on CPU 1, the load generator
+#                     on CPU 0 (calls/s then follow the server's own cost)
 #   SKIP_BUILD=1      use the existing target/release/reassigned
 #   SERVE_FLAGS=""    extra flags of both `serve` runs; with `--no-tokens`
 #                     no token is minted or sent (mTLS alone)
@@ -179,12 +181,28 @@ else
   log "tokens: off"
 fi
 
+# CPU ticks (user + system) of the given processes, summed.
+cpu_ticks() {
+  local total=0 pid
+  for pid in "$@"; do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+  done
+  echo "$total"
+}
+# PIN=1: the servers and redis-server on CPU 1, the load generator on CPU 0,
+# so that a server's calls/s follow its own cost per call.
+PIN_SERVER=() PIN_BENCH=()
+if [[ "${PIN:-0}" == 1 ]]; then
+  PIN_SERVER=(taskset -c 1) PIN_BENCH=(taskset -c 0)
+fi
+
 # --- redis --------------------------------------------------------------------
 REDIS_PORT=$(free_port)
 REDIS_URL=redis://127.0.0.1:$REDIS_PORT
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+"${PIN_SERVER[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
   --dir "$WORK/redis" --logfile "$WORK/redis-server.log" --daemonize no &
 PIDS+=($!)
+REDIS_PID=$!
 wait_port "$REDIS_PORT" "${PIDS[-1]}" redis-server
 for _ in $(seq 100); do
   redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
@@ -195,13 +213,14 @@ log "importing into redis on port $REDIS_PORT"
 REDIS_MEMORY=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" info memory | tr -d '\r' | sed -n 's/^used_memory://p')
 
 # --- servers ------------------------------------------------------------------
-declare -A PORT
+declare -A PORT SPID
 start_server() {
   local name=$1
   shift
   PORT[$name]=$(free_port)
-  "$BIN" "$@" --listen "127.0.0.1:${PORT[$name]}" "${TLS_SERVER[@]}" >"$WORK/$name.log" 2>&1 &
+  "${PIN_SERVER[@]}" "$BIN" "$@" --listen "127.0.0.1:${PORT[$name]}" "${TLS_SERVER[@]}" >"$WORK/$name.log" 2>&1 &
   PIDS+=($!)
+  SPID[$name]=$!
   wait_port "${PORT[$name]}" "${PIDS[-1]}" "$name"
   log "$name server on port ${PORT[$name]}"
 }
@@ -239,7 +258,13 @@ for round in $(seq "$ROUNDS"); do
     esac
     for target in $TARGETS; do
       out=$RESULTS/$method-$target-$round
-      "$BIN" bench --target "127.0.0.1:${PORT[$target]}" "${TLS_CLIENT[@]}" \
+      # CPU time of the server (and of redis-server for the Redis target)
+      # over the run, warmup included: CPU per call is steadier than calls/s
+      # when the load generator shares the cores.
+      cpu_pids=("${SPID[$target]}")
+      [[ $target == redis ]] && cpu_pids+=("$REDIS_PID")
+      cpu_before=$(cpu_ticks "${cpu_pids[@]}")
+      "${PIN_BENCH[@]}" "$BIN" bench --target "127.0.0.1:${PORT[$target]}" "${TLS_CLIENT[@]}" \
         --method "$method" --batch-size "$size" --concurrency "$CONCURRENCY" \
         --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
         --data "$DATA" --hit-ratio "$HIT_RATIO" --seed "$SEED" --json \
@@ -248,6 +273,7 @@ for round in $(seq "$ROUNDS"); do
         tail -n 20 "$out.log" >&2
         exit 1
       }
+      echo "$(($(cpu_ticks "${cpu_pids[@]}") - cpu_before)) $(getconf CLK_TCK)" >"$out.cpu"
       python3 - "$out.json" "$round" "$target" <<'EOF' >&2
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -264,11 +290,17 @@ cut -d' ' -f1-3 /proc/loadavg >"$WORK/loadavg-after" 2>/dev/null || true
 # --- redis-benchmark: Redis's own HGET ceiling on a real bucket ----------------
 BUCKET=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" --scan --pattern 'rn:g*' | head -n 1 || true)
 if [[ -n "$BUCKET" ]]; then
-  FIELD=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" hrandfield "$BUCKET" | head -n 1)
+  # Layout 3 buckets are strings (one GET per lookup); layout 2 were hashes.
+  if [[ $(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" type "$BUCKET") == string ]]; then
+    REDIS_CMD=(get "$BUCKET")
+  else
+    REDIS_CMD=(hget "$BUCKET" "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" hrandfield "$BUCKET" | head -n 1)")
+  fi
   for pipeline in 16 1; do
     redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -n 500000 -c 64 -P "$pipeline" --csv \
-      hget "$BUCKET" "$FIELD" >"$RESULTS/redis-benchmark-P$pipeline.csv" 2>/dev/null || true
+      "${REDIS_CMD[@]}" >"$RESULTS/redis-benchmark-P$pipeline.csv" 2>/dev/null || true
   done
+  echo "${REDIS_CMD[0]}" >"$RESULTS/redis-benchmark-command"
 else
   log "no bucket key found in redis: skipping redis-benchmark"
 fi
@@ -282,7 +314,14 @@ tokens = "on" if sys.argv[5] == "1" else "off"
 runs = {}
 for path in sorted(glob.glob(os.path.join(results, "*.json"))):
     method, target, rnd = os.path.basename(path)[:-5].rsplit("-", 2)
-    runs.setdefault((method, target), {})[int(rnd)] = json.load(open(path))
+    run = json.load(open(path))
+    try:
+        ticks, hz = open(path[:-5] + ".cpu").read().split()
+        calls = run["calls_per_sec"] * (run["duration_secs"] + run["warmup_secs"])
+        run["cpu_us_per_call"] = int(ticks) / int(hz) * 1e6 / calls if calls else None
+    except (OSError, ValueError):
+        run["cpu_us_per_call"] = None
+    runs.setdefault((method, target), {})[int(rnd)] = run
 
 first = next(iter(next(iter(runs.values())).values()))
 print(f"\nreassigned benchmark: {os.cpu_count()} cores, {records} records, tokens {tokens}, "
@@ -302,7 +341,7 @@ if redis_memory:
 print()
 header = (f"{'method':<7}{'target':<10}{'per call':>9}{'calls/s':>11}{'numbers/s':>12}"
           f"{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'failed':>8}{'vs bare':>9}{'p99 vs':>8}"
-          f"  per-round ratios (calls/s)")
+          f"{'cpu us':>8}{'cpu vs':>8}  per-round ratios (calls/s)")
 print(header)
 print("-" * len(header))
 methods = ["check", "batch", "stream"]
@@ -319,18 +358,24 @@ for method in methods:
         p99 = statistics.mean(r["latency_us"]["p99"] for r in rs) / 1000
         p999 = statistics.mean(r["latency_us"]["p999"] for r in rs) / 1000
         failed = sum(r["failed_calls"] for r in rs)
-        ratio, p99_ratio, per_round = "", "", ""
+        cpus = [r["cpu_us_per_call"] for r in rs if r.get("cpu_us_per_call")]
+        cpu = statistics.mean(cpus) if cpus else None
+        ratio, p99_ratio, per_round, cpu_ratio = "", "", "", ""
         bare = runs.get((method, "bare"))
         if bare and target != "bare":
             bare_rate = statistics.mean(r["calls_per_sec"] for r in bare.values())
             bare_p99 = statistics.mean(r["latency_us"]["p99"] for r in bare.values()) / 1000
             ratio = f"{rate / bare_rate:.3f}x" if bare_rate else ""
             p99_ratio = f"{p99 / bare_p99:.2f}x" if bare_p99 else ""
+            bare_cpus = [r["cpu_us_per_call"] for r in bare.values() if r.get("cpu_us_per_call")]
+            if cpu and bare_cpus:
+                cpu_ratio = f"{cpu / statistics.mean(bare_cpus):.2f}x"
             per_round = " ".join(
                 f"{rounds[k]['calls_per_sec'] / bare[k]['calls_per_sec']:.2f}"
                 for k in sorted(rounds) if k in bare and bare[k]["calls_per_sec"])
         print(f"{method:<7}{target:<10}{rs[0]['numbers_per_call']:>9}{rate:>11.0f}{numbers:>12.0f}"
-              f"{p50:>9.3f}{p99:>9.3f}{p999:>10.3f}{failed:>8}{ratio:>9}{p99_ratio:>8}  {per_round}")
+              f"{p50:>9.3f}{p99:>9.3f}{p999:>10.3f}{failed:>8}{ratio:>9}{p99_ratio:>8}"
+              f"{(f'{cpu:.1f}' if cpu else ''):>8}{cpu_ratio:>8}  {per_round}")
 
 mix = runs.get(("check", "redis")) or runs.get(("check", "embedded"))
 if mix:
@@ -345,7 +390,8 @@ for pipeline in (16, 1):
         rows = list(csv.DictReader(open(path)))
         if rows:
             row = rows[-1]
-            print(f"redis-benchmark HGET on one bucket, 64 clients, pipeline {pipeline:>2}: "
+            command = open(os.path.join(results, "redis-benchmark-command")).read().strip().upper()
+            print(f"redis-benchmark {command} on one bucket, 64 clients, pipeline {pipeline:>2}: "
                   f"{float(row['rps']):>10.0f} requests/s (p50 {row.get('p50_latency_ms', '?')} ms, "
                   f"p99 {row.get('p99_latency_ms', '?')} ms)")
 EOF
