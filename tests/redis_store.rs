@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use reassigned::domain::{Date, PhoneNumber, Prefix};
+use reassigned::domain::{Date, PhoneNumber};
 use reassigned::store::packed;
 use reassigned::store::redis::RedisOptions;
-use reassigned::store::{DeltaWrite, Records, RedisStore, SnapshotWrite, Store, StoreError};
+use reassigned::store::{Records, RedisStore, Store, StoreError};
 use support::poll::eventually_within;
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
+use support::writes::{COVERAGE_START, delta_write, snap};
 
 /// The Redis a test runs against: the factory of its stores and the way to
 /// look at what they wrote.
@@ -158,31 +159,6 @@ on_both_with!(
     // RESTORE and HSET are not needed to write a mirror (layout 3).
     snapshot_buckets_are_packed_strings: &["--rename-command", "RESTORE", ""],
 );
-
-const COVERAGE_START: i32 = 18_654; // 2021-01-27
-
-/// A snapshot write covering +1 and +86 from 2021-01-27.
-fn snap(sequence: u64, as_of: i32) -> SnapshotWrite {
-    SnapshotWrite {
-        sequence,
-        as_of: Date::from_days(as_of),
-        coverage_start: Date::from_days(COVERAGE_START),
-        prefixes: ["+1", "+86"]
-            .iter()
-            .map(|p| Prefix::parse(p).expect("prefix"))
-            .collect(),
-        sha256: String::new(),
-    }
-}
-
-/// A delta write.
-fn delta_write(sequence: u64, as_of: i32) -> DeltaWrite {
-    DeltaWrite {
-        sequence,
-        as_of: Date::from_days(as_of),
-        sha256: String::new(),
-    }
-}
 
 /// Records from (number, day) pairs, sorted as the importer hands them over.
 fn records(mut pairs: Vec<(u64, u16)>) -> Records {
@@ -1005,16 +981,8 @@ async fn bench_snapshot_memory_and_rate() {
         })
         .await
         .expect("connect");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    // US numbers: +1, area code and exchange 200-999, any line number.
-    let mut pairs: Vec<(u64, u16)> = (0..count)
-        .map(|_| {
-            let n = 10_000_000_000u64 + rng.random_range(2_002_000_000u64..9_999_999_999);
-            (n, rng.random_range(18_654u16..20_500))
-        })
-        .collect();
-    pairs.sort_unstable();
-    pairs.dedup_by_key(|p| p.0);
+    let pairs = support::writes::random_us_pairs(count as u64, 7);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(77);
     let recs = records(pairs);
     let before = used_memory(&server);
     let cpu_before = redis_cpu_seconds(&server);
@@ -1264,15 +1232,8 @@ async fn bench_lookup_layouts() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let server = TestRedis::start(Topology::Single);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let mut pairs: Vec<(u64, u16)> = (0..count)
-        .map(|_| {
-            let n = 10_000_000_000u64 + rng.random_range(2_002_000_000u64..9_999_999_999);
-            (n, rng.random_range(18_654u16..20_500))
-        })
-        .collect();
-    pairs.sort_unstable();
-    pairs.dedup_by_key(|p| p.0);
+    let pairs = support::writes::random_us_pairs(count, 11);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1111);
     {
         let mut con = redis_conn(&server);
         write_layout_2_at(&mut *con, "l2", &pairs, (pairs.len() as u64).div_ceil(128));

@@ -18,15 +18,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use reassigned::domain::Prefix;
 use reassigned::domain::{Date, PhoneNumber};
 use reassigned::store::redis::RedisOptions;
-use reassigned::store::{
-    DeltaWrite, EmbeddedStore, Records, RecordsError, RedisStore, SnapshotWrite, Store, StoreError,
-};
+use reassigned::store::{EmbeddedStore, Records, RecordsError, RedisStore, Store, StoreError};
 use support::poll::eventually;
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
+use support::writes::{COVERAGE_START, delta_write, snap};
 
 /// A mirror under test.
 trait Backend: Send + Sync {
@@ -118,34 +116,9 @@ store_contract!(
     applied_checksums_remember_the_files,
 );
 
-const COVERAGE_START: i32 = 18_654; // 2021-01-27
-
 const A: &str = "+14155550100";
 const B: &str = "+14155550123";
 const C: &str = "+8613800138000";
-
-/// A snapshot write covering +1 and +86 from 2021-01-27.
-fn snap(sequence: u64, as_of: i32) -> SnapshotWrite {
-    SnapshotWrite {
-        sequence,
-        as_of: Date::from_days(as_of),
-        coverage_start: Date::from_days(COVERAGE_START),
-        prefixes: ["+1", "+86"]
-            .iter()
-            .map(|p| Prefix::parse(p).expect("prefix"))
-            .collect(),
-        sha256: "0".repeat(64),
-    }
-}
-
-/// A delta write.
-fn delta_write(sequence: u64, as_of: i32) -> DeltaWrite {
-    DeltaWrite {
-        sequence,
-        as_of: Date::from_days(as_of),
-        sha256: "0".repeat(64),
-    }
-}
 
 fn d(s: &str) -> Date {
     Date::parse(s).expect("date")

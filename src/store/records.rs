@@ -218,24 +218,14 @@ impl Builder {
     /// The records appended.
     pub(super) fn finish(self) -> Records {
         let Self {
-            mut words,
-            mut runs,
+            words,
+            runs,
             mut index,
             len,
             ..
         } = self;
-        words.shrink_to_fit();
-        runs.shrink_to_fit();
         index.shrink_to_fit();
-        Records {
-            data: Arc::new(Packed {
-                words,
-                runs,
-                top: top_of(&index),
-                index,
-                len,
-            }),
-        }
+        Records::from_parts(words, runs, index, len)
     }
 }
 
@@ -295,9 +285,15 @@ impl Records {
         {
             *w &= (1u64 << tail) - 1;
         }
+        Ok(Self::from_parts(words, runs, index, len))
+    }
+
+    /// Records from their packed parts, trimmed to size, with the top level
+    /// of the index.
+    fn from_parts(mut words: Vec<u64>, mut runs: Vec<Run>, index: Vec<u64>, len: usize) -> Self {
         words.shrink_to_fit();
         runs.shrink_to_fit();
-        Ok(Self {
+        Self {
             data: Arc::new(Packed {
                 words,
                 runs,
@@ -305,7 +301,7 @@ impl Records {
                 index,
                 len,
             }),
-        })
+        }
     }
 
     /// Records from (number, day) pairs in any order; a number given more

@@ -8,3 +8,4 @@ pub mod bin;
 pub mod poll;
 pub mod register;
 pub mod server;
+pub mod writes;

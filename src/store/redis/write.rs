@@ -530,8 +530,24 @@ async fn snapshot_locked(
         biased;
         () = cancelled() => Err(interrupted("while writing the new generation; rolled back")),
         w = async {
-            write_generation(inner, &mut bulk.clone(), generation, records).await?;
-            write_filter(inner, &mut bulk.clone(), generation, records).await
+            // The filter is built on a blocking thread while the buckets
+            // are written (the importer's CPU goes to both at once).
+            let params = BloomParams {
+                bits: bloom::bits_for(generation.nbuckets, RECORDS_PER_BUCKET),
+                hashes: bloom::HASHES,
+            };
+            let filter = tokio::task::spawn_blocking({
+                let records = records.clone();
+                move || build_filter(&records, params)
+            });
+            let numbers: Vec<u64> = records.numbers().collect();
+            write_generation(inner, &mut bulk.clone(), generation, (&numbers, records)).await?;
+            drop(numbers);
+            let filter = filter
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("building the membership filter failed: {e}")))?;
+            write_filter(inner, &mut bulk.clone(), generation, &filter).await?;
+            Ok(params)
         } => w,
     };
     let bloom_params = match written.and_then(|p| {
@@ -853,14 +869,14 @@ fn push_packed(
     scratch: &mut (Vec<(u64, u16)>, Vec<u8>),
     key: String,
     generation: Generation,
-    records: &Records,
+    (numbers, records): (&[u64], &Records),
     indexes: &[u32],
 ) {
     let (entries, payload) = scratch;
     entries.clear();
     entries.extend(indexes.iter().map(|&i| {
         let i = i as usize;
-        (records.number(i) / generation.nbuckets, records.day(i))
+        (numbers[i] / generation.nbuckets, records.day(i))
     }));
     payload.clear();
     packed::encode(generation.id, entries, payload);
@@ -869,13 +885,14 @@ fn push_packed(
 
 /// Writes every record into a new generation's packed buckets (every
 /// bucket, empty ones included: a missing bucket is a lost one).
+/// `numbers` are the records' numbers, decoded once.
 async fn write_generation(
     inner: &Inner,
     bulk: &mut Conn,
     generation: Generation,
-    records: &Records,
+    (numbers, records): (&[u64], &Records),
 ) -> Result<(), StoreError> {
-    let grouped = group_by_bucket(records.len(), |i| records.number(i), generation.nbuckets, true);
+    let grouped = group_by_bucket(numbers.len(), |i| numbers[i], generation.nbuckets, true);
     let (batches, in_flight) = plan(inner, bulk, generation, &grouped.runs);
     let grouped = &grouped;
     let bulk = &*bulk;
@@ -889,7 +906,7 @@ async fn write_generation(
                     &mut scratch,
                     inner.keys.bucket(generation.id, bucket),
                     generation,
-                    records,
+                    (numbers, records),
                     &grouped.order[from as usize..to as usize],
                 );
             }
@@ -902,22 +919,23 @@ async fn write_generation(
         .await
 }
 
-/// Builds the membership filter of a new generation and stores it in chunk
-/// keys (see `bloom`).
-async fn write_filter(
-    inner: &Inner,
-    bulk: &mut Conn,
-    generation: Generation,
-    records: &Records,
-) -> Result<BloomParams, StoreError> {
-    let params = BloomParams {
-        bits: bloom::bits_for(generation.nbuckets, RECORDS_PER_BUCKET),
-        hashes: bloom::HASHES,
-    };
+/// The membership filter of a new generation's records (CPU only: run it
+/// beside the bucket writes).
+fn build_filter(records: &Records, params: BloomParams) -> Filter {
     let mut filter = Filter::new(params.bits, params.hashes);
     for number in records.numbers() {
         filter.insert(number);
     }
+    filter
+}
+
+/// Stores a new generation's membership filter in chunk keys (see `bloom`).
+async fn write_filter(
+    inner: &Inner,
+    bulk: &mut Conn,
+    generation: Generation,
+    filter: &Filter,
+) -> Result<(), StoreError> {
     for (i, chunk) in filter.chunks().enumerate() {
         let mut cmd = ::redis::cmd("SET");
         cmd.arg(inner.keys.bloom(generation.id, i as u64)).arg(chunk);
@@ -925,7 +943,7 @@ async fn write_filter(
             .query_on::<Value>(bulk, &cmd, inner.opts.bulk_timeout)
             .await?;
     }
-    Ok(params)
+    Ok(())
 }
 
 /// Waits until every replica of every master has acknowledged the writes
@@ -1049,7 +1067,9 @@ async fn merge_generation(
         Ok(Err(e)) => return Err(inner.unavailable(&e)),
         Ok(Ok(sha)) => sha,
     };
-    let grouped = group_by_bucket(records.len(), |i| records.number(i), generation.nbuckets, false);
+    let numbers: Vec<u64> = records.numbers().collect();
+    let numbers = numbers.as_slice();
+    let grouped = group_by_bucket(numbers.len(), |i| numbers[i], generation.nbuckets, false);
     let (batches, in_flight) = plan(inner, bulk, generation, &grouped.runs);
     let (grouped, sha, bulk) = (&grouped, sha.as_str(), &*bulk);
     stream::iter(batches)
@@ -1063,8 +1083,7 @@ async fn merge_generation(
                     .arg(expected);
                 for &i in &grouped.order[from as usize..to as usize] {
                     let i = i as usize;
-                    pipe.arg(records.number(i) / generation.nbuckets)
-                        .arg(records.day(i));
+                    pipe.arg(numbers[i] / generation.nbuckets).arg(records.day(i));
                 }
             }
             let added: Vec<i64> = inner.pipeline_on(&mut bulk.clone(), &pipe, limit).await?;
@@ -1100,7 +1119,9 @@ async fn merge_packed(
     records: &Records,
 ) -> Result<u64, StoreError> {
     let limit = inner.opts.bulk_timeout;
-    let grouped = group_by_bucket(records.len(), |i| records.number(i), generation.nbuckets, false);
+    let numbers: Vec<u64> = records.numbers().collect();
+    let numbers = numbers.as_slice();
+    let grouped = group_by_bucket(numbers.len(), |i| numbers[i], generation.nbuckets, false);
     let (batches, in_flight) = plan(inner, bulk, generation, &grouped.runs);
     let (grouped, bulk) = (&grouped, &*bulk);
     stream::iter(batches)
@@ -1141,7 +1162,7 @@ async fn merge_packed(
                 new.clear();
                 new.extend(grouped.order[from as usize..to as usize].iter().map(|&i| {
                     let i = i as usize;
-                    (records.number(i) / generation.nbuckets, records.day(i))
+                    (numbers[i] / generation.nbuckets, records.day(i))
                 }));
                 let (merged, fresh) = packed::merge(&old, &new);
                 if u32::try_from(merged.len()).is_err() {
