@@ -973,9 +973,18 @@ async fn delta_waits_for_replicas_before_moving_the_sequence() {
         assert!(Instant::now() < deadline, "the replica was never promoted");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let reader = RedisStore::connect_cluster(&env.cluster.urls(), options())
-        .await
-        .expect("reader");
+    // Right after the promotion the cluster may still be converging: a
+    // connect that times out then is retried (it answers nothing wrong).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reader = loop {
+        match RedisStore::connect_cluster(&env.cluster.urls(), options()).await {
+            Ok(reader) => break reader,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "reader: {e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
     let mut missing = 0;
     let mut checked = 0;
     for &(n, d) in &delta {
