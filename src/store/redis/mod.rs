@@ -986,11 +986,21 @@ struct LoadedFilter {
     filter: bloom::Filter,
 }
 
+impl LoadedFilter {
+    /// Whether this filter may rule numbers out for `current`: the metadata
+    /// names a filter, and this one is of exactly its generation and
+    /// sequence (the one check of the fast path and the full path).
+    fn is_for(&self, current: &Current) -> bool {
+        current.bloom.is_some()
+            && self.generation == current.generation.id
+            && self.sequence == current.meta.sequence
+    }
+}
+
 /// After a failed filter download, wait this long before the next attempt.
 const FILTER_RETRY_MS: u64 = 10_000;
 
 impl Inner {
-    /// The loaded filter if it belongs to exactly `current`.
     /// The in-process fast path of one lookup: with cached metadata that is
     /// fresh and confirmed, a store that is safe to answer from, and the
     /// membership filter of exactly that generation and sequence loaded, a
@@ -1005,11 +1015,8 @@ impl Inner {
         }
         let current = self.current.load();
         let current = current.as_ref()?;
-        current.bloom?;
         let filter = self.filter.load();
-        let filter = filter
-            .as_ref()
-            .filter(|f| f.generation == current.generation.id && f.sequence == current.meta.sequence)?;
+        let filter = filter.as_ref().filter(|f| f.is_for(current))?;
         if filter.filter.may_contain(number.value()) {
             return None;
         }
@@ -1021,11 +1028,9 @@ impl Inner {
         })
     }
 
+    /// The loaded filter if it belongs to exactly `current`.
     fn usable_filter(&self, current: &Current) -> Option<Arc<LoadedFilter>> {
-        current.bloom?;
-        self.filter
-            .load_full()
-            .filter(|f| f.generation == current.generation.id && f.sequence == current.meta.sequence)
+        self.filter.load_full().filter(|f| f.is_for(current))
     }
 
     /// Starts a download of the current generation's filter in the
