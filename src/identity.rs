@@ -109,11 +109,25 @@ pub enum Scope {
     NumbersBatch,
     /// `mirror:read`: the mirror's status.
     MirrorRead,
+    /// `register:write`: an operator publishes and retracts disconnections.
+    RegisterWrite,
+    /// `watch:write`: a platform adds numbers to and removes them from its
+    /// watch list.
+    WatchWrite,
+    /// `watch:read`: a platform counts its watch list and streams its events.
+    WatchRead,
 }
 
 impl Scope {
     /// Every scope.
-    pub const ALL: [Scope; 3] = [Scope::NumbersCheck, Scope::NumbersBatch, Scope::MirrorRead];
+    pub const ALL: [Scope; 6] = [
+        Scope::NumbersCheck,
+        Scope::NumbersBatch,
+        Scope::MirrorRead,
+        Scope::RegisterWrite,
+        Scope::WatchWrite,
+        Scope::WatchRead,
+    ];
 
     /// The scope's name in a token's `scope` claim.
     pub const fn as_str(self) -> &'static str {
@@ -121,6 +135,9 @@ impl Scope {
             Scope::NumbersCheck => "numbers:check",
             Scope::NumbersBatch => "numbers:batch",
             Scope::MirrorRead => "mirror:read",
+            Scope::RegisterWrite => "register:write",
+            Scope::WatchWrite => "watch:write",
+            Scope::WatchRead => "watch:read",
         }
     }
 }
@@ -142,8 +159,14 @@ pub mod scope {
     pub const BATCH: &str = Scope::NumbersBatch.as_str();
     /// `GetMirrorStatus`.
     pub const MIRROR_READ: &str = Scope::MirrorRead.as_str();
+    /// `PublishDisconnections` and `RetractDisconnection`.
+    pub const REGISTER_WRITE: &str = Scope::RegisterWrite.as_str();
+    /// `AddWatches` and `RemoveWatches`.
+    pub const WATCH_WRITE: &str = Scope::WatchWrite.as_str();
+    /// `CountWatches` and `WatchDisconnections`.
+    pub const WATCH_READ: &str = Scope::WatchRead.as_str();
     /// Every scope, space separated (as in a token's `scope` claim).
-    pub const ALL: &str = "numbers:check numbers:batch mirror:read";
+    pub const ALL: &str = "numbers:check numbers:batch mirror:read register:write watch:write watch:read";
 }
 
 /// The scopes granted by a verified token.

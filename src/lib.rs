@@ -14,6 +14,8 @@
 //! - [`import`]: manifests and CSV data files of the national register, their
 //!   checks, applying snapshots and deltas in sequence order, and the
 //!   embedded store's directory (load at start, background resync).
+//! - [`federation`]: operators' published disconnections, platforms' watch
+//!   lists and the event log between them.
 //! - [`identity`]: who is calling: the certificate-identity rule
 //!   ([`identity::Platform`]), the connection's [`identity::PeerInfo`], token
 //!   [`identity::Scopes`], the request's [`identity::Principal`] (no tonic).
@@ -50,10 +52,11 @@
 //! | `identity` | `domain` |
 //! | `store` | `domain`, `lograte` |
 //! | `import` | `domain`, `store`, `lograte` |
+//! | `federation` | `domain`, `store`, `lograte` |
 //! | `audit`, `receipt`, `quota` | `domain` |
-//! | `api` | `domain`, `identity`, `store`, `audit`, `receipt`, `quota`, `lograte`; never `server` |
-//! | `server` | `domain`, `identity`, `store`, `audit`, `receipt`, `quota`, `lograte`, `api`, `config` (not `import`, not `cli`) |
-//! | `config` | `domain`, `identity`, `store`, `import`, `audit`, `receipt`, `quota` (plain data: never `server`, `cli`, `api`) |
+//! | `api` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`; never `server` |
+//! | `server` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`, `api`, `config` (not `import`, not `cli`) |
+//! | `config` | `domain`, `identity`, `store`, `federation`, `import`, `audit`, `receipt`, `quota` (plain data: never `server`, `cli`, `api`) |
 //! | `cli` | everything |
 //!
 //! Inside `server`, the submodules (`tls`, `accept`, `token`, `auth`, `revoke`,
@@ -65,6 +68,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod federation;
 pub mod identity;
 pub mod import;
 pub mod lograte;

@@ -207,5 +207,6 @@ pub fn status_message(
         stale: meta.is_stale(today, max_staleness_days),
         max_staleness_days,
         skipped_files: Vec::new(),
+        sources: Vec::new(),
     }
 }

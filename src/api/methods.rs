@@ -49,7 +49,7 @@ pub struct Method {
 
 /// Every method of every `reassigned.v1` service. A path not listed here (and
 /// not exempt, see [`EXEMPT_PREFIXES`]) is refused by the auth layer.
-pub const METHODS: [Method; 5] = [
+pub const METHODS: [Method; 11] = [
     Method {
         path: "/reassigned.v1.ReassignedNumbers/CheckNumber",
         label: "CheckNumber",
@@ -83,6 +83,42 @@ pub const METHODS: [Method; 5] = [
         // grants. It reveals nothing secret and reads no store.
         access: Access::AnyToken,
         streaming: Streaming::Unary,
+    },
+    Method {
+        path: "/reassigned.v1.DisconnectionFeed/PublishDisconnections",
+        label: "PublishDisconnections",
+        access: Access::Scope(Scope::RegisterWrite),
+        streaming: Streaming::Unary,
+    },
+    Method {
+        path: "/reassigned.v1.DisconnectionFeed/RetractDisconnection",
+        label: "RetractDisconnection",
+        access: Access::Scope(Scope::RegisterWrite),
+        streaming: Streaming::Unary,
+    },
+    Method {
+        path: "/reassigned.v1.Watchlist/AddWatches",
+        label: "AddWatches",
+        access: Access::Scope(Scope::WatchWrite),
+        streaming: Streaming::Unary,
+    },
+    Method {
+        path: "/reassigned.v1.Watchlist/RemoveWatches",
+        label: "RemoveWatches",
+        access: Access::Scope(Scope::WatchWrite),
+        streaming: Streaming::Unary,
+    },
+    Method {
+        path: "/reassigned.v1.Watchlist/CountWatches",
+        label: "CountWatches",
+        access: Access::Scope(Scope::WatchRead),
+        streaming: Streaming::Unary,
+    },
+    Method {
+        path: "/reassigned.v1.Watchlist/WatchDisconnections",
+        label: "WatchDisconnections",
+        access: Access::Scope(Scope::WatchRead),
+        streaming: Streaming::Server,
     },
 ];
 
