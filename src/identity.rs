@@ -214,8 +214,9 @@ pub struct VerifiedToken {
 /// generation of the key set that verified it, and what it says.
 #[derive(Debug)]
 pub struct RememberedToken {
-    /// The token as sent (without `Bearer `).
-    pub token: Box<[u8]>,
+    /// The `authorization` value as sent (`Bearer <token>`), byte for byte:
+    /// the same value again needs no parsing, no UTF-8 check, no hash.
+    pub authorization: Box<[u8]>,
     /// The key set generation it was verified with (a key reload forgets it).
     pub generation: u64,
     /// Its verified claims.

@@ -163,6 +163,9 @@ impl fmt::Display for Date {
             digit(u16::from(d)),
         ];
         match std::str::from_utf8(&text) {
+            // `pad` only when a width is asked for: plain `to_string()` and
+            // `{}` write the ten bytes straight through.
+            Ok(text) if f.width().is_none() && f.precision().is_none() => f.write_str(text),
             Ok(text) => f.pad(text),
             Err(_) => write!(f, "{y:04}-{m:02}-{d:02}"),
         }

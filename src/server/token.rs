@@ -298,18 +298,19 @@ impl TokenVerifier {
         platform: &Platform,
         memo: &TokenMemo,
     ) -> Result<Scopes, TokenError> {
-        let token = bearer(authorization)?;
+        let raw = authorization.ok_or(TokenError::Missing)?;
         let now = jsonwebtoken::get_current_timestamp();
         let keys = self.keys.load();
         if let Some(remembered) = memo.get().as_ref()
             && remembered.generation == keys.generation
-            && *remembered.token == *token.as_bytes()
+            && *remembered.authorization == *raw
         {
             return check(&remembered.verified, now, platform);
         }
+        let token = bearer(Some(raw))?;
         let verified = self.verified(&keys, token, now)?;
         memo.set(RememberedToken {
-            token: token.as_bytes().into(),
+            authorization: raw.into(),
             generation: keys.generation,
             verified: verified.clone(),
         });
