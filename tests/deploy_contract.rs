@@ -272,6 +272,9 @@ struct Client<'a> {
     issuer_key: PathBuf,
     issuer: String,
     audience: String,
+    /// A token made elsewhere (e.g. by the compose file's documented
+    /// command); `None`: minted here with `issuer_key`.
+    token: Option<String>,
 }
 
 impl Client<'_> {
@@ -280,16 +283,18 @@ impl Client<'_> {
     async fn assert_reassigned(&self, number: &str, date: &str) {
         let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         let cert_pem = read(&self.cert);
-        let key = IssuerKey::from_pem(&read(&self.issuer_key), None).expect("issuer key");
-        let claims = claims_for_cert(
-            &cert_pem,
-            scope::ALL,
-            Duration::from_secs(600),
-            &self.issuer,
-            &self.audience,
-        )
-        .expect("claims");
-        let token = key.mint(&claims).expect("mint");
+        let token = self.token.clone().unwrap_or_else(|| {
+            let key = IssuerKey::from_pem(&read(&self.issuer_key), None).expect("issuer key");
+            let claims = claims_for_cert(
+                &cert_pem,
+                scope::ALL,
+                Duration::from_secs(600),
+                &self.issuer,
+                &self.audience,
+            )
+            .expect("claims");
+            key.mint(&claims).expect("mint")
+        });
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&self.ca)))
             .identity(Identity::from_pem(cert_pem, read(&self.key)))
@@ -515,6 +520,27 @@ async fn the_compose_file_starts_syncs_and_answers() {
     let certs = certs.parent().expect("certs dir");
     let register = base_register(&root);
     let (number, date) = sample_hit(&register);
+    // The header's token command, run as written in the server's container.
+    let header = std::fs::read_to_string(deploy("compose.yaml")).expect("read compose.yaml");
+    let marker = format!("run --rm --no-deps {name} ");
+    let token_line = header
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .find(|l| l.contains("TOKEN=$(") && l.contains(&marker))
+        .expect("the header says how to mint a token");
+    let args: Vec<String> = token_line
+        .split_once(&marker)
+        .map(|(_, rest)| rest.trim_end().trim_end_matches(')'))
+        .expect("args")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let out = sandbox
+        .command(&[image.entrypoint.clone(), args].concat(), &env)
+        .output()
+        .expect("run the header's token command");
+    assert!(out.status.success(), "{token_line}: {out:?}");
+    let token = String::from_utf8(out.stdout).expect("utf-8").trim().to_owned();
     Client {
         grpc_port: sandbox.ports[&50051],
         server_name: name,
@@ -524,6 +550,7 @@ async fn the_compose_file_starts_syncs_and_answers() {
         issuer_key: keys.with_file_name("issuer.key"),
         issuer: lookup("REASSIGNED_TOKEN_ISSUER"),
         audience: lookup("REASSIGNED_TOKEN_AUDIENCE"),
+        token: Some(token),
     }
     .assert_reassigned(&number, &date)
     .await;
@@ -792,6 +819,7 @@ async fn kubernetes_contract(kustomization: &str, hosts: &[(String, String)]) {
         issuer_key: issuer.join("issuer.key"),
         issuer: lookup("REASSIGNED_TOKEN_ISSUER"),
         audience: lookup("REASSIGNED_TOKEN_AUDIENCE"),
+        token: None,
     }
     .assert_reassigned(&number, &date)
     .await;
