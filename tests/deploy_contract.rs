@@ -487,7 +487,11 @@ async fn the_compose_file_starts_syncs_and_answers() {
             }
             server = Some((name, service, sandbox.clone(), env.clone()));
         }
-        children.push(spawn(name, sandbox.command(&command, &env)));
+        children.push((
+            name,
+            command.clone(),
+            spawn(name, sandbox.command(&command, &env)),
+        ));
     }
     let (name, service, sandbox, env) = server.expect("a service runs `serve`");
     let lookup = |key: &str| {
@@ -554,7 +558,21 @@ async fn the_compose_file_starts_syncs_and_answers() {
     }
     .assert_reassigned(&number, &date)
     .await;
-    drop(children);
+    // A periodic sync waiting for its next run stops cleanly on SIGTERM
+    // (`docker compose stop`), exit status 0.
+    for (name, command, mut child) in children {
+        if !command.iter().any(|a| a == "--every") {
+            continue;
+        }
+        child.signal("TERM");
+        let mut status = None;
+        eventually(&format!("{name} exits after SIGTERM"), async || {
+            status = child.0.try_wait().expect("wait");
+            status.is_some()
+        })
+        .await;
+        assert!(status.is_some_and(|s| s.success()), "{name}: {status:?}");
+    }
 }
 
 /// The `register` volume of the compose run.

@@ -329,6 +329,12 @@ pub async fn sync_every(
     every: Duration,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(!every.is_zero(), "--every must be longer than 0s");
+    // Listening from now on, across runs: a SIGTERM that lands between a
+    // run's end and the next wait is not lost.
+    let mut stop = Box::pin(shutdown_signal());
+    if futures_util::FutureExt::now_or_never(&mut stop).is_some() {
+        return Ok(());
+    }
     loop {
         if let Err(e) = sync_with(target, key_prefix, dir, options).await {
             if exit_code(&e) == EXIT_INTERRUPTED {
@@ -338,7 +344,7 @@ pub async fn sync_every(
         }
         tokio::select! {
             () = tokio::time::sleep(every) => {}
-            () = shutdown_signal() => return Ok(()),
+            () = &mut stop => return Ok(()),
         }
     }
 }

@@ -552,6 +552,7 @@ mod tests {
             seed: Some(42),
             as_of: Some(Date::today_utc().add_days(-10)),
             gzip,
+            keep_existing: false,
         }
     }
 
