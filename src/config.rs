@@ -1040,14 +1040,7 @@ mod tests {
     #[test]
     fn cluster_excludes_redis_and_data_dir() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("f.pem");
-        std::fs::write(&file, "x").expect("write");
-        let base = ServeSettings {
-            tls_cert: Some(file.clone()),
-            tls_key: Some(file.clone()),
-            client_ca: Some(file),
-            ..Default::default()
-        };
+        let base = with_tls_files(dir.path());
         let both = ServeSettings {
             redis: Some("redis://a:1".into()),
             redis_cluster: Some("redis://b:1".into()),
@@ -1214,18 +1207,25 @@ mod tests {
         assert!(dumped.contains("requests_per_second = 5"), "{dumped}");
     }
 
-    #[test]
-    fn metrics_listen_is_an_alias_of_admin_listen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("f.pem");
+    /// Settings naming a (dummy) TLS file in `dir` for cert, key and CA.
+    fn with_tls_files(dir: &std::path::Path) -> ServeSettings {
+        let file = dir.join("f.pem");
         std::fs::write(&file, "x").expect("write");
-        let base = ServeSettings {
+        ServeSettings {
             tls_cert: Some(file.clone()),
             tls_key: Some(file.clone()),
             client_ca: Some(file),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn metrics_listen_is_an_alias_of_admin_listen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = ServeSettings {
             data_dir: Some(dir.path().to_owned()),
             tokens: Some(false),
-            ..Default::default()
+            ..with_tls_files(dir.path())
         };
         let a: SocketAddr = "127.0.0.1:9100".parse().expect("addr");
         let b: SocketAddr = "127.0.0.1:9101".parse().expect("addr");

@@ -34,6 +34,15 @@ fn snapshot(dir: &Path) -> std::path::PathBuf {
     .write(dir, "s1")
 }
 
+/// A check of the snapshot's number.
+fn check() -> CheckNumberRequest {
+    CheckNumberRequest {
+        phone_number: "+14155550001".into(),
+        since: "2024-01-01".into(),
+        ..Default::default()
+    }
+}
+
 /// A server with the admin listener on 127.0.0.1:0.
 async fn serve(store: AnyStore) -> TestServer {
     TestServer::start(store, |s| {
@@ -113,13 +122,7 @@ async fn readyz_on_the_embedded_store_and_while_draining() {
         .await
         .expect("stream opened")
         .into_inner();
-    tx.send(CheckNumberRequest {
-        phone_number: "+14155550001".into(),
-        since: "2024-01-01".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("send");
+    tx.send(check()).await.expect("send");
     let first = answers.message().await.expect("stream answer");
     assert!(first.is_some(), "the stream answers before the drain");
 
@@ -194,13 +197,7 @@ async fn health_exits_0_when_ready_and_1_otherwise() {
         assert_eq!(out.status.code(), Some(0), "admin {admin_mode}: {out:?}");
     }
     let mut api = ReassignedNumbersClient::new(server.channel("platform-a").await);
-    api.check_number(CheckNumberRequest {
-        phone_number: "+14155550001".into(),
-        since: "2024-01-01".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("the server answers");
+    api.check_number(check()).await.expect("the server answers");
 
     // Nothing listening: exit 1.
     let addr = server.handles.metrics.bound_addr().await;

@@ -324,6 +324,16 @@ impl Client<'_> {
     }
 }
 
+/// The value of `key` in `env` (the last one wins, as in a container);
+/// fails the test, naming `what`, if it is not set.
+fn env_value(env: &[(String, String)], key: &str, what: &str) -> String {
+    env.iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("{what} sets {key}"))
+}
+
 /// Waits until `GET path` on 127.0.0.1:`port` answers 200.
 async fn http_ok(port: u16, path: &str) {
     let mut last = (0, String::new());
@@ -494,13 +504,7 @@ async fn the_compose_file_starts_syncs_and_answers() {
         ));
     }
     let (name, service, sandbox, env) = server.expect("a service runs `serve`");
-    let lookup = |key: &str| {
-        env.iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| panic!("{name} sets {key}"))
-    };
+    let lookup = |key: &str| env_value(&env, key, name);
 
     // Ready: the compose health check (and the image's) exits 0.
     let health = strings(&service["healthcheck"]["test"]);
@@ -820,13 +824,7 @@ async fn kubernetes_contract(kustomization: &str, hosts: &[(String, String)]) {
         }
     }
 
-    let lookup = |key: &str| {
-        env.iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| panic!("{kustomization} sets {key}"))
-    };
+    let lookup = |key: &str| env_value(&env, key, kustomization);
     let (number, date) = sample_hit(&register);
     Client {
         grpc_port: named["grpc"],
