@@ -131,17 +131,33 @@ impl Image {
     }
 }
 
-/// Whether processes can run as the image's user here (the test runs as root).
+/// Whether processes can run as the image's user here: the test runs as
+/// root, and that user can reach the binary (every parent directory
+/// world-searchable, as the image's `/usr/local/bin` is).
 fn can_set_uid(image: &Image) -> bool {
-    let root = rustix::process::geteuid().is_root();
-    if !root {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !rustix::process::geteuid().is_root() {
         println!(
             "deploy contract: not root, so the processes run as the current user, not as the image's uid {} \
              (the uid part is skipped)",
             image.uid
         );
+        return false;
     }
-    root
+    let binary = Path::new(env!("CARGO_BIN_EXE_reassigned"));
+    let hidden = binary
+        .ancestors()
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 == 0));
+    if let Some(dir) = hidden {
+        println!(
+            "deploy contract: uid {} cannot reach the binary ({} is not world-searchable), so the processes \
+             run as the current user (the uid part is skipped)",
+            image.uid,
+            dir.display()
+        );
+        return false;
+    }
+    true
 }
 
 /// A container's view of the machine, mapped onto this test's: mounts onto
