@@ -318,8 +318,12 @@ settings_table! {
             default_missing_value = "true",
             value_parser = clap::builder::BoolishValueParser::new()
         );
-    /// Address of the plain-HTTP Prometheus endpoint `GET /metrics` (default:
-    /// off). Not authenticated: bind it to a private interface only.
+    /// Address of the plain-HTTP admin listener (default: off): `GET
+    /// /metrics` (Prometheus), `/livez` and `/readyz` (probes). Not
+    /// authenticated: never expose it outside the pod or host.
+    admin_listen: SocketAddr, flag "admin-listen", env "REASSIGNED_ADMIN_LISTEN";
+    /// Alias of `admin_listen` (its former name, when it served only
+    /// `/metrics`); if both are given they must be the same address.
     metrics_listen: SocketAddr, flag "metrics-listen", env "REASSIGNED_METRICS_LISTEN";
     /// Milliseconds a new connection gets to send its first byte before it
     /// is closed (at most the handshake timeout).
@@ -598,8 +602,9 @@ pub struct ServeConfig {
     pub receipt_retired_keys: Vec<(PathBuf, i64)>,
     /// The audit trail; `None`: off.
     pub audit: Option<crate::audit::AuditConfig>,
-    /// Address of the Prometheus endpoint; `None`: off.
-    pub metrics_listen: Option<SocketAddr>,
+    /// Address of the admin listener (`/metrics`, `/livez`, `/readyz`), from
+    /// `admin_listen` or its alias `metrics_listen`; `None`: off.
+    pub admin_listen: Option<SocketAddr>,
     /// Time a new connection gets to send its first byte, in milliseconds.
     pub handshake_first_byte_timeout_ms: u64,
     /// Pending handshake limit per client IP address.
@@ -742,7 +747,7 @@ impl ServeConfig {
             receipt_kid,
             receipt_retired_keys,
             audit,
-            metrics_listen: s.metrics_listen,
+            admin_listen: admin_listen(&s)?,
             handshake_first_byte_timeout_ms,
             max_handshakes_per_ip: positive!(s.max_handshakes_per_ip)?,
             listen_backlog: positive!(s.listen_backlog)?,
@@ -757,6 +762,21 @@ impl ServeConfig {
     /// Time between looks at the TLS files for changes.
     pub fn tls_reload_interval(&self) -> Duration {
         Duration::from_millis(self.tls_reload_interval_ms)
+    }
+}
+
+/// The admin listener's address: `admin_listen`, or its alias
+/// `metrics_listen`; both given and different is an error.
+fn admin_listen(s: &ServeSettings) -> Result<Option<SocketAddr>, ConfigError> {
+    match (s.admin_listen, s.metrics_listen) {
+        (Some(admin), Some(metrics)) if admin != metrics => Err(ConfigError::Invalid(
+            "admin_listen",
+            format!(
+                "{admin} differs from metrics_listen {metrics}, its alias: one admin listener serves \
+                 /metrics, /livez and /readyz; give one address (or the same in both)"
+            ),
+        )),
+        (admin, metrics) => Ok(admin.or(metrics)),
     }
 }
 
@@ -1020,14 +1040,7 @@ mod tests {
     #[test]
     fn cluster_excludes_redis_and_data_dir() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("f.pem");
-        std::fs::write(&file, "x").expect("write");
-        let base = ServeSettings {
-            tls_cert: Some(file.clone()),
-            tls_key: Some(file.clone()),
-            client_ca: Some(file),
-            ..Default::default()
-        };
+        let base = with_tls_files(dir.path());
         let both = ServeSettings {
             redis: Some("redis://a:1".into()),
             redis_cluster: Some("redis://b:1".into()),
@@ -1192,6 +1205,43 @@ mod tests {
         assert_eq!(read.max_staleness_days, Some(defaults::MAX_STALENESS_DAYS));
         assert_eq!(read.redis_read_from_replicas, Some(false));
         assert!(dumped.contains("requests_per_second = 5"), "{dumped}");
+    }
+
+    /// Settings naming a (dummy) TLS file in `dir` for cert, key and CA.
+    fn with_tls_files(dir: &std::path::Path) -> ServeSettings {
+        let file = dir.join("f.pem");
+        std::fs::write(&file, "x").expect("write");
+        ServeSettings {
+            tls_cert: Some(file.clone()),
+            tls_key: Some(file.clone()),
+            client_ca: Some(file),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn metrics_listen_is_an_alias_of_admin_listen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = ServeSettings {
+            data_dir: Some(dir.path().to_owned()),
+            tokens: Some(false),
+            ..with_tls_files(dir.path())
+        };
+        let a: SocketAddr = "127.0.0.1:9100".parse().expect("addr");
+        let b: SocketAddr = "127.0.0.1:9101".parse().expect("addr");
+        let with = |admin, metrics| {
+            ServeConfig::from_settings(ServeSettings {
+                admin_listen: admin,
+                metrics_listen: metrics,
+                ..base.clone()
+            })
+        };
+        assert_eq!(with(None, None).expect("off").admin_listen, None);
+        assert_eq!(with(Some(a), None).expect("admin").admin_listen, Some(a));
+        assert_eq!(with(None, Some(a)).expect("alias").admin_listen, Some(a));
+        assert_eq!(with(Some(a), Some(a)).expect("same").admin_listen, Some(a));
+        let e = with(Some(a), Some(b)).expect_err("two addresses");
+        assert!(e.to_string().contains("metrics_listen"), "{e}");
     }
 
     #[test]

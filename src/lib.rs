@@ -28,7 +28,8 @@
 //!   ([`server::accept`]), the auth layer with certificate-bound
 //!   bearer tokens ([`server::token`]), reloading TLS material without a
 //!   restart ([`server::reload`]), closing connections a reload revoked
-//!   ([`server::revoke`]), metrics, health, reflection, [`run`].
+//!   ([`server::revoke`]), metrics, the admin listener of probes and
+//!   metrics ([`server::admin`]), health, reflection, [`run`].
 //! - [`receipt`]: signed receipts of answers (compact JWS), their keys, JWKS
 //!   and offline verification.
 //! - [`audit`]: the audit trail of answers (keyed number hashes, a Redis
@@ -60,7 +61,7 @@
 //! | `cli` | everything |
 //!
 //! Inside `server`, the submodules (`tls`, `accept`, `token`, `auth`, `revoke`,
-//! `reload`, `metrics`, ...) import each other without a circle: identity and
+//! `reload`, `metrics`, `admin`, ...) import each other without a circle: identity and
 //! scopes come from [`identity`], the method table from [`api::methods`].
 
 pub mod api;

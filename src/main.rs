@@ -59,6 +59,11 @@ enum Command {
         dir: PathBuf,
         #[command(flatten)]
         guard: ShrinkGuard,
+        /// Keep running: sync again this long after each run (e.g. `1h`,
+        /// `10m`); a failed run is logged and retried at the next. SIGTERM
+        /// between runs exits 0.
+        #[arg(long, env = "REASSIGNED_SYNC_EVERY", value_parser = bench::parse_duration)]
+        every: Option<std::time::Duration>,
     },
     /// Compare the Redis mirror with the register files it was built from.
     ///
@@ -108,6 +113,10 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Probe a server: exit 0 when ready, 1 otherwise (for scripts and
+    /// Docker HEALTHCHECK). `--admin`: the admin listener's `/readyz` over
+    /// plain HTTP; else the gRPC health service over mutual TLS.
+    Health(cli::health::HealthOptions),
     /// Load-test a server over mutual TLS (throughput, latency percentiles, errors).
     Bench(Box<BenchOptions>),
     /// Serve fixed answers without a store, over the same TLS and auth layer:
@@ -193,6 +202,10 @@ enum KeysCommand {
         /// Key id (default: derived from the public key).
         #[arg(long)]
         kid: Option<String>,
+        /// If `--out` already holds `jwks.json` and `issuer.key`, keep them
+        /// and succeed without writing (a setup step run on every start).
+        #[arg(long)]
+        keep_existing: bool,
     },
 }
 
@@ -256,7 +269,8 @@ enum TokenCommand {
 
 #[derive(Subcommand)]
 enum CertsCommand {
-    /// A dev CA, a server certificate for localhost and two platform client certificates.
+    /// A dev CA, a server certificate for localhost (and `--san` names) and
+    /// two platform client certificates.
     Dev {
         /// Output directory.
         #[arg(long)]
@@ -264,6 +278,15 @@ enum CertsCommand {
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
+        /// One more name (DNS name or IP address) for the server
+        /// certificate, besides localhost, 127.0.0.1 and ::1; repeat for
+        /// several (e.g. `--san server` for the compose service).
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
+        /// If `--out` already holds a CA (`ca.pem`), keep everything there
+        /// and succeed without writing (a setup step run on every start).
+        #[arg(long, conflicts_with = "force")]
+        keep_existing: bool,
     },
     /// Revoke client certificates: write a CRL signed by the CA, keeping the
     /// serials already revoked by an existing CRL at `--out`.
@@ -323,10 +346,18 @@ fn main() -> ExitCode {
                 }
                 .await
             }
-            Command::Sync { mirror, dir, guard } => {
+            Command::Sync {
+                mirror,
+                dir,
+                guard,
+                every,
+            } => {
                 async {
                     let (target, prefix) = mirror.target()?;
-                    cli::sync_with(&target, &prefix, &dir, guard.options()?).await
+                    match every {
+                        Some(every) => cli::sync_every(&target, &prefix, &dir, guard.options()?, every).await,
+                        None => cli::sync_with(&target, &prefix, &dir, guard.options()?).await,
+                    }
                 }
                 .await
             }
@@ -345,8 +376,14 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Certs {
-                command: CertsCommand::Dev { out, force },
-            } => cli::certs_dev(&out, force),
+                command:
+                    CertsCommand::Dev {
+                        out,
+                        force,
+                        sans,
+                        keep_existing,
+                    },
+            } => cli::certs_dev(&out, force, &sans, keep_existing),
             Command::Certs {
                 command:
                     CertsCommand::Revoke {
@@ -358,7 +395,20 @@ fn main() -> ExitCode {
             } => cli::certs::revoke(&ca_cert, &ca_key, &certs, &out).map(|_| ()),
             Command::Generate(options) => cli::generate_cmd(&options),
             Command::Keys {
-                command: KeysCommand::Generate { out, alg, kid },
+                command:
+                    KeysCommand::Generate {
+                        out,
+                        keep_existing: true,
+                        ..
+                    },
+            } if out.join(cli::token::JWKS_FILE).exists()
+                && out.join(cli::token::ISSUER_KEY_FILE).exists() =>
+            {
+                eprintln!("kept the existing issuer key and JWKS in {}", out.display());
+                Ok(())
+            }
+            Command::Keys {
+                command: KeysCommand::Generate { out, alg, kid, .. },
             } => cli::token::generate_keys(&out, alg, kid.as_deref()).map(|key| {
                 eprintln!(
                     "wrote {} (kid {}) and {} to {}",
@@ -397,6 +447,7 @@ fn main() -> ExitCode {
             Command::Token {
                 command: TokenCommand::Mint(options),
             } => cli::token::mint_cmd(&options).map(|token| println!("{token}")),
+            Command::Health(options) => cli::health::probe(&options).await.map(|ok| println!("{ok}")),
             Command::Bench(options) => bench::run(&options).await,
             Command::BenchBare(options) => bench_bare::run_bare(&options).await,
             Command::Demo { dir, listen, records } => cli::demo(&dir, listen, records).await,

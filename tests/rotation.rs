@@ -691,3 +691,122 @@ fn crls_come_from_flags_environment_and_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("client_crls") && err.contains("nope.crl"), "{err}");
 }
+
+/// A directory laid out as Kubernetes mounts a Secret: each file is a
+/// symlink `NAME -> ..data/NAME`, `..data` a symlink to a timestamped
+/// directory; an update writes a new timestamped directory and swaps
+/// `..data` with one rename (as the kubelet's atomic writer does).
+struct SecretDir {
+    dir: tempfile::TempDir,
+    version: std::cell::Cell<u32>,
+}
+
+impl SecretDir {
+    fn new(files: &[(&str, &str)]) -> Self {
+        let secret = Self {
+            dir: tempfile::tempdir().unwrap(),
+            version: std::cell::Cell::new(0),
+        };
+        secret.update(files);
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), secret.path(name)).unwrap();
+        }
+        secret
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The kubelet's update: new files in a new directory, then `..data`
+    /// swapped atomically; the old directory removed.
+    fn update(&self, files: &[(&str, &str)]) {
+        let old = self.version.get();
+        let version = old + 1;
+        self.version.set(version);
+        let stamped = format!("..2026_11_30_00_00_{version:02}.000000001");
+        std::fs::create_dir(self.path(&stamped)).unwrap();
+        for (name, contents) in files {
+            std::fs::write(self.path(&stamped).join(name), contents).unwrap();
+        }
+        std::os::unix::fs::symlink(&stamped, self.path("..data_tmp")).unwrap();
+        std::fs::rename(self.path("..data_tmp"), self.path("..data")).unwrap();
+        if old > 0 {
+            let _ = std::fs::remove_dir_all(self.path(&format!("..2026_11_30_00_00_{old:02}.000000001")));
+        }
+    }
+}
+
+/// README "Deploying": a Secret updated in Kubernetes reaches a running pod
+/// as a swap of the `..data` symlink; the file watcher follows it (the
+/// certificate files' contents) without SIGHUP or restart.
+#[tokio::test]
+async fn a_kubernetes_secret_update_swapping_data_is_reloaded() {
+    let ca = DevPki::new().unwrap();
+    let first = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+    let crl = ca.crl(&[]).unwrap();
+    let secret = SecretDir::new(&[
+        ("server.pem", &first.cert_pem),
+        ("server.key", &first.key_pem),
+        ("ca.pem", ca.ca_cert_pem()),
+        ("clients.crl", &crl),
+    ]);
+    let files = Files {
+        cert: secret.path("server.pem"),
+        key: secret.path("server.key"),
+        ca: secret.path("ca.pem"),
+        crl: secret.path("clients.crl"),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let server = Server::start(&files).await;
+    let client = ca.client("platform-a").unwrap();
+    assert_eq!(
+        served_leaf(server.addr, &client).await.unwrap(),
+        leaf(&first.cert_pem)
+    );
+
+    let second = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+    secret.update(&[
+        ("server.pem", &second.cert_pem),
+        ("server.key", &second.key_pem),
+        ("ca.pem", ca.ca_cert_pem()),
+        ("clients.crl", &crl),
+    ]);
+    eventually("the certificate of the updated Secret is served", || async {
+        served_leaf(server.addr, &client).await.ok() == Some(leaf(&second.cert_pem))
+    })
+    .await;
+    fresh_call(server.addr, &client, &ca).await.unwrap();
+    server.stop().await;
+}
+
+/// The same for the token issuer's JWKS: the verifier's watcher (modification
+/// time, size and inode, through the symlinks) picks up the new key set.
+#[tokio::test]
+async fn a_kubernetes_secret_update_of_the_jwks_is_reloaded() {
+    use reassigned::cli::token::{IssuerKey, KeyAlg, jwks_json};
+    use reassigned::config::TokenConfig;
+    use reassigned::server::token::{TokenVerifier, spawn_reload};
+    let old = IssuerKey::generate(KeyAlg::Es256, Some("old")).unwrap();
+    let new = IssuerKey::generate(KeyAlg::Es256, Some("new")).unwrap();
+    let secret = SecretDir::new(&[("jwks.json", &jwks_json(&[&old]))]);
+    let verifier = Arc::new(
+        TokenVerifier::load(TokenConfig {
+            jwks: secret.path("jwks.json"),
+            issuer: "i".into(),
+            audience: "a".into(),
+            max_lifetime_secs: None,
+        })
+        .unwrap(),
+    );
+    assert_eq!(verifier.kids(), ["old"]);
+    let watcher = spawn_reload(verifier.clone());
+    secret.update(&[("jwks.json", &jwks_json(&[&old, &new]))]);
+    eventually("the JWKS of the updated Secret is loaded", || async {
+        let mut kids = verifier.kids();
+        kids.sort();
+        kids == ["new", "old"]
+    })
+    .await;
+    watcher.abort();
+}

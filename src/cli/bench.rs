@@ -1082,18 +1082,22 @@ async fn progress(shared: Arc<Shared>) {
     }
 }
 
-/// Opens `opts.connections` HTTP/2 connections over mutual TLS.
-async fn connect(opts: &BenchOptions) -> anyhow::Result<Vec<Channel>> {
+/// The client side of mutual TLS from files, as the client subcommands
+/// (`bench`, `health`) take them: `--ca`, `--cert`, `--key`, and the name
+/// the server certificate must be valid for (`--server-name`).
+pub fn client_tls(ca: &Path, cert: &Path, key: &Path, server_name: &str) -> anyhow::Result<ClientTlsConfig> {
     let read = |what: &str, path: &Path| {
         std::fs::read(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
     };
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("CA", &opts.ca)?))
-        .identity(Identity::from_pem(
-            read("certificate", &opts.cert)?,
-            read("key", &opts.key)?,
-        ))
-        .domain_name(opts.server_name.clone());
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("CA", ca)?))
+        .identity(Identity::from_pem(read("certificate", cert)?, read("key", key)?))
+        .domain_name(server_name.to_owned()))
+}
+
+/// Opens `opts.connections` HTTP/2 connections over mutual TLS.
+async fn connect(opts: &BenchOptions) -> anyhow::Result<Vec<Channel>> {
+    let tls = client_tls(&opts.ca, &opts.cert, &opts.key, &opts.server_name)?;
     let endpoint = Endpoint::from_shared(format!("https://{}", opts.target))
         .with_context(|| format!("--target {:?} is not HOST:PORT", opts.target))?
         .tls_config(tls)

@@ -375,8 +375,23 @@ struct Output {
 /// `platform-b.pem`/`.key`. Keys get mode 0600. Existing files are left
 /// alone and the command fails, writing nothing, unless `force` is set.
 pub fn dev_certs(out: &Path, force: bool) -> anyhow::Result<()> {
+    dev_certs_for(out, force, &[])
+}
+
+/// [`dev_certs`] with a server certificate that also names `extra_names`
+/// (DNS names or IP addresses, e.g. `server` for a compose service or
+/// `reassigned.ns.svc` in Kubernetes), besides the local ones.
+pub fn dev_certs_for(out: &Path, force: bool, extra_names: &[String]) -> anyhow::Result<()> {
     let pki = DevPki::new()?;
-    let server = pki.server(DEV_SERVER_NAMES)?;
+    let mut names: Vec<&str> = DEV_SERVER_NAMES.to_vec();
+    for name in extra_names {
+        let name = name.trim();
+        ensure!(!name.is_empty(), "--san: a server name must not be empty");
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    let server = pki.server(&names)?;
     let mut outputs = vec![
         Output::public(out.join("ca.pem"), pki.ca_cert_pem().to_owned()),
         Output::secret(out.join("ca.key"), pki.ca_key_pem()),

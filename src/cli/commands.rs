@@ -317,6 +317,38 @@ pub async fn sync_with(
     Ok(())
 }
 
+/// `reassigned sync --every`: [`sync_with`] now and then again `every`
+/// after each run, until SIGTERM or SIGINT (exit status 0 between runs,
+/// [`EXIT_INTERRUPTED`] in the middle of one). A failed run is logged and
+/// retried at the next (the register's files or Redis may come back).
+pub async fn sync_every(
+    target: &RedisTarget,
+    key_prefix: &str,
+    dir: &Path,
+    options: ImportOptions,
+    every: Duration,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(!every.is_zero(), "--every must be longer than 0s");
+    // Listening from now on, across runs: a SIGTERM that lands between a
+    // run's end and the next wait is not lost.
+    let mut stop = Box::pin(shutdown_signal());
+    if futures_util::FutureExt::now_or_never(&mut stop).is_some() {
+        return Ok(());
+    }
+    loop {
+        if let Err(e) = sync_with(target, key_prefix, dir, options).await {
+            if exit_code(&e) == EXIT_INTERRUPTED {
+                return Err(e);
+            }
+            tracing::warn!(error = %format!("{e:#}"), next_in = ?every, "sync failed");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = &mut stop => return Ok(()),
+        }
+    }
+}
+
 /// `reassigned verify`: compares the Redis mirror with the manifests and
 /// data files of `dir` (record count and per-bucket checksums); an error
 /// listing the differing buckets if they differ.
@@ -347,15 +379,26 @@ fn describe(applied: &Applied) -> String {
     applied.to_string()
 }
 
-/// `reassigned certs dev`.
-pub fn certs_dev(out: &Path, force: bool) -> anyhow::Result<()> {
-    super::certs::dev_certs(out, force)?;
+/// `reassigned certs dev`: the dev PKI in `out`, the server certificate also
+/// naming `sans`. With `keep_existing`, a directory that already holds a
+/// CA (`ca.pem`) is left as it is (a setup step that runs on every start).
+pub fn certs_dev(out: &Path, force: bool, sans: &[String], keep_existing: bool) -> anyhow::Result<()> {
+    if keep_existing && !force && out.join("ca.pem").exists() {
+        eprintln!("kept the existing dev certificates in {}", out.display());
+        return Ok(());
+    }
+    super::certs::dev_certs_for(out, force, sans)?;
     eprintln!("wrote dev certificates to {}", out.display());
     Ok(())
 }
 
-/// `reassigned generate`.
+/// `reassigned generate`. With `options.keep_existing`, a directory that
+/// already holds manifests is left as it is.
 pub fn generate_cmd(options: &GenerateOptions) -> anyhow::Result<()> {
+    if options.keep_existing && super::generate::holds_manifests(&options.out)? {
+        eprintln!("kept the existing register in {}", options.out.display());
+        return Ok(());
+    }
     let report = super::generate::generate(options)?;
     eprintln!("{report}");
     Ok(())

@@ -64,6 +64,10 @@ pub struct GenerateOptions {
     /// Write the data files gzip-compressed (`.csv.gz`).
     #[arg(long)]
     pub gzip: bool,
+    /// If `--out` already holds manifests, keep them and succeed without
+    /// writing (a setup step that runs on every start).
+    #[arg(long)]
+    pub keep_existing: bool,
 }
 
 impl Default for GenerateOptions {
@@ -75,6 +79,7 @@ impl Default for GenerateOptions {
             seed: None,
             as_of: None,
             gzip: false,
+            keep_existing: false,
         }
     }
 }
@@ -312,17 +317,29 @@ pub fn generate(opts: &GenerateOptions) -> anyhow::Result<GenerateReport> {
 /// (their sequences would mix with the new ones).
 fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(path) = first_manifest(dir)? {
+        bail!(
+            "{} already holds manifests ({}); choose an empty directory",
+            dir.display(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Whether `dir` exists and holds a manifest (a `.json` file).
+pub fn holds_manifests(dir: &Path) -> anyhow::Result<bool> {
+    Ok(dir.is_dir() && first_manifest(dir)?.is_some())
+}
+
+fn first_manifest(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "json") {
-            bail!(
-                "{} already holds manifests ({}); choose an empty directory",
-                dir.display(),
-                path.display()
-            );
+            return Ok(Some(path));
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn day_u16(days: i32) -> anyhow::Result<u16> {
@@ -535,6 +552,7 @@ mod tests {
             seed: Some(42),
             as_of: Some(Date::today_utc().add_days(-10)),
             gzip,
+            keep_existing: false,
         }
     }
 

@@ -5,10 +5,11 @@ pub mod bench_bare;
 pub mod certs;
 mod commands;
 pub mod generate;
+pub mod health;
 pub mod receipt;
 pub mod token;
 
-pub use commands::{EXIT_INTERRUPTED, exit_code, gc, import_with, sync_with, verify};
+pub use commands::{EXIT_INTERRUPTED, exit_code, gc, import_with, sync_every, sync_with, verify};
 pub use commands::{
     certs_dev, demo, generate_cmd, import, init_tracing, open_store, serve, shutdown_signal, sync,
 };

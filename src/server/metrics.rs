@@ -1,8 +1,6 @@
-//! A small Prometheus endpoint: plain HTTP `GET /metrics` on its own port
-//! (`--metrics-listen`), in the text exposition format, written by hand.
-//!
-//! It carries no secrets or numbers, but it is plain HTTP without
-//! authentication: bind it to a private interface, never expose it publicly.
+//! The Prometheus metrics, in the text exposition format, written by hand:
+//! served as `GET /metrics` by the admin listener ([`super::admin`],
+//! `--admin-listen` or its alias `--metrics-listen`).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -13,7 +11,6 @@ use std::task::{Context, Poll};
 
 use http_body::{Body, Frame, SizeHint};
 
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::methods;
@@ -103,6 +100,11 @@ impl MetricsHandle {
     /// this handle.
     pub fn handshakes(&self) -> Arc<crate::server::accept::HandshakeStats> {
         self.inner.handshakes.clone()
+    }
+
+    /// Publishes the address the admin listener is bound to.
+    pub(crate) fn publish_bound(&self, addr: SocketAddr) {
+        self.inner.bound.send_replace(Some(addr));
     }
 
     fn count(&self, method: usize, code: usize) {
@@ -276,40 +278,6 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         &one(sources.store.import_problems().len() as u64),
     );
     out
-}
-
-/// Binds `addr`, publishes the bound address on `handle` and serves
-/// `GET /metrics` (404 for any other path) until `stop` changes.
-pub async fn serve(
-    addr: SocketAddr,
-    handle: MetricsHandle,
-    sources: Sources,
-    mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    use axum::routing::get;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
-    let bound = listener.local_addr()?;
-    let sources = Arc::new(sources);
-    let state = handle.clone();
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let text = render(&state, &sources);
-            async move { ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text) }
-        }),
-    );
-    tracing::info!(%bound, "metrics: serving plain HTTP GET /metrics");
-    handle.inner.bound.send_replace(Some(bound));
-    Ok(tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-            tracing::warn!(error = %e, "metrics endpoint failed");
-        }
-    }))
 }
 
 /// Counts every call by its gRPC method into a [`MetricsHandle`].

@@ -3,6 +3,7 @@
 //! resolves.
 
 pub mod accept;
+pub mod admin;
 pub mod auth;
 pub mod limits;
 pub mod metrics;
@@ -189,9 +190,10 @@ where
         config.tls_reload_interval(),
         stop_rx.clone(),
     )));
-    let metrics_task = match config.metrics_listen {
-        Some(addr) => Some(reload::AbortOnDrop(
-            metrics::serve(
+    let readiness = admin::Readiness::default();
+    let admin_task = match config.admin_listen {
+        Some(addr) => Some(
+            admin::serve(
                 addr,
                 handles.metrics.clone(),
                 metrics::Sources {
@@ -199,16 +201,17 @@ where
                     audit: handles.audit_stats.clone(),
                     max_staleness_days: config.max_staleness_days,
                 },
-                stop_rx.clone(),
+                readiness.clone(),
             )
             .await?,
-        )),
+        ),
         None => None,
     };
     let health_task = tokio::spawn(watch_health(
         store.clone(),
         reporter.clone(),
         handles.metrics.clone(),
+        readiness.clone(),
         stop_rx,
     ));
 
@@ -259,11 +262,13 @@ where
         }
     }));
     let drain_reporter = reporter.clone();
+    let drain_readiness = readiness.clone();
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let on_shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: health is NOT_SERVING, draining in-flight calls");
         let _ = stop_tx.send(true);
+        drain_readiness.set_draining();
         set_serving(&drain_reporter, false).await;
         let _ = draining_tx.send(());
     };
@@ -288,7 +293,7 @@ where
         }
     }
     health_task.abort();
-    drop(metrics_task);
+    drop(admin_task);
     if let Some(task) = token_reload {
         task.abort();
     }
@@ -379,6 +384,7 @@ async fn watch_health(
     store: AnyStore,
     reporter: HealthReporter,
     metrics: metrics::MetricsHandle,
+    readiness: admin::Readiness,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last = None;
@@ -406,6 +412,10 @@ async fn watch_health(
             failures,
             failing_since.elapsed(),
         );
+        readiness.set_store(match &health {
+            Health::Serving => None,
+            Health::NotServing(reason) => Some(reason.clone()),
+        });
         if last.as_ref() != Some(&health) {
             match &health {
                 Health::Serving => tracing::info!("health: serving"),

@@ -1,0 +1,217 @@
+//! The admin listener (`--admin-listen`) of a real server: `/readyz` 503
+//! with its reason before the mirror loads, when redis-server is killed and
+//! while draining, 200 when ready, on both stores; `/livez`; and the exit
+//! status of `reassigned health` (admin and gRPC over mTLS).
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reassigned::api::pb::CheckNumberRequest;
+use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
+use reassigned::domain::Date;
+use reassigned::import::{self, NoProgress};
+use reassigned::server::admin;
+use reassigned::store::{AnyStore, EmbeddedStore, RedisStore, redis::RedisOptions};
+use support::bin::bin;
+use support::poll::eventually;
+use support::redis::RedisServer;
+use support::register::FileSpec;
+use support::server::TestServer;
+
+/// A snapshot of one number, as of three days ago, in `dir`.
+fn snapshot(dir: &Path) -> std::path::PathBuf {
+    let as_of = Date::today_utc().add_days(-3).to_string();
+    FileSpec::snapshot(
+        1,
+        &as_of,
+        "2021-01-27",
+        &["+1"],
+        &[("+14155550001", "2024-05-01")],
+    )
+    .write(dir, "s1")
+}
+
+/// A check of the snapshot's number.
+fn check() -> CheckNumberRequest {
+    CheckNumberRequest {
+        phone_number: "+14155550001".into(),
+        since: "2024-01-01".into(),
+        ..Default::default()
+    }
+}
+
+/// A server with the admin listener on 127.0.0.1:0.
+async fn serve(store: AnyStore) -> TestServer {
+    TestServer::start(store, |s| {
+        s.admin_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await
+}
+
+/// `GET path` on the admin listener of `server`: (status, body).
+async fn get(server: &TestServer, path: &str) -> (u16, String) {
+    let addr = tokio::time::timeout(Duration::from_secs(10), server.handles.metrics.bound_addr())
+        .await
+        .expect("admin listener bound");
+    admin::get(&addr.to_string(), path, Duration::from_secs(10))
+        .await
+        .expect("admin answers")
+}
+
+/// Waits until `/readyz` answers `status` with a body containing `reason`.
+async fn readyz_becomes(server: &TestServer, status: u16, reason: &str) {
+    let mut last = (0, String::new());
+    eventually(&format!("/readyz is {status} ({reason})"), async || {
+        last = get(server, "/readyz").await;
+        last.0 == status && last.1.contains(reason)
+    })
+    .await;
+}
+
+async fn redis_store(redis: &RedisServer) -> RedisStore {
+    RedisStore::connect(&redis.url(), RedisOptions::default())
+        .await
+        .expect("redis store")
+}
+
+#[tokio::test]
+async fn readyz_on_redis_waits_for_the_mirror_and_fails_when_redis_is_killed() {
+    let redis = RedisServer::start();
+    let server = serve(AnyStore::Redis(redis_store(&redis).await)).await;
+    let (live, body) = get(&server, "/livez").await;
+    assert_eq!((live, body.as_str()), (200, "ok"));
+    // Nothing imported yet: not ready, and it says why.
+    readyz_becomes(&server, 503, "mirror empty").await;
+
+    let files = tempfile::tempdir().expect("tempdir");
+    let writer = redis_store(&redis).await;
+    import::apply_manifest(&writer, &snapshot(files.path()), &mut NoProgress)
+        .await
+        .expect("snapshot into redis");
+    readyz_becomes(&server, 200, "ready").await;
+
+    drop(redis); // SIGKILL: the store is gone.
+    readyz_becomes(&server, 503, "store unreachable").await;
+    // Liveness is about the process, not its store: no restart loop.
+    assert_eq!(get(&server, "/livez").await.0, 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_on_the_embedded_store_and_while_draining() {
+    let store = EmbeddedStore::new();
+    let files = tempfile::tempdir().expect("tempdir");
+    import::apply_manifest(&store, &snapshot(files.path()), &mut NoProgress)
+        .await
+        .expect("snapshot");
+    let server = serve(AnyStore::Embedded(Arc::new(store))).await;
+    readyz_becomes(&server, 200, "ready").await;
+    let (status, metrics) = get(&server, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("reassigned_mirror_loaded 1"), "{metrics}");
+    assert_eq!(get(&server, "/other").await.0, 404);
+
+    // A stream left open holds the drain: /readyz must say so meanwhile.
+    let mut client = server.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<CheckNumberRequest>(1);
+    let mut answers = client
+        .stream_check_numbers(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream opened")
+        .into_inner();
+    tx.send(check()).await.expect("send");
+    let first = answers.message().await.expect("stream answer");
+    assert!(first.is_some(), "the stream answers before the drain");
+
+    let addr = server.handles.metrics.bound_addr().await;
+    let stopping = tokio::spawn(server.stop());
+    let mut last = (0, String::new());
+    eventually("/readyz says draining", async || {
+        last = admin::get(&addr.to_string(), "/readyz", Duration::from_secs(5))
+            .await
+            .unwrap_or_default();
+        last.0 == 503 && last.1.contains("draining")
+    })
+    .await;
+    drop(tx);
+    drop(answers);
+    drop(client);
+    stopping.await.expect("server stopped cleanly");
+}
+
+// Multi-threaded: the probes run as child processes while this test blocks
+// on them, and the server in this process must still answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_exits_0_when_ready_and_1_otherwise() {
+    let store = Arc::new(EmbeddedStore::new());
+    let server = serve(AnyStore::Embedded(store.clone())).await;
+    let admin_addr = server.handles.metrics.bound_addr().await.to_string();
+    let client = server.certs.client("platform-a");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("a.pem"), dir.path().join("a.key"));
+    std::fs::write(&cert, &client.cert_pem).expect("write cert");
+    std::fs::write(&key, &client.key_pem).expect("write key");
+    let grpc_addr = server.addr.to_string();
+    let health = |admin_mode: bool| {
+        let mut cmd = bin();
+        cmd.arg("health");
+        if admin_mode {
+            cmd.args(["--admin", "--addr", &admin_addr]);
+        } else {
+            cmd.args(["--addr", &grpc_addr])
+                .arg("--ca")
+                .arg(&server.certs.ca)
+                .arg("--cert")
+                .arg(&cert)
+                .arg("--key")
+                .arg(&key);
+        }
+        cmd.output().expect("run reassigned health")
+    };
+
+    // Empty mirror: not ready on either path, exit 1 with the reason.
+    readyz_becomes(&server, 503, "mirror empty").await;
+    let out = health(true);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("mirror empty"),
+        "{out:?}"
+    );
+    let out = health(false);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NOT_SERVING"),
+        "{out:?}"
+    );
+
+    let files = tempfile::tempdir().expect("tempdir");
+    import::apply_manifest(&*store, &snapshot(files.path()), &mut NoProgress)
+        .await
+        .expect("snapshot");
+    readyz_becomes(&server, 200, "ready").await;
+    for admin_mode in [true, false] {
+        let out = health(admin_mode);
+        assert_eq!(out.status.code(), Some(0), "admin {admin_mode}: {out:?}");
+    }
+    let mut api = ReassignedNumbersClient::new(server.channel("platform-a").await);
+    api.check_number(check()).await.expect("the server answers");
+
+    // Nothing listening: exit 1.
+    let addr = server.handles.metrics.bound_addr().await;
+    server.stop().await;
+    let out = bin()
+        .args([
+            "health",
+            "--admin",
+            "--addr",
+            &addr.to_string(),
+            "--timeout",
+            "2s",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
