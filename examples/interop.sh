@@ -32,24 +32,29 @@ done
 # no Maven Central).
 go_debs=(golang-go protobuf-compiler protoc-gen-go protoc-gen-go-grpc golang-google-grpc-dev
   golang-github-golang-protobuf-1-5-dev golang-google-genproto-dev)
-java_debs=(default-jdk-headless protobuf-compiler protobuf-compiler-grpc-java-plugin libgrpc-java
+java_debs=(openjdk-17-jdk-headless protobuf-compiler protobuf-compiler-grpc-java-plugin libgrpc-java
   libprotobuf-java libnetty-java libnetty-tcnative-java libperfmark-java libgoogle-gson-java
-  libgeronimo-annotation-1.3-spec-java libguava-java libgoogle-common-protos-java)
+  libnetty-tcnative-jni libgeronimo-annotation-1.3-spec-java libguava-java libgoogle-common-protos-java)
+
+apt_install() {
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
 
 install_client() {
   case $1 in
     python)
+      python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
       [ -x "$ex/python/.venv/bin/python" ] || python3 -m venv "$ex/python/.venv"
       "$ex/python/.venv/bin/pip" install -q --disable-pip-version-check -r "$ex/python/requirements.txt" ;;
-    node) npm ci --prefix "$ex/node" --no-audit --no-fund --loglevel=error >/dev/null ;;
+    node)
+      command -v npm >/dev/null || apt_install nodejs npm
+      npm ci --prefix "$ex/node" --no-audit --no-fund --loglevel=error >/dev/null ;;
     go | java)
       local -n debs=${1}_debs
       local missing=()
       for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-      if [ ${#missing[@]} -gt 0 ]; then
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-      fi ;;
+      [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}" ;;
   esac
 }
 
