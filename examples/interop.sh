@@ -70,8 +70,9 @@ build_client() {
 
 if $install; then
   for c in "${clients[@]}"; do
-    echo "interop: installing the $c toolchain"
+    started=$SECONDS
     install_client "$c"
+    echo "interop: installed the $c toolchain in $((SECONDS - started)) s"
   done
 fi
 
@@ -123,9 +124,11 @@ export TOKEN
 passed=0
 failed=0
 for c in "${clients[@]}"; do
+  started=$SECONDS
   if run=$(build_client "$c") && $run >"$work/$c.jsonl" 2>"$work/$c.err" \
     && python3 "$ex/interop_check.py" "$c" "$work/$c.jsonl" "$work/register"; then
     passed=$((passed + 1))
+    echo "interop $c: built and ran in $((SECONDS - started)) s"
   else
     failed=$((failed + 1))
     echo "interop $c: FAILED; its output:" >&2
