@@ -3,7 +3,7 @@
 //! into a `redis-server` this test starts, served over mTLS with tokens;
 //! every listed number gives its documented answer, in a single check and in
 //! a batch. Also the mirror-wide reasons (stale, empty) and the README's
-//! table against the code's.
+//! table against the code's, and the interop test's judge (examples/interop_check.py).
 
 mod support;
 
@@ -196,5 +196,88 @@ fn readme_lists_the_sandbox_numbers() {
             [sb.number.to_owned(), sb.since.to_owned(), answer],
             "{row:?}"
         );
+    }
+}
+
+#[test]
+fn sandbox_refuses_records_and_deltas() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for flag in ["--records", "--deltas"] {
+        let out = bin()
+            .args(["generate", "--sandbox", flag, "5", "--out"])
+            .arg(dir.path())
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{flag} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("cannot be used with"), "{stderr}");
+    }
+    assert!(!dir.path().join("snapshot-000001.json").exists());
+}
+
+/// `examples/interop_check.py` (the interop test's judge) passes a client
+/// output that answers as the data set says and fails one that does not.
+#[test]
+fn interop_check_compares_answers_with_the_data_set() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let register = dir.path().join("register");
+    generate_sandbox(&register, &[]);
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(register.join("snapshot-000001.json")).expect("manifest"),
+    )
+    .expect("json");
+    let mut lines = Vec::new();
+    for call in ["CheckNumber", "BatchCheckNumbers", "StreamCheckNumbers"] {
+        for sb in SANDBOX {
+            let (status, reason) = proto_names(sb.status);
+            lines.push(
+                serde_json::json!({"call": call, "phone_number": sb.number, "since": sb.since,
+                "status": status, "no_data_reason": reason}),
+            );
+        }
+    }
+    lines.push(
+        serde_json::json!({"call": "GetMirrorStatus", "data_as_of": manifest["as_of"],
+        "coverage_start": manifest["coverage_start"], "covered_prefixes": manifest["covered_prefixes"],
+        "record_count": manifest["records"], "stale": false}),
+    );
+    lines.push(
+        serde_json::json!({"call": "CheckNumber", "provoked": "bad_request", "code": "INVALID_ARGUMENT",
+        "field_violations": [{"field": "phone_number"}, {"field": "since"}]}),
+    );
+    lines.push(
+        serde_json::json!({"call": "BatchCheckNumbers", "provoked": "retry_info",
+        "code": "RESOURCE_EXHAUSTED", "retry_delay_seconds": 3600.0}),
+    );
+    let check = |lines: &[serde_json::Value]| {
+        let output = dir.path().join("client.jsonl");
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(&output, text).expect("write");
+        std::process::Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/interop_check.py"))
+            .arg("test")
+            .arg(&output)
+            .arg(&register)
+            .output()
+            .expect("python3")
+    };
+    let good = check(&lines);
+    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stdout));
+
+    // one answer wrong, the RetryInfo missing, the record count wrong: each fails
+    let mut wrong = lines.clone();
+    wrong[0]["status"] = "REASSIGNMENT_STATUS_NOT_REASSIGNED".into();
+    let mut no_retry = lines.clone();
+    no_retry.pop();
+    let mut count = lines.clone();
+    count[3 * SANDBOX.len()]["record_count"] = 99.into();
+    for (what, bad) in [
+        ("a wrong answer", wrong),
+        ("no RetryInfo", no_retry),
+        ("a wrong count", count),
+    ] {
+        let out = check(&bad);
+        assert!(!out.status.success(), "{what} passed");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("FAILED"), "{what}");
     }
 }
