@@ -15,6 +15,13 @@
 //! before their disconnect (REASSIGNED), some after; a few absent numbers
 //! are outside the covered prefixes (`+44`) or asked with a `since` before
 //! the coverage start (NO_DATA).
+//!
+//! Every data set also holds the [`SANDBOX`] numbers (fixed numbers that
+//! always give one documented answer, like a payment provider's test card
+//! numbers), and writes them with their answers to `sandbox.csv`;
+//! `--sandbox` writes a data set of just them. The random numbers never use
+//! the exchange `555` under `+1`, so they never collide with a sandbox
+//! number.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -31,7 +38,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
-use crate::domain::Date;
+use crate::api::pb;
+use crate::domain::{Date, NoDataReason, Status};
 use crate::import::{Kind, Manifest};
 
 /// The coverage start of the generated register (the US RND's).
@@ -41,10 +49,82 @@ const MAX_QUERIES: u64 = 100_000;
 /// Share of queries whose number is in the register.
 const HIT_SHARE: f64 = 0.04;
 
+/// The disconnect date of the sandbox numbers that are in the register.
+pub const SANDBOX_DISCONNECT: &str = "2024-06-15";
+
+/// A number that always gives one documented answer for its `since`, in
+/// every data set that `generate` writes (while the mirror is fresh: on a
+/// stale mirror the NOT_REASSIGNED ones answer NO_DATA / MIRROR_STALE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SandboxNumber {
+    /// The number, E.164. `+1 202 555 01xx` (numbers reserved for fiction)
+    /// and `+44 7700 900xxx` (a UK range reserved for drama).
+    pub number: &'static str,
+    /// The `since` to ask with, `YYYY-MM-DD`.
+    pub since: &'static str,
+    /// Whether the register holds a disconnect ([`SANDBOX_DISCONNECT`]) for
+    /// the number.
+    pub disconnected: bool,
+    /// The answer.
+    pub status: Status,
+    /// Why, in a few words (the README's table).
+    pub why: &'static str,
+}
+
+/// The sandbox numbers, one for each answer a single number can give
+/// (MIRROR_STALE and MIRROR_EMPTY are states of the whole mirror, not of a
+/// number: serve a set generated with an old `--as-of`, or an empty data
+/// directory).
+pub const SANDBOX: [SandboxNumber; 6] = [
+    SandboxNumber {
+        number: "+12025550100",
+        since: "2024-06-01",
+        disconnected: true,
+        status: Status::Reassigned,
+        why: "disconnected 2024-06-15, on or after since",
+    },
+    SandboxNumber {
+        number: "+12025550101",
+        since: "2024-07-01",
+        disconnected: true,
+        status: Status::NotReassigned,
+        why: "disconnected 2024-06-15, before since",
+    },
+    SandboxNumber {
+        number: "+12025550102",
+        since: "2024-01-01",
+        disconnected: false,
+        status: Status::NotReassigned,
+        why: "never disconnected, covered prefix +1",
+    },
+    SandboxNumber {
+        number: "+12025550103",
+        since: "2020-06-01",
+        disconnected: false,
+        status: Status::NoData(NoDataReason::BeforeCoverage),
+        why: "never disconnected, since before the coverage start 2021-01-27",
+    },
+    SandboxNumber {
+        number: "+447700900100",
+        since: "2024-01-01",
+        disconnected: false,
+        status: Status::NoData(NoDataReason::NumberNotCovered),
+        why: "+44 is not a covered prefix",
+    },
+    SandboxNumber {
+        number: "+12025550104",
+        since: "2020-06-01",
+        disconnected: true,
+        status: Status::Reassigned,
+        why: "disconnected 2024-06-15: a known disconnect wins even before the coverage start",
+    },
+];
+
 /// Options of `reassigned generate`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct GenerateOptions {
-    /// Number of records in the snapshot.
+    /// Number of records in the snapshot, the disconnected sandbox numbers
+    /// among them (so never fewer than those).
     #[arg(long, default_value_t = 1_000_000)]
     pub records: u64,
     /// Directory to write into (created if missing; must not already hold
@@ -68,6 +148,10 @@ pub struct GenerateOptions {
     /// writing (a setup step that runs on every start).
     #[arg(long)]
     pub keep_existing: bool,
+    /// Write only the sandbox numbers (one snapshot, no deltas, an empty
+    /// `queries.csv`), for client developers' tests.
+    #[arg(long, conflicts_with_all = ["records", "deltas"])]
+    pub sandbox: bool,
 }
 
 impl Default for GenerateOptions {
@@ -80,6 +164,7 @@ impl Default for GenerateOptions {
             as_of: None,
             gzip: false,
             keep_existing: false,
+            sandbox: false,
         }
     }
 }
@@ -97,6 +182,8 @@ pub struct GenerateReport {
     pub delta_records: Vec<u64>,
     /// Distinct numbers in the register once every delta is applied.
     pub final_records: u64,
+    /// The sandbox numbers and their answers ([`SANDBOX`], as CSV).
+    pub sandbox_file: PathBuf,
     /// The query file.
     pub queries_file: PathBuf,
     /// Lines of the query file (header excluded).
@@ -135,20 +222,29 @@ impl fmt::Display for GenerateReport {
             "  {} distinct numbers after all deltas, as_of {}",
             self.final_records, self.as_of
         )?;
-        write!(
+        writeln!(
             f,
             "  {}: {} queries, {} of them in the register",
             self.queries_file.display(),
             self.queries,
             self.query_hits
+        )?;
+        write!(
+            f,
+            "  {}: the {} sandbox numbers and their answers",
+            self.sandbox_file.display(),
+            SANDBOX.len()
         )
     }
 }
 
 /// Writes a synthetic register into `opts.out`: `snapshot-000001.json` and
 /// its data file (sequence 1, `as_of` = `opts.as_of` minus one day per
-/// delta, covering `+1` and `+86` from 2021-01-27), `delta-000002.json`...
-/// (one day apart, the last at `opts.as_of`), and `queries.csv`.
+/// delta, covering `+1` and `+86` from 2021-01-27; `opts.records` records,
+/// the disconnected [`SANDBOX`] numbers and random ones), `delta-000002.json`...
+/// (one day apart, the last at `opts.as_of`), `queries.csv` and
+/// `sandbox.csv`. With `opts.sandbox`, only the sandbox numbers, in one
+/// snapshot.
 ///
 /// Each data file is written before its manifest (the manifest through a
 /// rename), so a concurrent import never sees a manifest without its data.
@@ -162,26 +258,47 @@ pub fn generate(opts: &GenerateOptions) -> anyhow::Result<GenerateReport> {
     );
     let (y, m, d) = COVERAGE_START;
     let coverage_start = Date::from_ymd(y, m, d).context("coverage start")?;
-    let deltas = i32::try_from(opts.deltas).context("too many deltas")?;
+    let (records, deltas) = if opts.sandbox {
+        (0, 0)
+    } else {
+        (opts.records, opts.deltas)
+    };
+    let deltas = i32::try_from(deltas).context("too many deltas")?;
     let snapshot_as_of = as_of.add_days(-deltas);
     ensure!(
         snapshot_as_of >= coverage_start,
         "as_of ({as_of}) minus {deltas} deltas is before the coverage start ({coverage_start})"
+    );
+    let sandbox_day = Date::parse(SANDBOX_DISCONNECT).context("sandbox date")?;
+    ensure!(
+        snapshot_as_of >= sandbox_day,
+        "as_of ({as_of}) minus {deltas} deltas is before {sandbox_day}, the disconnect date of the \
+         sandbox numbers that every data set holds"
     );
     let seed = opts.seed.unwrap_or_else(|| rand::rng().random());
     let mut rng = SmallRng::seed_from_u64(seed);
 
     prepare_dir(&opts.out)?;
     let ext = if opts.gzip { "csv.gz" } else { "csv" };
-    let count = usize::try_from(opts.records).context("too many records")?;
+    let count = usize::try_from(records).context("too many records")?;
 
-    // The snapshot: unique numbers, sorted, dates over the coverage window.
-    let numbers = unique_numbers(&mut rng, count);
+    // The snapshot: the sandbox numbers that are in the register, and unique
+    // random numbers, sorted, dates over the coverage window.
+    let sandbox_records = SANDBOX.iter().filter(|sb| sb.disconnected).count();
+    let random = unique_numbers(&mut rng, count.saturating_sub(sandbox_records));
     let (lo, hi) = (coverage_start.days(), snapshot_as_of.days());
-    let days: Vec<u16> = numbers
+    let mut rows: Vec<(u64, u16)> = random
         .iter()
-        .map(|_| day_u16(rng.random_range(lo..=hi)))
+        .map(|&n| Ok((n, day_u16(rng.random_range(lo..=hi))?)))
         .collect::<anyhow::Result<_>>()?;
+    let sandbox = sandbox_values()?;
+    for (n, sb) in sandbox.iter().zip(SANDBOX) {
+        if sb.disconnected {
+            rows.push((*n, day_u16(sandbox_day.days())?));
+        }
+    }
+    rows.sort_unstable();
+    let (numbers, days): (Vec<u64>, Vec<u16>) = rows.into_iter().unzip();
     let snapshot = Manifest {
         kind: Kind::Snapshot,
         sequence: 1,
@@ -207,9 +324,10 @@ pub fn generate(opts: &GenerateOptions) -> anyhow::Result<GenerateReport> {
         let delta_as_of = snapshot_as_of.add_days(k);
         let mut chosen: HashSet<u64> = HashSet::with_capacity(per_delta);
         let mut rows: Vec<(u64, u16)> = Vec::with_capacity(per_delta);
-        let redisconnects = if numbers.is_empty() { 0 } else { per_delta / 5 };
+        let redisconnects = if random.is_empty() { 0 } else { per_delta / 5 };
         while rows.len() < redisconnects {
-            let n = numbers[rng.random_range(0..numbers.len())];
+            // Never a sandbox number: their answers are fixed.
+            let n = random[rng.random_range(0..random.len())];
             if chosen.insert(n) {
                 rows.push((n, day_u16(delta_as_of.days())?));
             }
@@ -296,6 +414,8 @@ pub fn generate(opts: &GenerateOptions) -> anyhow::Result<GenerateReport> {
     queries.shuffle(&mut rng);
     let queries_file = opts.out.join("queries.csv");
     write_queries(&queries_file, &queries)?;
+    let sandbox_file = opts.out.join("sandbox.csv");
+    write_sandbox(&sandbox_file)?;
 
     Ok(GenerateReport {
         out: opts.out.clone(),
@@ -303,6 +423,7 @@ pub fn generate(opts: &GenerateOptions) -> anyhow::Result<GenerateReport> {
         snapshot_records: snapshot.records,
         delta_records,
         final_records,
+        sandbox_file,
         queries_file,
         queries: total,
         query_hits: hits,
@@ -311,6 +432,37 @@ pub fn generate(opts: &GenerateOptions) -> anyhow::Result<GenerateReport> {
         seed,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The [`SANDBOX`] numbers as values, in the table's order.
+fn sandbox_values() -> anyhow::Result<Vec<u64>> {
+    SANDBOX
+        .iter()
+        .map(|sb| {
+            crate::domain::PhoneNumber::parse(sb.number)
+                .map(|n| n.value())
+                .with_context(|| format!("sandbox number {}", sb.number))
+        })
+        .collect()
+}
+
+/// The proto names of an answer (`REASSIGNMENT_STATUS_...`,
+/// `NO_DATA_REASON_...`), as clients print them.
+pub fn proto_names(status: Status) -> (&'static str, &'static str) {
+    let (status, reason) = <(pb::ReassignmentStatus, pb::NoDataReason)>::from(status);
+    (status.as_str_name(), reason.as_str_name())
+}
+
+/// Writes `sandbox.csv`: `phone_number,since,status,no_data_reason` (proto
+/// enum names), one line per [`SANDBOX`] number, the answers a fresh
+/// mirror gives.
+fn write_sandbox(path: &Path) -> anyhow::Result<()> {
+    let mut text = String::from("phone_number,since,status,no_data_reason\n");
+    for sb in SANDBOX {
+        let (status, reason) = proto_names(sb.status);
+        text.push_str(&format!("{},{},{status},{reason}\n", sb.number, sb.since));
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Creates `dir` if needed and refuses one that already holds manifests
@@ -370,7 +522,7 @@ fn random_covered(rng: &mut SmallRng) -> u64 {
 }
 
 /// `+1 NPA NXX XXXX`: NPA 2xx-9xx with a middle digit 0-8, NXX 2xx-9xx, no
-/// N11 service codes in either.
+/// N11 service codes in either, and no NXX 555 (the sandbox numbers').
 fn random_nanp(rng: &mut SmallRng) -> u64 {
     let npa = loop {
         let v = rng.random_range(2..=9) * 100 + rng.random_range(0..=8) * 10 + rng.random_range(0..=9);
@@ -378,9 +530,10 @@ fn random_nanp(rng: &mut SmallRng) -> u64 {
             break v;
         }
     };
+    // Never 555: the sandbox numbers' exchange.
     let nxx = loop {
         let v = rng.random_range(200..=999);
-        if v % 100 != 11 {
+        if v % 100 != 11 && v != 555 {
             break v;
         }
     };
@@ -553,8 +706,12 @@ mod tests {
             as_of: Some(Date::today_utc().add_days(-10)),
             gzip,
             keep_existing: false,
+            sandbox: false,
         }
     }
+
+    /// The sandbox numbers that are in the register.
+    const SANDBOX_RECORDS: u64 = 3;
 
     #[test]
     fn formats_digits_and_dates() {
@@ -585,6 +742,7 @@ mod tests {
                 let b = rest.as_bytes();
                 assert!(b[0] >= b'2' && b[1] != b'9' && b[3] >= b'2', "{text}");
                 assert!(&rest[1..3] != "11" && &rest[4..6] != "11", "{text}");
+                assert!(&rest[3..6] != "555", "{text} could be a sandbox number");
             } else {
                 let rest = text.strip_prefix("+861").expect("+86 mobile");
                 assert_eq!(rest.len(), 10);
@@ -619,6 +777,13 @@ mod tests {
             assert_eq!(meta.as_of, Date::today_utc().add_days(-10));
             assert_eq!(store.len() as u64, report.final_records);
             assert!(report.final_records > 1_000);
+            // the sandbox numbers hold their fixed date, untouched by deltas
+            let sandbox_day = Date::parse(SANDBOX_DISCONNECT).expect("date");
+            for sb in SANDBOX {
+                let number = PhoneNumber::parse(sb.number).expect("number");
+                let found = store.lookup(number).await.expect("lookup").found;
+                assert_eq!(found, sb.disconnected.then_some(sandbox_day), "{}", sb.number);
+            }
 
             let text = std::fs::read_to_string(&report.queries_file).expect("queries");
             let mut lines = text.lines();
@@ -655,6 +820,41 @@ mod tests {
             assert!(fa == fb, "{name} differs");
         }
         assert_eq!(ra.query_hits, rb.query_hits);
+    }
+
+    #[tokio::test]
+    async fn sandbox_set_holds_only_the_sandbox_numbers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let o = GenerateOptions {
+            sandbox: true,
+            ..opts(dir.path(), false)
+        };
+        let report = generate(&o).expect("generate");
+        assert_eq!(report.snapshot_records, SANDBOX_RECORDS);
+        assert_eq!(report.manifests.len(), 1);
+        assert_eq!(report.queries, 0);
+        let store = EmbeddedStore::new();
+        sync_dir(&store, dir.path(), &mut NoProgress).await.expect("sync");
+        assert_eq!(store.len() as u64, SANDBOX_RECORDS);
+        let csv = std::fs::read_to_string(&report.sandbox_file).expect("sandbox.csv");
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[0], "phone_number,since,status,no_data_reason");
+        assert_eq!(lines.len(), SANDBOX.len() + 1);
+        assert_eq!(
+            lines[4],
+            "+12025550103,2020-06-01,REASSIGNMENT_STATUS_NO_DATA,NO_DATA_REASON_BEFORE_COVERAGE"
+        );
+        // an as_of before the sandbox disconnect date cannot hold them
+        let later = tempfile::tempdir().expect("tempdir");
+        let o = GenerateOptions {
+            as_of: Some(Date::parse("2024-06-14").expect("date")),
+            ..GenerateOptions {
+                sandbox: true,
+                ..opts(later.path(), false)
+            }
+        };
+        let e = generate(&o).expect_err("too early");
+        assert!(e.to_string().contains("sandbox"), "{e}");
     }
 
     #[test]
