@@ -34,6 +34,8 @@
 //! - [`audit`]: the audit trail of answers (keyed number hashes, a Redis
 //!   Stream written in the background).
 //! - [`lograte`]: rate-limited log lines (used by every room).
+//! - [`stats`]: lock-free latency histograms (store calls, server calls)
+//!   read by the metrics endpoint.
 //! - [`config`]: the one table of `serve`'s settings (name, flag,
 //!   environment variable, default, doc) and their validation into a plain
 //!   [`config::ServeConfig`]; the server makes its runtime handles from it.
@@ -49,13 +51,14 @@
 //! |---|---|
 //! | `domain` | nothing |
 //! | `lograte` | nothing |
+//! | `stats` | nothing |
 //! | `identity` | `domain` |
-//! | `store` | `domain`, `lograte` |
+//! | `store` | `domain`, `lograte`, `stats` |
 //! | `import` | `domain`, `store`, `lograte` |
 //! | `federation` | `domain`, `store`, `lograte` |
 //! | `audit`, `receipt`, `quota` | `domain` |
 //! | `api` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`; never `server` |
-//! | `server` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`, `api`, `config` (not `import`, not `cli`) |
+//! | `server` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`, `stats`, `api`, `config` (not `import`, not `cli`) |
 //! | `config` | `domain`, `identity`, `store`, `federation`, `import`, `audit`, `receipt`, `quota` (plain data: never `server`, `cli`, `api`) |
 //! | `cli` | everything |
 //!
@@ -75,6 +78,7 @@ pub mod lograte;
 pub mod quota;
 pub mod receipt;
 pub mod server;
+pub mod stats;
 pub mod store;
 
 pub use server::run;

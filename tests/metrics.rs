@@ -17,7 +17,7 @@ use reassigned::server::metrics::MetricsHandle;
 use reassigned::store::{AnyStore, EmbeddedStore};
 use support::poll::eventually;
 use support::register::FileSpec;
-use support::server::{TestChannel, TestServer};
+use support::server::{Bearer, TestChannel, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::Code;
@@ -195,5 +195,211 @@ async fn audit_drops_with_a_dead_sink_show_in_the_metrics() {
     .await;
     let text = server.metrics().await;
     assert_eq!(sample(&text, "reassigned_audit_records_written_total"), Some(0.0));
+    server.stop().await;
+}
+
+/// The lines of `text` that start with `prefix`.
+fn lines<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+    text.lines().filter(|l| l.starts_with(prefix)).collect()
+}
+
+#[tokio::test]
+async fn grpc_histograms_in_flight_refusals_and_process_figures_after_real_calls() {
+    let store = EmbeddedStore::new();
+    let files = tempfile::tempdir().expect("tempdir");
+    let as_of = Date::today_utc().add_days(-1).to_string();
+    let manifest =
+        FileSpec::snapshot(1, &as_of, "2021-01-27", &["+1"], &[(A, "2024-05-01")]).write(files.path(), "s1");
+    import::apply_manifest(&store, &manifest, &mut NoProgress)
+        .await
+        .expect("snapshot");
+    let server = Server::start(AnyStore::Embedded(Arc::new(store)), |_, _| {}).await;
+    let mut client = server.client().await;
+    for _ in 0..5 {
+        client.check_number(req(A)).await.expect("check");
+    }
+    client.check_number(req("+1 bad")).await.expect_err("bad number");
+
+    // A real handshake with a certificate from another CA, and one with an
+    // expired certificate: both refused at the handshake, counted by reason.
+    let stranger = reassigned::cli::certs::DevPki::new()
+        .expect("other CA")
+        .client("platform-a")
+        .expect("client cert");
+    let refused = server
+        .inner
+        .raw_channel(Some(&stranger), server.inner.certs.pki.ca_cert_pem())
+        .await;
+    let expired = server.inner.certs.expired_client("platform-a");
+    let refused_expired = server
+        .inner
+        .raw_channel(Some(&expired), server.inner.certs.pki.ca_cert_pem())
+        .await;
+    // tonic connects lazily at the first call on some versions: make a call.
+    for channel in [refused, refused_expired].into_iter().flatten() {
+        let mut c = ReassignedNumbersClient::new(channel);
+        c.check_number(req(A))
+            .await
+            .expect_err("refused at the handshake");
+    }
+
+    let labels =
+        r#"grpc_type="unary",grpc_service="reassigned.v1.ReassignedNumbers",grpc_method="CheckNumber""#;
+    let count = format!("grpc_server_handling_seconds_count{{{labels}}}");
+    let mut text = String::new();
+    eventually("6 calls and 2 refused handshakes counted", async || {
+        text = server.metrics().await;
+        sample(&text, &count) == Some(6.0)
+            && sample(
+                &text,
+                r#"reassigned_handshake_failures_total{reason="tls_error"}"#,
+            ) == Some(2.0)
+    })
+    .await;
+    assert!(
+        text.contains("# TYPE grpc_server_handling_seconds histogram"),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, &format!("grpc_server_started_total{{{labels}}}")),
+        Some(6.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("grpc_server_handled_total{{{labels},grpc_code=\"OK\"}}")
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("grpc_server_handled_total{{{labels},grpc_code=\"InvalidArgument\"}}")
+        ),
+        Some(1.0)
+    );
+    // Buckets: cumulative, non-decreasing, ending at the count.
+    let buckets = lines(&text, &format!("grpc_server_handling_seconds_bucket{{{labels},"));
+    assert_eq!(buckets.len(), reassigned::stats::BUCKETS, "{buckets:?}");
+    let values: Vec<f64> = buckets
+        .iter()
+        .map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("value"))
+        .collect();
+    assert!(values.windows(2).all(|w| w[0] <= w[1]), "{values:?}");
+    assert_eq!(values.last(), Some(&6.0));
+    assert!(buckets[0].contains("le=\"0.00005\""), "{}", buckets[0]);
+    assert!(buckets.last().is_some_and(|l| l.contains("le=\"+Inf\"")));
+    let sum = sample(&text, &format!("grpc_server_handling_seconds_sum{{{labels}}}")).expect("sum");
+    assert!(sum > 0.0, "{sum}");
+    // Every API method is listed before its first call.
+    assert_eq!(
+        sample(
+            &text,
+            r#"grpc_server_started_total{grpc_type="server_stream",grpc_service="reassigned.v1.Watchlist",grpc_method="WatchDisconnections"}"#
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, &format!("reassigned_requests_in_flight{{{labels}}}")),
+        Some(0.0)
+    );
+    // The store's latency: the embedded store answered 5 lookups.
+    let lookups = sample(
+        &text,
+        r#"reassigned_store_call_seconds_count{store="embedded",op="lookup"}"#,
+    )
+    .expect("store histogram");
+    assert!(lookups >= 5.0, "{lookups}");
+    assert!(
+        sample(
+            &text,
+            r#"reassigned_import_runs_total{kind="snapshot",result="ok"}"#
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "reassigned_build_info{{version=\"{}\",git_sha=\"",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+    let not_after =
+        sample(&text, "reassigned_tls_certificate_not_after_timestamp_seconds").expect("cert expiry");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(
+        not_after > now,
+        "the test server's certificate is valid: {not_after} vs {now}"
+    );
+    assert!(
+        sample(&text, "process_resident_memory_bytes").is_some_and(|n| n > 1e6),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "process_open_fds").is_some_and(|n| n >= 3.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "process_cpu_seconds_total").is_some_and(|n| n > 0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "reassigned_mirror_as_of_timestamp_seconds"),
+        Some(f64::from(Date::today_utc().add_days(-1).days()) * 86_400.0)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn token_refusals_are_counted_by_reason() {
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let inner = TestServer::start(store, |s| {
+        s.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    let metrics = inner.handles.metrics.clone();
+    let server = Server { inner, metrics };
+    let id = server.inner.certs.client("platform-a");
+    let mut none = ReassignedNumbersClient::new(server.inner.channel_bearing(&id, Bearer::none()).await);
+    let mut junk = ReassignedNumbersClient::new(
+        server
+            .inner
+            .channel_bearing(&id, Bearer::raw("Bearer not.a.jwt"))
+            .await,
+    );
+    for _ in 0..2 {
+        let e = none.check_number(req(A)).await.expect_err("no token");
+        assert_eq!(e.code(), Code::Unauthenticated);
+    }
+    let e = junk.check_number(req(A)).await.expect_err("junk token");
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let text = server.metrics().await;
+    assert_eq!(
+        sample(&text, r#"reassigned_auth_refusals_total{reason="token_missing"}"#),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"reassigned_auth_refusals_total{reason="token_malformed"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, r#"reassigned_auth_refusals_total{reason="token_expired"}"#),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, r#"reassigned_quota_refusals_total{kind="rate"}"#),
+        Some(0.0),
+        "{text}"
+    );
     server.stop().await;
 }

@@ -124,7 +124,7 @@ pub fn transport(
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .layer(metrics::CountLayer(metrics.clone()))
         .layer(revoke::TrackLayer)
-        .layer(auth::AuthLayer::with_tokens(tokens));
+        .layer(auth::AuthLayer::with_tokens(tokens).counting(metrics.refusals()));
     (server, incoming)
 }
 
@@ -189,6 +189,7 @@ where
         config.tls_reload_interval(),
         stop_rx.clone(),
     )));
+    let quotas = crate::quota::Quotas::new(config.quotas.clone())?;
     let metrics_task = match config.metrics_listen {
         Some(addr) => Some(reload::AbortOnDrop(
             metrics::serve(
@@ -198,6 +199,8 @@ where
                     store: store.clone(),
                     audit: handles.audit_stats.clone(),
                     max_staleness_days: config.max_staleness_days,
+                    quotas: quotas.clone(),
+                    tls: Some(reloader.clone()),
                 },
                 stop_rx.clone(),
             )
@@ -235,7 +238,7 @@ where
             ServiceOptions {
                 max_batch: config.max_batch,
                 max_staleness_days: config.max_staleness_days,
-                quotas: crate::quota::Quotas::new(config.quotas.clone())?,
+                quotas,
             },
         )
         .with_receipts(receipts)
