@@ -20,6 +20,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // INVALID_ARGUMENT, not INTERNAL (src/api/codec.rs).
         .codec_path("crate::api::codec::ApiCodec")
         .compile_fds(fds)?;
+    // The OTLP trace export (`server::trace`): prost's own codec.
+    let otlp = protox::compile(["proto/otlp/trace_export.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(otlp)?;
     Ok(())
 }
 

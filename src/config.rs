@@ -321,6 +321,20 @@ settings_table! {
     /// Address of the plain-HTTP Prometheus endpoint `GET /metrics` (default:
     /// off). Not authenticated: bind it to a private interface only.
     metrics_listen: SocketAddr, flag "metrics-listen", env "REASSIGNED_METRICS_LISTEN";
+    /// Write one `info` line per call (log target `reassigned::access`):
+    /// platform, method, code, latency, request id and a keyed hash of the
+    /// number (the audit secret's key if set, else a key of this process);
+    /// never the number or the token.
+    access_log: bool = false, flag "access-log", env "REASSIGNED_ACCESS_LOG",
+        clap(
+            num_args = 0,
+            default_missing_value = "true",
+            value_parser = clap::builder::BoolishValueParser::new()
+        );
+    /// OTLP/gRPC endpoint of a trace collector (`http://127.0.0.1:4317`;
+    /// default: off): a span per call, parented by the caller's W3C
+    /// `traceparent`, exported in batches in the background.
+    otlp_endpoint: String, flag "otlp-endpoint", env "REASSIGNED_OTLP_ENDPOINT";
     /// Milliseconds a new connection gets to send its first byte before it
     /// is closed (at most the handshake timeout).
     handshake_first_byte_timeout_ms: u64 = defaults::HANDSHAKE_FIRST_BYTE_TIMEOUT_MS,
@@ -600,6 +614,10 @@ pub struct ServeConfig {
     pub audit: Option<crate::audit::AuditConfig>,
     /// Address of the Prometheus endpoint; `None`: off.
     pub metrics_listen: Option<SocketAddr>,
+    /// One log line per call (see the `access_log` setting).
+    pub access_log: bool,
+    /// The OTLP/gRPC trace collector (`None`: no trace export).
+    pub otlp_endpoint: Option<String>,
     /// Time a new connection gets to send its first byte, in milliseconds.
     pub handshake_first_byte_timeout_ms: u64,
     /// Pending handshake limit per client IP address.
@@ -681,6 +699,23 @@ fn redis_url(url: String, name: &'static str) -> Result<String, ConfigError> {
     Ok(url)
 }
 
+/// The OTLP endpoint, checked: an `http://` or `https://` URL with a host.
+fn otlp_endpoint(endpoint: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(endpoint) = endpoint.filter(|e| !e.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|e| ConfigError::Invalid("otlp_endpoint", format!("not a URL: {e}")))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(ConfigError::Invalid(
+            "otlp_endpoint",
+            "must be an http:// or https:// URL with a host (e.g. http://127.0.0.1:4317)".into(),
+        ));
+    }
+    Ok(Some(endpoint))
+}
+
 impl ServeConfig {
     /// The default listen address.
     pub const DEFAULT_LISTEN: SocketAddr = defaults::LISTEN;
@@ -743,6 +778,8 @@ impl ServeConfig {
             receipt_retired_keys,
             audit,
             metrics_listen: s.metrics_listen,
+            access_log: take!(s.access_log)?,
+            otlp_endpoint: otlp_endpoint(s.otlp_endpoint.clone())?,
             handshake_first_byte_timeout_ms,
             max_handshakes_per_ip: positive!(s.max_handshakes_per_ip)?,
             listen_backlog: positive!(s.listen_backlog)?,

@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use super::convert::status_names;
 use super::convert::{answer_message, status_message};
+use super::note::{self, CallNote};
 use super::pb::reassigned_numbers_server::ReassignedNumbers;
 use super::receipts::{CallInfo, ReceiptPlan};
 use super::{ApiError, pb};
@@ -216,6 +217,7 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         request: Request<pb::CheckNumberRequest>,
     ) -> Result<Response<pb::CheckNumberResponse>, Status> {
         self.charge(request.extensions().get(), 1, 1).await?;
+        let note = request.extensions().get::<CallNote>().cloned();
         let wanted = request.get_ref().want_receipt;
         let plan = ReceiptPlan::for_call(self.receipts.as_ref(), self.call_info(&request), wanted, false)
             .map_err(ApiError::from)?;
@@ -226,7 +228,12 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         } = request.into_inner();
         let today = Date::today_utc();
         let check = Check::parse(&phone_number, &since, today).map_err(ApiError::InvalidArgument)?;
-        let lookup = self.store.lookup(check.number).await.map_err(ApiError::from)?;
+        if let Some(note) = &note {
+            note.number(&check.number);
+        }
+        let lookup = note::timed(note.as_ref(), self.store.lookup(check.number))
+            .await
+            .map_err(ApiError::from)?;
         let answer = self.answer(check, lookup.found, lookup.meta.as_deref(), today);
         tracing::debug!(status = ?answer.status, "checked");
         let message = self.respond(&plan, phone_number, want_receipt, &answer, None)?;
@@ -246,6 +253,7 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
             0
         };
         self.charge(request.extensions().get(), 1, numbers).await?;
+        let note = request.extensions().get::<CallNote>().cloned();
         let all = request.get_ref().want_receipts;
         let wanted = request.get_ref().checks.iter().any(|c| c.want_receipt);
         let plan = ReceiptPlan::for_call(self.receipts.as_ref(), self.call_info(&request), wanted, all)
@@ -265,7 +273,12 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
             }])
             .into());
         }
-        let results = self.check_many(checks, &plan, 0).await.map_err(ApiError::from)?;
+        if let Some(note) = &note {
+            note.numbers(checks.len() as u64);
+        }
+        let results = note::timed(note.as_ref(), self.check_many(checks, &plan, 0))
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(pb::BatchCheckNumbersResponse { results }))
     }
 

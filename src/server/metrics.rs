@@ -31,6 +31,7 @@ use crate::audit::AuditStats;
 use crate::domain::Date;
 use crate::quota::{QuotaKind, Quotas};
 use crate::server::auth::{REFUSAL_REASONS, RefusalStats};
+use crate::server::trace::{Observed, Observer};
 use crate::stats::{Histogram, HistogramReading, LATENCY_BOUNDS};
 use crate::store::calls::{self as store_calls, Backend, ERROR_KINDS, Op};
 use crate::store::{AnyStore, Kind, Store};
@@ -130,6 +131,8 @@ struct Inner {
     handshakes: Arc<crate::server::accept::HandshakeStats>,
     /// Calls refused by the auth layer, by reason.
     refusals: Arc<RefusalStats>,
+    /// The access log and trace export, once the server set them up.
+    observer: std::sync::OnceLock<Arc<Observer>>,
 }
 
 impl Default for MetricsHandle {
@@ -143,6 +146,7 @@ impl Default for MetricsHandle {
                 bound: watch::channel(None).0,
                 handshakes: Arc::default(),
                 refusals: Arc::default(),
+                observer: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -201,15 +205,36 @@ impl MetricsHandle {
         self.inner.in_flight[methods::label_index(path)].load(Ordering::Relaxed)
     }
 
+    /// Observes every call from now on with `observer` (access log, trace
+    /// export); the first observer set stays.
+    pub fn observe_with(&self, observer: Arc<Observer>) {
+        if self.inner.observer.set(observer).is_err() {
+            tracing::warn!("an observer is already set on these metrics: keeping the first");
+        }
+    }
+
+    /// The observer set with [`MetricsHandle::observe_with`], if any.
+    pub fn observer(&self) -> Option<Arc<Observer>> {
+        self.inner.observer.get().cloned()
+    }
+
     fn start(&self, method: usize) {
         self.inner.started[method].fetch_add(1, Ordering::Relaxed);
         self.inner.in_flight[method].fetch_add(1, Ordering::Relaxed);
     }
 
-    fn count(&self, method: usize, code: usize, started: Instant) {
+    fn count(&self, method: usize, code: usize, started: Instant, observed: Option<Box<Observed>>) {
+        let elapsed = started.elapsed();
         self.inner.requests[method][code].fetch_add(1, Ordering::Relaxed);
-        self.inner.latency[method].observe(started.elapsed());
+        self.inner.latency[method].observe(elapsed);
         self.inner.in_flight[method].fetch_sub(1, Ordering::Relaxed);
+        if let (Some(observed), Some(observer)) = (observed, self.inner.observer.get()) {
+            let code = i32::try_from(code)
+                .ok()
+                .filter(|_| code < NO_CODE)
+                .map(tonic::Code::from_i32);
+            observer.finish(observed, method, code, elapsed);
+        }
     }
 }
 
@@ -386,6 +411,30 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
     render_refusals(&mut out, handle, sources);
     render_store(&mut out, sources, meta.as_deref());
     render_process(&mut out, sources);
+    if let Some(observer) = handle.inner.observer.get().filter(|o| o.exports()) {
+        family(
+            &mut out,
+            "reassigned_otlp_spans_exported_total",
+            "counter",
+            "Trace spans the OTLP collector accepted.",
+        );
+        let _ = writeln!(
+            out,
+            "reassigned_otlp_spans_exported_total {}",
+            observer.stats().exported()
+        );
+        family(
+            &mut out,
+            "reassigned_otlp_spans_dropped_total",
+            "counter",
+            "Trace spans dropped: export queue full, or the collector refused or could not be reached.",
+        );
+        let _ = writeln!(
+            out,
+            "reassigned_otlp_spans_dropped_total {}",
+            observer.stats().dropped()
+        );
+    }
     out
 }
 
@@ -758,14 +807,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let method = methods::label_index(req.uri().path());
         self.handle.start(method);
+        let observed = self.handle.inner.observer.get().map(|o| o.start(&mut req));
         CountFuture {
             call: self.inner.call(req),
             method,
             started: Instant::now(),
             handle: Some(self.handle.clone()),
+            observed,
         }
     }
 }
@@ -781,12 +832,14 @@ pin_project_lite::pin_project! {
         started: Instant,
         // `Some` until the response (or the error) passes.
         handle: Option<MetricsHandle>,
+        // The access log's and trace's part, when they are on.
+        observed: Option<Box<Observed>>,
     }
 
     impl<F> PinnedDrop for CountFuture<F> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            finish(this.handle, *this.method, NO_CODE, *this.started);
+            finish(this.handle, *this.method, NO_CODE, *this.started, this.observed);
         }
     }
 }
@@ -809,26 +862,28 @@ where
         let Some(handle) = this.handle.take() else {
             return Poll::Pending;
         };
+        let observed = this.observed.take();
         Poll::Ready(match result {
             Ok(response) => {
                 // A trailers-only response (errors) carries the status
                 // in its headers; others in the trailers of the body.
-                let pending = match status_of(response.headers()) {
+                let (pending, observed) = match status_of(response.headers()) {
                     Some(code) => {
-                        handle.count(method, code, started);
-                        None
+                        handle.count(method, code, started, observed);
+                        (None, None)
                     }
-                    None => Some(handle),
+                    None => (Some(handle), observed),
                 };
                 Ok(response.map(|body| CountBody {
                     inner: body,
                     method,
                     started,
                     pending,
+                    observed,
                 }))
             }
             Err(e) => {
-                handle.count(method, NO_CODE, started);
+                handle.count(method, NO_CODE, started, observed);
                 Err(e)
             }
         })
@@ -851,20 +906,27 @@ pin_project_lite::pin_project! {
         started: Instant,
         // `Some` until the call is counted.
         pending: Option<MetricsHandle>,
+        observed: Option<Box<Observed>>,
     }
 
     impl<B> PinnedDrop for CountBody<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            finish(this.pending, *this.method, NO_CODE, *this.started);
+            finish(this.pending, *this.method, NO_CODE, *this.started, this.observed);
         }
     }
 }
 
 /// Counts the call once, with `code`.
-fn finish(pending: &mut Option<MetricsHandle>, method: usize, code: usize, started: Instant) {
+fn finish(
+    pending: &mut Option<MetricsHandle>,
+    method: usize,
+    code: usize,
+    started: Instant,
+    observed: &mut Option<Box<Observed>>,
+) {
     if let Some(handle) = pending.take() {
-        handle.count(method, code, started);
+        handle.count(method, code, started, observed.take());
     }
 }
 
@@ -882,15 +944,13 @@ impl<B: Body> Body for CountBody<B> {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
-                    finish(
-                        this.pending,
-                        method,
-                        status_of(trailers).unwrap_or(NO_CODE),
-                        started,
-                    );
+                    let code = status_of(trailers).unwrap_or(NO_CODE);
+                    finish(this.pending, method, code, started, this.observed);
                 }
             }
-            Poll::Ready(Some(Err(_)) | None) => finish(this.pending, method, NO_CODE, started),
+            Poll::Ready(Some(Err(_)) | None) => {
+                finish(this.pending, method, NO_CODE, started, this.observed);
+            }
             Poll::Pending => {}
         }
         polled

@@ -10,6 +10,7 @@ pub mod reload;
 pub mod revoke;
 pub mod tls;
 pub mod token;
+pub mod trace;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -190,6 +191,18 @@ where
         stop_rx.clone(),
     )));
     let quotas = crate::quota::Quotas::new(config.quotas.clone())?;
+    let observer = trace::Observer::start_with(
+        config.access_log,
+        config.otlp_endpoint.as_deref(),
+        match &config.audit {
+            // The audit trail's key, so access log and audit hashes match.
+            Some(audit) => crate::audit::NumberKey::from_secret_file(&audit.secret_file)?,
+            None => crate::audit::NumberKey::random(),
+        },
+    )?;
+    if let Some(observer) = observer {
+        handles.metrics.observe_with(observer);
+    }
     let metrics_task = match config.metrics_listen {
         Some(addr) => Some(reload::AbortOnDrop(
             metrics::serve(
