@@ -331,8 +331,8 @@ settings_table! {
             default_missing_value = "true",
             value_parser = clap::builder::BoolishValueParser::new()
         );
-    /// OTLP/gRPC endpoint of a trace collector (`http://127.0.0.1:4317`;
-    /// default: off): a span per call, parented by the caller's W3C
+    /// OTLP/gRPC endpoint of a trace collector (`http://127.0.0.1:4317`,
+    /// plain HTTP/2 to a collector in the same pod or network; default: off): a span per call, parented by the caller's W3C
     /// `traceparent`, exported in batches in the background.
     otlp_endpoint: String, flag "otlp-endpoint", env "REASSIGNED_OTLP_ENDPOINT";
     /// Milliseconds a new connection gets to send its first byte before it
@@ -699,7 +699,8 @@ fn redis_url(url: String, name: &'static str) -> Result<String, ConfigError> {
     Ok(url)
 }
 
-/// The OTLP endpoint, checked: an `http://` or `https://` URL with a host.
+/// The OTLP endpoint, checked: an `http://` URL with a host (plain HTTP/2
+/// to a collector in the same pod or network; it forwards with TLS).
 fn otlp_endpoint(endpoint: Option<String>) -> Result<Option<String>, ConfigError> {
     let Some(endpoint) = endpoint.filter(|e| !e.trim().is_empty()) else {
         return Ok(None);
@@ -707,10 +708,12 @@ fn otlp_endpoint(endpoint: Option<String>) -> Result<Option<String>, ConfigError
     let uri: http::Uri = endpoint
         .parse()
         .map_err(|e| ConfigError::Invalid("otlp_endpoint", format!("not a URL: {e}")))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
         return Err(ConfigError::Invalid(
             "otlp_endpoint",
-            "must be an http:// or https:// URL with a host (e.g. http://127.0.0.1:4317)".into(),
+            "must be an http:// URL with a host (e.g. http://127.0.0.1:4317): a collector in the same \
+             pod or network, which forwards with TLS"
+                .into(),
         ));
     }
     Ok(Some(endpoint))
@@ -1038,6 +1041,22 @@ mod tests {
         let merged = flags.or(file);
         assert_eq!(merged.max_batch, Some(10));
         assert_eq!(merged.max_staleness_days, Some(30));
+    }
+
+    #[test]
+    fn otlp_endpoints_are_plain_http_urls_with_a_host() {
+        assert_eq!(otlp_endpoint(None).expect("off"), None);
+        assert_eq!(otlp_endpoint(Some(" ".into())).expect("off"), None);
+        assert_eq!(
+            otlp_endpoint(Some("http://collector:4317".into()))
+                .expect("ok")
+                .as_deref(),
+            Some("http://collector:4317")
+        );
+        for bad in ["https://collector:4317", "collector:4317", "http://", "not a url"] {
+            let e = otlp_endpoint(Some(bad.into())).expect_err(bad);
+            assert!(e.to_string().contains("otlp_endpoint"), "{e}");
+        }
     }
 
     #[test]
