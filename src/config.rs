@@ -331,9 +331,10 @@ settings_table! {
             default_missing_value = "true",
             value_parser = clap::builder::BoolishValueParser::new()
         );
-    /// OTLP/gRPC endpoint of a trace collector (`http://127.0.0.1:4317`,
-    /// plain HTTP/2 to a collector in the same pod or network; default: off): a span per call, parented by the caller's W3C
-    /// `traceparent`, exported in batches in the background.
+    /// OTLP/gRPC endpoint of a trace collector (`http://127.0.0.1:4317`:
+    /// plain HTTP/2 to a collector in the same pod or network; default:
+    /// off): a span per call, parented by the caller's W3C `traceparent`,
+    /// exported in batches in the background.
     otlp_endpoint: String, flag "otlp-endpoint", env "REASSIGNED_OTLP_ENDPOINT";
     /// Milliseconds a new connection gets to send its first byte before it
     /// is closed (at most the handshake timeout).
