@@ -260,6 +260,24 @@ async fn grpc_histograms_in_flight_refusals_and_process_figures_after_real_calls
         text.contains("# TYPE grpc_server_handling_seconds histogram"),
         "{text}"
     );
+    // ... and by what the TLS layer refused: the client certificate's
+    // issuer (another CA) and its expiry.
+    assert_eq!(
+        sample(
+            &text,
+            r#"reassigned_handshake_tls_errors_total{kind="cert_untrusted"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"reassigned_handshake_tls_errors_total{kind="cert_expired"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
     assert_eq!(
         sample(&text, &format!("grpc_server_started_total{{{labels}}}")),
         Some(6.0)

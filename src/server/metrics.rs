@@ -383,6 +383,17 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "TLS handshakes that did not complete, by reason (first_byte_timeout, timeout, closed, tls_error, shed_per_ip, shed_pool).",
         &failures,
     );
+    let tls_errors: Vec<(String, u64)> = crate::server::accept::TLS_ERROR_KINDS
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| (format!("{{kind=\"{kind}\"}}"), handshakes.tls_errors(i)))
+        .collect();
+    metric(
+        "reassigned_handshake_tls_errors_total",
+        "counter",
+        "TLS handshakes failed with a TLS error (reason tls_error), by what was refused (cert_expired, cert_untrusted, cert_revoked, cert_invalid, no_client_cert, incompatible, protocol).",
+        &tls_errors,
+    );
     metric(
         "reassigned_handshakes_pending",
         "gauge",
