@@ -544,19 +544,23 @@ async fn deploy_alerts_and_dashboard_use_only_exported_metrics() {
         }
     }
 
-    match std::process::Command::new("promtool")
-        .args(["check", "rules"])
-        .arg(root.join("prometheus/alerts.yaml"))
-        .output()
-    {
-        Ok(out) => assert!(
-            out.status.success(),
-            "promtool check rules: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        Err(e) => {
-            eprintln!("promtool not installed ({e}): rules checked by name only here; .ci/run runs promtool")
+    for (command, file) in [("check", "alerts.yaml"), ("test", "alerts_test.yaml")] {
+        match std::process::Command::new("promtool")
+            .args([command, "rules"])
+            .arg(root.join("prometheus").join(file))
+            .output()
+        {
+            Ok(out) => assert!(
+                out.status.success(),
+                "promtool {command} rules {file}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => {
+                eprintln!(
+                    "promtool not installed ({e}): rules checked by name only here; .ci/run runs promtool"
+                );
+            }
         }
     }
 }
