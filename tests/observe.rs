@@ -255,8 +255,53 @@ async fn the_access_log_has_one_line_per_call_with_the_audit_keyed_hash_and_no_n
     ] {
         assert!(line.contains(field), "{field} missing from {line}");
     }
+    // A stream of 3 checks: one line when it ends, its numbers counted, no hash.
+    let checks: Vec<CheckNumberRequest> = ["+14155550002", "+14155550003", NUMBER]
+        .iter()
+        .map(|n| check(n).into_inner())
+        .collect();
+    let mut stream = Request::new(tokio_stream::iter(checks));
+    stream
+        .metadata_mut()
+        .insert("x-request-id", "req-observe-2".parse().expect("metadata"));
+    let mut answers = client
+        .stream_check_numbers(stream)
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut answered = 0;
+    while let Some(item) = answers.message().await.expect("item") {
+        assert!(item.result.is_some());
+        answered += 1;
+    }
+    assert_eq!(answered, 3);
+    let mut stream_line = String::new();
+    eventually("the stream's access line", async || {
+        let text = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
+        match text
+            .lines()
+            .find(|l| l.contains("req-observe-2") && l.contains("reassigned::access"))
+        {
+            Some(l) => {
+                stream_line = l.to_owned();
+                true
+            }
+            None => false,
+        }
+    })
+    .await;
+    for field in [
+        "method=\"StreamCheckNumbers\"",
+        "code=\"OK\"",
+        "numbers=3",
+        "number_hmac=\"-\"",
+    ] {
+        assert!(stream_line.contains(field), "{field} missing from {stream_line}");
+    }
     let all = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
-    assert!(!all.contains(DIGITS), "the number appears in the log:\n{all}");
+    for digits in [DIGITS, "14155550002", "14155550003"] {
+        assert!(!all.contains(digits), "a number appears in the log:\n{all}");
+    }
     server.stop().await;
 }
 

@@ -291,6 +291,7 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         // Opening the stream is one request; each chunk adds its checks to
         // the daily count as it arrives.
         let principal = request.extensions().get::<Principal>().cloned();
+        let note = request.extensions().get::<CallNote>().cloned();
         self.charge(principal.as_ref(), 1, 0).await?;
         // Checks that set `want_receipt` get one; without a signer, they get
         // FAILED_PRECONDITION as their item error.
@@ -300,7 +301,7 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         // stops reading requests (HTTP/2 flow control pushes back further).
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(
-            stream_pipeline(self.clone(), principal, Arc::new(receipts), input, tx).in_current_span(),
+            stream_pipeline(self.clone(), principal, Arc::new(receipts), input, tx, note).in_current_span(),
         );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -369,6 +370,7 @@ async fn stream_pipeline<S: Store + Clone>(
     receipts: Arc<ReceiptPlan>,
     mut input: ReadyChunks<Streaming<pb::CheckNumberRequest>>,
     tx: mpsc::Sender<Result<pb::BatchCheckResult, Status>>,
+    note: Option<CallNote>,
 ) {
     let mut lookups: FuturesOrdered<BoxFuture<'static, Segment>> = FuturesOrdered::new();
     // When each lookup segment (not shed ones) in `lookups` started.
@@ -451,7 +453,7 @@ async fn stream_pipeline<S: Store + Clone>(
                     let start = first_index;
                     first_index += count;
                     in_flight.push_back(tokio::time::Instant::now());
-                    lookups.push_back(lookup_chunk(this.clone(), principal.clone(), receipts.clone(), checks, start).boxed());
+                    lookups.push_back(lookup_chunk(this.clone(), principal.clone(), receipts.clone(), checks, start, note.clone()).boxed());
                 }
                 if let Some(status) = failure {
                     // The client must learn that its stream was cut (e.g. a
@@ -477,12 +479,16 @@ async fn lookup_chunk<S: Store + Clone>(
     receipts: Arc<ReceiptPlan>,
     checks: Vec<pb::CheckNumberRequest>,
     start: u64,
+    note: Option<CallNote>,
 ) -> Segment {
     let count = checks.len();
     if let Err(status) = this.charge(principal.as_ref(), 0, count as u64).await {
         return Segment::Fail(status);
     }
-    match this.check_many(checks, &receipts, start).await {
+    if let Some(note) = &note {
+        note.numbers(count as u64);
+    }
+    match note::timed(note.as_ref(), this.check_many(checks, &receipts, start)).await {
         Ok(results) => Segment::Results(results),
         Err(e) => {
             let error: pb::CheckError = ApiError::from(e).into();
