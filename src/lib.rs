@@ -28,7 +28,8 @@
 //!   ([`server::accept`]), the auth layer with certificate-bound
 //!   bearer tokens ([`server::token`]), reloading TLS material without a
 //!   restart ([`server::reload`]), closing connections a reload revoked
-//!   ([`server::revoke`]), metrics, health, reflection, [`run`].
+//!   ([`server::revoke`]), metrics ([`server::metrics`]), the access log
+//!   and trace export ([`server::trace`]), health, reflection, [`run`].
 //! - [`receipt`]: signed receipts of answers (compact JWS), their keys, JWKS
 //!   and offline verification.
 //! - [`audit`]: the audit trail of answers (keyed number hashes, a Redis
