@@ -564,3 +564,35 @@ async fn deploy_alerts_and_dashboard_use_only_exported_metrics() {
         }
     }
 }
+
+#[tokio::test]
+async fn quota_refusals_are_counted_by_kind() {
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let server = Server::start(store, |s, _| {
+        let one_per_thousand_seconds = reassigned::quota::QuotaLimits {
+            requests_per_second: Some(0.001),
+            burst: Some(1),
+            numbers_per_day: None,
+        };
+        s.quotas = Some([("default".to_owned(), one_per_thousand_seconds)].into());
+    })
+    .await;
+    let mut client = server.client().await;
+    client.check_number(req(A)).await.expect("the burst of one");
+    for _ in 0..2 {
+        let refused = client.check_number(req(A)).await.expect_err("over the rate");
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+    }
+    let text = server.metrics().await;
+    assert_eq!(
+        sample(&text, r#"reassigned_quota_refusals_total{kind="rate"}"#),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, r#"reassigned_quota_refusals_total{kind="daily"}"#),
+        Some(0.0),
+        "{text}"
+    );
+    server.stop().await;
+}
