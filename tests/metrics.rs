@@ -198,6 +198,13 @@ async fn audit_drops_with_a_dead_sink_show_in_the_metrics() {
     server.stop().await;
 }
 
+/// Asserts the value of each sample `name` (with its labels) in `text`.
+fn assert_samples(text: &str, expected: &[(&str, f64)]) {
+    for (name, value) in expected {
+        assert_eq!(sample(text, name), Some(*value), "{name} in\n{text}");
+    }
+}
+
 /// The lines of `text` that start with `prefix`.
 fn lines<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
     text.lines().filter(|l| l.starts_with(prefix)).collect()
@@ -396,28 +403,14 @@ async fn token_refusals_are_counted_by_reason() {
     let e = junk.check_number(req(A)).await.expect_err("junk token");
     assert_eq!(e.code(), Code::Unauthenticated);
     let text = server.metrics().await;
-    assert_eq!(
-        sample(&text, r#"reassigned_auth_refusals_total{reason="token_missing"}"#),
-        Some(2.0),
-        "{text}"
-    );
-    assert_eq!(
-        sample(
-            &text,
-            r#"reassigned_auth_refusals_total{reason="token_malformed"}"#
-        ),
-        Some(1.0),
-        "{text}"
-    );
-    assert_eq!(
-        sample(&text, r#"reassigned_auth_refusals_total{reason="token_expired"}"#),
-        Some(0.0),
-        "{text}"
-    );
-    assert_eq!(
-        sample(&text, r#"reassigned_quota_refusals_total{kind="rate"}"#),
-        Some(0.0),
-        "{text}"
+    assert_samples(
+        &text,
+        &[
+            (r#"reassigned_auth_refusals_total{reason="token_missing"}"#, 2.0),
+            (r#"reassigned_auth_refusals_total{reason="token_malformed"}"#, 1.0),
+            (r#"reassigned_auth_refusals_total{reason="token_expired"}"#, 0.0),
+            (r#"reassigned_quota_refusals_total{kind="rate"}"#, 0.0),
+        ],
     );
     server.stop().await;
 }
@@ -584,15 +577,12 @@ async fn quota_refusals_are_counted_by_kind() {
         assert_eq!(refused.code(), Code::ResourceExhausted);
     }
     let text = server.metrics().await;
-    assert_eq!(
-        sample(&text, r#"reassigned_quota_refusals_total{kind="rate"}"#),
-        Some(2.0),
-        "{text}"
-    );
-    assert_eq!(
-        sample(&text, r#"reassigned_quota_refusals_total{kind="daily"}"#),
-        Some(0.0),
-        "{text}"
+    assert_samples(
+        &text,
+        &[
+            (r#"reassigned_quota_refusals_total{kind="rate"}"#, 2.0),
+            (r#"reassigned_quota_refusals_total{kind="daily"}"#, 0.0),
+        ],
     );
     server.stop().await;
 }

@@ -188,6 +188,26 @@ fn captured() -> &'static Arc<Mutex<Vec<u8>>> {
     })
 }
 
+/// The access line of the call with `request_id`, once it is written.
+async fn access_line(log: &Mutex<Vec<u8>>, request_id: &str) -> String {
+    let mut line = String::new();
+    eventually("the access line", async || {
+        let text = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
+        match text
+            .lines()
+            .find(|l| l.contains(request_id) && l.contains("reassigned::access"))
+        {
+            Some(l) => {
+                line = l.to_owned();
+                true
+            }
+            None => false,
+        }
+    })
+    .await;
+    line
+}
+
 struct Writer(Arc<Mutex<Vec<u8>>>);
 
 impl std::io::Write for Writer {
@@ -226,21 +246,7 @@ async fn the_access_log_has_one_line_per_call_with_the_audit_keyed_hash_and_no_n
     let hmac = reassigned::audit::NumberKey::from_secret_file(&secret_path.expect("secret"))
         .expect("key")
         .hmac_hex(NUMBER);
-    let mut line = String::new();
-    eventually("the access line", async || {
-        let text = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
-        match text
-            .lines()
-            .find(|l| l.contains("req-observe-1") && l.contains("reassigned::access"))
-        {
-            Some(l) => {
-                line = l.to_owned();
-                true
-            }
-            None => false,
-        }
-    })
-    .await;
+    let line = access_line(log, "req-observe-1").await;
     for field in [
         " INFO ",
         "platform=\"spiffe://dev.reassigned/platform-a\"",
@@ -275,21 +281,7 @@ async fn the_access_log_has_one_line_per_call_with_the_audit_keyed_hash_and_no_n
         answered += 1;
     }
     assert_eq!(answered, 3);
-    let mut stream_line = String::new();
-    eventually("the stream's access line", async || {
-        let text = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
-        match text
-            .lines()
-            .find(|l| l.contains("req-observe-2") && l.contains("reassigned::access"))
-        {
-            Some(l) => {
-                stream_line = l.to_owned();
-                true
-            }
-            None => false,
-        }
-    })
-    .await;
+    let stream_line = access_line(log, "req-observe-2").await;
     for field in [
         "method=\"StreamCheckNumbers\"",
         "code=\"OK\"",
