@@ -162,7 +162,7 @@ impl AuditStats {
 #[derive(Debug)]
 pub struct Auditor {
     tx: mpsc::Sender<AuditRecord>,
-    key: HmacKey,
+    key: NumberKey,
     mandatory: bool,
     stats: Arc<AuditStats>,
     warn: Arc<Warner>,
@@ -172,14 +172,7 @@ impl Auditor {
     /// Reads the secret, and starts the writer task (it connects lazily and
     /// ends when the auditor is dropped). Must run inside a Tokio runtime.
     pub fn start(config: &AuditConfig, stats: Arc<AuditStats>) -> anyhow::Result<Self> {
-        let secret = std::fs::read(&config.secret_file).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read the audit secret {}: {e}",
-                config.secret_file.display()
-            )
-        })?;
-        let secret = trim_secret(&secret);
-        anyhow::ensure!(secret.len() >= 16, "the audit secret must hold at least 16 bytes");
+        let key = NumberKey::from_secret_file(&config.secret_file)?;
         let client = redis::Client::open(config.redis_url.as_str())?;
         let manager = ConnectionManager::new_lazy_with_config(
             client,
@@ -209,7 +202,7 @@ impl Auditor {
         tokio::spawn(writer.run(rx));
         Ok(Self {
             tx,
-            key: HmacKey::new(secret),
+            key,
             mandatory: config.mandatory,
             stats,
             warn,
@@ -218,7 +211,7 @@ impl Auditor {
 
     /// Lowercase hex HMAC-SHA256 of `e164` with the audit secret.
     pub fn number_hmac(&self, e164: &str) -> String {
-        hex::encode(self.key.mac(e164.as_bytes()))
+        self.key.hmac_hex(e164)
     }
 
     /// The counters.
@@ -453,6 +446,34 @@ fn trim_secret(bytes: &[u8]) -> &[u8] {
         end -= 1;
     }
     &bytes[..end]
+}
+
+/// The key of the number hashes (HMAC-SHA256): the audit trail's, and the
+/// access log's (the same key when the audit secret is set, so their
+/// hashes match).
+#[derive(Clone, Debug)]
+pub struct NumberKey(HmacKey);
+
+impl NumberKey {
+    /// The key of the secret in `path` (trimmed of one trailing newline; at
+    /// least 16 bytes).
+    pub fn from_secret_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        let secret = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("cannot read the audit secret {}: {e}", path.display()))?;
+        let secret = trim_secret(&secret);
+        anyhow::ensure!(secret.len() >= 16, "the audit secret must hold at least 16 bytes");
+        Ok(Self(HmacKey::new(secret)))
+    }
+
+    /// A random key of this process: its hashes match only each other.
+    pub fn random() -> Self {
+        Self(HmacKey::new(&rand::random::<[u8; 32]>()))
+    }
+
+    /// Lowercase hex HMAC-SHA256 of `e164` with this key.
+    pub fn hmac_hex(&self, e164: &str) -> String {
+        hex::encode(self.0.mac(e164.as_bytes()))
+    }
 }
 
 /// HMAC-SHA256 (RFC 2104) with the pads precomputed.

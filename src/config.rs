@@ -325,6 +325,21 @@ settings_table! {
     /// Alias of `admin_listen` (its former name, when it served only
     /// `/metrics`); if both are given they must be the same address.
     metrics_listen: SocketAddr, flag "metrics-listen", env "REASSIGNED_METRICS_LISTEN";
+    /// Write one `info` line per call (log target `reassigned::access`):
+    /// platform, method, code, latency, request id and a keyed hash of the
+    /// number (the audit secret's key if set, else a key of this process);
+    /// never the number or the token.
+    access_log: bool = false, flag "access-log", env "REASSIGNED_ACCESS_LOG",
+        clap(
+            num_args = 0,
+            default_missing_value = "true",
+            value_parser = clap::builder::BoolishValueParser::new()
+        );
+    /// OTLP/gRPC endpoint of a trace collector (`http://127.0.0.1:4317`:
+    /// plain HTTP/2 to a collector in the same pod or network; default:
+    /// off): a span per call, parented by the caller's W3C `traceparent`,
+    /// exported in batches in the background.
+    otlp_endpoint: String, flag "otlp-endpoint", env "REASSIGNED_OTLP_ENDPOINT";
     /// Milliseconds a new connection gets to send its first byte before it
     /// is closed (at most the handshake timeout).
     handshake_first_byte_timeout_ms: u64 = defaults::HANDSHAKE_FIRST_BYTE_TIMEOUT_MS,
@@ -605,6 +620,10 @@ pub struct ServeConfig {
     /// Address of the admin listener (`/metrics`, `/livez`, `/readyz`), from
     /// `admin_listen` or its alias `metrics_listen`; `None`: off.
     pub admin_listen: Option<SocketAddr>,
+    /// One log line per call (see the `access_log` setting).
+    pub access_log: bool,
+    /// The OTLP/gRPC trace collector (`None`: no trace export).
+    pub otlp_endpoint: Option<String>,
     /// Time a new connection gets to send its first byte, in milliseconds.
     pub handshake_first_byte_timeout_ms: u64,
     /// Pending handshake limit per client IP address.
@@ -686,6 +705,26 @@ fn redis_url(url: String, name: &'static str) -> Result<String, ConfigError> {
     Ok(url)
 }
 
+/// The OTLP endpoint, checked: an `http://` URL with a host (plain HTTP/2
+/// to a collector in the same pod or network; it forwards with TLS).
+fn otlp_endpoint(endpoint: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(endpoint) = endpoint.filter(|e| !e.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|e| ConfigError::Invalid("otlp_endpoint", format!("not a URL: {e}")))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(ConfigError::Invalid(
+            "otlp_endpoint",
+            "must be an http:// URL with a host (e.g. http://127.0.0.1:4317): a collector in the same \
+             pod or network, which forwards with TLS"
+                .into(),
+        ));
+    }
+    Ok(Some(endpoint))
+}
+
 impl ServeConfig {
     /// The default listen address.
     pub const DEFAULT_LISTEN: SocketAddr = defaults::LISTEN;
@@ -748,6 +787,8 @@ impl ServeConfig {
             receipt_retired_keys,
             audit,
             admin_listen: admin_listen(&s)?,
+            access_log: take!(s.access_log)?,
+            otlp_endpoint: otlp_endpoint(s.otlp_endpoint.clone())?,
             handshake_first_byte_timeout_ms,
             max_handshakes_per_ip: positive!(s.max_handshakes_per_ip)?,
             listen_backlog: positive!(s.listen_backlog)?,
@@ -1021,6 +1062,22 @@ mod tests {
         let merged = flags.or(file);
         assert_eq!(merged.max_batch, Some(10));
         assert_eq!(merged.max_staleness_days, Some(30));
+    }
+
+    #[test]
+    fn otlp_endpoints_are_plain_http_urls_with_a_host() {
+        assert_eq!(otlp_endpoint(None).expect("off"), None);
+        assert_eq!(otlp_endpoint(Some(" ".into())).expect("off"), None);
+        assert_eq!(
+            otlp_endpoint(Some("http://collector:4317".into()))
+                .expect("ok")
+                .as_deref(),
+            Some("http://collector:4317")
+        );
+        for bad in ["https://collector:4317", "collector:4317", "http://", "not a url"] {
+            let e = otlp_endpoint(Some(bad.into())).expect_err(bad);
+            assert!(e.to_string().contains("otlp_endpoint"), "{e}");
+        }
     }
 
     #[test]

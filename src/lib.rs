@@ -28,13 +28,16 @@
 //!   ([`server::accept`]), the auth layer with certificate-bound
 //!   bearer tokens ([`server::token`]), reloading TLS material without a
 //!   restart ([`server::reload`]), closing connections a reload revoked
-//!   ([`server::revoke`]), metrics, the admin listener of probes and
-//!   metrics ([`server::admin`]), health, reflection, [`run`].
+//!   ([`server::revoke`]), metrics ([`server::metrics`]), the admin
+//!   listener of probes and metrics ([`server::admin`]), the access log
+//!   and trace export ([`server::trace`]), health, reflection, [`run`].
 //! - [`receipt`]: signed receipts of answers (compact JWS), their keys, JWKS
 //!   and offline verification.
 //! - [`audit`]: the audit trail of answers (keyed number hashes, a Redis
 //!   Stream written in the background).
 //! - [`lograte`]: rate-limited log lines (used by every room).
+//! - [`stats`]: lock-free latency histograms (store calls, server calls)
+//!   read by the metrics endpoint.
 //! - [`config`]: the one table of `serve`'s settings (name, flag,
 //!   environment variable, default, doc) and their validation into a plain
 //!   [`config::ServeConfig`]; the server makes its runtime handles from it.
@@ -50,13 +53,14 @@
 //! |---|---|
 //! | `domain` | nothing |
 //! | `lograte` | nothing |
+//! | `stats` | nothing |
 //! | `identity` | `domain` |
-//! | `store` | `domain`, `lograte` |
+//! | `store` | `domain`, `lograte`, `stats` |
 //! | `import` | `domain`, `store`, `lograte` |
 //! | `federation` | `domain`, `store`, `lograte` |
 //! | `audit`, `receipt`, `quota` | `domain` |
 //! | `api` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`; never `server` |
-//! | `server` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`, `api`, `config` (not `import`, not `cli`) |
+//! | `server` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`, `stats`, `api`, `config` (not `import`, not `cli`) |
 //! | `config` | `domain`, `identity`, `store`, `federation`, `import`, `audit`, `receipt`, `quota` (plain data: never `server`, `cli`, `api`) |
 //! | `cli` | everything |
 //!
@@ -76,6 +80,7 @@ pub mod lograte;
 pub mod quota;
 pub mod receipt;
 pub mod server;
+pub mod stats;
 pub mod store;
 
 pub use server::run;

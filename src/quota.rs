@@ -249,6 +249,20 @@ pub enum QuotaKind {
     StoreDown,
 }
 
+impl QuotaKind {
+    /// Every kind, in the order of their counters.
+    pub const ALL: [QuotaKind; 3] = [QuotaKind::Rate, QuotaKind::Daily, QuotaKind::StoreDown];
+
+    /// The `kind` label of the refusal metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            QuotaKind::Rate => "rate",
+            QuotaKind::Daily => "daily",
+            QuotaKind::StoreDown => "quota_store_down",
+        }
+    }
+}
+
 /// A call refused by a quota, and when to retry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{kind:?} quota exceeded; retry after {retry_after:?}")]
@@ -264,6 +278,8 @@ pub struct Quotas {
     config: QuotaConfig,
     local: LocalLimiter,
     remote: Option<RemoteLimiter>,
+    /// Calls refused, by [`QuotaKind`] (for the metrics).
+    refused: [std::sync::atomic::AtomicU64; 3],
 }
 
 impl std::fmt::Debug for Quotas {
@@ -295,12 +311,27 @@ impl Quotas {
             config,
             local: LocalLimiter::default(),
             remote,
+            refused: Default::default(),
         })))
     }
 
     /// Charges `platform` with `requests` requests (rate) and `numbers`
     /// numbers (daily count), or refuses without charging anything.
     pub async fn check(&self, platform: &str, requests: u32, numbers: u64) -> Result<(), QuotaExceeded> {
+        let verdict = self.decide(platform, requests, numbers).await;
+        if let Err(refusal) = &verdict {
+            self.refused[refusal.kind as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        verdict
+    }
+
+    /// Calls refused so far by `kind`.
+    pub fn refused(&self, kind: QuotaKind) -> u64 {
+        self.refused[kind as usize].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// [`Quotas::check`] without counting refusals.
+    async fn decide(&self, platform: &str, requests: u32, numbers: u64) -> Result<(), QuotaExceeded> {
         let limits = self.config.limits(platform);
         let rate = limits.rate.filter(|_| requests > 0);
         let daily = limits.numbers_per_day.filter(|_| numbers > 0);

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 const MAY_IMPORT: &[(&str, &[&str])] = &[
     ("domain", &[]),
     ("lograte", &[]),
+    ("stats", &[]),
     ("identity", &["domain"]),
-    ("store", &["domain", "lograte"]),
+    ("store", &["domain", "lograte", "stats"]),
     ("import", &["domain", "store", "lograte"]),
     ("federation", &["domain", "store", "lograte"]),
     ("audit", &["domain"]),
@@ -44,6 +45,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
             "receipt",
             "quota",
             "lograte",
+            "stats",
             "api",
             "config",
         ],
@@ -73,6 +75,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
             "receipt",
             "quota",
             "lograte",
+            "stats",
             "api",
             "server",
             "config",
@@ -394,6 +397,7 @@ fn the_named_rules_hold() {
     let from =
         |m: &str| -> Vec<&String> { found.top.keys().filter(|(f, _)| f == m).map(|(_, t)| t).collect() };
     assert!(from("domain").is_empty(), "domain imports {:?}", from("domain"));
+    assert!(from("stats").is_empty(), "stats imports {:?}", from("stats"));
     assert!(
         from("identity").iter().all(|t| *t == "domain"),
         "identity imports {:?}",
@@ -403,7 +407,7 @@ fn the_named_rules_hold() {
     assert!(
         from("store")
             .iter()
-            .all(|t| *t == "domain" || *t == "lograte" || pending("store", t)),
+            .all(|t| *t == "domain" || *t == "lograte" || *t == "stats" || pending("store", t)),
         "store imports {:?}",
         from("store")
     );

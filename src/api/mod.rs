@@ -5,12 +5,13 @@
 pub mod codec;
 mod convert;
 pub mod methods;
+pub mod note;
 mod receipts;
 mod service;
 
 pub use convert::ApiError;
 pub use methods::code_name;
-pub use receipts::{CallInfo, REQUEST_ID_HEADER, ReceiptContext, ReceiptPlan, Receipts};
+pub use receipts::{CallInfo, REQUEST_ID_HEADER, ReceiptContext, ReceiptPlan, Receipts, usable_request_id};
 pub use service::{ReassignedService, ServiceOptions};
 
 /// Code generated from `proto/reassigned/v1/reassigned.proto`.

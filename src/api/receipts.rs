@@ -17,6 +17,12 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// replaced by a generated one.
 const MAX_REQUEST_ID: usize = 128;
 
+/// The client's request id if it is usable as is: 1 to 128 printable
+/// ASCII characters.
+pub fn usable_request_id(id: Option<&str>) -> Option<&str> {
+    id.filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic()))
+}
+
 /// Who made a call and its request id: shared by its receipts and its
 /// audit records. The default (no platform, empty id) stands for a call
 /// whose server makes neither.
@@ -36,14 +42,13 @@ impl CallInfo {
             .extensions()
             .get::<Principal>()
             .map(|p| p.platform.id.clone());
-        let request_id = request
-            .metadata()
-            .get(REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|id| {
-                !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic())
-            })
-            .map_or_else(|| format!("{:032x}", rand::random::<u128>()), str::to_owned);
+        let request_id = usable_request_id(
+            request
+                .metadata()
+                .get(REQUEST_ID_HEADER)
+                .and_then(|v| v.to_str().ok()),
+        )
+        .map_or_else(|| format!("{:032x}", rand::random::<u128>()), str::to_owned);
         Self { platform, request_id }
     }
 }

@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use super::convert::status_names;
 use super::convert::{answer_message, status_message};
+use super::note::{self, CallNote};
 use super::pb::reassigned_numbers_server::ReassignedNumbers;
 use super::receipts::{CallInfo, ReceiptPlan};
 use super::{ApiError, pb};
@@ -216,6 +217,7 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         request: Request<pb::CheckNumberRequest>,
     ) -> Result<Response<pb::CheckNumberResponse>, Status> {
         self.charge(request.extensions().get(), 1, 1).await?;
+        let note = request.extensions().get::<CallNote>().cloned();
         let wanted = request.get_ref().want_receipt;
         let plan = ReceiptPlan::for_call(self.receipts.as_ref(), self.call_info(&request), wanted, false)
             .map_err(ApiError::from)?;
@@ -226,7 +228,12 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         } = request.into_inner();
         let today = Date::today_utc();
         let check = Check::parse(&phone_number, &since, today).map_err(ApiError::InvalidArgument)?;
-        let lookup = self.store.lookup(check.number).await.map_err(ApiError::from)?;
+        if let Some(note) = &note {
+            note.number(&check.number);
+        }
+        let lookup = note::timed(note.as_ref(), self.store.lookup(check.number))
+            .await
+            .map_err(ApiError::from)?;
         let answer = self.answer(check, lookup.found, lookup.meta.as_deref(), today);
         tracing::debug!(status = ?answer.status, "checked");
         let message = self.respond(&plan, phone_number, want_receipt, &answer, None)?;
@@ -246,6 +253,7 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
             0
         };
         self.charge(request.extensions().get(), 1, numbers).await?;
+        let note = request.extensions().get::<CallNote>().cloned();
         let all = request.get_ref().want_receipts;
         let wanted = request.get_ref().checks.iter().any(|c| c.want_receipt);
         let plan = ReceiptPlan::for_call(self.receipts.as_ref(), self.call_info(&request), wanted, all)
@@ -265,7 +273,12 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
             }])
             .into());
         }
-        let results = self.check_many(checks, &plan, 0).await.map_err(ApiError::from)?;
+        if let Some(note) = &note {
+            note.numbers(checks.len() as u64);
+        }
+        let results = note::timed(note.as_ref(), self.check_many(checks, &plan, 0))
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(pb::BatchCheckNumbersResponse { results }))
     }
 
@@ -278,6 +291,7 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         // Opening the stream is one request; each chunk adds its checks to
         // the daily count as it arrives.
         let principal = request.extensions().get::<Principal>().cloned();
+        let note = request.extensions().get::<CallNote>().cloned();
         self.charge(principal.as_ref(), 1, 0).await?;
         // Checks that set `want_receipt` get one; without a signer, they get
         // FAILED_PRECONDITION as their item error.
@@ -287,7 +301,7 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         // stops reading requests (HTTP/2 flow control pushes back further).
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(
-            stream_pipeline(self.clone(), principal, Arc::new(receipts), input, tx).in_current_span(),
+            stream_pipeline(self.clone(), principal, Arc::new(receipts), input, tx, note).in_current_span(),
         );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -356,6 +370,7 @@ async fn stream_pipeline<S: Store + Clone>(
     receipts: Arc<ReceiptPlan>,
     mut input: ReadyChunks<Streaming<pb::CheckNumberRequest>>,
     tx: mpsc::Sender<Result<pb::BatchCheckResult, Status>>,
+    note: Option<CallNote>,
 ) {
     let mut lookups: FuturesOrdered<BoxFuture<'static, Segment>> = FuturesOrdered::new();
     // When each lookup segment (not shed ones) in `lookups` started.
@@ -438,7 +453,7 @@ async fn stream_pipeline<S: Store + Clone>(
                     let start = first_index;
                     first_index += count;
                     in_flight.push_back(tokio::time::Instant::now());
-                    lookups.push_back(lookup_chunk(this.clone(), principal.clone(), receipts.clone(), checks, start).boxed());
+                    lookups.push_back(lookup_chunk(this.clone(), principal.clone(), receipts.clone(), checks, start, note.clone()).boxed());
                 }
                 if let Some(status) = failure {
                     // The client must learn that its stream was cut (e.g. a
@@ -464,12 +479,16 @@ async fn lookup_chunk<S: Store + Clone>(
     receipts: Arc<ReceiptPlan>,
     checks: Vec<pb::CheckNumberRequest>,
     start: u64,
+    note: Option<CallNote>,
 ) -> Segment {
     let count = checks.len();
     if let Err(status) = this.charge(principal.as_ref(), 0, count as u64).await {
         return Segment::Fail(status);
     }
-    match this.check_many(checks, &receipts, start).await {
+    if let Some(note) = &note {
+        note.numbers(count as u64);
+    }
+    match note::timed(note.as_ref(), this.check_many(checks, &receipts, start)).await {
         Ok(results) => Segment::Results(results),
         Err(e) => {
             let error: pb::CheckError = ApiError::from(e).into();

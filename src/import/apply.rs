@@ -224,6 +224,25 @@ async fn apply_loaded<S: Store>(
     options: ImportOptions,
     progress: &mut dyn Progress,
 ) -> Result<Applied, ImportError> {
+    let result = apply_checked(store, manifest, options, progress).await;
+    let counted = match &result {
+        Ok(Applied::Snapshot { records, .. } | Applied::Delta { records, .. }) => Some(Ok(*records)),
+        Ok(_) => None,
+        Err(_) => Some(Err(())),
+    };
+    if let Some(counted) = counted {
+        crate::store::calls::calls().import(manifest.kind, counted);
+    }
+    result
+}
+
+/// [`apply_loaded`] without counting the run.
+async fn apply_checked<S: Store>(
+    store: &S,
+    manifest: &Manifest,
+    options: ImportOptions,
+    progress: &mut dyn Progress,
+) -> Result<Applied, ImportError> {
     let current = store.refresh_meta().await?;
     let current_seq = current.as_ref().map(|m| m.sequence);
     if current_seq.is_some_and(|c| manifest.sequence <= c) {

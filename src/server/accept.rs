@@ -169,12 +169,52 @@ impl HandshakeFailure {
     }
 }
 
+/// The `kind` label of handshakes that failed with a TLS error
+/// ([`HandshakeFailure::TlsError`]), by what rustls refused: the client
+/// certificate (`cert_expired`, `cert_untrusted`: unknown issuer or bad
+/// signature, `cert_revoked`, `cert_invalid`: any other certificate
+/// problem, `no_client_cert`), an incompatible peer (`incompatible`: no
+/// shared version, cipher suite or ALPN), or anything else (`protocol`: not
+/// TLS, malformed or unexpected messages).
+pub const TLS_ERROR_KINDS: [&str; 7] = [
+    "cert_expired",
+    "cert_untrusted",
+    "cert_revoked",
+    "cert_invalid",
+    "no_client_cert",
+    "incompatible",
+    "protocol",
+];
+
+/// The [`TLS_ERROR_KINDS`] column of a failed handshake's error.
+fn tls_error_kind(err: Option<&io::Error>) -> usize {
+    use rustls::{CertificateError, Error};
+    let rustls_error = err
+        .and_then(|e| e.get_ref())
+        .and_then(|e| e.downcast_ref::<Error>());
+    match rustls_error {
+        Some(Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        )) => 0,
+        Some(Error::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature)) => {
+            1
+        }
+        Some(Error::InvalidCertificate(CertificateError::Revoked)) => 2,
+        Some(Error::InvalidCertificate(_)) => 3,
+        Some(Error::NoCertificatesPresented) => 4,
+        Some(Error::PeerIncompatible(_) | Error::NoApplicationProtocol) => 5,
+        _ => 6,
+    }
+}
+
 /// Counters of the accept loop: every handshake is counted once, completed
 /// or failed with its reason, whether or not its log line was written.
 #[derive(Debug, Default)]
 pub struct HandshakeStats {
     completed: AtomicU64,
     failed: [AtomicU64; HandshakeFailure::ALL.len()],
+    /// [`HandshakeFailure::TlsError`]s by [`TLS_ERROR_KINDS`].
+    tls_errors: [AtomicU64; TLS_ERROR_KINDS.len()],
     pending: AtomicU64,
     closed_revoked: AtomicU64,
 }
@@ -188,6 +228,12 @@ impl HandshakeStats {
     /// Handshakes failed for `reason`.
     pub fn failed(&self, reason: HandshakeFailure) -> u64 {
         self.failed[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Handshakes failed with a TLS error of the kind
+    /// `TLS_ERROR_KINDS[kind]`.
+    pub fn tls_errors(&self, kind: usize) -> u64 {
+        self.tls_errors.get(kind).map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// Handshakes pending now.
@@ -515,6 +561,9 @@ async fn accept_loop(
                 Ok(done) => done,
                 Err((reason, err)) => {
                     task_stats.fail(reason);
+                    if reason == HandshakeFailure::TlsError {
+                        task_stats.tls_errors[tls_error_kind(err.as_ref())].fetch_add(1, Ordering::Relaxed);
+                    }
                     log_failure(reason, remote_addr, err.as_ref(), &opts);
                     return;
                 }

@@ -19,6 +19,7 @@
 //! this") stay distinct: see [`AuthError`].
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use futures_util::future::{Either, Ready, ready};
@@ -50,6 +51,75 @@ pub enum AuthError {
     UnknownMethod,
 }
 
+/// The `reason` label of every refusal the auth layer counts, in the
+/// order of [`AuthError::label_index`].
+pub const REFUSAL_REASONS: [&str; 18] = [
+    "no_certificate",
+    "unknown_method",
+    "missing_scope",
+    "token_missing",
+    "token_not_bearer",
+    "token_malformed",
+    "token_unknown_key",
+    "token_wrong_algorithm",
+    "token_bad_signature",
+    "token_expired",
+    "token_too_long",
+    "token_not_yet_valid",
+    "token_wrong_issuer",
+    "token_wrong_audience",
+    "token_missing_claim",
+    "token_unbound",
+    "token_wrong_certificate",
+    "token_wrong_subject",
+];
+
+impl AuthError {
+    /// The index of this refusal's label in [`REFUSAL_REASONS`]
+    /// (exhaustive: a new variant needs a label).
+    pub fn label_index(&self) -> usize {
+        match self {
+            AuthError::NoCertificate => 0,
+            AuthError::UnknownMethod => 1,
+            AuthError::MissingScope(_) => 2,
+            AuthError::Token(t) => match t {
+                TokenError::Missing => 3,
+                TokenError::NotBearer => 4,
+                TokenError::Malformed => 5,
+                TokenError::UnknownKey => 6,
+                TokenError::WrongAlgorithm => 7,
+                TokenError::BadSignature => 8,
+                TokenError::Expired => 9,
+                TokenError::TooLong(_) => 10,
+                TokenError::NotYetValid => 11,
+                TokenError::WrongIssuer => 12,
+                TokenError::WrongAudience => 13,
+                TokenError::MissingClaim(_) => 14,
+                TokenError::Unbound => 15,
+                TokenError::WrongCertificate => 16,
+                TokenError::WrongSubject => 17,
+            },
+        }
+    }
+}
+
+/// Calls the auth layer refused, by reason ([`REFUSAL_REASONS`]).
+#[derive(Debug, Default)]
+pub struct RefusalStats {
+    by_reason: [AtomicU64; REFUSAL_REASONS.len()],
+}
+
+impl RefusalStats {
+    fn count(&self, err: &AuthError) {
+        self.by_reason[err.label_index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Refusals with the label `REFUSAL_REASONS[index]`.
+    pub fn refused(&self, index: usize) -> u64 {
+        self.by_reason.get(index).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
 impl From<AuthError> for tonic::Status {
     fn from(err: AuthError) -> Self {
         let message = err.to_string();
@@ -67,19 +137,29 @@ impl From<AuthError> for tonic::Status {
 #[derive(Debug, Clone, Default)]
 pub struct AuthLayer {
     tokens: Option<Arc<TokenVerifier>>,
+    refusals: Arc<RefusalStats>,
 }
 
 impl AuthLayer {
     /// An authentication layer without tokens: the client certificate alone
     /// identifies the caller (mTLS only).
     pub fn new() -> Self {
-        Self { tokens: None }
+        Self::default()
     }
 
     /// An authentication layer that also requires bearer tokens when
     /// `tokens` is `Some`.
     pub fn with_tokens(tokens: Option<Arc<TokenVerifier>>) -> Self {
-        Self { tokens }
+        Self {
+            tokens,
+            refusals: Arc::default(),
+        }
+    }
+
+    /// Counts the refusals into `refusals` (the metrics' handle).
+    pub fn counting(mut self, refusals: Arc<RefusalStats>) -> Self {
+        self.refusals = refusals;
+        self
     }
 }
 
@@ -90,6 +170,7 @@ impl<S> Layer<S> for AuthLayer {
         Auth {
             inner,
             tokens: self.tokens.clone(),
+            refusals: self.refusals.clone(),
         }
     }
 }
@@ -108,6 +189,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct Auth<S> {
     inner: S,
     tokens: Option<Arc<TokenVerifier>>,
+    refusals: Arc<RefusalStats>,
 }
 
 impl<S> Auth<S> {
@@ -189,6 +271,7 @@ where
                 let scopes = match authorized {
                     Ok(scopes) => scopes,
                     Err(err) => {
+                        self.refusals.count(&err);
                         if let Some(suppressed) = crate::lograte::global().check("request_refused") {
                             span.in_scope(|| tracing::info!(reason = %err, suppressed, "request refused"));
                         }
@@ -202,6 +285,7 @@ where
                 span.in_scope(|| {
                     tracing::debug!("rejected request without a client platform identity");
                 });
+                self.refusals.count(&AuthError::NoCertificate);
                 let status = tonic::Status::from(AuthError::NoCertificate);
                 return Either::Right(ready(Ok(status.into_http())));
             }

@@ -1,13 +1,26 @@
 //! The Prometheus metrics, in the text exposition format, written by hand:
 //! served as `GET /metrics` by the admin listener ([`super::admin`],
 //! `--admin-listen` or its alias `--metrics-listen`).
+//!
+//! Calls are counted by [`CountLayer`] with relaxed atomics per (method,
+//! code) and per (method, latency bucket): no lock, no allocation and no
+//! formatting per call; the text is made only when scraped. The gRPC
+//! families follow go-grpc-prometheus (`grpc_server_started_total`,
+//! `grpc_server_handled_total`, `grpc_server_handling_seconds`, labels
+//! `grpc_type`, `grpc_service`, `grpc_method`, `grpc_code`), so the
+//! standard gRPC dashboards work; the `reassigned_*` families are kept
+//! beside them.
+//!
+//! It carries no secrets or numbers, but it is plain HTTP without
+//! authentication: bind it to a private interface, never expose it publicly.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use http_body::{Body, Frame, SizeHint};
 
@@ -16,7 +29,12 @@ use tokio::sync::watch;
 use crate::api::methods;
 use crate::audit::AuditStats;
 use crate::domain::Date;
-use crate::store::{AnyStore, Store};
+use crate::quota::{QuotaKind, Quotas};
+use crate::server::auth::{REFUSAL_REASONS, RefusalStats};
+use crate::server::trace::{Observed, Observer};
+use crate::stats::{Histogram, HistogramReading, LATENCY_BOUNDS};
+use crate::store::calls::{self as store_calls, Backend, ERROR_KINDS, Op};
+use crate::store::{AnyStore, Kind, Store};
 
 /// Columns of the request counters: the 17 gRPC codes by number, then
 /// `none` (the call ended without a status: cancelled by the client or
@@ -36,6 +54,59 @@ fn code_label(column: usize) -> String {
     }
 }
 
+/// The `grpc_code` label of a column: the code as grpc-go names it
+/// (`OK`, `Canceled`, `InvalidArgument`, ...: go-grpc-prometheus' values),
+/// or `none` (no status: cancelled by the client or connection lost).
+const GO_CODE_NAMES: [&str; CODES] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+    "none",
+];
+
+/// The `grpc_type`, `grpc_service` and `grpc_method` labels of the metrics
+/// label `index` ([`methods::label_index`]), as go-grpc-prometheus writes
+/// them.
+fn grpc_labels(index: usize) -> (&'static str, &'static str, &'static str) {
+    let (path, streaming) = match (
+        methods::METHODS.get(index),
+        index
+            .checked_sub(methods::METHODS.len())
+            .and_then(|i| methods::EXEMPT_LABELS.get(i)),
+    ) {
+        (Some(m), _) => (m.path, Some(m.streaming)),
+        (None, Some((path, _))) if path.ends_with("/Watch") => (*path, Some(methods::Streaming::Server)),
+        (None, Some((path, _))) => (*path, Some(methods::Streaming::Unary)),
+        (None, None) => return ("unknown", "unknown", "unknown"),
+    };
+    let kind = match streaming {
+        Some(methods::Streaming::Unary) => "unary",
+        Some(methods::Streaming::Server) => "server_stream",
+        Some(methods::Streaming::Client) => "client_stream",
+        Some(methods::Streaming::Bidi) => "bidi_stream",
+        None => "unknown",
+    };
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or(("unknown", "unknown"));
+    (kind, service, method)
+}
+
 /// Handle shared between a [`crate::config::ServeConfig`] and the server
 /// running it: the request counters, and the address the metrics endpoint
 /// is bound to once it is (useful with port 0).
@@ -48,9 +119,20 @@ struct Inner {
     /// One row per metrics label of [`methods::label_index`]; one column
     /// per gRPC code, then `none` (see [`code_label`]).
     requests: [[AtomicU64; CODES]; methods::LABEL_COUNT],
+    /// Calls started, per metrics label.
+    started: [AtomicU64; methods::LABEL_COUNT],
+    /// Calls in flight, per metrics label.
+    in_flight: [AtomicI64; methods::LABEL_COUNT],
+    /// Handling time of finished calls (to the status, or the end of the
+    /// stream), per metrics label.
+    latency: [Histogram; methods::LABEL_COUNT],
     bound: watch::Sender<Option<SocketAddr>>,
     /// Counters of the TLS accept loop.
     handshakes: Arc<crate::server::accept::HandshakeStats>,
+    /// Calls refused by the auth layer, by reason.
+    refusals: Arc<RefusalStats>,
+    /// The access log and trace export, once the server set them up.
+    observer: std::sync::OnceLock<Arc<Observer>>,
 }
 
 impl Default for MetricsHandle {
@@ -58,8 +140,13 @@ impl Default for MetricsHandle {
         Self {
             inner: Arc::new(Inner {
                 requests: Default::default(),
+                started: Default::default(),
+                in_flight: Default::default(),
+                latency: std::array::from_fn(|_| Histogram::new()),
                 bound: watch::channel(None).0,
                 handshakes: Arc::default(),
+                refusals: Arc::default(),
+                observer: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -107,8 +194,52 @@ impl MetricsHandle {
         self.inner.bound.send_replace(Some(addr));
     }
 
-    fn count(&self, method: usize, code: usize) {
+    /// The counters of the auth layer's refusals of the server running
+    /// with this handle.
+    pub fn refusals(&self) -> Arc<RefusalStats> {
+        self.inner.refusals.clone()
+    }
+
+    /// The handling time of the calls to `path` finished so far.
+    pub fn latency(&self, path: &str) -> HistogramReading {
+        self.inner.latency[methods::label_index(path)].read()
+    }
+
+    /// Calls to `path` in flight now.
+    pub fn in_flight(&self, path: &str) -> i64 {
+        self.inner.in_flight[methods::label_index(path)].load(Ordering::Relaxed)
+    }
+
+    /// Observes every call from now on with `observer` (access log, trace
+    /// export); the first observer set stays.
+    pub fn observe_with(&self, observer: Arc<Observer>) {
+        if self.inner.observer.set(observer).is_err() {
+            tracing::warn!("an observer is already set on these metrics: keeping the first");
+        }
+    }
+
+    /// The observer set with [`MetricsHandle::observe_with`], if any.
+    pub fn observer(&self) -> Option<Arc<Observer>> {
+        self.inner.observer.get().cloned()
+    }
+
+    fn start(&self, method: usize) {
+        self.inner.started[method].fetch_add(1, Ordering::Relaxed);
+        self.inner.in_flight[method].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count(&self, method: usize, code: usize, started: Instant, observed: Option<Box<Observed>>) {
+        let elapsed = started.elapsed();
         self.inner.requests[method][code].fetch_add(1, Ordering::Relaxed);
+        self.inner.latency[method].observe(elapsed);
+        self.inner.in_flight[method].fetch_sub(1, Ordering::Relaxed);
+        if let (Some(observed), Some(observer)) = (observed, self.inner.observer.get()) {
+            let code = i32::try_from(code)
+                .ok()
+                .filter(|_| code < NO_CODE)
+                .map(tonic::Code::from_i32);
+            observer.finish(observed, method, code, elapsed);
+        }
     }
 }
 
@@ -120,6 +251,10 @@ pub struct Sources {
     pub audit: Arc<AuditStats>,
     /// Beyond this many days the mirror counts as stale.
     pub max_staleness_days: u32,
+    /// The quota limiter, for its refusals (`None`: no quotas).
+    pub quotas: Option<Arc<Quotas>>,
+    /// The TLS material in service, for the certificate's expiry.
+    pub tls: Option<Arc<crate::server::reload::Reloader>>,
 }
 
 /// The exposition text of all metrics.
@@ -253,6 +388,17 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "TLS handshakes that did not complete, by reason (first_byte_timeout, timeout, closed, tls_error, shed_per_ip, shed_pool).",
         &failures,
     );
+    let tls_errors: Vec<(String, u64)> = crate::server::accept::TLS_ERROR_KINDS
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| (format!("{{kind=\"{kind}\"}}"), handshakes.tls_errors(i)))
+        .collect();
+    metric(
+        "reassigned_handshake_tls_errors_total",
+        "counter",
+        "TLS handshakes failed with a TLS error (reason tls_error), by what was refused (cert_expired, cert_untrusted, cert_revoked, cert_invalid, no_client_cert, incompatible, protocol).",
+        &tls_errors,
+    );
     metric(
         "reassigned_handshakes_pending",
         "gauge",
@@ -277,7 +423,336 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "Register files skipped at the last load or resync of the data directory (embedded store).",
         &one(sources.store.import_problems().len() as u64),
     );
+    render_grpc(&mut out, handle);
+    render_refusals(&mut out, handle, sources);
+    render_store(&mut out, sources, meta.as_deref());
+    render_process(&mut out, sources);
+    if let Some(observer) = handle.inner.observer.get().filter(|o| o.exports()) {
+        family(
+            &mut out,
+            "reassigned_otlp_spans_exported_total",
+            "counter",
+            "Trace spans the OTLP collector accepted.",
+        );
+        let _ = writeln!(
+            out,
+            "reassigned_otlp_spans_exported_total {}",
+            observer.stats().exported()
+        );
+        family(
+            &mut out,
+            "reassigned_otlp_spans_dropped_total",
+            "counter",
+            "Trace spans dropped: export queue full, or the collector refused or could not be reached.",
+        );
+        let _ = writeln!(
+            out,
+            "reassigned_otlp_spans_dropped_total {}",
+            observer.stats().dropped()
+        );
+    }
     out
+}
+
+/// `# HELP` and `# TYPE` of a family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// The samples of one histogram series: `labels` without braces, `""` for
+/// none.
+fn histogram_samples(out: &mut String, name: &str, labels: &str, reading: &HistogramReading) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    for (bound, count) in LATENCY_BOUNDS.iter().zip(reading.cumulative) {
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
+    }
+    let count = reading.count();
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(out, "{name}_sum{braces} {}", reading.sum_seconds);
+    let _ = writeln!(out, "{name}_count{braces} {count}");
+}
+
+/// The go-grpc-prometheus families and the in-flight gauge. Every method
+/// of the API is listed (zeros included, so dashboards and alerts see it
+/// before its first call); health and `unknown` once called.
+fn render_grpc(out: &mut String, handle: &MetricsHandle) {
+    let inner = &handle.inner;
+    let listed: Vec<(usize, String)> = (0..methods::LABEL_COUNT)
+        .filter(|&i| i < methods::METHODS.len() || inner.started[i].load(Ordering::Relaxed) > 0)
+        .map(|i| {
+            let (kind, service, method) = grpc_labels(i);
+            (
+                i,
+                format!("grpc_type=\"{kind}\",grpc_service=\"{service}\",grpc_method=\"{method}\""),
+            )
+        })
+        .collect();
+    family(
+        out,
+        "grpc_server_started_total",
+        "counter",
+        "gRPC calls started on the server.",
+    );
+    for (i, labels) in &listed {
+        let n = inner.started[*i].load(Ordering::Relaxed);
+        let _ = writeln!(out, "grpc_server_started_total{{{labels}}} {n}");
+    }
+    family(
+        out,
+        "grpc_server_handled_total",
+        "counter",
+        "gRPC calls finished on the server, by gRPC code (grpc-go spelling; none: no status).",
+    );
+    for (i, labels) in &listed {
+        for (column, counter) in inner.requests[*i].iter().enumerate() {
+            let n = counter.load(Ordering::Relaxed);
+            if n > 0 || (column == 0 && *i < methods::METHODS.len()) {
+                let code = GO_CODE_NAMES[column];
+                let _ = writeln!(
+                    out,
+                    "grpc_server_handled_total{{{labels},grpc_code=\"{code}\"}} {n}"
+                );
+            }
+        }
+    }
+    family(
+        out,
+        "grpc_server_handling_seconds",
+        "histogram",
+        "Time from the call's arrival to its status (streams: to their end), seconds.",
+    );
+    for (i, labels) in &listed {
+        histogram_samples(
+            out,
+            "grpc_server_handling_seconds",
+            labels,
+            &inner.latency[*i].read(),
+        );
+    }
+    family(
+        out,
+        "reassigned_requests_in_flight",
+        "gauge",
+        "gRPC calls in progress on the server.",
+    );
+    for (i, labels) in &listed {
+        let n = inner.in_flight[*i].load(Ordering::Relaxed).max(0);
+        let _ = writeln!(out, "reassigned_requests_in_flight{{{labels}}} {n}");
+    }
+}
+
+/// Refusals of the auth layer (certificate, token, scope) and of quotas.
+fn render_refusals(out: &mut String, handle: &MetricsHandle, sources: &Sources) {
+    family(
+        out,
+        "reassigned_auth_refusals_total",
+        "counter",
+        "Calls refused before the handler: no certificate identity, unknown method, missing scope, or the token's reason (token_*).",
+    );
+    for (i, reason) in REFUSAL_REASONS.iter().enumerate() {
+        let n = handle.inner.refusals.refused(i);
+        let _ = writeln!(out, "reassigned_auth_refusals_total{{reason=\"{reason}\"}} {n}");
+    }
+    family(
+        out,
+        "reassigned_quota_refusals_total",
+        "counter",
+        "Calls refused by a per-platform quota, by kind (rate, daily: RESOURCE_EXHAUSTED; quota_store_down: UNAVAILABLE with fail-closed).",
+    );
+    for kind in QuotaKind::ALL {
+        let n = sources.quotas.as_ref().map_or(0, |q| q.refused(kind));
+        let _ = writeln!(
+            out,
+            "reassigned_quota_refusals_total{{kind=\"{}\"}} {n}",
+            kind.label()
+        );
+    }
+}
+
+/// Store call latency and errors (this server's store only), imports,
+/// the mirror's date as a timestamp.
+fn render_store(out: &mut String, sources: &Sources, meta: Option<&crate::domain::MirrorMeta>) {
+    let calls = store_calls::calls();
+    let backend: Backend = sources.store.backend();
+    let store = backend.label();
+    family(
+        out,
+        "reassigned_store_call_seconds",
+        "histogram",
+        "Latency of the server's store calls (lookups, health pings, metadata reads), seconds.",
+    );
+    for op in Op::ALL {
+        let labels = format!("store=\"{store}\",op=\"{}\"", op.label());
+        histogram_samples(
+            out,
+            "reassigned_store_call_seconds",
+            &labels,
+            &calls.latency(backend, op),
+        );
+    }
+    family(
+        out,
+        "reassigned_store_errors_total",
+        "counter",
+        "Store calls that failed, by op and kind (timeout, unavailable, conflict, corrupt).",
+    );
+    for op in Op::ALL {
+        for (k, kind) in ERROR_KINDS.iter().enumerate() {
+            let n = calls.errors(backend, op, k);
+            let _ = writeln!(
+                out,
+                "reassigned_store_errors_total{{store=\"{store}\",op=\"{}\",kind=\"{kind}\"}} {n}",
+                op.label()
+            );
+        }
+    }
+    family(
+        out,
+        "reassigned_import_runs_total",
+        "counter",
+        "Register files this process applied (result ok) or refused/failed (result error), by kind.",
+    );
+    family(
+        out,
+        "reassigned_import_records_applied_total",
+        "counter",
+        "Records of the register files this process applied, by kind.",
+    );
+    for kind in [Kind::Snapshot, Kind::Delta] {
+        let k = kind.as_str();
+        for (ok, result) in [(true, "ok"), (false, "error")] {
+            let n = calls.imports(kind, ok);
+            let _ = writeln!(
+                out,
+                "reassigned_import_runs_total{{kind=\"{k}\",result=\"{result}\"}} {n}"
+            );
+        }
+        let n = calls.records_applied(kind);
+        let _ = writeln!(out, "reassigned_import_records_applied_total{{kind=\"{k}\"}} {n}");
+    }
+    family(
+        out,
+        "reassigned_mirror_as_of_timestamp_seconds",
+        "gauge",
+        "Start (00:00 UTC) of the day the mirror's data is complete through, Unix seconds (0 when not loaded).",
+    );
+    let as_of = meta.map_or(0, |m| i64::from(m.as_of.days()) * 86_400);
+    let _ = writeln!(out, "reassigned_mirror_as_of_timestamp_seconds {as_of}");
+}
+
+/// Build info, the server certificate's expiry and the process figures
+/// (Linux `/proc`; a figure that cannot be read is left out).
+fn render_process(out: &mut String, sources: &Sources) {
+    family(
+        out,
+        "reassigned_build_info",
+        "gauge",
+        "Always 1; the labels name the version and the git commit it was built from.",
+    );
+    let _ = writeln!(
+        out,
+        "reassigned_build_info{{version=\"{}\",git_sha=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        env!("REASSIGNED_GIT_SHA")
+    );
+    if let Some(reloader) = &sources.tls {
+        family(
+            out,
+            "reassigned_tls_certificate_not_after_timestamp_seconds",
+            "gauge",
+            "End of validity of the server certificate in service, Unix seconds.",
+        );
+        let not_after = reloader.tls().summary().not_after_unix;
+        let _ = writeln!(
+            out,
+            "reassigned_tls_certificate_not_after_timestamp_seconds {not_after}"
+        );
+    }
+    if let Some(p) = ProcessFigures::read() {
+        let mut gauge = |name: &str, kind: &str, help: &str, value: f64| {
+            family(out, name, kind, help);
+            let _ = writeln!(out, "{name} {value}");
+        };
+        gauge(
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time spent, seconds.",
+            p.cpu_seconds,
+        );
+        gauge(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size, bytes.",
+            p.resident_bytes,
+        );
+        gauge(
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size, bytes.",
+            p.virtual_bytes,
+        );
+        gauge(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since the Unix epoch, seconds.",
+            p.start_time_seconds,
+        );
+        if let Some(fds) = p.open_fds {
+            gauge("process_open_fds", "gauge", "Open file descriptors.", fds);
+        }
+        if let Some(max) = p.max_fds {
+            gauge(
+                "process_max_fds",
+                "gauge",
+                "Limit of open file descriptors (soft).",
+                max,
+            );
+        }
+    }
+}
+
+/// The figures of the standard `process_*` metrics, from `/proc/self`.
+struct ProcessFigures {
+    cpu_seconds: f64,
+    resident_bytes: f64,
+    virtual_bytes: f64,
+    start_time_seconds: f64,
+    open_fds: Option<f64>,
+    max_fds: Option<f64>,
+}
+
+impl ProcessFigures {
+    fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name (which may hold spaces and
+        // parentheses): state is field 3 of proc(5), so index 0 here.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| -> Option<f64> { fields.get(n - 3)?.parse::<f64>().ok() };
+        let ticks = rustix::param::clock_ticks_per_second() as f64;
+        let page = rustix::param::page_size() as f64;
+        let boot_time = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())
+        })?;
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count() as f64);
+        let max_fds = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .map(|n| n as f64);
+        Some(Self {
+            cpu_seconds: (field(14)? + field(15)?) / ticks,
+            virtual_bytes: field(23)?,
+            resident_bytes: field(24)? * page,
+            start_time_seconds: boot_time + field(22)? / ticks,
+            open_fds,
+            max_fds,
+        })
+    }
 }
 
 /// Counts every call by its gRPC method into a [`MetricsHandle`].
@@ -314,24 +789,40 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let method = methods::label_index(req.uri().path());
+        self.handle.start(method);
+        let observed = self.handle.inner.observer.get().map(|o| o.start(&mut req));
         CountFuture {
             call: self.inner.call(req),
             method,
+            started: Instant::now(),
             handle: Some(self.handle.clone()),
+            observed,
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The response future of [`Count`] (no allocation per call).
+    /// The response future of [`Count`] (no allocation per call). Dropped
+    /// before it finished (the client went away while the handler ran),
+    /// the call counts as `none`.
     pub struct CountFuture<F> {
         #[pin]
         call: F,
         method: usize,
+        started: Instant,
         // `Some` until the response (or the error) passes.
         handle: Option<MetricsHandle>,
+        // The access log's and trace's part, when they are on.
+        observed: Option<Box<Observed>>,
+    }
+
+    impl<F> PinnedDrop for CountFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            finish(this.handle, *this.method, NO_CODE, *this.started, this.observed);
+        }
     }
 }
 
@@ -349,29 +840,32 @@ where
             return Poll::Pending;
         }
         let result = std::task::ready!(this.call.poll(cx));
-        let method = *this.method;
+        let (method, started) = (*this.method, *this.started);
         let Some(handle) = this.handle.take() else {
             return Poll::Pending;
         };
+        let observed = this.observed.take();
         Poll::Ready(match result {
             Ok(response) => {
                 // A trailers-only response (errors) carries the status
                 // in its headers; others in the trailers of the body.
-                let pending = match status_of(response.headers()) {
+                let (pending, observed) = match status_of(response.headers()) {
                     Some(code) => {
-                        handle.count(method, code);
-                        None
+                        handle.count(method, code, started, observed);
+                        (None, None)
                     }
-                    None => Some(handle),
+                    None => (Some(handle), observed),
                 };
                 Ok(response.map(|body| CountBody {
                     inner: body,
                     method,
+                    started,
                     pending,
+                    observed,
                 }))
             }
             Err(e) => {
-                handle.count(method, NO_CODE);
+                handle.count(method, NO_CODE, started, observed);
                 Err(e)
             }
         })
@@ -391,22 +885,30 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: B,
         method: usize,
+        started: Instant,
         // `Some` until the call is counted.
         pending: Option<MetricsHandle>,
+        observed: Option<Box<Observed>>,
     }
 
     impl<B> PinnedDrop for CountBody<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            finish(this.pending, *this.method, NO_CODE);
+            finish(this.pending, *this.method, NO_CODE, *this.started, this.observed);
         }
     }
 }
 
-/// Counts the call of a [`CountBody`] once, with `code`.
-fn finish(pending: &mut Option<MetricsHandle>, method: usize, code: usize) {
+/// Counts the call once, with `code`.
+fn finish(
+    pending: &mut Option<MetricsHandle>,
+    method: usize,
+    code: usize,
+    started: Instant,
+    observed: &mut Option<Box<Observed>>,
+) {
     if let Some(handle) = pending.take() {
-        handle.count(method, code);
+        handle.count(method, code, started, observed.take());
     }
 }
 
@@ -420,13 +922,17 @@ impl<B: Body> Body for CountBody<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
+        let (method, started) = (*this.method, *this.started);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
-                    finish(this.pending, *this.method, status_of(trailers).unwrap_or(NO_CODE));
+                    let code = status_of(trailers).unwrap_or(NO_CODE);
+                    finish(this.pending, method, code, started, this.observed);
                 }
             }
-            Poll::Ready(Some(Err(_)) | None) => finish(this.pending, *this.method, NO_CODE),
+            Poll::Ready(Some(Err(_)) | None) => {
+                finish(this.pending, method, NO_CODE, started, this.observed);
+            }
             Poll::Pending => {}
         }
         polled
@@ -509,6 +1015,8 @@ mod tests {
             store: AnyStore::Embedded(Arc::new(crate::store::EmbeddedStore::new())),
             audit: Arc::default(),
             max_staleness_days: 45,
+            quotas: None,
+            tls: None,
         };
         render(handle, &sources)
             .lines()

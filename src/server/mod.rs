@@ -11,6 +11,7 @@ pub mod reload;
 pub mod revoke;
 pub mod tls;
 pub mod token;
+pub mod trace;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -125,7 +126,7 @@ pub fn transport(
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .layer(metrics::CountLayer(metrics.clone()))
         .layer(revoke::TrackLayer)
-        .layer(auth::AuthLayer::with_tokens(tokens));
+        .layer(auth::AuthLayer::with_tokens(tokens).counting(metrics.refusals()));
     (server, incoming)
 }
 
@@ -190,6 +191,19 @@ where
         config.tls_reload_interval(),
         stop_rx.clone(),
     )));
+    let quotas = crate::quota::Quotas::new(config.quotas.clone())?;
+    let observer = trace::Observer::start_with(
+        config.access_log,
+        config.otlp_endpoint.as_deref(),
+        match &config.audit {
+            // The audit trail's key, so access log and audit hashes match.
+            Some(audit) => crate::audit::NumberKey::from_secret_file(&audit.secret_file)?,
+            None => crate::audit::NumberKey::random(),
+        },
+    )?;
+    if let Some(observer) = observer {
+        handles.metrics.observe_with(observer);
+    }
     let readiness = admin::Readiness::default();
     let admin_task = match config.admin_listen {
         Some(addr) => Some(
@@ -200,6 +214,8 @@ where
                     store: store.clone(),
                     audit: handles.audit_stats.clone(),
                     max_staleness_days: config.max_staleness_days,
+                    quotas: quotas.clone(),
+                    tls: Some(reloader.clone()),
                 },
                 readiness.clone(),
             )
@@ -238,7 +254,7 @@ where
             ServiceOptions {
                 max_batch: config.max_batch,
                 max_staleness_days: config.max_staleness_days,
-                quotas: crate::quota::Quotas::new(config.quotas.clone())?,
+                quotas,
             },
         )
         .with_receipts(receipts)

@@ -341,6 +341,8 @@ pub struct TlsSummary {
     pub serial: String,
     /// End of the leaf's validity.
     pub not_after: String,
+    /// End of the leaf's validity, Unix seconds (0 if unreadable).
+    pub not_after_unix: i64,
     /// Trust anchors in the client CA bundle.
     pub client_cas: usize,
     /// CRLs enforced.
@@ -396,6 +398,7 @@ fn summarise_leaf(chain: &[CertificateDer<'static>]) -> TlsSummary {
             subject: cert.subject().to_string(),
             serial: cert.raw_serial_as_string(),
             not_after: cert.validity().not_after.to_string(),
+            not_after_unix: cert.validity().not_after.timestamp(),
             ..TlsSummary::default()
         },
         None => TlsSummary::default(),

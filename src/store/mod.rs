@@ -8,6 +8,7 @@
 //! and a delta keeps each number's latest disconnect date, so applying it twice
 //! is the same as applying it once.
 
+pub mod calls;
 pub mod digest;
 pub mod embedded;
 mod input;
@@ -139,13 +140,41 @@ macro_rules! dispatch {
     };
 }
 
+impl AnyStore {
+    /// The `store` label of this store's figures.
+    pub fn backend(&self) -> calls::Backend {
+        match self {
+            AnyStore::Embedded(_) => calls::Backend::Embedded,
+            AnyStore::Redis(_) => calls::Backend::Redis,
+        }
+    }
+
+    /// Runs `call`, counting its latency and error into [`calls::calls`].
+    async fn timed<T>(
+        &self,
+        op: calls::Op,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        calls::calls().observe(self.backend(), op, started.elapsed(), &result);
+        result
+    }
+}
+
 impl Store for AnyStore {
     async fn lookup(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
-        dispatch!(self, s => s.lookup(number).await)
+        self.timed(calls::Op::Lookup, async {
+            dispatch!(self, s => s.lookup(number).await)
+        })
+        .await
     }
 
     async fn lookup_many(&self, numbers: &[PhoneNumber]) -> Result<Lookup<Vec<Option<Date>>>, StoreError> {
-        dispatch!(self, s => s.lookup_many(numbers).await)
+        self.timed(calls::Op::LookupMany, async {
+            dispatch!(self, s => s.lookup_many(numbers).await)
+        })
+        .await
     }
 
     fn cached_meta(&self) -> Option<Arc<MirrorMeta>> {
@@ -153,11 +182,15 @@ impl Store for AnyStore {
     }
 
     async fn refresh_meta(&self) -> Result<Option<Arc<MirrorMeta>>, StoreError> {
-        dispatch!(self, s => s.refresh_meta().await)
+        self.timed(calls::Op::RefreshMeta, async {
+            dispatch!(self, s => s.refresh_meta().await)
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        dispatch!(self, s => s.ping().await)
+        self.timed(calls::Op::Ping, async { dispatch!(self, s => s.ping().await) })
+            .await
     }
 
     fn unsafe_reason(&self) -> Option<String> {

@@ -1,0 +1,334 @@
+//! Per-call observation of a real server (mutual TLS): spans exported over
+//! OTLP/gRPC to an in-test collector (a tonic `TraceService`), parented by
+//! the caller's W3C `traceparent`; and the access log line (`--access-log`),
+//! read from a tracing subscriber of this test process. Neither carries the
+//! phone number.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use prost::Message as _;
+use reassigned::api::pb::CheckNumberRequest;
+use reassigned::server::trace::otlp;
+use reassigned::server::trace::otlp::trace_service_server::{TraceService, TraceServiceServer};
+use reassigned::store::{AnyStore, EmbeddedStore};
+use support::poll::eventually;
+use support::server::TestServer;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+const NUMBER: &str = "+14155550001";
+/// The number without its `+`: neither may appear in anything exported.
+const DIGITS: &str = "14155550001";
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT_ID: &str = "00f067aa0ba902b7";
+
+/// What the collector received: the encoded export requests.
+#[derive(Clone, Default)]
+struct Collector {
+    received: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: Request<otlp::ExportTraceServiceRequest>,
+    ) -> Result<Response<otlp::ExportTraceServiceResponse>, Status> {
+        let bytes = request.into_inner().encode_to_vec();
+        self.received.lock().expect("lock").push(bytes);
+        Ok(Response::new(otlp::ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Collector {
+    /// Serves on 127.0.0.1:0 (plain HTTP/2, as OTLP collectors listen).
+    async fn start(&self) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let service = TraceServiceServer::new(self.clone());
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        addr
+    }
+
+    fn spans(&self) -> Vec<otlp::Span> {
+        self.received
+            .lock()
+            .expect("lock")
+            .iter()
+            .flat_map(|b| {
+                otlp::ExportTraceServiceRequest::decode(b.as_slice())
+                    .expect("decodes")
+                    .resource_spans
+            })
+            .flat_map(|r| r.scope_spans)
+            .flat_map(|s| s.spans)
+            .collect()
+    }
+}
+
+fn attr<'a>(span: &'a otlp::Span, key: &str) -> Option<&'a otlp::any_value::Value> {
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref()?.value.as_ref())
+}
+
+fn check(number: &str) -> Request<CheckNumberRequest> {
+    let mut request = Request::new(CheckNumberRequest {
+        phone_number: number.into(),
+        since: "2024-01-01".into(),
+        ..Default::default()
+    });
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+    request
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse().expect("metadata"));
+    request
+        .metadata_mut()
+        .insert("x-request-id", "req-observe-1".parse().expect("metadata"));
+    request
+}
+
+#[tokio::test]
+async fn a_span_per_call_reaches_the_collector_with_the_callers_trace_id_and_no_number() {
+    let collector = Collector::default();
+    let endpoint = format!("http://{}", collector.start().await);
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let server = TestServer::start_without_tokens(store, |s| s.otlp_endpoint = Some(endpoint)).await;
+    let mut client = server.client().await;
+    // An empty mirror answers, with NO_DATA: the call itself is OK.
+    client.check_number(check(NUMBER)).await.expect("check");
+    let bad = client
+        .check_number(check("not a number"))
+        .await
+        .expect_err("invalid");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+
+    eventually("two spans exported", async || collector.spans().len() >= 2).await;
+    let spans = collector.spans();
+    let ok = spans
+        .iter()
+        .find(|s| attr(s, "reassigned.code") == Some(&otlp::any_value::Value::StringValue("OK".into())))
+        .expect("the OK call's span");
+    assert_eq!(hex::encode(&ok.trace_id), TRACE_ID, "the caller's trace id");
+    assert_eq!(
+        hex::encode(&ok.parent_span_id),
+        PARENT_ID,
+        "parented by the caller's span"
+    );
+    assert_eq!(ok.span_id.len(), 8);
+    assert_eq!(ok.name, "reassigned.v1.ReassignedNumbers/CheckNumber");
+    assert_eq!(ok.kind, otlp::SpanKind::Server as i32);
+    assert!(ok.end_time_unix_nano >= ok.start_time_unix_nano);
+    assert_eq!(
+        attr(ok, "rpc.method"),
+        Some(&otlp::any_value::Value::StringValue("CheckNumber".into()))
+    );
+    assert_eq!(
+        attr(ok, "rpc.grpc.status_code"),
+        Some(&otlp::any_value::Value::IntValue(0))
+    );
+    assert_eq!(
+        attr(ok, "reassigned.platform"),
+        Some(&otlp::any_value::Value::StringValue(
+            "spiffe://dev.reassigned/platform-a".into()
+        ))
+    );
+    assert!(
+        matches!(attr(ok, "reassigned.store_seconds"), Some(otlp::any_value::Value::DoubleValue(s)) if *s >= 0.0),
+        "{ok:?}"
+    );
+    let invalid = spans
+        .iter()
+        .find(|s| attr(s, "rpc.grpc.status_code") == Some(&otlp::any_value::Value::IntValue(3)))
+        .expect("the INVALID_ARGUMENT call's span");
+    assert_eq!(
+        invalid.status.as_ref().map(|s| s.code),
+        Some(otlp::StatusCode::Error as i32)
+    );
+    let bytes: Vec<u8> = collector.received.lock().expect("lock").concat();
+    for needle in [NUMBER, DIGITS, "not a number"] {
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{needle:?} in the exported bytes"
+        );
+    }
+    let text = server.handles.metrics.clone();
+    assert_eq!(
+        text.requests(
+            "/reassigned.v1.ReassignedNumbers/CheckNumber",
+            Some(tonic::Code::Ok)
+        ),
+        1
+    );
+    server.stop().await;
+}
+
+/// Log lines of this test process (a global subscriber, set once).
+fn captured() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("info")
+            .with_ansi(false)
+            .with_writer(move || Writer(writer.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+        log
+    })
+}
+
+/// The access line of the call with `request_id`, once it is written.
+async fn access_line(log: &Mutex<Vec<u8>>, request_id: &str) -> String {
+    let mut line = String::new();
+    eventually("the access line", async || {
+        let text = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
+        match text
+            .lines()
+            .find(|l| l.contains(request_id) && l.contains("reassigned::access"))
+        {
+            Some(l) => {
+                line = l.to_owned();
+                true
+            }
+            None => false,
+        }
+    })
+    .await;
+    line
+}
+
+struct Writer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_access_log_has_one_line_per_call_with_the_audit_keyed_hash_and_no_number() {
+    let log = captured();
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let mut secret_path = None;
+    let server = TestServer::start_in(store, |s, dir| {
+        s.tokens = Some(false);
+        s.access_log = Some(true);
+        let secret = dir.join("audit.secret");
+        std::fs::write(&secret, "an audit secret of enough bytes\n").expect("secret");
+        secret_path = Some(secret.clone());
+        s.audit_secret_file = Some(secret);
+        // No audit sink listens: records are dropped, the answers go on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        s.audit_redis = Some(format!("redis://127.0.0.1:{port}/0"));
+    })
+    .await;
+    let mut client = server.client().await;
+    client.check_number(check(NUMBER)).await.expect("check");
+    let hmac = reassigned::audit::NumberKey::from_secret_file(&secret_path.expect("secret"))
+        .expect("key")
+        .hmac_hex(NUMBER);
+    let line = access_line(log, "req-observe-1").await;
+    for field in [
+        " INFO ",
+        "platform=\"spiffe://dev.reassigned/platform-a\"",
+        "method=\"CheckNumber\"",
+        "code=\"OK\"",
+        "request_id=req-observe-1",
+        &format!("number_hmac=\"{hmac}\""),
+        "numbers=1",
+        "latency_us=",
+        "store_us=",
+        &format!("trace_id={TRACE_ID}"),
+    ] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+    // A stream of 3 checks: one line when it ends, its numbers counted, no hash.
+    let checks: Vec<CheckNumberRequest> = ["+14155550002", "+14155550003", NUMBER]
+        .iter()
+        .map(|n| check(n).into_inner())
+        .collect();
+    let mut stream = Request::new(tokio_stream::iter(checks));
+    stream
+        .metadata_mut()
+        .insert("x-request-id", "req-observe-2".parse().expect("metadata"));
+    let mut answers = client
+        .stream_check_numbers(stream)
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut answered = 0;
+    while let Some(item) = answers.message().await.expect("item") {
+        assert!(item.result.is_some());
+        answered += 1;
+    }
+    assert_eq!(answered, 3);
+    let stream_line = access_line(log, "req-observe-2").await;
+    for field in [
+        "method=\"StreamCheckNumbers\"",
+        "code=\"OK\"",
+        "numbers=3",
+        "number_hmac=\"-\"",
+    ] {
+        assert!(stream_line.contains(field), "{field} missing from {stream_line}");
+    }
+    let all = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
+    for digits in [DIGITS, "14155550002", "14155550003"] {
+        assert!(!all.contains(digits), "a number appears in the log:\n{all}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_collector_that_is_down_or_stalled_never_holds_a_call_and_its_spans_are_counted_dropped() {
+    // One address where nothing listens, one that accepts and never answers.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let stalled = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let stalled_addr = stalled.local_addr().expect("addr");
+    for endpoint in [format!("http://{stalled_addr}"), format!("http://{dead}")] {
+        let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+        let server =
+            TestServer::start_without_tokens(store, |s| s.otlp_endpoint = Some(endpoint.clone())).await;
+        let mut client = server.client().await;
+        for _ in 0..3 {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(3),
+                client.check_number(check(NUMBER)),
+            )
+            .await
+            .expect("answered while the collector is unusable")
+            .expect("check");
+        }
+        if endpoint.ends_with(&dead.port().to_string()) {
+            let observer = server.handles.metrics.observer().expect("observer");
+            eventually("spans counted as dropped", async || {
+                observer.stats().dropped() >= 3
+            })
+            .await;
+            assert_eq!(observer.stats().exported(), 0);
+        }
+        server.stop().await;
+    }
+    drop(stalled);
+}
