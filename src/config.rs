@@ -321,6 +321,11 @@ settings_table! {
     /// Address of the plain-HTTP Prometheus endpoint `GET /metrics` (default:
     /// off). Not authenticated: bind it to a private interface only.
     metrics_listen: SocketAddr, flag "metrics-listen", env "REASSIGNED_METRICS_LISTEN";
+    /// Address of the REST face (CAMARA Number Recycling `POST
+    /// /number-recycling/v0.2/check`, `POST /v1/numbers:batchCheck`, `GET
+    /// /openapi.yaml`; default: off): HTTP/1.1 and HTTP/2 over the same
+    /// mutual TLS, client CA and bearer tokens as the gRPC port.
+    rest_listen: SocketAddr, flag "rest-listen", env "REASSIGNED_REST_LISTEN";
     /// Milliseconds a new connection gets to send its first byte before it
     /// is closed (at most the handshake timeout).
     handshake_first_byte_timeout_ms: u64 = defaults::HANDSHAKE_FIRST_BYTE_TIMEOUT_MS,
@@ -600,6 +605,8 @@ pub struct ServeConfig {
     pub audit: Option<crate::audit::AuditConfig>,
     /// Address of the Prometheus endpoint; `None`: off.
     pub metrics_listen: Option<SocketAddr>,
+    /// Address of the REST face; `None`: off.
+    pub rest_listen: Option<SocketAddr>,
     /// Time a new connection gets to send its first byte, in milliseconds.
     pub handshake_first_byte_timeout_ms: u64,
     /// Pending handshake limit per client IP address.
@@ -743,6 +750,7 @@ impl ServeConfig {
             receipt_retired_keys,
             audit,
             metrics_listen: s.metrics_listen,
+            rest_listen: s.rest_listen,
             handshake_first_byte_timeout_ms,
             max_handshakes_per_ip: positive!(s.max_handshakes_per_ip)?,
             listen_backlog: positive!(s.listen_backlog)?,

@@ -34,6 +34,9 @@
 //! - [`audit`]: the audit trail of answers (keyed number hashes, a Redis
 //!   Stream written in the background).
 //! - [`lograte`]: rate-limited log lines (used by every room).
+//! - [`rest`]: the REST face (CAMARA Number Recycling v0.2.0, JSON
+//!   batches, the OpenAPI document) over the gRPC handlers' service paths;
+//!   its port is the server's ([`server::rest_port`]).
 //! - [`config`]: the one table of `serve`'s settings (name, flag,
 //!   environment variable, default, doc) and their validation into a plain
 //!   [`config::ServeConfig`]; the server makes its runtime handles from it.
@@ -55,7 +58,8 @@
 //! | `federation` | `domain`, `store`, `lograte` |
 //! | `audit`, `receipt`, `quota` | `domain` |
 //! | `api` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`; never `server` |
-//! | `server` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`, `api`, `config` (not `import`, not `cli`) |
+//! | `rest` | `domain`, `identity`, `store`, `api`; never `server` |
+//! | `server` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`, `api`, `rest`, `config` (not `import`, not `cli`) |
 //! | `config` | `domain`, `identity`, `store`, `federation`, `import`, `audit`, `receipt`, `quota` (plain data: never `server`, `cli`, `api`) |
 //! | `cli` | everything |
 //!
@@ -74,6 +78,7 @@ pub mod import;
 pub mod lograte;
 pub mod quota;
 pub mod receipt;
+pub mod rest;
 pub mod server;
 pub mod store;
 

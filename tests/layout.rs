@@ -33,6 +33,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
             "lograte",
         ],
     ),
+    ("rest", &["domain", "identity", "store", "api"]),
     (
         "server",
         &[
@@ -45,6 +46,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
             "quota",
             "lograte",
             "api",
+            "rest",
             "config",
         ],
     ),
@@ -74,6 +76,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
             "quota",
             "lograte",
             "api",
+            "rest",
             "server",
             "config",
         ],

@@ -51,7 +51,7 @@ struct Inner {
     /// One row per metrics label of [`methods::label_index`]; one column
     /// per gRPC code, then `none` (see [`code_label`]).
     requests: [[AtomicU64; CODES]; methods::LABEL_COUNT],
-    bound: watch::Sender<Option<SocketAddr>>,
+    bound: crate::server::BoundAddr,
     /// Counters of the TLS accept loop.
     handshakes: Arc<crate::server::accept::HandshakeStats>,
 }
@@ -61,7 +61,7 @@ impl Default for MetricsHandle {
         Self {
             inner: Arc::new(Inner {
                 requests: Default::default(),
-                bound: watch::channel(None).0,
+                bound: crate::server::BoundAddr::default(),
                 handshakes: Arc::default(),
             }),
         }
@@ -71,7 +71,7 @@ impl Default for MetricsHandle {
 impl std::fmt::Debug for MetricsHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MetricsHandle")
-            .field("bound", &*self.inner.bound.borrow())
+            .field("bound", &self.inner.bound)
             .finish_non_exhaustive()
     }
 }
@@ -80,16 +80,7 @@ impl MetricsHandle {
     /// The address the metrics endpoint is bound to, waiting until the
     /// server has bound it (forever if metrics are off: put a timeout on it).
     pub async fn bound_addr(&self) -> SocketAddr {
-        let mut rx = self.inner.bound.subscribe();
-        loop {
-            if let Some(addr) = *rx.borrow_and_update() {
-                return addr;
-            }
-            if rx.changed().await.is_err() {
-                // The sender lives in `self`: unreachable, but never spin.
-                std::future::pending::<()>().await;
-            }
-        }
+        self.inner.bound.wait().await
     }
 
     /// Calls to the gRPC path `path` finished so far with the gRPC status
@@ -301,7 +292,7 @@ pub async fn serve(
         }),
     );
     tracing::info!(%bound, "metrics: serving plain HTTP GET /metrics");
-    handle.inner.bound.send_replace(Some(bound));
+    handle.inner.bound.publish(bound);
     Ok(tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
