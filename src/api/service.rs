@@ -267,7 +267,12 @@ impl<S: Store> ReassignedService<S> {
     /// Charges the caller's quotas with `requests` requests and `numbers`
     /// numbers (see [`crate::quota`]); skipped without quotas or
     /// without a [`Principal`].
-    pub async fn charge(&self, principal: Option<&Principal>, requests: u32, numbers: u64) -> Result<(), ApiError> {
+    pub async fn charge(
+        &self,
+        principal: Option<&Principal>,
+        requests: u32,
+        numbers: u64,
+    ) -> Result<(), ApiError> {
         let (Some(quotas), Some(principal)) = (&self.options.quotas, principal) else {
             return Ok(());
         };
@@ -314,7 +319,10 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
     ) -> Result<Response<pb::BatchCheckNumbersResponse>, Status> {
         let principal = request.extensions().get::<Principal>().cloned();
         let call = self.call_info(&request);
-        let pb::BatchCheckNumbersRequest { checks, want_receipts } = request.into_inner();
+        let pb::BatchCheckNumbersRequest {
+            checks,
+            want_receipts,
+        } = request.into_inner();
         let results = self
             .check_batch(principal.as_ref(), || call, checks, want_receipts)
             .await?;
@@ -330,7 +338,9 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         // Opening the stream is one request; each chunk adds its checks to
         // the daily count as it arrives.
         let principal = request.extensions().get::<Principal>().cloned();
-        self.charge(principal.as_ref(), 1, 0).await.map_err(Status::from)?;
+        self.charge(principal.as_ref(), 1, 0)
+            .await
+            .map_err(Status::from)?;
         // Checks that set `want_receipt` get one; without a signer, they get
         // FAILED_PRECONDITION as their item error.
         let receipts = ReceiptPlan::for_stream(self.receipts.as_ref(), self.call_info(&request));

@@ -6,6 +6,7 @@ pub mod certs;
 mod commands;
 pub mod generate;
 pub mod receipt;
+pub mod rest_client;
 pub mod token;
 
 pub use commands::{EXIT_INTERRUPTED, exit_code, gc, import_with, sync_with, verify};

@@ -120,8 +120,8 @@ pub(super) async fn batch(
     call: impl FnOnce() -> CallInfo,
     json: serde_json::Value,
 ) -> Result<http::Response<Body>, RestError> {
-    let body: BatchBody =
-        serde_json::from_value(json).map_err(|e| RestError::invalid(format!("the body is not a batch: {e}")))?;
+    let body: BatchBody = serde_json::from_value(json)
+        .map_err(|e| RestError::invalid(format!("the body is not a batch: {e}")))?;
     let checks = body
         .checks
         .into_iter()

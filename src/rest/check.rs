@@ -54,8 +54,7 @@ pub(super) async fn check(
         return Err(RestError::invalid("specifiedDate is required"));
     };
     let today = Date::today_utc();
-    let number =
-        PhoneNumber::parse(&phone).map_err(|e| RestError::invalid(format!("phoneNumber: {e}")))?;
+    let number = PhoneNumber::parse(&phone).map_err(|e| RestError::invalid(format!("phoneNumber: {e}")))?;
     let since = parse_since(&date, today).map_err(|e| match e {
         SinceError::Future { .. } => RestError::out_of_range(format!("specifiedDate: {e}")),
         SinceError::Date(_) => RestError::invalid(format!("specifiedDate: {e}")),
@@ -89,7 +88,9 @@ pub(super) async fn check(
             ));
         }
         Status::NoData(NoDataReason::MirrorEmpty) => {
-            return Err(RestError::unavailable("the mirror holds no data yet; retry later"));
+            return Err(RestError::unavailable(
+                "the mirror holds no data yet; retry later",
+            ));
         }
     };
     Ok(json_response(

@@ -54,7 +54,12 @@ pub type Body = http_body_util::Full<Bytes>;
 pub trait TokenCheck: Send + Sync {
     /// The scopes granted by the `authorization` header to `platform` on
     /// the connection of `peer`, or why not (a message naming no token).
-    fn scopes(&self, authorization: Option<&[u8]>, peer: &PeerInfo, platform: &Platform) -> Result<Scopes, String>;
+    fn scopes(
+        &self,
+        authorization: Option<&[u8]>,
+        peer: &PeerInfo,
+        platform: &Platform,
+    ) -> Result<Scopes, String>;
 }
 
 /// The REST face over a [`ReassignedService`].
@@ -107,7 +112,12 @@ impl RestFace {
         let mut response = match answered {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => e.response(),
-            Err(_) => RestError::new(StatusCode::GATEWAY_TIMEOUT, "TIMEOUT", "the call timed out; retry").response(),
+            Err(_) => RestError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "TIMEOUT",
+                "the call timed out; retry",
+            )
+            .response(),
         };
         if let Some(correlator) = correlator {
             response.headers_mut().insert(CORRELATOR_HEADER, correlator);
@@ -115,7 +125,11 @@ impl RestFace {
         response
     }
 
-    async fn route<B>(&self, req: http::Request<B>, correlator: Option<&HeaderValue>) -> Result<http::Response<Body>, RestError>
+    async fn route<B>(
+        &self,
+        req: http::Request<B>,
+        correlator: Option<&HeaderValue>,
+    ) -> Result<http::Response<Body>, RestError>
     where
         B: http_body::Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -125,9 +139,10 @@ impl RestFace {
             (&Method::POST, BATCH_PATH) => Route::Batch,
             (&Method::GET, OPENAPI_PATH) => {
                 let mut response = http::Response::new(Body::from(OPENAPI_YAML));
-                response
-                    .headers_mut()
-                    .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/yaml"));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/yaml"),
+                );
                 return Ok(response);
             }
             (_, CHECK_PATH | BATCH_PATH | OPENAPI_PATH) => {
@@ -137,7 +152,13 @@ impl RestFace {
                     "method not allowed on this path",
                 ));
             }
-            _ => return Err(RestError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such resource")),
+            _ => {
+                return Err(RestError::new(
+                    StatusCode::NOT_FOUND,
+                    "NOT_FOUND",
+                    "no such resource",
+                ));
+            }
         };
         let principal = self.authorize(&req, route)?;
         let json = read_json(req, self.max_body).await?;
@@ -153,13 +174,17 @@ impl RestFace {
     /// (`server::auth`): a platform identity from the client certificate,
     /// and with tokens a bearer token bound to it granting the route's scope.
     fn authorize<B>(&self, req: &http::Request<B>, route: Route) -> Result<Principal, RestError> {
-        let unauthenticated = |message: String| RestError::new(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", message);
+        let unauthenticated =
+            |message: String| RestError::new(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", message);
         let peer = req.extensions().get::<PeerInfo>();
         let Some((peer, platform)) = peer.and_then(|p| Some((p, p.platform.clone()?))) else {
             return Err(unauthenticated("client certificate required".into()));
         };
         let Some(tokens) = &self.tokens else {
-            return Ok(Principal { platform, scopes: None });
+            return Ok(Principal {
+                platform,
+                scopes: None,
+            });
         };
         let header = req
             .headers()
@@ -255,9 +280,10 @@ pub(crate) fn json_response(status: StatusCode, body: &impl serde::Serialize) ->
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     let mut response = http::Response::new(Body::from(bytes));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -279,7 +305,10 @@ mod tests {
     fn correlators_follow_camaras_pattern() {
         let mut headers = HeaderMap::new();
         assert_eq!(correlator(&headers), Ok(None));
-        headers.insert(CORRELATOR_HEADER, HeaderValue::from_static("b4333c46-49c0:x;y/z<{}>._"));
+        headers.insert(
+            CORRELATOR_HEADER,
+            HeaderValue::from_static("b4333c46-49c0:x;y/z<{}>._"),
+        );
         assert!(correlator(&headers).expect("valid").is_some());
         for bad in ["has space", "a,b", "q?", &"x".repeat(257)] {
             headers.insert(CORRELATOR_HEADER, HeaderValue::from_str(bad).expect("header"));

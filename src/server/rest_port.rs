@@ -30,7 +30,12 @@ use crate::server::token::TokenVerifier;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl TokenCheck for TokenVerifier {
-    fn scopes(&self, authorization: Option<&[u8]>, peer: &PeerInfo, platform: &Platform) -> Result<Scopes, String> {
+    fn scopes(
+        &self,
+        authorization: Option<&[u8]>,
+        peer: &PeerInfo,
+        platform: &Platform,
+    ) -> Result<Scopes, String> {
         self.verify_on_connection(authorization, platform, &peer.token_memo)
             .map_err(|e| e.to_string())
     }
@@ -65,7 +70,8 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for REST on {}: {e}", port.addr))?;
     let addr = listener.local_addr()?;
-    let mut incoming = accept::incoming_counted(listener, port.tls.with_http1(), port.accept, port.handshakes);
+    let mut incoming =
+        accept::incoming_counted(listener, port.tls.with_http1(), port.accept, port.handshakes);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -107,7 +113,10 @@ pub async fn serve(
             }
         }
         drop(incoming);
-        if tokio::time::timeout(port.drain, graceful.shutdown()).await.is_err() {
+        if tokio::time::timeout(port.drain, graceful.shutdown())
+            .await
+            .is_err()
+        {
             tracing::warn!(after = ?port.drain, "rest drain timed out: closing the remaining connections");
         }
     }))
