@@ -297,6 +297,7 @@ async fn bad_requests_are_client_errors() {
 
     let response = rest.send(Method::GET, CHECK_PATH, &[], "").await.expect("get");
     camara_error(&response, StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED");
+    assert_eq!(response.headers["allow"], "POST");
     let response = rest
         .send(Method::POST, "/number-recycling/v0.1/check", &[], valid)
         .await

@@ -145,12 +145,18 @@ impl RestFace {
                 );
                 return Ok(response);
             }
-            (_, CHECK_PATH | BATCH_PATH | OPENAPI_PATH) => {
-                return Err(RestError::new(
+            (_, path @ (CHECK_PATH | BATCH_PATH | OPENAPI_PATH)) => {
+                let allow = if path == OPENAPI_PATH { "GET" } else { "POST" };
+                let mut response = RestError::new(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "METHOD_NOT_ALLOWED",
-                    "method not allowed on this path",
-                ));
+                    format!("this path allows {allow} only"),
+                )
+                .response();
+                response
+                    .headers_mut()
+                    .insert(http::header::ALLOW, HeaderValue::from_static(allow));
+                return Ok(response);
             }
             _ => {
                 return Err(RestError::new(
