@@ -515,3 +515,57 @@ async fn store_down_is_503() {
     .await;
     server.stop().await;
 }
+
+/// `reassigned bench --rest` drives the REST face: every call answered,
+/// the answers counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_rest_mode() {
+    use reassigned::cli::bench::{BenchOptions, Method as BenchMethod, bench};
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    apply(&store, snapshot()).await;
+    let server = serve(store, |_| {}).await;
+    let id = server.certs.client("platform-a");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = dir.path().join("a.pem");
+    let key = dir.path().join("a.key");
+    std::fs::write(&cert, &id.cert_pem).expect("cert");
+    std::fs::write(&key, &id.key_pem).expect("key");
+    let addr = server.handles.rest.wait().await;
+    let opts = BenchOptions {
+        target: addr.to_string(),
+        server_name: "localhost".into(),
+        ca: server.certs.ca.clone(),
+        cert,
+        key,
+        method: BenchMethod::Check,
+        concurrency: 4,
+        connections: 1,
+        duration: Duration::from_millis(300),
+        warmup: Duration::from_millis(100),
+        rate: None,
+        batch_size: 1,
+        data: None,
+        hit_ratio: 0.04,
+        since: "2022-01-01".into(),
+        timeout: Duration::from_secs(5),
+        receipts: false,
+        token: Some(
+            server
+                .tokens
+                .as_ref()
+                .expect("tokens")
+                .mint(&id, "number-recycling:check"),
+        ),
+        rest: true,
+        seed: 1,
+        json: false,
+    };
+    let report = bench(&opts).await.expect("bench");
+    assert!(report.ok_calls > 0, "{report:?}");
+    assert_eq!(report.failed_calls, 0, "{report:?}");
+    assert_eq!(
+        report.statuses.not_reassigned, report.ok_calls,
+        "random +1 numbers are not in the register"
+    );
+    server.stop().await;
+}
