@@ -569,3 +569,44 @@ async fn bench_rest_mode() {
     );
     server.stop().await;
 }
+
+/// REST answers are audited like gRPC's (same stream, keyed number hash),
+/// with the `x-correlator` as the request id.
+#[tokio::test]
+async fn rest_answers_are_audited() {
+    let redis = RedisServer::start();
+    let store = AnyStore::Redis(
+        RedisStore::connect(&redis.url(), RedisOptions::default())
+            .await
+            .expect("redis"),
+    );
+    apply(&store, snapshot()).await;
+    let url = redis.url();
+    let server = TestServer::start_in(store, |s, dir| {
+        let secret = dir.join("audit.secret");
+        std::fs::write(&secret, "a test secret of enough bytes\n").expect("secret");
+        s.audit_secret_file = Some(secret);
+        s.data_dir = None;
+        s.redis = Some(url);
+        s.rest_listen = Some(([127, 0, 0, 1], 0).into());
+    })
+    .await;
+    let mut rest = client(&server).await;
+    let body = json!({ "phoneNumber": A, "specifiedDate": "2024-05-01" }).to_string();
+    let response = rest
+        .send(Method::POST, CHECK_PATH, &[("x-correlator", "login-7")], body)
+        .await
+        .expect("check");
+    assert!(recycled(&response));
+    let stats = server.handles.audit_stats.clone();
+    support::poll::eventually("the REST answer is audited", async || stats.written() >= 1).await;
+    let raw = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "XRANGE", "rn:audit", "-", "+"])
+        .output()
+        .expect("redis-cli");
+    let raw = String::from_utf8_lossy(&raw.stdout);
+    assert!(raw.contains("login-7"), "{raw}");
+    assert!(raw.contains("REASSIGNMENT_STATUS_REASSIGNED"), "{raw}");
+    assert!(!raw.contains(&A[2..]), "clear number in the audit stream");
+    server.stop().await;
+}

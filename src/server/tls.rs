@@ -685,6 +685,26 @@ mod tests {
         assert_eq!(config.alpn_protocols, vec![b"h2".to_vec()]);
     }
 
+    /// The REST port's twin offers HTTP/1.1 too, and a reload swaps it
+    /// with the gRPC port's configuration.
+    #[test]
+    fn the_http1_twin_follows_reloads() {
+        let fx = fixture();
+        let material = TlsMaterial::load(fx.files.clone()).unwrap();
+        let grpc = material.shared_config();
+        let rest = grpc.with_http1();
+        assert_eq!(grpc.current().alpn_protocols, vec![b"h2".to_vec()]);
+        assert_eq!(
+            rest.current().alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        let before = rest.current();
+        material.reload().unwrap();
+        assert!(!Arc::ptr_eq(&before, &rest.current()), "the twin was not swapped");
+        assert_eq!(rest.current().alpn_protocols.len(), 2);
+        assert_eq!(grpc.current().alpn_protocols, vec![b"h2".to_vec()]);
+    }
+
     #[test]
     fn missing_file_is_named() {
         let fx = fixture();
