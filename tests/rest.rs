@@ -610,3 +610,44 @@ async fn rest_answers_are_audited() {
     assert!(!raw.contains(&A[2..]), "clear number in the audit stream");
     server.stop().await;
 }
+
+/// The REST port follows the gRPC port's TLS reloads: a client CA bundle
+/// that no longer trusts a client closes its open REST connection, and
+/// refuses it on a new one.
+#[tokio::test]
+async fn a_reload_that_distrusts_the_client_closes_its_rest_connection() {
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    apply(&store, snapshot()).await;
+    let server = serve(store, |_| {}).await;
+    let mut open = client(&server).await;
+    assert!(recycled(&check(&mut open, A, "2024-05-01").await));
+
+    let other = reassigned::cli::certs::DevPki::named("another ca").expect("ca");
+    std::fs::write(&server.certs.ca, other.ca_cert_pem()).expect("replace the client CA bundle");
+    server.handles.reload.reload().await.expect("reload");
+    support::poll::eventually("the distrusted client's REST connection is closed", async || {
+        open.post_json(
+            CHECK_PATH,
+            &json!({ "phoneNumber": A, "specifiedDate": "2024-05-01" }),
+        )
+        .await
+        .is_err()
+    })
+    .await;
+    let id = server.certs.client("platform-a");
+    let tls = RestTls::new(
+        server.certs.pki.ca_cert_pem().as_bytes(),
+        id.cert_pem.as_bytes(),
+        id.key_pem.as_bytes(),
+        "localhost",
+    )
+    .expect("client TLS");
+    let addr = server.handles.rest.wait().await.to_string();
+    // TLS 1.3: the refusal of the client certificate may come with the
+    // first request rather than the handshake.
+    match RestClient::connect(&addr, &tls, None).await {
+        Err(_) => {}
+        Ok(mut fresh) => assert!(fresh.send(Method::GET, OPENAPI_PATH, &[], "").await.is_err()),
+    }
+    server.stop().await;
+}
