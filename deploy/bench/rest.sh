@@ -63,7 +63,7 @@ done
 
 CLIENT=(--ca "$WORK/certs/ca.pem" --cert "$WORK/certs/platform-a.pem" --key "$WORK/certs/platform-a.key"
   --data "$WORK/register" --concurrency "$CONCURRENCY" --duration "$DURATION" --warmup "$WARMUP" --json)
-rate() { python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"{r[\"calls_per_sec\"]:.0f} {r[\"failed_calls\"]}")'; }
+rate() { python3 -c 'import json,sys; r=json.load(sys.stdin); print(round(r["calls_per_sec"]), r["failed_calls"])'; }
 echo "round grpc_calls_per_s rest_calls_per_s rest/grpc (failed: grpc rest)"
 for round in $(seq "$ROUNDS"); do
   read -r grpc grpc_failed < <("$BIN" bench --target "127.0.0.1:$GRPC_PORT" --connections "$CONNECTIONS" "${CLIENT[@]}" 2>/dev/null | rate)
