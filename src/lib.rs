@@ -58,7 +58,7 @@
 //! | `federation` | `domain`, `store`, `lograte` |
 //! | `audit`, `receipt`, `quota` | `domain` |
 //! | `api` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`; never `server` |
-//! | `rest` | `domain`, `identity`, `store`, `api`; never `server` |
+//! | `rest` | `domain`, `identity`, `store`, `api`, `lograte`; never `server` |
 //! | `server` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`, `api`, `rest`, `config` (not `import`, not `cli`) |
 //! | `config` | `domain`, `identity`, `store`, `federation`, `import`, `audit`, `receipt`, `quota` (plain data: never `server`, `cli`, `api`) |
 //! | `cli` | everything |

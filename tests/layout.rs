@@ -33,7 +33,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
             "lograte",
         ],
     ),
-    ("rest", &["domain", "identity", "store", "api"]),
+    ("rest", &["domain", "identity", "store", "api", "lograte"]),
     (
         "server",
         &[

@@ -166,7 +166,11 @@ impl RestFace {
                 ));
             }
         };
-        let principal = self.authorize(&req, route)?;
+        let principal = self.authorize(&req, route).inspect_err(|e| {
+            if let Some(suppressed) = crate::lograte::global().check("rest_request_refused") {
+                tracing::info!(status = e.status.as_u16(), reason = %e.message, suppressed, "rest request refused");
+            }
+        })?;
         let json = read_json(req, self.max_body).await?;
         let request_id = correlator.and_then(|c| c.to_str().ok());
         let call = || CallInfo::new(Some(&principal), request_id);
