@@ -32,6 +32,18 @@ fn days_ago(n: i32) -> String {
     Date::today_utc().add_days(-n).to_string()
 }
 
+/// An empty embedded store.
+fn embedded() -> AnyStore {
+    AnyStore::Embedded(Arc::new(EmbeddedStore::new()))
+}
+
+/// A real `redis-server` (kept while the test runs) and a store on it.
+async fn redis_store(options: RedisOptions) -> (RedisServer, AnyStore) {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), options).await.expect("redis");
+    (redis, AnyStore::Redis(store))
+}
+
 /// A server with the REST face on an ephemeral port, `tweak`ed.
 async fn serve(store: AnyStore, tweak: impl FnOnce(&mut ServeSettings)) -> TestServer {
     TestServer::start(store, |s| {
@@ -207,23 +219,20 @@ async fn mapping(store: AnyStore) {
 
 #[tokio::test]
 async fn mapping_embedded() {
-    mapping(AnyStore::Embedded(Arc::new(EmbeddedStore::new()))).await;
+    mapping(embedded()).await;
 }
 
 #[tokio::test]
 async fn mapping_redis() {
-    let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.url(), RedisOptions::default())
-        .await
-        .expect("redis");
-    mapping(AnyStore::Redis(store)).await;
+    let (_redis, store) = redis_store(RedisOptions::default()).await;
+    mapping(store).await;
 }
 
 /// Bodies that are not JSON, wrong content types, too large bodies, bad
 /// correlators, unknown paths and methods: clear 4xx errors, never 500.
 #[tokio::test]
 async fn bad_requests_are_client_errors() {
-    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let store = embedded();
     apply(&store, snapshot()).await;
     let server = serve(store, |s| s.max_message_bytes = Some(4096)).await;
     let mut rest = client(&server).await;
@@ -368,16 +377,13 @@ async fn batch(store: AnyStore) {
 
 #[tokio::test]
 async fn batch_embedded() {
-    batch(AnyStore::Embedded(Arc::new(EmbeddedStore::new()))).await;
+    batch(embedded()).await;
 }
 
 #[tokio::test]
 async fn batch_redis() {
-    let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.url(), RedisOptions::default())
-        .await
-        .expect("redis");
-    batch(AnyStore::Redis(store)).await;
+    let (_redis, store) = redis_store(RedisOptions::default()).await;
+    batch(store).await;
 }
 
 /// The same certificate-bound tokens and scopes as gRPC: no or bad token
@@ -385,7 +391,7 @@ async fn batch_redis() {
 /// check (not for the batch).
 #[tokio::test]
 async fn tokens_and_scopes() {
-    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let store = embedded();
     apply(&store, snapshot()).await;
     let server = serve(store, |_| {}).await;
 
@@ -464,7 +470,7 @@ async fn quotas_are_shared_and_429() {
         "[quotas.\"spiffe://dev.reassigned/platform-a\"]\nrequests_per_second = 0.05\nburst = 2\n",
     )
     .expect("toml");
-    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let store = embedded();
     apply(&store, snapshot()).await;
     let server = serve(store, move |s| s.quotas = file.quotas).await;
     let mut rest = client(&server).await;
@@ -492,12 +498,11 @@ async fn quotas_are_shared_and_429() {
 /// it is back.
 #[tokio::test]
 async fn store_down_is_503() {
-    let mut redis = RedisServer::start();
-    let options = RedisOptions {
+    let (mut redis, store) = redis_store(RedisOptions {
         timeout: Duration::from_millis(300),
         ..RedisOptions::default()
-    };
-    let store = AnyStore::Redis(RedisStore::connect(&redis.url(), options).await.expect("redis"));
+    })
+    .await;
     apply(&store, snapshot()).await;
     let server = serve(store, |_| {}).await;
     let mut rest = client(&server).await;
@@ -521,7 +526,7 @@ async fn store_down_is_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_rest_mode() {
     use reassigned::cli::bench::{BenchOptions, Method as BenchMethod, bench};
-    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let store = embedded();
     apply(&store, snapshot()).await;
     let server = serve(store, |_| {}).await;
     let id = server.certs.client("platform-a");
@@ -574,12 +579,7 @@ async fn bench_rest_mode() {
 /// with the `x-correlator` as the request id.
 #[tokio::test]
 async fn rest_answers_are_audited() {
-    let redis = RedisServer::start();
-    let store = AnyStore::Redis(
-        RedisStore::connect(&redis.url(), RedisOptions::default())
-            .await
-            .expect("redis"),
-    );
+    let (redis, store) = redis_store(RedisOptions::default()).await;
     apply(&store, snapshot()).await;
     let url = redis.url();
     let server = TestServer::start_in(store, |s, dir| {
@@ -616,7 +616,7 @@ async fn rest_answers_are_audited() {
 /// refuses it on a new one.
 #[tokio::test]
 async fn a_reload_that_distrusts_the_client_closes_its_rest_connection() {
-    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let store = embedded();
     apply(&store, snapshot()).await;
     let server = serve(store, |_| {}).await;
     let mut open = client(&server).await;
