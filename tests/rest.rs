@@ -53,6 +53,13 @@ async fn serve(store: AnyStore, tweak: impl FnOnce(&mut ServeSettings)) -> TestS
     .await
 }
 
+/// [`serve`] over an embedded store holding [`snapshot`].
+async fn loaded(tweak: impl FnOnce(&mut ServeSettings)) -> TestServer {
+    let store = embedded();
+    apply(&store, snapshot()).await;
+    serve(store, tweak).await
+}
+
 /// A REST client as `platform` with a token granting `scope` (`None`: no
 /// token).
 async fn client_as(server: &TestServer, platform: &str, scope: Option<&str>) -> RestClient {
@@ -232,9 +239,7 @@ async fn mapping_redis() {
 /// correlators, unknown paths and methods: clear 4xx errors, never 500.
 #[tokio::test]
 async fn bad_requests_are_client_errors() {
-    let store = embedded();
-    apply(&store, snapshot()).await;
-    let server = serve(store, |s| s.max_message_bytes = Some(4096)).await;
+    let server = loaded(|s| s.max_message_bytes = Some(4096)).await;
     let mut rest = client(&server).await;
     let valid = json!({ "phoneNumber": A, "specifiedDate": "2024-05-01" }).to_string();
 
@@ -391,9 +396,7 @@ async fn batch_redis() {
 /// check (not for the batch).
 #[tokio::test]
 async fn tokens_and_scopes() {
-    let store = embedded();
-    apply(&store, snapshot()).await;
-    let server = serve(store, |_| {}).await;
+    let server = loaded(|_| {}).await;
 
     let mut none = client_as(&server, "platform-a", None).await;
     let message = camara_error(
@@ -470,9 +473,7 @@ async fn quotas_are_shared_and_429() {
         "[quotas.\"spiffe://dev.reassigned/platform-a\"]\nrequests_per_second = 0.05\nburst = 2\n",
     )
     .expect("toml");
-    let store = embedded();
-    apply(&store, snapshot()).await;
-    let server = serve(store, move |s| s.quotas = file.quotas).await;
+    let server = loaded(move |s| s.quotas = file.quotas).await;
     let mut rest = client(&server).await;
     assert!(recycled(&check(&mut rest, A, "2024-05-01").await));
     let mut grpc = server.client().await;
@@ -526,9 +527,7 @@ async fn store_down_is_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_rest_mode() {
     use reassigned::cli::bench::{BenchOptions, Method as BenchMethod, bench};
-    let store = embedded();
-    apply(&store, snapshot()).await;
-    let server = serve(store, |_| {}).await;
+    let server = loaded(|_| {}).await;
     let id = server.certs.client("platform-a");
     let dir = tempfile::tempdir().expect("tempdir");
     let cert = dir.path().join("a.pem");
@@ -616,9 +615,7 @@ async fn rest_answers_are_audited() {
 /// refuses it on a new one.
 #[tokio::test]
 async fn a_reload_that_distrusts_the_client_closes_its_rest_connection() {
-    let store = embedded();
-    apply(&store, snapshot()).await;
-    let server = serve(store, |_| {}).await;
+    let server = loaded(|_| {}).await;
     let mut open = client(&server).await;
     assert!(recycled(&check(&mut open, A, "2024-05-01").await));
 
