@@ -340,6 +340,11 @@ settings_table! {
     /// off): a span per call, parented by the caller's W3C `traceparent`,
     /// exported in batches in the background.
     otlp_endpoint: String, flag "otlp-endpoint", env "REASSIGNED_OTLP_ENDPOINT";
+    /// Address of the REST face (CAMARA Number Recycling `POST
+    /// /number-recycling/v0.2/check`, `POST /v1/numbers:batchCheck`, `GET
+    /// /openapi.yaml`; default: off): HTTP/1.1 and HTTP/2 over the same
+    /// mutual TLS, client CA and bearer tokens as the gRPC port.
+    rest_listen: SocketAddr, flag "rest-listen", env "REASSIGNED_REST_LISTEN";
     /// Milliseconds a new connection gets to send its first byte before it
     /// is closed (at most the handshake timeout).
     handshake_first_byte_timeout_ms: u64 = defaults::HANDSHAKE_FIRST_BYTE_TIMEOUT_MS,
@@ -624,6 +629,8 @@ pub struct ServeConfig {
     pub access_log: bool,
     /// The OTLP/gRPC trace collector (`None`: no trace export).
     pub otlp_endpoint: Option<String>,
+    /// Address of the REST face; `None`: off.
+    pub rest_listen: Option<SocketAddr>,
     /// Time a new connection gets to send its first byte, in milliseconds.
     pub handshake_first_byte_timeout_ms: u64,
     /// Pending handshake limit per client IP address.
@@ -789,6 +796,7 @@ impl ServeConfig {
             admin_listen: admin_listen(&s)?,
             access_log: take!(s.access_log)?,
             otlp_endpoint: otlp_endpoint(s.otlp_endpoint.clone())?,
+            rest_listen: s.rest_listen,
             handshake_first_byte_timeout_ms,
             max_handshakes_per_ip: positive!(s.max_handshakes_per_ip)?,
             listen_backlog: positive!(s.listen_backlog)?,

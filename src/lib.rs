@@ -38,6 +38,9 @@
 //! - [`lograte`]: rate-limited log lines (used by every room).
 //! - [`stats`]: lock-free latency histograms (store calls, server calls)
 //!   read by the metrics endpoint.
+//! - [`rest`]: the REST face (CAMARA Number Recycling v0.2.0, JSON
+//!   batches, the OpenAPI document) over the gRPC handlers' service paths;
+//!   its port is the server's ([`server::rest_port`]).
 //! - [`config`]: the one table of `serve`'s settings (name, flag,
 //!   environment variable, default, doc) and their validation into a plain
 //!   [`config::ServeConfig`]; the server makes its runtime handles from it.
@@ -60,7 +63,8 @@
 //! | `federation` | `domain`, `store`, `lograte` |
 //! | `audit`, `receipt`, `quota` | `domain` |
 //! | `api` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`; never `server` |
-//! | `server` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`, `stats`, `api`, `config` (not `import`, not `cli`) |
+//! | `rest` | `domain`, `identity`, `store`, `api`, `lograte`; never `server` |
+//! | `server` | `domain`, `identity`, `store`, `federation`, `audit`, `receipt`, `quota`, `lograte`, `stats`, `api`, `rest`, `config` (not `import`, not `cli`) |
 //! | `config` | `domain`, `identity`, `store`, `federation`, `import`, `audit`, `receipt`, `quota` (plain data: never `server`, `cli`, `api`) |
 //! | `cli` | everything |
 //!
@@ -79,6 +83,7 @@ pub mod import;
 pub mod lograte;
 pub mod quota;
 pub mod receipt;
+pub mod rest;
 pub mod server;
 pub mod stats;
 pub mod store;

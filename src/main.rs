@@ -132,6 +132,9 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: std::net::SocketAddr,
+        /// Address of the REST face (CAMARA Number Recycling, JSON batches).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        rest_listen: std::net::SocketAddr,
         /// Records in the demo register.
         #[arg(long, default_value_t = 100_000)]
         records: u64,
@@ -450,7 +453,12 @@ fn main() -> ExitCode {
             Command::Health(options) => cli::health::probe(&options).await.map(|ok| println!("{ok}")),
             Command::Bench(options) => bench::run(&options).await,
             Command::BenchBare(options) => bench_bare::run_bare(&options).await,
-            Command::Demo { dir, listen, records } => cli::demo(&dir, listen, records).await,
+            Command::Demo {
+                dir,
+                listen,
+                rest_listen,
+                records,
+            } => cli::demo(&dir, listen, rest_listen, records).await,
         }
     });
     match result {

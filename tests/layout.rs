@@ -34,6 +34,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
             "lograte",
         ],
     ),
+    ("rest", &["domain", "identity", "store", "api", "lograte"]),
     (
         "server",
         &[
@@ -47,6 +48,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
             "lograte",
             "stats",
             "api",
+            "rest",
             "config",
         ],
     ),
@@ -77,6 +79,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
             "lograte",
             "stats",
             "api",
+            "rest",
             "server",
             "config",
         ],

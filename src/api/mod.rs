@@ -12,7 +12,7 @@ mod service;
 pub use convert::ApiError;
 pub use methods::code_name;
 pub use receipts::{CallInfo, REQUEST_ID_HEADER, ReceiptContext, ReceiptPlan, Receipts, usable_request_id};
-pub use service::{ReassignedService, ServiceOptions};
+pub use service::{Answered, ReassignedService, ServiceOptions};
 
 /// Code generated from `proto/reassigned/v1/reassigned.proto`.
 #[allow(missing_docs, clippy::all, clippy::pedantic, clippy::unwrap_used)]

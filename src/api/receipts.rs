@@ -38,17 +38,21 @@ pub struct CallInfo {
 impl CallInfo {
     /// Reads the caller and the request id of `request`.
     pub fn of<T>(request: &Request<T>) -> Self {
-        let platform = request
-            .extensions()
-            .get::<Principal>()
-            .map(|p| p.platform.id.clone());
-        let request_id = usable_request_id(
+        Self::new(
+            request.extensions().get::<Principal>(),
             request
                 .metadata()
                 .get(REQUEST_ID_HEADER)
                 .and_then(|v| v.to_str().ok()),
         )
-        .map_or_else(|| format!("{:032x}", rand::random::<u128>()), str::to_owned);
+    }
+
+    /// The call of `principal` with the client's `request_id` if usable
+    /// (else a generated one); any face (gRPC metadata, an HTTP header).
+    pub fn new(principal: Option<&Principal>, request_id: Option<&str>) -> Self {
+        let platform = principal.map(|p| p.platform.id.clone());
+        let request_id = usable_request_id(request_id)
+            .map_or_else(|| format!("{:032x}", rand::random::<u128>()), str::to_owned);
         Self { platform, request_id }
     }
 }

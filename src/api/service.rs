@@ -62,6 +62,17 @@ impl Default for ServiceOptions {
     }
 }
 
+/// One check answered by [`ReassignedService::check_one`].
+#[derive(Debug)]
+pub struct Answered {
+    /// The domain answer.
+    pub answer: Answer,
+    /// Its response message (receipt included when asked for).
+    pub message: pb::CheckNumberResponse,
+    /// The mirror's metadata the answer was made from (`None`: empty).
+    pub meta: Option<Arc<domain::MirrorMeta>>,
+}
+
 /// The `ReassignedNumbers` service over any [`Store`].
 #[derive(Clone)]
 pub struct ReassignedService<S> {
@@ -94,10 +105,88 @@ impl<S: Store> ReassignedService<S> {
     /// server signs receipts or keeps an audit trail: the hot path of a plain
     /// check does no such work.
     fn call_info<T>(&self, request: &Request<T>) -> CallInfo {
+        self.call_info_with(|| CallInfo::of(request))
+    }
+
+    /// [`Self::call_info`] for any face: `read` runs only when this server
+    /// signs receipts or keeps an audit trail.
+    pub fn call_info_with(&self, read: impl FnOnce() -> CallInfo) -> CallInfo {
         if self.receipts.is_none() && self.audit.is_none() {
             return CallInfo::default();
         }
-        CallInfo::of(request)
+        read()
+    }
+
+    /// The receipt plan of a call from `call` (see
+    /// [`ReceiptPlan::for_call`]).
+    pub fn receipt_plan(&self, call: CallInfo, wanted: bool, all: bool) -> Result<ReceiptPlan, ApiError> {
+        Ok(ReceiptPlan::for_call(self.receipts.as_ref(), call, wanted, all)?)
+    }
+
+    /// The one single-check path (gRPC CheckNumber, the REST check): looks
+    /// `check` up, answers it, and makes its response message (with its
+    /// receipt if `want_receipt`) and audit record (see [`Self::respond`]).
+    /// `phone_number` is the number as the client wrote it.
+    pub async fn check_one(
+        &self,
+        plan: &ReceiptPlan,
+        check: Check,
+        phone_number: String,
+        want_receipt: bool,
+        today: Date,
+        note: Option<&CallNote>,
+    ) -> Result<Answered, ApiError> {
+        if let Some(note) = note {
+            note.number(&check.number);
+        }
+        let lookup = note::timed(note, self.store.lookup(check.number)).await?;
+        let answer = self.answer(check, lookup.found, lookup.meta.as_deref(), today);
+        tracing::debug!(status = ?answer.status, "checked");
+        let message = self.respond(plan, phone_number, want_receipt, &answer, None)?;
+        Ok(Answered {
+            answer,
+            message,
+            meta: lookup.meta,
+        })
+    }
+
+    /// The one batch path (gRPC BatchCheckNumbers, the REST batch): charges
+    /// the caller (one request; every check, unless the batch is refused for
+    /// its size), checks the 1..=`max_batch` rule and answers every check,
+    /// each with its result or its own error. `call` is read only when
+    /// needed (see [`Self::call_info_with`]). `note`: the call's
+    /// observation (access log, trace), if any.
+    pub async fn check_batch(
+        &self,
+        principal: Option<&Principal>,
+        call: impl FnOnce() -> CallInfo,
+        checks: Vec<pb::CheckNumberRequest>,
+        want_receipts: bool,
+        note: Option<&CallNote>,
+    ) -> Result<Vec<pb::BatchCheckResult>, ApiError> {
+        let size = checks.len();
+        let numbers = if size <= self.options.max_batch {
+            size as u64
+        } else {
+            0
+        };
+        self.charge(principal, 1, numbers).await?;
+        let wanted = checks.iter().any(|c| c.want_receipt);
+        let plan = self.receipt_plan(self.call_info_with(call), wanted, want_receipts)?;
+        if checks.is_empty() || checks.len() > self.options.max_batch {
+            return Err(ApiError::InvalidArgument(vec![FieldViolation {
+                field: "checks",
+                reason: format!(
+                    "must hold 1 to {} checks, got {}",
+                    self.options.max_batch,
+                    checks.len()
+                ),
+            }]));
+        }
+        if let Some(note) = note {
+            note.numbers(checks.len() as u64);
+        }
+        Ok(note::timed(note, self.check_many(checks, &plan, 0)).await?)
     }
 
     /// Hands the record of `answer` to the audit trail (never waits).
@@ -188,14 +277,16 @@ impl<S: Store> ReassignedService<S> {
     /// Charges the caller's quotas with `requests` requests and `numbers`
     /// numbers (see [`crate::quota`]); skipped without quotas or
     /// without a [`Principal`].
-    async fn charge(&self, principal: Option<&Principal>, requests: u32, numbers: u64) -> Result<(), Status> {
+    pub async fn charge(
+        &self,
+        principal: Option<&Principal>,
+        requests: u32,
+        numbers: u64,
+    ) -> Result<(), ApiError> {
         let (Some(quotas), Some(principal)) = (&self.options.quotas, principal) else {
             return Ok(());
         };
-        quotas
-            .check(&principal.platform.id, requests, numbers)
-            .await
-            .map_err(|e| ApiError::from(e).into())
+        Ok(quotas.check(&principal.platform.id, requests, numbers).await?)
     }
 
     /// The domain answer to `check` (see [`Answer::new`]).
@@ -219,8 +310,7 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         self.charge(request.extensions().get(), 1, 1).await?;
         let note = request.extensions().get::<CallNote>().cloned();
         let wanted = request.get_ref().want_receipt;
-        let plan = ReceiptPlan::for_call(self.receipts.as_ref(), self.call_info(&request), wanted, false)
-            .map_err(ApiError::from)?;
+        let plan = self.receipt_plan(self.call_info(&request), wanted, false)?;
         let pb::CheckNumberRequest {
             phone_number,
             since,
@@ -228,57 +318,26 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         } = request.into_inner();
         let today = Date::today_utc();
         let check = Check::parse(&phone_number, &since, today).map_err(ApiError::InvalidArgument)?;
-        if let Some(note) = &note {
-            note.number(&check.number);
-        }
-        let lookup = note::timed(note.as_ref(), self.store.lookup(check.number))
-            .await
-            .map_err(ApiError::from)?;
-        let answer = self.answer(check, lookup.found, lookup.meta.as_deref(), today);
-        tracing::debug!(status = ?answer.status, "checked");
-        let message = self.respond(&plan, phone_number, want_receipt, &answer, None)?;
-        Ok(Response::new(message))
+        let answered = self
+            .check_one(&plan, check, phone_number, want_receipt, today, note.as_ref())
+            .await?;
+        Ok(Response::new(answered.message))
     }
 
     async fn batch_check_numbers(
         &self,
         request: Request<pb::BatchCheckNumbersRequest>,
     ) -> Result<Response<pb::BatchCheckNumbersResponse>, Status> {
-        // One request for the rate; every check (valid or not) for the daily
-        // count, unless the batch is refused for its size.
-        let size = request.get_ref().checks.len();
-        let numbers = if size <= self.options.max_batch {
-            size as u64
-        } else {
-            0
-        };
-        self.charge(request.extensions().get(), 1, numbers).await?;
+        let principal = request.extensions().get::<Principal>().cloned();
         let note = request.extensions().get::<CallNote>().cloned();
-        let all = request.get_ref().want_receipts;
-        let wanted = request.get_ref().checks.iter().any(|c| c.want_receipt);
-        let plan = ReceiptPlan::for_call(self.receipts.as_ref(), self.call_info(&request), wanted, all)
-            .map_err(ApiError::from)?;
+        let call = self.call_info(&request);
         let pb::BatchCheckNumbersRequest {
             checks,
-            want_receipts: _,
+            want_receipts,
         } = request.into_inner();
-        if checks.is_empty() || checks.len() > self.options.max_batch {
-            return Err(ApiError::InvalidArgument(vec![FieldViolation {
-                field: "checks",
-                reason: format!(
-                    "must hold 1 to {} checks, got {}",
-                    self.options.max_batch,
-                    checks.len()
-                ),
-            }])
-            .into());
-        }
-        if let Some(note) = &note {
-            note.numbers(checks.len() as u64);
-        }
-        let results = note::timed(note.as_ref(), self.check_many(checks, &plan, 0))
-            .await
-            .map_err(ApiError::from)?;
+        let results = self
+            .check_batch(principal.as_ref(), || call, checks, want_receipts, note.as_ref())
+            .await?;
         Ok(Response::new(pb::BatchCheckNumbersResponse { results }))
     }
 
@@ -292,7 +351,9 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
         // the daily count as it arrives.
         let principal = request.extensions().get::<Principal>().cloned();
         let note = request.extensions().get::<CallNote>().cloned();
-        self.charge(principal.as_ref(), 1, 0).await?;
+        self.charge(principal.as_ref(), 1, 0)
+            .await
+            .map_err(Status::from)?;
         // Checks that set `want_receipt` get one; without a signer, they get
         // FAILED_PRECONDITION as their item error.
         let receipts = ReceiptPlan::for_stream(self.receipts.as_ref(), self.call_info(&request));
@@ -482,8 +543,8 @@ async fn lookup_chunk<S: Store + Clone>(
     note: Option<CallNote>,
 ) -> Segment {
     let count = checks.len();
-    if let Err(status) = this.charge(principal.as_ref(), 0, count as u64).await {
-        return Segment::Fail(status);
+    if let Err(e) = this.charge(principal.as_ref(), 0, count as u64).await {
+        return Segment::Fail(e.into());
     }
     if let Some(note) = &note {
         note.numbers(count as u64);

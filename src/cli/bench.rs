@@ -166,6 +166,12 @@ pub struct BenchOptions {
     /// minted by `reassigned token mint`; also from `REASSIGNED_BENCH_TOKEN`.
     #[arg(long, env = "REASSIGNED_BENCH_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Call the REST face instead of gRPC: the CAMARA check (`POST
+    /// /number-recycling/v0.2/check`) over HTTP/1.1 keep-alive, one
+    /// connection per worker (`--connections` is not used); `--target` is
+    /// the server's `--rest-listen` address. Only `--method check`.
+    #[arg(long)]
+    pub rest: bool,
     /// Seed of the query generator (same seed and data, same queries).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -199,6 +205,10 @@ impl BenchOptions {
             "--hit-ratio must be between 0 and 1"
         );
         Date::parse(&self.since).map_err(|e| anyhow::anyhow!("--since {:?}: {e}", self.since))?;
+        ensure!(
+            !self.rest || (self.method == Method::Check && !self.receipts),
+            "--rest measures the CAMARA check: --method check, without --receipts"
+        );
         Ok(())
     }
 
@@ -715,6 +725,8 @@ fn build_queries(
 struct Workload {
     /// `check`: one request per call.
     checks: Vec<pb::CheckNumberRequest>,
+    /// `check` over REST: the JSON body of each of `checks`.
+    rest_bodies: Vec<bytes::Bytes>,
     /// `batch` and `stream`: one batch per call.
     batches: Vec<pb::BatchCheckNumbersRequest>,
 }
@@ -737,6 +749,20 @@ impl Workload {
         }
         Ok(match opts.method {
             Method::Check => Self {
+                rest_bodies: if opts.rest {
+                    queries
+                        .iter()
+                        .map(|q| {
+                            let body = crate::rest::CheckBody {
+                                phone_number: Some(q.phone_number.clone()),
+                                specified_date: q.since.clone(),
+                            };
+                            serde_json::to_vec(&body).map(bytes::Bytes::from)
+                        })
+                        .collect::<Result<_, _>>()?
+                } else {
+                    Vec::new()
+                },
                 checks: queries,
                 batches: Vec::new(),
             },
@@ -755,6 +781,7 @@ impl Workload {
                 }
                 Self {
                     checks: Vec::new(),
+                    rest_bodies: Vec::new(),
                     batches,
                 }
             }
@@ -869,6 +896,10 @@ enum Failure {
     Status(Status),
     Timeout,
     ShortStream,
+    /// A REST answer other than 200: its status and body.
+    Http(http::StatusCode, String),
+    /// A REST call that got no answer (connection or protocol error).
+    Transport(String),
 }
 
 impl Failure {
@@ -877,6 +908,8 @@ impl Failure {
             Failure::Status(status) => code_name(status.code()),
             Failure::Timeout => CLIENT_TIMEOUT,
             Failure::ShortStream => SHORT_STREAM,
+            Failure::Http(status, _) => status.canonical_reason().unwrap_or("HTTP_ERROR"),
+            Failure::Transport(_) => "TRANSPORT",
         }
     }
 
@@ -887,6 +920,8 @@ impl Failure {
             Failure::ShortStream => {
                 format!("{SHORT_STREAM}: the stream ended before every request was answered")
             }
+            Failure::Http(status, body) => format!("HTTP {status}: {body}"),
+            Failure::Transport(e) => format!("TRANSPORT: {e}"),
         }
     }
 }
@@ -900,12 +935,16 @@ impl From<Status> for Failure {
 /// Makes one call with the pre-built message at `index`, counting its
 /// answers into `tally`.
 async fn call(
-    client: &mut BenchClient,
+    client: &mut Caller,
     workload: &Arc<Workload>,
     method: Method,
     index: usize,
     tally: &mut Tally,
 ) -> Result<(), Failure> {
+    let client = match client {
+        Caller::Grpc(client) => client,
+        Caller::Rest(client) => return rest_call(client, workload, index, tally).await,
+    };
     match method {
         Method::Check => {
             let response = client.check_number(workload.checks[index].clone()).await?;
@@ -939,6 +978,44 @@ async fn call(
     Ok(())
 }
 
+/// One CAMARA check over REST with the pre-built body at `index`.
+async fn rest_call(
+    client: &mut crate::cli::rest_client::RestClient,
+    workload: &Workload,
+    index: usize,
+    tally: &mut Tally,
+) -> Result<(), Failure> {
+    let response = client
+        .send(
+            http::Method::POST,
+            crate::rest::CHECK_PATH,
+            &[],
+            workload.rest_bodies[index].clone(),
+        )
+        .await
+        .map_err(|e| Failure::Transport(format!("{e:#}")))?;
+    if response.status != http::StatusCode::OK {
+        let body = String::from_utf8_lossy(&response.body).into_owned();
+        return Err(Failure::Http(response.status, body));
+    }
+    let result: crate::rest::CheckResult = serde_json::from_slice(&response.body)
+        .map_err(|e| Failure::Transport(format!("the answer is not CAMARA's: {e}")))?;
+    tally.numbers += 1;
+    tally.statuses.count(if result.phone_number_recycled {
+        pb::ReassignmentStatus::Reassigned as i32
+    } else {
+        pb::ReassignmentStatus::NotReassigned as i32
+    });
+    Ok(())
+}
+
+/// How a worker calls: a gRPC client (shared channel) or its own REST
+/// connection.
+enum Caller {
+    Grpc(BenchClient),
+    Rest(crate::cli::rest_client::RestClient),
+}
+
 /// The bench's client: a channel that adds the bearer token, if any.
 type BenchClient = ReassignedNumbersClient<InterceptedService<Channel, Bearer>>;
 
@@ -969,7 +1046,7 @@ impl Interceptor for Bearer {
 
 /// One worker: calls until the end of the run, one at a time.
 async fn worker(
-    mut client: BenchClient,
+    mut client: Caller,
     workload: Arc<Workload>,
     shared: Arc<Shared>,
     mut index: usize,
@@ -1143,14 +1220,36 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     eprintln!("bench: {} pre-built calls from {description}", workload.len());
     let workload = Arc::new(workload);
     let bearer = Bearer::new(opts.token.as_deref())?;
-    let clients: Vec<_> = connect(opts)
-        .await?
-        .into_iter()
-        .map(|channel| {
-            ReassignedNumbersClient::with_interceptor(channel, bearer.clone())
-                .max_decoding_message_size(64 << 20)
-        })
-        .collect();
+    let mut callers = Vec::with_capacity(opts.concurrency);
+    if opts.rest {
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
+        };
+        let tls = crate::cli::rest_client::RestTls::new(
+            &read("CA", &opts.ca)?,
+            &read("certificate", &opts.cert)?,
+            &read("key", &opts.key)?,
+            &opts.server_name,
+        )?;
+        for _ in 0..opts.concurrency {
+            let client =
+                crate::cli::rest_client::RestClient::connect(&opts.target, &tls, opts.token.as_deref())
+                    .await?;
+            callers.push(Caller::Rest(client));
+        }
+    } else {
+        let clients: Vec<_> = connect(opts)
+            .await?
+            .into_iter()
+            .map(|channel| {
+                ReassignedNumbersClient::with_interceptor(channel, bearer.clone())
+                    .max_decoding_message_size(64 << 20)
+            })
+            .collect();
+        for id in 0..opts.concurrency {
+            callers.push(Caller::Grpc(clients[id % clients.len()].clone()));
+        }
+    }
 
     let started = Instant::now();
     let measure_start = started + opts.warmup;
@@ -1169,8 +1268,7 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let progress = tokio::spawn(progress(Arc::clone(&shared)));
     let mut workers = JoinSet::new();
     let len = workload.len();
-    for id in 0..opts.concurrency {
-        let client = clients[id % clients.len()].clone();
+    for (id, client) in callers.into_iter().enumerate() {
         let start_index = id * len / opts.concurrency;
         workers.spawn(worker(
             client,
@@ -1448,6 +1546,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             receipts: false,
             token: None,
+            rest: false,
             seed: 1,
             json: false,
         }

@@ -406,7 +406,12 @@ pub fn generate_cmd(options: &GenerateOptions) -> anyhow::Result<()> {
 
 /// `reassigned demo`: dev certificates and a demo register if missing, served
 /// with the embedded store; prints grpcurl commands that work when pasted.
-pub async fn demo(dir: &Path, listen: SocketAddr, records: u64) -> anyhow::Result<()> {
+pub async fn demo(
+    dir: &Path,
+    listen: SocketAddr,
+    rest_listen: SocketAddr,
+    records: u64,
+) -> anyhow::Result<()> {
     let certs = dir.join("certs");
     let data = dir.join("register");
     if !certs.join("ca.pem").exists() {
@@ -435,6 +440,7 @@ pub async fn demo(dir: &Path, listen: SocketAddr, records: u64) -> anyhow::Resul
         token_issuer: Some(super::token::DEFAULT_ISSUER.into()),
         token_audience: Some(super::token::DEFAULT_AUDIENCE.into()),
         listen: Some(listen),
+        rest_listen: Some(rest_listen),
         tls_cert: Some(certs.join("server.pem")),
         tls_key: Some(certs.join("server.key")),
         client_ca: Some(certs.join("ca.pem")),
@@ -457,6 +463,15 @@ pub async fn demo(dir: &Path, listen: SocketAddr, records: u64) -> anyhow::Resul
         audience: super::token::DEFAULT_AUDIENCE.into(),
     })?;
     print_demo_commands(&certs, listen, &data, &token)?;
+    println!("The REST face (CAMARA Number Recycling) with curl:\n");
+    println!(
+        "  curl --cacert {c}/ca.pem --cert {c}/platform-a.pem --key {c}/platform-a.key \\\n    \
+         -H \"authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\\n    \
+         -d '{{\"phoneNumber\":\"+14155550123\",\"specifiedDate\":\"2024-01-01\"}}' \\\n    \
+         https://localhost:{port}/number-recycling/v0.2/check\n",
+        c = certs.display(),
+        port = rest_listen.port()
+    );
     crate::run(listener, config, store, shutdown_signal()).await
 }
 

@@ -7,6 +7,7 @@ mod commands;
 pub mod generate;
 pub mod health;
 pub mod receipt;
+pub mod rest_client;
 pub mod token;
 
 pub use commands::{EXIT_INTERRUPTED, exit_code, gc, import_with, sync_every, sync_with, verify};

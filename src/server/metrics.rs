@@ -24,8 +24,6 @@ use std::time::Instant;
 
 use http_body::{Body, Frame, SizeHint};
 
-use tokio::sync::watch;
-
 use crate::api::methods;
 use crate::audit::AuditStats;
 use crate::domain::Date;
@@ -126,7 +124,7 @@ struct Inner {
     /// Handling time of finished calls (to the status, or the end of the
     /// stream), per metrics label.
     latency: [Histogram; methods::LABEL_COUNT],
-    bound: watch::Sender<Option<SocketAddr>>,
+    bound: crate::server::BoundAddr,
     /// Counters of the TLS accept loop.
     handshakes: Arc<crate::server::accept::HandshakeStats>,
     /// Calls refused by the auth layer, by reason.
@@ -143,7 +141,7 @@ impl Default for MetricsHandle {
                 started: Default::default(),
                 in_flight: Default::default(),
                 latency: std::array::from_fn(|_| Histogram::new()),
-                bound: watch::channel(None).0,
+                bound: crate::server::BoundAddr::default(),
                 handshakes: Arc::default(),
                 refusals: Arc::default(),
                 observer: std::sync::OnceLock::new(),
@@ -155,7 +153,7 @@ impl Default for MetricsHandle {
 impl std::fmt::Debug for MetricsHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MetricsHandle")
-            .field("bound", &*self.inner.bound.borrow())
+            .field("bound", &self.inner.bound)
             .finish_non_exhaustive()
     }
 }
@@ -164,16 +162,7 @@ impl MetricsHandle {
     /// The address the metrics endpoint is bound to, waiting until the
     /// server has bound it (forever if metrics are off: put a timeout on it).
     pub async fn bound_addr(&self) -> SocketAddr {
-        let mut rx = self.inner.bound.subscribe();
-        loop {
-            if let Some(addr) = *rx.borrow_and_update() {
-                return addr;
-            }
-            if rx.changed().await.is_err() {
-                // The sender lives in `self`: unreachable, but never spin.
-                std::future::pending::<()>().await;
-            }
-        }
+        self.inner.bound.wait().await
     }
 
     /// Calls to the gRPC path `path` finished so far with the gRPC status
@@ -191,7 +180,7 @@ impl MetricsHandle {
 
     /// Publishes the address the admin listener is bound to.
     pub(crate) fn publish_bound(&self, addr: SocketAddr) {
-        self.inner.bound.send_replace(Some(addr));
+        self.inner.bound.publish(addr);
     }
 
     /// The counters of the auth layer's refusals of the server running

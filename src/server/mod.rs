@@ -8,6 +8,7 @@ pub mod auth;
 pub mod limits;
 pub mod metrics;
 pub mod reload;
+pub mod rest_port;
 pub mod revoke;
 pub mod tls;
 pub mod token;
@@ -56,6 +57,47 @@ pub struct Handles {
     pub metrics: metrics::MetricsHandle,
     /// Counters of the audit trail.
     pub audit_stats: Arc<crate::audit::AuditStats>,
+    /// The address of the REST face once bound (with `rest_listen`).
+    pub rest: BoundAddr,
+}
+
+/// The address a listener of the server is bound to, once it is (useful
+/// with port 0): published by the server, awaited by whoever needs it.
+#[derive(Clone)]
+pub struct BoundAddr(Arc<watch::Sender<Option<std::net::SocketAddr>>>);
+
+impl Default for BoundAddr {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(None).0))
+    }
+}
+
+impl std::fmt::Debug for BoundAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", *self.0.borrow())
+    }
+}
+
+impl BoundAddr {
+    /// Publishes the bound address.
+    pub fn publish(&self, addr: std::net::SocketAddr) {
+        self.0.send_replace(Some(addr));
+    }
+
+    /// The bound address, waiting until it is published (forever if the
+    /// listener is off: put a timeout on it).
+    pub async fn wait(&self) -> std::net::SocketAddr {
+        let mut rx = self.0.subscribe();
+        loop {
+            if let Some(addr) = *rx.borrow_and_update() {
+                return addr;
+            }
+            if rx.changed().await.is_err() {
+                // The sender lives in `self`: unreachable, but never spin.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
 
 /// The token verifier of `config` (`None`: tokens off), its JWKS loaded
@@ -228,7 +270,7 @@ where
         reporter.clone(),
         handles.metrics.clone(),
         readiness.clone(),
-        stop_rx,
+        stop_rx.clone(),
     ));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -248,19 +290,41 @@ where
         }
         None => None,
     };
-    let service = ReassignedNumbersServer::new(
-        ReassignedService::new(
-            store,
-            ServiceOptions {
-                max_batch: config.max_batch,
-                max_staleness_days: config.max_staleness_days,
-                quotas,
-            },
-        )
-        .with_receipts(receipts)
-        .with_audit(audit),
+    let api = ReassignedService::new(
+        store,
+        ServiceOptions {
+            max_batch: config.max_batch,
+            max_staleness_days: config.max_staleness_days,
+            quotas,
+        },
     )
-    .max_decoding_message_size(config.max_message_bytes);
+    .with_receipts(receipts)
+    .with_audit(audit);
+    let rest_task = match config.rest_listen {
+        Some(addr) => Some(reload::AbortOnDrop(
+            rest_port::serve(
+                rest_port::RestPort {
+                    addr,
+                    tls: reloader.tls().shared_config(),
+                    accept: accept::AcceptOptions::from(&config),
+                    handshakes: handles.metrics.handshakes(),
+                    max_concurrent_streams: config.max_concurrent_streams,
+                    drain: DRAIN_TIMEOUT.max(config.request_timeout()),
+                },
+                crate::rest::RestFace::new(
+                    api.clone(),
+                    tokens.clone().map(|t| t as Arc<dyn crate::rest::TokenCheck>),
+                    config.max_message_bytes,
+                    config.request_timeout(),
+                ),
+                &handles.rest,
+                stop_rx.clone(),
+            )
+            .await?,
+        )),
+        None => None,
+    };
+    let service = ReassignedNumbersServer::new(api).max_decoding_message_size(config.max_message_bytes);
 
     let (mut server, incoming) = transport(
         listener,
@@ -310,6 +374,7 @@ where
     }
     health_task.abort();
     drop(admin_task);
+    drop(rest_task);
     if let Some(task) = token_reload {
         task.abort();
     }

@@ -202,6 +202,8 @@ impl TlsMaterial {
             provider,
             current,
             config: SharedServerConfig {
+                http1: Arc::new(ArcSwap::new(with_http1_alpn(&config))),
+                use_http1: false,
                 config: Arc::new(ArcSwap::new(config)),
                 verifier: Arc::new(ArcSwapOption::from_pointee(verifier)),
                 connections: OpenConnections::new(),
@@ -229,7 +231,7 @@ impl TlsMaterial {
         // The verifier first: a handshake that sees the new config checks
         // itself with it (see `accept::accept_loop`).
         self.config.verifier.store(Some(Arc::new(verifier.clone())));
-        self.config.config.store(config);
+        self.config.store(config);
         self.summary.store(Arc::new(summary.clone()));
         // Open connections whose certificate the new CAs or CRLs refuse are
         // closed once their calls finish (see [`crate::server::revoke`]).
@@ -298,6 +300,10 @@ impl TlsMaterial {
 #[derive(Debug, Clone)]
 pub struct SharedServerConfig {
     config: Arc<ArcSwap<ServerConfig>>,
+    /// `config` with ALPN `h2` and `http/1.1` (the REST face), swapped with it.
+    http1: Arc<ArcSwap<ServerConfig>>,
+    /// Whether [`SharedServerConfig::current`] gives `http1`.
+    use_http1: bool,
     /// The client certificate verifier of `config` (`None`: fixed config).
     verifier: Arc<ArcSwapOption<Arc<dyn ClientCertVerifier>>>,
     connections: OpenConnections,
@@ -306,7 +312,27 @@ pub struct SharedServerConfig {
 impl SharedServerConfig {
     /// The configuration in force now.
     pub fn current(&self) -> Arc<ServerConfig> {
-        self.config.load_full()
+        if self.use_http1 {
+            self.http1.load_full()
+        } else {
+            self.config.load_full()
+        }
+    }
+
+    /// The same material, reloaded with it, offering ALPN `h2` and
+    /// `http/1.1` (the REST face: REST clients speak HTTP/1.1). Its
+    /// connections are registered with this one's (a reload revokes them too).
+    pub fn with_http1(&self) -> Self {
+        Self {
+            use_http1: true,
+            ..self.clone()
+        }
+    }
+
+    /// Puts `config` in service (and its HTTP/1.1 twin).
+    fn store(&self, config: Arc<ServerConfig>) {
+        self.http1.store(with_http1_alpn(&config));
+        self.config.store(config);
     }
 
     /// The connections made with this configuration and still open.
@@ -325,6 +351,8 @@ impl From<Arc<ServerConfig>> for SharedServerConfig {
     /// A configuration that never changes.
     fn from(config: Arc<ServerConfig>) -> Self {
         Self {
+            http1: Arc::new(ArcSwap::new(with_http1_alpn(&config))),
+            use_http1: false,
             config: Arc::new(ArcSwap::new(config)),
             verifier: Arc::new(ArcSwapOption::empty()),
             connections: OpenConnections::new(),
@@ -426,6 +454,13 @@ fn build_config(
         .with_cert_resolver(Arc::new(SwappableCert(key.clone())));
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok((Arc::new(config), verifier))
+}
+
+/// `config` offering ALPN `h2` then `http/1.1`.
+fn with_http1_alpn(config: &ServerConfig) -> Arc<ServerConfig> {
+    let mut config = config.clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
 }
 
 /// Load `files` and build the server configuration in one step.
@@ -651,6 +686,26 @@ mod tests {
         let fx = fixture();
         let config = server_config(&fx.files).unwrap();
         assert_eq!(config.alpn_protocols, vec![b"h2".to_vec()]);
+    }
+
+    /// The REST port's twin offers HTTP/1.1 too, and a reload swaps it
+    /// with the gRPC port's configuration.
+    #[test]
+    fn the_http1_twin_follows_reloads() {
+        let fx = fixture();
+        let material = TlsMaterial::load(fx.files.clone()).unwrap();
+        let grpc = material.shared_config();
+        let rest = grpc.with_http1();
+        assert_eq!(grpc.current().alpn_protocols, vec![b"h2".to_vec()]);
+        assert_eq!(
+            rest.current().alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        let before = rest.current();
+        material.reload().unwrap();
+        assert!(!Arc::ptr_eq(&before, &rest.current()), "the twin was not swapped");
+        assert_eq!(rest.current().alpn_protocols.len(), 2);
+        assert_eq!(grpc.current().alpn_protocols, vec![b"h2".to_vec()]);
     }
 
     #[test]
