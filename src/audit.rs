@@ -32,8 +32,9 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
+
+use crate::domain::hmac::{HmacKey, read_secret};
 
 /// Records queued before new ones are dropped (or refused).
 pub const QUEUE: usize = 8192;
@@ -172,14 +173,7 @@ impl Auditor {
     /// Reads the secret, and starts the writer task (it connects lazily and
     /// ends when the auditor is dropped). Must run inside a Tokio runtime.
     pub fn start(config: &AuditConfig, stats: Arc<AuditStats>) -> anyhow::Result<Self> {
-        let secret = std::fs::read(&config.secret_file).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read the audit secret {}: {e}",
-                config.secret_file.display()
-            )
-        })?;
-        let secret = trim_secret(&secret);
-        anyhow::ensure!(secret.len() >= 16, "the audit secret must hold at least 16 bytes");
+        let secret = read_secret(&config.secret_file, "audit secret").map_err(anyhow::Error::msg)?;
         let client = redis::Client::open(config.redis_url.as_str())?;
         let manager = ConnectionManager::new_lazy_with_config(
             client,
@@ -209,7 +203,7 @@ impl Auditor {
         tokio::spawn(writer.run(rx));
         Ok(Self {
             tx,
-            key: HmacKey::new(secret),
+            key: HmacKey::new(&secret),
             mandatory: config.mandatory,
             stats,
             warn,
@@ -446,56 +440,6 @@ impl Writer {
     }
 }
 
-/// A secret file's bytes without a trailing newline.
-fn trim_secret(bytes: &[u8]) -> &[u8] {
-    let mut end = bytes.len();
-    while end > 0 && matches!(bytes[end - 1], b'\n' | b'\r') {
-        end -= 1;
-    }
-    &bytes[..end]
-}
-
-/// HMAC-SHA256 (RFC 2104) with the pads precomputed.
-#[derive(Clone)]
-struct HmacKey {
-    inner: Sha256,
-    outer: Sha256,
-}
-
-impl std::fmt::Debug for HmacKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HmacKey(<redacted>)")
-    }
-}
-
-impl HmacKey {
-    fn new(secret: &[u8]) -> Self {
-        let mut block = [0u8; 64];
-        if secret.len() > 64 {
-            block[..32].copy_from_slice(&Sha256::digest(secret));
-        } else {
-            block[..secret.len()].copy_from_slice(secret);
-        }
-        let pad = |byte: u8| {
-            let mut h = Sha256::new();
-            h.update(block.map(|b| b ^ byte));
-            h
-        };
-        Self {
-            inner: pad(0x36),
-            outer: pad(0x5c),
-        }
-    }
-
-    fn mac(&self, message: &[u8]) -> [u8; 32] {
-        let mut inner = self.inner.clone();
-        inner.update(message);
-        let mut outer = self.outer.clone();
-        outer.update(inner.finalize());
-        outer.finalize().into()
-    }
-}
-
 /// `reassigned audit export`: the records of `platform` between `from_ms`
 /// and `to_ms` (inclusive, Unix milliseconds), oldest first.
 pub async fn export(
@@ -559,23 +503,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hmac_matches_rfc_4231_case_2() {
-        let key = HmacKey::new(b"Jefe");
-        assert_eq!(
-            hex::encode(key.mac(b"what do ya want for nothing?")),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
-    }
-
-    #[test]
     fn the_mandatory_warning_does_not_say_answers_continue() {
         assert!(drop_warning(false).contains("answers continue"));
         assert!(!drop_warning(true).contains("answers continue"));
         assert!(drop_warning(true).contains("refused"));
-    }
-
-    #[test]
-    fn secrets_lose_their_newline() {
-        assert_eq!(trim_secret(b"abc\r\n"), b"abc");
     }
 }

@@ -10,6 +10,9 @@
 //! whichever server took it), and the delivery side reads it to fan events
 //! out to the platforms that watch the numbers.
 
+pub mod journal;
+pub mod watch;
+
 use crate::domain::{Date, PhoneNumber};
 
 /// The `source` of the national register's events (operators are named by

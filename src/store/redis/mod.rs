@@ -497,6 +497,26 @@ impl RedisStore {
         self.inner.opts.reclaim_grace
     }
 
+    /// The prefix of every key of this store (the federation's keys live
+    /// under it too).
+    pub fn key_prefix(&self) -> &str {
+        &self.inner.opts.key_prefix
+    }
+
+    /// The bound on each Redis call of a read.
+    pub fn timeout(&self) -> Duration {
+        self.inner.opts.timeout
+    }
+
+    /// Sends `cmd` (one key, or keys of one slot) on the store's shared
+    /// connection, bounded by `limit`; errors are scrubbed of the URL's
+    /// password and count as trouble like the store's own reads. For the
+    /// federation's keys (watch lists, event log), which share the mirror's
+    /// Redis and its connection.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd, limit: Duration) -> Result<T, StoreError> {
+        self.inner.query(cmd, limit).await
+    }
+
     /// True if this store talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         matches!(self.inner.target, Target::Cluster { .. })
