@@ -63,6 +63,8 @@ pub mod defaults {
     pub const LISTEN_BACKLOG: u32 = 4096;
     /// `max_shrink`.
     pub const MAX_SHRINK: f64 = crate::import::DEFAULT_MAX_SHRINK;
+    /// `watch_retention_days`.
+    pub const WATCH_RETENTION_DAYS: u32 = 30;
     /// `quota_redis_timeout_ms`.
     pub const QUOTA_REDIS_TIMEOUT_MS: u64 = crate::quota::DEFAULT_REDIS_TIMEOUT.as_millis() as u64;
     /// `quota_expected_replicas`.
@@ -336,6 +338,15 @@ settings_table! {
     /// records a snapshot found by the background resync may remove; a
     /// snapshot removing more, or empty, is skipped and reported.
     max_shrink: f64 = defaults::MAX_SHRINK, flag "max-shrink", env "REASSIGNED_MAX_SHRINK";
+    /// File holding the secret (at least 16 bytes) that keys the platforms'
+    /// watch lists (HMAC-SHA-256: numbers are never stored in clear).
+    /// Without it the `Watchlist` service answers FAILED_PRECONDITION.
+    /// Changing it starts empty lists (see the README's "Federation").
+    watch_key_file: PathBuf, flag "watch-key-file", env "REASSIGNED_WATCH_KEY_FILE";
+    /// Days the events for watchers are kept: a `WatchDisconnections`
+    /// cursor older than that is OUT_OF_RANGE.
+    watch_retention_days: u32 = defaults::WATCH_RETENTION_DAYS,
+        flag "watch-retention-days", env "REASSIGNED_WATCH_RETENTION_DAYS";
     file only:
     /// Per-platform quotas (config file only): the `[quotas]` table with a
     /// `default` entry and entries keyed by platform id. None: unlimited.
@@ -606,6 +617,10 @@ pub struct ServeConfig {
     pub max_handshakes_per_ip: usize,
     /// Listen backlog of the server socket.
     pub listen_backlog: u32,
+    /// The watch lists' key file; `None`: the `Watchlist` service is off.
+    pub watch_key_file: Option<PathBuf>,
+    /// Days the events for watchers are kept.
+    pub watch_retention_days: u32,
 }
 
 /// A configuration that cannot be used.
@@ -746,6 +761,8 @@ impl ServeConfig {
             handshake_first_byte_timeout_ms,
             max_handshakes_per_ip: positive!(s.max_handshakes_per_ip)?,
             listen_backlog: positive!(s.listen_backlog)?,
+            watch_key_file: watch_key_config(s.watch_key_file.clone())?,
+            watch_retention_days: positive!(s.watch_retention_days)?,
         })
     }
 
@@ -926,6 +943,18 @@ fn token_max_lifetime(text: &str) -> Result<Option<u64>, ConfigError> {
     parse_span(text)
         .map(|d| Some(d.as_secs()))
         .map_err(|e| ConfigError::Invalid("token_max_lifetime", format!("{e}, or off")))
+}
+
+/// Checks the watch key now (readable, long enough), so a bad key stops
+/// `serve` before it binds.
+fn watch_key_config(path: Option<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let path = readable_file(path, "watch_key_file")?;
+    crate::domain::hmac::read_secret(&path, "watch key")
+        .map_err(|e| ConfigError::Invalid("watch_key_file", e))?;
+    Ok(Some(path))
 }
 
 /// Checks the receipt key now (it must parse), so a bad key stops `serve`

@@ -45,7 +45,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures_util::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
@@ -163,7 +163,7 @@ impl WatchLists {
     /// How many numbers `platform`'s list holds.
     pub async fn count(&self, platform: &str) -> Result<u64, StoreError> {
         match self {
-            WatchLists::Embedded(e) => Ok(e.count(platform)),
+            WatchLists::Embedded(e) => Ok(e.count(platform).await),
             WatchLists::Redis(r) => r.count(platform).await,
         }
     }
@@ -171,7 +171,7 @@ impl WatchLists {
     /// Per number, whether it is on `platform`'s list.
     pub async fn watching(&self, platform: &str, numbers: &[PhoneNumber]) -> Result<Vec<bool>, StoreError> {
         match self {
-            WatchLists::Embedded(e) => Ok(e.watching(platform, numbers)),
+            WatchLists::Embedded(e) => Ok(e.watching(platform, numbers).await),
             WatchLists::Redis(r) => r.watching(platform, numbers).await,
         }
     }
@@ -186,7 +186,8 @@ enum Op {
 /// The embedded watch lists (see the module documentation).
 pub struct EmbeddedWatchLists {
     key: WatchKey,
-    state: Mutex<EmbeddedState>,
+    /// Held across a journal append (the fsync): changes are serialised.
+    state: tokio::sync::Mutex<EmbeddedState>,
 }
 
 struct EmbeddedState {
@@ -200,7 +201,7 @@ impl EmbeddedWatchLists {
     pub fn in_memory(key: WatchKey) -> Self {
         Self {
             key,
-            state: Mutex::new(EmbeddedState {
+            state: tokio::sync::Mutex::new(EmbeddedState {
                 lists: HashMap::new(),
                 journal: None,
             }),
@@ -211,7 +212,8 @@ impl EmbeddedWatchLists {
     /// of another key are skipped: see "Key rotation").
     pub fn open(key: WatchKey, dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(WATCH_JOURNAL);
-        let (journal, records) = Journal::open(&path).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let opened = Journal::open(&path).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (journal, records) = (opened.journal, opened.records);
         let kid = kid_bytes(&key);
         let mut lists: HashMap<[u8; 8], HashSet<Tag>> = HashMap::new();
         let mut skipped = 0_u64;
@@ -252,34 +254,18 @@ impl EmbeddedWatchLists {
         }
         Ok(Self {
             key,
-            state: Mutex::new(EmbeddedState {
+            state: tokio::sync::Mutex::new(EmbeddedState {
                 lists,
                 journal: Some(journal),
             }),
         })
     }
 
-    async fn change(
-        self: &Arc<Self>,
-        platform: &str,
-        numbers: &[PhoneNumber],
-        op: Op,
-    ) -> Result<Vec<bool>, StoreError> {
-        let this = self.clone();
+    async fn change(&self, platform: &str, numbers: &[PhoneNumber], op: Op) -> Result<Vec<bool>, StoreError> {
         let platform_id = platform_hash(platform);
         let tags: Vec<Tag> = numbers.iter().map(|n| self.key.tag(platform, *n)).collect();
-        // The fsync runs off the async threads.
-        tokio::task::spawn_blocking(move || this.change_blocking(platform_id, &tags, op))
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("watch list write: {e}")))?
-    }
-
-    fn change_blocking(&self, platform: [u8; 8], tags: &[Tag], op: Op) -> Result<Vec<bool>, StoreError> {
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| StoreError::Unavailable("watch lists poisoned".into()))?;
-        let list = state.lists.get(&platform);
+        let mut state = self.state.lock().await;
+        let list = state.lists.get(&platform_id);
         // What changes, decided before anything is written (a number twice in
         // one call changes once).
         let mut seen = HashSet::new();
@@ -287,15 +273,14 @@ impl EmbeddedWatchLists {
             .iter()
             .map(|t| {
                 let on = list.is_some_and(|l| l.contains(t));
-                let first = seen.insert(*t);
-                first && (on != (op == Op::Add))
+                seen.insert(*t) && (on != (op == Op::Add))
             })
             .collect();
-        let changes: Vec<&Tag> = tags
+        let changes: Vec<Tag> = tags
             .iter()
             .zip(&changed)
             .filter(|(_, c)| **c)
-            .map(|(t, _)| t)
+            .map(|(t, _)| *t)
             .collect();
         if changes.is_empty() {
             return Ok(changed);
@@ -304,39 +289,35 @@ impl EmbeddedWatchLists {
             let mut record = Vec::with_capacity(13 + changes.len() * 10);
             record.push(op as u8);
             record.extend_from_slice(&kid_bytes(&self.key));
-            record.extend_from_slice(&platform);
+            record.extend_from_slice(&platform_id);
             for t in &changes {
-                record.extend_from_slice(*t);
+                record.extend_from_slice(t);
             }
             journal
                 .append(&[record])
+                .await
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         }
-        let list = state.lists.entry(platform).or_default();
+        let list = state.lists.entry(platform_id).or_default();
         for t in changes {
             match op {
-                Op::Add => list.insert(*t),
-                Op::Remove => list.remove(t),
+                Op::Add => list.insert(t),
+                Op::Remove => list.remove(&t),
             };
         }
         Ok(changed)
     }
 
-    fn count(&self, platform: &str) -> u64 {
-        self.state
-            .lock()
-            .map(|s| {
-                s.lists
-                    .get(&platform_hash(platform))
-                    .map_or(0, |l| l.len() as u64)
-            })
-            .unwrap_or(0)
+    async fn count(&self, platform: &str) -> u64 {
+        let state = self.state.lock().await;
+        state
+            .lists
+            .get(&platform_hash(platform))
+            .map_or(0, |l| l.len() as u64)
     }
 
-    fn watching(&self, platform: &str, numbers: &[PhoneNumber]) -> Vec<bool> {
-        let Ok(state) = self.state.lock() else {
-            return vec![false; numbers.len()];
-        };
+    async fn watching(&self, platform: &str, numbers: &[PhoneNumber]) -> Vec<bool> {
+        let state = self.state.lock().await;
         let Some(list) = state.lists.get(&platform_hash(platform)) else {
             return vec![false; numbers.len()];
         };
@@ -370,6 +351,10 @@ impl RedisWatchLists {
         Self { store, key }
     }
 
+    async fn query<T: ::redis::FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T, StoreError> {
+        query(self.store.clone(), cmd.clone()).await
+    }
+
     fn list_key(&self, platform: &str) -> String {
         format!(
             "{}:w:{}:{}",
@@ -388,19 +373,23 @@ impl RedisWatchLists {
 
     /// One command per tag, sent concurrently; their integer replies.
     async fn per_tag(&self, list: &str, tags: &[Tag], command: &'static str) -> Result<Vec<i64>, StoreError> {
-        let limit = self.store.timeout();
-        futures_util::stream::iter(tags.iter().map(|tag| {
-            let mut cmd = ::redis::cmd(command);
-            cmd.arg(Self::bucket_key(list, tag)).arg(&tag[2..]);
-            if command == "HSETNX" {
-                cmd.arg(1);
-            }
-            let store = self.store.clone();
-            async move { store.query::<i64>(&cmd, limit).await }
-        }))
-        .buffered(CONCURRENCY)
-        .try_collect()
-        .await
+        let commands: Vec<::redis::Cmd> = tags
+            .iter()
+            .map(|tag| {
+                let mut cmd = ::redis::cmd(command);
+                cmd.arg(Self::bucket_key(list, tag)).arg(&tag[2..]);
+                if command == "HSETNX" {
+                    cmd.arg(1);
+                }
+                cmd
+            })
+            .collect();
+        let store = self.store.clone();
+        futures_util::stream::iter(commands)
+            .map(move |cmd| query::<i64>(store.clone(), cmd))
+            .buffered(CONCURRENCY)
+            .try_collect()
+            .await
     }
 
     async fn change(&self, platform: &str, numbers: &[PhoneNumber], op: Op) -> Result<Vec<bool>, StoreError> {
@@ -425,7 +414,7 @@ impl RedisWatchLists {
             let mut incr = ::redis::cmd("INCRBY");
             incr.arg(format!("{list}:n"))
                 .arg(if op == Op::Add { moved } else { -moved });
-            self.store.query::<i64>(&incr, self.store.timeout()).await?;
+            self.query::<i64>(&incr).await?;
         }
         let mut replies = replies.into_iter();
         Ok(firsts
@@ -437,7 +426,7 @@ impl RedisWatchLists {
     async fn count(&self, platform: &str) -> Result<u64, StoreError> {
         let mut get = ::redis::cmd("GET");
         get.arg(format!("{}:n", self.list_key(platform)));
-        let n: Option<i64> = self.store.query(&get, self.store.timeout()).await?;
+        let n: Option<i64> = self.query(&get).await?;
         Ok(n.unwrap_or(0).max(0) as u64)
     }
 
@@ -450,6 +439,16 @@ impl RedisWatchLists {
             .into_iter()
             .map(|r| r > 0)
             .collect())
+    }
+}
+
+/// Sends `cmd` on `store`'s shared connection, bounded by its timeout.
+async fn query<T: ::redis::FromRedisValue>(store: RedisStore, cmd: ::redis::Cmd) -> Result<T, StoreError> {
+    let limit = store.options().timeout;
+    match tokio::time::timeout(limit, cmd.query_async(&mut store.connection())).await {
+        Err(_) => Err(StoreError::Timeout(limit)),
+        Ok(Err(e)) => Err(store.error(&e)),
+        Ok(Ok(v)) => Ok(v),
     }
 }
 

@@ -22,7 +22,8 @@ use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
 use crate::api::pb::reassigned_numbers_server::ReassignedNumbersServer;
-use crate::api::{ReassignedService, ServiceOptions, pb};
+use crate::api::pb::watchlist_server::WatchlistServer;
+use crate::api::{ReassignedService, ServiceOptions, WatchlistService, pb};
 use crate::config::ServeConfig;
 use crate::store::{AnyStore, Store};
 
@@ -229,6 +230,9 @@ where
         }
         None => None,
     };
+    let watch_lists = watch_lists(&config, &store)?;
+    let watchlist = WatchlistServer::new(WatchlistService::new(watch_lists))
+        .max_decoding_message_size(config.max_message_bytes);
     let service = ReassignedNumbersServer::new(
         ReassignedService::new(
             store,
@@ -272,6 +276,7 @@ where
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
+        .add_service(watchlist)
         .serve_with_incoming_shutdown(incoming, on_shutdown);
     // The drain is bounded: a stream whose client stopped reading (or a
     // client that never hangs up) must not hold the process forever.
@@ -294,6 +299,34 @@ where
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The platforms' watch lists of `config` beside `store` (`None`: no watch
+/// key, the `Watchlist` service is off). The embedded store keeps them in
+/// its data directory's journal, Redis beside the mirror.
+fn watch_lists(
+    config: &ServeConfig,
+    store: &AnyStore,
+) -> anyhow::Result<Option<crate::federation::watch::WatchLists>> {
+    use crate::federation::watch::{EmbeddedWatchLists, RedisWatchLists, WatchKey, WatchLists};
+    let Some(path) = &config.watch_key_file else {
+        tracing::info!("watch lists: off (no watch key)");
+        return Ok(None);
+    };
+    let key = WatchKey::load(path).map_err(anyhow::Error::msg)?;
+    let lists = match (store, &config.store) {
+        (AnyStore::Redis(redis), _) => WatchLists::Redis(RedisWatchLists::new(redis.clone(), key.clone())),
+        (AnyStore::Embedded(_), crate::config::StoreConfig::Embedded { data_dir, .. }) => {
+            WatchLists::Embedded(Arc::new(EmbeddedWatchLists::open(key.clone(), data_dir)?))
+        }
+        (AnyStore::Embedded(_), _) => {
+            anyhow::bail!(
+                "watch lists: an embedded store needs a data directory (data_dir) for their journal"
+            )
+        }
+    };
+    tracing::info!(kid = key.kid(), "watch lists: on");
+    Ok(Some(lists))
 }
 
 /// The receipt signer of `config`, if it names a receipt key.

@@ -188,6 +188,7 @@ mod admin;
 mod bloom;
 mod conn;
 mod meta;
+mod shared;
 mod write;
 
 use std::collections::HashMap;
@@ -202,6 +203,7 @@ use tokio::sync::oneshot;
 pub use self::admin::GcReport;
 use self::conn::{Conn, Target};
 use self::meta::{BloomParams, BucketLayout, Current, StoredMeta};
+pub use self::shared::RedisConnection;
 use super::{DeltaWrite, Lookup, Records, SnapshotWrite, Store, StoreError};
 use crate::domain::{Date, MirrorMeta, PhoneNumber};
 use crate::store::packed;
@@ -495,26 +497,6 @@ impl RedisStore {
     /// least `3 × meta_refresh + timeout`).
     pub fn reclaim_grace(&self) -> Duration {
         self.inner.opts.reclaim_grace
-    }
-
-    /// The prefix of every key of this store (the federation's keys live
-    /// under it too).
-    pub fn key_prefix(&self) -> &str {
-        &self.inner.opts.key_prefix
-    }
-
-    /// The bound on each Redis call of a read.
-    pub fn timeout(&self) -> Duration {
-        self.inner.opts.timeout
-    }
-
-    /// Sends `cmd` (one key, or keys of one slot) on the store's shared
-    /// connection, bounded by `limit`; errors are scrubbed of the URL's
-    /// password and count as trouble like the store's own reads. For the
-    /// federation's keys (watch lists, event log), which share the mirror's
-    /// Redis and its connection.
-    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd, limit: Duration) -> Result<T, StoreError> {
-        self.inner.query(cmd, limit).await
     }
 
     /// True if this store talks to a Redis Cluster.
