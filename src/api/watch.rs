@@ -5,26 +5,48 @@
 //! field names a platform, so one platform can never see, count or change
 //! another's list.
 
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::pb::watchlist_server::Watchlist;
 use super::{ApiError, pb};
 use crate::domain::{FieldViolation, PhoneNumber};
+use crate::federation::deliver::{Cursor, CursorError, Feed, Tips};
+use crate::federation::log::{AnyLog, EventLog};
 use crate::federation::watch::{MAX_WATCH_BATCH, WatchLists};
+use crate::federation::{Event, EventKind};
 use crate::identity::Principal;
 
+/// Events sent to one watcher that it has not read yet, at most (with
+/// one batch of its feed: a watcher that stops reading holds no more).
+const WATCH_BUFFER: usize = 64;
+
 /// The `Watchlist` service.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WatchlistService {
     /// `None`: no watch key configured; every call is FAILED_PRECONDITION.
     lists: Option<WatchLists>,
+    /// The event log and its tips (`None`: no log; WatchDisconnections is
+    /// then FAILED_PRECONDITION too).
+    log: Option<(AnyLog, Tips)>,
+}
+
+impl std::fmt::Debug for WatchlistService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchlistService")
+            .field("lists", &self.lists)
+            .field("log", &self.log.is_some())
+            .finish()
+    }
 }
 
 impl WatchlistService {
-    /// The service over `lists` (`None`: watch lists are off).
-    pub fn new(lists: Option<WatchLists>) -> Self {
-        Self { lists }
+    /// The service over `lists` (`None`: watch lists are off), delivering
+    /// from `log` (woken by its `tips`).
+    pub fn new(lists: Option<WatchLists>, log: Option<(AnyLog, Tips)>) -> Self {
+        Self { lists, log }
     }
 
     fn lists(&self) -> Result<&WatchLists, ApiError> {
@@ -142,10 +164,82 @@ impl Watchlist for WatchlistService {
         &self,
         request: Request<pb::WatchDisconnectionsRequest>,
     ) -> Result<Response<Self::WatchDisconnectionsStream>, Status> {
-        let _platform = platform_of(&request)?;
-        self.lists()?;
-        Err(Status::unimplemented(
-            "WatchDisconnections: delivery lands with the event log",
-        ))
+        let platform = platform_of(&request)?;
+        let lists = self.lists()?.clone();
+        let (log, tips) = self.log.clone().ok_or(ApiError::WatchOff)?;
+        let pb::WatchDisconnectionsRequest { cursor } = request.into_inner();
+        let cursor = match cursor.as_str() {
+            "" => None,
+            text => Some(Cursor::decode(text, log.shards()).map_err(cursor_error)?),
+        };
+        let feed = Feed::open(log, lists, tips, platform, cursor)
+            .await
+            .map_err(cursor_error)?;
+        // Bounded: a watcher that stops reading stops its feed.
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(stream_events(feed, tx).in_current_span());
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// A cursor that cannot be used, as the client's error.
+fn cursor_error(e: CursorError) -> ApiError {
+    match e {
+        CursorError::Malformed(reason) => ApiError::InvalidArgument(vec![FieldViolation {
+            field: "cursor",
+            reason: format!("not a cursor of this service ({reason}); send one received from WatchDisconnections, or none"),
+        }]),
+        CursorError::OutOfRange(oldest) => ApiError::CursorOutOfRange(oldest.encode()),
+        CursorError::Log(e) => ApiError::from(e),
+    }
+}
+
+/// Sends `feed`'s events to `tx` until the watcher goes away; a log or
+/// store failure ends the stream with UNAVAILABLE (the client resumes with
+/// its last cursor).
+async fn stream_events(mut feed: Feed, tx: mpsc::Sender<Result<pb::DisconnectionEvent, Status>>) {
+    loop {
+        let batch = tokio::select! {
+            batch = feed.next() => batch,
+            () = tx.closed() => return,
+        };
+        match batch {
+            Ok(events) => {
+                for (event, cursor) in events {
+                    if tx.send(Ok(event_message(event, &cursor))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(ApiError::from(e).into())).await;
+                return;
+            }
+        }
+    }
+}
+
+/// The message of `event`, delivered with `cursor`.
+pub(crate) fn event_message(event: Event, cursor: &Cursor) -> pb::DisconnectionEvent {
+    let Event {
+        event_id,
+        number,
+        disconnect_date,
+        earliest_reissue_date,
+        source,
+        kind,
+        accepted_unix_ms: _,
+    } = event;
+    pb::DisconnectionEvent {
+        cursor: cursor.encode(),
+        event_id,
+        phone_number: number.to_string(),
+        disconnect_date: disconnect_date.to_string(),
+        earliest_reissue_date: earliest_reissue_date.to_string(),
+        source,
+        kind: match kind {
+            EventKind::Disconnected => pb::DisconnectionEventKind::Disconnected,
+            EventKind::Retracted => pb::DisconnectionEventKind::Retracted,
+        } as i32,
     }
 }

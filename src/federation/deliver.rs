@@ -1,0 +1,348 @@
+//! Delivery: the events of the log for the numbers on one platform's watch
+//! list, from a cursor on (`WatchDisconnections`, webhooks).
+//!
+//! # How it works
+//! Delivery reads the event log itself (fan-out on read): a [`Feed`]
+//! keeps one position per log shard, reads each shard after its position,
+//! asks the platform's watch list which of the numbers it watches
+//! ([`WatchLists::watching`]) and hands over the matching events, each with
+//! the [`Cursor`] just after it. Nothing is stored per platform besides its
+//! watch list: the log is the retained, durable delivery record (trimmed by
+//! retention), so a server that crashes between acknowledging a
+//! publication and delivering it loses nothing, any server can serve any
+//! watcher (they all read the same log), and a watcher resumes on whichever
+//! server it reconnects to.
+//!
+//! A feed reads only when its consumer takes what it gave (a bounded batch
+//! at a time): a watcher that stops reading stops its feed, and the server
+//! holds at most one batch for it. [`Tips`] wakes idle feeds when a shard
+//! grows (one follower task per shard and server, whatever the number of
+//! watchers).
+//!
+//! # Cursors
+//! A cursor is the position reached in every shard, encoded as base64url
+//! (no padding) of `1 | shards (varint) | (ms, seq) varints per shard`.
+//! Delivery is at least once: resuming with the cursor of the last event
+//! received repeats nothing that came before it and loses nothing after
+//! it. A cursor is out of range when it is behind what retention still
+//! holds in some shard (events it would need are gone), or ahead of the
+//! log (not one this log issued).
+//!
+//! Order: events of one shard arrive in log order (an event and its
+//! retraction share a shard); events of different shards may interleave.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use tokio::sync::watch;
+
+use super::log::{AnyLog, EventLog, LogError, Position};
+use super::watch::WatchLists;
+use super::Event;
+
+/// Events read from one shard at a time.
+const BATCH: usize = 256;
+
+/// The longest a cursor's text may be.
+pub const MAX_CURSOR_CHARS: usize = 1024;
+
+/// How long an idle feed waits for [`Tips`] before it looks again anyway.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+
+/// A place in the log: one position per shard (see the module
+/// documentation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cursor(Vec<Position>);
+
+/// Why a cursor cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CursorError {
+    /// Not a cursor at all (not base64url, wrong layout).
+    #[error("not a cursor of this service: {0}")]
+    Malformed(&'static str),
+    /// A cursor, but not for this log, or older than retention; the oldest
+    /// cursor still held.
+    #[error("cursor out of range")]
+    OutOfRange(Cursor),
+    /// The log failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+impl Cursor {
+    /// The positions, one per shard.
+    pub fn positions(&self) -> &[Position] {
+        &self.0
+    }
+
+    /// The opaque text form.
+    pub fn encode(&self) -> String {
+        let mut bytes = vec![1u8];
+        varint(self.0.len() as u64, &mut bytes);
+        for p in &self.0 {
+            varint(p.ms(), &mut bytes);
+            varint(p.seq(), &mut bytes);
+        }
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// Parses the text form, for a log of `shards` shards.
+    pub fn decode(text: &str, shards: u16) -> Result<Self, CursorError> {
+        if text.len() > MAX_CURSOR_CHARS {
+            return Err(CursorError::Malformed("too long"));
+        }
+        let bytes = URL_SAFE_NO_PAD
+            .decode(text)
+            .map_err(|_| CursorError::Malformed("not base64url"))?;
+        let mut at = bytes.as_slice();
+        if at.first() != Some(&1) {
+            return Err(CursorError::Malformed("unknown version"));
+        }
+        at = &at[1..];
+        let n = read_varint(&mut at).ok_or(CursorError::Malformed("truncated"))?;
+        if n != u64::from(shards) {
+            return Err(CursorError::Malformed("made for another log layout"));
+        }
+        let mut positions = Vec::with_capacity(usize::from(shards));
+        for _ in 0..shards {
+            let ms = read_varint(&mut at).ok_or(CursorError::Malformed("truncated"))?;
+            let seq = read_varint(&mut at).ok_or(CursorError::Malformed("truncated"))?;
+            positions.push(Position::new(ms, seq));
+        }
+        if !at.is_empty() {
+            return Err(CursorError::Malformed("trailing bytes"));
+        }
+        Ok(Self(positions))
+    }
+}
+
+fn varint(mut v: u64, out: &mut Vec<u8>) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn read_varint(at: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = at.split_first()?;
+        *at = rest;
+        v |= u64::from(byte & 0x7f).checked_shl(shift)?;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The position just before `p` (so that reading after it starts at `p`).
+fn before(p: Position) -> Position {
+    match (p.ms(), p.seq()) {
+        (ms, 0) if ms > 0 => Position::new(ms - 1, u64::MAX),
+        (ms, seq) => Position::new(ms, seq.saturating_sub(1)),
+    }
+}
+
+/// Wakes idle feeds when the log grows: one follower task per shard (see
+/// [`Tips::start`]).
+#[derive(Clone)]
+pub struct Tips {
+    changed: watch::Receiver<u64>,
+}
+
+impl Tips {
+    /// Starts following every shard of `log` from its end; the followers
+    /// stop when `stop` turns true (or every [`Tips`] is dropped).
+    pub fn start(log: AnyLog, mut stop: watch::Receiver<bool>) -> Self {
+        let (tx, rx) = watch::channel(0u64);
+        let tx = Arc::new(tx);
+        for shard in 0..log.shards() {
+            let (log, tx, mut stop) = (log.clone(), tx.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut tip = None;
+                let mut started = false;
+                loop {
+                    if !started {
+                        match log.last_position(shard).await {
+                            Ok(last) => {
+                                tip = last;
+                                started = true;
+                            }
+                            Err(e) => {
+                                tracing::debug!(shard, error = %e, "delivery: log tip unknown");
+                                tokio::time::sleep(IDLE_WAIT).await;
+                                continue;
+                            }
+                        }
+                    }
+                    let read = tokio::select! {
+                        read = log.read_after(shard, tip, BATCH, IDLE_WAIT) => read,
+                        _ = stop.wait_for(|s| *s) => return,
+                    };
+                    match read {
+                        Ok(batch) => {
+                            if let Some((last, _)) = batch.last() {
+                                tip = Some(*last);
+                                tx.send_modify(|n| *n = n.wrapping_add(1));
+                            }
+                        }
+                        Err(e) => {
+                            if let Some(suppressed) = crate::lograte::global().check("delivery_tip") {
+                                tracing::warn!(shard, error = %e, suppressed, "delivery: cannot follow the log");
+                            }
+                            tokio::time::sleep(IDLE_WAIT).await;
+                        }
+                    }
+                    if tx.is_closed() {
+                        return;
+                    }
+                }
+            });
+        }
+        let _ = stop.borrow_and_update();
+        Self { changed: rx }
+    }
+}
+
+/// The events of one platform's watch list, from a cursor on (see the
+/// module documentation).
+pub struct Feed {
+    log: AnyLog,
+    lists: WatchLists,
+    platform: String,
+    positions: Vec<Position>,
+    tips: Tips,
+    /// The next shard to read (shards are read in turn).
+    next_shard: u16,
+}
+
+impl Feed {
+    /// A feed of `platform`'s events after `cursor` (`None`: from the end
+    /// of the log: only what comes next). Checks the cursor against what
+    /// the log still holds.
+    pub async fn open(
+        log: AnyLog,
+        lists: WatchLists,
+        tips: Tips,
+        platform: String,
+        cursor: Option<Cursor>,
+    ) -> Result<Self, CursorError> {
+        let shards = log.shards();
+        let mut oldest = Vec::with_capacity(usize::from(shards));
+        let mut lasts = Vec::with_capacity(usize::from(shards));
+        for shard in 0..shards {
+            let first = log.first_position(shard).await?;
+            oldest.push(first.map_or(Position::ZERO, before));
+            lasts.push(log.last_position(shard).await?.unwrap_or(Position::ZERO));
+        }
+        let positions = match cursor {
+            None => lasts,
+            Some(Cursor(positions)) => {
+                let in_range = positions
+                    .iter()
+                    .zip(oldest.iter().zip(&lasts))
+                    .all(|(p, (oldest, last))| p >= oldest && p <= last);
+                if !in_range {
+                    return Err(CursorError::OutOfRange(Cursor(oldest)));
+                }
+                positions
+            }
+        };
+        Ok(Self {
+            log,
+            lists,
+            platform,
+            positions,
+            tips,
+            next_shard: 0,
+        })
+    }
+
+    /// Where the feed is: what it handed over so far, and the events it
+    /// skipped (not watched).
+    pub fn cursor(&self) -> Cursor {
+        Cursor(self.positions.clone())
+    }
+
+    /// The next watched events, each with the cursor just after it; waits
+    /// until there is at least one (or returns an empty batch after about a
+    /// second of nothing, so the caller can look whether its consumer is
+    /// still there).
+    pub async fn next(&mut self) -> Result<Vec<(Event, Cursor)>, LogError> {
+        let shards = self.log.shards();
+        loop {
+            // Marked seen before reading: a growth while reading wakes the
+            // next wait at once.
+            self.tips.changed.borrow_and_update();
+            let mut read_any = false;
+            for _ in 0..shards {
+                let shard = self.next_shard;
+                self.next_shard = (self.next_shard + 1) % shards;
+                let index = usize::from(shard);
+                let batch = self
+                    .log
+                    .read_after(shard, Some(self.positions[index]), BATCH, Duration::ZERO)
+                    .await?;
+                let Some((last, _)) = batch.last() else {
+                    continue;
+                };
+                read_any = true;
+                let last = *last;
+                let numbers: Vec<_> = batch.iter().map(|(_, e)| e.number).collect();
+                let watched = self.lists.watching(&self.platform, &numbers).await?;
+                let mut out = Vec::new();
+                for ((position, event), watched) in batch.into_iter().zip(watched) {
+                    self.positions[index] = position;
+                    if watched {
+                        out.push((event, self.cursor()));
+                    }
+                }
+                self.positions[index] = last;
+                if !out.is_empty() {
+                    return Ok(out);
+                }
+            }
+            if read_any {
+                continue;
+            }
+            if tokio::time::timeout(IDLE_WAIT, self.tips.changed.changed()).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_refuse_garbage() {
+        let c = Cursor(vec![Position::new(1_764_000_000_123, 0), Position::ZERO, Position::new(5, u64::MAX)]);
+        let text = c.encode();
+        assert_eq!(Cursor::decode(&text, 3).unwrap(), c);
+        assert!(matches!(Cursor::decode(&text, 16), Err(CursorError::Malformed(_))));
+        assert!(matches!(Cursor::decode("!!", 3), Err(CursorError::Malformed(_))));
+        assert!(matches!(Cursor::decode("", 3), Err(CursorError::Malformed(_))));
+        let mut long = text.clone();
+        long.push_str("AA");
+        assert!(Cursor::decode(&long, 3).is_err());
+    }
+
+    #[test]
+    fn before_is_the_previous_position() {
+        assert_eq!(before(Position::new(7, 3)), Position::new(7, 2));
+        assert_eq!(before(Position::new(7, 0)), Position::new(6, u64::MAX));
+        assert!(before(Position::new(7, 0)) < Position::new(7, 0));
+        assert_eq!(before(Position::ZERO), Position::ZERO);
+    }
+}
