@@ -10,7 +10,12 @@
 //! whichever server took it), and the delivery side reads it to fan events
 //! out to the platforms that watch the numbers.
 
+pub mod journal;
+pub mod log;
+
 use crate::domain::{Date, PhoneNumber};
+
+pub use self::log::{AnyLog, EventLog, LogError, Position, Published, Retraction};
 
 /// The `source` of the national register's events (operators are named by
 /// their certificate identity).
