@@ -351,6 +351,11 @@ settings_table! {
     /// Per-platform quotas (config file only): the `[quotas]` table with a
     /// `default` entry and entries keyed by platform id. None: unlimited.
     quotas: QuotaSettings;
+    /// Webhooks (config file only): `[webhooks."<platform id>"]` tables with
+    /// `url` (`http://host:port/path`), `secret_file` (16+ bytes, signs each
+    /// request), optional `max_attempts` (default 6) and `backoff_ms`
+    /// (default 500, doubled per retry). Needs `watch_key_file`.
+    webhooks: std::collections::BTreeMap<String, WebhookSetting>;
 }
 
 impl ServeSettings {
@@ -404,6 +409,59 @@ pub fn parse_span(text: &str) -> Result<Duration, String> {
         return Err("the ttl must be more than 0 seconds".into());
     }
     Ok(Duration::from_secs(secs))
+}
+
+/// One platform's webhook as configured (see the `webhooks` setting).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSetting {
+    /// `http://host:port/path`.
+    pub url: String,
+    /// The file holding the signing secret.
+    pub secret_file: PathBuf,
+    /// Tries per event before it counts as dead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// The first retry's wait in milliseconds, doubled per retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_ms: Option<u64>,
+}
+
+/// The webhooks of the settings, checked (URL, secret file).
+fn webhooks_config(s: &ServeSettings) -> Result<Vec<crate::federation::webhook::WebhookConfig>, ConfigError> {
+    let Some(hooks) = &s.webhooks else {
+        return Ok(Vec::new());
+    };
+    if s.watch_key_file.is_none() && !hooks.is_empty() {
+        return Err(ConfigError::Invalid(
+            "webhooks",
+            "need watch_key_file (watch lists)".into(),
+        ));
+    }
+    hooks
+        .iter()
+        .map(|(platform, hook)| {
+            crate::federation::webhook::HttpUrl::parse(&hook.url)
+                .map_err(|e| ConfigError::Invalid("webhooks", e))?;
+            let secret_file = readable_file(hook.secret_file.clone(), "webhooks")?;
+            crate::domain::hmac::read_secret(&secret_file, "webhook secret")
+                .map_err(|e| ConfigError::Invalid("webhooks", format!("{platform}: {e}")))?;
+            let max_attempts = hook.max_attempts.unwrap_or(6);
+            if max_attempts == 0 {
+                return Err(ConfigError::Invalid(
+                    "webhooks",
+                    format!("{platform}: max_attempts must be at least 1"),
+                ));
+            }
+            Ok(crate::federation::webhook::WebhookConfig {
+                platform: platform.clone(),
+                url: hook.url.clone(),
+                secret_file,
+                max_attempts,
+                backoff_ms: hook.backoff_ms.unwrap_or(500).max(1),
+            })
+        })
+        .collect()
 }
 
 /// A retired receipt key as configured: its public key file and the last
@@ -621,6 +679,8 @@ pub struct ServeConfig {
     pub watch_key_file: Option<PathBuf>,
     /// Days the events for watchers are kept.
     pub watch_retention_days: u32,
+    /// Platforms' webhooks.
+    pub webhooks: Vec<crate::federation::webhook::WebhookConfig>,
 }
 
 /// A configuration that cannot be used.
@@ -763,6 +823,7 @@ impl ServeConfig {
             listen_backlog: positive!(s.listen_backlog)?,
             watch_key_file: watch_key_config(s.watch_key_file.clone())?,
             watch_retention_days: positive!(s.watch_retention_days)?,
+            webhooks: webhooks_config(&s)?,
         })
     }
 

@@ -14,10 +14,11 @@ use super::pb::watchlist_server::Watchlist;
 use super::{ApiError, pb};
 use crate::domain::{FieldViolation, PhoneNumber};
 use crate::federation::deliver::{Cursor, CursorError, Feed, Tips};
-use crate::federation::log::{AnyLog, EventLog};
+use crate::federation::log::{AnyLog, EventLog, LogError};
 use crate::federation::watch::{MAX_WATCH_BATCH, WatchLists};
 use crate::federation::{Event, EventKind};
 use crate::identity::Principal;
+use crate::store::StoreError;
 
 /// Events sent to one watcher that it has not read yet, at most (with
 /// one batch of its feed: a watcher that stops reading holds no more).
@@ -187,10 +188,23 @@ fn cursor_error(e: CursorError) -> ApiError {
     match e {
         CursorError::Malformed(reason) => ApiError::InvalidArgument(vec![FieldViolation {
             field: "cursor",
-            reason: format!("not a cursor of this service ({reason}); send one received from WatchDisconnections, or none"),
+            reason: format!(
+                "not a cursor of this service ({reason}); send one received from WatchDisconnections, or none"
+            ),
         }]),
         CursorError::OutOfRange(oldest) => ApiError::CursorOutOfRange(oldest.encode()),
-        CursorError::Log(e) => ApiError::from(e),
+        CursorError::Log(e) => log_error(e),
+    }
+}
+
+/// A failure of the event log, as the client's error (detail to the log).
+fn log_error(e: LogError) -> ApiError {
+    match e {
+        LogError::Store(e) => ApiError::Store(e),
+        LogError::Corrupt(detail) => ApiError::Store(StoreError::Corrupt(detail)),
+        e @ (LogError::NotDurable(_) | LogError::Journal(_)) => {
+            ApiError::Store(StoreError::Unavailable(e.to_string()))
+        }
     }
 }
 
@@ -212,7 +226,7 @@ async fn stream_events(mut feed: Feed, tx: mpsc::Sender<Result<pb::Disconnection
                 }
             }
             Err(e) => {
-                let _ = tx.send(Err(ApiError::from(e).into())).await;
+                let _ = tx.send(Err(log_error(e).into())).await;
                 return;
             }
         }

@@ -38,9 +38,9 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tokio::sync::watch;
 
+use super::Event;
 use super::log::{AnyLog, EventLog, LogError, Position};
 use super::watch::WatchLists;
-use super::Event;
 
 /// Events read from one shard at a time.
 const BATCH: usize = 256;
@@ -313,7 +313,10 @@ impl Feed {
             if read_any {
                 continue;
             }
-            if tokio::time::timeout(IDLE_WAIT, self.tips.changed.changed()).await.is_err() {
+            if tokio::time::timeout(IDLE_WAIT, self.tips.changed.changed())
+                .await
+                .is_err()
+            {
                 return Ok(Vec::new());
             }
         }
@@ -327,10 +330,17 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_refuse_garbage() {
-        let c = Cursor(vec![Position::new(1_764_000_000_123, 0), Position::ZERO, Position::new(5, u64::MAX)]);
+        let c = Cursor(vec![
+            Position::new(1_764_000_000_123, 0),
+            Position::ZERO,
+            Position::new(5, u64::MAX),
+        ]);
         let text = c.encode();
         assert_eq!(Cursor::decode(&text, 3).unwrap(), c);
-        assert!(matches!(Cursor::decode(&text, 16), Err(CursorError::Malformed(_))));
+        assert!(matches!(
+            Cursor::decode(&text, 16),
+            Err(CursorError::Malformed(_))
+        ));
         assert!(matches!(Cursor::decode("!!", 3), Err(CursorError::Malformed(_))));
         assert!(matches!(Cursor::decode("", 3), Err(CursorError::Malformed(_))));
         let mut long = text.clone();

@@ -10,10 +10,15 @@
 //! whichever server took it), and the delivery side reads it to fan events
 //! out to the platforms that watch the numbers.
 
+pub mod deliver;
 pub mod journal;
+pub mod log;
 pub mod watch;
+pub mod webhook;
 
 use crate::domain::{Date, PhoneNumber};
+
+pub use self::log::{AnyLog, EventLog, LogError, Position, Published, Retraction};
 
 /// The `source` of the national register's events (operators are named by
 /// their certificate identity).

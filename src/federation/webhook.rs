@@ -134,7 +134,11 @@ impl CursorStore {
         match self {
             CursorStore::Redis(store) => {
                 let mut cmd = ::redis::cmd("GET");
-                cmd.arg(format!("{}:fed:wh:{}:cursor", store.key_prefix(), Self::name(platform)));
+                cmd.arg(format!(
+                    "{}:fed:wh:{}:cursor",
+                    store.key_prefix(),
+                    Self::name(platform)
+                ));
                 query(store, &cmd).await
             }
             CursorStore::Dir(dir) => {
@@ -152,8 +156,12 @@ impl CursorStore {
         match self {
             CursorStore::Redis(store) => {
                 let mut cmd = ::redis::cmd("SET");
-                cmd.arg(format!("{}:fed:wh:{}:cursor", store.key_prefix(), Self::name(platform)))
-                    .arg(cursor.encode());
+                cmd.arg(format!(
+                    "{}:fed:wh:{}:cursor",
+                    store.key_prefix(),
+                    Self::name(platform)
+                ))
+                .arg(cursor.encode());
                 query::<()>(store, &cmd).await
             }
             CursorStore::Dir(dir) => {
@@ -223,7 +231,11 @@ pub struct SenderParts {
 }
 
 /// Starts one sender per webhook; they stop when `stop` turns true.
-pub fn start(webhooks: &[WebhookConfig], parts: &SenderParts, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub fn start(
+    webhooks: &[WebhookConfig],
+    parts: &SenderParts,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     for config in webhooks {
         let url = HttpUrl::parse(&config.url).map_err(anyhow::Error::msg)?;
         let secret = read_secret(&config.secret_file, "webhook secret").map_err(anyhow::Error::msg)?;
@@ -289,7 +301,9 @@ impl Sender {
         };
         let mut feed = match open(cursor).await {
             Err(CursorError::OutOfRange(oldest)) => {
-                tracing::error!("webhook: the saved cursor is older than retention; resuming from the oldest event held");
+                tracing::error!(
+                    "webhook: the saved cursor is older than retention; resuming from the oldest event held"
+                );
                 open(Some(oldest)).await.map_err(|e| e.to_string())?
             }
             other => other.map_err(|e| e.to_string())?,
@@ -357,7 +371,10 @@ impl Sender {
                 .await
                 .map_err(|e| format!("handshake: {e}"))?;
             let conn = tokio::spawn(conn);
-            let response = sender.send_request(request).await.map_err(|e| format!("send: {e}"))?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| format!("send: {e}"))?;
             let status = response.status().as_u16();
             // Read (and drop) the body so the connection ends cleanly.
             let _ = response.into_body().collect().await;

@@ -55,6 +55,8 @@ pub struct Handles {
     pub metrics: metrics::MetricsHandle,
     /// Counters of the audit trail.
     pub audit_stats: Arc<crate::audit::AuditStats>,
+    /// Counters of delivery to watchers (webhooks).
+    pub delivery_stats: Arc<crate::federation::webhook::DeliveryStats>,
 }
 
 /// The token verifier of `config` (`None`: tokens off), its JWKS loaded
@@ -198,6 +200,7 @@ where
                 metrics::Sources {
                     store: store.clone(),
                     audit: handles.audit_stats.clone(),
+                    delivery: handles.delivery_stats.clone(),
                     max_staleness_days: config.max_staleness_days,
                 },
                 stop_rx.clone(),
@@ -210,7 +213,7 @@ where
         store.clone(),
         reporter.clone(),
         handles.metrics.clone(),
-        stop_rx,
+        stop_rx.clone(),
     ));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -230,9 +233,42 @@ where
         }
         None => None,
     };
+    let event_log = event_log(&config, &store).await?;
+    let _retention = reload::AbortOnDrop(tokio::spawn(trim_log(
+        event_log.clone(),
+        config.watch_retention_days,
+    )));
+    let tips = crate::federation::deliver::Tips::start(event_log.clone(), stop_rx.clone());
     let watch_lists = watch_lists(&config, &store)?;
-    let watchlist = WatchlistServer::new(WatchlistService::new(watch_lists))
-        .max_decoding_message_size(config.max_message_bytes);
+    if let Some(lists) = &watch_lists {
+        let cursors = match (&store, &config.store) {
+            (AnyStore::Redis(redis), _) => crate::federation::webhook::CursorStore::Redis(redis.clone()),
+            (_, crate::config::StoreConfig::Embedded { data_dir, .. }) => {
+                crate::federation::webhook::CursorStore::Dir(data_dir.clone())
+            }
+            (AnyStore::Embedded(_), _) => {
+                anyhow::bail!("webhooks of an embedded store need a data directory")
+            }
+        };
+        crate::federation::webhook::start(
+            &config.webhooks,
+            &crate::federation::webhook::SenderParts {
+                log: event_log.clone(),
+                lists: lists.clone(),
+                tips: tips.clone(),
+                cursors,
+                stats: handles.delivery_stats.clone(),
+            },
+            stop_rx.clone(),
+        )?;
+    } else if !config.webhooks.is_empty() {
+        anyhow::bail!("webhooks need watch lists: set watch_key_file");
+    }
+    let watchlist = WatchlistServer::new(WatchlistService::new(
+        watch_lists,
+        Some((event_log.clone(), tips)),
+    ))
+    .max_decoding_message_size(config.max_message_bytes);
     let service = ReassignedNumbersServer::new(
         ReassignedService::new(
             store,
@@ -299,6 +335,44 @@ where
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The federation's event log beside `store`: streams in its Redis, or the
+/// journal in the embedded store's data directory.
+async fn event_log(config: &ServeConfig, store: &AnyStore) -> anyhow::Result<crate::federation::AnyLog> {
+    use crate::federation::log::{AnyLog, EmbeddedLog, RedisLog};
+    Ok(match (store, &config.store) {
+        (AnyStore::Redis(redis), _) => AnyLog::Redis(RedisLog::open(redis).await),
+        (AnyStore::Embedded(_), crate::config::StoreConfig::Embedded { data_dir, .. }) => {
+            AnyLog::Embedded(Arc::new(EmbeddedLog::open(data_dir)?))
+        }
+        (AnyStore::Embedded(_), _) => {
+            anyhow::bail!(
+                "the federation's log: an embedded store needs a data directory (data_dir) for its journal"
+            )
+        }
+    })
+}
+
+/// How often the log is trimmed to the retention.
+const TRIM_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Trims the log to `retention_days` now and every [`TRIM_INTERVAL`]
+/// (every server does: trimming is idempotent).
+async fn trim_log(log: crate::federation::AnyLog, retention_days: u32) {
+    use crate::federation::EventLog;
+    loop {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let older_than = now_ms - i64::from(retention_days) * 86_400_000;
+        match log.trim(older_than).await {
+            Ok(0) => {}
+            Ok(dropped) => tracing::info!(dropped, retention_days, "federation log trimmed"),
+            Err(e) => tracing::warn!(error = %e, "federation log: trim failed"),
+        }
+        tokio::time::sleep(TRIM_INTERVAL).await;
+    }
 }
 
 /// The platforms' watch lists of `config` beside `store` (`None`: no watch
