@@ -5,6 +5,9 @@
 //! field names a platform, so one platform can never see, count or change
 //! another's list.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -13,7 +16,7 @@ use tracing::Instrument;
 use super::pb::watchlist_server::Watchlist;
 use super::{ApiError, pb};
 use crate::domain::{FieldViolation, PhoneNumber};
-use crate::federation::deliver::{Cursor, CursorError, Feed, Tips};
+use crate::federation::deliver::{Cursor, CursorError, DeliveryStats, Feed, Tips};
 use crate::federation::log::{AnyLog, EventLog, LogError};
 use crate::federation::watch::{MAX_WATCH_BATCH, WatchLists};
 use crate::federation::{Event, EventKind};
@@ -32,6 +35,10 @@ pub struct WatchlistService {
     /// The event log and its tips (`None`: no log; WatchDisconnections is
     /// then FAILED_PRECONDITION too).
     log: Option<(AnyLog, Tips)>,
+    /// Counts the events sent.
+    stats: Arc<DeliveryStats>,
+    /// How long the log keeps events.
+    retention: std::time::Duration,
 }
 
 impl std::fmt::Debug for WatchlistService {
@@ -46,8 +53,18 @@ impl std::fmt::Debug for WatchlistService {
 impl WatchlistService {
     /// The service over `lists` (`None`: watch lists are off), delivering
     /// from `log` (woken by its `tips`).
-    pub fn new(lists: Option<WatchLists>, log: Option<(AnyLog, Tips)>) -> Self {
-        Self { lists, log }
+    pub fn new(
+        lists: Option<WatchLists>,
+        log: Option<(AnyLog, Tips)>,
+        stats: Arc<DeliveryStats>,
+        retention: std::time::Duration,
+    ) -> Self {
+        Self {
+            lists,
+            log,
+            stats,
+            retention,
+        }
     }
 
     fn lists(&self) -> Result<&WatchLists, ApiError> {
@@ -173,12 +190,12 @@ impl Watchlist for WatchlistService {
             "" => None,
             text => Some(Cursor::decode(text, log.shards()).map_err(cursor_error)?),
         };
-        let feed = Feed::open(log, lists, tips, platform, cursor)
+        let feed = Feed::open(log, lists, tips, platform, cursor, self.retention)
             .await
             .map_err(cursor_error)?;
         // Bounded: a watcher that stops reading stops its feed.
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(stream_events(feed, tx).in_current_span());
+        tokio::spawn(stream_events(feed, tx, self.stats.clone()).in_current_span());
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -211,7 +228,11 @@ fn log_error(e: LogError) -> ApiError {
 /// Sends `feed`'s events to `tx` until the watcher goes away; a log or
 /// store failure ends the stream with UNAVAILABLE (the client resumes with
 /// its last cursor).
-async fn stream_events(mut feed: Feed, tx: mpsc::Sender<Result<pb::DisconnectionEvent, Status>>) {
+async fn stream_events(
+    mut feed: Feed,
+    tx: mpsc::Sender<Result<pb::DisconnectionEvent, Status>>,
+    stats: Arc<DeliveryStats>,
+) {
     loop {
         let batch = tokio::select! {
             batch = feed.next() => batch,
@@ -223,6 +244,7 @@ async fn stream_events(mut feed: Feed, tx: mpsc::Sender<Result<pb::Disconnection
                     if tx.send(Ok(event_message(event, &cursor))).await.is_err() {
                         return;
                     }
+                    stats.watch_events_sent.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Err(e) => {

@@ -20,18 +20,21 @@
 //! watchers).
 //!
 //! # Cursors
-//! A cursor is the position reached in every shard, encoded as base64url
-//! (no padding) of `1 | shards (varint) | (ms, seq) varints per shard`.
-//! Delivery is at least once: resuming with the cursor of the last event
-//! received repeats nothing that came before it and loses nothing after
-//! it. A cursor is out of range when it is behind what retention still
-//! holds in some shard (events it would need are gone), or ahead of the
-//! log (not one this log issued).
+//! A cursor is the position reached in every shard and the time it was
+//! made, encoded as base64url (no padding) of `1 | issued ms | shards |
+//! (ms, seq) per shard` (varints). Delivery is at least once: resuming with
+//! the cursor of the last event received repeats nothing that came before
+//! it and loses nothing after it. A cursor is out of range when it is
+//! ahead of the log (not one this log issued), or older than the retention
+//! and behind the oldest event still held in some shard (events it would
+//! need may be gone). A cursor younger than the retention is always good:
+//! retention trims only events older than it.
 //!
 //! Order: events of one shard arrive in log order (an event and its
 //! retraction share a shard); events of different shards may interleave.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use base64::Engine;
@@ -51,10 +54,27 @@ pub const MAX_CURSOR_CHARS: usize = 1024;
 /// How long an idle feed waits for [`Tips`] before it looks again anyway.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 
-/// A place in the log: one position per shard (see the module
-/// documentation).
+/// Counters of delivery, for metrics.
+#[derive(Debug, Default)]
+pub struct DeliveryStats {
+    /// Events handed to `WatchDisconnections` streams.
+    pub watch_events_sent: AtomicU64,
+    /// Webhook events answered 2xx.
+    pub webhook_delivered: AtomicU64,
+    /// Webhook attempts that failed and were retried.
+    pub webhook_retries: AtomicU64,
+    /// Webhook events given up after the retry budget.
+    pub webhook_dead: AtomicU64,
+}
+
+/// A place in the log: one position per shard, and when it was handed out
+/// (see the module documentation).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cursor(Vec<Position>);
+pub struct Cursor {
+    /// Unix milliseconds when the cursor was made.
+    issued_ms: u64,
+    positions: Vec<Position>,
+}
 
 /// Why a cursor cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -72,16 +92,32 @@ pub enum CursorError {
 }
 
 impl Cursor {
+    /// A cursor at `positions` (one per shard), made at `issued_ms` (Unix
+    /// milliseconds).
+    pub fn new(issued_ms: u64, positions: Vec<Position>) -> Self {
+        Self { issued_ms, positions }
+    }
+
+    fn now(positions: Vec<Position>) -> Self {
+        Self::new(now_ms(), positions)
+    }
+
     /// The positions, one per shard.
     pub fn positions(&self) -> &[Position] {
-        &self.0
+        &self.positions
+    }
+
+    /// When it was made, Unix milliseconds.
+    pub fn issued_ms(&self) -> u64 {
+        self.issued_ms
     }
 
     /// The opaque text form.
     pub fn encode(&self) -> String {
         let mut bytes = vec![1u8];
-        varint(self.0.len() as u64, &mut bytes);
-        for p in &self.0 {
+        varint(self.issued_ms, &mut bytes);
+        varint(self.positions.len() as u64, &mut bytes);
+        for p in &self.positions {
             varint(p.ms(), &mut bytes);
             varint(p.seq(), &mut bytes);
         }
@@ -101,6 +137,7 @@ impl Cursor {
             return Err(CursorError::Malformed("unknown version"));
         }
         at = &at[1..];
+        let issued_ms = read_varint(&mut at).ok_or(CursorError::Malformed("truncated"))?;
         let n = read_varint(&mut at).ok_or(CursorError::Malformed("truncated"))?;
         if n != u64::from(shards) {
             return Err(CursorError::Malformed("made for another log layout"));
@@ -114,8 +151,14 @@ impl Cursor {
         if !at.is_empty() {
             return Err(CursorError::Malformed("trailing bytes"));
         }
-        Ok(Self(positions))
+        Ok(Self { issued_ms, positions })
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn varint(mut v: u64, out: &mut Vec<u8>) {
@@ -227,13 +270,15 @@ pub struct Feed {
 impl Feed {
     /// A feed of `platform`'s events after `cursor` (`None`: from the end
     /// of the log: only what comes next). Checks the cursor against what
-    /// the log still holds.
+    /// the log still holds, events being kept `retention` (see the module
+    /// documentation).
     pub async fn open(
         log: AnyLog,
         lists: WatchLists,
         tips: Tips,
         platform: String,
         cursor: Option<Cursor>,
+        retention: Duration,
     ) -> Result<Self, CursorError> {
         let shards = log.shards();
         let mut oldest = Vec::with_capacity(usize::from(shards));
@@ -245,15 +290,22 @@ impl Feed {
         }
         let positions = match cursor {
             None => lasts,
-            Some(Cursor(positions)) => {
-                let in_range = positions
+            Some(cursor) => {
+                // Retention trims only what is older than it: a cursor made
+                // since then lost nothing; an older one, only if the log no
+                // longer holds what follows it.
+                let horizon =
+                    now_ms().saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+                let recent = cursor.issued_ms >= horizon;
+                let in_range = cursor
+                    .positions
                     .iter()
                     .zip(oldest.iter().zip(&lasts))
-                    .all(|(p, (oldest, last))| p >= oldest && p <= last);
+                    .all(|(p, (oldest, last))| (recent || p >= oldest) && p <= last);
                 if !in_range {
-                    return Err(CursorError::OutOfRange(Cursor(oldest)));
+                    return Err(CursorError::OutOfRange(Cursor::now(oldest)));
                 }
-                positions
+                cursor.positions
             }
         };
         Ok(Self {
@@ -269,7 +321,7 @@ impl Feed {
     /// Where the feed is: what it handed over so far, and the events it
     /// skipped (not watched).
     pub fn cursor(&self) -> Cursor {
-        Cursor(self.positions.clone())
+        Cursor::now(self.positions.clone())
     }
 
     /// The next watched events, each with the cursor just after it; waits

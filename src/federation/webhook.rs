@@ -27,7 +27,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
@@ -35,7 +35,7 @@ use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use super::deliver::{Cursor, CursorError, Feed, Tips};
+use super::deliver::{Cursor, CursorError, DeliveryStats, Feed, Tips};
 use super::log::{AnyLog, EventLog};
 use super::watch::WatchLists;
 use super::{Event, EventKind};
@@ -103,17 +103,6 @@ impl HttpUrl {
             path: path.to_owned(),
         })
     }
-}
-
-/// Counters of delivery, for metrics.
-#[derive(Debug, Default)]
-pub struct DeliveryStats {
-    /// Webhook events answered 2xx.
-    pub webhook_delivered: AtomicU64,
-    /// Webhook attempts that failed and were retried.
-    pub webhook_retries: AtomicU64,
-    /// Webhook events given up after the retry budget.
-    pub webhook_dead: AtomicU64,
 }
 
 /// Where a sender keeps its cursor.
@@ -228,6 +217,8 @@ pub struct SenderParts {
     pub cursors: CursorStore,
     /// Counters.
     pub stats: Arc<DeliveryStats>,
+    /// How long the log keeps events.
+    pub retention: Duration,
 }
 
 /// Starts one sender per webhook; they stop when `stop` turns true.
@@ -297,6 +288,7 @@ impl Sender {
                 self.parts.tips.clone(),
                 platform.clone(),
                 cursor,
+                self.parts.retention,
             )
         };
         let mut feed = match open(cursor).await {
@@ -312,6 +304,11 @@ impl Sender {
             cursors.save(platform, &feed.cursor()).await?;
         }
         loop {
+            // Renewed at least every second or so while idle, and before
+            // each event.
+            if !cursors.lease(platform, &self.holder).await? {
+                return Err("lost the lease".into());
+            }
             let batch = feed.next().await.map_err(|e| e.to_string())?;
             for (event, cursor) in batch {
                 if !cursors.lease(platform, &self.holder).await? {

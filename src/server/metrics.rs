@@ -117,7 +117,7 @@ pub struct Sources {
     /// The audit trail's counters.
     pub audit: Arc<AuditStats>,
     /// Delivery's counters (webhooks).
-    pub delivery: Arc<crate::federation::webhook::DeliveryStats>,
+    pub delivery: Arc<crate::federation::deliver::DeliveryStats>,
     /// Beyond this many days the mirror counts as stale.
     pub max_staleness_days: u32,
 }
@@ -169,6 +169,12 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         &one(sources.audit.in_doubt()),
     );
     let delivery = &sources.delivery;
+    metric(
+        "reassigned_watch_events_sent_total",
+        "counter",
+        "Events handed to WatchDisconnections streams.",
+        &one(delivery.watch_events_sent.load(Ordering::Relaxed)),
+    );
     metric(
         "reassigned_webhook_delivered_total",
         "counter",

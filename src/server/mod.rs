@@ -56,7 +56,7 @@ pub struct Handles {
     /// Counters of the audit trail.
     pub audit_stats: Arc<crate::audit::AuditStats>,
     /// Counters of delivery to watchers (webhooks).
-    pub delivery_stats: Arc<crate::federation::webhook::DeliveryStats>,
+    pub delivery_stats: Arc<crate::federation::deliver::DeliveryStats>,
 }
 
 /// The token verifier of `config` (`None`: tokens off), its JWKS loaded
@@ -239,6 +239,7 @@ where
         config.watch_retention_days,
     )));
     let tips = crate::federation::deliver::Tips::start(event_log.clone(), stop_rx.clone());
+    let retention = Duration::from_secs(u64::from(config.watch_retention_days) * 86_400);
     let watch_lists = watch_lists(&config, &store)?;
     if let Some(lists) = &watch_lists {
         let cursors = match (&store, &config.store) {
@@ -258,6 +259,7 @@ where
                 tips: tips.clone(),
                 cursors,
                 stats: handles.delivery_stats.clone(),
+                retention,
             },
             stop_rx.clone(),
         )?;
@@ -267,6 +269,8 @@ where
     let watchlist = WatchlistServer::new(WatchlistService::new(
         watch_lists,
         Some((event_log.clone(), tips)),
+        handles.delivery_stats.clone(),
+        retention,
     ))
     .max_decoding_message_size(config.max_message_bytes);
     let service = ReassignedNumbersServer::new(
