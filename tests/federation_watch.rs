@@ -193,7 +193,7 @@ async fn lists_are_per_platform_and_per_item(kind: Kind) {
     // The server's own view agrees (this is what delivery asks).
     if let AnyStore::Redis(redis) = &env.store {
         let key = WatchKey::load(&server.config.watch_key_file.clone().expect("key")).expect("key");
-        let lists = WatchLists::Redis(RedisWatchLists::new(redis.clone(), key));
+        let lists = WatchLists::Redis(Arc::new(RedisWatchLists::new(redis.clone(), key)));
         let (x, y) = (X.parse().expect("X"), Y.parse().expect("Y"));
         let platform = |name| reassigned::cli::certs::platform_uri(name);
         assert_eq!(
@@ -321,10 +321,10 @@ async fn redis_bytes_per_watched_number() {
         .await
         .expect("connect");
     let before = store.used_memory().await.expect("INFO memory");
-    let lists = WatchLists::Redis(RedisWatchLists::new(
+    let lists = WatchLists::Redis(Arc::new(RedisWatchLists::new(
         store.clone(),
         WatchKey::new(b"a-watch-key-of-this-test-0123456789"),
-    ));
+    )));
     let first = 12_015_550_000u64;
     let mut added = 0u64;
     let started = std::time::Instant::now();

@@ -81,11 +81,12 @@ fn platform_of<T>(request: &Request<T>) -> Result<String, ApiError> {
         .ok_or(ApiError::NoCaller)
 }
 
+/// Per item of a request: fine, or its error.
+type ItemChecks = Vec<Result<(), pb::CheckError>>;
+
 /// Checks the size of a list of numbers and parses each: the numbers to
-/// act on and, per item, the number or the item's error.
-fn parse_numbers(
-    numbers: &[String],
-) -> Result<(Vec<PhoneNumber>, Vec<Result<(), pb::CheckError>>), ApiError> {
+/// act on and, per item, whether it is one or its error.
+fn parse_numbers(numbers: &[String]) -> Result<(Vec<PhoneNumber>, ItemChecks), ApiError> {
     if numbers.is_empty() || numbers.len() > MAX_WATCH_BATCH {
         return Err(ApiError::InvalidArgument(vec![FieldViolation {
             field: "phone_numbers",
@@ -112,11 +113,7 @@ fn parse_numbers(
 
 /// One result per number: `changed[k]` for the k-th valid one, the error
 /// for an invalid one.
-fn results(
-    numbers: Vec<String>,
-    items: Vec<Result<(), pb::CheckError>>,
-    changed: Vec<bool>,
-) -> Vec<pb::WatchResult> {
+fn results(numbers: Vec<String>, items: ItemChecks, changed: Vec<bool>) -> Vec<pb::WatchResult> {
     let mut changed = changed.into_iter();
     numbers
         .into_iter()

@@ -382,11 +382,14 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_refuse_garbage() {
-        let c = Cursor(vec![
-            Position::new(1_764_000_000_123, 0),
-            Position::ZERO,
-            Position::new(5, u64::MAX),
-        ]);
+        let c = Cursor::new(
+            1_764_000_000_999,
+            vec![
+                Position::new(1_764_000_000_123, 0),
+                Position::ZERO,
+                Position::new(5, u64::MAX),
+            ],
+        );
         let text = c.encode();
         assert_eq!(Cursor::decode(&text, 3).unwrap(), c);
         assert!(matches!(

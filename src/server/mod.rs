@@ -393,7 +393,9 @@ fn watch_lists(
     };
     let key = WatchKey::load(path).map_err(anyhow::Error::msg)?;
     let lists = match (store, &config.store) {
-        (AnyStore::Redis(redis), _) => WatchLists::Redis(RedisWatchLists::new(redis.clone(), key.clone())),
+        (AnyStore::Redis(redis), _) => {
+            WatchLists::Redis(Arc::new(RedisWatchLists::new(redis.clone(), key.clone())))
+        }
         (AnyStore::Embedded(_), crate::config::StoreConfig::Embedded { data_dir, .. }) => {
             WatchLists::Embedded(Arc::new(EmbeddedWatchLists::open(key.clone(), data_dir)?))
         }
