@@ -114,6 +114,15 @@ enum Command {
     /// the framework's ceiling for benchmarks.
     #[command(hide = true)]
     BenchBare(BareOptions),
+    /// A platform's watch list (numbers bound to its accounts): add or
+    /// remove a file of numbers, or count the list.
+    Watchlist {
+        #[command(subcommand)]
+        command: WatchlistCommand,
+    },
+    /// Print the disconnection events of the caller's watch list as JSON
+    /// lines, keeping the cursor in a file (resumes where it stopped).
+    Watch(Box<cli::watch::WatchOptions>),
     /// Make dev certificates and a demo data set if missing, and serve them on
     /// 127.0.0.1:50051 with the embedded store.
     Demo {
@@ -127,6 +136,20 @@ enum Command {
         #[arg(long, default_value_t = 100_000)]
         records: u64,
     },
+}
+
+/// `watchlist add|remove`: the summary, and an error if any line was refused.
+async fn watchlist_file(
+    client: &cli::client::ClientArgs,
+    file: &std::path::Path,
+    add: bool,
+) -> anyhow::Result<()> {
+    let summary = cli::watch::watchlist_file(client, file, add).await?;
+    if cli::watch::print_summary(&summary, add) {
+        Ok(())
+    } else {
+        anyhow::bail!("{} lines refused", summary.refused.len())
+    }
 }
 
 /// Where the Redis mirror is (`import`, `sync`, `verify`, `gc`).
@@ -244,6 +267,33 @@ enum ReceiptCommand {
         /// The key id, as given to `--receipt-kid` (default: derived from the key).
         #[arg(long)]
         kid: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum WatchlistCommand {
+    /// Add the numbers of a file (one E.164 number per line) to the
+    /// caller's watch list; exits non-zero if any line is refused.
+    Add {
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
+        /// The numbers, one per line (`#` comments and empty lines skipped).
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Remove the numbers of a file from the caller's watch list; exits
+    /// non-zero if any line is refused.
+    Remove {
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
+        /// The numbers, one per line.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Print how many numbers the caller's watch list holds.
+    Count {
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
     },
 }
 
@@ -397,6 +447,14 @@ fn main() -> ExitCode {
             Command::Token {
                 command: TokenCommand::Mint(options),
             } => cli::token::mint_cmd(&options).map(|token| println!("{token}")),
+            Command::Watchlist { command } => match command {
+                WatchlistCommand::Add { client, file } => watchlist_file(&client, &file, true).await,
+                WatchlistCommand::Remove { client, file } => watchlist_file(&client, &file, false).await,
+                WatchlistCommand::Count { client } => cli::watch::watchlist_count(&client)
+                    .await
+                    .map(|n| println!("{n}")),
+            },
+            Command::Watch(options) => cli::watch::watch(&options).await.map(|n| eprintln!("{n} events")),
             Command::Bench(options) => bench::run(&options).await,
             Command::BenchBare(options) => bench_bare::run_bare(&options).await,
             Command::Demo { dir, listen, records } => cli::demo(&dir, listen, records).await,

@@ -46,11 +46,10 @@ use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use serde::Serialize;
 use tokio::task::JoinSet;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
+
+use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic::{Request, Status};
+use tonic::transport::Channel;
 
 use crate::api::code_name;
 use crate::api::pb;
@@ -942,30 +941,7 @@ async fn call(
 /// The bench's client: a channel that adds the bearer token, if any.
 type BenchClient = ReassignedNumbersClient<InterceptedService<Channel, Bearer>>;
 
-/// Adds `authorization: Bearer <token>` to every call when a token is given.
-#[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Bearer {
-    fn new(token: Option<&str>) -> anyhow::Result<Self> {
-        token
-            .map(|t| {
-                MetadataValue::try_from(format!("Bearer {}", t.trim()))
-                    .map_err(|_| anyhow::anyhow!("--token is not a valid header value"))
-            })
-            .transpose()
-            .map(Self)
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
+use super::client::Bearer;
 
 /// One worker: calls until the end of the run, one at a time.
 async fn worker(
@@ -1084,25 +1060,11 @@ async fn progress(shared: Arc<Shared>) {
 
 /// Opens `opts.connections` HTTP/2 connections over mutual TLS.
 async fn connect(opts: &BenchOptions) -> anyhow::Result<Vec<Channel>> {
-    let read = |what: &str, path: &Path| {
-        std::fs::read(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
-    };
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("CA", &opts.ca)?))
-        .identity(Identity::from_pem(
-            read("certificate", &opts.cert)?,
-            read("key", &opts.key)?,
-        ))
-        .domain_name(opts.server_name.clone());
-    let endpoint = Endpoint::from_shared(format!("https://{}", opts.target))
-        .with_context(|| format!("--target {:?} is not HOST:PORT", opts.target))?
-        .tls_config(tls)
-        .context("cannot use the TLS material")?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(10))
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
-        .buffer_size(opts.concurrency.max(1024));
+    let endpoint =
+        super::client::tls_endpoint(&opts.target, &opts.server_name, &opts.ca, &opts.cert, &opts.key)?
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .buffer_size(opts.concurrency.max(1024));
     let mut channels = Vec::with_capacity(opts.connections);
     for _ in 0..opts.connections {
         let channel = endpoint

@@ -3,10 +3,12 @@ pub mod audit;
 pub mod bench;
 pub mod bench_bare;
 pub mod certs;
+pub mod client;
 mod commands;
 pub mod generate;
 pub mod receipt;
 pub mod token;
+pub mod watch;
 
 pub use commands::{EXIT_INTERRUPTED, exit_code, gc, import_with, sync_with, verify};
 pub use commands::{
