@@ -346,3 +346,126 @@ async fn redis_bytes_per_watched_number() {
     );
     assert!(per <= 24.0, "{per:.1} bytes per number");
 }
+
+/// The platform's CLI against a real server: `watchlist add --file` loads a
+/// list (a bad line refused, non-zero exit), `watchlist count` counts it,
+/// and `watch --cursor-file` prints events as JSON lines and resumes after
+/// the last one it printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_loads_a_list_and_follows_events_with_a_cursor_file() {
+    use reassigned::federation::log::RedisLog;
+    use reassigned::federation::{Event, EventKind, EventLog};
+    use support::bin::bin;
+
+    let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let store = RedisStore::connect(&redis.url(), RedisOptions::default())
+        .await
+        .expect("connect");
+    let log = RedisLog::open(&store).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = start(AnyStore::Redis(store), data.path()).await;
+    let files = tempfile::tempdir().expect("tempdir");
+    let id = server.certs.client("platform-a");
+    let (cert, key) = (files.path().join("a.pem"), files.path().join("a.key"));
+    std::fs::write(&cert, &id.cert_pem).expect("cert");
+    std::fs::write(&key, &id.key_pem).expect("key");
+    let token = server
+        .tokens
+        .as_ref()
+        .expect("tokens")
+        .mint(&id, "watch:read watch:write");
+    let port = server.addr.port().to_string();
+    let client_args = |cmd: &mut std::process::Command| {
+        cmd.args(["--target", &format!("127.0.0.1:{port}")])
+            .arg("--ca")
+            .arg(&server.certs.ca)
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .args(["--token", &token]);
+    };
+    let run = |args: &[&str]| {
+        let mut cmd = bin();
+        cmd.args(args);
+        client_args(&mut cmd);
+        cmd
+    };
+    let numbers = files.path().join("numbers.txt");
+    std::fs::write(&numbers, format!("{X}\n# a comment\n\n{Y}\n+12\n")).expect("numbers");
+    let mut add = run(&["watchlist", "add"]);
+    add.arg("--file").arg(&numbers);
+    let out = tokio::task::spawn_blocking(move || add.output().expect("run"))
+        .await
+        .expect("join");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        !out.status.success(),
+        "a refused line fails the command: {stdout} {stderr}"
+    );
+    assert!(
+        stdout.contains("added: 2, already watched: 0, refused: 1"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("line 5: refused: INVALID_ARGUMENT"), "{stderr}");
+    let mut count = run(&["watchlist", "count"]);
+    let out = tokio::task::spawn_blocking(move || support::bin::run(&mut count))
+        .await
+        .expect("join");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+
+    let event = |id: &str, number: &str| {
+        let day = reassigned::domain::Date::parse("2026-11-02").expect("date");
+        Event {
+            event_id: id.to_owned(),
+            number: number.parse().expect("number"),
+            disconnect_date: day,
+            earliest_reissue_date: day.add_days(90),
+            source: "operator-a".into(),
+            kind: EventKind::Disconnected,
+            accepted_unix_ms: 1_764_000_000_000,
+        }
+    };
+    // Before the first run: a missing cursor file starts at the oldest
+    // event held, so nothing between loading the list and cron is lost.
+    log.append(&[event("e1", X), event("e0", "+12015550199")])
+        .await
+        .expect("append");
+    let cursor_file = files.path().join("cursor");
+    let watch = || {
+        let mut cmd = run(&["watch", "--idle-exit-secs", "2"]);
+        cmd.arg("--cursor-file").arg(&cursor_file);
+        cmd
+    };
+    let mut first = watch();
+    let out = tokio::task::spawn_blocking(move || support::bin::run(&mut first))
+        .await
+        .expect("join");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["event_id"], "e1");
+    assert_eq!(lines[0]["phone_number"], X);
+    assert_eq!(lines[0]["kind"], "DISCONNECTED");
+    assert_eq!(lines[0]["earliest_reissue_date"], "2027-01-31");
+    let saved = std::fs::read_to_string(&cursor_file).expect("cursor saved");
+    assert_eq!(saved, lines[0]["cursor"].as_str().expect("cursor"));
+
+    log.append(&[event("e2", Y)]).await.expect("append");
+    let mut second = watch();
+    let out = tokio::task::spawn_blocking(move || support::bin::run(&mut second))
+        .await
+        .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(
+        stdout.contains("\"e2\"") && !stdout.contains("\"e1\""),
+        "{stdout}"
+    );
+    server.stop().await;
+}

@@ -13,7 +13,7 @@ pub use convert::ApiError;
 pub use methods::code_name;
 pub use receipts::{CallInfo, REQUEST_ID_HEADER, ReceiptContext, ReceiptPlan, Receipts};
 pub use service::{ReassignedService, ServiceOptions};
-pub use watch::WatchlistService;
+pub use watch::{OLDEST, WatchlistService};
 
 /// Code generated from `proto/reassigned/v1/reassigned.proto`.
 #[allow(missing_docs, clippy::all, clippy::pedantic, clippy::unwrap_used)]

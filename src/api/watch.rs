@@ -16,12 +16,15 @@ use tracing::Instrument;
 use super::pb::watchlist_server::Watchlist;
 use super::{ApiError, pb};
 use crate::domain::{FieldViolation, PhoneNumber};
-use crate::federation::deliver::{Cursor, CursorError, DeliveryStats, Feed, Tips};
+use crate::federation::deliver::{Cursor, CursorError, DeliveryStats, Feed, Start, Tips};
 use crate::federation::log::{AnyLog, EventLog, LogError};
 use crate::federation::watch::{MAX_WATCH_BATCH, WatchLists};
 use crate::federation::{Event, EventKind};
 use crate::identity::Principal;
 use crate::store::StoreError;
+
+/// The cursor that starts at the oldest event still held.
+pub const OLDEST: &str = "oldest";
 
 /// Events sent to one watcher that it has not read yet, at most (with
 /// one batch of its feed: a watcher that stops reading holds no more).
@@ -183,11 +186,12 @@ impl Watchlist for WatchlistService {
         let lists = self.lists()?.clone();
         let (log, tips) = self.log.clone().ok_or(ApiError::WatchOff)?;
         let pb::WatchDisconnectionsRequest { cursor } = request.into_inner();
-        let cursor = match cursor.as_str() {
-            "" => None,
-            text => Some(Cursor::decode(text, log.shards()).map_err(cursor_error)?),
+        let start = match cursor.as_str() {
+            "" => Start::Now,
+            OLDEST => Start::Oldest,
+            text => Start::After(Cursor::decode(text, log.shards()).map_err(cursor_error)?),
         };
-        let feed = Feed::open(log, lists, tips, platform, cursor, self.retention)
+        let feed = Feed::open(log, lists, tips, platform, start, self.retention)
             .await
             .map_err(cursor_error)?;
         // Bounded: a watcher that stops reading stops its feed.

@@ -108,8 +108,8 @@ pub struct WatchOptions {
     /// Where to connect.
     #[command(flatten)]
     pub client: ClientArgs,
-    /// The file that keeps the cursor: read at start (missing or empty:
-    /// only events from now on), rewritten after each event printed.
+    /// The file that keeps the cursor: read at start (missing: from the
+    /// oldest event still held), rewritten after each event printed.
     #[arg(long)]
     pub cursor_file: PathBuf,
     /// Exit (status 0) after this many seconds without an event, e.g. for
@@ -125,7 +125,9 @@ pub struct WatchOptions {
 pub async fn watch(opts: &WatchOptions) -> anyhow::Result<u64> {
     let cursor = match std::fs::read_to_string(&opts.cursor_file) {
         Ok(text) => text.trim().to_owned(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        // First run: everything still held for the list (no gap between
+        // loading the list and the first run, whenever cron starts it).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => crate::api::OLDEST.to_owned(),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", opts.cursor_file.display())),
     };
     let mut watchlist = WatchlistClient::new(opts.client.connect().await?);

@@ -255,6 +255,17 @@ impl Tips {
     }
 }
 
+/// Where a [`Feed`] starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// After the newest event: only what comes next.
+    Now,
+    /// At the oldest event still held (the retention window).
+    Oldest,
+    /// After a cursor handed out earlier.
+    After(Cursor),
+}
+
 /// The events of one platform's watch list, from a cursor on (see the
 /// module documentation).
 pub struct Feed {
@@ -268,16 +279,15 @@ pub struct Feed {
 }
 
 impl Feed {
-    /// A feed of `platform`'s events after `cursor` (`None`: from the end
-    /// of the log: only what comes next). Checks the cursor against what
-    /// the log still holds, events being kept `retention` (see the module
-    /// documentation).
+    /// A feed of `platform`'s events from `start`. Checks a cursor against
+    /// what the log still holds, events being kept `retention` (see the
+    /// module documentation).
     pub async fn open(
         log: AnyLog,
         lists: WatchLists,
         tips: Tips,
         platform: String,
-        cursor: Option<Cursor>,
+        start: Start,
         retention: Duration,
     ) -> Result<Self, CursorError> {
         let shards = log.shards();
@@ -288,9 +298,10 @@ impl Feed {
             oldest.push(first.map_or(Position::ZERO, before));
             lasts.push(log.last_position(shard).await?.unwrap_or(Position::ZERO));
         }
-        let positions = match cursor {
-            None => lasts,
-            Some(cursor) => {
+        let positions = match start {
+            Start::Now => lasts,
+            Start::Oldest => oldest,
+            Start::After(cursor) => {
                 // Retention trims only what is older than it: a cursor made
                 // since then lost nothing; an older one, only if the log no
                 // longer holds what follows it.

@@ -35,7 +35,7 @@ use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use super::deliver::{Cursor, CursorError, DeliveryStats, Feed, Tips};
+use super::deliver::{Cursor, CursorError, DeliveryStats, Feed, Start, Tips};
 use super::log::{AnyLog, EventLog};
 use super::watch::WatchLists;
 use super::{Event, EventKind};
@@ -281,22 +281,22 @@ impl Sender {
             Some(text) => Some(Cursor::decode(text, self.parts.log.shards()).map_err(|e| e.to_string())?),
             None => None,
         };
-        let open = |cursor| {
+        let open = |start| {
             Feed::open(
                 self.parts.log.clone(),
                 self.parts.lists.clone(),
                 self.parts.tips.clone(),
                 platform.clone(),
-                cursor,
+                start,
                 self.parts.retention,
             )
         };
-        let mut feed = match open(cursor).await {
-            Err(CursorError::OutOfRange(oldest)) => {
+        let mut feed = match open(cursor.map_or(Start::Now, Start::After)).await {
+            Err(CursorError::OutOfRange(_)) => {
                 tracing::error!(
                     "webhook: the saved cursor is older than retention; resuming from the oldest event held"
                 );
-                open(Some(oldest)).await.map_err(|e| e.to_string())?
+                open(Start::Oldest).await.map_err(|e| e.to_string())?
             }
             other => other.map_err(|e| e.to_string())?,
         };
