@@ -526,3 +526,79 @@ async fn operators_file_reloads_without_restart() {
     assert_eq!(code(&results[0].outcome), "accepted");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_cli_sends_batches_and_fails_on_refusals() {
+    let env = Env::new(Kind::Embedded).await;
+    let server = env.serve().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let operator = server.certs.client("operator-a");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let cert = write("operator-a.pem", &operator.cert_pem);
+    let key = write("operator-a.key", &operator.key_pem);
+    let token = server
+        .tokens
+        .as_ref()
+        .expect("tokens")
+        .mint(&operator, "register:write");
+    let mut csv = String::from("event_id,phone_number,disconnect_date\n");
+    for i in 0..25 {
+        csv.push_str(&format!("c-{i},+1201557{i:04},{}\n", days_ago(2)));
+    }
+    let good = write("good.csv", &csv);
+    let publish = |file: &Path| {
+        let mut cmd = support::bin::bin();
+        cmd.args(["publish", "--batch-size", "10", "--target"])
+            .arg(server.addr.to_string())
+            .arg("--ca")
+            .arg(&server.certs.ca)
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg("--file")
+            .arg(file)
+            .env("REASSIGNED_TOKEN", &token);
+        cmd
+    };
+    let out = tokio::task::spawn_blocking({
+        let mut cmd = publish(&good);
+        move || support::bin::run(&mut cmd)
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("accepted 25, duplicate 0, refused 0"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("published 25 items"));
+    assert_eq!(
+        status_of(&server, "+12015570007", &days_ago(3)).await,
+        ReassignmentStatus::Reassigned
+    );
+
+    // Again, plus an out-of-authority line and a broken one: non-zero exit,
+    // each refusal listed with its line.
+    csv.push_str(&format!("c-x,+12125550100,{}\nbroken line\n", days_ago(2)));
+    let mixed = write("mixed.csv", &csv);
+    let out = tokio::task::spawn_blocking({
+        let mut cmd = publish(&mixed);
+        move || cmd.output().expect("run")
+    })
+    .await
+    .expect("join");
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("accepted 0, duplicate 25, refused 2"), "{stdout}");
+    assert!(
+        stdout.contains("line 27: event \"c-x\": PERMISSION_DENIED"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("line 28: event \"broken line\": INVALID_ARGUMENT"),
+        "{stdout}"
+    );
+    server.stop().await;
+}

@@ -944,10 +944,11 @@ type BenchClient = ReassignedNumbersClient<InterceptedService<Channel, Bearer>>;
 
 /// Adds `authorization: Bearer <token>` to every call when a token is given.
 #[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
+pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
 
 impl Bearer {
-    fn new(token: Option<&str>) -> anyhow::Result<Self> {
+    /// Sends `token` (none: nothing); an error if it is not a header value.
+    pub(crate) fn new(token: Option<&str>) -> anyhow::Result<Self> {
         token
             .map(|t| {
                 MetadataValue::try_from(format!("Bearer {}", t.trim()))
@@ -1082,24 +1083,35 @@ async fn progress(shared: Arc<Shared>) {
     }
 }
 
-/// Opens `opts.connections` HTTP/2 connections over mutual TLS.
-async fn connect(opts: &BenchOptions) -> anyhow::Result<Vec<Channel>> {
+/// An endpoint to `target` (HOST:PORT) over mutual TLS: the server
+/// certificate checked against `ca` for `server_name`, the client
+/// identity `cert` + `key` (all PEM files). Shared by the client commands
+/// (`bench`, `publish`).
+pub(crate) fn tls_endpoint(
+    target: &str,
+    server_name: &str,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<Endpoint> {
     let read = |what: &str, path: &Path| {
         std::fs::read(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
     };
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("CA", &opts.ca)?))
-        .identity(Identity::from_pem(
-            read("certificate", &opts.cert)?,
-            read("key", &opts.key)?,
-        ))
-        .domain_name(opts.server_name.clone());
-    let endpoint = Endpoint::from_shared(format!("https://{}", opts.target))
-        .with_context(|| format!("--target {:?} is not HOST:PORT", opts.target))?
+        .ca_certificate(Certificate::from_pem(read("CA", ca)?))
+        .identity(Identity::from_pem(read("certificate", cert)?, read("key", key)?))
+        .domain_name(server_name.to_owned());
+    Ok(Endpoint::from_shared(format!("https://{target}"))
+        .with_context(|| format!("--target {target:?} is not HOST:PORT"))?
         .tls_config(tls)
         .context("cannot use the TLS material")?
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(10)))
+}
+
+/// Opens `opts.connections` HTTP/2 connections over mutual TLS.
+async fn connect(opts: &BenchOptions) -> anyhow::Result<Vec<Channel>> {
+    let endpoint = tls_endpoint(&opts.target, &opts.server_name, &opts.ca, &opts.cert, &opts.key)?
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
         .buffer_size(opts.concurrency.max(1024));

@@ -5,6 +5,7 @@ pub mod bench_bare;
 pub mod certs;
 mod commands;
 pub mod generate;
+pub mod publish;
 pub mod receipt;
 pub mod token;
 
