@@ -48,8 +48,8 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Lifetime of a batch marker (see "Exact counters").
 pub const MARKER_TTL_SECS: u64 = 86_400;
-/// Fields per record in [`BATCH_SCRIPT`]'s arguments (7 name/value pairs).
-const FIELDS_PER_RECORD: usize = 14;
+/// Fields per record in [`BATCH_SCRIPT`]'s arguments (8 name/value pairs).
+const FIELDS_PER_RECORD: usize = 16;
 
 /// Writes one batch. KEYS: the stream, the batch's marker, then markers of
 /// settled batches to delete. ARGV: marker TTL (s), MAXLEN, fields per
@@ -117,6 +117,10 @@ pub struct AuditRecord {
     pub status: String,
     /// The mirror's `as_of` (empty when it held no data).
     pub data_as_of: String,
+    /// Why, for records that are not answers (an operator's retraction,
+    /// `status` `RETRACTED`: its reason); empty for answers.
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// Why a record was not accepted (only with `mandatory`).
@@ -400,7 +404,9 @@ impl Writer {
                 .arg("status")
                 .arg(&r.status)
                 .arg("data_as_of")
-                .arg(&r.data_as_of);
+                .arg(&r.data_as_of)
+                .arg("reason")
+                .arg(&r.reason);
         }
         let result = tokio::time::timeout(WRITE_TIMEOUT, call.invoke_async::<i64>(&mut self.conn)).await;
         match result {
@@ -488,6 +494,7 @@ pub async fn export(
                 since: get("since"),
                 status: get("status"),
                 data_as_of: get("data_as_of"),
+                reason: get("reason"),
             })?;
             count += 1;
         }

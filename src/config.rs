@@ -347,6 +347,12 @@ settings_table! {
     /// cursor older than that is OUT_OF_RANGE.
     watch_retention_days: u32 = defaults::WATCH_RETENTION_DAYS,
         flag "watch-retention-days", env "REASSIGNED_WATCH_RETENTION_DAYS";
+    /// Operators file (TOML): the operators that may publish
+    /// disconnections, by certificate identity, with the prefixes each is
+    /// authoritative for and its quarantine days (see the README's
+    /// "Federation"). Reloaded when it changes. Without it every
+    /// publication is refused.
+    operators: PathBuf, flag "operators", env "REASSIGNED_OPERATORS";
     file only:
     /// Per-platform quotas (config file only): the `[quotas]` table with a
     /// `default` entry and entries keyed by platform id. None: unlimited.
@@ -667,6 +673,8 @@ pub struct ServeConfig {
     pub receipt_retired_keys: Vec<(PathBuf, i64)>,
     /// The audit trail; `None`: off.
     pub audit: Option<crate::audit::AuditConfig>,
+    /// The operators file; `None`: no operator may publish.
+    pub operators: Option<PathBuf>,
     /// Address of the Prometheus endpoint; `None`: off.
     pub metrics_listen: Option<SocketAddr>,
     /// Time a new connection gets to send its first byte, in milliseconds.
@@ -784,6 +792,11 @@ impl ServeConfig {
         )?;
         let (receipt_key, receipt_kid) = receipt_config(s.receipt_key.clone(), s.receipt_kid.clone())?;
         let audit = audit_config(&s, &store)?;
+        let operators = s
+            .operators
+            .clone()
+            .map(|p| readable_file(p, "operators"))
+            .transpose()?;
         let handshake_timeout_ms = positive!(s.handshake_timeout_ms)?;
         let handshake_first_byte_timeout_ms = positive!(s.handshake_first_byte_timeout_ms)?;
         if handshake_first_byte_timeout_ms > handshake_timeout_ms {
@@ -817,6 +830,7 @@ impl ServeConfig {
             receipt_kid,
             receipt_retired_keys,
             audit,
+            operators,
             metrics_listen: s.metrics_listen,
             handshake_first_byte_timeout_ms,
             max_handshakes_per_ip: positive!(s.max_handshakes_per_ip)?,

@@ -110,6 +110,10 @@ enum Command {
     },
     /// Load-test a server over mutual TLS (throughput, latency percentiles, errors).
     Bench(Box<BenchOptions>),
+    /// Publish disconnections as an operator from a CSV file
+    /// (`event_id,phone_number,disconnect_date`), in batches; prints a
+    /// summary and exits non-zero if any item was refused.
+    Publish(Box<cli::publish::PublishOptions>),
     /// Serve fixed answers without a store, over the same TLS and auth layer:
     /// the framework's ceiling for benchmarks.
     #[command(hide = true)]
@@ -456,6 +460,7 @@ fn main() -> ExitCode {
             },
             Command::Watch(options) => cli::watch::watch(&options).await.map(|n| eprintln!("{n} events")),
             Command::Bench(options) => bench::run(&options).await,
+            Command::Publish(options) => cli::publish::run(&options).await,
             Command::BenchBare(options) => bench_bare::run_bare(&options).await,
             Command::Demo { dir, listen, records } => cli::demo(&dir, listen, records).await,
         }

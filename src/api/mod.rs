@@ -4,6 +4,7 @@
 
 pub mod codec;
 mod convert;
+pub mod feed;
 pub mod methods;
 mod receipts;
 mod service;

@@ -46,10 +46,11 @@ use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use serde::Serialize;
 use tokio::task::JoinSet;
-
-use tonic::Status;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Status};
 
 use crate::api::code_name;
 use crate::api::pb;
@@ -941,7 +942,31 @@ async fn call(
 /// The bench's client: a channel that adds the bearer token, if any.
 type BenchClient = ReassignedNumbersClient<InterceptedService<Channel, Bearer>>;
 
-use super::client::Bearer;
+/// Adds `authorization: Bearer <token>` to every call when a token is given.
+#[derive(Clone)]
+pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// Sends `token` (none: nothing); an error if it is not a header value.
+    pub(crate) fn new(token: Option<&str>) -> anyhow::Result<Self> {
+        token
+            .map(|t| {
+                MetadataValue::try_from(format!("Bearer {}", t.trim()))
+                    .map_err(|_| anyhow::anyhow!("--token is not a valid header value"))
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// One worker: calls until the end of the run, one at a time.
 async fn worker(
@@ -1058,13 +1083,38 @@ async fn progress(shared: Arc<Shared>) {
     }
 }
 
+/// An endpoint to `target` (HOST:PORT) over mutual TLS: the server
+/// certificate checked against `ca` for `server_name`, the client
+/// identity `cert` + `key` (all PEM files). Shared by the client commands
+/// (`bench`, `publish`).
+pub(crate) fn tls_endpoint(
+    target: &str,
+    server_name: &str,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<Endpoint> {
+    let read = |what: &str, path: &Path| {
+        std::fs::read(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("CA", ca)?))
+        .identity(Identity::from_pem(read("certificate", cert)?, read("key", key)?))
+        .domain_name(server_name.to_owned());
+    Ok(Endpoint::from_shared(format!("https://{target}"))
+        .with_context(|| format!("--target {target:?} is not HOST:PORT"))?
+        .tls_config(tls)
+        .context("cannot use the TLS material")?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10)))
+}
+
 /// Opens `opts.connections` HTTP/2 connections over mutual TLS.
 async fn connect(opts: &BenchOptions) -> anyhow::Result<Vec<Channel>> {
-    let endpoint =
-        super::client::tls_endpoint(&opts.target, &opts.server_name, &opts.ca, &opts.cert, &opts.key)?
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(4 << 20)
-            .buffer_size(opts.concurrency.max(1024));
+    let endpoint = tls_endpoint(&opts.target, &opts.server_name, &opts.ca, &opts.cert, &opts.key)?
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .buffer_size(opts.concurrency.max(1024));
     let mut channels = Vec::with_capacity(opts.connections);
     for _ in 0..opts.connections {
         let channel = endpoint

@@ -1,15 +1,14 @@
-//! The client side of the operator and platform commands (`bench`,
-//! `watch`, `watchlist`): a TLS endpoint presenting a client certificate,
-//! and the bearer token sent with every call.
+//! The platform commands' connection (`watch`, `watchlist`): where, as
+//! whom, with which token (the TLS endpoint and the token interceptor are
+//! `bench`'s, shared with `publish`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic::{Request, Status};
+use tonic::transport::Channel;
+
+use super::bench::{Bearer, tls_endpoint};
 
 /// Where a client command connects and as whom (flatten into a subcommand).
 #[derive(Clone, Debug, clap::Args)]
@@ -36,11 +35,11 @@ pub struct ClientArgs {
 }
 
 /// A channel that adds the bearer token, if any.
-pub type Client = InterceptedService<Channel, Bearer>;
+pub(crate) type Client = InterceptedService<Channel, Bearer>;
 
 impl ClientArgs {
     /// Connects one channel.
-    pub async fn connect(&self) -> anyhow::Result<Client> {
+    pub(crate) async fn connect(&self) -> anyhow::Result<Client> {
         let channel = tls_endpoint(&self.target, &self.server_name, &self.ca, &self.cert, &self.key)?
             .connect()
             .await
@@ -49,55 +48,5 @@ impl ClientArgs {
             channel,
             Bearer::new(self.token.as_deref())?,
         ))
-    }
-}
-
-/// An endpoint for `https://target` trusting `ca`, presenting the client
-/// certificate `cert` / `key`.
-pub fn tls_endpoint(
-    target: &str,
-    server_name: &str,
-    ca: &Path,
-    cert: &Path,
-    key: &Path,
-) -> anyhow::Result<Endpoint> {
-    let read = |what: &str, path: &Path| {
-        std::fs::read(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
-    };
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("CA", ca)?))
-        .identity(Identity::from_pem(read("certificate", cert)?, read("key", key)?))
-        .domain_name(server_name.to_owned());
-    Ok(Endpoint::from_shared(format!("https://{target}"))
-        .with_context(|| format!("--target {target:?} is not HOST:PORT"))?
-        .tls_config(tls)
-        .context("cannot use the TLS material")?
-        .tcp_nodelay(true)
-        .connect_timeout(std::time::Duration::from_secs(10)))
-}
-
-/// Adds `authorization: Bearer <token>` to every call when a token is given.
-#[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Bearer {
-    /// Sends `token` (none: no header).
-    pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
-        token
-            .map(|t| {
-                MetadataValue::try_from(format!("Bearer {}", t.trim()))
-                    .map_err(|_| anyhow::anyhow!("--token is not a valid header value"))
-            })
-            .transpose()
-            .map(Self)
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
-        }
-        Ok(request)
     }
 }

@@ -378,6 +378,25 @@ pub async fn demo(dir: &Path, listen: SocketAddr, records: u64) -> anyhow::Resul
             ..GenerateOptions::default()
         })?;
     }
+    for operator in super::certs::DEV_OPERATORS {
+        // A demo directory made before operators existed gets them now.
+        if !certs.join(format!("{operator}.pem")).exists() {
+            super::certs::mint_client_cert(
+                &std::fs::read_to_string(certs.join("ca.pem"))?,
+                &std::fs::read_to_string(certs.join("ca.key"))?,
+                operator,
+                &certs,
+            )?;
+        }
+    }
+    let operators = dir.join("operators.toml");
+    if !operators.exists() {
+        std::fs::write(&operators, demo_operators(&data)?)?;
+        eprintln!(
+            "made {} (operator-a authoritative for the demo register's prefixes)",
+            operators.display()
+        );
+    }
     let keys = dir.join("keys");
     if !keys.join(super::token::JWKS_FILE).exists() {
         let key = super::token::generate_keys(&keys, super::token::KeyAlg::Es256, None)?;
@@ -396,6 +415,7 @@ pub async fn demo(dir: &Path, listen: SocketAddr, records: u64) -> anyhow::Resul
         tls_key: Some(certs.join("server.key")),
         client_ca: Some(certs.join("ca.pem")),
         data_dir: Some(data.clone()),
+        operators: Some(operators),
         ..ServeSettings::default()
     };
     let config = ServeConfig::from_settings(settings)?;
@@ -403,17 +423,22 @@ pub async fn demo(dir: &Path, listen: SocketAddr, records: u64) -> anyhow::Resul
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let token = super::token::mint_cmd(&super::token::MintOptions {
-        issuer_key: keys.join(super::token::ISSUER_KEY_FILE),
-        kid: None,
-        platform: "platform-a".into(),
-        cert: certs.join("platform-a.pem"),
-        scope: crate::identity::scope::ALL.into(),
-        ttl: Duration::from_secs(24 * 60 * 60),
-        issuer: super::token::DEFAULT_ISSUER.into(),
-        audience: super::token::DEFAULT_AUDIENCE.into(),
-    })?;
+    let mint = |who: &str, scope: &str| {
+        super::token::mint_cmd(&super::token::MintOptions {
+            issuer_key: keys.join(super::token::ISSUER_KEY_FILE),
+            kid: None,
+            platform: who.into(),
+            cert: certs.join(format!("{who}.pem")),
+            scope: scope.into(),
+            ttl: Duration::from_secs(24 * 60 * 60),
+            issuer: super::token::DEFAULT_ISSUER.into(),
+            audience: super::token::DEFAULT_AUDIENCE.into(),
+        })
+    };
+    let token = mint("platform-a", crate::identity::scope::ALL)?;
+    let operator_token = mint("operator-a", crate::identity::scope::REGISTER_WRITE)?;
     print_demo_commands(&certs, listen, &data, &token)?;
+    print_publish_commands(&certs, listen, &operator_token);
     crate::run(listener, config, store, shutdown_signal()).await
 }
 
@@ -449,6 +474,51 @@ fn print_demo_commands(certs: &Path, listen: SocketAddr, data: &Path, token: &st
     println!("  grpcurl {mtls} {target} grpc.health.v1.Health/Check\n");
     println!("Stop with Ctrl-C.");
     Ok(())
+}
+
+/// The demo's operators file: `operator-a` authoritative for the prefixes
+/// the demo register covers.
+fn demo_operators(data: &Path) -> anyhow::Result<String> {
+    let mut prefixes = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(data)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let manifest = import::Manifest::load(&path)?;
+            prefixes.extend(manifest.covered_prefixes.unwrap_or_default());
+        }
+    }
+    let list: Vec<String> = prefixes.iter().map(|p| format!("{p:?}")).collect();
+    Ok(format!(
+        "# Operators that may publish disconnections (see the README's \"Federation\").\n\
+         [operators.{:?}]\nprefixes = [{}]\nquarantine_days = 90\n",
+        super::certs::platform_uri("operator-a"),
+        list.join(", ")
+    ))
+}
+
+/// The operator's side of the demo: publish a disconnection as operator-a,
+/// then see CheckNumber flip (as platform-a, with `$TOKEN`).
+fn print_publish_commands(certs: &Path, listen: SocketAddr, operator_token: &str) {
+    let c = certs.display();
+    let target = format!("localhost:{}", listen.port());
+    let today = crate::domain::Date::today_utc();
+    println!(
+        "\nPublish a disconnection as operator-a (mutual TLS as operator-a, token with scope register:write):\n"
+    );
+    println!("  export OPERATOR_TOKEN={operator_token}\n");
+    println!(
+        "  grpcurl -cacert {c}/ca.pem -cert {c}/operator-a.pem -key {c}/operator-a.key -H \"authorization: Bearer $OPERATOR_TOKEN\" \
+         -d '{{\"items\":[{{\"event_id\":\"demo-1\",\"phone_number\":\"+14155550123\",\"disconnect_date\":\"{today}\"}}]}}' \
+         {target} reassigned.v1.DisconnectionFeed/PublishDisconnections"
+    );
+    println!(
+        "  grpcurl -cacert {c}/ca.pem -cert {c}/platform-a.pem -key {c}/platform-a.key -H \"authorization: Bearer $TOKEN\" \
+         -d '{{\"phone_number\":\"+14155550123\",\"since\":\"{today}\"}}' {target} reassigned.v1.ReassignedNumbers/CheckNumber"
+    );
+    println!(
+        "  (or from a CSV of event_id,phone_number,disconnect_date lines: reassigned publish --file disconnections.csv \\
+         --ca {c}/ca.pem --cert {c}/operator-a.pem --key {c}/operator-a.key --token \"$OPERATOR_TOKEN\" --target {target})\n"
+    );
 }
 
 /// A number of the demo register and its disconnect date, for an example

@@ -6,6 +6,7 @@ pub mod certs;
 pub mod client;
 mod commands;
 pub mod generate;
+pub mod publish;
 pub mod receipt;
 pub mod token;
 pub mod watch;

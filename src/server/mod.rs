@@ -21,10 +21,15 @@ use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
+use crate::api::feed::FeedService;
+use crate::api::pb::disconnection_feed_server::DisconnectionFeedServer;
 use crate::api::pb::reassigned_numbers_server::ReassignedNumbersServer;
 use crate::api::pb::watchlist_server::WatchlistServer;
 use crate::api::{ReassignedService, ServiceOptions, WatchlistService, pb};
 use crate::config::ServeConfig;
+use crate::federation::Federation;
+use crate::federation::operators::Operators;
+use crate::federation::overlay::OverlayStore;
 use crate::store::{AnyStore, Store};
 
 /// The least time in-flight calls get to finish after a shutdown signal (the
@@ -183,6 +188,16 @@ where
         // follows file changes).
         reloader = reloader.with_hook("jwks", move || Ok(verifier.reload()?));
     }
+    let operators = Arc::new(match &config.operators {
+        Some(path) => Operators::load(path)?,
+        None => Operators::none(),
+    });
+    {
+        // An explicit reload re-reads the operators file too (a task of its
+        // own follows its changes).
+        let operators = operators.clone();
+        reloader = reloader.with_hook("operators", move || Ok(operators.reload()?));
+    }
     let reloader = std::sync::Arc::new(reloader);
     let _reload_attached = handles.reload.attach(reloader.clone());
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -209,6 +224,7 @@ where
         )),
         None => None,
     };
+    let stop_rx_federation = stop_rx.clone();
     let health_task = tokio::spawn(watch_health(
         store.clone(),
         reporter.clone(),
@@ -233,7 +249,22 @@ where
         }
         None => None,
     };
-    let event_log = event_log(&config, &store).await?;
+    let federation = Arc::new(open_federation(&config, &store, operators).await?);
+    let _follow = reload::AbortOnDrop(tokio::spawn(crate::federation::overlay::follow(
+        federation.log.clone(),
+        federation.overlay.clone(),
+        stop_rx_federation,
+    )));
+    let _operators_watch = federation.operators.path().map(|path| {
+        reload::AbortOnDrop(tokio::spawn(watch_operators(
+            federation.operators.clone(),
+            path.to_owned(),
+            config.tls_reload_interval(),
+        )))
+    });
+    let feed = DisconnectionFeedServer::new(FeedService::new(federation.clone(), audit.clone()))
+        .max_decoding_message_size(config.max_message_bytes.max(FEED_MAX_MESSAGE_BYTES));
+    let event_log = federation.log.clone();
     let _retention = reload::AbortOnDrop(tokio::spawn(trim_log(
         event_log.clone(),
         config.watch_retention_days,
@@ -275,7 +306,7 @@ where
     .max_decoding_message_size(config.max_message_bytes);
     let service = ReassignedNumbersServer::new(
         ReassignedService::new(
-            store,
+            OverlayStore::new(store, federation.overlay.clone()),
             ServiceOptions {
                 max_batch: config.max_batch,
                 max_staleness_days: config.max_staleness_days,
@@ -283,7 +314,8 @@ where
             },
         )
         .with_receipts(receipts)
-        .with_audit(audit),
+        .with_audit(audit)
+        .with_federation(Some(federation.clone())),
     )
     .max_decoding_message_size(config.max_message_bytes);
 
@@ -316,6 +348,7 @@ where
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
+        .add_service(feed)
         .add_service(watchlist)
         .serve_with_incoming_shutdown(incoming, on_shutdown);
     // The drain is bounded: a stream whose client stopped reading (or a
@@ -341,21 +374,42 @@ where
     Ok(())
 }
 
-/// The federation's event log beside `store`: streams in its Redis, or the
-/// journal in the embedded store's data directory.
-async fn event_log(config: &ServeConfig, store: &AnyStore) -> anyhow::Result<crate::federation::AnyLog> {
-    use crate::federation::log::{AnyLog, EmbeddedLog, RedisLog};
-    Ok(match (store, &config.store) {
-        (AnyStore::Redis(redis), _) => AnyLog::Redis(RedisLog::open(redis).await),
-        (AnyStore::Embedded(_), crate::config::StoreConfig::Embedded { data_dir, .. }) => {
-            AnyLog::Embedded(Arc::new(EmbeddedLog::open(data_dir)?))
+/// Largest PublishDisconnections request: 10,000 items of at most a
+/// 128-character event id, a number and a date, with room to spare.
+pub const FEED_MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// The federation of `config`: `operators` and the event log beside
+/// `store` (the embedded store's journal lives in its data directory).
+async fn open_federation(
+    config: &ServeConfig,
+    store: &AnyStore,
+    operators: Arc<Operators>,
+) -> anyhow::Result<Federation> {
+    let journal_dir = match &config.store {
+        crate::config::StoreConfig::Embedded { data_dir, .. } => Some(data_dir.as_path()),
+        _ => None,
+    };
+    Ok(Federation::open(store, journal_dir, operators).await?)
+}
+
+/// Re-reads the operators file whenever its content changes (looked at
+/// every `interval`); a bad file keeps the operators in force and is
+/// logged once per change.
+async fn watch_operators(operators: Arc<Operators>, path: std::path::PathBuf, interval: Duration) {
+    let mut seen = std::fs::read(&path).ok();
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let now = std::fs::read(&path).ok();
+        if now == seen {
+            continue;
         }
-        (AnyStore::Embedded(_), _) => {
-            anyhow::bail!(
-                "the federation's log: an embedded store needs a data directory (data_dir) for its journal"
-            )
+        seen = now;
+        if let Err(e) = operators.reload() {
+            tracing::warn!(error = %e, "operators file changed but cannot be used; keeping the operators in force");
         }
-    })
+    }
 }
 
 /// How often the log is trimmed to the retention.
@@ -434,14 +488,14 @@ fn receipt_signer(
 async fn set_serving(reporter: &HealthReporter, serving: bool) {
     if serving {
         reporter
-            .set_serving::<ReassignedNumbersServer<ReassignedService<AnyStore>>>()
+            .set_serving::<ReassignedNumbersServer<ReassignedService<OverlayStore<AnyStore>>>>()
             .await;
         reporter
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
     } else {
         reporter
-            .set_not_serving::<ReassignedNumbersServer<ReassignedService<AnyStore>>>()
+            .set_not_serving::<ReassignedNumbersServer<ReassignedService<OverlayStore<AnyStore>>>>()
             .await;
         reporter
             .set_service_status("", tonic_health::ServingStatus::NotServing)

@@ -71,11 +71,20 @@ pub fn free_port() -> u16 {
 /// `platform-a` of the dev certificates in `certs` (`reassigned certs dev`);
 /// retried until the child listens, failing after 30 s.
 pub async fn connect_as_platform_a(certs: &std::path::Path, port: u16) -> tonic::transport::Channel {
+    connect_as(certs, "platform-a", port).await
+}
+
+/// Like [`connect_as_platform_a`], as `who` (`<who>.pem`/`.key` in `certs`,
+/// e.g. `operator-a`).
+pub async fn connect_as(certs: &std::path::Path, who: &str, port: u16) -> tonic::transport::Channel {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let read = |f: &str| std::fs::read_to_string(certs.join(f)).expect("read pem");
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read("ca.pem")))
-        .identity(Identity::from_pem(read("platform-a.pem"), read("platform-a.key")))
+        .identity(Identity::from_pem(
+            read(&format!("{who}.pem")),
+            read(&format!("{who}.key")),
+        ))
         .domain_name("localhost");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
