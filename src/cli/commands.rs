@@ -397,6 +397,12 @@ pub async fn demo(dir: &Path, listen: SocketAddr, records: u64) -> anyhow::Resul
             operators.display()
         );
     }
+    let watch_key = dir.join("watch.key");
+    if !watch_key.exists() {
+        // The key of the platforms' watch lists (HMAC of the numbers).
+        std::fs::write(&watch_key, hex::encode(rand::random::<[u8; 32]>()))?;
+        eprintln!("made a watch list key in {}", watch_key.display());
+    }
     let keys = dir.join("keys");
     if !keys.join(super::token::JWKS_FILE).exists() {
         let key = super::token::generate_keys(&keys, super::token::KeyAlg::Es256, None)?;
@@ -416,6 +422,7 @@ pub async fn demo(dir: &Path, listen: SocketAddr, records: u64) -> anyhow::Resul
         client_ca: Some(certs.join("ca.pem")),
         data_dir: Some(data.clone()),
         operators: Some(operators),
+        watch_key_file: Some(watch_key),
         ..ServeSettings::default()
     };
     let config = ServeConfig::from_settings(settings)?;
@@ -438,6 +445,7 @@ pub async fn demo(dir: &Path, listen: SocketAddr, records: u64) -> anyhow::Resul
     let token = mint("platform-a", crate::identity::scope::ALL)?;
     let operator_token = mint("operator-a", crate::identity::scope::REGISTER_WRITE)?;
     print_demo_commands(&certs, listen, &data, &token)?;
+    print_watch_commands(&certs, listen);
     print_publish_commands(&certs, listen, &operator_token);
     crate::run(listener, config, store, shutdown_signal()).await
 }
@@ -494,6 +502,27 @@ fn demo_operators(data: &Path) -> anyhow::Result<String> {
         super::certs::platform_uri("operator-a"),
         list.join(", ")
     ))
+}
+
+/// The platform's side of the demo: watch a number as platform-a (with
+/// `$TOKEN`), and follow the events (in a second terminal, before
+/// publishing).
+fn print_watch_commands(certs: &Path, listen: SocketAddr) {
+    let c = certs.display();
+    let target = format!("localhost:{}", listen.port());
+    let tls = format!(
+        "-cacert {c}/ca.pem -cert {c}/platform-a.pem -key {c}/platform-a.key -H \"authorization: Bearer $TOKEN\""
+    );
+    let svc = "reassigned.v1.Watchlist";
+    println!(
+        "\nWatch a number as platform-a, and follow its events (keep this one running in a second terminal):\n"
+    );
+    println!("  grpcurl {tls} -d '{{\"phone_numbers\":[\"+14155550123\"]}}' {target} {svc}/AddWatches");
+    println!("  grpcurl {tls} -d '{{}}' {target} {svc}/WatchDisconnections");
+    println!(
+        "  (or as JSON lines with a resumable cursor: reassigned watch --cursor-file cursor.txt \\
+         --ca {c}/ca.pem --cert {c}/platform-a.pem --key {c}/platform-a.key --token \"$TOKEN\" --target {target})"
+    );
 }
 
 /// The operator's side of the demo: publish a disconnection as operator-a,
