@@ -6,7 +6,6 @@
 mod support;
 
 use std::path::Path;
-use std::process::Stdio;
 
 use reassigned::api::pb::disconnection_feed_client::DisconnectionFeedClient;
 use reassigned::api::pb::publish_result::Outcome;
@@ -15,29 +14,13 @@ use reassigned::api::pb::{
     CheckNumberRequest, Disconnection, PublishDisconnectionsRequest, ReassignmentStatus,
 };
 use reassigned::domain::Date;
-use support::bin::{Killed, bin, connect_as, free_port, run};
+use support::bin::{Killed, bin, connect_as, run, serve_dev};
 use support::redis::RedisServer;
 
 /// Starts `serve` (mTLS only) on a free port with `store_args`.
 fn serve(dir: &Path, store_args: &[String]) -> (Killed, u16) {
-    let port = free_port();
-    let certs = dir.join("certs");
-    let child = bin()
-        .args(["serve", "--no-tokens", "--listen", &format!("127.0.0.1:{port}")])
-        .args(store_args)
-        .arg("--operators")
-        .arg(dir.join("operators.toml"))
-        .arg("--tls-cert")
-        .arg(certs.join("server.pem"))
-        .arg("--tls-key")
-        .arg(certs.join("server.key"))
-        .arg("--client-ca")
-        .arg(certs.join("ca.pem"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn serve");
-    (Killed(child), port)
+    let operators = dir.join("operators.toml");
+    serve_dev(dir, store_args, &["--operators".as_ref(), operators.as_os_str()])
 }
 
 fn items() -> Vec<Disconnection> {

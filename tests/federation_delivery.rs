@@ -131,11 +131,7 @@ async fn open(c: &mut WatchlistClient<TestChannel>, cursor: &str) -> Result<Even
 
 /// The next event of `stream` (fails after the polling deadline).
 async fn next(stream: &mut Events) -> pb::DisconnectionEvent {
-    tokio::time::timeout(support::poll::DEADLINE, stream.next())
-        .await
-        .expect("an event in time")
-        .expect("the stream goes on")
-        .expect("an event")
+    support::poll::next_item(stream).await.expect("an event")
 }
 
 /// Nothing arrives on `stream` for a while (the time is what is tested:
@@ -347,12 +343,7 @@ async fn a_watcher_that_never_reads_holds_a_bounded_backlog() {
     // Reading resumes delivery: every event arrives.
     let mut seen = std::collections::HashSet::new();
     while seen.len() < EVENTS {
-        let event = tokio::time::timeout(support::poll::DEADLINE, stream.next())
-            .await
-            .expect("in time")
-            .expect("more")
-            .expect("an event");
-        seen.insert(event.event_id);
+        seen.insert(next(&mut stream).await.event_id);
     }
     server.stop().await;
 }
@@ -402,6 +393,20 @@ async fn receiver(fail_first: Option<usize>) -> (String, Arc<Mutex<Vec<Received>
     (url, got)
 }
 
+/// Waits until `n` webhook senders saved their first cursor.
+async fn senders_started(env: &Env, n: usize) {
+    let mut conn = env.store().await.connection();
+    eventually("the webhook senders started", async || {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*:fed:wh:*:cursor")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        keys.len() == n
+    })
+    .await;
+}
+
 const WEBHOOK_SECRET: &str = "the-webhook-secret-of-platform-a";
 
 async fn webhook_server(env: &Env, platform: &str, url: String, attempts: u32) -> TestServer {
@@ -433,16 +438,7 @@ async fn webhooks_are_signed_cloudevents_retried_then_dead_lettered() {
     let stats = server.handles.delivery_stats.clone();
     // The sender starts from the end of the log: wait until it saved its
     // cursor (its first lease), then publish.
-    let mut conn = env.store().await.connection();
-    eventually("the webhook sender started", async || {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("*:fed:wh:*:cursor")
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        !keys.is_empty()
-    })
-    .await;
+    senders_started(&env, 1).await;
     env.append(&[
         event("e1", X, EventKind::Disconnected),
         event("e2", Z, EventKind::Disconnected),
@@ -486,15 +482,7 @@ async fn webhooks_are_signed_cloudevents_retried_then_dead_lettered() {
     let server = webhook_server(&env, "platform-b", url, 3).await;
     watch(&mut watchlist(&server, "platform-b").await, &[X]).await;
     let stats = server.handles.delivery_stats.clone();
-    eventually("the webhook sender started", async || {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("*:fed:wh:*:cursor")
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        keys.len() == 2
-    })
-    .await;
+    senders_started(&env, 2).await;
     env.append(&[event("e3", X, EventKind::Disconnected)]).await;
     eventually("dead-lettered", async || {
         stats.webhook_dead.load(Ordering::Relaxed) == 1

@@ -10,7 +10,6 @@
 mod support;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +25,7 @@ use reassigned::api::pb::{
 use reassigned::domain::Date;
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
-use support::bin::{Killed, bin, connect_as, free_port, run};
+use support::bin::{Killed, bin, connect_as, run, serve_dev};
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
 use support::server::TestServer;
@@ -49,11 +48,7 @@ fn days_ago(n: i32) -> String {
 type Events = tonic::Streaming<pb::DisconnectionEvent>;
 
 async fn next(stream: &mut Events) -> pb::DisconnectionEvent {
-    tokio::time::timeout(support::poll::DEADLINE, stream.next())
-        .await
-        .expect("an event in time")
-        .expect("the stream goes on")
-        .expect("an event")
+    support::poll::next_item(stream).await.expect("an event")
 }
 
 async fn publish_receive_retract(store: AnyStore) {
@@ -165,26 +160,17 @@ async fn cluster_publish_reaches_the_watching_platform_only() {
 /// Starts `serve` (mTLS only) on a free port with `store_args`, operators
 /// and watch lists on.
 fn serve(dir: &Path, store_args: &[String]) -> (Killed, u16) {
-    let port = free_port();
-    let certs = dir.join("certs");
-    let child = bin()
-        .args(["serve", "--no-tokens", "--listen", &format!("127.0.0.1:{port}")])
-        .args(store_args)
-        .arg("--operators")
-        .arg(dir.join("operators.toml"))
-        .arg("--watch-key-file")
-        .arg(dir.join("watch.key"))
-        .arg("--tls-cert")
-        .arg(certs.join("server.pem"))
-        .arg("--tls-key")
-        .arg(certs.join("server.key"))
-        .arg("--client-ca")
-        .arg(certs.join("ca.pem"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn serve");
-    (Killed(child), port)
+    let (operators, key) = (dir.join("operators.toml"), dir.join("watch.key"));
+    serve_dev(
+        dir,
+        store_args,
+        &[
+            "--operators".as_ref(),
+            operators.as_os_str(),
+            "--watch-key-file".as_ref(),
+            key.as_os_str(),
+        ],
+    )
 }
 
 async fn publish(certs: &Path, port: u16, ids: std::ops::Range<u32>) {

@@ -1,6 +1,6 @@
-//! The platform commands' connection (`watch`, `watchlist`): where, as
-//! whom, with which token (the TLS endpoint and the token interceptor are
-//! `bench`'s, shared with `publish`).
+//! The client commands' connection (`publish`, `watch`, `watchlist`):
+//! where, as whom, with which token (the TLS endpoint and the token
+//! interceptor are `bench`'s).
 
 use std::path::PathBuf;
 
@@ -22,7 +22,7 @@ pub struct ClientArgs {
     /// CA certificate(s) that sign the server certificate (PEM).
     #[arg(long)]
     pub ca: PathBuf,
-    /// Client certificate chain (PEM).
+    /// Client certificate chain (PEM): the operator's or the platform's.
     #[arg(long)]
     pub cert: PathBuf,
     /// Private key of the client certificate (PEM).

@@ -8,10 +8,7 @@ use std::io::BufRead;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
-use super::bench::{Bearer, tls_endpoint};
 use crate::api::feed::MAX_PUBLISH_ITEMS;
 use crate::api::pb::disconnection_feed_client::DisconnectionFeedClient;
 use crate::api::pb::publish_result::Outcome;
@@ -26,25 +23,10 @@ pub struct PublishOptions {
     /// The CSV file: `event_id,phone_number,disconnect_date` per line.
     #[arg(long)]
     pub file: PathBuf,
-    /// The server, as HOST:PORT.
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    pub target: String,
-    /// The name the server certificate must be valid for.
-    #[arg(long, default_value = "localhost")]
-    pub server_name: String,
-    /// CA certificate(s) that sign the server certificate (PEM).
-    #[arg(long)]
-    pub ca: PathBuf,
-    /// The operator's client certificate chain (PEM).
-    #[arg(long)]
-    pub cert: PathBuf,
-    /// Private key of the operator's certificate (PEM).
-    #[arg(long)]
-    pub key: PathBuf,
-    /// A bearer token with scope `register:write` bound to the operator's
-    /// certificate; also from `REASSIGNED_TOKEN`.
-    #[arg(long, env = "REASSIGNED_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// Where to connect, as whom (the operator's certificate), and the
+    /// token (scope `register:write`, bound to that certificate).
+    #[command(flatten)]
+    pub client: super::client::ClientArgs,
     /// Items per call (1 to 10000).
     #[arg(long, default_value_t = 1000)]
     pub batch_size: usize,
@@ -95,7 +77,7 @@ impl std::fmt::Display for PublishSummary {
     }
 }
 
-type FeedClient = DisconnectionFeedClient<InterceptedService<Channel, Bearer>>;
+type FeedClient = DisconnectionFeedClient<super::client::Client>;
 
 /// Publishes the file as `opts` says; the summary (refusals are not an
 /// error here: see [`run`]).
@@ -104,11 +86,7 @@ pub async fn publish(opts: &PublishOptions) -> anyhow::Result<PublishSummary> {
         (1..=MAX_PUBLISH_ITEMS).contains(&opts.batch_size),
         "--batch-size must be 1 to {MAX_PUBLISH_ITEMS}"
     );
-    let channel = tls_endpoint(&opts.target, &opts.server_name, &opts.ca, &opts.cert, &opts.key)?
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {} over TLS", opts.target))?;
-    let mut client = DisconnectionFeedClient::with_interceptor(channel, Bearer::new(opts.token.as_deref())?)
+    let mut client = DisconnectionFeedClient::new(opts.client.connect().await?)
         .max_encoding_message_size(crate::server::FEED_MAX_MESSAGE_BYTES);
     let file =
         std::fs::File::open(&opts.file).with_context(|| format!("cannot open {}", opts.file.display()))?;

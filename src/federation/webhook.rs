@@ -196,12 +196,9 @@ impl CursorStore {
 }
 
 async fn query<T: ::redis::FromRedisValue>(store: &RedisStore, cmd: &::redis::Cmd) -> Result<T, String> {
-    let limit = store.options().timeout;
-    match tokio::time::timeout(limit, cmd.query_async(&mut store.connection())).await {
-        Err(_) => Err("redis timed out".into()),
-        Ok(Err(e)) => Err(store.error(&e).to_string()),
-        Ok(Ok(v)) => Ok(v),
-    }
+    super::watch::query(store.clone(), cmd.clone())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Everything a sender needs besides its configuration.

@@ -269,10 +269,13 @@ where
         event_log.clone(),
         config.watch_retention_days,
     )));
-    let tips = crate::federation::deliver::Tips::start(event_log.clone(), stop_rx.clone());
     let retention = Duration::from_secs(u64::from(config.watch_retention_days) * 86_400);
     let watch_lists = watch_lists(&config, &store)?;
-    if let Some(lists) = &watch_lists {
+    // Followers of the log's tips (one per shard) only when someone can watch.
+    let tips = watch_lists
+        .as_ref()
+        .map(|_| crate::federation::deliver::Tips::start(event_log.clone(), stop_rx.clone()));
+    if let (Some(lists), Some(tips)) = (&watch_lists, &tips) {
         let cursors = match (&store, &config.store) {
             (AnyStore::Redis(redis), _) => crate::federation::webhook::CursorStore::Redis(redis.clone()),
             (_, crate::config::StoreConfig::Embedded { data_dir, .. }) => {
@@ -299,7 +302,7 @@ where
     }
     let watchlist = WatchlistServer::new(WatchlistService::new(
         watch_lists,
-        Some((event_log.clone(), tips)),
+        tips.map(|tips| (event_log.clone(), tips)),
         handles.delivery_stats.clone(),
         retention,
     ))

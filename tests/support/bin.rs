@@ -67,6 +67,30 @@ pub fn free_port() -> u16 {
         .expect("port")
 }
 
+/// Starts `reassigned serve` (mTLS only, no tokens) on a free port with the
+/// dev certificates of `dir/certs` (`reassigned certs dev`), `store_args`
+/// (e.g. `--data-dir D` or `--redis URL`) and `extra` flags; its output
+/// discarded.
+pub fn serve_dev(dir: &std::path::Path, store_args: &[String], extra: &[&std::ffi::OsStr]) -> (Killed, u16) {
+    let port = free_port();
+    let certs = dir.join("certs");
+    let child = bin()
+        .args(["serve", "--no-tokens", "--listen", &format!("127.0.0.1:{port}")])
+        .args(store_args)
+        .args(extra)
+        .arg("--tls-cert")
+        .arg(certs.join("server.pem"))
+        .arg("--tls-key")
+        .arg(certs.join("server.key"))
+        .arg("--client-ca")
+        .arg(certs.join("ca.pem"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn serve");
+    (Killed(child), port)
+}
+
 /// A mutual-TLS channel to a `reassigned serve` child on 127.0.0.1:`port`, as
 /// `platform-a` of the dev certificates in `certs` (`reassigned certs dev`);
 /// retried until the child listens, failing after 30 s.
