@@ -14,6 +14,7 @@ pub mod journal;
 pub mod log;
 pub mod operators;
 pub mod overlay;
+pub mod register;
 
 use crate::domain::{Date, PhoneNumber};
 
