@@ -462,3 +462,98 @@ async fn acknowledged_publication_survives_a_redis_sigkill() {
     assert_eq!(log.active().await.expect("active").len(), 199);
     assert_eq!(everything(&log).await.len(), 201);
 }
+
+/// The register's events: a delta's new and later dates, a later
+/// snapshot's moved ones; nothing for the first snapshot, for unchanged or
+/// earlier dates.
+async fn register_imports_append_events<S: reassigned::store::Store>(
+    store: S,
+    log: reassigned::federation::AnyLog,
+) {
+    use reassigned::federation::register::EventingStore;
+    use reassigned::store::{Records, Store};
+    use support::writes::{delta_write, snap};
+    let store = EventingStore::new(store, log.clone());
+    let day = |d: i32| u16::try_from(20_000 + d).expect("day");
+    let first =
+        Records::from_unsorted([(12_015_550_001, day(0)), (12_015_550_002, day(0))]).expect("records");
+    store
+        .apply_snapshot(&snap(1, 20_100), &first, None)
+        .await
+        .expect("snapshot");
+    assert!(
+        everything(&log).await.is_empty(),
+        "the first snapshot is the baseline"
+    );
+
+    // 001 moves later, 002 earlier (a no-op for the store), 003 is new.
+    let delta = Records::from_unsorted([
+        (12_015_550_001, day(5)),
+        (12_015_550_002, day(-5)),
+        (12_015_550_003, day(1)),
+    ])
+    .expect("records");
+    store
+        .apply_delta(&delta_write(2, 20_101), &delta)
+        .await
+        .expect("delta");
+    let mut got: Vec<(String, String, i32)> = everything(&log)
+        .await
+        .into_iter()
+        .map(|(_, _, e)| (e.event_id, e.number.to_string(), e.disconnect_date.days()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("register:2:0".to_owned(), "+12015550001".to_owned(), 20_005),
+            ("register:2:2".to_owned(), "+12015550003".to_owned(), 20_001),
+        ]
+    );
+    let any = everything(&log).await.remove(0).2;
+    assert_eq!(
+        (any.source.as_str(), any.kind),
+        (REGISTER_SOURCE, EventKind::Disconnected)
+    );
+    assert_eq!(any.earliest_reissue_date, any.disconnect_date.add_days(45));
+
+    // A later snapshot: 003 moves, 001 unchanged, 002 dropped, 004 new.
+    let next = Records::from_unsorted([
+        (12_015_550_001, day(5)),
+        (12_015_550_003, day(9)),
+        (12_015_550_004, day(2)),
+    ])
+    .expect("records");
+    store
+        .apply_snapshot(&snap(3, 20_102), &next, Some(2))
+        .await
+        .expect("snapshot 3");
+    let mut ids: Vec<String> = everything(&log)
+        .await
+        .into_iter()
+        .map(|(_, _, e)| e.event_id)
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        ["register:2:0", "register:2:2", "register:3:1", "register:3:2"]
+    );
+}
+
+#[tokio::test]
+async fn register_imports_append_events_embedded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log =
+        reassigned::federation::AnyLog::Embedded(Arc::new(EmbeddedLog::open(dir.path()).expect("open")));
+    register_imports_append_events(reassigned::store::EmbeddedStore::new(), log).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_imports_append_events_redis() {
+    let server = RedisServer::start_with(&AOF);
+    let store = RedisStore::connect(&server.url(), RedisOptions::default())
+        .await
+        .expect("connect");
+    let log = reassigned::federation::AnyLog::Redis(RedisLog::open(&store).await);
+    register_imports_append_events(store, log).await;
+}

@@ -7,6 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+
+use crate::federation::AnyLog;
+use crate::federation::log::RedisLog;
+use crate::federation::register::EventingStore;
 use tokio::net::TcpListener;
 
 use super::generate::GenerateOptions;
@@ -170,6 +174,13 @@ async fn redis_store(target: &RedisTarget, key_prefix: &str) -> anyhow::Result<R
     }
 }
 
+/// `store` appending the register's events to the federation log beside it
+/// (see [`crate::federation::register`]).
+async fn eventing(store: RedisStore) -> EventingStore<RedisStore> {
+    let log = AnyLog::Redis(RedisLog::open(&store).await);
+    EventingStore::new(store, log)
+}
+
 /// `reassigned import`: applies one manifest to the Redis mirror.
 pub async fn import(target: &RedisTarget, key_prefix: &str, manifest: &Path) -> anyhow::Result<()> {
     import_with(target, key_prefix, manifest, ImportOptions::default()).await
@@ -283,7 +294,7 @@ pub async fn import_with(
 ) -> anyhow::Result<()> {
     let interrupt = import::Interrupt::never();
     let _signals = SignalGuard::install(interrupt.clone());
-    let store = redis_store(target, key_prefix).await?;
+    let store = eventing(redis_store(target, key_prefix).await?).await;
     let started = std::time::Instant::now();
     let applied =
         import::apply_manifest_with(&store, manifest, options, &mut StoppableProgress::new(&interrupt))
@@ -303,7 +314,7 @@ pub async fn sync_with(
 ) -> anyhow::Result<()> {
     let interrupt = import::Interrupt::never();
     let _signals = SignalGuard::install(interrupt.clone());
-    let store = redis_store(target, key_prefix).await?;
+    let store = eventing(redis_store(target, key_prefix).await?).await;
     let report = import::sync_dir_with(
         &store,
         dir,

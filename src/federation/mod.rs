@@ -15,6 +15,7 @@ pub mod journal;
 pub mod log;
 pub mod operators;
 pub mod overlay;
+pub mod register;
 pub mod watch;
 pub mod webhook;
 
