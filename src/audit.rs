@@ -32,8 +32,9 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
+
+use crate::domain::hmac::{HmacKey, read_secret};
 
 /// Records queued before new ones are dropped (or refused).
 pub const QUEUE: usize = 8192;
@@ -47,8 +48,8 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Lifetime of a batch marker (see "Exact counters").
 pub const MARKER_TTL_SECS: u64 = 86_400;
-/// Fields per record in [`BATCH_SCRIPT`]'s arguments (7 name/value pairs).
-const FIELDS_PER_RECORD: usize = 14;
+/// Fields per record in [`BATCH_SCRIPT`]'s arguments (8 name/value pairs).
+const FIELDS_PER_RECORD: usize = 16;
 
 /// Writes one batch. KEYS: the stream, the batch's marker, then markers of
 /// settled batches to delete. ARGV: marker TTL (s), MAXLEN, fields per
@@ -116,6 +117,10 @@ pub struct AuditRecord {
     pub status: String,
     /// The mirror's `as_of` (empty when it held no data).
     pub data_as_of: String,
+    /// Why, for records that are not answers (an operator's retraction,
+    /// `status` `RETRACTED`: its reason); empty for answers.
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// Why a record was not accepted (only with `mandatory`).
@@ -399,7 +404,9 @@ impl Writer {
                 .arg("status")
                 .arg(&r.status)
                 .arg("data_as_of")
-                .arg(&r.data_as_of);
+                .arg(&r.data_as_of)
+                .arg("reason")
+                .arg(&r.reason);
         }
         let result = tokio::time::timeout(WRITE_TIMEOUT, call.invoke_async::<i64>(&mut self.conn)).await;
         match result {
@@ -439,15 +446,6 @@ impl Writer {
     }
 }
 
-/// A secret file's bytes without a trailing newline.
-fn trim_secret(bytes: &[u8]) -> &[u8] {
-    let mut end = bytes.len();
-    while end > 0 && matches!(bytes[end - 1], b'\n' | b'\r') {
-        end -= 1;
-    }
-    &bytes[..end]
-}
-
 /// The key of the number hashes (HMAC-SHA256): the audit trail's, and the
 /// access log's (the same key when the audit secret is set, so their
 /// hashes match).
@@ -458,11 +456,8 @@ impl NumberKey {
     /// The key of the secret in `path` (trimmed of one trailing newline; at
     /// least 16 bytes).
     pub fn from_secret_file(path: &std::path::Path) -> anyhow::Result<Self> {
-        let secret = std::fs::read(path)
-            .map_err(|e| anyhow::anyhow!("cannot read the audit secret {}: {e}", path.display()))?;
-        let secret = trim_secret(&secret);
-        anyhow::ensure!(secret.len() >= 16, "the audit secret must hold at least 16 bytes");
-        Ok(Self(HmacKey::new(secret)))
+        let secret = read_secret(path, "audit secret").map_err(anyhow::Error::msg)?;
+        Ok(Self(HmacKey::new(&secret)))
     }
 
     /// A random key of this process: its hashes match only each other.
@@ -473,47 +468,6 @@ impl NumberKey {
     /// Lowercase hex HMAC-SHA256 of `e164` with this key.
     pub fn hmac_hex(&self, e164: &str) -> String {
         hex::encode(self.0.mac(e164.as_bytes()))
-    }
-}
-
-/// HMAC-SHA256 (RFC 2104) with the pads precomputed.
-#[derive(Clone)]
-struct HmacKey {
-    inner: Sha256,
-    outer: Sha256,
-}
-
-impl std::fmt::Debug for HmacKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HmacKey(<redacted>)")
-    }
-}
-
-impl HmacKey {
-    fn new(secret: &[u8]) -> Self {
-        let mut block = [0u8; 64];
-        if secret.len() > 64 {
-            block[..32].copy_from_slice(&Sha256::digest(secret));
-        } else {
-            block[..secret.len()].copy_from_slice(secret);
-        }
-        let pad = |byte: u8| {
-            let mut h = Sha256::new();
-            h.update(block.map(|b| b ^ byte));
-            h
-        };
-        Self {
-            inner: pad(0x36),
-            outer: pad(0x5c),
-        }
-    }
-
-    fn mac(&self, message: &[u8]) -> [u8; 32] {
-        let mut inner = self.inner.clone();
-        inner.update(message);
-        let mut outer = self.outer.clone();
-        outer.update(inner.finalize());
-        outer.finalize().into()
     }
 }
 
@@ -565,6 +519,7 @@ pub async fn export(
                 since: get("since"),
                 status: get("status"),
                 data_as_of: get("data_as_of"),
+                reason: get("reason"),
             })?;
             count += 1;
         }
@@ -580,23 +535,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hmac_matches_rfc_4231_case_2() {
-        let key = HmacKey::new(b"Jefe");
-        assert_eq!(
-            hex::encode(key.mac(b"what do ya want for nothing?")),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
-    }
-
-    #[test]
     fn the_mandatory_warning_does_not_say_answers_continue() {
         assert!(drop_warning(false).contains("answers continue"));
         assert!(!drop_warning(true).contains("answers continue"));
         assert!(drop_warning(true).contains("refused"));
-    }
-
-    #[test]
-    fn secrets_lose_their_newline() {
-        assert_eq!(trim_secret(b"abc\r\n"), b"abc");
     }
 }

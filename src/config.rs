@@ -63,6 +63,8 @@ pub mod defaults {
     pub const LISTEN_BACKLOG: u32 = 4096;
     /// `max_shrink`.
     pub const MAX_SHRINK: f64 = crate::import::DEFAULT_MAX_SHRINK;
+    /// `watch_retention_days`.
+    pub const WATCH_RETENTION_DAYS: u32 = 30;
     /// `quota_redis_timeout_ms`.
     pub const QUOTA_REDIS_TIMEOUT_MS: u64 = crate::quota::DEFAULT_REDIS_TIMEOUT.as_millis() as u64;
     /// `quota_expected_replicas`.
@@ -360,10 +362,30 @@ settings_table! {
     /// records a snapshot found by the background resync may remove; a
     /// snapshot removing more, or empty, is skipped and reported.
     max_shrink: f64 = defaults::MAX_SHRINK, flag "max-shrink", env "REASSIGNED_MAX_SHRINK";
+    /// File holding the secret (at least 16 bytes) that keys the platforms'
+    /// watch lists (HMAC-SHA-256: numbers are never stored in clear).
+    /// Without it the `Watchlist` service answers FAILED_PRECONDITION.
+    /// Changing it starts empty lists (see the README's "Federation").
+    watch_key_file: PathBuf, flag "watch-key-file", env "REASSIGNED_WATCH_KEY_FILE";
+    /// Days the events for watchers are kept: a `WatchDisconnections`
+    /// cursor older than that is OUT_OF_RANGE.
+    watch_retention_days: u32 = defaults::WATCH_RETENTION_DAYS,
+        flag "watch-retention-days", env "REASSIGNED_WATCH_RETENTION_DAYS";
+    /// Operators file (TOML): the operators that may publish
+    /// disconnections, by certificate identity, with the prefixes each is
+    /// authoritative for and its quarantine days (see the README's
+    /// "Federation"). Reloaded when it changes. Without it every
+    /// publication is refused.
+    operators: PathBuf, flag "operators", env "REASSIGNED_OPERATORS";
     file only:
     /// Per-platform quotas (config file only): the `[quotas]` table with a
     /// `default` entry and entries keyed by platform id. None: unlimited.
     quotas: QuotaSettings;
+    /// Webhooks (config file only): `[webhooks."<platform id>"]` tables with
+    /// `url` (`http://host:port/path`), `secret_file` (16+ bytes, signs each
+    /// request), optional `max_attempts` (default 6) and `backoff_ms`
+    /// (default 500, doubled per retry). Needs `watch_key_file`.
+    webhooks: std::collections::BTreeMap<String, WebhookSetting>;
 }
 
 impl ServeSettings {
@@ -417,6 +439,59 @@ pub fn parse_span(text: &str) -> Result<Duration, String> {
         return Err("the ttl must be more than 0 seconds".into());
     }
     Ok(Duration::from_secs(secs))
+}
+
+/// One platform's webhook as configured (see the `webhooks` setting).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSetting {
+    /// `http://host:port/path`.
+    pub url: String,
+    /// The file holding the signing secret.
+    pub secret_file: PathBuf,
+    /// Tries per event before it counts as dead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// The first retry's wait in milliseconds, doubled per retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_ms: Option<u64>,
+}
+
+/// The webhooks of the settings, checked (URL, secret file).
+fn webhooks_config(s: &ServeSettings) -> Result<Vec<crate::federation::webhook::WebhookConfig>, ConfigError> {
+    let Some(hooks) = &s.webhooks else {
+        return Ok(Vec::new());
+    };
+    if s.watch_key_file.is_none() && !hooks.is_empty() {
+        return Err(ConfigError::Invalid(
+            "webhooks",
+            "need watch_key_file (watch lists)".into(),
+        ));
+    }
+    hooks
+        .iter()
+        .map(|(platform, hook)| {
+            crate::federation::webhook::HttpUrl::parse(&hook.url)
+                .map_err(|e| ConfigError::Invalid("webhooks", e))?;
+            let secret_file = readable_file(hook.secret_file.clone(), "webhooks")?;
+            crate::domain::hmac::read_secret(&secret_file, "webhook secret")
+                .map_err(|e| ConfigError::Invalid("webhooks", format!("{platform}: {e}")))?;
+            let max_attempts = hook.max_attempts.unwrap_or(6);
+            if max_attempts == 0 {
+                return Err(ConfigError::Invalid(
+                    "webhooks",
+                    format!("{platform}: max_attempts must be at least 1"),
+                ));
+            }
+            Ok(crate::federation::webhook::WebhookConfig {
+                platform: platform.clone(),
+                url: hook.url.clone(),
+                secret_file,
+                max_attempts,
+                backoff_ms: hook.backoff_ms.unwrap_or(500).max(1),
+            })
+        })
+        .collect()
 }
 
 /// A retired receipt key as configured: its public key file and the last
@@ -631,12 +706,20 @@ pub struct ServeConfig {
     pub otlp_endpoint: Option<String>,
     /// Address of the REST face; `None`: off.
     pub rest_listen: Option<SocketAddr>,
+    /// The operators file; `None`: no operator may publish.
+    pub operators: Option<PathBuf>,
     /// Time a new connection gets to send its first byte, in milliseconds.
     pub handshake_first_byte_timeout_ms: u64,
     /// Pending handshake limit per client IP address.
     pub max_handshakes_per_ip: usize,
     /// Listen backlog of the server socket.
     pub listen_backlog: u32,
+    /// The watch lists' key file; `None`: the `Watchlist` service is off.
+    pub watch_key_file: Option<PathBuf>,
+    /// Days the events for watchers are kept.
+    pub watch_retention_days: u32,
+    /// Platforms' webhooks.
+    pub webhooks: Vec<crate::federation::webhook::WebhookConfig>,
 }
 
 /// A configuration that cannot be used.
@@ -760,6 +843,11 @@ impl ServeConfig {
         )?;
         let (receipt_key, receipt_kid) = receipt_config(s.receipt_key.clone(), s.receipt_kid.clone())?;
         let audit = audit_config(&s, &store)?;
+        let operators = s
+            .operators
+            .clone()
+            .map(|p| readable_file(p, "operators"))
+            .transpose()?;
         let handshake_timeout_ms = positive!(s.handshake_timeout_ms)?;
         let handshake_first_byte_timeout_ms = positive!(s.handshake_first_byte_timeout_ms)?;
         if handshake_first_byte_timeout_ms > handshake_timeout_ms {
@@ -797,9 +885,13 @@ impl ServeConfig {
             access_log: take!(s.access_log)?,
             otlp_endpoint: otlp_endpoint(s.otlp_endpoint.clone())?,
             rest_listen: s.rest_listen,
+            operators,
             handshake_first_byte_timeout_ms,
             max_handshakes_per_ip: positive!(s.max_handshakes_per_ip)?,
             listen_backlog: positive!(s.listen_backlog)?,
+            watch_key_file: watch_key_config(s.watch_key_file.clone())?,
+            watch_retention_days: positive!(s.watch_retention_days)?,
+            webhooks: webhooks_config(&s)?,
         })
     }
 
@@ -995,6 +1087,18 @@ fn token_max_lifetime(text: &str) -> Result<Option<u64>, ConfigError> {
     parse_span(text)
         .map(|d| Some(d.as_secs()))
         .map_err(|e| ConfigError::Invalid("token_max_lifetime", format!("{e}, or off")))
+}
+
+/// Checks the watch key now (readable, long enough), so a bad key stops
+/// `serve` before it binds.
+fn watch_key_config(path: Option<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let path = readable_file(path, "watch_key_file")?;
+    crate::domain::hmac::read_secret(&path, "watch key")
+        .map_err(|e| ConfigError::Invalid("watch_key_file", e))?;
+    Ok(Some(path))
 }
 
 /// Checks the receipt key now (it must parse), so a bad key stops `serve`

@@ -119,10 +119,23 @@ enum Command {
     Health(cli::health::HealthOptions),
     /// Load-test a server over mutual TLS (throughput, latency percentiles, errors).
     Bench(Box<BenchOptions>),
+    /// Publish disconnections as an operator from a CSV file
+    /// (`event_id,phone_number,disconnect_date`), in batches; prints a
+    /// summary and exits non-zero if any item was refused.
+    Publish(Box<cli::publish::PublishOptions>),
     /// Serve fixed answers without a store, over the same TLS and auth layer:
     /// the framework's ceiling for benchmarks.
     #[command(hide = true)]
     BenchBare(BareOptions),
+    /// A platform's watch list (numbers bound to its accounts): add or
+    /// remove a file of numbers, or count the list.
+    Watchlist {
+        #[command(subcommand)]
+        command: WatchlistCommand,
+    },
+    /// Print the disconnection events of the caller's watch list as JSON
+    /// lines, keeping the cursor in a file (resumes where it stopped).
+    Watch(Box<cli::watch::WatchOptions>),
     /// Make dev certificates and a demo data set if missing, and serve them on
     /// 127.0.0.1:50051 with the embedded store.
     Demo {
@@ -139,6 +152,20 @@ enum Command {
         #[arg(long, default_value_t = 100_000)]
         records: u64,
     },
+}
+
+/// `watchlist add|remove`: the summary, and an error if any line was refused.
+async fn watchlist_file(
+    client: &cli::client::ClientArgs,
+    file: &std::path::Path,
+    add: bool,
+) -> anyhow::Result<()> {
+    let summary = cli::watch::watchlist_file(client, file, add).await?;
+    if cli::watch::print_summary(&summary, add) {
+        Ok(())
+    } else {
+        anyhow::bail!("{} lines refused", summary.refused.len())
+    }
 }
 
 /// Where the Redis mirror is (`import`, `sync`, `verify`, `gc`).
@@ -260,6 +287,33 @@ enum ReceiptCommand {
         /// The key id, as given to `--receipt-kid` (default: derived from the key).
         #[arg(long)]
         kid: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum WatchlistCommand {
+    /// Add the numbers of a file (one E.164 number per line) to the
+    /// caller's watch list; exits non-zero if any line is refused.
+    Add {
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
+        /// The numbers, one per line (`#` comments and empty lines skipped).
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Remove the numbers of a file from the caller's watch list; exits
+    /// non-zero if any line is refused.
+    Remove {
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
+        /// The numbers, one per line.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Print how many numbers the caller's watch list holds.
+    Count {
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
     },
 }
 
@@ -451,7 +505,16 @@ fn main() -> ExitCode {
                 command: TokenCommand::Mint(options),
             } => cli::token::mint_cmd(&options).map(|token| println!("{token}")),
             Command::Health(options) => cli::health::probe(&options).await.map(|ok| println!("{ok}")),
+            Command::Watchlist { command } => match command {
+                WatchlistCommand::Add { client, file } => watchlist_file(&client, &file, true).await,
+                WatchlistCommand::Remove { client, file } => watchlist_file(&client, &file, false).await,
+                WatchlistCommand::Count { client } => cli::watch::watchlist_count(&client)
+                    .await
+                    .map(|n| println!("{n}")),
+            },
+            Command::Watch(options) => cli::watch::watch(&options).await.map(|n| eprintln!("{n} events")),
             Command::Bench(options) => bench::run(&options).await,
+            Command::Publish(options) => cli::publish::run(&options).await,
             Command::BenchBare(options) => bench_bare::run_bare(&options).await,
             Command::Demo {
                 dir,

@@ -30,6 +30,17 @@ pub enum ApiError {
     /// The audit trail is mandatory and cannot take the record.
     #[error(transparent)]
     Audit(#[from] AuditError),
+    /// The call has no authenticated caller (the auth layer sets one on
+    /// every call it lets through: a call without is refused).
+    #[error("no caller identity")]
+    NoCaller,
+    /// Watch lists are not configured on this server (no watch key).
+    #[error("watch lists are off")]
+    WatchOff,
+    /// A `WatchDisconnections` cursor is older than what the server still
+    /// holds: the oldest cursor still held.
+    #[error("cursor out of range")]
+    CursorOutOfRange(String),
 }
 
 impl ApiError {
@@ -75,6 +86,18 @@ impl ApiError {
             ApiError::Audit(AuditError::Unavailable) => {
                 (Code::Unavailable, "the audit trail is unavailable; retry".into())
             }
+            ApiError::NoCaller => (Code::Unauthenticated, "no client identity".into()),
+            ApiError::WatchOff => (
+                Code::FailedPrecondition,
+                "watch lists are not configured on this server (no watch key)".into(),
+            ),
+            ApiError::CursorOutOfRange(oldest) => (
+                Code::OutOfRange,
+                format!(
+                    "cursor: unknown or expired (events older than the retention are gone); \
+                     the oldest cursor still held is {oldest:?} (an empty cursor starts from now)"
+                ),
+            ),
         }
     }
 }
@@ -118,7 +141,9 @@ impl From<ApiError> for Status {
                 }
                 Status::new(code, message)
             }
-            ApiError::Audit(_) => Status::new(code, message),
+            ApiError::Audit(_) | ApiError::NoCaller | ApiError::WatchOff | ApiError::CursorOutOfRange(_) => {
+                Status::new(code, message)
+            }
         }
     }
 }

@@ -82,6 +82,8 @@ pub struct ReassignedService<S> {
     receipts: Option<std::sync::Arc<ReceiptSigner>>,
     /// Takes one record per answer; `None`: no audit trail.
     audit: Option<std::sync::Arc<Auditor>>,
+    /// The federation, for GetMirrorStatus' sources; `None`: the register only.
+    federation: Option<std::sync::Arc<crate::federation::Federation>>,
 }
 
 impl<S: Store> ReassignedService<S> {
@@ -92,7 +94,17 @@ impl<S: Store> ReassignedService<S> {
             options,
             receipts: None,
             audit: None,
+            federation: None,
         }
+    }
+
+    /// Lists the federation's sources in GetMirrorStatus.
+    pub fn with_federation(
+        mut self,
+        federation: Option<std::sync::Arc<crate::federation::Federation>>,
+    ) -> Self {
+        self.federation = federation;
+        self
     }
 
     /// Audits every answer with `auditor` (none: no audit trail).
@@ -205,6 +217,7 @@ impl<S: Store> ReassignedService<S> {
             since: answer.check.since.to_string(),
             status: status_names(answer.status).0.to_owned(),
             data_as_of: answer.as_of.map(|d| d.to_string()).unwrap_or_default(),
+            reason: String::new(),
         })
     }
 
@@ -378,6 +391,9 @@ impl<S: Store + Clone> ReassignedNumbers for ReassignedService<S> {
             self.options.max_staleness_days,
         );
         status.skipped_files = self.store.import_problems();
+        if let Some(federation) = &self.federation {
+            status.sources = super::feed::mirror_sources(meta.as_deref(), federation);
+        }
         Ok(Response::new(status))
     }
 

@@ -54,6 +54,7 @@ use tonic::{Request, Status};
 
 use crate::api::code_name;
 use crate::api::pb;
+use crate::api::pb::disconnection_feed_client::DisconnectionFeedClient;
 use crate::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
 use crate::domain::{Date, PhoneNumber, Prefix};
 use crate::import::{Kind, Manifest, NoProgress, read_records};
@@ -86,6 +87,12 @@ pub enum Method {
     /// `StreamCheckNumbers`: one stream per call, sending `--batch-size`
     /// requests and reading all results.
     Stream,
+    /// `PublishDisconnections`: `--batch-size` new events per call (unique
+    /// event ids, numbers of the query pool, yesterday's date), as the
+    /// operator of `--cert`, which must be authoritative for them (e.g.
+    /// `+1` for the random pool). Item errors count refusals; DUPLICATE
+    /// would mean ids were reused.
+    Publish,
 }
 
 impl fmt::Display for Method {
@@ -94,6 +101,7 @@ impl fmt::Display for Method {
             Method::Check => "check",
             Method::Batch => "batch",
             Method::Stream => "stream",
+            Method::Publish => "publish",
         })
     }
 }
@@ -216,7 +224,7 @@ impl BenchOptions {
     fn numbers_per_call(&self) -> usize {
         match self.method {
             Method::Check => 1,
-            Method::Batch | Method::Stream => self.batch_size,
+            Method::Batch | Method::Stream | Method::Publish => self.batch_size,
         }
     }
 }
@@ -727,8 +735,14 @@ struct Workload {
     checks: Vec<pb::CheckNumberRequest>,
     /// `check` over REST: the JSON body of each of `checks`.
     rest_bodies: Vec<bytes::Bytes>,
-    /// `batch` and `stream`: one batch per call.
+    /// `batch`, `stream` and `publish`: one batch per call.
     batches: Vec<pb::BatchCheckNumbersRequest>,
+    /// `publish`: calls made so far (event ids are unique per call).
+    publish_calls: AtomicU64,
+    /// `publish`: this run's random part of the event ids.
+    run_id: u32,
+    /// `publish`: the disconnect date sent.
+    yesterday: String,
 }
 
 impl Workload {
@@ -765,8 +779,11 @@ impl Workload {
                 },
                 checks: queries,
                 batches: Vec::new(),
+                publish_calls: AtomicU64::new(0),
+                run_id: rand::random(),
+                yesterday: Date::today_utc().add_days(-1).to_string(),
             },
-            Method::Batch | Method::Stream => {
+            Method::Batch | Method::Stream | Method::Publish => {
                 let mut batches = Vec::with_capacity(len / per_call);
                 let mut queries = queries.into_iter();
                 loop {
@@ -783,6 +800,9 @@ impl Workload {
                     checks: Vec::new(),
                     rest_bodies: Vec::new(),
                     batches,
+                    publish_calls: AtomicU64::new(0),
+                    run_id: rand::random(),
+                    yesterday: Date::today_utc().add_days(-1).to_string(),
                 }
             }
         })
@@ -837,6 +857,19 @@ impl Tally {
             }
             None => self.statuses.unspecified += 1,
         }
+    }
+
+    /// One item of a publish call: accepted items count as numbers;
+    /// refusals (and duplicates) as item errors by code.
+    fn published(&mut self, result: &pb::PublishResult) {
+        self.numbers += 1;
+        let code = match &result.outcome {
+            Some(pb::publish_result::Outcome::Accepted(_)) => return,
+            Some(pb::publish_result::Outcome::Duplicate(_)) => "DUPLICATE",
+            Some(pb::publish_result::Outcome::Error(e)) => e.code.as_str(),
+            None => "NO_OUTCOME",
+        };
+        *self.item_errors.entry(code.to_owned()).or_default() += 1;
     }
 
     fn answer(&mut self, answer: &pb::CheckNumberResponse) {
@@ -947,16 +980,40 @@ async fn call(
     };
     match method {
         Method::Check => {
-            let response = client.check_number(workload.checks[index].clone()).await?;
+            let response = client
+                .numbers
+                .check_number(workload.checks[index].clone())
+                .await?;
             tally.numbers += 1;
             tally.answer(response.get_ref());
         }
         Method::Batch => {
             let response = client
+                .numbers
                 .batch_check_numbers(workload.batches[index].clone())
                 .await?;
             for result in &response.get_ref().results {
                 tally.result(result);
+            }
+        }
+        Method::Publish => {
+            let call = workload.publish_calls.fetch_add(1, Ordering::Relaxed);
+            let items = workload.batches[index]
+                .checks
+                .iter()
+                .enumerate()
+                .map(|(i, check)| pb::Disconnection {
+                    event_id: format!("bench-{}-{call}-{i}", workload.run_id),
+                    phone_number: check.phone_number.clone(),
+                    disconnect_date: workload.yesterday.clone(),
+                })
+                .collect();
+            let response = client
+                .feed
+                .publish_disconnections(pb::PublishDisconnectionsRequest { items })
+                .await?;
+            for result in &response.get_ref().results {
+                tally.published(result);
             }
         }
         Method::Stream => {
@@ -964,7 +1021,7 @@ async fn call(
             let source = Arc::clone(workload);
             let requests =
                 futures_util::stream::iter(0..sent).map(move |i| source.batches[index].checks[i].clone());
-            let mut results = client.stream_check_numbers(requests).await?.into_inner();
+            let mut results = client.numbers.stream_check_numbers(requests).await?.into_inner();
             let mut received = 0;
             while let Some(result) = results.message().await? {
                 tally.result(&result);
@@ -1016,15 +1073,20 @@ enum Caller {
     Rest(crate::cli::rest_client::RestClient),
 }
 
-/// The bench's client: a channel that adds the bearer token, if any.
-type BenchClient = ReassignedNumbersClient<InterceptedService<Channel, Bearer>>;
+/// The bench's clients of one connection, adding the bearer token, if any.
+#[derive(Clone)]
+struct BenchClient {
+    numbers: ReassignedNumbersClient<InterceptedService<Channel, Bearer>>,
+    feed: DisconnectionFeedClient<InterceptedService<Channel, Bearer>>,
+}
 
 /// Adds `authorization: Bearer <token>` to every call when a token is given.
 #[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
+pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
 
 impl Bearer {
-    fn new(token: Option<&str>) -> anyhow::Result<Self> {
+    /// Sends `token` (none: nothing); an error if it is not a header value.
+    pub(crate) fn new(token: Option<&str>) -> anyhow::Result<Self> {
         token
             .map(|t| {
                 MetadataValue::try_from(format!("Bearer {}", t.trim()))
@@ -1172,15 +1234,28 @@ pub fn client_tls(ca: &Path, cert: &Path, key: &Path, server_name: &str) -> anyh
         .domain_name(server_name.to_owned()))
 }
 
-/// Opens `opts.connections` HTTP/2 connections over mutual TLS.
-async fn connect(opts: &BenchOptions) -> anyhow::Result<Vec<Channel>> {
-    let tls = client_tls(&opts.ca, &opts.cert, &opts.key, &opts.server_name)?;
-    let endpoint = Endpoint::from_shared(format!("https://{}", opts.target))
-        .with_context(|| format!("--target {:?} is not HOST:PORT", opts.target))?
+/// An endpoint to `target` (HOST:PORT) over mutual TLS (see
+/// [`client_tls`]). Shared by the client commands (`bench`, `publish`,
+/// `watch`, `watchlist`).
+pub(crate) fn tls_endpoint(
+    target: &str,
+    server_name: &str,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<Endpoint> {
+    let tls = client_tls(ca, cert, key, server_name)?;
+    Ok(Endpoint::from_shared(format!("https://{target}"))
+        .with_context(|| format!("--target {target:?} is not HOST:PORT"))?
         .tls_config(tls)
         .context("cannot use the TLS material")?
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(10)))
+}
+
+/// Opens `opts.connections` HTTP/2 connections over mutual TLS.
+async fn connect(opts: &BenchOptions) -> anyhow::Result<Vec<Channel>> {
+    let endpoint = tls_endpoint(&opts.target, &opts.server_name, &opts.ca, &opts.cert, &opts.key)?
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
         .buffer_size(opts.concurrency.max(1024));
@@ -1241,9 +1316,12 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         let clients: Vec<_> = connect(opts)
             .await?
             .into_iter()
-            .map(|channel| {
-                ReassignedNumbersClient::with_interceptor(channel, bearer.clone())
-                    .max_decoding_message_size(64 << 20)
+            .map(|channel| BenchClient {
+                numbers: ReassignedNumbersClient::with_interceptor(channel.clone(), bearer.clone())
+                    .max_decoding_message_size(64 << 20),
+                feed: DisconnectionFeedClient::with_interceptor(channel, bearer.clone())
+                    .max_encoding_message_size(crate::server::FEED_MAX_MESSAGE_BYTES)
+                    .max_decoding_message_size(64 << 20),
             })
             .collect();
         for id in 0..opts.concurrency {

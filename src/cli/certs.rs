@@ -32,6 +32,10 @@ const LEAF_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// Platforms that `reassigned certs dev` makes client certificates for.
 pub const DEV_PLATFORMS: &[&str] = &["platform-a", "platform-b"];
+/// Operators that `reassigned certs dev` makes client certificates for
+/// (publishers of the federation; `demo` makes `operator-a` authoritative
+/// for its register's prefixes).
+pub const DEV_OPERATORS: &[&str] = &["operator-a"];
 /// Names the development server certificate is valid for.
 pub const DEV_SERVER_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
 
@@ -371,8 +375,8 @@ struct Output {
 
 /// Write a development PKI into `out` (created if missing):
 /// `ca.pem`, `ca.key`, `server.pem` (leaf + CA), `server.key` (for
-/// `localhost`, `127.0.0.1`, `::1`), and `platform-a.pem`/`.key`,
-/// `platform-b.pem`/`.key`. Keys get mode 0600. Existing files are left
+/// `localhost`, `127.0.0.1`, `::1`), `platform-a.pem`/`.key`,
+/// `platform-b.pem`/`.key` and `operator-a.pem`/`.key`. Keys get mode 0600. Existing files are left
 /// alone and the command fails, writing nothing, unless `force` is set.
 pub fn dev_certs(out: &Path, force: bool) -> anyhow::Result<()> {
     dev_certs_for(out, force, &[])
@@ -398,7 +402,7 @@ pub fn dev_certs_for(out: &Path, force: bool, extra_names: &[String]) -> anyhow:
         Output::public(out.join("server.pem"), server.cert_pem),
         Output::secret(out.join("server.key"), server.key_pem),
     ];
-    for platform in DEV_PLATFORMS {
+    for platform in DEV_PLATFORMS.iter().chain(DEV_OPERATORS) {
         outputs.extend(client_outputs(&pki, platform, out)?);
     }
     write_all(&outputs, force)
@@ -573,6 +577,8 @@ mod tests {
             "platform-a.key",
             "platform-b.pem",
             "platform-b.key",
+            "operator-a.pem",
+            "operator-a.key",
         ] {
             assert!(dir.path().join(file).is_file(), "{file} missing");
         }

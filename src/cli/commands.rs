@@ -7,6 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+
+use crate::federation::AnyLog;
+use crate::federation::log::RedisLog;
+use crate::federation::register::EventingStore;
 use tokio::net::TcpListener;
 
 use super::generate::GenerateOptions;
@@ -170,6 +174,13 @@ async fn redis_store(target: &RedisTarget, key_prefix: &str) -> anyhow::Result<R
     }
 }
 
+/// `store` appending the register's events to the federation log beside it
+/// (see [`crate::federation::register`]).
+async fn eventing(store: RedisStore) -> EventingStore<RedisStore> {
+    let log = AnyLog::Redis(RedisLog::open(&store).await);
+    EventingStore::new(store, log)
+}
+
 /// `reassigned import`: applies one manifest to the Redis mirror.
 pub async fn import(target: &RedisTarget, key_prefix: &str, manifest: &Path) -> anyhow::Result<()> {
     import_with(target, key_prefix, manifest, ImportOptions::default()).await
@@ -283,7 +294,7 @@ pub async fn import_with(
 ) -> anyhow::Result<()> {
     let interrupt = import::Interrupt::never();
     let _signals = SignalGuard::install(interrupt.clone());
-    let store = redis_store(target, key_prefix).await?;
+    let store = eventing(redis_store(target, key_prefix).await?).await;
     let started = std::time::Instant::now();
     let applied =
         import::apply_manifest_with(&store, manifest, options, &mut StoppableProgress::new(&interrupt))
@@ -303,7 +314,7 @@ pub async fn sync_with(
 ) -> anyhow::Result<()> {
     let interrupt = import::Interrupt::never();
     let _signals = SignalGuard::install(interrupt.clone());
-    let store = redis_store(target, key_prefix).await?;
+    let store = eventing(redis_store(target, key_prefix).await?).await;
     let report = import::sync_dir_with(
         &store,
         dir,
@@ -426,6 +437,31 @@ pub async fn demo(
             ..GenerateOptions::default()
         })?;
     }
+    for operator in super::certs::DEV_OPERATORS {
+        // A demo directory made before operators existed gets them now.
+        if !certs.join(format!("{operator}.pem")).exists() {
+            super::certs::mint_client_cert(
+                &std::fs::read_to_string(certs.join("ca.pem"))?,
+                &std::fs::read_to_string(certs.join("ca.key"))?,
+                operator,
+                &certs,
+            )?;
+        }
+    }
+    let operators = dir.join("operators.toml");
+    if !operators.exists() {
+        std::fs::write(&operators, demo_operators(&data)?)?;
+        eprintln!(
+            "made {} (operator-a authoritative for the demo register's prefixes)",
+            operators.display()
+        );
+    }
+    let watch_key = dir.join("watch.key");
+    if !watch_key.exists() {
+        // The key of the platforms' watch lists (HMAC of the numbers).
+        std::fs::write(&watch_key, hex::encode(rand::random::<[u8; 32]>()))?;
+        eprintln!("made a watch list key in {}", watch_key.display());
+    }
     let keys = dir.join("keys");
     if !keys.join(super::token::JWKS_FILE).exists() {
         let key = super::token::generate_keys(&keys, super::token::KeyAlg::Es256, None)?;
@@ -445,6 +481,8 @@ pub async fn demo(
         tls_key: Some(certs.join("server.key")),
         client_ca: Some(certs.join("ca.pem")),
         data_dir: Some(data.clone()),
+        operators: Some(operators),
+        watch_key_file: Some(watch_key),
         ..ServeSettings::default()
     };
     let config = ServeConfig::from_settings(settings)?;
@@ -452,17 +490,23 @@ pub async fn demo(
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let token = super::token::mint_cmd(&super::token::MintOptions {
-        issuer_key: keys.join(super::token::ISSUER_KEY_FILE),
-        kid: None,
-        platform: "platform-a".into(),
-        cert: certs.join("platform-a.pem"),
-        scope: crate::identity::scope::ALL.into(),
-        ttl: Duration::from_secs(24 * 60 * 60),
-        issuer: super::token::DEFAULT_ISSUER.into(),
-        audience: super::token::DEFAULT_AUDIENCE.into(),
-    })?;
+    let mint = |who: &str, scope: &str| {
+        super::token::mint_cmd(&super::token::MintOptions {
+            issuer_key: keys.join(super::token::ISSUER_KEY_FILE),
+            kid: None,
+            platform: who.into(),
+            cert: certs.join(format!("{who}.pem")),
+            scope: scope.into(),
+            ttl: Duration::from_secs(24 * 60 * 60),
+            issuer: super::token::DEFAULT_ISSUER.into(),
+            audience: super::token::DEFAULT_AUDIENCE.into(),
+        })
+    };
+    let token = mint("platform-a", crate::identity::scope::ALL)?;
+    let operator_token = mint("operator-a", crate::identity::scope::REGISTER_WRITE)?;
     print_demo_commands(&certs, listen, &data, &token)?;
+    print_watch_commands(&certs, listen);
+    print_publish_commands(&certs, listen, &operator_token);
     println!("The REST face (CAMARA Number Recycling) with curl:\n");
     println!(
         "  curl --cacert {c}/ca.pem --cert {c}/platform-a.pem --key {c}/platform-a.key \\\n    \
@@ -507,6 +551,72 @@ fn print_demo_commands(certs: &Path, listen: SocketAddr, data: &Path, token: &st
     println!("  grpcurl {mtls} {target} grpc.health.v1.Health/Check\n");
     println!("Stop with Ctrl-C.");
     Ok(())
+}
+
+/// The demo's operators file: `operator-a` authoritative for the prefixes
+/// the demo register covers.
+fn demo_operators(data: &Path) -> anyhow::Result<String> {
+    let mut prefixes = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(data)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let manifest = import::Manifest::load(&path)?;
+            prefixes.extend(manifest.covered_prefixes.unwrap_or_default());
+        }
+    }
+    let list: Vec<String> = prefixes.iter().map(|p| format!("{p:?}")).collect();
+    Ok(format!(
+        "# Operators that may publish disconnections (see the README's \"Federation\").\n\
+         [operators.{:?}]\nprefixes = [{}]\nquarantine_days = 90\n",
+        super::certs::platform_uri("operator-a"),
+        list.join(", ")
+    ))
+}
+
+/// The platform's side of the demo: watch a number as platform-a (with
+/// `$TOKEN`), and follow the events (in a second terminal, before
+/// publishing).
+fn print_watch_commands(certs: &Path, listen: SocketAddr) {
+    let c = certs.display();
+    let target = format!("localhost:{}", listen.port());
+    let tls = format!(
+        "-cacert {c}/ca.pem -cert {c}/platform-a.pem -key {c}/platform-a.key -H \"authorization: Bearer $TOKEN\""
+    );
+    let svc = "reassigned.v1.Watchlist";
+    println!(
+        "\nWatch a number as platform-a, and follow its events (keep this one running in a second terminal):\n"
+    );
+    println!("  grpcurl {tls} -d '{{\"phone_numbers\":[\"+14155550123\"]}}' {target} {svc}/AddWatches");
+    println!("  grpcurl {tls} -d '{{}}' {target} {svc}/WatchDisconnections");
+    println!(
+        "  (or as JSON lines with a resumable cursor: reassigned watch --cursor-file cursor.txt \\
+         --ca {c}/ca.pem --cert {c}/platform-a.pem --key {c}/platform-a.key --token \"$TOKEN\" --target {target})"
+    );
+}
+
+/// The operator's side of the demo: publish a disconnection as operator-a,
+/// then see CheckNumber flip (as platform-a, with `$TOKEN`).
+fn print_publish_commands(certs: &Path, listen: SocketAddr, operator_token: &str) {
+    let c = certs.display();
+    let target = format!("localhost:{}", listen.port());
+    let today = crate::domain::Date::today_utc();
+    println!(
+        "\nPublish a disconnection as operator-a (mutual TLS as operator-a, token with scope register:write):\n"
+    );
+    println!("  export OPERATOR_TOKEN={operator_token}\n");
+    println!(
+        "  grpcurl -cacert {c}/ca.pem -cert {c}/operator-a.pem -key {c}/operator-a.key -H \"authorization: Bearer $OPERATOR_TOKEN\" \
+         -d '{{\"items\":[{{\"event_id\":\"demo-1\",\"phone_number\":\"+14155550123\",\"disconnect_date\":\"{today}\"}}]}}' \
+         {target} reassigned.v1.DisconnectionFeed/PublishDisconnections"
+    );
+    println!(
+        "  grpcurl -cacert {c}/ca.pem -cert {c}/platform-a.pem -key {c}/platform-a.key -H \"authorization: Bearer $TOKEN\" \
+         -d '{{\"phone_number\":\"+14155550123\",\"since\":\"{today}\"}}' {target} reassigned.v1.ReassignedNumbers/CheckNumber"
+    );
+    println!(
+        "  (or from a CSV of event_id,phone_number,disconnect_date lines: reassigned publish --file disconnections.csv \\
+         --ca {c}/ca.pem --cert {c}/operator-a.pem --key {c}/operator-a.key --token \"$OPERATOR_TOKEN\" --target {target})\n"
+    );
 }
 
 /// A number of the demo register and its disconnect date, for an example

@@ -3,12 +3,15 @@ pub mod audit;
 pub mod bench;
 pub mod bench_bare;
 pub mod certs;
+pub mod client;
 mod commands;
 pub mod generate;
 pub mod health;
+pub mod publish;
 pub mod receipt;
 pub mod rest_client;
 pub mod token;
+pub mod watch;
 
 pub use commands::{EXIT_INTERRUPTED, exit_code, gc, import_with, sync_every, sync_with, verify};
 pub use commands::{

@@ -3,6 +3,7 @@
 
 mod answer;
 mod date;
+pub mod hmac;
 mod number;
 
 /// The most checks of one batch call, unless configured otherwise: the US

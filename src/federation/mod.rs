@@ -10,7 +10,18 @@
 //! whichever server took it), and the delivery side reads it to fan events
 //! out to the platforms that watch the numbers.
 
+pub mod deliver;
+pub mod journal;
+pub mod log;
+pub mod operators;
+pub mod overlay;
+pub mod register;
+pub mod watch;
+pub mod webhook;
+
 use crate::domain::{Date, PhoneNumber};
+
+pub use self::log::{AnyLog, EventLog, LogError, Position, Published, Retraction};
 
 /// The `source` of the national register's events (operators are named by
 /// their certificate identity).
@@ -44,4 +55,63 @@ pub struct Event {
     pub kind: EventKind,
     /// When the event was accepted, Unix milliseconds.
     pub accepted_unix_ms: i64,
+}
+
+/// Days between a register disconnect and the number's earliest reissue,
+/// as the register's events say: the US rules' shortest quarantine (the
+/// same figure as the default staleness, see
+/// [`crate::domain::DEFAULT_MAX_STALENESS_DAYS`]).
+pub const REGISTER_QUARANTINE_DAYS: u32 = crate::domain::DEFAULT_MAX_STALENESS_DAYS;
+
+/// The federation's parts one server runs with: the event log, the
+/// overlay that follows it, and the operators in force.
+pub struct Federation {
+    /// The event log (beside the store).
+    pub log: AnyLog,
+    /// Operators' disconnects in force, for lookups.
+    pub overlay: std::sync::Arc<overlay::Overlay>,
+    /// Who may publish for which numbers.
+    pub operators: std::sync::Arc<operators::Operators>,
+}
+
+impl std::fmt::Debug for Federation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Federation")
+            .field("overlay_numbers", &self.overlay.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Federation {
+    /// Opens the event log beside `store`: in its Redis, or (embedded
+    /// store) the journal in `journal_dir`, which the embedded store needs.
+    pub async fn open(
+        store: &crate::store::AnyStore,
+        journal_dir: Option<&std::path::Path>,
+        operators: std::sync::Arc<operators::Operators>,
+    ) -> Result<Self, LogError> {
+        let log = match store {
+            crate::store::AnyStore::Redis(redis) => AnyLog::Redis(log::RedisLog::open(redis).await),
+            crate::store::AnyStore::Embedded(_) => {
+                let dir = journal_dir.ok_or_else(|| {
+                    LogError::Corrupt(
+                        "the embedded store needs a data directory for the federation journal".into(),
+                    )
+                })?;
+                AnyLog::Embedded(std::sync::Arc::new(log::EmbeddedLog::open(dir)?))
+            }
+        };
+        Ok(Self {
+            log,
+            overlay: std::sync::Arc::new(overlay::Overlay::new()),
+            operators,
+        })
+    }
+
+    /// Milliseconds since the Unix epoch, now.
+    pub fn now_ms() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    }
 }

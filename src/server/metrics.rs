@@ -238,6 +238,8 @@ pub struct Sources {
     pub store: AnyStore,
     /// The audit trail's counters.
     pub audit: Arc<AuditStats>,
+    /// Delivery's counters (webhooks).
+    pub delivery: Arc<crate::federation::deliver::DeliveryStats>,
     /// Beyond this many days the mirror counts as stale.
     pub max_staleness_days: u32,
     /// The quota limiter, for its refusals (`None`: no quotas).
@@ -291,6 +293,31 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         "gauge",
         "Audit records sent in batches not yet settled as written or dropped (audit sink down).",
         &one(sources.audit.in_doubt()),
+    );
+    let delivery = &sources.delivery;
+    metric(
+        "reassigned_watch_events_sent_total",
+        "counter",
+        "Events handed to WatchDisconnections streams.",
+        &one(delivery.watch_events_sent.load(Ordering::Relaxed)),
+    );
+    metric(
+        "reassigned_webhook_delivered_total",
+        "counter",
+        "Webhook events answered 2xx by the platform's receiver.",
+        &one(delivery.webhook_delivered.load(Ordering::Relaxed)),
+    );
+    metric(
+        "reassigned_webhook_retries_total",
+        "counter",
+        "Webhook attempts that failed and were retried.",
+        &one(delivery.webhook_retries.load(Ordering::Relaxed)),
+    );
+    metric(
+        "reassigned_webhook_dead_letters_total",
+        "counter",
+        "Webhook events given up after the retry budget (dead letters).",
+        &one(delivery.webhook_dead.load(Ordering::Relaxed)),
     );
     let meta = sources.store.cached_meta();
     let today = Date::today_utc();
@@ -1003,6 +1030,7 @@ mod tests {
         let sources = Sources {
             store: AnyStore::Embedded(Arc::new(crate::store::EmbeddedStore::new())),
             audit: Arc::default(),
+            delivery: Arc::default(),
             max_staleness_days: 45,
             quotas: None,
             tls: None,

@@ -24,9 +24,15 @@ use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
+use crate::api::feed::FeedService;
+use crate::api::pb::disconnection_feed_server::DisconnectionFeedServer;
 use crate::api::pb::reassigned_numbers_server::ReassignedNumbersServer;
-use crate::api::{ReassignedService, ServiceOptions, pb};
+use crate::api::pb::watchlist_server::WatchlistServer;
+use crate::api::{ReassignedService, ServiceOptions, WatchlistService, pb};
 use crate::config::ServeConfig;
+use crate::federation::Federation;
+use crate::federation::operators::Operators;
+use crate::federation::overlay::OverlayStore;
 use crate::store::{AnyStore, Store};
 
 /// The least time in-flight calls get to finish after a shutdown signal (the
@@ -57,6 +63,8 @@ pub struct Handles {
     pub metrics: metrics::MetricsHandle,
     /// Counters of the audit trail.
     pub audit_stats: Arc<crate::audit::AuditStats>,
+    /// Counters of delivery to watchers (webhooks).
+    pub delivery_stats: Arc<crate::federation::deliver::DeliveryStats>,
     /// The address of the REST face once bound (with `rest_listen`).
     pub rest: BoundAddr,
 }
@@ -224,6 +232,16 @@ where
         // follows file changes).
         reloader = reloader.with_hook("jwks", move || Ok(verifier.reload()?));
     }
+    let operators = Arc::new(match &config.operators {
+        Some(path) => Operators::load(path)?,
+        None => Operators::none(),
+    });
+    {
+        // An explicit reload re-reads the operators file too (a task of its
+        // own follows its changes).
+        let operators = operators.clone();
+        reloader = reloader.with_hook("operators", move || Ok(operators.reload()?));
+    }
     let reloader = std::sync::Arc::new(reloader);
     let _reload_attached = handles.reload.attach(reloader.clone());
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -255,6 +273,7 @@ where
                 metrics::Sources {
                     store: store.clone(),
                     audit: handles.audit_stats.clone(),
+                    delivery: handles.delivery_stats.clone(),
                     max_staleness_days: config.max_staleness_days,
                     quotas: quotas.clone(),
                     tls: Some(reloader.clone()),
@@ -265,6 +284,7 @@ where
         ),
         None => None,
     };
+    let stop_rx_federation = stop_rx.clone();
     let health_task = tokio::spawn(watch_health(
         store.clone(),
         reporter.clone(),
@@ -290,8 +310,66 @@ where
         }
         None => None,
     };
+    let federation = Arc::new(open_federation(&config, &store, operators).await?);
+    let _follow = reload::AbortOnDrop(tokio::spawn(crate::federation::overlay::follow(
+        federation.log.clone(),
+        federation.overlay.clone(),
+        stop_rx_federation,
+    )));
+    let _operators_watch = federation.operators.path().map(|path| {
+        reload::AbortOnDrop(tokio::spawn(watch_operators(
+            federation.operators.clone(),
+            path.to_owned(),
+            config.tls_reload_interval(),
+        )))
+    });
+    let feed = DisconnectionFeedServer::new(FeedService::new(federation.clone(), audit.clone()))
+        .max_decoding_message_size(config.max_message_bytes.max(FEED_MAX_MESSAGE_BYTES));
+    let event_log = federation.log.clone();
+    let _retention = reload::AbortOnDrop(tokio::spawn(trim_log(
+        event_log.clone(),
+        config.watch_retention_days,
+    )));
+    let retention = Duration::from_secs(u64::from(config.watch_retention_days) * 86_400);
+    let watch_lists = watch_lists(&config, &store)?;
+    // Followers of the log's tips (one per shard) only when someone can watch.
+    let tips = watch_lists
+        .as_ref()
+        .map(|_| crate::federation::deliver::Tips::start(event_log.clone(), stop_rx.clone()));
+    if let (Some(lists), Some(tips)) = (&watch_lists, &tips) {
+        let cursors = match (&store, &config.store) {
+            (AnyStore::Redis(redis), _) => crate::federation::webhook::CursorStore::Redis(redis.clone()),
+            (_, crate::config::StoreConfig::Embedded { data_dir, .. }) => {
+                crate::federation::webhook::CursorStore::Dir(data_dir.clone())
+            }
+            (AnyStore::Embedded(_), _) => {
+                anyhow::bail!("webhooks of an embedded store need a data directory")
+            }
+        };
+        crate::federation::webhook::start(
+            &config.webhooks,
+            &crate::federation::webhook::SenderParts {
+                log: event_log.clone(),
+                lists: lists.clone(),
+                tips: tips.clone(),
+                cursors,
+                stats: handles.delivery_stats.clone(),
+                retention,
+            },
+            stop_rx.clone(),
+        )?;
+    } else if !config.webhooks.is_empty() {
+        anyhow::bail!("webhooks need watch lists: set watch_key_file");
+    }
+    let watchlist = WatchlistServer::new(WatchlistService::new(
+        watch_lists,
+        tips.map(|tips| (event_log.clone(), tips)),
+        handles.delivery_stats.clone(),
+        retention,
+    ))
+    .max_decoding_message_size(config.max_message_bytes);
     let api = ReassignedService::new(
-        store,
+        OverlayStore::new(store, federation.overlay.clone()),
         ServiceOptions {
             max_batch: config.max_batch,
             max_staleness_days: config.max_staleness_days,
@@ -299,7 +377,8 @@ where
         },
     )
     .with_receipts(receipts)
-    .with_audit(audit);
+    .with_audit(audit)
+    .with_federation(Some(federation.clone()));
     let rest_task = match config.rest_listen {
         Some(addr) => Some(reload::AbortOnDrop(
             rest_port::serve(
@@ -357,6 +436,8 @@ where
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
+        .add_service(feed)
+        .add_service(watchlist)
         .serve_with_incoming_shutdown(incoming, on_shutdown);
     // The drain is bounded: a stream whose client stopped reading (or a
     // client that never hangs up) must not hold the process forever.
@@ -380,6 +461,95 @@ where
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Largest PublishDisconnections request: 10,000 items of at most a
+/// 128-character event id, a number and a date, with room to spare.
+pub const FEED_MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// The federation of `config`: `operators` and the event log beside
+/// `store` (the embedded store's journal lives in its data directory).
+async fn open_federation(
+    config: &ServeConfig,
+    store: &AnyStore,
+    operators: Arc<Operators>,
+) -> anyhow::Result<Federation> {
+    let journal_dir = match &config.store {
+        crate::config::StoreConfig::Embedded { data_dir, .. } => Some(data_dir.as_path()),
+        _ => None,
+    };
+    Ok(Federation::open(store, journal_dir, operators).await?)
+}
+
+/// Re-reads the operators file whenever its content changes (looked at
+/// every `interval`); a bad file keeps the operators in force and is
+/// logged once per change.
+async fn watch_operators(operators: Arc<Operators>, path: std::path::PathBuf, interval: Duration) {
+    let mut seen = std::fs::read(&path).ok();
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let now = std::fs::read(&path).ok();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        if let Err(e) = operators.reload() {
+            tracing::warn!(error = %e, "operators file changed but cannot be used; keeping the operators in force");
+        }
+    }
+}
+
+/// How often the log is trimmed to the retention.
+const TRIM_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Trims the log to `retention_days` now and every [`TRIM_INTERVAL`]
+/// (every server does: trimming is idempotent).
+async fn trim_log(log: crate::federation::AnyLog, retention_days: u32) {
+    use crate::federation::EventLog;
+    loop {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let older_than = now_ms - i64::from(retention_days) * 86_400_000;
+        match log.trim(older_than).await {
+            Ok(0) => {}
+            Ok(dropped) => tracing::info!(dropped, retention_days, "federation log trimmed"),
+            Err(e) => tracing::warn!(error = %e, "federation log: trim failed"),
+        }
+        tokio::time::sleep(TRIM_INTERVAL).await;
+    }
+}
+
+/// The platforms' watch lists of `config` beside `store` (`None`: no watch
+/// key, the `Watchlist` service is off). The embedded store keeps them in
+/// its data directory's journal, Redis beside the mirror.
+fn watch_lists(
+    config: &ServeConfig,
+    store: &AnyStore,
+) -> anyhow::Result<Option<crate::federation::watch::WatchLists>> {
+    use crate::federation::watch::{EmbeddedWatchLists, RedisWatchLists, WatchKey, WatchLists};
+    let Some(path) = &config.watch_key_file else {
+        tracing::info!("watch lists: off (no watch key)");
+        return Ok(None);
+    };
+    let key = WatchKey::load(path).map_err(anyhow::Error::msg)?;
+    let lists = match (store, &config.store) {
+        (AnyStore::Redis(redis), _) => {
+            WatchLists::Redis(Arc::new(RedisWatchLists::new(redis.clone(), key.clone())))
+        }
+        (AnyStore::Embedded(_), crate::config::StoreConfig::Embedded { data_dir, .. }) => {
+            WatchLists::Embedded(Arc::new(EmbeddedWatchLists::open(key.clone(), data_dir)?))
+        }
+        (AnyStore::Embedded(_), _) => {
+            anyhow::bail!(
+                "watch lists: an embedded store needs a data directory (data_dir) for their journal"
+            )
+        }
+    };
+    tracing::info!(kid = key.kid(), "watch lists: on");
+    Ok(Some(lists))
 }
 
 /// The receipt signer of `config`, if it names a receipt key.
@@ -407,14 +577,14 @@ fn receipt_signer(
 async fn set_serving(reporter: &HealthReporter, serving: bool) {
     if serving {
         reporter
-            .set_serving::<ReassignedNumbersServer<ReassignedService<AnyStore>>>()
+            .set_serving::<ReassignedNumbersServer<ReassignedService<OverlayStore<AnyStore>>>>()
             .await;
         reporter
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
     } else {
         reporter
-            .set_not_serving::<ReassignedNumbersServer<ReassignedService<AnyStore>>>()
+            .set_not_serving::<ReassignedNumbersServer<ReassignedService<OverlayStore<AnyStore>>>>()
             .await;
         reporter
             .set_service_status("", tonic_health::ServingStatus::NotServing)

@@ -67,15 +67,48 @@ pub fn free_port() -> u16 {
         .expect("port")
 }
 
+/// Starts `reassigned serve` (mTLS only, no tokens) on a free port with the
+/// dev certificates of `dir/certs` (`reassigned certs dev`), `store_args`
+/// (e.g. `--data-dir D` or `--redis URL`) and `extra` flags; its output
+/// discarded.
+pub fn serve_dev(dir: &std::path::Path, store_args: &[String], extra: &[&std::ffi::OsStr]) -> (Killed, u16) {
+    let port = free_port();
+    let certs = dir.join("certs");
+    let child = bin()
+        .args(["serve", "--no-tokens", "--listen", &format!("127.0.0.1:{port}")])
+        .args(store_args)
+        .args(extra)
+        .arg("--tls-cert")
+        .arg(certs.join("server.pem"))
+        .arg("--tls-key")
+        .arg(certs.join("server.key"))
+        .arg("--client-ca")
+        .arg(certs.join("ca.pem"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn serve");
+    (Killed(child), port)
+}
+
 /// A mutual-TLS channel to a `reassigned serve` child on 127.0.0.1:`port`, as
 /// `platform-a` of the dev certificates in `certs` (`reassigned certs dev`);
 /// retried until the child listens, failing after 30 s.
 pub async fn connect_as_platform_a(certs: &std::path::Path, port: u16) -> tonic::transport::Channel {
+    connect_as(certs, "platform-a", port).await
+}
+
+/// Like [`connect_as_platform_a`], as `who` (`<who>.pem`/`.key` in `certs`,
+/// e.g. `operator-a`).
+pub async fn connect_as(certs: &std::path::Path, who: &str, port: u16) -> tonic::transport::Channel {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let read = |f: &str| std::fs::read_to_string(certs.join(f)).expect("read pem");
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read("ca.pem")))
-        .identity(Identity::from_pem(read("platform-a.pem"), read("platform-a.key")))
+        .identity(Identity::from_pem(
+            read(&format!("{who}.pem")),
+            read(&format!("{who}.key")),
+        ))
         .domain_name("localhost");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

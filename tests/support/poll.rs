@@ -30,3 +30,13 @@ pub async fn eventually_within(what: &str, within: Duration, mut check: impl Asy
         tokio::time::sleep(PERIOD).await;
     }
 }
+
+/// The next item of `stream`; fails the test if none comes within
+/// [`DEADLINE`] or the stream ends.
+pub async fn next_item<S: futures_util::Stream + Unpin>(stream: &mut S) -> S::Item {
+    use futures_util::StreamExt;
+    tokio::time::timeout(DEADLINE, stream.next())
+        .await
+        .expect("an item in time")
+        .expect("the stream goes on")
+}

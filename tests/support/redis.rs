@@ -118,6 +118,18 @@ impl RedisServer {
     }
 
     /// Kills the process (SIGKILL, no save) and starts it again on the same
+    /// port and directory, its files as the crash left them: what survives
+    /// is what Redis had made durable (AOF with `appendfsync always`).
+    pub fn crash_and_restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.paused = false;
+        self.respawn();
+    }
+
+    /// Kills the process (SIGKILL, no save) and starts it again on the same
     /// port with its data files removed: a Redis that came back empty.
     pub fn crash_and_restart_empty(&mut self) {
         if let Some(mut child) = self.child.take() {

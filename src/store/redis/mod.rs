@@ -188,6 +188,7 @@ mod admin;
 mod bloom;
 mod conn;
 mod meta;
+mod shared;
 mod write;
 
 use std::collections::HashMap;
@@ -202,6 +203,7 @@ use tokio::sync::oneshot;
 pub use self::admin::GcReport;
 use self::conn::{Conn, Target};
 use self::meta::{BloomParams, BucketLayout, Current, StoredMeta};
+pub use self::shared::RedisConnection;
 use super::{DeltaWrite, Lookup, Records, SnapshotWrite, Store, StoreError};
 use crate::domain::{Date, MirrorMeta, PhoneNumber};
 use crate::store::packed;

@@ -1,0 +1,365 @@
+//! The in-process overlay of operators' disconnects: number -> the
+//! publications in force for it (source, event id, disconnect date). A
+//! lookup's answer takes the latest of the store's date and the overlay's
+//! ([`OverlayStore`]): a known disconnect always wins, whatever its source,
+//! and a retraction removes only its own entry, so the answer falls back
+//! to what the other sources say.
+//!
+//! Every server keeps its own overlay and follows the event log
+//! ([`follow`]): at start it notes each shard's last position, loads the
+//! publications in force from their durable records
+//! ([`EventLog::active`]), then applies every entry after the noted
+//! positions as it arrives (a blocking read per shard). Applying an event
+//! twice changes nothing, so the overlap between the records and the
+//! followed entries is harmless. The server that accepted a publication
+//! applies it at once as well.
+//!
+//! The hot path stays cheap: an empty overlay costs one atomic load per
+//! lookup; otherwise one read lock of one of [`LOCK_SHARDS`] maps.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use super::log::{AnyLog, EventLog, Position};
+use super::{Event, EventKind, REGISTER_SOURCE};
+use crate::domain::{Date, MirrorMeta, PhoneNumber};
+use crate::store::{DeltaWrite, Lookup, Records, SnapshotWrite, Store, StoreError};
+
+/// Maps the overlay is split into (by number), so writers and readers of
+/// different numbers never meet on a lock.
+pub const LOCK_SHARDS: usize = 64;
+
+/// Entries read from the log per call while following it.
+const FOLLOW_BATCH: usize = 1024;
+
+/// How long one blocking read of the log waits.
+const FOLLOW_WAIT: Duration = Duration::from_secs(1);
+
+/// Pause after a failed read of the log before the next.
+const FOLLOW_RETRY: Duration = Duration::from_millis(500);
+
+/// One lock shard of the overlay: number -> its publications in force.
+type NumberMap = RwLock<HashMap<u64, Vec<Entry>>>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    source: Arc<str>,
+    event_id: Box<str>,
+    date: Date,
+}
+
+/// What the overlay knows of one source.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceStats {
+    /// Publications in force (not retracted).
+    pub in_force: u64,
+    /// When its last event (publication or retraction) was accepted, Unix
+    /// milliseconds; `None` if none seen.
+    pub last_event_ms: Option<i64>,
+}
+
+/// The overlay (see the [module documentation](self)).
+#[derive(Debug)]
+pub struct Overlay {
+    maps: Box<[NumberMap]>,
+    /// Numbers with at least one entry.
+    numbers: AtomicUsize,
+    sources: Mutex<HashMap<Arc<str>, SourceStats>>,
+}
+
+impl Default for Overlay {
+    fn default() -> Self {
+        Self {
+            maps: (0..LOCK_SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            numbers: AtomicUsize::new(0),
+            sources: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Overlay {
+    /// An empty overlay.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn map(&self, number: PhoneNumber) -> &NumberMap {
+        // Numbers are dense in their low digits: spread by a multiplicative hash.
+        let h = number.value().wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58;
+        &self.maps[(h as usize) % LOCK_SHARDS]
+    }
+
+    /// True while no number has an entry (the lookup fast path).
+    pub fn is_empty(&self) -> bool {
+        self.numbers.load(Ordering::Acquire) == 0
+    }
+
+    /// Numbers with at least one publication in force.
+    pub fn len(&self) -> usize {
+        self.numbers.load(Ordering::Acquire)
+    }
+
+    /// The latest disconnect date in force for `number`.
+    pub fn date_of(&self, number: PhoneNumber) -> Option<Date> {
+        if self.is_empty() {
+            return None;
+        }
+        let map = self.map(number).read().unwrap_or_else(PoisonError::into_inner);
+        map.get(&number.value())?.iter().map(|e| e.date).max()
+    }
+
+    /// Applies one event (idempotent): a publication adds its entry, a
+    /// retraction removes it. The register's events are ignored (the
+    /// store holds the register).
+    pub fn apply(&self, event: &Event) {
+        if event.source == REGISTER_SOURCE {
+            return;
+        }
+        let changed = {
+            let mut map = self
+                .map(event.number)
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let key = event.number.value();
+            let found = map.get(&key).and_then(|v| {
+                v.iter()
+                    .position(|e| *e.source == *event.source && *e.event_id == *event.event_id)
+            });
+            match (event.kind, found) {
+                (EventKind::Disconnected, None) => {
+                    let entries = map.entry(key).or_default();
+                    if entries.is_empty() {
+                        self.numbers.fetch_add(1, Ordering::AcqRel);
+                    }
+                    entries.push(Entry {
+                        source: event.source.as_str().into(),
+                        event_id: event.event_id.as_str().into(),
+                        date: event.disconnect_date,
+                    });
+                    Some(1i64)
+                }
+                (EventKind::Retracted, Some(at)) => {
+                    if let Some(entries) = map.get_mut(&key) {
+                        entries.swap_remove(at);
+                        if entries.is_empty() {
+                            map.remove(&key);
+                            self.numbers.fetch_sub(1, Ordering::AcqRel);
+                        }
+                    }
+                    Some(-1)
+                }
+                _ => None,
+            }
+        };
+        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        let stats = match sources.get_mut(event.source.as_str()) {
+            Some(s) => s,
+            None => sources.entry(event.source.as_str().into()).or_default(),
+        };
+        stats.last_event_ms = stats.last_event_ms.max(Some(event.accepted_unix_ms));
+        match changed {
+            Some(1) => stats.in_force += 1,
+            Some(_) => stats.in_force = stats.in_force.saturating_sub(1),
+            None => {}
+        }
+    }
+
+    /// What is known of `source`.
+    pub fn source_stats(&self, source: &str) -> SourceStats {
+        self.sources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(source)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// Keeps `overlay` in step with `log` until `stop` turns true (see the
+/// module documentation). Errors are logged (rate-limited) and retried.
+pub async fn follow(log: AnyLog, overlay: Arc<Overlay>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let start = async {
+        loop {
+            match start_positions(&log, &overlay).await {
+                Ok(p) => return p,
+                Err(e) => {
+                    if let Some(suppressed) = crate::lograte::global().check("overlay_start") {
+                        tracing::warn!(error = %e, suppressed, "cannot load the federation overlay yet; retrying");
+                    }
+                    tokio::time::sleep(FOLLOW_RETRY).await;
+                }
+            }
+        }
+    };
+    let positions = tokio::select! {
+        p = start => p,
+        _ = stop.wait_for(|s| *s) => return,
+    };
+    tracing::info!(
+        numbers = overlay.len(),
+        "federation overlay loaded; following the event log"
+    );
+    let followers = positions.into_iter().enumerate().map(|(shard, at)| {
+        let log = log.clone();
+        let overlay = Arc::clone(&overlay);
+        // Shards fit a u16 (the log says how many).
+        let shard = u16::try_from(shard).unwrap_or(u16::MAX);
+        async move {
+            let mut at = at;
+            loop {
+                match log.read_after(shard, at, FOLLOW_BATCH, FOLLOW_WAIT).await {
+                    Ok(entries) => {
+                        for (p, e) in &entries {
+                            overlay.apply(e);
+                            at = Some(*p);
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(suppressed) = crate::lograte::global().check("overlay_follow") {
+                            tracing::warn!(error = %e, shard, suppressed, "cannot read the event log; retrying");
+                        }
+                        tokio::time::sleep(FOLLOW_RETRY).await;
+                    }
+                }
+            }
+        }
+    });
+    tokio::select! {
+        _ = futures_util::future::join_all(followers) => {}
+        _ = stop.wait_for(|s| *s) => {}
+    }
+}
+
+/// Notes each shard's last position, then loads the publications in force.
+async fn start_positions(log: &AnyLog, overlay: &Overlay) -> Result<Vec<Option<Position>>, super::LogError> {
+    let mut positions = Vec::with_capacity(usize::from(log.shards()));
+    for shard in 0..log.shards() {
+        positions.push(log.last_position(shard).await?);
+    }
+    for event in log.active().await? {
+        overlay.apply(&event);
+    }
+    Ok(positions)
+}
+
+/// A store whose answers include the overlay's disconnects (see the
+/// [module documentation](self)).
+#[derive(Clone)]
+pub struct OverlayStore<S> {
+    inner: S,
+    overlay: Arc<Overlay>,
+}
+
+impl<S> OverlayStore<S> {
+    /// `inner`'s answers combined with `overlay`'s.
+    pub fn new(inner: S, overlay: Arc<Overlay>) -> Self {
+        Self { inner, overlay }
+    }
+
+    /// The store underneath.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+fn latest(a: Option<Date>, b: Option<Date>) -> Option<Date> {
+    a.max(b)
+}
+
+impl<S: Store> Store for OverlayStore<S> {
+    async fn lookup(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
+        let mut found = self.inner.lookup(number).await?;
+        if !self.overlay.is_empty() {
+            found.found = latest(found.found, self.overlay.date_of(number));
+        }
+        Ok(found)
+    }
+
+    async fn lookup_many(&self, numbers: &[PhoneNumber]) -> Result<Lookup<Vec<Option<Date>>>, StoreError> {
+        let mut found = self.inner.lookup_many(numbers).await?;
+        if !self.overlay.is_empty() {
+            for (date, number) in found.found.iter_mut().zip(numbers) {
+                *date = latest(*date, self.overlay.date_of(*number));
+            }
+        }
+        Ok(found)
+    }
+
+    fn cached_meta(&self) -> Option<Arc<MirrorMeta>> {
+        self.inner.cached_meta()
+    }
+
+    async fn refresh_meta(&self) -> Result<Option<Arc<MirrorMeta>>, StoreError> {
+        self.inner.refresh_meta().await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+
+    fn unsafe_reason(&self) -> Option<String> {
+        self.inner.unsafe_reason()
+    }
+
+    async fn apply_snapshot(
+        &self,
+        snapshot: &SnapshotWrite,
+        records: &Records,
+        expected_previous: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .apply_snapshot(snapshot, records, expected_previous)
+            .await
+    }
+
+    async fn apply_delta(&self, delta: &DeltaWrite, records: &Records) -> Result<(), StoreError> {
+        self.inner.apply_delta(delta, records).await
+    }
+
+    async fn applied_checksums(&self) -> Result<HashMap<String, String>, StoreError> {
+        self.inner.applied_checksums().await
+    }
+
+    fn import_problems(&self) -> Vec<String> {
+        self.inner.import_problems()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(source: &str, id: &str, date: i32, kind: EventKind) -> Event {
+        Event {
+            event_id: id.into(),
+            number: PhoneNumber::parse("+12015550123").expect("n"),
+            disconnect_date: Date::from_days(date),
+            earliest_reissue_date: Date::from_days(date + 90),
+            source: source.into(),
+            kind,
+            accepted_unix_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn latest_in_force_wins_and_retraction_falls_back() {
+        let o = Overlay::new();
+        let n = PhoneNumber::parse("+12015550123").expect("n");
+        assert!(o.is_empty() && o.date_of(n).is_none());
+        o.apply(&ev("op-a", "1", 100, EventKind::Disconnected));
+        o.apply(&ev("op-b", "1", 200, EventKind::Disconnected));
+        o.apply(&ev("op-b", "1", 200, EventKind::Disconnected)); // twice: no change
+        o.apply(&ev(REGISTER_SOURCE, "r", 300, EventKind::Disconnected)); // ignored
+        assert_eq!(o.date_of(n), Some(Date::from_days(200)));
+        assert_eq!(o.source_stats("op-b").in_force, 1);
+        o.apply(&ev("op-b", "1", 200, EventKind::Retracted));
+        o.apply(&ev("op-b", "1", 200, EventKind::Retracted));
+        assert_eq!(o.date_of(n), Some(Date::from_days(100)));
+        assert_eq!(o.source_stats("op-b").in_force, 0);
+        assert_eq!(o.source_stats("op-b").last_event_ms, Some(1000));
+        o.apply(&ev("op-a", "1", 100, EventKind::Retracted));
+        assert!(o.is_empty() && o.date_of(n).is_none());
+    }
+}

@@ -1,0 +1,104 @@
+//! The store's Redis connection lent to other rooms that keep their own
+//! keys beside the mirror's (the federation's event log): the same target,
+//! options, key prefix and secret-free errors, without the mirror's logic.
+
+use std::time::Duration;
+
+use ::redis::aio::ConnectionLike;
+use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use ::redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+
+use super::conn::{Conn, key_slot};
+use super::{RedisOptions, RedisStore};
+use crate::store::StoreError;
+
+/// A connection to the store's Redis (one server or a cluster), usable
+/// with any redis-rs command, pipeline or script. Cheap to clone: clones
+/// share the socket(s).
+#[derive(Clone)]
+pub struct RedisConnection(Conn);
+
+impl RedisConnection {
+    /// True on a Redis Cluster (a pipeline or script must then stay inside
+    /// one slot).
+    pub fn is_cluster(&self) -> bool {
+        self.0.is_cluster()
+    }
+
+    /// Sends `cmd` to the master holding `key`'s slot (on one server: to
+    /// it), bounded by `limit`: for commands without a key that must reach
+    /// that very node (e.g. `WAITAOF` after a script on `key`).
+    pub async fn on_master_of(&mut self, key: &str, cmd: &Cmd, limit: Duration) -> RedisResult<Value> {
+        let sent = match &mut self.0 {
+            Conn::Single(c) => tokio::time::timeout(limit, cmd.query_async::<Value>(c)).await,
+            Conn::Cluster(c) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                    key_slot(key.as_bytes()),
+                    SlotAddr::Master,
+                )));
+                tokio::time::timeout(limit, c.route_command(cmd.clone(), route)).await
+            }
+        };
+        sent.unwrap_or_else(|_| Err(RedisError::from((ErrorKind::Io, "timed out"))))
+    }
+
+    /// Sends `cmd` to every master (one server: to it), each bounded by
+    /// `limit`: one `(address, result)` per master.
+    pub async fn on_masters(&mut self, cmd: &Cmd, limit: Duration) -> Vec<(String, RedisResult<Value>)> {
+        self.0.on_masters(cmd, limit).await
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        self.0.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        self.0.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+}
+
+impl RedisStore {
+    /// The store's shared connection (the one of lookups): for short
+    /// commands only, never a blocking one.
+    pub fn connection(&self) -> RedisConnection {
+        RedisConnection(self.inner.conn())
+    }
+
+    /// A connection of its own (connects on first use): for blocking
+    /// commands (`XREAD BLOCK`), which would hold every other request of a
+    /// shared connection behind them.
+    pub fn dedicated_connection(&self) -> Result<RedisConnection, StoreError> {
+        self.inner
+            .target
+            .connect_lazy(&self.inner.opts)
+            .map(RedisConnection)
+            .map_err(|e| self.error(&e))
+    }
+
+    /// The prefix of every key of this store.
+    pub fn key_prefix(&self) -> &str {
+        &self.inner.opts.key_prefix
+    }
+
+    /// The store's options (timeouts).
+    pub fn options(&self) -> &RedisOptions {
+        &self.inner.opts
+    }
+
+    /// `e` as a [`StoreError`], without the URL's password and without
+    /// unbounded detail.
+    pub fn error(&self, e: &RedisError) -> StoreError {
+        self.inner.unavailable(e)
+    }
+}
