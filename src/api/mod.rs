@@ -26,3 +26,8 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/reassigned_descriptor.bin"));
 }
+
+/// The store the server answers from: the configured store with the
+/// federation's overlay of published disconnects on top (every face, gRPC
+/// and REST, answers from it).
+pub type ServedStore = crate::federation::overlay::OverlayStore<crate::store::AnyStore>;

@@ -1069,7 +1069,7 @@ async fn rest_call(
 /// How a worker calls: a gRPC client (shared channel) or its own REST
 /// connection.
 enum Caller {
-    Grpc(BenchClient),
+    Grpc(Box<BenchClient>),
     Rest(crate::cli::rest_client::RestClient),
 }
 
@@ -1325,7 +1325,7 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             })
             .collect();
         for id in 0..opts.concurrency {
-            callers.push(Caller::Grpc(clients[id % clients.len()].clone()));
+            callers.push(Caller::Grpc(Box::new(clients[id % clients.len()].clone())));
         }
     }
 

@@ -8,9 +8,9 @@
 use http::StatusCode;
 
 use super::{Body, RestError, json_response};
+use crate::api::ServedStore;
 use crate::api::{CallInfo, ReassignedService, pb};
 use crate::identity::Principal;
-use crate::store::AnyStore;
 
 /// The request: `BatchCheckNumbersRequest` in JSON.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -115,7 +115,7 @@ impl From<pb::BatchCheckResult> for BatchResult {
 
 /// Answers a JSON batch for `principal` with the gRPC batch's path.
 pub(super) async fn batch(
-    service: &ReassignedService<AnyStore>,
+    service: &ReassignedService<ServedStore>,
     principal: &Principal,
     call: impl FnOnce() -> CallInfo,
     json: serde_json::Value,

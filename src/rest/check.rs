@@ -5,10 +5,10 @@
 use http::StatusCode;
 
 use super::{Body, RestError, json_response, string_field};
+use crate::api::ServedStore;
 use crate::api::{CallInfo, ReassignedService};
 use crate::domain::{Check, Date, NoDataReason, PhoneNumber, SinceError, Status, parse_since};
 use crate::identity::Principal;
-use crate::store::AnyStore;
 
 /// CAMARA's request body (`CreateCheckNumRecycling`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -32,7 +32,7 @@ pub struct CheckResult {
 /// Answers one CAMARA check for `principal`: charged like CheckNumber,
 /// validated, then answered by [`ReassignedService::check_one`].
 pub(super) async fn check(
-    service: &ReassignedService<AnyStore>,
+    service: &ReassignedService<ServedStore>,
     principal: &Principal,
     call: impl FnOnce() -> CallInfo,
     json: serde_json::Value,

@@ -27,9 +27,9 @@ pub use batch::{BatchAnswer, BatchBody, BatchError, BatchItem, BatchResponse, Ba
 pub use check::{CheckBody, CheckResult};
 pub use error::{ErrorBody, RestError};
 
+use crate::api::ServedStore;
 use crate::api::{CallInfo, ReassignedService};
 use crate::identity::{PeerInfo, Platform, Principal, Scope, Scopes};
-use crate::store::AnyStore;
 
 /// The CAMARA check.
 pub const CHECK_PATH: &str = "/number-recycling/v0.2/check";
@@ -65,7 +65,7 @@ pub trait TokenCheck: Send + Sync {
 /// The REST face over a [`ReassignedService`].
 #[derive(Clone)]
 pub struct RestFace {
-    service: ReassignedService<AnyStore>,
+    service: ReassignedService<ServedStore>,
     tokens: Option<Arc<dyn TokenCheck>>,
     max_body: usize,
     timeout: Duration,
@@ -83,7 +83,7 @@ impl RestFace {
     /// alone; request bodies over `max_body` bytes are refused (413) without
     /// being read whole; a call taking longer than `timeout` answers 504.
     pub fn new(
-        service: ReassignedService<AnyStore>,
+        service: ReassignedService<ServedStore>,
         tokens: Option<Arc<dyn TokenCheck>>,
         max_body: usize,
         timeout: Duration,
