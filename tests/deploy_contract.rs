@@ -775,6 +775,11 @@ async fn kubernetes_contract(kustomization: &str, hosts: &[(String, String)]) {
         for entry in std::fs::read_dir(&register).expect("register") {
             std::os::unix::fs::chown(entry.expect("entry").path(), Some(uid), Some(gid)).expect("chown");
         }
+        // fsGroup on a writable PVC: the volume's root belongs to the pod's
+        // group, group-writable with setgid (the embedded store writes its
+        // federation journals there).
+        std::os::unix::fs::chown(&register, Some(0), Some(gid)).expect("chown register");
+        std::fs::set_permissions(&register, std::fs::Permissions::from_mode(0o2775)).expect("chmod register");
     }
 
     // The sync CronJob (when there is one) applies the register.
