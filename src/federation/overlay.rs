@@ -6,7 +6,7 @@
 //! to what the other sources say.
 //!
 //! Every server keeps its own overlay and follows the event log
-//! ([`follow`]): at start it notes each shard's last position, loads the
+//! ([`follow_from`]): at start it notes each shard's last position, loads the
 //! publications in force from their durable records
 //! ([`EventLog::active`]), then applies every entry after the noted
 //! positions as it arrives (a blocking read per shard). Applying an event
@@ -14,11 +14,16 @@
 //! followed entries is harmless. The server that accepted a publication
 //! applies it at once as well.
 //!
-//! The hot path stays cheap: an empty overlay costs one atomic load per
-//! lookup; otherwise one read lock of one of [`LOCK_SHARDS`] maps.
+//! Fail closed: until the overlay has loaded the publications in force,
+//! and while reading any shard of the log fails, a lookup cannot prove
+//! that no publication names the number, so [`OverlayStore`] answers
+//! `StoreError::Unavailable` (UNAVAILABLE), never the store's answer alone.
+//!
+//! The hot path stays cheap: a ready, empty overlay costs two atomic loads
+//! per lookup; otherwise one read lock of one of [`LOCK_SHARDS`] maps.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -66,6 +71,10 @@ pub struct Overlay {
     maps: Box<[NumberMap]>,
     /// Numbers with at least one entry.
     numbers: AtomicUsize,
+    /// True once the publications in force are loaded ([`follow_from`]).
+    loaded: AtomicBool,
+    /// Shards of the log whose last read failed.
+    failing: AtomicUsize,
     sources: Mutex<HashMap<Arc<str>, SourceStats>>,
 }
 
@@ -74,6 +83,8 @@ impl Default for Overlay {
         Self {
             maps: (0..LOCK_SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             numbers: AtomicUsize::new(0),
+            loaded: AtomicBool::new(false),
+            failing: AtomicUsize::new(0),
             sources: Mutex::new(HashMap::new()),
         }
     }
@@ -89,6 +100,36 @@ impl Overlay {
         // Numbers are dense in their low digits: spread by a multiplicative hash.
         let h = number.value().wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58;
         &self.maps[(h as usize) % LOCK_SHARDS]
+    }
+
+    /// Why the overlay cannot vouch for an answer right now (not loaded
+    /// yet, or a shard of the log cannot be read); `None` when it can.
+    pub fn unready_reason(&self) -> Option<&'static str> {
+        if !self.loaded.load(Ordering::Acquire) {
+            Some("the federation overlay is not loaded yet")
+        } else if self.failing.load(Ordering::Acquire) > 0 {
+            Some("the federation event log cannot be read")
+        } else {
+            None
+        }
+    }
+
+    /// Marks the publications in force as loaded (see [`follow_from`]).
+    pub fn mark_loaded(&self) {
+        self.loaded.store(true, Ordering::Release);
+    }
+
+    /// Notes whether one follower's last read of the log failed; `failing`
+    /// is that follower's own state, kept in step.
+    fn note_read(&self, failing: &mut bool, failed: bool) {
+        if failed != *failing {
+            *failing = failed;
+            if failed {
+                self.failing.fetch_add(1, Ordering::AcqRel);
+            } else {
+                self.failing.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
     }
 
     /// True while no number has an entry (the lookup fast path).
@@ -177,10 +218,29 @@ impl Overlay {
     }
 }
 
+/// Loads the publications in force into `overlay` once (the server does
+/// it before it listens, so its first answers need not wait), returning
+/// the positions to follow from; on error the overlay stays unloaded and
+/// [`follow_from`] retries.
+pub async fn load(log: &AnyLog, overlay: &Overlay) -> Result<Vec<Option<Position>>, super::LogError> {
+    let positions = start_positions(log, overlay).await?;
+    overlay.mark_loaded();
+    Ok(positions)
+}
+
 /// Keeps `overlay` in step with `log` until `stop` turns true (see the
-/// module documentation). Errors are logged (rate-limited) and retried.
-pub async fn follow(log: AnyLog, overlay: Arc<Overlay>, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// module documentation), from `loaded` (the positions [`load`]
+/// returned) if given, else loading first. Errors are logged (rate-limited) and retried.
+pub async fn follow_from(
+    log: AnyLog,
+    overlay: Arc<Overlay>,
+    loaded: Option<Vec<Option<Position>>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let start = async {
+        if let Some(positions) = loaded {
+            return positions;
+        }
         loop {
             match start_positions(&log, &overlay).await {
                 Ok(p) => return p,
@@ -197,6 +257,7 @@ pub async fn follow(log: AnyLog, overlay: Arc<Overlay>, mut stop: tokio::sync::w
         p = start => p,
         _ = stop.wait_for(|s| *s) => return,
     };
+    overlay.mark_loaded();
     tracing::info!(
         numbers = overlay.len(),
         "federation overlay loaded; following the event log"
@@ -208,8 +269,11 @@ pub async fn follow(log: AnyLog, overlay: Arc<Overlay>, mut stop: tokio::sync::w
         let shard = u16::try_from(shard).unwrap_or(u16::MAX);
         async move {
             let mut at = at;
+            let mut failing = false;
             loop {
-                match log.read_after(shard, at, FOLLOW_BATCH, FOLLOW_WAIT).await {
+                let read = log.read_after(shard, at, FOLLOW_BATCH, FOLLOW_WAIT).await;
+                overlay.note_read(&mut failing, read.is_err());
+                match read {
                     Ok(entries) => {
                         for (p, e) in &entries {
                             overlay.apply(e);
@@ -262,6 +326,14 @@ impl<S> OverlayStore<S> {
     pub fn inner(&self) -> &S {
         &self.inner
     }
+
+    /// Fails closed while the overlay cannot vouch for an answer.
+    fn ready(&self) -> Result<(), StoreError> {
+        match self.overlay.unready_reason() {
+            None => Ok(()),
+            Some(reason) => Err(StoreError::Unavailable(reason.into())),
+        }
+    }
 }
 
 fn latest(a: Option<Date>, b: Option<Date>) -> Option<Date> {
@@ -270,6 +342,7 @@ fn latest(a: Option<Date>, b: Option<Date>) -> Option<Date> {
 
 impl<S: Store> Store for OverlayStore<S> {
     async fn lookup(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
+        self.ready()?;
         let mut found = self.inner.lookup(number).await?;
         if !self.overlay.is_empty() {
             found.found = latest(found.found, self.overlay.date_of(number));
@@ -278,6 +351,7 @@ impl<S: Store> Store for OverlayStore<S> {
     }
 
     async fn lookup_many(&self, numbers: &[PhoneNumber]) -> Result<Lookup<Vec<Option<Date>>>, StoreError> {
+        self.ready()?;
         let mut found = self.inner.lookup_many(numbers).await?;
         if !self.overlay.is_empty() {
             for (date, number) in found.found.iter_mut().zip(numbers) {
@@ -300,7 +374,9 @@ impl<S: Store> Store for OverlayStore<S> {
     }
 
     fn unsafe_reason(&self) -> Option<String> {
-        self.inner.unsafe_reason()
+        self.inner
+            .unsafe_reason()
+            .or_else(|| self.overlay.unready_reason().map(str::to_owned))
     }
 
     async fn apply_snapshot(
@@ -341,6 +417,34 @@ mod tests {
             kind,
             accepted_unix_ms: 1000,
         }
+    }
+
+    #[tokio::test]
+    async fn lookups_fail_closed_until_loaded_and_while_the_log_cannot_be_read() {
+        let overlay = Arc::new(Overlay::new());
+        let store = OverlayStore::new(Arc::new(crate::store::EmbeddedStore::new()), overlay.clone());
+        let n = PhoneNumber::parse("+12015550123").expect("n");
+        let unavailable = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Unavailable(_)));
+        assert!(
+            unavailable(store.lookup(n).await.map(drop)),
+            "not loaded: no answer"
+        );
+        assert!(unavailable(store.lookup_many(&[n]).await.map(drop)));
+        overlay.mark_loaded();
+        assert!(store.lookup(n).await.is_ok());
+        let (mut a, mut b) = (false, false);
+        overlay.note_read(&mut a, true);
+        overlay.note_read(&mut b, true);
+        overlay.note_read(&mut a, false);
+        assert!(
+            unavailable(store.lookup(n).await.map(drop)),
+            "one shard still failing"
+        );
+        assert!(unavailable(store.lookup_many(&[n]).await.map(drop)));
+        overlay.note_read(&mut b, false);
+        overlay.note_read(&mut b, false);
+        assert!(store.lookup_many(&[n]).await.is_ok());
+        assert_eq!(overlay.unready_reason(), None);
     }
 
     #[test]

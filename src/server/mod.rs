@@ -311,9 +311,20 @@ where
         None => None,
     };
     let federation = Arc::new(open_federation(&config, &store, operators).await?);
-    let _follow = reload::AbortOnDrop(tokio::spawn(crate::federation::overlay::follow(
+    // Load the publications in force before answering (bounded: a store
+    // that cannot answer now is retried by the follower, and lookups say
+    // UNAVAILABLE until it has).
+    let loaded = tokio::time::timeout(
+        config.request_timeout(),
+        crate::federation::overlay::load(&federation.log, &federation.overlay),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok);
+    let _follow = reload::AbortOnDrop(tokio::spawn(crate::federation::overlay::follow_from(
         federation.log.clone(),
         federation.overlay.clone(),
+        loaded,
         stop_rx_federation,
     )));
     let _operators_watch = federation.operators.path().map(|path| {

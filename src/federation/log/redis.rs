@@ -259,7 +259,7 @@ impl RedisLog {
             .pop();
         match pooled {
             Some(c) => Ok(c),
-            None => Ok(self.inner.store.dedicated_connection()?),
+            None => Ok(self.inner.store.dedicated_connection(MAX_WAIT)?),
         }
     }
 

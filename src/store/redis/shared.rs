@@ -77,11 +77,17 @@ impl RedisStore {
 
     /// A connection of its own (connects on first use): for blocking
     /// commands (`XREAD BLOCK`), which would hold every other request of a
-    /// shared connection behind them.
-    pub fn dedicated_connection(&self) -> Result<RedisConnection, StoreError> {
+    /// shared connection behind them. Its response timeout is the store's
+    /// plus `block`, the longest a command of it may block: a blocking read
+    /// that waits for nothing is not a timeout.
+    pub fn dedicated_connection(&self, block: Duration) -> Result<RedisConnection, StoreError> {
+        let opts = RedisOptions {
+            timeout: self.inner.opts.timeout + block,
+            ..self.inner.opts.clone()
+        };
         self.inner
             .target
-            .connect_lazy(&self.inner.opts)
+            .connect_lazy(&opts)
             .map(RedisConnection)
             .map_err(|e| self.error(&e))
     }
