@@ -114,6 +114,7 @@ store_contract!(
     sequence_conflicts_change_nothing,
     another_handle_sees_imports,
     applied_checksums_remember_the_files,
+    lookup_now_agrees_with_lookup,
 );
 
 const A: &str = "+14155550100";
@@ -724,5 +725,48 @@ async fn applied_checksums_remember_the_files(backend: impl Backend) {
             ("delta:2".to_owned(), "cd".repeat(32)),
             ("snapshot:1".to_owned(), "ab".repeat(32)),
         ]
+    );
+}
+
+/// `lookup_now` (the in-process answer of the login path) never answers
+/// otherwise than `lookup`: on hits, their neighbours and far misses, it
+/// either declines (`None`) or gives the same date under the same
+/// generation; and it does answer misses once the store can prove them
+/// (the embedded store always, Redis once its membership filter is loaded).
+async fn lookup_now_agrees_with_lookup(backend: impl Backend) {
+    let store = backend.open().await;
+    let data = us_numbers(14_155_550_000, 3, 1000);
+    store
+        .apply_snapshot(&snap(1, 20_100), &records(data.clone()), None)
+        .await
+        .expect("snapshot");
+    let miss = number(14_155_550_001);
+    eventually("a miss is answered in process", async || {
+        store.lookup_now(miss).is_some()
+    })
+    .await;
+    let (mut now_hits, mut now_misses) = (0, 0);
+    for value in (14_155_549_990..14_155_553_010).chain([10_000, 999_999_999_999_999]) {
+        let full = store.lookup(number(value)).await.expect("lookup");
+        let Some(now) = store.lookup_now(number(value)) else {
+            continue;
+        };
+        let now = now.expect("lookup_now");
+        assert_eq!(now.found, full.found, "number {value}");
+        assert_eq!(
+            now.meta.as_ref().map(|m| m.sequence),
+            full.meta.as_ref().map(|m| m.sequence),
+            "number {value}"
+        );
+        match now.found {
+            Some(_) => now_hits += 1,
+            None => now_misses += 1,
+        }
+    }
+    assert!(now_misses > 1000, "only {now_misses} misses answered in process");
+    // Only a store holding the records answers hits in process.
+    assert!(
+        now_hits == 0 || now_hits == data.len(),
+        "{now_hits} hits answered in process"
     );
 }

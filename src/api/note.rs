@@ -74,6 +74,20 @@ impl CallNote {
     }
 }
 
+/// Runs the in-process store answer `call` (see `Store::lookup_now`),
+/// noting its time in `note` if there is one and it answered.
+pub(crate) fn timed_now<T>(note: Option<&CallNote>, call: impl FnOnce() -> Option<T>) -> Option<T> {
+    match note {
+        None => call(),
+        Some(note) => {
+            let started = std::time::Instant::now();
+            let out = call()?;
+            note.store_call(started.elapsed());
+            Some(out)
+        }
+    }
+}
+
 /// Runs the store call `call`, noting its time in `note` if there is one.
 pub(crate) async fn timed<T>(note: Option<&CallNote>, call: impl Future<Output = T>) -> T {
     match note {

@@ -151,7 +151,13 @@ impl<S: Store> ReassignedService<S> {
         if let Some(note) = note {
             note.number(&check.number);
         }
-        let lookup = note::timed(note, self.store.lookup(check.number)).await?;
+        let lookup = match note::timed_now(note, || self.store.lookup_now(check.number)) {
+            Some(found) => found?,
+            // The store must go out (e.g. a Redis round trip). Its future is
+            // boxed so that this call's own future, moved a few times per
+            // call, stays small for the calls answered in process.
+            None => Box::pin(note::timed(note, self.store.lookup(check.number))).await?,
+        };
         let answer = self.answer(check, lookup.found, lookup.meta.as_deref(), today);
         tracing::debug!(status = ?answer.status, "checked");
         let message = self.respond(plan, phone_number, want_receipt, &answer, None)?;
@@ -299,7 +305,9 @@ impl<S: Store> ReassignedService<S> {
         let (Some(quotas), Some(principal)) = (&self.options.quotas, principal) else {
             return Ok(());
         };
-        Ok(quotas.check(&principal.platform.id, requests, numbers).await?)
+        // Boxed: the quota check's future (a Redis round trip when quotas are
+        // shared) would otherwise enlarge the future of every call.
+        Ok(Box::pin(quotas.check(&principal.platform.id, requests, numbers)).await?)
     }
 
     /// The domain answer to `check` (see [`Answer::new`]).
@@ -574,5 +582,41 @@ async fn lookup_chunk<S: Store + Clone>(
             };
             Segment::Results(vec![item; count])
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ServedStore;
+    use crate::federation::overlay::{Overlay, OverlayStore};
+    use crate::store::AnyStore;
+    use crate::store::embedded::EmbeddedStore;
+
+    /// The login path's future does not hold a store future inline: a
+    /// store call that must go out is boxed (see [`ReassignedService::check_one`]),
+    /// so the calls answered in process do not build and move kilobytes of
+    /// future state (a Redis lookup's future is several kilobytes).
+    #[test]
+    fn the_check_path_future_stays_small() -> Result<(), Box<dyn std::error::Error>> {
+        let store: ServedStore = OverlayStore::new(
+            AnyStore::Embedded(std::sync::Arc::new(EmbeddedStore::new())),
+            std::sync::Arc::new(Overlay::new()),
+        );
+        let lookup_size =
+            std::mem::size_of_val(&store.lookup(crate::domain::PhoneNumber::parse("+12025550100")?));
+        let svc = ReassignedService::new(store, ServiceOptions::default());
+        let plan = svc.receipt_plan(CallInfo::default(), false, false)?;
+        let today = Date::today_utc();
+        let check = Check::parse("+12025550100", "2020-01-01", today).map_err(|v| format!("{v:?}"))?;
+        let one = svc.check_one(&plan, check, String::new(), false, today, None);
+        let one_size = std::mem::size_of_val(&one);
+        assert!(
+            one_size < 512 && one_size < lookup_size,
+            "check_one's future is {one_size} bytes (a store lookup's is {lookup_size})"
+        );
+        let charge = svc.charge(None, 1, 1);
+        assert!(std::mem::size_of_val(&charge) < 128);
+        Ok(())
     }
 }

@@ -341,6 +341,20 @@ fn latest(a: Option<Date>, b: Option<Date>) -> Option<Date> {
 }
 
 impl<S: Store> Store for OverlayStore<S> {
+    fn lookup_now(&self, number: PhoneNumber) -> Option<Result<Lookup<Option<Date>>, StoreError>> {
+        if let Err(unready) = self.ready() {
+            return Some(Err(unready));
+        }
+        let mut found = match self.inner.lookup_now(number)? {
+            Ok(found) => found,
+            Err(e) => return Some(Err(e)),
+        };
+        if !self.overlay.is_empty() {
+            found.found = latest(found.found, self.overlay.date_of(number));
+        }
+        Some(Ok(found))
+    }
+
     async fn lookup(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
         self.ready()?;
         let mut found = self.inner.lookup(number).await?;
@@ -430,8 +444,19 @@ mod tests {
             "not loaded: no answer"
         );
         assert!(unavailable(store.lookup_many(&[n]).await.map(drop)));
+        let now = |store: &OverlayStore<Arc<crate::store::EmbeddedStore>>| {
+            store
+                .lookup_now(n)
+                .expect("the embedded store answers in process")
+                .map(drop)
+        };
+        assert!(
+            unavailable(now(&store)),
+            "not loaded: no in-process answer either"
+        );
         overlay.mark_loaded();
         assert!(store.lookup(n).await.is_ok());
+        assert!(now(&store).is_ok());
         let (mut a, mut b) = (false, false);
         overlay.note_read(&mut a, true);
         overlay.note_read(&mut b, true);
@@ -441,6 +466,7 @@ mod tests {
             "one shard still failing"
         );
         assert!(unavailable(store.lookup_many(&[n]).await.map(drop)));
+        assert!(unavailable(now(&store)));
         overlay.note_read(&mut b, false);
         overlay.note_read(&mut b, false);
         assert!(store.lookup_many(&[n]).await.is_ok());

@@ -56,6 +56,17 @@ pub struct Lookup<T> {
 
 /// A mirror of the register: read by the server, written by imports.
 pub trait Store: Send + Sync + 'static {
+    /// [`Store::lookup`] answered at once in process, without I/O, when the
+    /// store can (the embedded store always; Redis when its membership
+    /// filter proves the number has no record). `None`: call
+    /// [`Store::lookup`]. An answer here is exactly the one
+    /// [`Store::lookup`] would give; it exists so the login path does not
+    /// build and move a store future for the calls that need none.
+    fn lookup_now(&self, number: PhoneNumber) -> Option<Result<Lookup<Option<Date>>, StoreError>> {
+        let _ = number;
+        None
+    }
+
     /// The latest disconnect date of one number.
     fn lookup(
         &self,
@@ -163,6 +174,13 @@ impl AnyStore {
 }
 
 impl Store for AnyStore {
+    fn lookup_now(&self, number: PhoneNumber) -> Option<Result<Lookup<Option<Date>>, StoreError>> {
+        let started = std::time::Instant::now();
+        let result = dispatch!(self, s => s.lookup_now(number))?;
+        calls::calls().observe(self.backend(), calls::Op::Lookup, started.elapsed(), &result);
+        Some(result)
+    }
+
     async fn lookup(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
         self.timed(calls::Op::Lookup, async {
             dispatch!(self, s => s.lookup(number).await)
@@ -220,6 +238,10 @@ impl Store for AnyStore {
 }
 
 impl<S: Store> Store for Arc<S> {
+    fn lookup_now(&self, number: PhoneNumber) -> Option<Result<Lookup<Option<Date>>, StoreError>> {
+        S::lookup_now(self, number)
+    }
+
     fn lookup(
         &self,
         number: PhoneNumber,
