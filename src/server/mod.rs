@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod reload;
 pub mod rest_port;
 pub mod revoke;
+pub mod sync_metrics;
 pub mod tls;
 pub mod token;
 pub mod trace;
