@@ -28,9 +28,11 @@
 //!   ([`server::accept`]), the auth layer with certificate-bound
 //!   bearer tokens ([`server::token`]), reloading TLS material without a
 //!   restart ([`server::reload`]), closing connections a reload revoked
-//!   ([`server::revoke`]), metrics ([`server::metrics`]), the admin
-//!   listener of probes and metrics ([`server::admin`]), the access log
-//!   and trace export ([`server::trace`]), health, reflection, [`run`].
+//!   ([`server::revoke`]), metrics ([`server::metrics`]: gRPC and REST
+//!   calls), the admin listener of probes and metrics ([`server::admin`]),
+//!   the metrics of a `reassigned sync` process ([`server::sync_metrics`]),
+//!   the access log and trace export ([`server::trace`]), health,
+//!   reflection, [`run`].
 //! - [`receipt`]: signed receipts of answers (compact JWS), their keys, JWKS
 //!   and offline verification.
 //! - [`audit`]: the audit trail of answers (keyed number hashes, a Redis

@@ -64,6 +64,8 @@ enum Command {
         /// between runs exits 0.
         #[arg(long, env = "REASSIGNED_SYNC_EVERY", value_parser = bench::parse_duration)]
         every: Option<std::time::Duration>,
+        #[command(flatten)]
+        metrics: cli::SyncMetricsArgs,
     },
     /// Compare the Redis mirror with the register files it was built from.
     ///
@@ -408,13 +410,11 @@ fn main() -> ExitCode {
                 dir,
                 guard,
                 every,
+                metrics,
             } => {
                 async {
                     let (target, prefix) = mirror.target()?;
-                    match every {
-                        Some(every) => cli::sync_every(&target, &prefix, &dir, guard.options()?, every).await,
-                        None => cli::sync_with(&target, &prefix, &dir, guard.options()?).await,
-                    }
+                    cli::sync_observed(&target, &prefix, &dir, guard.options()?, every, &metrics).await
                 }
                 .await
             }

@@ -493,6 +493,7 @@ async fn the_compose_file_starts_syncs_and_answers() {
 
     let mut children = Vec::new();
     let mut server = None;
+    let mut sync_admin = Vec::new();
     for (name, service) in long_running {
         let mut sandbox = sandbox_of(service, &base);
         for port in strings(&service["ports"]) {
@@ -512,6 +513,16 @@ async fn the_compose_file_starts_syncs_and_answers() {
                 }
             }
             server = Some((name, service, sandbox.clone(), env.clone()));
+        }
+        if command.get(1).map(String::as_str) == Some("sync")
+            && let Some((_, listen)) = env.iter().find(|(k, _)| k == "REASSIGNED_SYNC_ADMIN_LISTEN")
+        {
+            let container: u16 = listen
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("the sync's admin port");
+            sync_admin.push((name, sandbox.port(container)));
         }
         children.push((
             name,
@@ -578,6 +589,23 @@ async fn the_compose_file_starts_syncs_and_answers() {
     }
     .assert_reassigned(&number, &date)
     .await;
+    // The periodic sync's own admin listener: alive, and its metrics say it
+    // applied the register.
+    for (name, port) in sync_admin {
+        http_ok(port, "/livez").await;
+        let addr = format!("127.0.0.1:{port}");
+        eventually(&format!("{name}'s metrics report a good run"), async || {
+            let (status, text) = admin::get(&addr, "/metrics", Duration::from_secs(3))
+                .await
+                .unwrap_or_default();
+            status == 200
+                && text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("reassigned_sync_runs_total{result=\"ok\"} "))
+                    .any(|n| n.parse::<f64>().is_ok_and(|n| n >= 1.0))
+        })
+        .await;
+    }
     // A periodic sync waiting for its next run stops cleanly on SIGTERM
     // (`docker compose stop`), exit status 0.
     for (name, command, mut child) in children {

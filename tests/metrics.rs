@@ -416,7 +416,7 @@ async fn token_refusals_are_counted_by_reason() {
 }
 
 /// The metric names in a PromQL expression: identifiers of this server's
-/// families (`reassigned_*`, `grpc_server_*`, `process_*`).
+/// families (`reassigned_*`, `grpc_server_*`, `http_server_*`, `process_*`).
 fn metric_names(expr: &str) -> Vec<String> {
     let mut names = Vec::new();
     let mut word = String::new();
@@ -429,7 +429,7 @@ fn metric_names(expr: &str) -> Vec<String> {
             word.push(c);
             continue;
         }
-        if ["reassigned_", "grpc_server_", "process_"]
+        if ["reassigned_", "grpc_server_", "http_server_", "process_"]
             .iter()
             .any(|p| word.starts_with(p))
         {
@@ -473,21 +473,36 @@ fn alert_exprs(yaml: &str) -> Vec<(String, String)> {
 }
 
 /// Every metric the alert rules and the Grafana dashboard in `deploy/` use is
-/// one this server exports (scraped from a real server after real calls),
+/// one this server (with its REST face) or a sync process exports (scraped
+/// from a real server after real calls; a sync's exposition after a good
+/// and a failed run, as `tests/admin.rs` scrapes it from a real `sync`),
 /// and the rules pass `promtool check rules` when promtool is installed
 /// (`.ci/run` installs it and also runs it).
 #[tokio::test]
 async fn deploy_alerts_and_dashboard_use_only_exported_metrics() {
-    let server = Server::start(AnyStore::Embedded(Arc::new(EmbeddedStore::new())), |_, _| {}).await;
+    use reassigned::server::sync_metrics::{SyncStats, render_sync};
+    let server = Server::start(AnyStore::Embedded(Arc::new(EmbeddedStore::new())), |s, _| {
+        s.rest_listen = Some(([127, 0, 0, 1], 0).into());
+    })
+    .await;
     let mut client = server.client().await;
     let _ = client.check_number(req(A)).await;
-    let text = server.metrics().await;
+    let mut text = server.metrics().await;
+    server.stop().await;
+    let sync = SyncStats::new(
+        Some(Duration::from_secs(3600)),
+        &reassigned::import::ImportError::KINDS,
+    );
+    sync.run_started();
+    sync.run_failed("store");
+    sync.run_started();
+    sync.run_succeeded(Some(1));
+    text.push_str(&render_sync(&sync, true));
     let exported: std::collections::BTreeSet<&str> = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(|l| l.split(['{', ' ']).next())
         .collect();
-    server.stop().await;
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
     let rules = std::fs::read_to_string(root.join("prometheus/alerts.yaml")).expect("alerts.yaml");
@@ -510,6 +525,8 @@ async fn deploy_alerts_and_dashboard_use_only_exported_metrics() {
         "reassigned_store_errors_total",
         "grpc_server_handling_seconds_bucket",
         "reassigned_tls_certificate_not_after_timestamp_seconds",
+        "http_server_requests_total",
+        "reassigned_sync_consecutive_failures",
     ] {
         assert!(covered.iter().any(|n| n == needed), "no alert on {needed}");
     }

@@ -1,7 +1,9 @@
 //! Per-call observation of a real server (mutual TLS): spans exported over
 //! OTLP/gRPC to an in-test collector (a tonic `TraceService`), parented by
-//! the caller's W3C `traceparent`; and the access log line (`--access-log`),
-//! read from a tracing subscriber of this test process. Neither carries the
+//! the caller's W3C `traceparent`, for gRPC and REST calls; the spans still
+//! queued at SIGTERM flushed before the process exits, within a bound when
+//! the collector stalls; and the access log line (`--access-log`), read
+//! from a tracing subscriber of this test process. Neither carries the
 //! phone number.
 
 mod support;
@@ -11,8 +13,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use prost::Message as _;
 use reassigned::api::pb::CheckNumberRequest;
-use reassigned::server::trace::otlp;
 use reassigned::server::trace::otlp::trace_service_server::{TraceService, TraceServiceServer};
+use reassigned::server::trace::{SHUTDOWN_FLUSH_TIMEOUT, otlp};
 use reassigned::store::{AnyStore, EmbeddedStore};
 use support::poll::eventually;
 use support::server::TestServer;
@@ -328,7 +330,171 @@ async fn a_collector_that_is_down_or_stalled_never_holds_a_call_and_its_spans_ar
             .await;
             assert_eq!(observer.stats().exported(), 0);
         }
+        // The shutdown flushes the queue, bounded: a stalled collector
+        // delays the stop by the flush timeout at most (plus the stalled
+        // export's own timeout, which the flush waits behind), never forever.
+        drop(client);
+        let stopping = std::time::Instant::now();
         server.stop().await;
+        let bound = SHUTDOWN_FLUSH_TIMEOUT + std::time::Duration::from_secs(10);
+        assert!(
+            stopping.elapsed() < bound,
+            "{endpoint}: stopped after {:?}, over {bound:?}",
+            stopping.elapsed()
+        );
     }
     drop(stalled);
+}
+
+/// A REST call (`--rest-listen`, mutual TLS, HTTP/1.1) gets its span too:
+/// the caller's `traceparent` header parents it, OpenTelemetry's HTTP
+/// names and attributes, no number.
+#[tokio::test]
+async fn a_rest_call_gets_a_span_parented_by_its_traceparent_header() {
+    use reassigned::cli::rest_client::{RestClient, RestTls};
+    let collector = Collector::default();
+    let endpoint = format!("http://{}", collector.start().await);
+    let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let server = TestServer::start_without_tokens(store, |s| {
+        s.otlp_endpoint = Some(endpoint);
+        s.rest_listen = Some(([127, 0, 0, 1], 0).into());
+    })
+    .await;
+    let id = server.certs.client("platform-a");
+    let tls = RestTls::new(
+        server.certs.pki.ca_cert_pem().as_bytes(),
+        id.cert_pem.as_bytes(),
+        id.key_pem.as_bytes(),
+        "localhost",
+    )
+    .expect("client TLS");
+    let addr = tokio::time::timeout(std::time::Duration::from_secs(10), server.handles.rest.wait())
+        .await
+        .expect("the REST port is bound");
+    let mut rest = RestClient::connect(&addr.to_string(), &tls, None)
+        .await
+        .expect("connect");
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+    let body = serde_json::json!({ "phoneNumber": NUMBER, "specifiedDate": "2024-01-01" }).to_string();
+    let response = rest
+        .send(
+            http::Method::POST,
+            reassigned::rest::CHECK_PATH,
+            &[("traceparent", &traceparent), ("x-correlator", "rest-span-1")],
+            body,
+        )
+        .await
+        .expect("check");
+    // An empty mirror cannot answer: 503, a server-side failure.
+    assert_eq!(
+        response.status,
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "{response:?}"
+    );
+
+    eventually("the REST call's span", async || !collector.spans().is_empty()).await;
+    let spans = collector.spans();
+    let span = spans
+        .iter()
+        .find(|s| s.name == "POST /number-recycling/v0.2/check")
+        .unwrap_or_else(|| panic!("the REST span in {spans:?}"));
+    assert_eq!(hex::encode(&span.trace_id), TRACE_ID, "the caller's trace id");
+    assert_eq!(hex::encode(&span.parent_span_id), PARENT_ID);
+    assert_eq!(span.kind, otlp::SpanKind::Server as i32);
+    use otlp::any_value::Value;
+    assert_eq!(
+        attr(span, "http.route"),
+        Some(&Value::StringValue("/number-recycling/v0.2/check".into()))
+    );
+    assert_eq!(
+        attr(span, "http.request.method"),
+        Some(&Value::StringValue("POST".into()))
+    );
+    assert_eq!(
+        attr(span, "http.response.status_code"),
+        Some(&Value::IntValue(503))
+    );
+    assert_eq!(
+        attr(span, "reassigned.request_id"),
+        Some(&Value::StringValue("rest-span-1".into()))
+    );
+    assert_eq!(
+        attr(span, "reassigned.platform"),
+        Some(&Value::StringValue("spiffe://dev.reassigned/platform-a".into()))
+    );
+    assert_eq!(
+        span.status.as_ref().map(|s| s.code),
+        Some(otlp::StatusCode::Error as i32)
+    );
+    let bytes: Vec<u8> = collector.received.lock().expect("lock").concat();
+    for needle in [NUMBER, DIGITS] {
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{needle:?} in the exported bytes"
+        );
+    }
+    server.stop().await;
+}
+
+/// The span of a call made just before SIGTERM is still in the export
+/// queue (batches leave every second) when the signal arrives: `reassigned
+/// serve` flushes it to the collector before it exits. Checked when the
+/// process has exited, without waiting any longer: it arrived before the
+/// exit, or never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_span_of_a_call_just_before_sigterm_reaches_the_collector_before_exit() {
+    use support::bin::{Killed, bin, connect_as_platform_a, free_port};
+    const LAST_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+    let collector = Collector::default();
+    let endpoint = format!("http://{}", collector.start().await);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    support::bin::run(bin().args(["certs", "dev", "--out"]).arg(&certs));
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    let log = dir.path().join("serve.log");
+    let port = free_port();
+    let mut child = Killed(
+        bin()
+            .args(["serve", "--no-tokens", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--otlp-endpoint", &endpoint])
+            .arg("--tls-cert")
+            .arg(certs.join("server.pem"))
+            .arg("--tls-key")
+            .arg(certs.join("server.key"))
+            .arg("--client-ca")
+            .arg(certs.join("ca.pem"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn serve"),
+    );
+    let channel = connect_as_platform_a(&certs, port).await;
+    let mut client = reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient::new(channel);
+    let mut request = check(NUMBER);
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{LAST_TRACE}-{PARENT_ID}-01")
+            .parse()
+            .expect("metadata"),
+    );
+    client.check_number(request).await.expect("check");
+    drop(client);
+    child.signal("TERM");
+    let mut status = None;
+    eventually("serve exits on SIGTERM", async || {
+        status = child.0.try_wait().expect("try_wait");
+        status.is_some()
+    })
+    .await;
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
+    let spans = collector.spans();
+    assert!(
+        spans.iter().any(|s| hex::encode(&s.trace_id) == LAST_TRACE),
+        "the last call's span did not reach the collector before the exit: {spans:?}\n{log}"
+    );
+    assert!(log.contains("traces: queued spans flushed"), "{log}");
 }

@@ -648,3 +648,204 @@ async fn a_reload_that_distrusts_the_client_closes_its_rest_connection() {
     }
     server.stop().await;
 }
+
+/// Log lines of this test process (one global subscriber, set once).
+fn captured_log() -> &'static Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOG: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("info")
+            .with_ansi(false)
+            .with_writer(move || LogWriter(writer.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+        log
+    })
+}
+
+struct LogWriter(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The access line of the call with `request_id`, once written.
+async fn access_line(request_id: &str) -> String {
+    let log = captured_log();
+    let mut line = String::new();
+    support::poll::eventually("the REST access line", async || {
+        let text = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
+        match text
+            .lines()
+            .find(|l| l.contains("reassigned::access") && l.contains(&format!("request_id={request_id}")))
+        {
+            Some(l) => {
+                line = l.to_owned();
+                true
+            }
+            None => false,
+        }
+    })
+    .await;
+    line
+}
+
+/// The value of the sample `name` (with its labels) in `text`.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// REST calls over real mutual TLS are counted in the `http_server_*`
+/// families (route, HTTP method, status; the gRPC families untouched) and
+/// written to the access log like gRPC calls: platform, route, status,
+/// latency, the `x-correlator` as request id (one generated and echoed when
+/// the client sends none), the audit-keyed HMAC of the number, never the
+/// number or the token.
+#[tokio::test]
+async fn rest_calls_are_counted_and_access_logged_with_the_number_hashed() {
+    let log = captured_log();
+    let mut secret_path = None;
+    let store = embedded();
+    apply(&store, snapshot()).await;
+    let server = TestServer::start_in(store, |s, dir| {
+        s.rest_listen = Some(([127, 0, 0, 1], 0).into());
+        s.admin_listen = Some(([127, 0, 0, 1], 0).into());
+        s.access_log = Some(true);
+        let secret = dir.join("audit.secret");
+        std::fs::write(&secret, "a test secret of enough bytes\n").expect("secret");
+        secret_path = Some(secret.clone());
+        s.audit_secret_file = Some(secret);
+        // No audit sink listens: records are dropped, the answers go on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        s.audit_redis = Some(format!("redis://127.0.0.1:{port}/0"));
+    })
+    .await;
+    let mut rest = client(&server).await;
+    let body = json!({ "phoneNumber": A, "specifiedDate": "2024-05-01" }).to_string();
+    let response = rest
+        .send(
+            Method::POST,
+            CHECK_PATH,
+            &[("x-correlator", "rest-obs-1")],
+            body.clone(),
+        )
+        .await
+        .expect("check");
+    assert!(recycled(&response));
+    let bad = json!({ "phoneNumber": "+1 415", "specifiedDate": "2024-05-01" }).to_string();
+    let response = rest
+        .send(Method::POST, CHECK_PATH, &[("x-correlator", "rest-obs-2")], bad)
+        .await
+        .expect("bad check");
+    camara_error(&response, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT");
+    let response = rest.send(Method::GET, CHECK_PATH, &[], "").await.expect("get");
+    assert_eq!(response.status, StatusCode::METHOD_NOT_ALLOWED);
+    let response = rest
+        .send(Method::GET, "/no/such/path?n=+14155550001", &[], "")
+        .await
+        .expect("get");
+    assert_eq!(response.status, StatusCode::NOT_FOUND);
+    // No x-correlator: one is generated, logged, echoed.
+    let response = rest
+        .send(Method::POST, BATCH_PATH, &[], json!({ "checks": [{ "phoneNumber": A, "since": "2024-05-01" }, { "phoneNumber": ABSENT, "since": "2024-05-01" }] }).to_string())
+        .await
+        .expect("batch");
+    assert_eq!(response.status, StatusCode::OK, "{response:?}");
+    let generated = response.headers["x-correlator"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(
+        generated.len() == 32 && generated.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{generated}"
+    );
+
+    let admin = tokio::time::timeout(Duration::from_secs(10), server.handles.metrics.bound_addr())
+        .await
+        .expect("admin bound")
+        .to_string();
+    let (status, text) = reassigned::server::admin::get(&admin, "/metrics", Duration::from_secs(10))
+        .await
+        .expect("metrics");
+    assert_eq!(status, 200);
+    let check = r#"route="/number-recycling/v0.2/check""#;
+    for (name, value) in [
+        (format!(r#"http_server_requests_total{{{check},method="POST",code="200"}}"#), 1.0),
+        (format!(r#"http_server_requests_total{{{check},method="POST",code="400"}}"#), 1.0),
+        (format!(r#"http_server_requests_total{{{check},method="GET",code="405"}}"#), 1.0),
+        (r#"http_server_requests_total{route="other",method="GET",code="404"}"#.to_owned(), 1.0),
+        (r#"http_server_requests_total{route="/v1/numbers:batchCheck",method="POST",code="200"}"#.to_owned(), 1.0),
+        // Listed before its first call.
+        (r#"http_server_requests_total{route="/openapi.yaml",method="GET",code="200"}"#.to_owned(), 0.0),
+        (format!(r#"http_server_request_duration_seconds_count{{{check}}}"#), 3.0),
+        (format!(r#"http_server_request_duration_seconds_bucket{{{check},le="+Inf"}}"#), 3.0),
+        (format!(r#"http_server_requests_in_flight{{{check}}}"#), 0.0),
+        // Not gRPC calls.
+        (
+            r#"grpc_server_handled_total{grpc_type="unary",grpc_service="reassigned.v1.ReassignedNumbers",grpc_method="CheckNumber",grpc_code="OK"}"#.to_owned(),
+            0.0,
+        ),
+    ] {
+        assert_eq!(sample(&text, &name), Some(value), "{name} in\n{text}");
+    }
+    assert_eq!(
+        server
+            .handles
+            .metrics
+            .rest_requests(CHECK_PATH, &Method::POST, Some(200)),
+        1
+    );
+    assert!(
+        !text.contains("14155550001"),
+        "the 404's query string in the metrics"
+    );
+
+    let hmac = reassigned::audit::NumberKey::from_secret_file(&secret_path.expect("secret"))
+        .expect("key")
+        .hmac_hex(A);
+    let line = access_line("rest-obs-1").await;
+    for field in [
+        " INFO ",
+        "protocol=\"rest\"",
+        "platform=\"spiffe://dev.reassigned/platform-a\"",
+        "method=\"POST\"",
+        "route=\"/number-recycling/v0.2/check\"",
+        "code=200",
+        &format!("number_hmac=\"{hmac}\""),
+        "numbers=1",
+        "latency_us=",
+        "store_us=",
+        "trace_id=",
+    ] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+    let line = access_line("rest-obs-2").await;
+    assert!(line.contains("code=400"), "{line}");
+    let line = access_line(&generated).await;
+    for field in [
+        "route=\"/v1/numbers:batchCheck\"",
+        "code=200",
+        "numbers=2",
+        "number_hmac=\"-\"",
+    ] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+    let all = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
+    for digits in [&A[1..], &ABSENT[1..]] {
+        assert!(!all.contains(digits), "a number appears in the log:\n{all}");
+    }
+    assert!(!all.contains("Bearer"), "a token in the log");
+    server.stop().await;
+}

@@ -312,10 +312,22 @@ pub async fn sync_with(
     dir: &Path,
     options: ImportOptions,
 ) -> anyhow::Result<()> {
+    let report = sync_report(target, key_prefix, dir, options).await?;
+    eprintln!("{report}");
+    Ok(())
+}
+
+/// One sync run (see [`sync_with`]), its report returned.
+async fn sync_report(
+    target: &RedisTarget,
+    key_prefix: &str,
+    dir: &Path,
+    options: ImportOptions,
+) -> anyhow::Result<import::SyncReport> {
     let interrupt = import::Interrupt::never();
     let _signals = SignalGuard::install(interrupt.clone());
     let store = eventing(redis_store(target, key_prefix).await?).await;
-    let report = import::sync_dir_with(
+    import::sync_dir_with(
         &store,
         dir,
         options,
@@ -323,9 +335,122 @@ pub async fn sync_with(
         &mut StoppableProgress::new(&interrupt),
     )
     .await
-    .map_err(|e| interrupted_error(&interrupt, e))?;
-    eprintln!("{report}");
-    Ok(())
+    .map_err(|e| interrupted_error(&interrupt, e))
+}
+
+/// Where a sync process reports its runs (both off by default): the
+/// metrics of [`crate::server::sync_metrics`].
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct SyncMetricsArgs {
+    /// Serve `/metrics` (runs, last success, last error, files applied)
+    /// and `/livez` over plain HTTP on this address while sync runs (for
+    /// `--every`); like serve's admin listener, never expose it.
+    #[arg(long = "admin-listen", env = "REASSIGNED_SYNC_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// After each run, write the same metrics (without process figures) to
+    /// this file, replaced atomically: for node_exporter's textfile
+    /// collector when a one-shot sync runs from cron.
+    #[arg(long, env = "REASSIGNED_SYNC_METRICS_TEXTFILE")]
+    pub metrics_textfile: Option<PathBuf>,
+}
+
+/// `reassigned sync [--every]` reporting to `metrics`: once (`every`
+/// `None`, the exit status says how it went) or again `every` after each
+/// run (see [`sync_every`]).
+pub async fn sync_observed(
+    target: &RedisTarget,
+    key_prefix: &str,
+    dir: &Path,
+    options: ImportOptions,
+    every: Option<Duration>,
+    metrics: &SyncMetricsArgs,
+) -> anyhow::Result<()> {
+    use crate::server::sync_metrics::SyncStats;
+    if let Some(every) = every {
+        anyhow::ensure!(!every.is_zero(), "--every must be longer than 0s");
+    }
+    let stats = Arc::new(SyncStats::new(every, &import::ImportError::KINDS));
+    let _admin = match metrics.admin_listen {
+        Some(addr) => Some(crate::server::admin::serve_sync(addr, stats.clone()).await?),
+        None => None,
+    };
+    let run = SyncRun {
+        target,
+        key_prefix,
+        dir,
+        options,
+        stats: &stats,
+        textfile: metrics.metrics_textfile.as_deref(),
+    };
+    let Some(every) = every else {
+        return run.once().await;
+    };
+    // Listening from now on, across runs: a SIGTERM that lands between a
+    // run's end and the next wait is not lost.
+    let mut stop = Box::pin(shutdown_signal());
+    if futures_util::FutureExt::now_or_never(&mut stop).is_some() {
+        return Ok(());
+    }
+    loop {
+        if let Err(e) = run.once().await {
+            if exit_code(&e) == EXIT_INTERRUPTED {
+                return Err(e);
+            }
+            tracing::warn!(error = %format!("{e:#}"), next_in = ?every, "sync failed");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = &mut stop => return Ok(()),
+        }
+    }
+}
+
+/// One run of a sync process and where it reports.
+struct SyncRun<'a> {
+    target: &'a RedisTarget,
+    key_prefix: &'a str,
+    dir: &'a Path,
+    options: ImportOptions,
+    stats: &'a crate::server::sync_metrics::SyncStats,
+    textfile: Option<&'a Path>,
+}
+
+impl SyncRun<'_> {
+    /// Syncs once, prints the report, records the outcome in the stats and
+    /// writes the textfile (a textfile that cannot be written is logged,
+    /// and does not fail a good run).
+    async fn once(&self) -> anyhow::Result<()> {
+        self.stats.run_started();
+        let result = sync_report(self.target, self.key_prefix, self.dir, self.options).await;
+        match &result {
+            Ok(report) => {
+                eprintln!("{report}");
+                self.stats.run_succeeded(report.sequence);
+            }
+            Err(e) => self.stats.run_failed(sync_error_kind(e)),
+        }
+        if let Some(path) = self.textfile
+            && let Err(e) = crate::server::sync_metrics::write_textfile(path, self.stats)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "sync: cannot write the metrics textfile");
+        }
+        result.map(|_| ())
+    }
+}
+
+/// The metrics' `kind` of a failed sync run: the import's error kind, else
+/// `store` for a store that failed before the import began (e.g. Redis
+/// unreachable), else `other`.
+fn sync_error_kind(e: &anyhow::Error) -> &'static str {
+    if let Some(e) = e.downcast_ref::<import::ImportError>() {
+        return e.kind();
+    }
+    if e.chain()
+        .any(|c| c.downcast_ref::<crate::store::StoreError>().is_some())
+    {
+        return "store";
+    }
+    crate::server::sync_metrics::OTHER_KIND
 }
 
 /// `reassigned sync --every`: [`sync_with`] now and then again `every`
@@ -339,25 +464,15 @@ pub async fn sync_every(
     options: ImportOptions,
     every: Duration,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(!every.is_zero(), "--every must be longer than 0s");
-    // Listening from now on, across runs: a SIGTERM that lands between a
-    // run's end and the next wait is not lost.
-    let mut stop = Box::pin(shutdown_signal());
-    if futures_util::FutureExt::now_or_never(&mut stop).is_some() {
-        return Ok(());
-    }
-    loop {
-        if let Err(e) = sync_with(target, key_prefix, dir, options).await {
-            if exit_code(&e) == EXIT_INTERRUPTED {
-                return Err(e);
-            }
-            tracing::warn!(error = %format!("{e:#}"), next_in = ?every, "sync failed");
-        }
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = &mut stop => return Ok(()),
-        }
-    }
+    sync_observed(
+        target,
+        key_prefix,
+        dir,
+        options,
+        Some(every),
+        &SyncMetricsArgs::default(),
+    )
+    .await
 }
 
 /// `reassigned verify`: compares the Redis mirror with the manifests and

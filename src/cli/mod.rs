@@ -13,7 +13,10 @@ pub mod rest_client;
 pub mod token;
 pub mod watch;
 
-pub use commands::{EXIT_INTERRUPTED, exit_code, gc, import_with, sync_every, sync_with, verify};
+pub use commands::{
+    EXIT_INTERRUPTED, SyncMetricsArgs, exit_code, gc, import_with, sync_every, sync_observed, sync_with,
+    verify,
+};
 pub use commands::{
     certs_dev, demo, generate_cmd, import, init_tracing, open_store, serve, shutdown_signal, sync,
 };

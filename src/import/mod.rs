@@ -196,6 +196,38 @@ pub enum ImportError {
     },
 }
 
+impl ImportError {
+    /// Every [`ImportError::kind`], in declaration order (a bounded label
+    /// set for metrics).
+    pub const KINDS: [&'static str; 9] = [
+        "manifest",
+        "data",
+        "sequence_gap",
+        "as_of_backwards",
+        "store",
+        "shrink",
+        "reissued",
+        "interrupted",
+        "io",
+    ];
+
+    /// A short, stable name of what went wrong (the metrics' `kind` label:
+    /// no path, no number, no message).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Manifest(..) => "manifest",
+            Self::Data { .. } => "data",
+            Self::SequenceGap { .. } => "sequence_gap",
+            Self::AsOfBackwards { .. } => "as_of_backwards",
+            Self::Store(_) => "store",
+            Self::Shrink { .. } => "shrink",
+            Self::Reissued { .. } => "reissued",
+            Self::Interrupted { .. } => "interrupted",
+            Self::Io { .. } => "io",
+        }
+    }
+}
+
 fn data_message(file: &std::path::Path, problems: &[String]) -> String {
     let mut out = format!("data file {} rejected:", file.display());
     for p in problems {
@@ -256,5 +288,15 @@ mod tests {
         assert_eq!(e.to_string(), "data file d.csv rejected:\n  - a\n  - b");
         let e = ImportError::Manifest("m.json".into(), "bad".into());
         assert_eq!(e.to_string(), "manifest m.json: bad");
+        assert_eq!(e.kind(), "manifest");
+        assert!(
+            ImportError::KINDS.contains(
+                &ImportError::SequenceGap {
+                    current: None,
+                    got: 1
+                }
+                .kind()
+            )
+        );
     }
 }

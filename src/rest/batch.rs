@@ -9,6 +9,7 @@ use http::StatusCode;
 
 use super::{Body, RestError, json_response};
 use crate::api::ServedStore;
+use crate::api::note::CallNote;
 use crate::api::{CallInfo, ReassignedService, pb};
 use crate::identity::Principal;
 
@@ -119,6 +120,7 @@ pub(super) async fn batch(
     principal: &Principal,
     call: impl FnOnce() -> CallInfo,
     json: serde_json::Value,
+    note: Option<&CallNote>,
 ) -> Result<http::Response<Body>, RestError> {
     let body: BatchBody = serde_json::from_value(json)
         .map_err(|e| RestError::invalid(format!("the body is not a batch: {e}")))?;
@@ -132,7 +134,7 @@ pub(super) async fn batch(
         })
         .collect();
     let results = service
-        .check_batch(Some(principal), call, checks, body.want_receipts, None)
+        .check_batch(Some(principal), call, checks, body.want_receipts, note)
         .await?;
     Ok(json_response(
         StatusCode::OK,

@@ -6,6 +6,7 @@ use http::StatusCode;
 
 use super::{Body, RestError, json_response, string_field};
 use crate::api::ServedStore;
+use crate::api::note::CallNote;
 use crate::api::{CallInfo, ReassignedService};
 use crate::domain::{Check, Date, NoDataReason, PhoneNumber, SinceError, Status, parse_since};
 use crate::identity::Principal;
@@ -36,6 +37,7 @@ pub(super) async fn check(
     principal: &Principal,
     call: impl FnOnce() -> CallInfo,
     json: serde_json::Value,
+    note: Option<&CallNote>,
 ) -> Result<http::Response<Body>, RestError> {
     service.charge(Some(principal), 1, 1).await?;
     if !json.is_object() {
@@ -61,7 +63,7 @@ pub(super) async fn check(
     })?;
     let plan = service.receipt_plan(service.call_info_with(call), false, false)?;
     let answered = service
-        .check_one(&plan, Check { number, since }, phone, false, today, None)
+        .check_one(&plan, Check { number, since }, phone, false, today, note)
         .await?;
     let recycled = match answered.answer.status {
         Status::Reassigned => true,

@@ -28,6 +28,7 @@ pub use check::{CheckBody, CheckResult};
 pub use error::{ErrorBody, RestError};
 
 use crate::api::ServedStore;
+use crate::api::note::CallNote;
 use crate::api::{CallInfo, ReassignedService};
 use crate::identity::{PeerInfo, Platform, Principal, Scope, Scopes};
 
@@ -45,6 +46,23 @@ pub const CAMARA_CHECK_SCOPE: &str = "number-recycling:check";
 pub const CORRELATOR_HEADER: &str = "x-correlator";
 /// Longest `x-correlator` (CAMARA's pattern `^[a-zA-Z0-9-_:;.\/<>{}]{0,256}$`).
 const MAX_CORRELATOR: usize = 256;
+
+/// The routes of this face, as metrics and the access log name them (the
+/// path templates); any other path is [`OTHER_ROUTE`].
+pub const ROUTES: [&str; 3] = [CHECK_PATH, BATCH_PATH, OPENAPI_PATH];
+/// The route label of a path this face does not serve (404).
+pub const OTHER_ROUTE: &str = "other";
+
+/// The index in [`ROUTES`] of `path`, or `ROUTES.len()` for any other path
+/// (a bounded label set whatever clients send).
+pub fn route_index(path: &str) -> usize {
+    ROUTES.iter().position(|r| *r == path).unwrap_or(ROUTES.len())
+}
+
+/// The route label of [`route_index`]'s `index`.
+pub fn route_label(index: usize) -> &'static str {
+    ROUTES.get(index).copied().unwrap_or(OTHER_ROUTE)
+}
 
 /// The body type of every response of this face.
 pub type Body = http_body_util::Full<Bytes>;
@@ -171,12 +189,15 @@ impl RestFace {
                 tracing::info!(status = e.status.as_u16(), reason = %e.message, suppressed, "rest request refused");
             }
         })?;
+        // The server's observation (access log, trace), when it is on.
+        let note = req.extensions().get::<CallNote>().cloned();
         let json = read_json(req, self.max_body).await?;
         let request_id = correlator.and_then(|c| c.to_str().ok());
         let call = || CallInfo::new(Some(&principal), request_id);
+        let note = note.as_ref();
         match route {
-            Route::Check => check::check(&self.service, &principal, call, json).await,
-            Route::Batch => batch::batch(&self.service, &principal, call, json).await,
+            Route::Check => check::check(&self.service, &principal, call, json, note).await,
+            Route::Batch => batch::batch(&self.service, &principal, call, json, note).await,
         }
     }
 
@@ -325,6 +346,14 @@ mod tests {
             let e = correlator(&headers).expect_err(bad);
             assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"));
         }
+    }
+
+    #[test]
+    fn routes_are_a_bounded_label_set() {
+        assert_eq!(route_label(route_index(CHECK_PATH)), CHECK_PATH);
+        assert_eq!(route_label(route_index(BATCH_PATH)), BATCH_PATH);
+        assert_eq!(route_index("/number-recycling/v0.2/check/"), ROUTES.len());
+        assert_eq!(route_label(route_index("/anything/else")), OTHER_ROUTE);
     }
 
     #[test]

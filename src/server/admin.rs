@@ -132,6 +132,48 @@ pub(crate) async fn serve(
     })))
 }
 
+/// Binds `addr` and serves a sync process's `/metrics`
+/// ([`super::sync_metrics::render_sync`]) and `/livez` (404 for any other
+/// path; no `/readyz`: a sync serves no one) until the returned task is
+/// dropped. For `reassigned sync --admin-listen`; the same rules as the
+/// server's admin listener: plain HTTP, never exposed.
+pub(crate) async fn serve_sync(
+    addr: SocketAddr,
+    stats: Arc<super::sync_metrics::SyncStats>,
+) -> anyhow::Result<(SocketAddr, AbortOnDrop)> {
+    use axum::routing::get;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for admin (metrics) on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let text = super::sync_metrics::render_sync(&stats, true);
+                async move { ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text) }
+            }),
+        )
+        .route(
+            "/livez",
+            get(|| async {
+                (
+                    [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                    "ok\n",
+                )
+            }),
+        );
+    tracing::info!(%bound, "admin: serving plain HTTP /metrics, /livez");
+    Ok((
+        bound,
+        AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::warn!(error = %e, "admin endpoint failed");
+            }
+        })),
+    ))
+}
+
 /// The answer of `GET path` on the admin listener at `addr` (HTTP/1.1, no
 /// TLS): the status code and the body. For `reassigned health --admin`.
 pub async fn get(addr: &str, path: &str, timeout: std::time::Duration) -> anyhow::Result<(u16, String)> {

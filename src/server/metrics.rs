@@ -9,7 +9,10 @@
 //! `grpc_server_handled_total`, `grpc_server_handling_seconds`, labels
 //! `grpc_type`, `grpc_service`, `grpc_method`, `grpc_code`), so the
 //! standard gRPC dashboards work; the `reassigned_*` families are kept
-//! beside them.
+//! beside them. Calls to the REST face (`--rest-listen`) are counted apart,
+//! in `http_server_*` families labelled by route, HTTP method and status
+//! code ([`RestCall`]): HTTP statuses are not gRPC codes, and a gRPC
+//! dashboard must not mix them in.
 //!
 //! It carries no secrets or numbers, but it is plain HTTP without
 //! authentication: bind it to a private interface, never expose it publicly.
@@ -18,7 +21,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -105,6 +108,59 @@ fn grpc_labels(index: usize) -> (&'static str, &'static str, &'static str) {
     (kind, service, method)
 }
 
+/// The `method` label values of the REST metrics: the standard HTTP
+/// methods; any other is counted as `_OTHER` (OpenTelemetry's spelling), so
+/// clients cannot grow the label set.
+const HTTP_METHODS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "_OTHER",
+];
+
+/// The column of `method` in [`HTTP_METHODS`].
+fn http_method_column(method: &http::Method) -> usize {
+    HTTP_METHODS
+        .iter()
+        .position(|m| *m == method.as_str())
+        .unwrap_or(HTTP_METHODS.len() - 1)
+}
+
+/// Rows of the REST counters: the face's routes, then `other`.
+const REST_ROUTES: usize = crate::rest::ROUTES.len() + 1;
+
+/// Columns of status codes: 100 to 599 at their number; 0 for "no
+/// response" (the client went away before the answer).
+const HTTP_STATUSES: usize = 600;
+
+/// The REST face's counters: calls by (route, method, status), and per
+/// route the calls in flight and the latency.
+struct RestCounters {
+    /// On once the server serves the REST face (its families are left out
+    /// of the exposition otherwise).
+    on: AtomicBool,
+    /// `[route][method][status]`, flattened (on the heap: 192 kB).
+    requests: Box<[AtomicU64]>,
+    in_flight: [AtomicI64; REST_ROUTES],
+    latency: [Histogram; REST_ROUTES],
+}
+
+impl Default for RestCounters {
+    fn default() -> Self {
+        Self {
+            on: AtomicBool::new(false),
+            requests: (0..REST_ROUTES * HTTP_METHODS.len() * HTTP_STATUSES)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            in_flight: Default::default(),
+            latency: std::array::from_fn(|_| Histogram::new()),
+        }
+    }
+}
+
+impl RestCounters {
+    fn cell(&self, route: usize, method: usize, status: usize) -> &AtomicU64 {
+        &self.requests[(route * HTTP_METHODS.len() + method) * HTTP_STATUSES + status]
+    }
+}
+
 /// Handle shared between a [`crate::config::ServeConfig`] and the server
 /// running it: the request counters, and the address the metrics endpoint
 /// is bound to once it is (useful with port 0).
@@ -131,6 +187,8 @@ struct Inner {
     refusals: Arc<RefusalStats>,
     /// The access log and trace export, once the server set them up.
     observer: std::sync::OnceLock<Arc<Observer>>,
+    /// Calls to the REST face.
+    rest: RestCounters,
 }
 
 impl Default for MetricsHandle {
@@ -145,6 +203,7 @@ impl Default for MetricsHandle {
                 handshakes: Arc::default(),
                 refusals: Arc::default(),
                 observer: std::sync::OnceLock::new(),
+                rest: RestCounters::default(),
             }),
         }
     }
@@ -212,6 +271,41 @@ impl MetricsHandle {
         self.inner.observer.get().cloned()
     }
 
+    /// Marks the REST face as served: its `http_server_*` families are
+    /// exported from now on.
+    pub fn enable_rest(&self) {
+        self.inner.rest.on.store(true, Ordering::Relaxed);
+    }
+
+    /// Starts counting the REST call `req` (its connection's peer already
+    /// in its extensions) and, with the access log or trace export on,
+    /// observing it; end it with [`RestCall::finish`] (dropped unfinished,
+    /// it counts as answered with no status).
+    pub fn start_rest<B>(&self, req: &mut http::Request<B>) -> RestCall {
+        let route = crate::rest::route_index(req.uri().path());
+        let method = http_method_column(req.method());
+        self.inner.rest.in_flight[route].fetch_add(1, Ordering::Relaxed);
+        let observed = self.inner.observer.get().map(|o| o.start_rest(req));
+        RestCall {
+            handle: Some(self.clone()),
+            route,
+            method,
+            started: Instant::now(),
+            observed,
+        }
+    }
+
+    /// REST calls to `path` (a route of [`crate::rest::ROUTES`]; any other
+    /// path reads the `other` row) with `method`, answered with `status`
+    /// (`None`: no response) so far.
+    pub fn rest_requests(&self, path: &str, method: &http::Method, status: Option<u16>) -> u64 {
+        let column = status.map_or(0, |s| usize::from(s).min(HTTP_STATUSES - 1));
+        self.inner
+            .rest
+            .cell(crate::rest::route_index(path), http_method_column(method), column)
+            .load(Ordering::Relaxed)
+    }
+
     fn start(&self, method: usize) {
         self.inner.started[method].fetch_add(1, Ordering::Relaxed);
         self.inner.in_flight[method].fetch_add(1, Ordering::Relaxed);
@@ -229,6 +323,55 @@ impl MetricsHandle {
                 .map(tonic::Code::from_i32);
             observer.finish(observed, method, code, elapsed);
         }
+    }
+}
+
+/// One REST call being counted (see [`MetricsHandle::start_rest`]).
+pub struct RestCall {
+    // `Some` until counted.
+    handle: Option<MetricsHandle>,
+    route: usize,
+    method: usize,
+    started: Instant,
+    observed: Option<Box<Observed>>,
+}
+
+impl RestCall {
+    /// Counts the call as answered with `status`.
+    pub fn finish(mut self, status: http::StatusCode) {
+        self.end(Some(status.as_u16()));
+    }
+
+    fn end(&mut self, status: Option<u16>) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        let elapsed = self.started.elapsed();
+        let rest = &handle.inner.rest;
+        let column = status.map_or(0, |s| {
+            let s = usize::from(s);
+            if (100..HTTP_STATUSES).contains(&s) { s } else { 0 }
+        });
+        rest.cell(self.route, self.method, column)
+            .fetch_add(1, Ordering::Relaxed);
+        rest.latency[self.route].observe(elapsed);
+        rest.in_flight[self.route].fetch_sub(1, Ordering::Relaxed);
+        if let (Some(observed), Some(observer)) = (self.observed.take(), handle.inner.observer.get()) {
+            observer.finish_rest(
+                observed,
+                HTTP_METHODS[self.method],
+                crate::rest::route_label(self.route),
+                status,
+                elapsed,
+            );
+        }
+    }
+}
+
+impl Drop for RestCall {
+    fn drop(&mut self) {
+        // Dropped before an answer: the client went away.
+        self.end(None);
     }
 }
 
@@ -440,6 +583,7 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
         &one(sources.store.import_problems().len() as u64),
     );
     render_grpc(&mut out, handle);
+    render_rest(&mut out, handle);
     render_refusals(&mut out, handle, sources);
     render_store(&mut out, sources, meta.as_deref());
     render_process(&mut out, sources);
@@ -471,7 +615,7 @@ pub fn render(handle: &MetricsHandle, sources: &Sources) -> String {
 }
 
 /// `# HELP` and `# TYPE` of a family.
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
@@ -562,6 +706,82 @@ fn render_grpc(out: &mut String, handle: &MetricsHandle) {
     }
 }
 
+/// The REST face's families (only while it is served): every route's
+/// answers listed from the start (`200` zeros for the routes' methods) so
+/// rates and alerts see them before the first call; any other pair once
+/// seen.
+fn render_rest(out: &mut String, handle: &MetricsHandle) {
+    let rest = &handle.inner.rest;
+    if !rest.on.load(Ordering::Relaxed) {
+        return;
+    }
+    let listed: Vec<usize> = (0..REST_ROUTES)
+        .filter(|&r| {
+            r < crate::rest::ROUTES.len()
+                || rest.in_flight[r].load(Ordering::Relaxed) != 0
+                || rest.latency[r].read().count() > 0
+        })
+        .collect();
+    family(
+        out,
+        "http_server_requests_total",
+        "counter",
+        "REST calls (--rest-listen) answered, by route, HTTP method and status code (none: no response, the client went away).",
+    );
+    for &route in &listed {
+        let label = crate::rest::route_label(route);
+        // The method each route serves (zeros listed for it).
+        let served = if label == crate::rest::OPENAPI_PATH {
+            "GET"
+        } else {
+            "POST"
+        };
+        for (m, method) in HTTP_METHODS.iter().enumerate() {
+            for column in 0..HTTP_STATUSES {
+                let n = rest.cell(route, m, column).load(Ordering::Relaxed);
+                let zero_listed = column == 200 && *method == served && route < crate::rest::ROUTES.len();
+                if n > 0 || zero_listed {
+                    let code = if column == 0 {
+                        "none".to_owned()
+                    } else {
+                        column.to_string()
+                    };
+                    let _ = writeln!(
+                        out,
+                        "http_server_requests_total{{route=\"{label}\",method=\"{method}\",code=\"{code}\"}} {n}"
+                    );
+                }
+            }
+        }
+    }
+    family(
+        out,
+        "http_server_request_duration_seconds",
+        "histogram",
+        "Time from a REST call's arrival to its answer, by route, seconds.",
+    );
+    for &route in &listed {
+        let labels = format!("route=\"{}\"", crate::rest::route_label(route));
+        histogram_samples(
+            out,
+            "http_server_request_duration_seconds",
+            &labels,
+            &rest.latency[route].read(),
+        );
+    }
+    family(
+        out,
+        "http_server_requests_in_flight",
+        "gauge",
+        "REST calls in progress, by route.",
+    );
+    for &route in &listed {
+        let n = rest.in_flight[route].load(Ordering::Relaxed).max(0);
+        let label = crate::rest::route_label(route);
+        let _ = writeln!(out, "http_server_requests_in_flight{{route=\"{label}\"}} {n}");
+    }
+}
+
 /// Refusals of the auth layer (certificate, token, scope) and of quotas.
 fn render_refusals(out: &mut String, handle: &MetricsHandle, sources: &Sources) {
     family(
@@ -627,6 +847,21 @@ fn render_store(out: &mut String, sources: &Sources, meta: Option<&crate::domain
             );
         }
     }
+    render_imports(out);
+    family(
+        out,
+        "reassigned_mirror_as_of_timestamp_seconds",
+        "gauge",
+        "Start (00:00 UTC) of the day the mirror's data is complete through, Unix seconds (0 when not loaded).",
+    );
+    let as_of = meta.map_or(0, |m| i64::from(m.as_of.days()) * 86_400);
+    let _ = writeln!(out, "reassigned_mirror_as_of_timestamp_seconds {as_of}");
+}
+
+/// The register files this process applied (the embedded store's
+/// re-sync in a server; every run of `reassigned sync`).
+pub(crate) fn render_imports(out: &mut String) {
+    let calls = store_calls::calls();
     family(
         out,
         "reassigned_import_runs_total",
@@ -651,31 +886,12 @@ fn render_store(out: &mut String, sources: &Sources, meta: Option<&crate::domain
         let n = calls.records_applied(kind);
         let _ = writeln!(out, "reassigned_import_records_applied_total{{kind=\"{k}\"}} {n}");
     }
-    family(
-        out,
-        "reassigned_mirror_as_of_timestamp_seconds",
-        "gauge",
-        "Start (00:00 UTC) of the day the mirror's data is complete through, Unix seconds (0 when not loaded).",
-    );
-    let as_of = meta.map_or(0, |m| i64::from(m.as_of.days()) * 86_400);
-    let _ = writeln!(out, "reassigned_mirror_as_of_timestamp_seconds {as_of}");
 }
 
 /// Build info, the server certificate's expiry and the process figures
 /// (Linux `/proc`; a figure that cannot be read is left out).
 fn render_process(out: &mut String, sources: &Sources) {
-    family(
-        out,
-        "reassigned_build_info",
-        "gauge",
-        "Always 1; the labels name the version and the git commit it was built from.",
-    );
-    let _ = writeln!(
-        out,
-        "reassigned_build_info{{version=\"{}\",git_sha=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION"),
-        env!("REASSIGNED_GIT_SHA")
-    );
+    render_build_info(out);
     if let Some(reloader) = &sources.tls {
         family(
             out,
@@ -689,6 +905,28 @@ fn render_process(out: &mut String, sources: &Sources) {
             "reassigned_tls_certificate_not_after_timestamp_seconds {not_after}"
         );
     }
+    render_process_figures(out);
+}
+
+/// `reassigned_build_info`.
+pub(crate) fn render_build_info(out: &mut String) {
+    family(
+        out,
+        "reassigned_build_info",
+        "gauge",
+        "Always 1; the labels name the version and the git commit it was built from.",
+    );
+    let _ = writeln!(
+        out,
+        "reassigned_build_info{{version=\"{}\",git_sha=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        env!("REASSIGNED_GIT_SHA")
+    );
+}
+
+/// The standard `process_*` figures (Linux `/proc`; a figure that cannot
+/// be read is left out).
+pub(crate) fn render_process_figures(out: &mut String) {
     if let Some(p) = ProcessFigures::read() {
         let mut gauge = |name: &str, kind: &str, help: &str, value: f64| {
             family(out, name, kind, help);

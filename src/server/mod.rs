@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod reload;
 pub mod rest_port;
 pub mod revoke;
+pub mod sync_metrics;
 pub mod tls;
 pub mod token;
 pub mod trace;
@@ -400,6 +401,7 @@ where
                     handshakes: handles.metrics.handshakes(),
                     max_concurrent_streams: config.max_concurrent_streams,
                     drain: DRAIN_TIMEOUT.max(config.request_timeout()),
+                    metrics: handles.metrics.clone(),
                 },
                 crate::rest::RestFace::new(
                     api.clone(),
@@ -465,13 +467,41 @@ where
         }
     }
     health_task.abort();
+    if let Some(mut rest) = rest_task {
+        // The REST port drains on its own (stopped with the gRPC port,
+        // bounded by the same limit): let it finish, so its calls' spans
+        // are queued before the flush below.
+        let _ = tokio::time::timeout(drain_limit, &mut rest.0).await;
+    }
+    flush_traces(&handles.metrics).await;
     drop(admin_task);
-    drop(rest_task);
     if let Some(task) = token_reload {
         task.abort();
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Sends the spans still queued for export (the last calls' spans, made
+/// just before the shutdown) to the collector, waiting at most
+/// [`trace::SHUTDOWN_FLUSH_TIMEOUT`]: a collector that is down or stalled
+/// delays the exit by that much at most.
+async fn flush_traces(metrics: &metrics::MetricsHandle) {
+    let Some(observer) = metrics.observer().filter(|o| o.exports()) else {
+        return;
+    };
+    match observer.flush(trace::SHUTDOWN_FLUSH_TIMEOUT).await {
+        trace::Flushed::Done => tracing::info!(
+            exported = observer.stats().exported(),
+            dropped = observer.stats().dropped(),
+            "traces: queued spans flushed"
+        ),
+        trace::Flushed::TimedOut { queued } => tracing::warn!(
+            queued,
+            after = ?trace::SHUTDOWN_FLUSH_TIMEOUT,
+            "traces: the collector did not take the queued spans in time; they are dropped"
+        ),
+    }
 }
 
 /// Largest PublishDisconnections request: 10,000 items of at most a

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use crate::identity::{PeerInfo, Platform, Scopes};
 use crate::rest::{RestFace, TokenCheck};
 use crate::server::accept::{self, AcceptOptions, HandshakeStats};
+use crate::server::metrics::MetricsHandle;
 use crate::server::tls::SharedServerConfig;
 use crate::server::token::TokenVerifier;
 
@@ -55,6 +56,9 @@ pub struct RestPort {
     pub max_concurrent_streams: u32,
     /// Time in-flight calls get after `stop`.
     pub drain: Duration,
+    /// Counts every call (`http_server_*`) and observes it when the access
+    /// log or trace export is on.
+    pub metrics: MetricsHandle,
 }
 
 /// Binds `port.addr`, publishes the bound address on `bound`, and serves
@@ -82,6 +86,8 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_concurrent_streams(port.max_concurrent_streams);
     tracing::info!(%addr, "rest: serving CAMARA Number Recycling and JSON batches");
+    port.metrics.enable_rest();
+    let metrics = port.metrics.clone();
     bound.publish(addr);
     Ok(tokio::spawn(async move {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -91,15 +97,22 @@ pub async fn serve(
                     let Some(Ok(conn)) = conn else { break };
                     let peer = conn.peer_info().clone();
                     let face = face.clone();
+                    let metrics = metrics.clone();
                     let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                         let face = face.clone();
                         let peer = peer.clone();
+                        let metrics = metrics.clone();
                         async move {
                             // Counted as a call of the connection, so that a
                             // reload revoking its certificate waits for it.
                             let _call = CallGuard::start(peer.calls.clone());
                             req.extensions_mut().insert(peer);
-                            Ok::<_, Infallible>(face.handle(req).await)
+                            // Metrics, access log and span: dropped with
+                            // the call if the client goes away.
+                            let counted = metrics.start_rest(&mut req);
+                            let response = face.handle(req).await;
+                            counted.finish(response.status());
+                            Ok::<_, Infallible>(response)
                         }
                     });
                     let served = graceful.watch(builder.serve_connection(TokioIo::new(conn), service).into_owned());

@@ -1,23 +1,25 @@
 //! Per-call observation, off by default: the access log line
 //! (`--access-log`) and a trace span per call exported over OTLP/gRPC
-//! (`--otlp-endpoint`).
+//! (`--otlp-endpoint`), for both faces: gRPC and REST (`--rest-listen`).
 //!
 //! [`metrics::CountLayer`](crate::server::metrics::CountLayer) calls
-//! [`Observer::start`] when a call arrives (only if an observer is set) and
-//! [`Observer::finish`] when its status is known. The caller's W3C
-//! `traceparent` (gRPC metadata) parents the span; without one the call
-//! starts a trace. Spans go to a bounded queue that a background task
-//! drains in batches ([`MAX_BATCH`] spans, or every [`FLUSH_INTERVAL`]) to
-//! the collector with the project's own tonic client: a request never waits
-//! on the collector, and spans that do not fit (queue full, collector down)
-//! are dropped and counted. No attribute carries a phone number, its hash,
-//! or a token.
+//! [`Observer::start`] when a gRPC call arrives (only if an observer is set)
+//! and [`Observer::finish`] when its status is known; the REST port does the
+//! same with [`Observer::start_rest`] and [`Observer::finish_rest`]. The
+//! caller's W3C `traceparent` (gRPC metadata, HTTP header) parents the span;
+//! without one the call starts a trace. Spans go to a bounded queue that a
+//! background task drains in batches ([`MAX_BATCH`] spans, or every
+//! [`FLUSH_INTERVAL`]) to the collector with the project's own tonic client:
+//! a request never waits on the collector, and spans that do not fit (queue
+//! full, collector down) are dropped and counted. At shutdown the server
+//! flushes what is still queued ([`Observer::flush`], bounded). No attribute
+//! carries a phone number, its hash, or a token.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::api::methods;
 use crate::api::note::CallNote;
@@ -39,6 +41,9 @@ pub const MAX_BATCH: usize = 512;
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// Bound of one export request.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest the server waits at shutdown for the spans still queued to
+/// reach the collector ([`Observer::flush`]).
+pub const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The metadata key of W3C trace context.
 pub const TRACEPARENT: &str = "traceparent";
@@ -123,13 +128,34 @@ impl ExportStats {
     }
 }
 
+/// What the export task's queue carries: spans, and flush requests that
+/// are answered once every span queued before them went out.
+#[derive(Debug)]
+enum Queued {
+    Span(otlp::Span),
+    Flush(oneshot::Sender<()>),
+}
+
 /// The access log and the trace export of one server.
 #[derive(Debug)]
 pub struct Observer {
     key: Arc<NumberKey>,
     access_log: bool,
-    spans: Option<mpsc::Sender<otlp::Span>>,
+    spans: Option<mpsc::Sender<Queued>>,
     stats: Arc<ExportStats>,
+}
+
+/// How [`Observer::flush`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flushed {
+    /// Every span queued before the flush was sent (accepted, or counted
+    /// dropped if the collector refused or failed).
+    Done,
+    /// The bound passed first: about this many spans were still queued.
+    TimedOut {
+        /// Spans still in the queue when the bound passed.
+        queued: usize,
+    },
 }
 
 impl Observer {
@@ -184,30 +210,60 @@ impl Observer {
         self.spans.is_some()
     }
 
-    /// Starts observing the call `req`: reads its platform, request id and
-    /// `traceparent`, gives the request an `x-request-id` if it has none
+    /// Starts observing the gRPC call `req`: reads its platform, request id
+    /// and `traceparent`, gives the request an `x-request-id` if it has none
     /// (so receipts and audit records carry the same id) and a
     /// [`CallNote`] for the handler.
     pub fn start<B>(&self, req: &mut http::Request<B>) -> Box<Observed> {
-        let headers = req.headers();
-        let parent = headers
-            .get(TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(TraceParent::parse);
         let request_id = match crate::api::usable_request_id(
-            headers
+            req.headers()
                 .get(crate::api::REQUEST_ID_HEADER)
                 .and_then(|v| v.to_str().ok()),
         ) {
             Some(id) => id.to_owned(),
             None => {
-                let id = format!("{:032x}", rand::random::<u128>());
+                let id = new_request_id();
                 if let Ok(value) = http::HeaderValue::from_str(&id) {
                     req.headers_mut().insert(crate::api::REQUEST_ID_HEADER, value);
                 }
                 id
             }
         };
+        self.observe(req, request_id)
+    }
+
+    /// Starts observing the REST call `req` (its connection's
+    /// [`PeerInfo`] already in its extensions): like [`Observer::start`],
+    /// with CAMARA's `x-correlator` as the request id. A request without one
+    /// is given a generated one, which the face then echoes in its response
+    /// and hands to receipts and the audit trail: the client can quote it.
+    /// One the face will refuse (not CAMARA's pattern) is left as it is and
+    /// logged under a generated id.
+    pub fn start_rest<B>(&self, req: &mut http::Request<B>) -> Box<Observed> {
+        let correlator = req.headers().get(crate::rest::CORRELATOR_HEADER);
+        let request_id = match correlator {
+            Some(value) => {
+                crate::api::usable_request_id(value.to_str().ok()).map_or_else(new_request_id, str::to_owned)
+            }
+            None => {
+                let id = new_request_id();
+                if let Ok(value) = http::HeaderValue::from_str(&id) {
+                    req.headers_mut().insert(crate::rest::CORRELATOR_HEADER, value);
+                }
+                id
+            }
+        };
+        self.observe(req, request_id)
+    }
+
+    /// The observation of `req` under `request_id`: its platform and
+    /// `traceparent`, a [`CallNote`] put in its extensions for the handler.
+    fn observe<B>(&self, req: &mut http::Request<B>, request_id: String) -> Box<Observed> {
+        let parent = req
+            .headers()
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse);
         let platform = req
             .extensions()
             .get::<PeerInfo>()
@@ -231,14 +287,15 @@ impl Observer {
         })
     }
 
-    /// Ends the observation of a call to the metrics label `method` that
-    /// ended with `code` (`None`: no status) after `elapsed`.
+    /// Ends the observation of a gRPC call to the metrics label `method`
+    /// that ended with `code` (`None`: no status) after `elapsed`.
     pub fn finish(&self, call: Box<Observed>, method: usize, code: Option<tonic::Code>, elapsed: Duration) {
         let code_name = code.map_or("none", methods::code_name);
         let store = call.note.store_time();
         if self.access_log {
             tracing::info!(
                 target: "reassigned::access",
+                protocol = "grpc",
                 platform = call.platform.as_deref().unwrap_or("-"),
                 method = methods::label(method),
                 code = code_name,
@@ -251,18 +308,92 @@ impl Observer {
                 "call"
             );
         }
-        let Some(spans) = &self.spans else {
-            return;
-        };
-        // The caller decided not to sample its trace: respect it.
-        if call.parent.is_some_and(|p| p.flags & 1 == 0) {
-            return;
+        if self.samples(&call) {
+            self.queue(span_of(&call, method, code, code_name, store, elapsed));
         }
-        let span = span_of(&call, method, code, code_name, store, elapsed);
-        if spans.try_send(span).is_err() {
+    }
+
+    /// Ends the observation of a REST call: `http_method` (the metrics'
+    /// label: a standard method, else `_OTHER`) on `route` (a label of
+    /// [`crate::rest::ROUTES`], or `other`), answered with `status` (`None`:
+    /// no response, the client went away) after `elapsed`. The access line
+    /// has the gRPC line's fields, with `protocol="rest"`, the HTTP method,
+    /// the `route`, and the status code as `code`.
+    pub fn finish_rest(
+        &self,
+        call: Box<Observed>,
+        http_method: &'static str,
+        route: &'static str,
+        status: Option<u16>,
+        elapsed: Duration,
+    ) {
+        let store = call.note.store_time();
+        if self.access_log {
+            let code = status.map_or_else(|| "none".to_owned(), |s| s.to_string());
+            tracing::info!(
+                target: "reassigned::access",
+                protocol = "rest",
+                platform = call.platform.as_deref().unwrap_or("-"),
+                method = http_method,
+                route,
+                code = %code,
+                latency_us = elapsed.as_micros() as u64,
+                request_id = %call.request_id,
+                number_hmac = call.note.number_hmac().unwrap_or("-"),
+                numbers = call.note.number_count(),
+                store_us = store.map_or(0, |d| d.as_micros() as u64),
+                trace_id = %hex::encode(call.trace_id),
+                "call"
+            );
+        }
+        if self.samples(&call) {
+            self.queue(rest_span_of(&call, http_method, route, status, store, elapsed));
+        }
+    }
+
+    /// Whether `call` gets a span: spans are exported, and the caller did
+    /// not decide against sampling its trace.
+    fn samples(&self, call: &Observed) -> bool {
+        self.spans.is_some() && call.parent.is_none_or(|p| p.flags & 1 != 0)
+    }
+
+    /// Queues `span` for export, or counts it dropped if the queue is full.
+    fn queue(&self, span: otlp::Span) {
+        if let Some(spans) = &self.spans
+            && spans.try_send(Queued::Span(span)).is_err()
+        {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+
+    /// Sends every span queued so far to the collector, waiting at most
+    /// `within` (at shutdown: [`SHUTDOWN_FLUSH_TIMEOUT`]); spans of calls
+    /// that end later are exported as usual. Without trace export there
+    /// is nothing to flush.
+    pub async fn flush(&self, within: Duration) -> Flushed {
+        let Some(queue) = &self.spans else {
+            return Flushed::Done;
+        };
+        let (done_tx, done_rx) = oneshot::channel();
+        let flushed = tokio::time::timeout(within, async {
+            queue.send(Queued::Flush(done_tx)).await.is_ok() && done_rx.await.is_ok()
+        })
+        .await;
+        match flushed {
+            Ok(true) => Flushed::Done,
+            // The export task is gone (runtime shutting down): nothing
+            // more can be sent.
+            Ok(false) | Err(_) => Flushed::TimedOut {
+                queued: queue.max_capacity() - queue.capacity(),
+            },
+        }
+    }
+}
+
+/// A fresh request id: 128 random bits in hex (valid as `x-request-id` and
+/// as CAMARA's `x-correlator`).
+fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
 fn unix_nanos(t: SystemTime) -> u64 {
@@ -329,13 +460,78 @@ fn span_of(
             Value::DoubleValue(store.as_secs_f64()),
         ));
     }
-    let start = unix_nanos(call.start);
     let failed = !matches!(code, Some(tonic::Code::Ok));
+    span_with(call, name.to_owned(), attributes, failed, elapsed)
+}
+
+/// The span of a finished REST call (OpenTelemetry HTTP conventions: name
+/// `METHOD route`, `http.*` attributes, error only for 5xx or no response;
+/// ours under `reassigned.*`).
+fn rest_span_of(
+    call: &Observed,
+    http_method: &str,
+    route: &str,
+    status: Option<u16>,
+    store: Option<Duration>,
+    elapsed: Duration,
+) -> otlp::Span {
+    use otlp::any_value::Value;
+    let mut attributes = vec![
+        attribute("http.request.method", Value::StringValue(http_method.into())),
+        attribute("http.route", Value::StringValue(route.into())),
+        attribute("url.scheme", Value::StringValue("https".into())),
+        attribute(
+            "reassigned.request_id",
+            Value::StringValue(call.request_id.clone()),
+        ),
+        attribute(
+            "reassigned.numbers",
+            Value::IntValue(i64::try_from(call.note.number_count()).unwrap_or(i64::MAX)),
+        ),
+    ];
+    if let Some(status) = status {
+        attributes.push(attribute(
+            "http.response.status_code",
+            Value::IntValue(i64::from(status)),
+        ));
+    }
+    if let Some(platform) = &call.platform {
+        attributes.push(attribute(
+            "reassigned.platform",
+            Value::StringValue(platform.clone()),
+        ));
+    }
+    if let Some(store) = store {
+        attributes.push(attribute(
+            "reassigned.store_seconds",
+            Value::DoubleValue(store.as_secs_f64()),
+        ));
+    }
+    let failed = status.is_none_or(|s| s >= 500);
+    span_with(
+        call,
+        format!("{http_method} {route}"),
+        attributes,
+        failed,
+        elapsed,
+    )
+}
+
+/// The span of `call` named `name` with `attributes`, status error if
+/// `failed`.
+fn span_with(
+    call: &Observed,
+    name: String,
+    attributes: Vec<otlp::KeyValue>,
+    failed: bool,
+    elapsed: Duration,
+) -> otlp::Span {
+    let start = unix_nanos(call.start);
     otlp::Span {
         trace_id: call.trace_id.to_vec(),
         span_id: call.span_id.to_vec(),
         parent_span_id: call.parent.map(|p| p.parent_id.to_vec()).unwrap_or_default(),
-        name: name.to_owned(),
+        name,
         kind: otlp::SpanKind::Server as i32,
         start_time_unix_nano: start,
         end_time_unix_nano: start.saturating_add(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)),
@@ -353,11 +549,12 @@ fn span_of(
     }
 }
 
-/// The export task: batches from `spans` to the collector until the
-/// observer (the sender) is dropped.
+/// The export task: batches from `queue` to the collector until the
+/// observer (the sender) is dropped; a flush request sends the batch at
+/// once and is answered after it.
 async fn export(
     mut client: otlp::trace_service_client::TraceServiceClient<tonic::transport::Channel>,
-    mut spans: mpsc::Receiver<otlp::Span>,
+    mut queue: mpsc::Receiver<Queued>,
     stats: Arc<ExportStats>,
 ) {
     let resource = otlp::Resource {
@@ -375,48 +572,71 @@ async fn export(
     };
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
-        let Some(first) = spans.recv().await else {
-            return;
-        };
-        batch.push(first);
+        match queue.recv().await {
+            None => return,
+            Some(Queued::Span(span)) => batch.push(span),
+            Some(Queued::Flush(done)) => {
+                // Nothing queued before it.
+                let _ = done.send(());
+                continue;
+            }
+        }
+        let mut flush = None;
         let deadline = tokio::time::Instant::now() + FLUSH_INTERVAL;
         while batch.len() < MAX_BATCH {
-            match tokio::time::timeout_at(deadline, spans.recv()).await {
-                Ok(Some(span)) => batch.push(span),
+            match tokio::time::timeout_at(deadline, queue.recv()).await {
+                Ok(Some(Queued::Span(span))) => batch.push(span),
+                Ok(Some(Queued::Flush(done))) => {
+                    flush = Some(done);
+                    break;
+                }
                 Ok(None) | Err(_) => break,
             }
         }
-        let count = batch.len() as u64;
-        let request = otlp::ExportTraceServiceRequest {
-            resource_spans: vec![otlp::ResourceSpans {
-                resource: Some(resource.clone()),
-                scope_spans: vec![otlp::ScopeSpans {
-                    scope: Some(otlp::InstrumentationScope {
-                        name: "reassigned".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                    }),
-                    spans: std::mem::take(&mut batch),
-                    schema_url: String::new(),
-                }],
+        send_batch(&mut client, &resource, std::mem::take(&mut batch), &stats).await;
+        if let Some(done) = flush {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Sends one batch of spans, counting them exported or dropped.
+async fn send_batch(
+    client: &mut otlp::trace_service_client::TraceServiceClient<tonic::transport::Channel>,
+    resource: &otlp::Resource,
+    spans: Vec<otlp::Span>,
+    stats: &ExportStats,
+) {
+    let count = spans.len() as u64;
+    let request = otlp::ExportTraceServiceRequest {
+        resource_spans: vec![otlp::ResourceSpans {
+            resource: Some(resource.clone()),
+            scope_spans: vec![otlp::ScopeSpans {
+                scope: Some(otlp::InstrumentationScope {
+                    name: "reassigned".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                }),
+                spans,
                 schema_url: String::new(),
             }],
-        };
-        match client.export(request).await {
-            Ok(response) => {
-                let rejected = response
-                    .into_inner()
-                    .partial_success
-                    .map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0));
-                stats
-                    .exported
-                    .fetch_add(count.saturating_sub(rejected), Ordering::Relaxed);
-                stats.dropped.fetch_add(rejected.min(count), Ordering::Relaxed);
-            }
-            Err(status) => {
-                stats.dropped.fetch_add(count, Ordering::Relaxed);
-                if let Some(suppressed) = crate::lograte::global().check("otlp_export_failed") {
-                    tracing::warn!(code = ?status.code(), spans = count, suppressed, "traces: export failed, spans dropped");
-                }
+            schema_url: String::new(),
+        }],
+    };
+    match client.export(request).await {
+        Ok(response) => {
+            let rejected = response
+                .into_inner()
+                .partial_success
+                .map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0));
+            stats
+                .exported
+                .fetch_add(count.saturating_sub(rejected), Ordering::Relaxed);
+            stats.dropped.fetch_add(rejected.min(count), Ordering::Relaxed);
+        }
+        Err(status) => {
+            stats.dropped.fetch_add(count, Ordering::Relaxed);
+            if let Some(suppressed) = crate::lograte::global().check("otlp_export_failed") {
+                tracing::warn!(code = ?status.code(), spans = count, suppressed, "traces: export failed, spans dropped");
             }
         }
     }
