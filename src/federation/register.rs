@@ -21,12 +21,10 @@
 //! import still stands and a warning says how many events were not
 //! appended (the register's files remain the record).
 
-use std::sync::Arc;
-
 use super::log::{AnyLog, EventLog};
 use super::{Event, EventKind, REGISTER_QUARANTINE_DAYS, REGISTER_SOURCE};
-use crate::domain::{Date, MirrorMeta, PhoneNumber};
-use crate::store::{DeltaWrite, Lookup, Records, SnapshotWrite, Store, StoreError};
+use crate::domain::{Date, PhoneNumber};
+use crate::store::{DeltaWrite, Records, SnapshotWrite, Store, StoreError};
 
 /// Numbers looked up per call while diffing.
 const LOOKUP_CHUNK: usize = 10_000;
@@ -46,6 +44,11 @@ impl<S: Store> EventingStore<S> {
     /// `inner`, appending to `log`.
     pub fn new(inner: S, log: AnyLog) -> Self {
         Self { inner, log }
+    }
+
+    /// The store underneath.
+    pub fn inner(&self) -> &S {
+        &self.inner
     }
 
     /// Positions in `records` whose date is new or later than the store's.
@@ -109,29 +112,7 @@ impl<S: Store> EventingStore<S> {
 }
 
 impl<S: Store> Store for EventingStore<S> {
-    async fn lookup(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
-        self.inner.lookup(number).await
-    }
-
-    async fn lookup_many(&self, numbers: &[PhoneNumber]) -> Result<Lookup<Vec<Option<Date>>>, StoreError> {
-        self.inner.lookup_many(numbers).await
-    }
-
-    fn cached_meta(&self) -> Option<Arc<MirrorMeta>> {
-        self.inner.cached_meta()
-    }
-
-    async fn refresh_meta(&self) -> Result<Option<Arc<MirrorMeta>>, StoreError> {
-        self.inner.refresh_meta().await
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-
-    fn unsafe_reason(&self) -> Option<String> {
-        self.inner.unsafe_reason()
-    }
+    crate::store::pass_through!(Self::inner => answers, rest);
 
     async fn apply_snapshot(
         &self,
@@ -156,13 +137,5 @@ impl<S: Store> Store for EventingStore<S> {
         self.inner.apply_delta(delta, records).await?;
         self.append(delta.sequence, records, &changed).await;
         Ok(())
-    }
-
-    async fn applied_checksums(&self) -> Result<std::collections::HashMap<String, String>, StoreError> {
-        self.inner.applied_checksums().await
-    }
-
-    fn import_problems(&self) -> Vec<String> {
-        self.inner.import_problems()
     }
 }
