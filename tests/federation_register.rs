@@ -5,7 +5,9 @@
 //! delta, then a snapshot diffed against the generation before it) produce
 //! their events at the next start; no start appends again what the journal
 //! has. Then the register mark at the library level: the journal's last
-//! register event resumes a file whose events were cut short by a crash.
+//! register event resumes a file whose events were cut short by a crash,
+//! and a log that refuses the events holds the mark (and later files'
+//! events) for the next start.
 
 mod support;
 
@@ -315,4 +317,49 @@ async fn the_mark_resumes_a_file_cut_short_and_skips_what_it_covers() {
         err.to_string().contains("does not hold a register sequence"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_append_holds_the_mark_and_the_next_start_appends() {
+    use reassigned::federation::log::RedisLog;
+    use reassigned::store::RedisStore;
+    use reassigned::store::redis::RedisOptions;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join(MARK_FILE), "1\n").expect("mark");
+    // A log that refuses every append: Redis without AOF (not durable).
+    let redis = support::redis::RedisServer::start();
+    let refusing = RedisLog::open(
+        &RedisStore::connect(&redis.url(), RedisOptions::default())
+            .await
+            .expect("connect"),
+    )
+    .await;
+    let (log, mark, store) = restart(dir.path()).await;
+    let store =
+        EventingStore::new(Arc::clone(store.inner()), AnyLog::Redis(refusing)).with_mark(mark.clone());
+    let two = Records::from_unsorted([(12_015_550_002, 20_001)]).expect("records");
+    let three = Records::from_unsorted([(12_015_550_003, 20_002)]).expect("records");
+    store
+        .apply_delta(&delta_write(2, 20_101), &two)
+        .await
+        .expect("the import stands");
+    store
+        .apply_delta(&delta_write(3, 20_102), &three)
+        .await
+        .expect("the import stands");
+    assert_eq!(store.inner().cached_meta().map(|m| m.sequence), Some(3));
+    assert_eq!(mark.through(), Some(1), "no events, no mark");
+    assert!(register_ids(&log).await.is_empty());
+    drop((log, mark, store));
+
+    // The next start appends both files' events.
+    let (log, mark, store) = restart(dir.path()).await;
+    for (sequence, as_of, records) in [(2, 20_101, &two), (3, 20_102, &three)] {
+        store
+            .apply_delta(&delta_write(sequence, as_of), records)
+            .await
+            .expect("delta");
+    }
+    assert_eq!(register_ids(&log).await, ["register:2:0", "register:3:0"]);
+    assert_eq!(mark.through(), Some(3));
 }

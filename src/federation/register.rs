@@ -103,8 +103,9 @@ pub struct RegisterMark {
     /// The journal's last register event `(sequence, position)` when it is
     /// ahead of the mark (a crash between appending and marking).
     resume: Option<(u64, u64)>,
-    /// An append failed in this process: the mark stays where it is, so
-    /// the next start diffs (and appends) those files again.
+    /// An append failed in this process: the mark stays where it is and
+    /// no later file appends, so the next start diffs (and appends) those
+    /// files again.
     stuck: AtomicBool,
 }
 
@@ -272,6 +273,18 @@ impl<S: Store> EventingStore<S> {
     /// the log has already, see [`RegisterMark`]), then moves the mark;
     /// failures are logged, not returned (the import stands).
     async fn append(&self, sequence: u64, records: &Records, changed: &[usize]) {
+        if let Some(mark) = &self.mark
+            && mark.stuck.load(Ordering::Acquire)
+        {
+            // The journal's register events stay a prefix of the files'
+            // (what the next start resumes from): none after a gap.
+            tracing::warn!(
+                sequence,
+                not_appended = changed.len(),
+                "register events not appended since an earlier append failed; the next start appends them"
+            );
+            return;
+        }
         let changed = match self.mark.as_ref().and_then(|m| m.appended(sequence)) {
             None => changed,
             Some(Appended::All) => &[],
