@@ -359,8 +359,9 @@ settings_table! {
     /// `net.core.somaxconn`.
     listen_backlog: u32 = defaults::LISTEN_BACKLOG, flag "listen-backlog", env "REASSIGNED_LISTEN_BACKLOG";
     /// Embedded store: the largest share (0.0 to 1.0) of the mirror's
-    /// records a snapshot found by the background resync may remove; a
-    /// snapshot removing more, or empty, is skipped and reported.
+    /// records a snapshot found by the background resync (or at a start,
+    /// one that arrived since the last run) may remove; a snapshot
+    /// removing more, or empty, is skipped and reported.
     max_shrink: f64 = defaults::MAX_SHRINK, flag "max-shrink", env "REASSIGNED_MAX_SHRINK";
     /// File holding the secret (at least 16 bytes) that keys the platforms'
     /// watch lists (HMAC-SHA-256: numbers are never stored in clear).

@@ -9,14 +9,14 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::federation::AnyLog;
-use crate::federation::log::RedisLog;
-use crate::federation::register::EventingStore;
+use crate::federation::log::{EmbeddedLog, RedisLog};
+use crate::federation::register::{EventingStore, RegisterMark};
 use tokio::net::TcpListener;
 
 use super::generate::GenerateOptions;
 use crate::config::{RedisTarget, ServeConfig, ServeSettings, StoreConfig};
 use crate::import::{self, Applied, ImportOptions};
-use crate::store::{AnyStore, RedisStore, redis::RedisOptions};
+use crate::store::{AnyStore, EmbeddedStore, RedisStore, redis::RedisOptions};
 
 /// Sets up `tracing` on stderr: `text` or `json`, levels from `REASSIGNED_LOG`
 /// (default `info`).
@@ -117,22 +117,55 @@ pub async fn open_store(config: &StoreConfig) -> anyhow::Result<AnyStore> {
                 max_shrink: max_shrink.0,
                 allow_shrink: false,
             };
-            let store = Arc::new(
-                import::embedded::open_dir(data_dir, options, &mut import::StderrProgress::new())
-                    .await
-                    .with_context(|| format!("cannot load {}", data_dir.display()))?,
-            );
-            // Runs for the life of the process; the server's shutdown ends it.
-            import::embedded::spawn_resync(
-                &store,
-                data_dir.clone(),
-                Duration::from_secs(*resync_interval_secs),
-                options,
-                std::future::pending(),
-            );
+            let store = open_embedded(data_dir, options, Duration::from_secs(*resync_interval_secs)).await?;
             Ok(AnyStore::Embedded(store))
         }
     }
+}
+
+/// The embedded store of the register directory `data_dir`, loaded, and
+/// kept in step with new manifests by a task that runs for the life of the
+/// process. The files that add or move a disconnect append the register's
+/// events to the federation journal of the same directory (the log the
+/// server follows: [`EmbeddedLog::shared`]); the register mark says which
+/// files had theirs already (see [`crate::federation::register`]).
+async fn open_embedded(
+    data_dir: &Path,
+    options: ImportOptions,
+    resync_interval: Duration,
+) -> anyhow::Result<Arc<EmbeddedStore>> {
+    let log = EmbeddedLog::shared(data_dir)
+        .with_context(|| format!("cannot open the federation journal in {}", data_dir.display()))?;
+    let mark = Arc::new(RegisterMark::open(data_dir, &log)?);
+    let through = mark.through();
+    let store = Arc::new(EmbeddedStore::new());
+    let layer = EventingStore::new(Arc::clone(&store), AnyLog::Embedded(log)).with_mark(Arc::clone(&mark));
+    import::embedded::load_dir(
+        &store,
+        // No mark yet: everything loaded now is the baseline.
+        through.unwrap_or(u64::MAX),
+        &layer,
+        data_dir,
+        options,
+        &mut import::StderrProgress::new(),
+    )
+    .await
+    .with_context(|| format!("cannot load {}", data_dir.display()))?;
+    if let Some(meta) = crate::store::Store::cached_meta(&*store) {
+        mark.baseline(meta.sequence)
+            .await
+            .with_context(|| format!("cannot write the register mark in {}", data_dir.display()))?;
+    }
+    // Runs for the life of the process; the server's shutdown ends it.
+    import::embedded::spawn_resync(
+        &store,
+        layer,
+        data_dir.to_path_buf(),
+        resync_interval,
+        options,
+        std::future::pending(),
+    );
+    Ok(store)
 }
 
 /// Resolves on SIGTERM or SIGINT, and says which.

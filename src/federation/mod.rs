@@ -84,7 +84,9 @@ impl std::fmt::Debug for Federation {
 
 impl Federation {
     /// Opens the event log beside `store`: in its Redis, or (embedded
-    /// store) the journal in `journal_dir`, which the embedded store needs.
+    /// store) the journal in `journal_dir`, which the embedded store needs
+    /// (the one this process has open already, if any: see
+    /// [`log::EmbeddedLog::shared`]).
     pub async fn open(
         store: &crate::store::AnyStore,
         journal_dir: Option<&std::path::Path>,
@@ -98,7 +100,7 @@ impl Federation {
                         "the embedded store needs a data directory for the federation journal".into(),
                     )
                 })?;
-                AnyLog::Embedded(std::sync::Arc::new(log::EmbeddedLog::open(dir)?))
+                AnyLog::Embedded(log::EmbeddedLog::shared(dir)?)
             }
         };
         Ok(Self {

@@ -29,8 +29,8 @@ use std::time::Duration;
 
 use super::log::{AnyLog, EventLog, Position};
 use super::{Event, EventKind, REGISTER_SOURCE};
-use crate::domain::{Date, MirrorMeta, PhoneNumber};
-use crate::store::{DeltaWrite, Lookup, Records, SnapshotWrite, Store, StoreError};
+use crate::domain::{Date, PhoneNumber};
+use crate::store::{Lookup, Store, StoreError};
 
 /// Maps the overlay is split into (by number), so writers and readers of
 /// different numbers never meet on a lock.
@@ -355,6 +355,8 @@ impl<S: Store> Store for OverlayStore<S> {
         Some(Ok(found))
     }
 
+    crate::store::pass_through!(Self::inner => writes, rest);
+
     async fn lookup(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
         self.ready()?;
         let mut found = self.inner.lookup(number).await?;
@@ -375,45 +377,10 @@ impl<S: Store> Store for OverlayStore<S> {
         Ok(found)
     }
 
-    fn cached_meta(&self) -> Option<Arc<MirrorMeta>> {
-        self.inner.cached_meta()
-    }
-
-    async fn refresh_meta(&self) -> Result<Option<Arc<MirrorMeta>>, StoreError> {
-        self.inner.refresh_meta().await
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-
     fn unsafe_reason(&self) -> Option<String> {
         self.inner
             .unsafe_reason()
             .or_else(|| self.overlay.unready_reason().map(str::to_owned))
-    }
-
-    async fn apply_snapshot(
-        &self,
-        snapshot: &SnapshotWrite,
-        records: &Records,
-        expected_previous: Option<u64>,
-    ) -> Result<(), StoreError> {
-        self.inner
-            .apply_snapshot(snapshot, records, expected_previous)
-            .await
-    }
-
-    async fn apply_delta(&self, delta: &DeltaWrite, records: &Records) -> Result<(), StoreError> {
-        self.inner.apply_delta(delta, records).await
-    }
-
-    async fn applied_checksums(&self) -> Result<HashMap<String, String>, StoreError> {
-        self.inner.applied_checksums().await
-    }
-
-    fn import_problems(&self) -> Vec<String> {
-        self.inner.import_problems()
     }
 }
 

@@ -484,19 +484,70 @@ pub async fn sync_dir_lenient<S: Store>(
     progress: &mut dyn Progress,
 ) -> Result<(SyncReport, Vec<String>), ImportError> {
     let mut problems = Vec::new();
-    let note = |problems: &mut Vec<String>, line: String| {
-        tracing::warn!(problem = %line, "register file skipped");
-        if problems.len() < MAX_REPORTED {
-            problems.push(line);
-        }
-    };
+    let manifests = load_dir_lenient(dir, &mut problems)?;
+    let report = sync_lenient(store, manifests, options, progress, &mut problems).await?;
+    Ok((report, problems))
+}
+
+/// [`sync_dir_lenient`] in two steps over one reading of `dir`'s manifests:
+/// the files up to sequence `through` are applied to `first`, then those
+/// above it to `then`, which must be the same store (e.g. `first` wrapped:
+/// `crate::federation::register`'s `EventingStore` over a store rebuilt at
+/// every start). One report of both.
+pub async fn sync_dir_lenient_split<A: Store, B: Store>(
+    first: &A,
+    through: u64,
+    then: &B,
+    dir: &Path,
+    options: ImportOptions,
+    progress: &mut dyn Progress,
+) -> Result<(SyncReport, Vec<String>), ImportError> {
+    let mut problems = Vec::new();
+    let (early, late): (Vec<Manifest>, Vec<Manifest>) = load_dir_lenient(dir, &mut problems)?
+        .into_iter()
+        .partition(|m| m.sequence <= through);
+    let mut report = sync_lenient(first, early, options, progress, &mut problems).await?;
+    if late.is_empty() {
+        return Ok((report, problems));
+    }
+    // A file up to `through` that `first` could not apply would fail again.
+    let then_report = sync_lenient(then, late, options, progress, &mut problems).await?;
+    report.applied.extend(then_report.applied);
+    report.skipped.extend(then_report.skipped);
+    report.skipped.sort_by_key(|s| s.sequence);
+    report.sequence = then_report.sequence;
+    Ok((report, problems))
+}
+
+/// Notes a skipped file: logged, and kept in `problems` up to [`MAX_REPORTED`].
+fn note(problems: &mut Vec<String>, line: String) {
+    tracing::warn!(problem = %line, "register file skipped");
+    if problems.len() < MAX_REPORTED {
+        problems.push(line);
+    }
+}
+
+/// The manifests of `dir` that load; a `file: reason` line in `problems`
+/// for each that does not.
+fn load_dir_lenient(dir: &Path, problems: &mut Vec<String>) -> Result<Vec<Manifest>, ImportError> {
     let mut manifests = Vec::new();
     for path in list_dir(dir)? {
         match Manifest::load(&path) {
             Ok(m) => manifests.push(m),
-            Err(e) => note(&mut problems, problem_line(&path, &e)),
+            Err(e) => note(problems, problem_line(&path, &e)),
         }
     }
+    Ok(manifests)
+}
+
+/// The work of [`sync_dir_lenient`] on manifests already loaded.
+async fn sync_lenient<S: Store>(
+    store: &S,
+    manifests: Vec<Manifest>,
+    options: ImportOptions,
+    progress: &mut dyn Progress,
+    problems: &mut Vec<String>,
+) -> Result<SyncReport, ImportError> {
     let current = store.refresh_meta().await?.map(|m| m.sequence);
     let applied = match current {
         Some(_) => store.applied_checksums().await?,
@@ -511,7 +562,7 @@ pub async fn sync_dir_lenient<S: Store>(
     for m in manifests {
         if current.is_some_and(|c| m.sequence <= c) {
             if let Err(e) = check_reissued(&m, &applied) {
-                note(&mut problems, problem_line(&m.path, &e));
+                note(problems, problem_line(&m.path, &e));
             } else {
                 report.skipped.push(skipped(m));
             }
@@ -531,7 +582,7 @@ pub async fn sync_dir_lenient<S: Store>(
                     other.path.display()
                 ),
             );
-            note(&mut problems, problem_line(&m.path, &e));
+            note(problems, problem_line(&m.path, &e));
             continue;
         }
         map.insert(m.sequence, m);
@@ -545,7 +596,7 @@ pub async fn sync_dir_lenient<S: Store>(
                 report.sequence = position;
                 break;
             }
-            Err(e) => note(&mut problems, problem_line(&snapshot.path, &e)),
+            Err(e) => note(problems, problem_line(&snapshot.path, &e)),
         }
     }
     report.skipped.extend(snapshots.into_values().map(skipped));
@@ -560,7 +611,7 @@ pub async fn sync_dir_lenient<S: Store>(
                 delta.path.clone(),
                 "not applied: an earlier file of the sequence could not be applied".into(),
             );
-            note(&mut problems, problem_line(&delta.path, &e));
+            note(problems, problem_line(&delta.path, &e));
             continue;
         }
         if position.map(|p| p + 1) != Some(seq) {
@@ -568,7 +619,7 @@ pub async fn sync_dir_lenient<S: Store>(
                 current: position,
                 got: seq,
             };
-            note(&mut problems, problem_line(&delta.path, &e));
+            note(problems, problem_line(&delta.path, &e));
             stopped = true;
             continue;
         }
@@ -579,13 +630,13 @@ pub async fn sync_dir_lenient<S: Store>(
                 report.sequence = position;
             }
             Err(e) => {
-                note(&mut problems, problem_line(&delta.path, &e));
+                note(problems, problem_line(&delta.path, &e));
                 stopped = true;
             }
         }
     }
     report.skipped.sort_by_key(|s| s.sequence);
-    Ok((report, problems))
+    Ok(report)
 }
 
 /// The `*.json` files of `dir`, in name order.
@@ -981,6 +1032,7 @@ mod tests {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = super::super::embedded::spawn_resync(
             &store,
+            Arc::clone(&store),
             dir.path().to_path_buf(),
             Duration::from_millis(20),
             ImportOptions::default(),

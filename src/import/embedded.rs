@@ -1,19 +1,26 @@
 //! The embedded store's register directory: loading it at start
-//! ([`open_dir`]) and re-syncing it in the background ([`spawn_resync`]).
-//! The store itself ([`EmbeddedStore`]) only holds data; this module
-//! decides what to load into it and keeps the list of files it skipped.
+//! ([`open_dir`], [`load_dir`]) and re-syncing it in the background
+//! ([`spawn_resync`]). The store itself ([`EmbeddedStore`]) only holds
+//! data; this module decides what to load into it and keeps the list of
+//! files it skipped.
+//!
+//! The files can be applied through a wrapper of the store (a *layer*, e.g.
+//! `crate::federation::register`'s `EventingStore`, which appends the
+//! register's events): at start [`load_dir`] applies the files up to a
+//! sequence straight into the store and only the later ones through the
+//! layer, and [`spawn_resync`] applies what arrives later through it.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ImportError, ImportOptions, Progress, spawn_resync_with, sync_dir_lenient};
-use crate::store::EmbeddedStore;
+use super::{ImportError, ImportOptions, Progress, spawn_resync_with, sync_dir_lenient_split};
+use crate::store::{EmbeddedStore, Store};
 
-/// A store loaded from a register directory: runs [`sync_dir_lenient`] on
-/// `dir` (the newest snapshot that applies, then its deltas up to the first
-/// that does not).
+/// A store loaded from a register directory: runs [`super::sync_dir_lenient`]
+/// on `dir` (the newest snapshot that applies, then its deltas up to the
+/// first that does not).
 ///
 /// Never refuses to start because of a bad file: it loads the longest valid
 /// sequence and logs and keeps (see [`EmbeddedStore::import_problems`]) what
@@ -26,7 +33,24 @@ pub async fn open_dir(
     progress: &mut dyn Progress,
 ) -> Result<EmbeddedStore, ImportError> {
     let store = EmbeddedStore::new();
-    let (report, problems) = sync_dir_lenient(&store, dir, options, progress).await?;
+    load_dir(&store, u64::MAX, &store, dir, options, progress).await?;
+    Ok(store)
+}
+
+/// Loads `dir` into `store` as [`open_dir`] does, in two steps over one
+/// reading of the manifests ([`super::sync_dir_lenient_split`]): the files
+/// up to sequence `through` straight into `store`, then the later ones
+/// through `layer`, which must wrap `store`. With `through` at or above
+/// every file's sequence (e.g. `u64::MAX`) `layer` is not used.
+pub async fn load_dir<L: Store>(
+    store: &EmbeddedStore,
+    through: u64,
+    layer: &L,
+    dir: &Path,
+    options: ImportOptions,
+    progress: &mut dyn Progress,
+) -> Result<(), ImportError> {
+    let (report, problems) = sync_dir_lenient_split(store, through, layer, dir, options, progress).await?;
     if problems.is_empty() {
         tracing::info!(%report, records = store.len(), "register loaded");
     } else {
@@ -38,15 +62,18 @@ pub async fn open_dir(
         );
     }
     store.set_import_problems(problems);
-    Ok(store)
+    Ok(())
 }
 
-/// Starts a Tokio task that re-runs [`sync_dir_lenient`] on `dir` every
-/// `interval` until `shutdown` completes; the files skipped by each run
-/// replace [`EmbeddedStore::import_problems`], and the store keeps serving
-/// what it has. See [`super::spawn_resync_with`].
-pub fn spawn_resync(
+/// Starts a Tokio task that re-runs [`super::sync_dir_lenient`] on `dir`
+/// every `interval` until `shutdown` completes, applying new files through
+/// `layer` (which wraps `store`; `store` itself when there is nothing to
+/// add); the files skipped by each run replace
+/// [`EmbeddedStore::import_problems`], and the store keeps serving what it
+/// has. See [`super::spawn_resync_with`].
+pub fn spawn_resync<L: Store + Clone>(
     store: &Arc<EmbeddedStore>,
+    layer: L,
     dir: PathBuf,
     interval: Duration,
     options: ImportOptions,
@@ -58,5 +85,5 @@ pub fn spawn_resync(
             store.set_import_problems(problems);
         }
     };
-    spawn_resync_with(Arc::clone(store), dir, interval, options, on_problems, shutdown)
+    spawn_resync_with(layer, dir, interval, options, on_problems, shutdown)
 }

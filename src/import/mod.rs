@@ -90,7 +90,8 @@ use std::path::PathBuf;
 
 pub use apply::{
     Applied, DEFAULT_MAX_SHRINK, ImportOptions, Interrupt, Skipped, SyncReport, apply_manifest,
-    apply_manifest_with, spawn_resync, spawn_resync_with, sync_dir, sync_dir_lenient, sync_dir_with,
+    apply_manifest_with, spawn_resync, spawn_resync_with, sync_dir, sync_dir_lenient, sync_dir_lenient_split,
+    sync_dir_with,
 };
 pub use manifest::Manifest;
 pub use progress::{NoProgress, Progress, StderrProgress};

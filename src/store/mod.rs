@@ -133,6 +133,137 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// Writes, inside an `impl Store for ..`, the [`Store`] methods of the named
+/// groups as calls passed straight to the store that `$inner(self)` returns
+/// (a path to a function from `&Self` to a `&impl Store`, e.g.
+/// `Self::inner`), so a store that wraps another writes only the methods it
+/// changes. The groups, by what a wrapper may want to change:
+///
+/// - `answers`: [`Store::lookup_now`], [`Store::lookup`], [`Store::lookup_many`],
+///   [`Store::unsafe_reason`] (what is answered, and whether);
+/// - `writes`: [`Store::apply_snapshot`], [`Store::apply_delta`];
+/// - `rest`: every other method.
+///
+/// A new method of [`Store`] is added here once, to its group (`rest`
+/// unless wrappers change it): every wrapper that passes the group on gets
+/// it, and one that writes the group itself fails to compile until it
+/// decides.
+///
+/// ```ignore
+/// impl<S: Store> Store for Logged<S> {
+///     crate::store::pass_through!(Self::inner => answers, rest);
+///     // apply_snapshot and apply_delta written here
+/// }
+/// ```
+macro_rules! pass_through {
+    ($inner:path => $($group:ident),+ $(,)?) => {
+        $( $crate::store::pass_through!(@$group $inner); )+
+    };
+    (@answers $inner:path) => {
+        fn lookup_now(
+            &self,
+            number: $crate::domain::PhoneNumber,
+        ) -> ::std::option::Option<
+            ::std::result::Result<
+                $crate::store::Lookup<::std::option::Option<$crate::domain::Date>>,
+                $crate::store::StoreError,
+            >,
+        > {
+            $crate::store::Store::lookup_now($inner(self), number)
+        }
+
+        fn lookup(
+            &self,
+            number: $crate::domain::PhoneNumber,
+        ) -> impl ::std::future::Future<
+            Output = ::std::result::Result<
+                $crate::store::Lookup<::std::option::Option<$crate::domain::Date>>,
+                $crate::store::StoreError,
+            >,
+        > + Send {
+            $crate::store::Store::lookup($inner(self), number)
+        }
+
+        fn lookup_many(
+            &self,
+            numbers: &[$crate::domain::PhoneNumber],
+        ) -> impl ::std::future::Future<
+            Output = ::std::result::Result<
+                $crate::store::Lookup<::std::vec::Vec<::std::option::Option<$crate::domain::Date>>>,
+                $crate::store::StoreError,
+            >,
+        > + Send {
+            $crate::store::Store::lookup_many($inner(self), numbers)
+        }
+
+        fn unsafe_reason(&self) -> ::std::option::Option<::std::string::String> {
+            $crate::store::Store::unsafe_reason($inner(self))
+        }
+    };
+    (@writes $inner:path) => {
+        fn apply_snapshot(
+            &self,
+            snapshot: &$crate::store::SnapshotWrite,
+            records: &$crate::store::Records,
+            expected_previous: ::std::option::Option<u64>,
+        ) -> impl ::std::future::Future<
+            Output = ::std::result::Result<(), $crate::store::StoreError>,
+        > + Send {
+            $crate::store::Store::apply_snapshot($inner(self), snapshot, records, expected_previous)
+        }
+
+        fn apply_delta(
+            &self,
+            delta: &$crate::store::DeltaWrite,
+            records: &$crate::store::Records,
+        ) -> impl ::std::future::Future<
+            Output = ::std::result::Result<(), $crate::store::StoreError>,
+        > + Send {
+            $crate::store::Store::apply_delta($inner(self), delta, records)
+        }
+    };
+    (@rest $inner:path) => {
+        fn cached_meta(&self) -> ::std::option::Option<::std::sync::Arc<$crate::domain::MirrorMeta>> {
+            $crate::store::Store::cached_meta($inner(self))
+        }
+
+        fn refresh_meta(
+            &self,
+        ) -> impl ::std::future::Future<
+            Output = ::std::result::Result<
+                ::std::option::Option<::std::sync::Arc<$crate::domain::MirrorMeta>>,
+                $crate::store::StoreError,
+            >,
+        > + Send {
+            $crate::store::Store::refresh_meta($inner(self))
+        }
+
+        fn ping(
+            &self,
+        ) -> impl ::std::future::Future<
+            Output = ::std::result::Result<(), $crate::store::StoreError>,
+        > + Send {
+            $crate::store::Store::ping($inner(self))
+        }
+
+        fn applied_checksums(
+            &self,
+        ) -> impl ::std::future::Future<
+            Output = ::std::result::Result<
+                ::std::collections::HashMap<::std::string::String, ::std::string::String>,
+                $crate::store::StoreError,
+            >,
+        > + Send {
+            $crate::store::Store::applied_checksums($inner(self))
+        }
+
+        fn import_problems(&self) -> ::std::vec::Vec<::std::string::String> {
+            $crate::store::Store::import_problems($inner(self))
+        }
+    };
+}
+pub(crate) use pass_through;
+
 /// One of the two stores, chosen by configuration.
 #[derive(Clone)]
 pub enum AnyStore {
@@ -238,64 +369,5 @@ impl Store for AnyStore {
 }
 
 impl<S: Store> Store for Arc<S> {
-    fn lookup_now(&self, number: PhoneNumber) -> Option<Result<Lookup<Option<Date>>, StoreError>> {
-        S::lookup_now(self, number)
-    }
-
-    fn lookup(
-        &self,
-        number: PhoneNumber,
-    ) -> impl Future<Output = Result<Lookup<Option<Date>>, StoreError>> + Send {
-        S::lookup(self, number)
-    }
-
-    fn lookup_many(
-        &self,
-        numbers: &[PhoneNumber],
-    ) -> impl Future<Output = Result<Lookup<Vec<Option<Date>>>, StoreError>> + Send {
-        S::lookup_many(self, numbers)
-    }
-
-    fn cached_meta(&self) -> Option<Arc<MirrorMeta>> {
-        S::cached_meta(self)
-    }
-
-    fn refresh_meta(&self) -> impl Future<Output = Result<Option<Arc<MirrorMeta>>, StoreError>> + Send {
-        S::refresh_meta(self)
-    }
-
-    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
-        S::ping(self)
-    }
-
-    fn unsafe_reason(&self) -> Option<String> {
-        S::unsafe_reason(self)
-    }
-
-    fn apply_snapshot(
-        &self,
-        snapshot: &SnapshotWrite,
-        records: &Records,
-        expected_previous: Option<u64>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        S::apply_snapshot(self, snapshot, records, expected_previous)
-    }
-
-    fn apply_delta(
-        &self,
-        delta: &DeltaWrite,
-        records: &Records,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        S::apply_delta(self, delta, records)
-    }
-
-    fn applied_checksums(
-        &self,
-    ) -> impl Future<Output = Result<std::collections::HashMap<String, String>, StoreError>> + Send {
-        S::applied_checksums(self)
-    }
-
-    fn import_problems(&self) -> Vec<String> {
-        S::import_problems(self)
-    }
+    pass_through!(std::ops::Deref::deref => answers, writes, rest);
 }

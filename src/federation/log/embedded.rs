@@ -11,8 +11,8 @@
 //! start), since it also is the record of every publication.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use super::{EventLog, LogError, Position, Published, Retraction, Wire};
@@ -105,6 +105,41 @@ impl EmbeddedLog {
             memory: Mutex::new(memory),
             tip,
         })
+    }
+
+    /// The log of `dir` this process has open, or [`EmbeddedLog::open`]
+    /// if none: the server and the embedded store's register re-sync append
+    /// to one log, and two logs on one journal would each number the
+    /// records on their own. Kept while someone holds it; the next call
+    /// after the last holder let go opens (and replays) the journal again.
+    pub fn shared(dir: &Path) -> Result<Arc<Self>, LogError> {
+        static OPEN: Mutex<Vec<(PathBuf, Weak<EmbeddedLog>)>> = Mutex::new(Vec::new());
+        let key = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+        // Held while opening, so two callers cannot both open the journal.
+        let mut open = OPEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        open.retain(|(_, log)| log.strong_count() > 0);
+        if let Some(log) = open
+            .iter()
+            .find(|(path, _)| *path == key)
+            .and_then(|(_, log)| log.upgrade())
+        {
+            return Ok(log);
+        }
+        let log = Arc::new(Self::open(dir)?);
+        open.push((key, Arc::downgrade(&log)));
+        Ok(log)
+    }
+
+    /// The newest event of `source` held in memory (every record of the
+    /// journal right after [`EmbeddedLog::open`]; retention drops the
+    /// older ones later).
+    pub fn last_of(&self, source: &str) -> Option<Event> {
+        self.memory()
+            .events
+            .iter()
+            .rev()
+            .find(|(_, e)| e.source == source)
+            .map(|(_, e)| e.clone())
     }
 
     fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
