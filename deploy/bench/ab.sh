@@ -5,12 +5,14 @@
 # embedded store and on one redis-server (each build with its own key prefix).
 #
 #   BEFORE=path/to/old/reassigned AFTER=target/release/reassigned deploy/bench/ab.sh
-#   (ROUNDS=3 RECORDS=1000000 STORES="embedded redis" by default)
+#   (ROUNDS=3 RECORDS=1000000 STORES="embedded redis" DURATION=10s WARMUP=2s
+#   CONCURRENCY=64 CONNECTIONS=4 by default)
 #
 # Prints one line per run: round, store, build, calls/s, p50 and p99 (us).
 set -euo pipefail
 : "${BEFORE:?set BEFORE to the old binary}" "${AFTER:?set AFTER to the new binary}"
 ROUNDS=${ROUNDS:-3}; RECORDS=${RECORDS:-1000000}; STORES=${STORES:-embedded redis}
+DURATION=${DURATION:-10s}; WARMUP=${WARMUP:-2s}; CONCURRENCY=${CONCURRENCY:-64}; CONNECTIONS=${CONNECTIONS:-4}
 W=$(mktemp -d); PIDS=(); RP=""
 cleanup() {
   kill "${PIDS[@]}" 2>/dev/null || true
@@ -56,7 +58,7 @@ for r in $(seq "$ROUNDS"); do
     for build in before after; do
       out="$W/$store-$build-$r.json"
       "$AFTER" bench --target "127.0.0.1:${PORT[$store-$build]}" --ca "$W/certs/ca.pem" --cert "$W/certs/platform-a.pem" \
-        --key "$W/certs/platform-a.key" --method check --concurrency 64 --connections 4 --duration 10s --warmup 2s \
+        --key "$W/certs/platform-a.key" --method check --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
         --data "$W/register" --token "$TOKEN" --json >"$out" 2>"$W/bench.err" || { cat "$W/bench.err" >&2; exit 1; }
       python3 -c "import json;d=json.load(open('$out'));print($r,'$store','$build',round(d['calls_per_sec']),'p50',d['latency_us']['p50'],'p99',d['latency_us']['p99'],'failed',d['failed_calls'])"
     done

@@ -50,7 +50,7 @@
 #   WORK=<new temp>   working directory (kept if KEEP_WORK=1 or given)
 #   PIN=0             1: servers and redis-server on CPU 1, the load generator
 #                     on CPU 0 (calls/s then follow the server's own cost)
-#   SKIP_BUILD=1      use the existing target/release/reassigned
+#   SKIP_BUILD=1      use the existing binary (BIN, default target/release/reassigned)
 #   SERVE_FLAGS=""    extra flags of both `serve` runs; with `--no-tokens`
 #                     no token is minted or sent (mTLS alone)
 set -euo pipefail
@@ -81,7 +81,7 @@ else
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/reassigned-bench.XXXXXX")
 fi
 KEEP_WORK=${KEEP_WORK:-0}
-BIN=target/release/reassigned
+BIN=${BIN:-target/release/reassigned}
 
 for tool in redis-server redis-cli redis-benchmark python3; do
   command -v "$tool" >/dev/null || { echo "run.sh: $tool is needed" >&2; exit 2; }
