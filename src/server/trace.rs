@@ -293,19 +293,14 @@ impl Observer {
         let code_name = code.map_or("none", methods::code_name);
         let store = call.note.store_time();
         if self.access_log {
-            tracing::info!(
-                target: "reassigned::access",
-                protocol = "grpc",
-                platform = call.platform.as_deref().unwrap_or("-"),
-                method = methods::label(method),
-                code = code_name,
-                latency_us = elapsed.as_micros() as u64,
-                request_id = %call.request_id,
-                number_hmac = call.note.number_hmac().unwrap_or("-"),
-                numbers = call.note.number_count(),
-                store_us = store.map_or(0, |d| d.as_micros() as u64),
-                trace_id = %hex::encode(call.trace_id),
-                "call"
+            access_line(
+                &call,
+                "grpc",
+                methods::label(method),
+                "-",
+                &code_name,
+                elapsed,
+                store,
             );
         }
         if self.samples(&call) {
@@ -330,20 +325,14 @@ impl Observer {
         let store = call.note.store_time();
         if self.access_log {
             let code = status.map_or_else(|| "none".to_owned(), |s| s.to_string());
-            tracing::info!(
-                target: "reassigned::access",
-                protocol = "rest",
-                platform = call.platform.as_deref().unwrap_or("-"),
-                method = http_method,
+            access_line(
+                &call,
+                "rest",
+                http_method,
                 route,
-                code = %code,
-                latency_us = elapsed.as_micros() as u64,
-                request_id = %call.request_id,
-                number_hmac = call.note.number_hmac().unwrap_or("-"),
-                numbers = call.note.number_count(),
-                store_us = store.map_or(0, |d| d.as_micros() as u64),
-                trace_id = %hex::encode(call.trace_id),
-                "call"
+                &tracing::field::display(&code),
+                elapsed,
+                store,
             );
         }
         if self.samples(&call) {
@@ -640,6 +629,36 @@ async fn send_batch(
             }
         }
     }
+}
+
+/// Writes the access line of one call (target `reassigned::access`, at
+/// info): the same fields for both faces; `route` is `-` on gRPC and the
+/// route label on REST, `code` the gRPC code name (a string) or the HTTP
+/// status (a bare number).
+fn access_line(
+    call: &Observed,
+    protocol: &'static str,
+    method: &str,
+    route: &str,
+    code: &dyn tracing::Value,
+    elapsed: Duration,
+    store: Option<Duration>,
+) {
+    tracing::info!(
+        target: "reassigned::access",
+        protocol,
+        platform = call.platform.as_deref().unwrap_or("-"),
+        method,
+        route,
+        code,
+        latency_us = elapsed.as_micros() as u64,
+        request_id = %call.request_id,
+        number_hmac = call.note.number_hmac().unwrap_or("-"),
+        numbers = call.note.number_count(),
+        store_us = store.map_or(0, |d| d.as_micros() as u64),
+        trace_id = %hex::encode(call.trace_id),
+        "call"
+    );
 }
 
 #[cfg(test)]
