@@ -421,6 +421,17 @@ pub fn mint_client_cert(
     write_all(&client_outputs(&pki, name, out_dir)?, false)
 }
 
+/// `reassigned certs client NAME`: [`mint_client_cert`] from the CA's
+/// files; creates `out_dir` if needed.
+pub fn client_cert_files(ca_cert: &Path, ca_key: &Path, name: &str, out_dir: &Path) -> anyhow::Result<()> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let (cert, key) = (read(ca_cert)?, read(ca_key)?);
+    std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    mint_client_cert(&cert, &key, name, out_dir)
+}
+
 fn client_outputs(pki: &DevPki, name: &str, out: &Path) -> anyhow::Result<Vec<Output>> {
     check_platform_name(name)?;
     let client = pki.client(name)?;
