@@ -122,7 +122,7 @@ pub fn read_watchers(dir: &Path) -> anyhow::Result<Vec<WatcherFiles>> {
         let path = entry
             .with_context(|| format!("--watchers: cannot read {}", dir.display()))?
             .path();
-        if !path.extension().is_some_and(|e| e == "pem") || !path.is_file() {
+        if path.extension().is_none_or(|e| e != "pem") || !path.is_file() {
             continue;
         }
         let Some(name) = path.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {

@@ -607,6 +607,18 @@ mod tests {
         mint_client_cert(&ca, &ca_key, "platform-c", dir.path())?;
         assert!(dir.path().join("platform-c.pem").is_file());
         assert!(mint_client_cert(&ca, &ca_key, "platform-c", dir.path()).is_err());
+
+        // `certs client NAME`: from the CA's files, into a new directory.
+        let out = dir.path().join("watchers");
+        let (ca_pem, ca_key_pem) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+        client_cert_files(&ca_pem, &ca_key_pem, "platform-7", &out)?;
+        let pem = fs::read_to_string(out.join("platform-7.pem"))?;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())?;
+        let platform = crate::identity::platform_from_cert(der.as_ref())?;
+        assert_eq!(platform.id, platform_uri("platform-7"));
+        assert!(out.join("platform-7.key").is_file());
+        assert!(client_cert_files(&ca_pem, &ca_key_pem, "platform-7", &out).is_err());
+        assert!(client_cert_files(&ca_pem, &ca_key_pem, "../x", &out).is_err());
         Ok(())
     }
 }
