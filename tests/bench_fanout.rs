@@ -92,6 +92,7 @@ fn assert_complete(report: &BenchReport) {
     );
     assert_eq!(f.delivered, f.expected_deliveries, "{report}");
     assert_eq!(f.missing, 0, "{report}");
+    assert!(!f.drain_timed_out, "{report}");
     assert_eq!(f.duplicates, 0, "{report}");
     assert_eq!(f.unacknowledged, 0, "{report}");
     assert!(f.stream_errors.is_empty(), "{report}");

@@ -25,9 +25,12 @@
 #   NUMBERS=1000000    numbers on each platform's list (the same pool)
 #   DURATION=20s       measured time of each run
 #   WARMUP=3s          unmeasured publishing before each run
-#   RATES="closed"     publish calls/s per run, space separated; "closed" is
-#                      the closed loop (as fast as acknowledged); e.g.
-#                      RATES="closed 10 20" (RATE=10 is RATES=10)
+#   RATES="10"         publish calls/s per run, space separated (10 calls of
+#                      1,000 events to 10 platforms: 100,000 deliveries/s);
+#                      "closed" is the closed loop (as fast as acknowledged:
+#                      more than delivery keeps up with, so latency grows and
+#                      the drain may end first); e.g. RATES="10 15 closed"
+#                      (RATE=10 is RATES=10)
 #   BATCH_SIZE=1000    events per PublishDisconnections call
 #   CONCURRENCY=4      publish calls in flight (open loop: the cap)
 #   CONNECTIONS=1      publisher connections
@@ -46,7 +49,7 @@ PLATFORMS=${PLATFORMS:-10}
 NUMBERS=${NUMBERS:-1000000}
 DURATION=${DURATION:-20s}
 WARMUP=${WARMUP:-3s}
-RATES=${RATES:-${RATE:-closed}}
+RATES=${RATES:-${RATE:-10}}
 BATCH_SIZE=${BATCH_SIZE:-1000}
 CONCURRENCY=${CONCURRENCY:-4}
 CONNECTIONS=${CONNECTIONS:-1}
@@ -258,7 +261,7 @@ if rss:
     print(f"server RSS at the end: {int(rss) / 1024:.1f} MiB")
 print()
 header = (f"{'run':<14}{'publish/s':>11}{'delivered/s':>13}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
-          f"{'max ms':>9}{'missing':>9}{'dups':>6}{'failed':>8}  load 1-min before/after")
+          f"{'max ms':>9}{'missing':>9}{'dups':>6}{'failed':>8}{'drained':>9}  load 1-min before/after")
 print(header)
 print("-" * len(header))
 for path in runs:
@@ -270,5 +273,5 @@ for path in runs:
     load = f"{load[0]}/{load[3]}" if len(load) >= 4 else "?"
     print(f"{name:<14}{f['published_per_sec']:>11.0f}{f['delivered_per_sec']:>13.0f}{l['p50'] / 1000:>9.1f}"
           f"{l['p90'] / 1000:>9.1f}{l['p99'] / 1000:>9.1f}{l['max'] / 1000:>9.1f}{f['missing']:>9}"
-          f"{f['duplicates']:>6}{r['failed_calls']:>8}  {load}")
+          f"{f['duplicates']:>6}{r['failed_calls']:>8}{('no' if f['drain_timed_out'] else 'yes'):>9}  {load}")
 EOF

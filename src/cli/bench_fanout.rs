@@ -401,6 +401,10 @@ pub struct FanoutReport {
     pub foreign: u64,
     /// How long the drain waited, seconds.
     pub drain_secs: f64,
+    /// The drain ended at `--drain` before every watcher had every
+    /// acknowledged event: `missing` then counts events still on their way
+    /// (delivery fell behind publication), not necessarily lost ones.
+    pub drain_timed_out: bool,
     /// Streams that ended before the bench closed them: `name: reason`.
     pub stream_errors: Vec<String>,
 }
@@ -451,8 +455,17 @@ impl fmt::Display for FanoutReport {
         )?;
         writeln!(
             f,
-            "missing      {} after a drain of {:.1}s; duplicates {}, unacknowledged {}, foreign {}",
-            self.missing, self.drain_secs, self.duplicates, self.unacknowledged, self.foreign
+            "missing      {} after a drain of {:.1}s{}; duplicates {}, unacknowledged {}, foreign {}",
+            self.missing,
+            self.drain_secs,
+            if self.drain_timed_out {
+                " (the drain ended before every watcher caught up: raise --drain, or publish at a --rate they keep up with)"
+            } else {
+                ""
+            },
+            self.duplicates,
+            self.unacknowledged,
+            self.foreign
         )?;
         if !self.stream_errors.is_empty() {
             writeln!(f, "streams      ended early: {}", self.stream_errors.join("; "))?;
@@ -716,6 +729,7 @@ impl Fanout {
         let deadline = began + drain;
         let due = self.shared.publisher.acked_count();
         let mut next_line = began + Duration::from_secs(1);
+        let mut drain_timed_out = false;
         loop {
             let slowest = self
                 .shared
@@ -727,7 +741,11 @@ impl Fanout {
             let now = Instant::now();
             // A stream that ended will not catch up: count now.
             let ended = self.shared.ended.load(Ordering::Relaxed) > 0;
-            if slowest >= due || now >= deadline || ended {
+            if slowest >= due || ended {
+                break;
+            }
+            if now >= deadline {
+                drain_timed_out = true;
                 break;
             }
             if now >= next_line {
@@ -783,6 +801,7 @@ impl Fanout {
             unacknowledged: 0,
             foreign: 0,
             drain_secs,
+            drain_timed_out,
             stream_errors: Vec::new(),
         };
         let mut last_measured = window_end;

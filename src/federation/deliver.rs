@@ -71,7 +71,7 @@ const IDLE_WAIT: Duration = Duration::from_secs(1);
 
 /// Events the [`Tips`] followers of one server keep for the feeds, all
 /// shards together (each shard keeps its share, at least [`BATCH`] x 4).
-pub const RECENT_EVENTS: usize = 65_536;
+pub const RECENT_EVENTS: usize = 131_072;
 
 /// Counters of delivery, for metrics.
 #[derive(Debug, Default)]
