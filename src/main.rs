@@ -347,6 +347,23 @@ enum CertsCommand {
         #[arg(long, conflicts_with = "force")]
         keep_existing: bool,
     },
+    /// One more client certificate signed by an existing CA (e.g. the
+    /// `ca.pem` / `ca.key` of `certs dev`): `NAME.pem` and `NAME.key` in
+    /// `--out`, identity `spiffe://dev.reassigned/NAME` (a platform or an
+    /// operator). Never overwrites.
+    Client {
+        /// The platform's or operator's name (letters, digits, `-`, `_`, `.`).
+        name: String,
+        /// The CA certificate (PEM).
+        #[arg(long)]
+        ca_cert: PathBuf,
+        /// The CA private key (PEM).
+        #[arg(long)]
+        ca_key: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Revoke client certificates: write a CRL signed by the CA, keeping the
     /// serials already revoked by an existing CRL at `--out`.
     Revoke {
@@ -450,6 +467,15 @@ fn main() -> ExitCode {
                         out,
                     },
             } => cli::certs::revoke(&ca_cert, &ca_key, &certs, &out).map(|_| ()),
+            Command::Certs {
+                command:
+                    CertsCommand::Client {
+                        name,
+                        ca_cert,
+                        ca_key,
+                        out,
+                    },
+            } => cli::certs::client_cert_files(&ca_cert, &ca_key, &name, &out),
             Command::Generate(options) => cli::generate_cmd(&options),
             Command::Keys {
                 command:

@@ -563,6 +563,10 @@ async fn bench_rest_mode() {
         rest: true,
         seed: 1,
         json: false,
+        watchers: None,
+        watch_numbers: 10_000,
+        skip_load: false,
+        drain: Duration::from_secs(30),
     };
     let report = bench(&opts).await.expect("bench");
     assert!(report.ok_calls > 0, "{report:?}");

@@ -93,6 +93,12 @@ pub enum Method {
     /// `+1` for the random pool). Item errors count refusals; DUPLICATE
     /// would mean ids were reused.
     Publish,
+    /// Fan-out to watchers: `PublishDisconnections` as in `publish`, of
+    /// numbers that every platform of `--watchers` watches, while each of
+    /// them follows `WatchDisconnections`; reports delivered events/s,
+    /// publish-to-watcher latency, missing and duplicate events (see
+    /// [`crate::cli::bench_fanout`]).
+    Fanout,
 }
 
 impl fmt::Display for Method {
@@ -102,6 +108,7 @@ impl fmt::Display for Method {
             Method::Batch => "batch",
             Method::Stream => "stream",
             Method::Publish => "publish",
+            Method::Fanout => "fanout",
         })
     }
 }
@@ -186,6 +193,25 @@ pub struct BenchOptions {
     /// Print the report as JSON on stdout instead of text.
     #[arg(long)]
     pub json: bool,
+    /// `--method fanout`: a directory with one `NAME.pem` + `NAME.key` per
+    /// watching platform (and `NAME.token` when the server requires tokens:
+    /// scopes `watch:write watch:read`), and no other `.pem`.
+    #[arg(long, value_name = "DIR")]
+    pub watchers: Option<PathBuf>,
+    /// `--method fanout`: numbers on each platform's watch list: the same
+    /// random +1 numbers (from `--seed`) for every platform, and the pool
+    /// the published events are drawn from.
+    #[arg(long, default_value_t = 10_000)]
+    pub watch_numbers: usize,
+    /// `--method fanout`: the lists are already loaded (an earlier run with
+    /// the same `--watch-numbers` and `--seed`): no AddWatches, only the
+    /// CountWatches check.
+    #[arg(long)]
+    pub skip_load: bool,
+    /// `--method fanout`: after the last publication, how long at most to
+    /// wait for every watcher to receive every acknowledged event.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain: Duration,
 }
 
 impl BenchOptions {
@@ -217,6 +243,26 @@ impl BenchOptions {
             !self.rest || (self.method == Method::Check && !self.receipts),
             "--rest measures the CAMARA check: --method check, without --receipts"
         );
+        if self.method == Method::Fanout {
+            ensure!(
+                self.watchers.is_some(),
+                "--method fanout needs --watchers DIR (one NAME.pem + NAME.key per platform)"
+            );
+            ensure!(
+                (1..=crate::cli::bench_fanout::MAX_WATCH_NUMBERS).contains(&self.watch_numbers),
+                "--watch-numbers must be 1 to {}",
+                crate::cli::bench_fanout::MAX_WATCH_NUMBERS
+            );
+            ensure!(
+                self.batch_size <= crate::api::feed::MAX_PUBLISH_ITEMS,
+                "--batch-size must be at most {} for --method fanout (items per PublishDisconnections)",
+                crate::api::feed::MAX_PUBLISH_ITEMS
+            );
+            ensure!(
+                self.data.is_none(),
+                "--method fanout publishes numbers of its watched pool: no --data"
+            );
+        }
         Ok(())
     }
 
@@ -224,7 +270,7 @@ impl BenchOptions {
     fn numbers_per_call(&self) -> usize {
         match self.method {
             Method::Check => 1,
-            Method::Batch | Method::Stream | Method::Publish => self.batch_size,
+            Method::Batch | Method::Stream | Method::Publish | Method::Fanout => self.batch_size,
         }
     }
 }
@@ -392,6 +438,9 @@ pub struct BenchReport {
     pub receipts_requested: bool,
     /// Answers that carried a signed receipt.
     pub receipts: u64,
+    /// `fanout`: the delivery side's figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fanout: Option<crate::cli::bench_fanout::FanoutReport>,
 }
 
 fn ms(us: u64) -> f64 {
@@ -470,6 +519,9 @@ impl fmt::Display for BenchReport {
         if self.receipts_requested || self.receipts > 0 {
             writeln!(f, "receipts     {} answers carried one", self.receipts)?;
         }
+        if let Some(fanout) = &self.fanout {
+            write!(f, "{fanout}")?;
+        }
         Ok(())
     }
 }
@@ -504,13 +556,21 @@ enum Source {
         rows: Vec<pb::CheckNumberRequest>,
         description: String,
     },
+    /// Numbers drawn at random (with repeats) from a pool of
+    /// [`PhoneNumber::value`]s: the numbers the fan-out's platforms watch.
+    Pool {
+        numbers: Arc<Vec<u64>>,
+        description: String,
+    },
 }
 
 impl Source {
     fn description(&self) -> String {
         match self {
             Source::Random => "random +1 numbers".to_owned(),
-            Source::Register { description, .. } | Source::Listed { description, .. } => description.clone(),
+            Source::Register { description, .. }
+            | Source::Listed { description, .. }
+            | Source::Pool { description, .. } => description.clone(),
         }
     }
 }
@@ -641,7 +701,7 @@ fn parse_queries(text: &str) -> anyhow::Result<Vec<pb::CheckNumberRequest>> {
 
 /// A random North American number: `+1`, area code and exchange 200 to 999,
 /// line 0000 to 9999.
-fn random_us_number(rng: &mut StdRng) -> u64 {
+pub(crate) fn random_us_number(rng: &mut StdRng) -> u64 {
     let area = rng.random_range(200..1000u64);
     let exchange = rng.random_range(200..1000u64);
     let line = rng.random_range(0..10_000u64);
@@ -708,6 +768,12 @@ fn build_queries(
     match source {
         Source::Random => Ok((0..len).map(|_| request(random_us_number(&mut rng))).collect()),
         Source::Listed { rows, .. } => Ok(rows.iter().cycle().take(len.max(rows.len())).cloned().collect()),
+        Source::Pool { numbers, .. } => {
+            ensure!(!numbers.is_empty(), "the pool of numbers is empty");
+            Ok((0..len)
+                .map(|_| request(numbers[rng.random_range(0..numbers.len())]))
+                .collect())
+        }
         Source::Register {
             numbers, prefixes, ..
         } => {
@@ -743,6 +809,9 @@ struct Workload {
     run_id: u32,
     /// `publish`: the disconnect date sent.
     yesterday: String,
+    /// `fanout`: the event ids and the acknowledged events, shared with
+    /// the watchers.
+    fanout: Option<Arc<crate::cli::bench_fanout::Publisher>>,
 }
 
 impl Workload {
@@ -782,8 +851,9 @@ impl Workload {
                 publish_calls: AtomicU64::new(0),
                 run_id: rand::random(),
                 yesterday: Date::today_utc().add_days(-1).to_string(),
+                fanout: None,
             },
-            Method::Batch | Method::Stream | Method::Publish => {
+            Method::Batch | Method::Stream | Method::Publish | Method::Fanout => {
                 let mut batches = Vec::with_capacity(len / per_call);
                 let mut queries = queries.into_iter();
                 loop {
@@ -803,6 +873,7 @@ impl Workload {
                     publish_calls: AtomicU64::new(0),
                     run_id: rand::random(),
                     yesterday: Date::today_utc().add_days(-1).to_string(),
+                    fanout: None,
                 }
             }
         })
@@ -832,6 +903,9 @@ struct Shared {
     /// All failed calls, for the progress line.
     failed: AtomicU64,
     first_error_shown: AtomicBool,
+    /// `fanout`: events delivered to the watchers so far, for the progress
+    /// line.
+    delivered: Option<Arc<AtomicU64>>,
 }
 
 /// Answers and per-item errors of successful calls.
@@ -1016,6 +1090,35 @@ async fn call(
                 tally.published(result);
             }
         }
+        Method::Fanout => {
+            let Some(publisher) = &workload.fanout else {
+                return Err(Failure::Transport("the fan-out's watchers are not ready".into()));
+            };
+            let checks = &workload.batches[index].checks;
+            let first = publisher.reserve(checks.len());
+            let sent_us = publisher.now_us();
+            let items = checks
+                .iter()
+                .zip(first..)
+                .map(|(check, seq)| pb::Disconnection {
+                    event_id: publisher.event_id(seq, sent_us),
+                    phone_number: check.phone_number.clone(),
+                    disconnect_date: workload.yesterday.clone(),
+                })
+                .collect();
+            let response = client
+                .feed
+                .publish_disconnections(pb::PublishDisconnectionsRequest { items })
+                .await?;
+            let mut acked = Vec::with_capacity(checks.len());
+            for (result, seq) in response.get_ref().results.iter().zip(first..) {
+                tally.published(result);
+                if matches!(result.outcome, Some(pb::publish_result::Outcome::Accepted(_))) {
+                    acked.push(seq);
+                }
+            }
+            publisher.acked(&acked);
+        }
         Method::Stream => {
             let sent = workload.batches[index].checks.len();
             let source = Arc::clone(workload);
@@ -1194,7 +1297,7 @@ fn scheduled_before(offset: Duration, rate: f64) -> u64 {
 async fn progress(shared: Arc<Shared>) {
     let period = Duration::from_secs(1);
     let mut ticker = tokio::time::interval_at((shared.started + period).into(), period);
-    let (mut last_done, mut last_at) = (0u64, shared.started);
+    let (mut last_done, mut last_at, mut last_delivered) = (0u64, shared.started, 0u64);
     loop {
         ticker.tick().await;
         let now = Instant::now();
@@ -1213,11 +1316,16 @@ async fn progress(shared: Arc<Shared>) {
         } else {
             "drain"
         };
+        let delivered = shared.delivered.as_ref().map(|d| d.load(Ordering::Relaxed));
+        let delivered_line = match delivered {
+            Some(n) if secs > 0.0 => format!(" {:>10.0} delivered/s", (n - last_delivered) as f64 / secs),
+            _ => String::new(),
+        };
         eprintln!(
-            "bench: {phase:<6} {:>6.1}s {rate:>10.0} calls/s {failed:>8} errors",
+            "bench: {phase:<6} {:>6.1}s {rate:>10.0} calls/s {failed:>8} errors{delivered_line}",
             now.duration_since(shared.started).as_secs_f64()
         );
-        (last_done, last_at) = (done, now);
+        (last_done, last_at, last_delivered) = (done, now, delivered.unwrap_or(0));
     }
 }
 
@@ -1275,7 +1383,21 @@ async fn connect(opts: &BenchOptions) -> anyhow::Result<Vec<Channel>> {
 /// after the warmup, the duration and at most `--timeout` for the last calls.
 pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     opts.validate()?;
+    let mut pool = None;
     let source = match &opts.data {
+        None if opts.method == Method::Fanout => {
+            let (n, seed) = (opts.watch_numbers, opts.seed);
+            let numbers = Arc::new(
+                tokio::task::spawn_blocking(move || crate::cli::bench_fanout::watched_numbers(n, seed))
+                    .await
+                    .context("the pool builder panicked")?,
+            );
+            pool = Some(Arc::clone(&numbers));
+            Source::Pool {
+                numbers,
+                description: format!("{n} random +1 numbers watched by every platform (seed {seed})"),
+            }
+        }
         Some(path) => {
             let path = path.clone();
             tokio::task::spawn_blocking(move || load_source(&path))
@@ -1286,13 +1408,20 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     };
     let from_register = matches!(source, Source::Register { .. });
     let description = source.description();
-    let workload = {
+    let mut workload = {
         let opts = opts.clone();
         tokio::task::spawn_blocking(move || Workload::build(&opts, &source))
             .await
             .context("the query builder panicked")??
     };
     eprintln!("bench: {} pre-built calls from {description}", workload.len());
+    // Fan-out: the watchers load their lists and open their streams before
+    // the first publication.
+    let fanout = match &pool {
+        Some(pool) => Some(crate::cli::bench_fanout::Fanout::prepare(opts, pool).await?),
+        None => None,
+    };
+    workload.fanout = fanout.as_ref().map(|f| f.publisher());
     let workload = Arc::new(workload);
     let bearer = Bearer::new(opts.token.as_deref())?;
     let mut callers = Vec::with_capacity(opts.concurrency);
@@ -1342,7 +1471,11 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         done: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         first_error_shown: AtomicBool::new(false),
+        delivered: fanout.as_ref().map(|f| f.delivered()),
     });
+    if let Some(fanout) = &fanout {
+        fanout.arm(measure_start, measure_start + opts.duration);
+    }
     let progress = tokio::spawn(progress(Arc::clone(&shared)));
     let mut workers = JoinSet::new();
     let len = workload.len();
@@ -1387,6 +1520,18 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             0.0
         }
     };
+    let fanout = match fanout {
+        Some(fanout) => {
+            let refused: u64 = total.tally.item_errors.values().sum();
+            let accepted = total.tally.numbers.saturating_sub(refused);
+            Some(
+                fanout
+                    .finish(opts.drain, measure_start, end, per_sec(accepted))
+                    .await?,
+            )
+        }
+        None => None,
+    };
     Ok(BenchReport {
         method: opts.method,
         target: opts.target.clone(),
@@ -1412,6 +1557,7 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         statuses: total.tally.statuses,
         receipts_requested: opts.receipts,
         receipts: total.tally.receipts,
+        fanout,
     })
 }
 
@@ -1627,6 +1773,10 @@ mod tests {
             rest: false,
             seed: 1,
             json: false,
+            watchers: None,
+            watch_numbers: 10_000,
+            skip_load: false,
+            drain: Duration::from_secs(30),
         }
     }
 

@@ -421,6 +421,17 @@ pub fn mint_client_cert(
     write_all(&client_outputs(&pki, name, out_dir)?, false)
 }
 
+/// `reassigned certs client NAME`: [`mint_client_cert`] from the CA's
+/// files; creates `out_dir` if needed.
+pub fn client_cert_files(ca_cert: &Path, ca_key: &Path, name: &str, out_dir: &Path) -> anyhow::Result<()> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let (cert, key) = (read(ca_cert)?, read(ca_key)?);
+    std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    mint_client_cert(&cert, &key, name, out_dir)
+}
+
 fn client_outputs(pki: &DevPki, name: &str, out: &Path) -> anyhow::Result<Vec<Output>> {
     check_platform_name(name)?;
     let client = pki.client(name)?;
@@ -596,6 +607,18 @@ mod tests {
         mint_client_cert(&ca, &ca_key, "platform-c", dir.path())?;
         assert!(dir.path().join("platform-c.pem").is_file());
         assert!(mint_client_cert(&ca, &ca_key, "platform-c", dir.path()).is_err());
+
+        // `certs client NAME`: from the CA's files, into a new directory.
+        let out = dir.path().join("watchers");
+        let (ca_pem, ca_key_pem) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+        client_cert_files(&ca_pem, &ca_key_pem, "platform-7", &out)?;
+        let pem = fs::read_to_string(out.join("platform-7.pem"))?;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())?;
+        let platform = crate::identity::platform_from_cert(der.as_ref())?;
+        assert_eq!(platform.id, platform_uri("platform-7"));
+        assert!(out.join("platform-7.key").is_file());
+        assert!(client_cert_files(&ca_pem, &ca_key_pem, "platform-7", &out).is_err());
+        assert!(client_cert_files(&ca_pem, &ca_key_pem, "../x", &out).is_err());
         Ok(())
     }
 }

@@ -2,6 +2,7 @@
 pub mod audit;
 pub mod bench;
 pub mod bench_bare;
+pub mod bench_fanout;
 pub mod certs;
 pub mod client;
 mod commands;

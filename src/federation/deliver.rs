@@ -19,6 +19,20 @@
 //! grows (one follower task per shard and server, whatever the number of
 //! watchers).
 //!
+//! **The recent window.** The followers of [`Tips`] read every new event of
+//! their shard anyway; they keep the newest ones ([`RECENT_EVENTS`] in all,
+//! shared, contiguous per shard from where the follower started) so that
+//! feeds near the end of the log take their batches from memory instead
+//! of each reading (and, on Redis, parsing) the same entries again: with
+//! `P` watchers a server reads each event once, not `P` times. A feed whose
+//! position is outside a shard's window (an old cursor, or ahead of a
+//! follower that lags) reads the log itself, as before; after a second
+//! with nothing to deliver a feed reads the log itself once too, so a
+//! follower that cannot read (Redis failing) delays events by about a
+//! second and loses none. The log stays the delivery record: the window
+//! is a cache of its tail, never written to by anything but the follower
+//! reading the log.
+//!
 //! # Cursors
 //! A cursor is the position reached in every shard and the time it was
 //! made, encoded as base64url (no padding) of `1 | issued ms | shards |
@@ -33,8 +47,9 @@
 //! Order: events of one shard arrive in log order (an event and its
 //! retraction share a shard); events of different shards may interleave.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -53,6 +68,10 @@ pub const MAX_CURSOR_CHARS: usize = 1024;
 
 /// How long an idle feed waits for [`Tips`] before it looks again anyway.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
+
+/// Events the [`Tips`] followers of one server keep for the feeds, all
+/// shards together (each shard keeps its share, at least [`BATCH`] x 4).
+pub const RECENT_EVENTS: usize = 131_072;
 
 /// Counters of delivery, for metrics.
 #[derive(Debug, Default)]
@@ -194,11 +213,53 @@ fn before(p: Position) -> Position {
     }
 }
 
-/// Wakes idle feeds when the log grows: one follower task per shard (see
-/// [`Tips::start`]).
+/// The newest events of one shard as its follower read them: every event
+/// after `from` up to the last one held, in log order.
+struct Recent {
+    /// The position just before the first event held.
+    from: Position,
+    events: VecDeque<(Position, Arc<Event>)>,
+    /// The most events held.
+    capacity: usize,
+}
+
+impl Recent {
+    fn last(&self) -> Position {
+        self.events.back().map_or(self.from, |(p, _)| *p)
+    }
+
+    /// Appends what the follower read, dropping the oldest beyond capacity.
+    fn extend(&mut self, batch: Vec<(Position, Event)>) {
+        for (position, event) in batch {
+            self.events.push_back((position, Arc::new(event)));
+        }
+        while self.events.len() > self.capacity {
+            if let Some((position, _)) = self.events.pop_front() {
+                self.from = position;
+            }
+        }
+    }
+
+    /// Up to `max` events after `after`; `None` when `after` is outside
+    /// what is held (before `from`, or after the last event held, where
+    /// only the log knows what follows). Empty: `after` is the last held.
+    fn after(&self, after: Position, max: usize) -> Option<Vec<(Position, Arc<Event>)>> {
+        if after < self.from || after > self.last() {
+            return None;
+        }
+        let start = self.events.partition_point(|(p, _)| *p <= after);
+        Some(self.events.range(start..).take(max).cloned().collect())
+    }
+}
+
+/// Wakes idle feeds when the log grows, and keeps the recent window the
+/// feeds read from: one follower task per shard (see [`Tips::start`] and
+/// the module documentation).
 #[derive(Clone)]
 pub struct Tips {
     changed: watch::Receiver<u64>,
+    /// Per shard; `None` until its follower knows where it starts.
+    recent: Arc<Vec<RwLock<Option<Recent>>>>,
 }
 
 impl Tips {
@@ -207,8 +268,13 @@ impl Tips {
     pub fn start(log: AnyLog, mut stop: watch::Receiver<bool>) -> Self {
         let (tx, rx) = watch::channel(0u64);
         let tx = Arc::new(tx);
-        for shard in 0..log.shards() {
+        let shards = log.shards();
+        let capacity = (RECENT_EVENTS / usize::from(shards.max(1))).max(BATCH * 4);
+        let recent: Arc<Vec<RwLock<Option<Recent>>>> =
+            Arc::new((0..shards).map(|_| RwLock::new(None)).collect());
+        for shard in 0..shards {
             let (log, tx, mut stop) = (log.clone(), tx.clone(), stop.clone());
+            let recent = Arc::clone(&recent);
             tokio::spawn(async move {
                 let mut tip = None;
                 let mut started = false;
@@ -218,6 +284,11 @@ impl Tips {
                             Ok(last) => {
                                 tip = last;
                                 started = true;
+                                *write(&recent[usize::from(shard)]) = Some(Recent {
+                                    from: last.unwrap_or(Position::ZERO),
+                                    events: VecDeque::new(),
+                                    capacity,
+                                });
                             }
                             Err(e) => {
                                 tracing::debug!(shard, error = %e, "delivery: log tip unknown");
@@ -234,6 +305,11 @@ impl Tips {
                         Ok(batch) => {
                             if let Some((last, _)) = batch.last() {
                                 tip = Some(*last);
+                                // Held before the feeds are woken: a woken
+                                // feed finds what woke it.
+                                if let Some(window) = write(&recent[usize::from(shard)]).as_mut() {
+                                    window.extend(batch);
+                                }
                                 tx.send_modify(|n| *n = n.wrapping_add(1));
                             }
                         }
@@ -251,8 +327,23 @@ impl Tips {
             });
         }
         let _ = stop.borrow_and_update();
-        Self { changed: rx }
+        Self { changed: rx, recent }
     }
+
+    /// Up to `max` events of `shard` after `after` from the recent window;
+    /// `None` when the window cannot say (see [`Recent::after`]).
+    fn recent_after(&self, shard: u16, after: Position, max: usize) -> Option<Vec<(Position, Arc<Event>)>> {
+        let window = self.recent.get(usize::from(shard))?;
+        read(window).as_ref()?.after(after, max)
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Where a [`Feed`] starts.
@@ -276,6 +367,9 @@ pub struct Feed {
     tips: Tips,
     /// The next shard to read (shards are read in turn).
     next_shard: u16,
+    /// Read the log itself, not the recent window, in the next round
+    /// (after an idle wait: see the module documentation).
+    from_log: bool,
 }
 
 impl Feed {
@@ -326,6 +420,7 @@ impl Feed {
             positions,
             tips,
             next_shard: 0,
+            from_log: false,
         })
     }
 
@@ -345,15 +440,28 @@ impl Feed {
             // Marked seen before reading: a growth while reading wakes the
             // next wait at once.
             self.tips.changed.borrow_and_update();
+            let from_log = std::mem::take(&mut self.from_log);
             let mut read_any = false;
             for _ in 0..shards {
                 let shard = self.next_shard;
                 self.next_shard = (self.next_shard + 1) % shards;
                 let index = usize::from(shard);
-                let batch = self
-                    .log
-                    .read_after(shard, Some(self.positions[index]), BATCH, Duration::ZERO)
-                    .await?;
+                let after = self.positions[index];
+                let held = if from_log {
+                    None
+                } else {
+                    self.tips.recent_after(shard, after, BATCH)
+                };
+                let batch = match held {
+                    Some(batch) => batch,
+                    None => self
+                        .log
+                        .read_after(shard, Some(after), BATCH, Duration::ZERO)
+                        .await?
+                        .into_iter()
+                        .map(|(p, e)| (p, Arc::new(e)))
+                        .collect(),
+                };
                 let Some((last, _)) = batch.last() else {
                     continue;
                 };
@@ -365,6 +473,7 @@ impl Feed {
                 for ((position, event), watched) in batch.into_iter().zip(watched) {
                     self.positions[index] = position;
                     if watched {
+                        let event = Arc::try_unwrap(event).unwrap_or_else(|shared| (*shared).clone());
                         out.push((event, self.cursor()));
                     }
                 }
@@ -380,6 +489,9 @@ impl Feed {
                 .await
                 .is_err()
             {
+                // A second of nothing: the next round asks the log itself,
+                // in case the followers cannot read it.
+                self.from_log = true;
                 return Ok(Vec::new());
             }
         }
@@ -412,6 +524,52 @@ mod tests {
         let mut long = text.clone();
         long.push_str("AA");
         assert!(Cursor::decode(&long, 3).is_err());
+    }
+
+    fn event(i: u64) -> Event {
+        let date = crate::domain::Date::parse("2026-11-02").unwrap();
+        Event {
+            event_id: format!("e{i}"),
+            number: crate::domain::PhoneNumber::parse(&format!("+1201555{i:04}")).unwrap(),
+            disconnect_date: date,
+            earliest_reissue_date: date.add_days(90),
+            source: "operator-a".into(),
+            kind: crate::federation::EventKind::Disconnected,
+            accepted_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn the_recent_window_answers_only_inside_what_it_holds() {
+        let p = |seq| Position::new(7, seq);
+        let mut window = Recent {
+            from: p(10),
+            events: VecDeque::new(),
+            capacity: 4,
+        };
+        // Nothing read yet: caught up at the start, blind elsewhere.
+        assert_eq!(window.after(p(10), 8).map(|b| b.len()), Some(0));
+        assert!(window.after(p(9), 8).is_none());
+        assert!(window.after(p(11), 8).is_none());
+        window.extend((11..=13).map(|i| (p(i), event(i))).collect());
+        let got = window.after(p(10), 8).unwrap();
+        assert_eq!(got.iter().map(|(q, _)| q.seq()).collect::<Vec<_>>(), [11, 12, 13]);
+        assert_eq!(got[0].1.event_id, "e11");
+        assert_eq!(window.after(p(11), 1).unwrap().len(), 1);
+        assert_eq!(window.after(p(12), 8).unwrap()[0].0, p(13));
+        assert_eq!(window.after(p(13), 8).map(|b| b.len()), Some(0));
+        assert!(window.after(p(14), 8).is_none(), "ahead of the follower");
+        // Beyond capacity the oldest go, and `from` follows them: a feed
+        // behind the window reads the log.
+        window.extend((14..=16).map(|i| (p(i), event(i))).collect());
+        assert_eq!(window.events.len(), 4);
+        assert_eq!(window.from, p(12));
+        assert!(window.after(p(11), 8).is_none());
+        let got = window.after(p(12), 8).unwrap();
+        assert_eq!(
+            got.iter().map(|(q, _)| q.seq()).collect::<Vec<_>>(),
+            [13, 14, 15, 16]
+        );
     }
 
     #[test]

@@ -27,7 +27,6 @@
 //! `CONFIG` is disabled (some managed Redis), the log cannot verify it and
 //! refuses as well.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -396,37 +395,46 @@ fn entry(item: &Value) -> Result<(Position, Event), LogError> {
     };
     let id: Position = parts
         .first()
-        .and_then(text)
+        .and_then(text_ref)
         .ok_or_else(|| bad("no id"))?
         .parse()?;
-    let fields: HashMap<String, String> = match parts.get(1) {
-        Some(Value::Array(kv)) => kv
-            .chunks(2)
-            .filter_map(|c| Some((c.first().and_then(text)?, c.get(1).and_then(text)?)))
-            .collect(),
-        Some(Value::Map(kv)) => kv
-            .iter()
-            .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
-            .collect(),
+    // The fields read in place (every server reads every entry: no map,
+    // no copies but the two strings kept); an unknown field is skipped.
+    const NAMES: [&str; 7] = ["k", "s", "e", "n", "d", "q", "t"];
+    let mut fields: [Option<&str>; 7] = [None; 7];
+    let pairs: Vec<(&Value, &Value)> = match parts.get(1) {
+        Some(Value::Array(kv)) => kv.chunks_exact(2).map(|p| (&p[0], &p[1])).collect(),
+        Some(Value::Map(kv)) => kv.iter().map(|(k, v)| (k, v)).collect(),
         _ => return Err(bad("no fields")),
     };
-    let field = |name: &str| {
-        fields
-            .get(name)
-            .cloned()
-            .ok_or_else(|| bad(&format!("no field {name}")))
-    };
-    let num = |name: &str| -> Result<i64, LogError> { field(name)?.parse().map_err(|_| bad(name)) };
+    for (k, v) in pairs {
+        if let Some(slot) = text_ref(k).and_then(|k| NAMES.iter().position(|n| *n == k)) {
+            fields[slot] = text_ref(v);
+        }
+    }
+    let field = |i: usize| fields[i].ok_or_else(|| bad(&format!("no field {}", NAMES[i])));
+    let num = |i: usize| -> Result<i64, LogError> { field(i)?.parse().map_err(|_| bad(NAMES[i])) };
     let wire = Wire {
-        k: field("k")?,
-        s: field("s")?,
-        e: field("e")?,
-        n: field("n")?.parse().map_err(|_| bad("n"))?,
-        d: i32::try_from(num("d")?).map_err(|_| bad("d"))?,
-        q: i32::try_from(num("q")?).map_err(|_| bad("q"))?,
-        t: num("t")?,
+        k: field(0)?.to_owned(),
+        s: field(1)?.to_owned(),
+        e: field(2)?.to_owned(),
+        n: field(3)?.parse().map_err(|_| bad("n"))?,
+        d: i32::try_from(num(4)?).map_err(|_| bad("d"))?,
+        q: i32::try_from(num(5)?).map_err(|_| bad("q"))?,
+        t: num(6)?,
     };
     Ok((id, wire.event()?))
+}
+
+/// The text of a reply without copying it; `None` if it is not text (or
+/// not UTF-8: the log writes only UTF-8).
+fn text_ref(v: &Value) -> Option<&str> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        Value::VerbatimString { text, .. } => Some(text),
+        _ => None,
+    }
 }
 
 /// The event of a publication record (`n|d|q|t|a`) of `field`
