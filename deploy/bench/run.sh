@@ -53,6 +53,15 @@
 #   SKIP_BUILD=1      use the existing binary (BIN, default target/release/reassigned)
 #   SERVE_FLAGS=""    extra flags of both `serve` runs; with `--no-tokens`
 #                     no token is minted or sent (mTLS alone)
+#   WATCHERS=0        N > 0: the federation configured on both `serve` runs
+#                     (operators file, watch key; redis-server with AOF and
+#                     appendfsync always, as publications require): before
+#                     the rounds, N platforms each load WATCH_NUMBERS numbers
+#                     (`bench --method fanout`, which also publishes a few
+#                     thousand disconnections, so the overlay is not empty),
+#                     and each platform keeps a `reassigned watch` stream
+#                     open on each server during the rounds (tokens on only)
+#   WATCH_NUMBERS=1000000  numbers on each platform's watch list
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -71,6 +80,8 @@ SEED=${SEED:-1}
 SERVE_FLAGS=${SERVE_FLAGS:-}
 read -r -a SERVE_ARGS <<<"$SERVE_FLAGS"
 TOKENS=1
+export WATCHERS=${WATCHERS:-0}
+export WATCH_NUMBERS=${WATCH_NUMBERS:-1000000}
 for flag in "${SERVE_ARGS[@]}"; do
   [[ "$flag" == --no-tokens ]] && TOKENS=0
 done
@@ -182,6 +193,25 @@ else
 fi
 
 # CPU ticks (user + system) of the given processes, summed.
+FEDERATION_SERVER=()
+REDIS_PERSIST=(--appendonly no)
+if [[ "$WATCHERS" -gt 0 ]]; then
+  [[ "$TOKENS" == 1 ]] || { log "WATCHERS needs tokens on"; exit 2; }
+  mkdir -p "$WORK/watchers"
+  for i in $(seq "$WATCHERS"); do
+    "$BIN" certs client "platform-$i" --ca-cert "$CERTS/ca.pem" --ca-key "$CERTS/ca.key" --out "$WORK/watchers" >/dev/null
+    (umask 077; "$BIN" token mint --issuer-key "$WORK/keys/issuer.key" --platform "platform-$i" \
+      --cert "$WORK/watchers/platform-$i.pem" --scope "watch:write watch:read" --ttl 2h >"$WORK/watchers/platform-$i.token")
+  done
+  OPERATOR_TOKEN=$("$BIN" token mint --issuer-key "$WORK/keys/issuer.key" --platform operator-a \
+    --cert "$CERTS/operator-a.pem" --scope register:write --ttl 2h)
+  printf '[operators."spiffe://dev.reassigned/operator-a"]\nprefixes = ["+1"]\nquarantine_days = 90\n' >"$WORK/operators.toml"
+  (umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' >"$WORK/watch.key")
+  FEDERATION_SERVER=(--operators "$WORK/operators.toml" --watch-key-file "$WORK/watch.key")
+  REDIS_PERSIST=(--appendonly yes --appendfsync always)
+  log "federation: $WATCHERS watching platforms x $WATCH_NUMBERS numbers on each server"
+fi
+
 cpu_ticks() {
   local total=0 pid
   for pid in "$@"; do
@@ -199,7 +229,7 @@ fi
 # --- redis --------------------------------------------------------------------
 REDIS_PORT=$(free_port)
 REDIS_URL=redis://127.0.0.1:$REDIS_PORT
-"${PIN_SERVER[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+"${PIN_SERVER[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" "${REDIS_PERSIST[@]}" \
   --dir "$WORK/redis" --logfile "$WORK/redis-server.log" --daemonize no &
 PIDS+=($!)
 REDIS_PID=$!
@@ -231,7 +261,7 @@ for target in $TARGETS; do
       # Its store logs at info, so that the run can wait for the membership
       # filter (loaded in the background) before measuring.
       REASSIGNED_LOG="$REASSIGNED_LOG,reassigned::store::redis=info" \
-        start_server redis serve --redis "$REDIS_URL" "${TOKEN_SERVER[@]}" "${SERVE_ARGS[@]}"
+        start_server redis serve --redis "$REDIS_URL" "${TOKEN_SERVER[@]}" "${FEDERATION_SERVER[@]}" "${SERVE_ARGS[@]}"
       for _ in $(seq 600); do
         grep -q "membership filter loaded" "$WORK/redis.log" && break
         grep -q "cannot load the membership filter" "$WORK/redis.log" && break
@@ -240,13 +270,34 @@ for target in $TARGETS; do
       grep -q "membership filter loaded" "$WORK/redis.log" \
         || log "redis: no membership filter loaded (every check asks redis)"
       ;;
-    embedded) start_server embedded serve --data-dir "$DATA" "${TOKEN_SERVER[@]}" "${SERVE_ARGS[@]}" ;;
+    embedded) start_server embedded serve --data-dir "$DATA" "${TOKEN_SERVER[@]}" "${FEDERATION_SERVER[@]}" "${SERVE_ARGS[@]}" ;;
     *) log "unknown target $target (bare, redis, embedded)"; exit 2 ;;
   esac
 done
 
 # --- the runs, alternated -----------------------------------------------------
 # The load average before and after: other work on the machine shows here.
+if [[ "$WATCHERS" -gt 0 ]]; then
+  for target in $TARGETS; do
+    [[ $target == bare ]] && continue
+    log "$target: loading $WATCHERS watch lists and publishing"
+    REASSIGNED_BENCH_TOKEN=$OPERATOR_TOKEN "$BIN" bench --method fanout --target "127.0.0.1:${PORT[$target]}" \
+      --ca "$CERTS/ca.pem" --cert "$CERTS/operator-a.pem" --key "$CERTS/operator-a.key" \
+      --watchers "$WORK/watchers" --watch-numbers "$WATCH_NUMBERS" --rate 2 --duration 2s --warmup 0s \
+      --seed "$SEED" --json >"$WORK/fanout-setup-$target.json" 2>"$WORK/fanout-setup-$target.log" || {
+      log "loading the watch lists of $target failed:"
+      tail -n 20 "$WORK/fanout-setup-$target.log" >&2
+      exit 1
+    }
+    for i in $(seq "$WATCHERS"); do
+      REASSIGNED_TOKEN=$(cat "$WORK/watchers/platform-$i.token") "$BIN" watch --target "127.0.0.1:${PORT[$target]}" \
+        --ca "$CERTS/ca.pem" --cert "$WORK/watchers/platform-$i.pem" --key "$WORK/watchers/platform-$i.key" \
+        --cursor-file "$WORK/watchers/$target-$i.cursor" >/dev/null 2>"$WORK/watch-$target-$i.log" &
+      PIDS+=($!)
+    done
+  done
+fi
+
 cut -d' ' -f1-3 /proc/loadavg >"$WORK/loadavg-before" 2>/dev/null || true
 for round in $(seq "$ROUNDS"); do
   for method in $METHODS; do
@@ -333,6 +384,10 @@ def loadavg(name):
         return open(os.path.join(work, name)).read().strip()
     except OSError:
         return "?"
+watchers = int(os.environ.get("WATCHERS", "0") or 0)
+if watchers:
+    print(f"federation on: {watchers} platforms x {os.environ.get('WATCH_NUMBERS')} watched numbers per server, "
+          f"each with a WatchDisconnections stream open, publications in the overlay")
 print(f"load average (1, 5, 15 min) before the runs: {loadavg('loadavg-before')}, "
       f"after: {loadavg('loadavg-after')} (the load generator and the servers add about 2)")
 if redis_memory:
