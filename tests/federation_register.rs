@@ -34,8 +34,11 @@ const Z: &str = "+12015550144";
 /// Watched by nobody.
 const W: &str = "+12015550199";
 
+/// `n` days before the day the test started (read once, so that a run
+/// across midnight writes and expects the same dates).
 fn days_ago(n: i32) -> String {
-    Date::today_utc().add_days(-n).to_string()
+    static TODAY: std::sync::OnceLock<Date> = std::sync::OnceLock::new();
+    TODAY.get_or_init(Date::today_utc).add_days(-n).to_string()
 }
 
 type Events = tonic::Streaming<pb::DisconnectionEvent>;

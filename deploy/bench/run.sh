@@ -238,6 +238,36 @@ if [[ "$WATCHERS" -gt 0 ]]; then
   done
 fi
 
+# New watchers start from the oldest event still held (a missing cursor
+# file), so each first walks the retained log (the register delta's events
+# and the publications above): minutes of server CPU with 10 platforms, and
+# redis-server may still be rewriting its AOF after the watch-list load. The
+# rounds measure the steady state with the streams open, so wait until the
+# servers and redis-server are idle again (under 5% of a core for 3 s in a
+# row) and no AOF rewrite is running.
+if [[ "$WATCHERS" -gt 0 ]]; then
+  settle_pids=("$REDIS_PID")
+  for target in $TARGETS; do settle_pids+=("${SPID[$target]}"); done
+  settled=0 quiet=0 hz=$(getconf CLK_TCK)
+  for _ in $(seq 600); do
+    before=$(cpu_ticks "${settle_pids[@]}")
+    sleep 1
+    settled=$((settled + 1))
+    busy=$(($(cpu_ticks "${settle_pids[@]}") - before))
+    rewriting=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" info persistence | tr -d '\r' \
+      | awk -F: '/^(aof_rewrite_in_progress|aof_rewrite_scheduled|rdb_bgsave_in_progress):/ {n += $2} END {print n + 0}')
+    if ((busy * 20 < hz && rewriting == 0)); then
+      quiet=$((quiet + 1))
+      ((quiet >= 3)) && break
+    else
+      quiet=0
+    fi
+  done
+  ((quiet >= 3)) || log "the servers are still busy after $settled s: measuring anyway"
+  log "settled after $settled s (the watchers caught up with the retained log)"
+  echo "$settled" >"$WORK/settle-secs"
+fi
+
 cut -d' ' -f1-3 /proc/loadavg >"$WORK/loadavg-before" 2>/dev/null || true
 for round in $(seq "$ROUNDS"); do
   for method in $METHODS; do
@@ -327,7 +357,8 @@ def loadavg(name):
 watchers = int(os.environ.get("WATCHERS", "0") or 0)
 if watchers:
     print(f"federation on: {watchers} platforms x {os.environ.get('WATCH_NUMBERS')} watched numbers per server, "
-          f"each with a WatchDisconnections stream open, publications in the overlay")
+          f"each with a WatchDisconnections stream open, publications in the overlay; "
+          f"the rounds began once the watchers had caught up ({loadavg('settle-secs')} s)")
 print(f"load average (1, 5, 15 min) before the runs: {loadavg('loadavg-before')}, "
       f"after: {loadavg('loadavg-after')} (the load generator and the servers add about 2)")
 if redis_memory:
