@@ -12,6 +12,7 @@ pub mod calls;
 pub mod digest;
 pub mod embedded;
 mod input;
+pub mod membership;
 pub mod packed;
 mod records;
 pub mod redis;

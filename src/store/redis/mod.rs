@@ -1550,10 +1550,9 @@ impl Store for RedisStore {
     }
 
     async fn lookup(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
-        // Most numbers asked about have no record: answered in process.
-        if let Some(lookup) = self.inner.filter_miss(number) {
-            return Ok(lookup);
-        }
+        // No `filter_miss` here: the login path asked `lookup_now` first,
+        // and `read_one` asks the filter anyway (after the metadata
+        // check), so a number it rules out still costs no round trip.
         bounded(self.inner.opts.timeout, self.lookup_unbounded(number))
             .await
             .inspect_err(|e| self.inner.note_timeout(e))

@@ -1,0 +1,180 @@
+//! The embedded store's membership filter: a cache-line-blocked Bloom
+//! filter over the numbers of its records, asked before the records
+//! themselves so that a number without a record (most numbers asked
+//! about) is answered after one memory access instead of the two binary
+//! searches of [`super::Records::day_of`] (about five cache misses in a
+//! register of 10^7 records).
+//!
+//! **Layout.** [`BITS_PER_NUMBER`] bits per number it is sized for, in
+//! 512-bit blocks (one cache line each). A number's 64-bit mix picks its
+//! block (multiply-shift, no division) and [`HASHES`] bits inside it
+//! (9 bits each from a second mix). A block holds the bits of about 64
+//! numbers, so the false-positive rate is a little above a plain Bloom
+//! filter's of the same size: about 2.5% when full (measured in the test
+//! below), which only sends those numbers on to the records.
+//!
+//! **Never a false negative.** A number inserted is always reported as
+//! possibly present. The bits are atomic so that a delta can add its
+//! numbers to the filter the current generation is already using
+//! (readers then only see more false positives, which the records answer)
+//! before the merged generation, which shares the filter, is swapped in:
+//! a delta costs no second filter.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Bits per number the filter is sized for.
+pub const BITS_PER_NUMBER: usize = 8;
+/// Bits set per number, all inside its block.
+pub const HASHES: u32 = 6;
+
+/// 512 bits, aligned to a cache line.
+#[repr(align(64))]
+#[derive(Default)]
+struct Block([AtomicU64; 8]);
+
+/// The filter (see the [module documentation](self)).
+pub struct Membership {
+    blocks: Box<[Block]>,
+    /// How many numbers it was sized for.
+    capacity: usize,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("blocks", &self.blocks.len())
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+/// SplitMix64's finaliser: a fast, well-spread mix of a number.
+#[inline]
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The index of `number`'s block among `blocks` and the mask of each of
+/// the block's 8 words.
+#[inline]
+fn probe(blocks: usize, number: u64) -> (usize, [u64; 8]) {
+    let h = mix(number);
+    // Multiply-shift onto 0..blocks (the high half of h picks the block).
+    let index = (((h >> 32) * blocks as u64) >> 32) as usize;
+    let mut bits = mix(h ^ 0x5851_F42D_4C95_7F2D);
+    let mut masks = [0u64; 8];
+    for _ in 0..HASHES {
+        let bit = (bits & 511) as usize;
+        masks[bit >> 6] |= 1 << (bit & 63);
+        bits >>= 9;
+    }
+    (index, masks)
+}
+
+impl Membership {
+    /// An empty filter sized for `capacity` numbers.
+    pub fn with_capacity(capacity: usize) -> Self {
+        let blocks = (capacity.saturating_mul(BITS_PER_NUMBER)).div_ceil(512).max(1);
+        Self {
+            blocks: (0..blocks).map(|_| Block::default()).collect(),
+            capacity,
+        }
+    }
+
+    /// A filter sized for and holding `numbers` ([`crate::domain::PhoneNumber::value`]s).
+    pub fn from_numbers(numbers: impl ExactSizeIterator<Item = u64>) -> Self {
+        let mut filter = Self::with_capacity(numbers.len());
+        let blocks = filter.blocks.len();
+        for n in numbers {
+            // Not shared yet: plain writes, no atomic read-modify-write.
+            let (index, masks) = probe(blocks, n);
+            for (word, mask) in filter.blocks[index].0.iter_mut().zip(masks) {
+                *word.get_mut() |= mask;
+            }
+        }
+        filter
+    }
+
+    /// How many numbers it was sized for.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Heap bytes held.
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.blocks)
+    }
+
+    /// The block of `number` and the mask of each of its 8 words.
+    #[inline]
+    fn probe(&self, number: u64) -> (&Block, [u64; 8]) {
+        let (index, masks) = probe(self.blocks.len(), number);
+        (&self.blocks[index], masks)
+    }
+
+    /// Adds `number`: from now on [`Self::may_contain`] says true for it,
+    /// in every thread (the caller publishes the filter, or the generation
+    /// that uses it, after inserting).
+    pub fn insert(&self, number: u64) {
+        let (block, masks) = self.probe(number);
+        for (word, mask) in block.0.iter().zip(masks) {
+            if mask != 0 {
+                word.fetch_or(mask, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// False: `number` was never inserted. True: it may have been.
+    #[inline]
+    pub fn may_contain(&self, number: u64) -> bool {
+        let (block, masks) = self.probe(number);
+        block
+            .0
+            .iter()
+            .zip(masks)
+            .all(|(word, mask)| word.load(Ordering::Relaxed) & mask == mask)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_false_negatives_and_few_false_positives() {
+        let numbers: Vec<u64> = (0..200_000u64).map(|i| 12_015_550_000 + i * 37).collect();
+        let filter = Membership::from_numbers(numbers.iter().copied());
+        assert!(
+            numbers.iter().all(|&n| filter.may_contain(n)),
+            "every number inserted is found"
+        );
+        // Numbers never inserted (odd offsets from the inserted ones).
+        let asked = 200_000u64;
+        let false_positives = (0..asked)
+            .filter(|i| filter.may_contain(13_015_550_001 + i * 37))
+            .count();
+        let rate = false_positives as f64 / asked as f64;
+        assert!(rate < 0.04, "false-positive rate {rate}");
+        assert!(rate > 0.0, "a full filter has some false positives ({rate})");
+        assert_eq!(filter.memory_bytes(), 200_000 * BITS_PER_NUMBER / 8);
+    }
+
+    #[test]
+    fn an_empty_filter_says_no_and_a_tiny_one_still_works() {
+        let empty = Membership::with_capacity(0);
+        assert!(!empty.may_contain(12_015_550_000));
+        let one = Membership::from_numbers([8_613_800_138_000u64].into_iter());
+        assert!(one.may_contain(8_613_800_138_000));
+    }
+
+    #[test]
+    fn inserting_into_a_shared_filter_keeps_every_earlier_number() {
+        let filter = Membership::from_numbers((0..1000usize).map(|i| 10_000_000 + i as u64));
+        filter.insert(99_999_999);
+        assert!(filter.may_contain(99_999_999));
+        assert!((0..1000u64).all(|i| filter.may_contain(10_000_000 + i)));
+    }
+}
