@@ -347,12 +347,12 @@ struct Inner {
     epoch: AtomicU64,
     /// Why Redis is unsafe to answer from (e.g. a maxmemory-policy that
     /// evicts keys); lookups fail while set.
-    unsafe_reason: ArcSwapOption<String>,
+    unsafe_reason: Flag,
     /// Set while the metadata is behind the latest generation and sequence
     /// this process has seen (Redis restarted from an older save, a
     /// failover lost writes): the data lost since is unknown, so lookups
     /// fail until an import brings the mirror back to (or past) that point.
-    regressed: ArcSwapOption<String>,
+    regressed: Flag,
     /// The generation and the latest sequence of it seen.
     high_water: std::sync::Mutex<Option<(u64, u64)>>,
     /// The run ids of the masters last seen (restart / failover detection).
@@ -437,8 +437,8 @@ impl RedisStore {
             filter_failed_ms: AtomicU64::new(0),
             masters: ArcSwapOption::from(masters),
             epoch: AtomicU64::new(0),
-            unsafe_reason: ArcSwapOption::empty(),
-            regressed: ArcSwapOption::empty(),
+            unsafe_reason: Flag::default(),
+            regressed: Flag::default(),
             high_water: std::sync::Mutex::new(None),
             run_ids: std::sync::Mutex::new(None),
             unproven_reads: AtomicU64::new(0),
@@ -707,7 +707,8 @@ impl Inner {
             }
             _ => {
                 *high = Some(now);
-                if self.regressed.swap(None).is_some() {
+                if self.regressed.load().is_some() {
+                    self.regressed.store(None);
                     tracing::info!("the redis mirror is back to the latest data seen");
                 }
             }
@@ -999,6 +1000,39 @@ impl LoadedFilter {
     }
 }
 
+/// A reason that may be set (why Redis is unsafe to answer from), with a
+/// flag the lookup path reads instead: one atomic load rather than a
+/// guarded load of the reason on every in-process answer. The flag always
+/// says whether the last reason stored is set (both are written under one
+/// lock).
+#[derive(Default)]
+struct Flag {
+    reason: ArcSwapOption<String>,
+    set: AtomicBool,
+    write: std::sync::Mutex<()>,
+}
+
+impl Flag {
+    fn load(&self) -> arc_swap::Guard<Option<Arc<String>>> {
+        self.reason.load()
+    }
+
+    fn store(&self, reason: Option<Arc<String>>) {
+        let _write = self
+            .write
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let set = reason.is_some();
+        self.reason.store(reason);
+        self.set.store(set, Ordering::SeqCst);
+    }
+
+    #[inline]
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
+    }
+}
+
 /// After a failed filter download, wait this long before the next attempt.
 const FILTER_RETRY_MS: u64 = 10_000;
 
@@ -1012,7 +1046,7 @@ impl Inner {
     /// takes the full path, which makes the same checks and more.
     fn filter_miss(&self, number: PhoneNumber) -> Option<Lookup<Option<Date>>> {
         let epoch = self.epoch.load(Ordering::Acquire);
-        if !self.cache_fresh() || self.unsafe_reason.load().is_some() || self.regressed.load().is_some() {
+        if !self.cache_fresh() || self.unsafe_reason.is_set() || self.regressed.is_set() {
             return None;
         }
         let current = self.current.load();
