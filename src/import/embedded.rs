@@ -50,7 +50,11 @@ pub async fn load_dir<L: Store>(
     options: ImportOptions,
     progress: &mut dyn Progress,
 ) -> Result<(), ImportError> {
+    // A first load into an empty store builds the membership filter once,
+    // at the end, not beside every delta's merge (the load's peak memory).
+    let deferred = store.is_empty().then(|| store.defer_filter());
     let (report, problems) = sync_dir_lenient_split(store, through, layer, dir, options, progress).await?;
+    drop(deferred);
     if problems.is_empty() {
         tracing::info!(%report, records = store.len(), "register loaded");
     } else {

@@ -18,6 +18,7 @@
 //! a delta's is merged from the old one and the delta into a new buffer,
 //! so the old and the new generation are both held only while it merges.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -32,15 +33,19 @@ use crate::domain::{Date, MirrorMeta, PhoneNumber};
 struct State {
     records: Records,
     /// Holds every number of `records` (and, after a delta, possibly some
-    /// more: see [`EmbeddedStore::merge_delta`]).
-    filter: Arc<Membership>,
+    /// more: see [`EmbeddedStore::merge_delta`]); `None` while a first
+    /// load defers it ([`EmbeddedStore::defer_filter`]): the records alone
+    /// then answer, as correctly and more slowly.
+    filter: Option<Arc<Membership>>,
     meta: Arc<MirrorMeta>,
 }
 
 impl State {
     #[inline]
     fn get(&self, number: u64) -> Option<Date> {
-        if !self.filter.may_contain(number) {
+        if let Some(filter) = &self.filter
+            && !filter.may_contain(number)
+        {
             return None;
         }
         self.records.day_of(number).map(|d| Date::from_days(i32::from(d)))
@@ -63,6 +68,9 @@ pub struct EmbeddedStore {
     applied: Mutex<std::collections::BTreeMap<(u64, Kind), String>>,
     /// Files skipped at the last load or resync (`file: reason`).
     problems: Mutex<Vec<String>>,
+    /// True while a first load defers the membership filter
+    /// ([`EmbeddedStore::defer_filter`]).
+    filter_deferred: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -182,13 +190,41 @@ impl EmbeddedStore {
         })
     }
 
+    /// Defers the membership filter while a register directory is first
+    /// loaded (a snapshot and its deltas into an empty store): the
+    /// generations are swapped in without one, so merging a delta holds
+    /// two generations' records but no filter, and the filter is built
+    /// once, for the loaded records, when the returned guard is dropped.
+    /// The filter only makes lookups faster: without it the records answer
+    /// the same.
+    pub fn defer_filter(&self) -> FilterDeferred<'_> {
+        self.filter_deferred.store(true, Ordering::Release);
+        FilterDeferred { store: self }
+    }
+
+    /// Builds the current generation's filter if it has none.
+    fn complete_filter(&self) {
+        let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(state) = self.state.load_full() else {
+            return;
+        };
+        if state.filter.is_some() {
+            return;
+        }
+        let filter = Some(filter_of(&state.records));
+        self.state.store(Some(Arc::new(State {
+            records: state.records.clone(),
+            filter,
+            meta: Arc::clone(&state.meta),
+        })));
+    }
+
     /// The heap bytes held by the current generation's records and its
     /// membership filter.
     pub fn memory_bytes(&self) -> usize {
-        self.state
-            .load()
-            .as_ref()
-            .map_or(0, |s| s.records.memory_bytes() + s.filter.memory_bytes())
+        self.state.load().as_ref().map_or(0, |s| {
+            s.records.memory_bytes() + s.filter.as_ref().map_or(0, |f| f.memory_bytes())
+        })
     }
 
     fn swap_snapshot(
@@ -199,7 +235,7 @@ impl EmbeddedStore {
     ) -> Result<(), StoreError> {
         let meta = snapshot.meta(records.len() as u64, now_unix());
         // Built before the writer's lock: readers never wait for it.
-        let filter = filter_of(records);
+        let filter = (!self.filter_deferred.load(Ordering::Acquire)).then(|| filter_of(records));
         let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.state.load().as_ref().map(|s| s.meta.sequence);
         if current != expected_previous {
@@ -246,8 +282,10 @@ impl EmbeddedStore {
         // generation that shares it is published: its readers then see
         // only more false positives (answered by the records), and the
         // merged generation's numbers are all in it. No second filter.
-        for n in records.numbers() {
-            old.filter.insert(n);
+        if let Some(filter) = &old.filter {
+            for n in records.numbers() {
+                filter.insert(n);
+            }
         }
         let merged = merge(&old.records, records)?;
         let meta = MirrorMeta {
@@ -257,9 +295,11 @@ impl EmbeddedStore {
             last_import_unix: now_unix(),
             ..(*old.meta).clone()
         };
-        let filter = Arc::clone(&old.filter);
+        let filter = old.filter.clone();
         let meta = Arc::new(meta);
-        let outgrown = merged.len() > filter.capacity().saturating_add(filter.capacity() / 2);
+        let outgrown = filter
+            .as_ref()
+            .is_some_and(|f| merged.len() > f.capacity().saturating_add(f.capacity() / 2));
         self.state.store(Some(Arc::new(State {
             records: merged.clone(),
             filter,
@@ -272,7 +312,7 @@ impl EmbeddedStore {
             // generation is let go (never two generations' records and two
             // filters at once).
             drop(old);
-            let filter = filter_of(&merged);
+            let filter = Some(filter_of(&merged));
             self.state.store(Some(Arc::new(State {
                 records: merged,
                 filter,
@@ -280,6 +320,19 @@ impl EmbeddedStore {
             })));
         }
         Ok(())
+    }
+}
+
+/// See [`EmbeddedStore::defer_filter`]: builds the filter when dropped.
+#[must_use = "the filter is built when the guard is dropped"]
+pub struct FilterDeferred<'a> {
+    store: &'a EmbeddedStore,
+}
+
+impl Drop for FilterDeferred<'_> {
+    fn drop(&mut self) {
+        self.store.filter_deferred.store(false, Ordering::Release);
+        self.store.complete_filter();
     }
 }
 
@@ -418,11 +471,22 @@ mod tests {
         store.apply_delta(&delta(2), &small).await.expect("delta 2");
         let large = Records::new((0..1000).map(|i| base + 5 + i * 10).collect(), vec![20_002; 1000])
             .expect("records");
-        let shared = store.state.load_full().expect("state").filter.capacity();
+        let shared = store
+            .state
+            .load_full()
+            .expect("state")
+            .filter
+            .as_ref()
+            .expect("filter")
+            .capacity();
         store.apply_delta(&delta(3), &large).await.expect("delta 3");
         let state = store.state.load_full().expect("state");
         assert_eq!(shared, 100);
-        assert_eq!(state.filter.capacity(), 1102, "rebuilt for the merged records");
+        assert_eq!(
+            state.filter.as_ref().expect("filter").capacity(),
+            1102,
+            "rebuilt for the merged records"
+        );
         for i in 0..100 {
             assert_eq!(
                 store
@@ -453,6 +517,43 @@ mod tests {
                 None
             );
         }
+    }
+
+    /// A deferred first load swaps its generations in without a filter
+    /// (answers unchanged) and builds one when the guard goes.
+    #[tokio::test]
+    async fn a_deferred_load_builds_the_filter_once_at_the_end() {
+        let store = EmbeddedStore::new();
+        let base = 14_155_550_000u64;
+        let found = |store: &EmbeddedStore, n: u64| store.get(PhoneNumber::from_value(n).expect("n")).found;
+        let has_filter = |store: &EmbeddedStore| store.state.load_full().expect("state").filter.is_some();
+        {
+            let _deferred = store.defer_filter();
+            let snap =
+                Records::new((0..100).map(|i| base + i * 10).collect(), vec![20_000; 100]).expect("records");
+            store
+                .apply_snapshot(&snapshot(1), &snap, None)
+                .await
+                .expect("snapshot");
+            assert!(!has_filter(&store));
+            let more = Records::new(vec![base + 1], vec![20_001]).expect("records");
+            store.apply_delta(&delta(2), &more).await.expect("delta");
+            assert!(!has_filter(&store));
+            assert_eq!(found(&store, base + 1), Some(Date::from_days(20_001)));
+            assert_eq!(found(&store, base + 2), None);
+        }
+        assert!(has_filter(&store), "built when the guard went");
+        assert_eq!(found(&store, base + 1), Some(Date::from_days(20_001)));
+        assert_eq!(found(&store, base + 990), Some(Date::from_days(20_000)));
+        assert_eq!(found(&store, base + 2), None);
+        // Later snapshots build theirs at once.
+        let snap = Records::new(vec![base + 7], vec![20_003]).expect("records");
+        store
+            .apply_snapshot(&snapshot(3), &snap, Some(2))
+            .await
+            .expect("snapshot 3");
+        assert!(has_filter(&store));
+        assert_eq!(found(&store, base + 7), Some(Date::from_days(20_003)));
     }
 
     /// `len` counts the records held, and the memory stays at about 6
