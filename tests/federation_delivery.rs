@@ -199,6 +199,8 @@ async fn platforms_receive_only_their_own_numbers(cluster: bool) {
             .to_vec()
     };
     assert_eq!(at(&repeated.cursor), at(&retracted.cursor));
+    // Closed first: an open watch stream holds the server's drain (10 s).
+    drop((b_events, resumed, again));
     server.stop().await;
 }
 
@@ -241,6 +243,7 @@ async fn bad_and_expired_cursors(cluster: bool) {
         .to_owned();
     let mut stream = open(&mut a, &oldest).await.expect("the oldest cursor works");
     assert_eq!(next(&mut stream).await.event_id, "new");
+    drop(stream);
     server.stop().await;
 }
 
@@ -261,6 +264,7 @@ async fn an_event_reaches_a_watcher_on_another_server(cluster: bool) {
     let mut stream = open(&mut on_two, "").await.expect("watch");
     env.append(&[event("e1", X, EventKind::Disconnected)]).await;
     assert_eq!(next(&mut stream).await.event_id, "e1");
+    drop(stream);
     one.stop().await;
     two.stop().await;
 }
@@ -346,6 +350,8 @@ async fn a_watcher_that_never_reads_holds_a_bounded_backlog() {
     while seen.len() < EVENTS {
         seen.insert(next(&mut stream).await.event_id);
     }
+    // Closed first: an open watch stream holds the server's drain.
+    drop(stream);
     server.stop().await;
 }
 
