@@ -38,9 +38,13 @@ enum Kind {
 }
 
 /// Redis store options for tests: a short grace before a replaced
-/// generation is deleted, so snapshot tests do not wait 3 s.
+/// generation is deleted, so snapshot tests do not wait 3 s. The store
+/// raises the grace to at least `3 x meta_refresh + timeout` (every reader
+/// must have seen the switch), so the metadata refresh is short too: the
+/// grace is 500 ms, the same store serves and imports.
 fn test_redis_options() -> RedisOptions {
     RedisOptions {
+        meta_refresh: Duration::from_millis(100),
         reclaim_grace: Duration::from_millis(300),
         ..RedisOptions::default()
     }

@@ -17,8 +17,9 @@ use futures_util::StreamExt;
 use reassigned::api::pb::watchlist_client::WatchlistClient;
 use reassigned::api::pb::{self, DisconnectionEventKind};
 use reassigned::domain::{Date, PhoneNumber};
-use reassigned::federation::deliver::Cursor;
-use reassigned::federation::log::RedisLog;
+use reassigned::federation::deliver::{Cursor, Feed, Start, Tips};
+use reassigned::federation::log::{AnyLog, Position, RedisLog};
+use reassigned::federation::watch::{RedisWatchLists, WatchKey, WatchLists};
 use reassigned::federation::{Event, EventKind, EventLog};
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, RedisStore};
@@ -198,6 +199,8 @@ async fn platforms_receive_only_their_own_numbers(cluster: bool) {
             .to_vec()
     };
     assert_eq!(at(&repeated.cursor), at(&retracted.cursor));
+    // Closed first: an open watch stream holds the server's drain (10 s).
+    drop((b_events, resumed, again));
     server.stop().await;
 }
 
@@ -240,6 +243,7 @@ async fn bad_and_expired_cursors(cluster: bool) {
         .to_owned();
     let mut stream = open(&mut a, &oldest).await.expect("the oldest cursor works");
     assert_eq!(next(&mut stream).await.event_id, "new");
+    drop(stream);
     server.stop().await;
 }
 
@@ -260,6 +264,7 @@ async fn an_event_reaches_a_watcher_on_another_server(cluster: bool) {
     let mut stream = open(&mut on_two, "").await.expect("watch");
     env.append(&[event("e1", X, EventKind::Disconnected)]).await;
     assert_eq!(next(&mut stream).await.event_id, "e1");
+    drop(stream);
     one.stop().await;
     two.stop().await;
 }
@@ -345,6 +350,8 @@ async fn a_watcher_that_never_reads_holds_a_bounded_backlog() {
     while seen.len() < EVENTS {
         seen.insert(next(&mut stream).await.event_id);
     }
+    // Closed first: an open watch stream holds the server's drain.
+    drop(stream);
     server.stop().await;
 }
 
@@ -491,4 +498,169 @@ async fn webhooks_are_signed_cloudevents_retried_then_dead_lettered() {
     assert_eq!(got.lock().expect("lock").len(), 3);
     assert_eq!(stats.webhook_delivered.load(Ordering::Relaxed), 0);
     server.stop().await;
+}
+
+/// Takes from `feed` until `want` events came (the whole batch that reaches
+/// it: more would show as a repeat); their ids and the cursor after the
+/// last.
+async fn take_from(feed: &mut Feed, want: usize, got: &mut Vec<String>) -> Option<Cursor> {
+    let mut cursor = None;
+    let until = got.len() + want;
+    while got.len() < until {
+        let batch = tokio::time::timeout(support::poll::DEADLINE, feed.next())
+            .await
+            .expect("the feed hands over the events in time")
+            .expect("the log answers");
+        for (event, after) in batch {
+            got.push(event.event_id);
+            cursor = Some(after);
+        }
+    }
+    cursor
+}
+
+/// `got` is every watched event of `appended` ((shard, position, id) in
+/// append order) from `first` on, in log order per shard, none twice.
+fn every_one_once(
+    appended: &[(u16, Position, String)],
+    first: usize,
+    got: &[String],
+    shard_of: impl Fn(&str) -> u16,
+) {
+    let mut unique = std::collections::HashSet::new();
+    let repeated: Vec<_> = got.iter().filter(|id| !unique.insert(id.as_str())).collect();
+    assert!(repeated.is_empty(), "repeated: {repeated:?}");
+    let want: Vec<_> = appended[first..]
+        .iter()
+        .filter(|(_, _, id)| watched(id))
+        .collect();
+    assert_eq!(got.len(), want.len(), "every watched event");
+    for shard in 0..16 {
+        let mut log_order: Vec<_> = want.iter().filter(|(s, _, _)| *s == shard).collect();
+        log_order.sort_by_key(|(_, p, _)| *p);
+        let log_order: Vec<&str> = log_order.iter().map(|(_, _, id)| id.as_str()).collect();
+        let delivered: Vec<&str> = got
+            .iter()
+            .map(String::as_str)
+            .filter(|id| shard_of(id) == shard)
+            .collect();
+        assert_eq!(delivered, log_order, "shard {shard}");
+    }
+}
+
+/// Appends `chunk` to `log`, noting where each event went in `into`.
+async fn append_noted(log: &AnyLog, chunk: &[Event], into: &mut Vec<(u16, Position, String)>) {
+    let at = log.append(chunk).await.expect("append");
+    into.extend(
+        at.into_iter()
+            .zip(chunk)
+            .map(|((shard, p), e)| (shard, p, e.event_id.clone())),
+    );
+}
+
+/// The window's events: `w<i>` for the number `+1201555<i>`, every third
+/// one not watched.
+fn window_event(i: usize) -> Event {
+    event(
+        &format!("w{i}"),
+        &format!("+1201555{i:04}"),
+        EventKind::Disconnected,
+    )
+}
+
+fn watched(id: &str) -> bool {
+    id.trim_start_matches('w')
+        .parse::<usize>()
+        .is_ok_and(|i| i % 3 != 0)
+}
+
+/// The recent window's edges on the Redis log (16 shards, a window of 4
+/// events per shard): feeds that start behind where the followers started,
+/// a feed that starts at the end while they may lag, appends racing the
+/// feeds while every shard's window drops its oldest, and a restart (new
+/// followers, the feed resuming from its cursor, behind them). Each feed
+/// hands over every watched event, in log order per shard, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feeds_around_a_small_recent_window_miss_and_repeat_nothing() {
+    const BEFORE: usize = 300;
+    const TOTAL: usize = 1500;
+    let env = Env::new(false).await;
+    let log = AnyLog::Redis(env.log.clone());
+    let key = WatchKey::new(b"a-watch-key-of-the-window-test!!");
+    let lists = WatchLists::Redis(Arc::new(RedisWatchLists::new(env.store().await, key)));
+    let events: Vec<Event> = (0..TOTAL).map(window_event).collect();
+    let numbers: Vec<_> = events
+        .iter()
+        .filter(|e| watched(&e.event_id))
+        .map(|e| e.number)
+        .collect();
+    lists.add("platform-a", &numbers).await.expect("watch");
+    let feed = async |tips: &Tips, start: Start| {
+        Feed::open(
+            log.clone(),
+            lists.clone(),
+            tips.clone(),
+            "platform-a".to_owned(),
+            start,
+            Duration::from_secs(30 * 86_400),
+        )
+        .await
+        .expect("open a feed")
+    };
+    let mut appended = Vec::new();
+    for chunk in events[..BEFORE].chunks(50) {
+        append_noted(&log, chunk, &mut appended).await;
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tips = Tips::start_with_capacity(log.clone(), stopped, 4);
+    let mut oldest = feed(&tips, Start::Oldest).await;
+    let mut now = feed(&tips, Start::Now).await;
+    // Appends of 1 to 17 events racing the feeds.
+    let racing = {
+        let log = log.clone();
+        let events = events[BEFORE..].to_vec();
+        tokio::spawn(async move {
+            let mut appended = Vec::new();
+            let mut rest = events.as_slice();
+            for n in (1..=17).cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (chunk, more) = rest.split_at(n.min(rest.len()));
+                append_noted(&log, chunk, &mut appended).await;
+                rest = more;
+            }
+            appended
+        })
+    };
+    let shard_of = |id: &str| env.log.shard("operator-a", id);
+    let watched_total = (0..TOTAL).filter(|i| i % 3 != 0).count();
+    let watched_before = (0..BEFORE).filter(|i| i % 3 != 0).count();
+    // Half of it, then a restart: the followers stop, new ones start at
+    // the end of the log, and the feed resumes from its cursor.
+    let mut from_oldest = Vec::new();
+    let cursor = take_from(&mut oldest, watched_total / 2, &mut from_oldest)
+        .await
+        .expect("a cursor");
+    drop(oldest);
+    stop.send_replace(true);
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let restarted = Tips::start_with_capacity(log.clone(), stopped, 4);
+    let mut resumed = feed(&restarted, Start::After(cursor)).await;
+    let rest = watched_total - from_oldest.len();
+    take_from(&mut resumed, rest, &mut from_oldest).await;
+    let mut from_now = Vec::new();
+    take_from(&mut now, watched_total - watched_before, &mut from_now).await;
+    appended.extend(racing.await.expect("the appends"));
+    every_one_once(&appended, 0, &from_oldest, shard_of);
+    every_one_once(&appended, BEFORE, &from_now, shard_of);
+    // Nothing more: the next event is the next one appended.
+    let last = event("last", X, EventKind::Disconnected);
+    lists.add("platform-a", &[last.number]).await.expect("watch");
+    env.append(&[last]).await;
+    for watcher in [&mut resumed, &mut now] {
+        let mut got = Vec::new();
+        take_from(watcher, 1, &mut got).await;
+        assert_eq!(got, ["last"]);
+    }
 }

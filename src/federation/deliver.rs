@@ -29,7 +29,9 @@
 //! follower that lags) reads the log itself, as before; after a second
 //! with nothing to deliver a feed reads the log itself once too, so a
 //! follower that cannot read (Redis failing) delays events by about a
-//! second and loses none. The log stays the delivery record: the window
+//! second and loses none; a feed that outlives its followers (the server
+//! stopping) reads the log itself each second. The log stays the delivery
+//! record: the window
 //! is a cache of its tail, never written to by anything but the follower
 //! reading the log.
 //!
@@ -265,11 +267,20 @@ pub struct Tips {
 impl Tips {
     /// Starts following every shard of `log` from its end; the followers
     /// stop when `stop` turns true (or every [`Tips`] is dropped).
-    pub fn start(log: AnyLog, mut stop: watch::Receiver<bool>) -> Self {
+    pub fn start(log: AnyLog, stop: watch::Receiver<bool>) -> Self {
+        let per_shard = (RECENT_EVENTS / usize::from(log.shards().max(1))).max(BATCH * 4);
+        Self::start_with_capacity(log, stop, per_shard)
+    }
+
+    /// As [`Tips::start`], the window holding at most `per_shard` events of
+    /// each shard ([`Tips::start`] gives each shard its share of
+    /// [`RECENT_EVENTS`]); 0 holds none, every feed reads the log. For
+    /// tests of the window's edges.
+    pub fn start_with_capacity(log: AnyLog, mut stop: watch::Receiver<bool>, per_shard: usize) -> Self {
         let (tx, rx) = watch::channel(0u64);
         let tx = Arc::new(tx);
         let shards = log.shards();
-        let capacity = (RECENT_EVENTS / usize::from(shards.max(1))).max(BATCH * 4);
+        let capacity = per_shard;
         let recent: Arc<Vec<RwLock<Option<Recent>>>> =
             Arc::new((0..shards).map(|_| RwLock::new(None)).collect());
         for shard in 0..shards {
@@ -485,14 +496,24 @@ impl Feed {
             if read_any {
                 continue;
             }
-            if tokio::time::timeout(IDLE_WAIT, self.tips.changed.changed())
-                .await
-                .is_err()
-            {
-                // A second of nothing: the next round asks the log itself,
-                // in case the followers cannot read it.
-                self.from_log = true;
-                return Ok(Vec::new());
+            match tokio::time::timeout(IDLE_WAIT, self.tips.changed.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    // The followers are gone (the server stops): nothing
+                    // wakes the feed or grows the window any more, so it
+                    // waits as if idle and asks the log itself (without
+                    // this it would spin at the window's end, blind to
+                    // what the log holds after it).
+                    tokio::time::sleep(IDLE_WAIT).await;
+                    self.from_log = true;
+                    return Ok(Vec::new());
+                }
+                Err(_) => {
+                    // A second of nothing: the next round asks the log
+                    // itself, in case the followers cannot read it.
+                    self.from_log = true;
+                    return Ok(Vec::new());
+                }
             }
         }
     }
@@ -570,6 +591,339 @@ mod tests {
             got.iter().map(|(q, _)| q.seq()).collect::<Vec<_>>(),
             [13, 14, 15, 16]
         );
+    }
+
+    // The window's edges, against the embedded log (one shard, positions
+    // `0-n` after the n-th event): a feed behind where a follower started
+    // (or restarted), a full window dropping its oldest while feeds read,
+    // a feed ahead of a follower that lags. Each feed must hand over every
+    // watched event, in log order, none twice.
+
+    const PLATFORM: &str = "platform-a";
+
+    /// A embedded log in a temporary directory, `PLATFORM`'s watch list, and
+    /// the ids of the watched events appended so far, in log order.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        log: AnyLog,
+        lists: WatchLists,
+        watched: Vec<String>,
+    }
+
+    impl Rig {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let log = AnyLog::Embedded(Arc::new(
+                super::super::log::EmbeddedLog::open(dir.path()).unwrap(),
+            ));
+            let key = crate::federation::watch::WatchKey::new(b"the watch key of the window tests");
+            let lists = WatchLists::Embedded(Arc::new(
+                crate::federation::watch::EmbeddedWatchLists::in_memory(key),
+            ));
+            Self {
+                _dir: dir,
+                log,
+                lists,
+                watched: Vec::new(),
+            }
+        }
+
+        /// The events `ids`, every third one for a number nobody watches
+        /// (never the last, so that a feed that handed over everything
+        /// is at the end of the log).
+        async fn events(&mut self, ids: std::ops::Range<u64>) -> Vec<Event> {
+            let last = ids.end.saturating_sub(1);
+            let mut watched = Vec::new();
+            let events: Vec<Event> = ids
+                .map(|i| {
+                    let e = event(i);
+                    if i % 3 != 0 || i == last {
+                        watched.push(e.number);
+                        self.watched.push(e.event_id.clone());
+                    }
+                    e
+                })
+                .collect();
+            self.lists.add(PLATFORM, &watched).await.unwrap();
+            events
+        }
+
+        /// Appends the events `ids` (see [`Rig::events`]) in one append.
+        async fn append(&mut self, ids: std::ops::Range<u64>) {
+            let events = self.events(ids).await;
+            self.log.append(&events).await.unwrap();
+        }
+
+        async fn feed(&self, tips: &Tips, start: Start) -> Feed {
+            let retention = Duration::from_secs(86_400);
+            Feed::open(
+                self.log.clone(),
+                self.lists.clone(),
+                tips.clone(),
+                PLATFORM.into(),
+                start,
+                retention,
+            )
+            .await
+            .unwrap()
+        }
+
+        /// `feed` hands over exactly the watched events from the `seen`-th
+        /// on (in order, none twice), and `seen` moves to the end.
+        async fn expect(&self, feed: &mut Feed, seen: &mut usize) {
+            let want = &self.watched[*seen..];
+            assert_eq!(take(feed, want.len()).await, want);
+            *seen = self.watched.len();
+        }
+    }
+
+    /// What `feed` hands over until it gave at least `n` events (the whole
+    /// batch that reaches `n`: more would show as a repeat); checks each
+    /// event's cursor is where the feed stood after it.
+    async fn take(feed: &mut Feed, n: usize) -> Vec<String> {
+        let mut got = Vec::new();
+        let mut previous = feed.positions[0];
+        while got.len() < n {
+            let batch = tokio::time::timeout(Duration::from_secs(15), feed.next())
+                .await
+                .expect("the feed hands over the events in time")
+                .unwrap();
+            for (event, cursor) in batch {
+                let at = cursor.positions()[0];
+                assert!(
+                    at > previous,
+                    "{} handed over at {at}, not after {previous}",
+                    event.event_id
+                );
+                previous = at;
+                got.push(event.event_id);
+            }
+        }
+        got
+    }
+
+    fn pos(n: u64) -> Position {
+        Position::new(0, n)
+    }
+
+    /// The window of the (one) shard: where it starts and its last event.
+    fn window(tips: &Tips) -> Option<(Position, Position)> {
+        read(&tips.recent[0]).as_ref().map(|w| (w.from, w.last()))
+    }
+
+    /// Whether `feed`'s next read of the shard is from the window.
+    fn from_window(feed: &Feed) -> bool {
+        feed.tips.recent_after(0, feed.positions[0], BATCH).is_some()
+    }
+
+    /// Polls until the follower of `tips` read the whole log.
+    async fn caught_up(tips: &Tips, log: &AnyLog) {
+        let last = log.last_position(0).await.unwrap().unwrap_or(Position::ZERO);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while window(tips).is_none_or(|(_, held)| held < last) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the follower did not reach {last}: {:?}",
+                window(tips)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_feed_behind_where_a_follower_started_misses_and_repeats_nothing() {
+        let mut rig = Rig::new();
+        // More than two batches before any follower.
+        rig.append(0..600).await;
+        let (stop, stopped) = watch::channel(false);
+        let tips = Tips::start_with_capacity(rig.log.clone(), stopped, 16);
+        caught_up(&tips, &rig.log).await;
+        assert_eq!(window(&tips), Some((pos(600), pos(600))));
+        let mut feed = rig.feed(&tips, Start::Oldest).await;
+        let mut seen = 0;
+        assert!(!from_window(&feed), "behind the window: the log");
+        rig.expect(&mut feed, &mut seen).await;
+        // At the window's start now, then inside it.
+        assert!(from_window(&feed));
+        rig.append(600..610).await;
+        caught_up(&tips, &rig.log).await;
+        assert!(from_window(&feed));
+        rig.expect(&mut feed, &mut seen).await;
+
+        // A restart: the follower stops, the log grows, a new follower
+        // starts at its end, and the feed resumes from its cursor, behind.
+        let cursor = feed.cursor();
+        drop(feed);
+        stop.send_replace(true);
+        drop(tips);
+        rig.append(610..650).await;
+        let (_stop, stopped) = watch::channel(false);
+        let tips = Tips::start_with_capacity(rig.log.clone(), stopped, 16);
+        caught_up(&tips, &rig.log).await;
+        assert_eq!(window(&tips), Some((pos(650), pos(650))));
+        let mut feed = rig.feed(&tips, Start::After(cursor)).await;
+        assert_eq!(feed.positions[0], pos(610));
+        assert!(!from_window(&feed));
+        // More while it is behind: they reach the window, not the feed yet.
+        rig.append(650..660).await;
+        caught_up(&tips, &rig.log).await;
+        assert!(!from_window(&feed));
+        rig.expect(&mut feed, &mut seen).await;
+        // Caught up, from the window; nothing twice.
+        assert!(from_window(&feed));
+        rig.append(660..662).await;
+        rig.expect(&mut feed, &mut seen).await;
+        assert_eq!(seen, rig.watched.len());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_window_dropping_its_oldest_misses_and_repeats_nothing() {
+        const CAPACITY: usize = 8;
+        let mut rig = Rig::new();
+        rig.append(0..5).await;
+        let (_stop, stopped) = watch::channel(false);
+        let tips = Tips::start_with_capacity(rig.log.clone(), stopped, CAPACITY);
+        caught_up(&tips, &rig.log).await;
+        let mut feed = rig.feed(&tips, Start::Now).await;
+        let mut seen = rig.watched.len();
+        let mut next = 5;
+        // Each step starts with the feed at the end of the log: it is still
+        // in the window after up to CAPACITY more events, behind it after
+        // more (the window dropped what follows the feed).
+        for n in [1, 7, 8, 9, 3, 20, 8, 300, 2, 9] {
+            let at = feed.positions[0];
+            assert_eq!(Some(at), rig.log.last_position(0).await.unwrap());
+            rig.append(next..next + n).await;
+            next += n;
+            caught_up(&tips, &rig.log).await;
+            let (from, last) = window(&tips).unwrap();
+            assert_eq!(last, pos(next));
+            let held = usize::try_from(next - 5).unwrap().min(CAPACITY);
+            assert_eq!(read(&tips.recent[0]).as_ref().unwrap().events.len(), held);
+            assert_eq!(from, pos(next - held as u64));
+            assert_eq!(from_window(&feed), n as usize <= CAPACITY, "after {n} events");
+            rig.expect(&mut feed, &mut seen).await;
+        }
+
+        // Appends racing the feed, in appends of 1 to 13 events: the window
+        // drops events under the feed while it reads, at any point.
+        let start = next;
+        let mut events = Vec::new();
+        for n in (1..=13).cycle().take(150) {
+            events.push(rig.events(next..next + n).await);
+            next += n;
+        }
+        let log = rig.log.clone();
+        let appender = tokio::spawn(async move {
+            for chunk in events {
+                log.append(&chunk).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        rig.expect(&mut feed, &mut seen).await;
+        appender.await.unwrap();
+        assert!(next - start > 1000);
+        rig.append(next..next + 2).await;
+        rig.expect(&mut feed, &mut seen).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_feed_outliving_its_followers_reads_the_log() {
+        let mut rig = Rig::new();
+        rig.append(0..10).await;
+        let (stop, stopped) = watch::channel(false);
+        let tips = Tips::start_with_capacity(rig.log.clone(), stopped, 16);
+        caught_up(&tips, &rig.log).await;
+        let mut feed = rig.feed(&tips, Start::Now).await;
+        let mut seen = rig.watched.len();
+        rig.append(10..20).await;
+        rig.expect(&mut feed, &mut seen).await;
+        // The followers stop (the server stops) while the feed goes on, at
+        // the end of their window: what comes next is only in the log.
+        stop.send_replace(true);
+        let gone = tips.changed.clone();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while gone.has_changed().is_ok() {
+            assert!(std::time::Instant::now() < deadline, "the followers did not stop");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(tips);
+        assert!(from_window(&feed));
+        rig.append(20..30).await;
+        rig.expect(&mut feed, &mut seen).await;
+        rig.append(30..31).await;
+        rig.expect(&mut feed, &mut seen).await;
+    }
+
+    /// Tips whose window the test fills itself: a follower that lags as
+    /// much as the test says. The sender wakes the feeds.
+    fn lagging_tips(from: Position, capacity: usize) -> (Tips, watch::Sender<u64>) {
+        let (tx, rx) = watch::channel(0);
+        let window = Recent {
+            from,
+            events: VecDeque::new(),
+            capacity,
+        };
+        let recent = Arc::new(vec![RwLock::new(Some(window))]);
+        (Tips { changed: rx, recent }, tx)
+    }
+
+    /// The lagging follower reads the log up to `upto`, then wakes the feeds.
+    async fn follow(tips: &Tips, woken: &watch::Sender<u64>, log: &AnyLog, upto: Position) {
+        while let Some((_, last)) = window(tips).filter(|(_, last)| *last < upto) {
+            let batch: Vec<_> = log
+                .read_after(0, Some(last), BATCH, Duration::ZERO)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|(p, _)| *p <= upto)
+                .collect();
+            assert!(!batch.is_empty(), "{upto} is not in the log");
+            write(&tips.recent[0]).as_mut().unwrap().extend(batch);
+        }
+        woken.send_modify(|n| *n += 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_feed_ahead_of_a_lagging_follower_misses_and_repeats_nothing() {
+        let mut rig = Rig::new();
+        rig.append(0..10).await;
+        let (tips, woken) = lagging_tips(pos(10), 16);
+        // The follower reads none of these: a feed starting now is ahead.
+        rig.append(10..40).await;
+        let mut feed = rig.feed(&tips, Start::Now).await;
+        let mut seen = rig.watched.len();
+        assert_eq!(feed.positions[0], pos(40));
+        assert!(!from_window(&feed));
+        rig.append(40..60).await;
+        rig.expect(&mut feed, &mut seen).await;
+        // The follower catches up partly: the feed is still ahead.
+        follow(&tips, &woken, &rig.log, pos(50)).await;
+        assert!(!from_window(&feed));
+        rig.append(60..70).await;
+        rig.expect(&mut feed, &mut seen).await;
+        // The follower reaches the feed: the window serves it.
+        follow(&tips, &woken, &rig.log, pos(70)).await;
+        assert!(from_window(&feed));
+        rig.append(70..80).await;
+        follow(&tips, &woken, &rig.log, pos(80)).await;
+        assert!(from_window(&feed));
+        rig.expect(&mut feed, &mut seen).await;
+        // The follower stalls half-way through the next events: the feed
+        // takes what the window holds, then (after its idle wait) the rest
+        // from the log.
+        rig.append(80..90).await;
+        follow(&tips, &woken, &rig.log, pos(85)).await;
+        rig.expect(&mut feed, &mut seen).await;
+        assert_eq!(feed.positions[0], pos(90));
+        assert!(!from_window(&feed), "ahead of the follower again");
+        // The follower catches up late: nothing comes twice.
+        follow(&tips, &woken, &rig.log, pos(90)).await;
+        assert!(from_window(&feed));
+        rig.append(90..93).await;
+        follow(&tips, &woken, &rig.log, pos(93)).await;
+        rig.expect(&mut feed, &mut seen).await;
+        assert_eq!(window(&tips).unwrap().0, pos(77), "16 held");
     }
 
     #[test]

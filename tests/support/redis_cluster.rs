@@ -206,12 +206,39 @@ impl RedisCluster {
         }
         // Every node must know every slot's owner and replicas before
         // clients connect (they read the topology from one node, once).
+        // A node lists a replica only once it has heard, from the replica
+        // itself, of a replication offset above 0. An idle master moves
+        // the offset only by its pings to its replicas (every 10 s by
+        // default), and a node may go half the node timeout (7.5 s by
+        // default) without a word from another. Both are shortened while
+        // the topology settles (seconds saved on every start; 2 s stays
+        // well above a loaded machine's pauses), and each
+        // node gets its configured values back afterwards.
+        let settling = [("repl-ping-replica-period", 1u64), ("cluster-node-timeout", 2000)];
+        let mut configured = Vec::new();
+        for node in &cluster.nodes {
+            for (name, short) in settling {
+                let got = cli(node.port, &["CONFIG", "GET", name])?;
+                let value = got.lines().nth(1).unwrap_or_default().trim().to_owned();
+                let Ok(current) = value.parse::<u64>() else {
+                    return Err(format!("CONFIG GET {name}: {got:?}"));
+                };
+                cli(
+                    node.port,
+                    &["CONFIG", "SET", name, &short.min(current).to_string()],
+                )?;
+                configured.push((node.port, name, value));
+            }
+        }
         for node in &cluster.nodes {
             wait_until(deadline, || {
                 cli(node.port, &["CLUSTER", "SLOTS"])
                     .is_ok_and(|s| cluster.nodes.iter().all(|n| s.contains(&n.port.to_string())))
             })
             .map_err(|_| format!("node {} does not see the whole topology", node.port))?;
+        }
+        for (port, name, value) in &configured {
+            cli(*port, &["CONFIG", "SET", name, value])?;
         }
         Ok(cluster)
     }
@@ -322,6 +349,9 @@ fn spawn_in(port: u16, dir: &tempfile::TempDir, extra_args: &[&str]) -> Result<C
         .arg(path.join(format!("nodes-{port}.conf")))
         .args(["--save", ""])
         .args(["--appendonly", "no"])
+        // A replica's full sync starts at once, not after Redis 7.0's 5 s
+        // wait for more replicas to share a diskless transfer.
+        .args(["--repl-diskless-sync-delay", "0"])
         .arg("--dir")
         .arg(path)
         .arg("--logfile")
