@@ -453,6 +453,16 @@ mod tests {
         }
     }
 
+    /// Snapshot 1: `base + 10 i` for i in 0..100, on day 20,000.
+    async fn hundred_records(store: &EmbeddedStore, base: u64) {
+        let snap =
+            Records::new((0..100).map(|i| base + i * 10).collect(), vec![20_000; 100]).expect("records");
+        store
+            .apply_snapshot(&snapshot(1), &snap, None)
+            .await
+            .expect("snapshot");
+    }
+
     /// Deltas add their numbers to the filter in use; one that outgrows it
     /// gets a new one. Either way every record is found and the numbers
     /// without one are not.
@@ -460,12 +470,7 @@ mod tests {
     async fn the_filter_follows_deltas_and_is_rebuilt_when_outgrown() {
         let store = EmbeddedStore::new();
         let base = 14_155_550_000u64;
-        let snap =
-            Records::new((0..100).map(|i| base + i * 10).collect(), vec![20_000; 100]).expect("records");
-        store
-            .apply_snapshot(&snapshot(1), &snap, None)
-            .await
-            .expect("snapshot");
+        hundred_records(&store, base).await;
         // Small delta: shares the filter; large one (x11): a new filter.
         let small = Records::new(vec![base + 1, base + 3], vec![20_001; 2]).expect("records");
         store.apply_delta(&delta(2), &small).await.expect("delta 2");
@@ -487,36 +492,15 @@ mod tests {
             1102,
             "rebuilt for the merged records"
         );
-        for i in 0..100 {
-            assert_eq!(
-                store
-                    .get(PhoneNumber::from_value(base + i * 10).expect("n"))
-                    .found,
-                Some(Date::from_days(20_000))
-            );
-        }
-        for n in [base + 1, base + 3] {
-            assert_eq!(
-                store.get(PhoneNumber::from_value(n).expect("n")).found,
-                Some(Date::from_days(20_001))
-            );
-        }
-        for i in 0..1000 {
-            assert_eq!(
-                store
-                    .get(PhoneNumber::from_value(base + 5 + i * 10).expect("n"))
-                    .found,
-                Some(Date::from_days(20_002))
-            );
-        }
-        for i in 0..1000 {
-            assert_eq!(
-                store
-                    .get(PhoneNumber::from_value(base + 7 + i * 10).expect("n"))
-                    .found,
-                None
-            );
-        }
+        let found = |n: u64| store.get(PhoneNumber::from_value(n).expect("n")).found;
+        let day = |d| Some(Date::from_days(d));
+        assert!((0..100).all(|i| found(base + i * 10) == day(20_000)));
+        assert!([base + 1, base + 3].iter().all(|&n| found(n) == day(20_001)));
+        assert!((0..1000).all(|i| found(base + 5 + i * 10) == day(20_002)));
+        assert!(
+            (0..1000).all(|i| found(base + 7 + i * 10).is_none()),
+            "no record: not found"
+        );
     }
 
     /// A deferred first load swaps its generations in without a filter
@@ -529,12 +513,7 @@ mod tests {
         let has_filter = |store: &EmbeddedStore| store.state.load_full().expect("state").filter.is_some();
         {
             let _deferred = store.defer_filter();
-            let snap =
-                Records::new((0..100).map(|i| base + i * 10).collect(), vec![20_000; 100]).expect("records");
-            store
-                .apply_snapshot(&snapshot(1), &snap, None)
-                .await
-                .expect("snapshot");
+            hundred_records(&store, base).await;
             assert!(!has_filter(&store));
             let more = Records::new(vec![base + 1], vec![20_001]).expect("records");
             store.apply_delta(&delta(2), &more).await.expect("delta");
