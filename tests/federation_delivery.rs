@@ -269,6 +269,30 @@ async fn an_event_reaches_a_watcher_on_another_server(cluster: bool) {
     two.stop().await;
 }
 
+/// A server that stops ends its open watch streams with UNAVAILABLE at
+/// once (the watcher resumes with its cursor elsewhere) instead of holding
+/// the stop for its whole drain (10 s) while they stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_server_ends_its_watch_streams_with_unavailable() {
+    let env = Env::new(false).await;
+    let server = env.server(|_, _| {}).await;
+    let mut c = watchlist(&server, "platform-a").await;
+    watch(&mut c, &[X]).await;
+    let mut stream = open(&mut c, "").await.expect("watch");
+    env.append(&[event("e1", X, EventKind::Disconnected)]).await;
+    assert_eq!(next(&mut stream).await.event_id, "e1");
+    // Well under the drain: the stop does not wait for the open stream.
+    tokio::time::timeout(Duration::from_secs(5), server.stop())
+        .await
+        .expect("the server stopped without waiting out its drain");
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the stream ended");
+    let status = end.expect_err("ended with a status, not cleanly");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_platforms_receive_only_their_own_numbers() {
     platforms_receive_only_their_own_numbers(false).await;

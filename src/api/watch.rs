@@ -42,6 +42,9 @@ pub struct WatchlistService {
     stats: Arc<DeliveryStats>,
     /// How long the log keeps events.
     retention: std::time::Duration,
+    /// Turns true when the server stops: open watch streams then end with
+    /// UNAVAILABLE at once (see [`WatchlistService::with_stop`]).
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl std::fmt::Debug for WatchlistService {
@@ -67,7 +70,18 @@ impl WatchlistService {
             log,
             stats,
             retention,
+            stop: None,
         }
+    }
+
+    /// Ends every open `WatchDisconnections` stream with UNAVAILABLE when
+    /// `stop` turns true (the server is shutting down), so that a stop does
+    /// not wait its whole drain for watchers that never hang up: they
+    /// resume with their last cursor, on this server once restarted or on
+    /// another (at least once: nothing is lost).
+    pub fn with_stop(mut self, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     fn lists(&self) -> Result<&WatchLists, ApiError> {
@@ -196,7 +210,7 @@ impl Watchlist for WatchlistService {
             .map_err(cursor_error)?;
         // Bounded: a watcher that stops reading stops its feed.
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(stream_events(feed, tx, self.stats.clone()).in_current_span());
+        tokio::spawn(stream_events(feed, tx, self.stats.clone(), self.stop.clone()).in_current_span());
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -227,17 +241,36 @@ fn log_error(e: LogError) -> ApiError {
 }
 
 /// Sends `feed`'s events to `tx` until the watcher goes away; a log or
-/// store failure ends the stream with UNAVAILABLE (the client resumes with
-/// its last cursor).
+/// store failure, or the server stopping (`stop` turning true), ends the
+/// stream with UNAVAILABLE (the client resumes with its last cursor).
 async fn stream_events(
     mut feed: Feed,
     tx: mpsc::Sender<Result<pb::DisconnectionEvent, Status>>,
     stats: Arc<DeliveryStats>,
+    mut stop: Option<tokio::sync::watch::Receiver<bool>>,
 ) {
+    let stopping = async {
+        match stop.as_mut() {
+            // An error: the server is gone, which is stopping too.
+            Some(stop) => {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stopping);
     loop {
         let batch = tokio::select! {
             batch = feed.next() => batch,
             () = tx.closed() => return,
+            () = &mut stopping => {
+                // Not waiting for room: a watcher that stopped reading must
+                // not hold the stop (dropping `tx` ends its stream anyway).
+                let _ = tx.try_send(Err(Status::unavailable(
+                    "the server is shutting down: resume with the last cursor received",
+                )));
+                return;
+            }
         };
         match batch {
             Ok(events) => {

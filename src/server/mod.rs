@@ -373,12 +373,15 @@ where
     } else if !config.webhooks.is_empty() {
         anyhow::bail!("webhooks need watch lists: set watch_key_file");
     }
-    let watchlist = WatchlistServer::new(WatchlistService::new(
-        watch_lists,
-        tips.map(|tips| (event_log.clone(), tips)),
-        handles.delivery_stats.clone(),
-        retention,
-    ))
+    let watchlist = WatchlistServer::new(
+        WatchlistService::new(
+            watch_lists,
+            tips.map(|tips| (event_log.clone(), tips)),
+            handles.delivery_stats.clone(),
+            retention,
+        )
+        .with_stop(stop_rx.clone()),
+    )
     .max_decoding_message_size(config.max_message_bytes);
     let api = ReassignedService::new(
         OverlayStore::new(store, federation.overlay.clone()),
