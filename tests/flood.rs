@@ -405,10 +405,9 @@ fn summarised(lines: &[serde_json::Value], key: &str) -> u64 {
 /// lines are summarised with their exact number.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_floods_are_rate_limited_in_the_log_and_counted_exactly() {
-    use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
     use reassigned::store::RedisStore;
     use reassigned::store::redis::RedisOptions;
-    use support::bin::{Killed, bin, connect_as_platform_a, free_port, run};
+    use support::bin::{Killed, dev_certs, free_port, numbers_client, serve_dev_command};
     use support::poll::eventually;
     use support::redis::RedisServer;
 
@@ -426,35 +425,20 @@ async fn failure_floods_are_rate_limited_in_the_log_and_counted_exactly() {
     import::apply_manifest(&store, &path, &mut NoProgress)
         .await
         .unwrap();
-    let certs = files.path().join("certs");
-    run(bin().args(["certs", "dev", "--out"]).arg(&certs));
+    let certs = dev_certs(files.path());
 
     let (port, metrics_port) = (free_port(), free_port());
     let mut child = Killed(
-        bin()
-            .args([
-                "--log-format",
-                "json",
-                "serve",
-                "--no-tokens",
-                "--redis",
-                &redis.url(),
-            ])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+        serve_dev_command(&certs, port)
+            .args(["--log-format", "json", "--redis", &redis.url()])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .arg("--tls-cert")
-            .arg(certs.join("server.pem"))
-            .arg("--tls-key")
-            .arg(certs.join("server.key"))
-            .arg("--client-ca")
-            .arg(certs.join("ca.pem"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap(),
     );
     let lines = collect_lines(child.0.stderr.take().unwrap());
-    let mut client = ReassignedNumbersClient::new(connect_as_platform_a(&certs, port).await);
+    let mut client = numbers_client(&certs, port).await;
     client.check_number(req(A, "2024-01-01")).await.unwrap();
     let before = lines.lock().unwrap().len();
 

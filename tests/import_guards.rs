@@ -19,7 +19,7 @@ use reassigned::store::packed;
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore, Store};
 use sha2::{Digest, Sha256};
-use support::bin::{Killed, bin, run};
+use support::bin::{Killed, bin, dev_certs, free_port, numbers_client, run, serve_dev};
 use support::poll::eventually;
 use support::redis::RedisServer;
 use support::register::FileSpec;
@@ -1076,30 +1076,20 @@ async fn the_server_starts_with_a_bad_file_and_reports_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     good_register(dir.path());
     std::fs::write(dir.path().join("delta-000005.json"), "garbage").expect("write");
-    let certs = dir.path().join("certs");
-    run(bin().args(["certs", "dev", "--out"]).arg(&certs));
-    let port = support::bin::free_port();
-    let metrics_port = support::bin::free_port();
-    let _server = Killed(
-        bin()
-            .args(["serve", "--no-tokens", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--resync-interval-secs", "1"])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .arg("--tls-cert")
-            .arg(certs.join("server.pem"))
-            .arg("--tls-key")
-            .arg(certs.join("server.key"))
-            .arg("--client-ca")
-            .arg(certs.join("ca.pem"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn serve"),
+    let certs = dev_certs(dir.path());
+    let metrics_port = free_port();
+    let metrics_listen = format!("127.0.0.1:{metrics_port}");
+    let (_server, port) = serve_dev(
+        dir.path(),
+        &["--data-dir".into(), dir.path().display().to_string()],
+        &[
+            "--metrics-listen".as_ref(),
+            metrics_listen.as_ref(),
+            "--resync-interval-secs".as_ref(),
+            "1".as_ref(),
+        ],
     );
-    let channel = support::bin::connect_as_platform_a(&certs, port).await;
-    let mut client = pb::reassigned_numbers_client::ReassignedNumbersClient::new(channel);
+    let mut client = numbers_client(&certs, port).await;
     let status = client
         .get_mirror_status(GetMirrorStatusRequest {})
         .await
