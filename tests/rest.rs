@@ -19,6 +19,7 @@ use reassigned::rest::{BATCH_PATH, CHECK_PATH, OPENAPI_PATH, OPENAPI_YAML};
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
 use serde_json::json;
+use support::log::{captured, line_where};
 use support::redis::RedisServer;
 use support::register::FileSpec;
 use support::server::TestServer;
@@ -653,53 +654,12 @@ async fn a_reload_that_distrusts_the_client_closes_its_rest_connection() {
     server.stop().await;
 }
 
-/// Log lines of this test process (one global subscriber, set once).
-fn captured_log() -> &'static Arc<std::sync::Mutex<Vec<u8>>> {
-    static LOG: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
-    LOG.get_or_init(|| {
-        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let writer = log.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("info")
-            .with_ansi(false)
-            .with_writer(move || LogWriter(writer.clone()))
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
-        log
-    })
-}
-
-struct LogWriter(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The access line of the call with `request_id`, once written.
 async fn access_line(request_id: &str) -> String {
-    let log = captured_log();
-    let mut line = String::new();
-    support::poll::eventually("the REST access line", async || {
-        let text = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
-        match text
-            .lines()
-            .find(|l| l.contains("reassigned::access") && l.contains(&format!("request_id={request_id}")))
-        {
-            Some(l) => {
-                line = l.to_owned();
-                true
-            }
-            None => false,
-        }
+    line_where("the REST access line", |l| {
+        l.contains("reassigned::access") && l.contains(&format!("request_id={request_id}"))
     })
-    .await;
-    line
+    .await
 }
 
 /// The value of the sample `name` (with its labels) in `text`.
@@ -716,7 +676,7 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 /// number or the token.
 #[tokio::test]
 async fn rest_calls_are_counted_and_access_logged_with_the_number_hashed() {
-    let log = captured_log();
+    let log = captured();
     let mut secret_path = None;
     let store = embedded();
     apply(&store, snapshot()).await;

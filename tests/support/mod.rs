@@ -5,6 +5,7 @@ pub mod redis;
 pub mod redis_cluster;
 
 pub mod bin;
+pub mod log;
 pub mod poll;
 pub mod register;
 pub mod server;
