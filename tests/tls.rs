@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -13,11 +15,12 @@ use reassigned::server::auth::AuthLayer;
 use reassigned::server::tls::{TlsFiles, TlsMaterial};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use support::server::tls_channel;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
@@ -81,21 +84,7 @@ impl TestServer {
     }
 
     async fn channel_trusting(&self, identity: Option<&PemPair>, ca_pem: &str) -> Result<Channel, String> {
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca_pem))
-            .domain_name("localhost");
-        if let Some(id) = identity {
-            tls = tls.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
-        }
-        Endpoint::from_shared(format!("https://{}", self.addr))
-            .map_err(|e| e.to_string())?
-            .tls_config(tls)
-            .map_err(|e| e.to_string())?
-            .connect_timeout(DEADLINE)
-            .timeout(DEADLINE)
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {e:?}"))
+        tls_channel(self.addr, identity, ca_pem, DEADLINE).await
     }
 
     /// Health check of the whole server; `Err` describes any failure.

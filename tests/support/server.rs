@@ -141,6 +141,32 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// A TLS channel to `addr` presenting `identity` (or no client certificate)
+/// and trusting `ca_pem` for the server (named `localhost`), with `timeout`
+/// on the connection and on every call; `Err` describes the failure.
+pub async fn tls_channel(
+    addr: SocketAddr,
+    identity: Option<&PemPair>,
+    ca_pem: &str,
+    timeout: Duration,
+) -> Result<Channel, String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some(id) = identity {
+        tls = tls.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))
+}
+
 /// A running server; stop it with [`TestServer::stop`] so its errors and
 /// panics fail the test.
 pub struct TestServer {
