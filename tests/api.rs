@@ -22,7 +22,7 @@ use support::poll::{eventually, eventually_within};
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
 use support::register::FileSpec;
-use support::server::TestServer;
+use support::server::{TestServer, check_request as req};
 use tempfile::TempDir;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
@@ -112,14 +112,6 @@ fn base_snapshot<'a>() -> FileSpec<'a> {
         &["+1", "+86"],
         &[(A, "2024-05-01"), (B, "2023-01-01")],
     )
-}
-
-fn req(phone_number: &str, since: &str) -> CheckNumberRequest {
-    CheckNumberRequest {
-        phone_number: phone_number.into(),
-        since: since.into(),
-        ..Default::default()
-    }
 }
 
 async fn check(server: &TestServer, number: &str, since: &str) -> pb::CheckNumberResponse {

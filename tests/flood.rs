@@ -10,13 +10,13 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reassigned::api::pb::{self, CheckNumberRequest, ReassignmentStatus};
+use reassigned::api::pb::{self, ReassignmentStatus};
 use reassigned::domain::Date;
 use reassigned::import::{self, NoProgress};
 use reassigned::server::accept::HandshakeFailure;
 use reassigned::store::{AnyStore, EmbeddedStore};
 use support::register::FileSpec;
-use support::server::TestServer;
+use support::server::{TestServer, check_request as req};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -26,14 +26,6 @@ const IDLE: usize = 2_000;
 const SLOW: usize = 200;
 
 const A: &str = "+14155550001"; // disconnected 2024-05-01
-
-fn req(phone_number: &str, since: &str) -> CheckNumberRequest {
-    CheckNumberRequest {
-        phone_number: phone_number.into(),
-        since: since.into(),
-        ..Default::default()
-    }
-}
 
 /// An embedded store holding a small snapshot (A disconnected 2024-05-01).
 async fn loaded_store() -> (AnyStore, tempfile::TempDir) {

@@ -16,9 +16,9 @@ use reassigned::api::pb::CheckNumberRequest;
 use reassigned::server::trace::otlp::trace_service_server::{TraceService, TraceServiceServer};
 use reassigned::server::trace::{SHUTDOWN_FLUSH_TIMEOUT, otlp};
 use reassigned::store::{AnyStore, EmbeddedStore};
-use support::log::{captured, line_where};
+use support::log::{assert_has_all, captured, line_where};
 use support::poll::eventually;
-use support::server::TestServer;
+use support::server::{TestServer, audit_secret, dead_redis};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -191,17 +191,9 @@ async fn the_access_log_has_one_line_per_call_with_the_audit_keyed_hash_and_no_n
     let server = TestServer::start_in(store, |s, dir| {
         s.tokens = Some(false);
         s.access_log = Some(true);
-        let secret = dir.join("audit.secret");
-        std::fs::write(&secret, "an audit secret of enough bytes\n").expect("secret");
-        secret_path = Some(secret.clone());
-        s.audit_secret_file = Some(secret);
+        secret_path = Some(audit_secret(s, dir));
         // No audit sink listens: records are dropped, the answers go on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        s.audit_redis = Some(format!("redis://127.0.0.1:{port}/0"));
+        s.audit_redis = Some(dead_redis());
     })
     .await;
     let mut client = server.client().await;
@@ -210,20 +202,21 @@ async fn the_access_log_has_one_line_per_call_with_the_audit_keyed_hash_and_no_n
         .expect("key")
         .hmac_hex(NUMBER);
     let line = access_line("req-observe-1").await;
-    for field in [
-        " INFO ",
-        "platform=\"spiffe://dev.reassigned/platform-a\"",
-        "method=\"CheckNumber\"",
-        "code=\"OK\"",
-        "request_id=req-observe-1",
-        &format!("number_hmac=\"{hmac}\""),
-        "numbers=1",
-        "latency_us=",
-        "store_us=",
-        &format!("trace_id={TRACE_ID}"),
-    ] {
-        assert!(line.contains(field), "{field} missing from {line}");
-    }
+    assert_has_all(
+        &line,
+        &[
+            " INFO ",
+            "platform=\"spiffe://dev.reassigned/platform-a\"",
+            "method=\"CheckNumber\"",
+            "code=\"OK\"",
+            "request_id=req-observe-1",
+            &format!("number_hmac=\"{hmac}\""),
+            "numbers=1",
+            "latency_us=",
+            "store_us=",
+            &format!("trace_id={TRACE_ID}"),
+        ],
+    );
     // A stream of 3 checks: one line when it ends, its numbers counted, no hash.
     let checks: Vec<CheckNumberRequest> = ["+14155550002", "+14155550003", NUMBER]
         .iter()
@@ -245,14 +238,15 @@ async fn the_access_log_has_one_line_per_call_with_the_audit_keyed_hash_and_no_n
     }
     assert_eq!(answered, 3);
     let stream_line = access_line("req-observe-2").await;
-    for field in [
-        "method=\"StreamCheckNumbers\"",
-        "code=\"OK\"",
-        "numbers=3",
-        "number_hmac=\"-\"",
-    ] {
-        assert!(stream_line.contains(field), "{field} missing from {stream_line}");
-    }
+    assert_has_all(
+        &stream_line,
+        &[
+            "method=\"StreamCheckNumbers\"",
+            "code=\"OK\"",
+            "numbers=3",
+            "number_hmac=\"-\"",
+        ],
+    );
     let all = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
     for digits in [DIGITS, "14155550002", "14155550003"] {
         assert!(!all.contains(digits), "a number appears in the log:\n{all}");

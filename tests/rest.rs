@@ -19,10 +19,10 @@ use reassigned::rest::{BATCH_PATH, CHECK_PATH, OPENAPI_PATH, OPENAPI_YAML};
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
 use serde_json::json;
-use support::log::{captured, line_where};
+use support::log::{assert_has_all, captured, line_where};
 use support::redis::RedisServer;
 use support::register::FileSpec;
-use support::server::TestServer;
+use support::server::{TestServer, audit_secret, dead_redis};
 
 const A: &str = "+14155550001"; // disconnected 2024-05-01
 const ABSENT: &str = "+14155550099";
@@ -587,9 +587,7 @@ async fn rest_answers_are_audited() {
     apply(&store, snapshot()).await;
     let url = redis.url();
     let server = TestServer::start_in(store, |s, dir| {
-        let secret = dir.join("audit.secret");
-        std::fs::write(&secret, "a test secret of enough bytes\n").expect("secret");
-        s.audit_secret_file = Some(secret);
+        audit_secret(s, dir);
         s.data_dir = None;
         s.redis = Some(url);
         s.rest_listen = Some(([127, 0, 0, 1], 0).into());
@@ -684,16 +682,9 @@ async fn rest_calls_are_counted_and_access_logged_with_the_number_hashed() {
         s.rest_listen = Some(([127, 0, 0, 1], 0).into());
         s.admin_listen = Some(([127, 0, 0, 1], 0).into());
         s.access_log = Some(true);
-        let secret = dir.join("audit.secret");
-        std::fs::write(&secret, "a test secret of enough bytes\n").expect("secret");
-        secret_path = Some(secret.clone());
-        s.audit_secret_file = Some(secret);
+        secret_path = Some(audit_secret(s, dir));
         // No audit sink listens: records are dropped, the answers go on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        s.audit_redis = Some(format!("redis://127.0.0.1:{port}/0"));
+        s.audit_redis = Some(dead_redis());
     })
     .await;
     let mut rest = client(&server).await;
@@ -780,32 +771,34 @@ async fn rest_calls_are_counted_and_access_logged_with_the_number_hashed() {
         .expect("key")
         .hmac_hex(A);
     let line = access_line("rest-obs-1").await;
-    for field in [
-        " INFO ",
-        "protocol=\"rest\"",
-        "platform=\"spiffe://dev.reassigned/platform-a\"",
-        "method=\"POST\"",
-        "route=\"/number-recycling/v0.2/check\"",
-        "code=200",
-        &format!("number_hmac=\"{hmac}\""),
-        "numbers=1",
-        "latency_us=",
-        "store_us=",
-        "trace_id=",
-    ] {
-        assert!(line.contains(field), "{field} missing from {line}");
-    }
+    assert_has_all(
+        &line,
+        &[
+            " INFO ",
+            "protocol=\"rest\"",
+            "platform=\"spiffe://dev.reassigned/platform-a\"",
+            "method=\"POST\"",
+            "route=\"/number-recycling/v0.2/check\"",
+            "code=200",
+            &format!("number_hmac=\"{hmac}\""),
+            "numbers=1",
+            "latency_us=",
+            "store_us=",
+            "trace_id=",
+        ],
+    );
     let line = access_line("rest-obs-2").await;
     assert!(line.contains("code=400"), "{line}");
     let line = access_line(&generated).await;
-    for field in [
-        "route=\"/v1/numbers:batchCheck\"",
-        "code=200",
-        "numbers=2",
-        "number_hmac=\"-\"",
-    ] {
-        assert!(line.contains(field), "{field} missing from {line}");
-    }
+    assert_has_all(
+        &line,
+        &[
+            "route=\"/v1/numbers:batchCheck\"",
+            "code=200",
+            "numbers=2",
+            "number_hmac=\"-\"",
+        ],
+    );
     let all = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
     for digits in [&A[1..], &ABSENT[1..]] {
         assert!(!all.contains(digits), "a number appears in the log:\n{all}");

@@ -42,6 +42,13 @@ pub async fn line_where(what: &str, matches: impl Fn(&str) -> bool) -> String {
     line
 }
 
+/// Fails the test unless `line` contains every one of `fields`.
+pub fn assert_has_all(line: &str, fields: &[&str]) {
+    for field in fields {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+}
+
 struct Writer(Arc<Mutex<Vec<u8>>>);
 
 impl std::io::Write for Writer {

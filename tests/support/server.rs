@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use reassigned::api::pb::CheckNumberRequest;
 use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
 use reassigned::cli::certs::{ClientCertSpec, DevPki, PemPair};
 use reassigned::cli::token::{IssuerKey, KeyAlg, claims_for_cert, jwks_json};
@@ -132,6 +133,28 @@ impl Certs {
         self.pki
             .client_with(&ClientCertSpec::platform(platform).expired())
             .expect("client cert")
+    }
+}
+
+/// Writes an audit secret into `dir` and sets it as the audit secret of
+/// `settings`; returns its path (to compute the expected number HMACs).
+pub fn audit_secret(settings: &mut ServeSettings, dir: &Path) -> PathBuf {
+    let secret = write(dir, "audit.secret", "a test secret of enough bytes\n");
+    settings.audit_secret_file = Some(secret.clone());
+    secret
+}
+
+/// A Redis URL where no Redis listens (a dead audit sink).
+pub fn dead_redis() -> String {
+    format!("redis://127.0.0.1:{}/0", super::bin::free_port())
+}
+
+/// A `CheckNumber` request for `phone_number` since `since`, no receipt.
+pub fn check_request(phone_number: &str, since: &str) -> CheckNumberRequest {
+    CheckNumberRequest {
+        phone_number: phone_number.into(),
+        since: since.into(),
+        ..Default::default()
     }
 }
 
