@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 
 use reassigned::api::pb::{
-    self, BatchCheckNumbersRequest, CheckNumberRequest, GetMirrorStatusRequest, NoDataReason,
-    ReassignmentStatus, batch_check_result,
+    self, BatchCheckNumbersRequest, CheckNumberRequest, NoDataReason, ReassignmentStatus, batch_check_result,
 };
 use reassigned::domain::Date;
 use reassigned::import::{self, Applied, ImportError, NoProgress};
@@ -154,13 +153,8 @@ async fn answer_table(kind: Kind) {
         (ReassignmentStatus::NoData, NoDataReason::MirrorEmpty),
     )
     .await;
-    let status = server
-        .client()
-        .await
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status");
-    assert_eq!(status.into_inner().data_as_of, "");
+    let status = server.mirror_status().await;
+    assert_eq!(status.data_as_of, "");
 
     env.apply(base_snapshot(), "s1").await.expect("snapshot");
     let as_of = days_ago(10);
@@ -197,13 +191,7 @@ async fn answer_table(kind: Kind) {
     let r = check(&server, A, "2024-01-01").await;
     assert_eq!(r.data_as_of, as_of);
 
-    let status = server
-        .client()
-        .await
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = server.mirror_status().await;
     assert_eq!(status.data_as_of, as_of);
     assert_eq!(status.coverage_start, COVERAGE_START);
     assert_eq!(status.covered_prefixes, ["+1", "+86"]);
@@ -233,13 +221,8 @@ async fn answer_table(kind: Kind) {
         (ReassignmentStatus::NoData, NoDataReason::MirrorStale),
     )
     .await;
-    let status = stale
-        .client()
-        .await
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status");
-    assert!(status.into_inner().stale);
+    let status = stale.mirror_status().await;
+    assert!(status.stale);
     stale.stop().await;
 }
 
@@ -532,13 +515,7 @@ async fn deltas(kind: Kind) {
     expect(&server, A, "2024-05-15", REASSIGNED).await; // later date taken
     expect(&server, B, "2022-06-01", REASSIGNED).await; // older date did not lower it
     expect(&server, c, "2024-07-01", REASSIGNED).await; // new number
-    let status = server
-        .client()
-        .await
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status");
-    let status = status.into_inner();
+    let status = server.mirror_status().await;
     assert_eq!((status.sequence, status.record_count), (2, 3));
     assert_eq!(status.data_as_of, days_ago(9));
 
@@ -553,13 +530,8 @@ async fn deltas(kind: Kind) {
         .await;
     assert!(matches!(back, Err(ImportError::AsOfBackwards { .. })), "{back:?}");
     expect(&server, ABSENT, "2024-07-01", NOT_REASSIGNED).await;
-    let status = server
-        .client()
-        .await
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status");
-    assert_eq!(status.into_inner().sequence, 2);
+    let status = server.mirror_status().await;
+    assert_eq!(status.sequence, 2);
     server.stop().await;
 }
 
@@ -601,13 +573,7 @@ async fn corrupt_files_change_nothing(kind: Kind) {
     // nothing changed
     expect(&server, good, "2024-01-01", NOT_REASSIGNED).await;
     expect(&server, A, "2024-01-01", REASSIGNED).await;
-    let status = server
-        .client()
-        .await
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status");
-    let status = status.into_inner();
+    let status = server.mirror_status().await;
     assert_eq!((status.sequence, status.record_count), (1, 2));
     server.stop().await;
 }

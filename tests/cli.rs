@@ -7,8 +7,10 @@ mod support;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use reassigned::api::pb::{CheckNumberRequest, GetMirrorStatusRequest, ReassignmentStatus};
-use support::bin::{Killed, bin, dev_certs, dev_tls_args, free_port, numbers_client, run, serve_dev_command};
+use reassigned::api::pb::{CheckNumberRequest, ReassignmentStatus};
+use support::bin::{
+    Killed, bin, dev_certs, dev_tls_args, free_port, mirror_status, numbers_client, run, serve_dev_command,
+};
 use support::redis::RedisServer;
 
 #[test]
@@ -124,11 +126,7 @@ async fn generate_sync_serve_and_stop() {
             .expect("spawn serve"),
     );
     let mut client = numbers_client(&certs, port).await;
-    let status = client
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = mirror_status(&mut client).await;
     assert_eq!(status.sequence, 4, "snapshot 1 and deltas 2..4 applied");
     assert!(status.record_count >= 20_000);
     assert_eq!(status.covered_prefixes, ["+1", "+86"]);

@@ -4,8 +4,7 @@
 
 mod support;
 
-use reassigned::api::pb::GetMirrorStatusRequest;
-use support::bin::{bin, dev_certs, numbers_client, run, serve_dev};
+use support::bin::{bin, dev_certs, mirror_status, numbers_client, run, serve_dev};
 use support::redis_cluster::RedisCluster;
 
 #[tokio::test]
@@ -48,11 +47,7 @@ async fn sync_and_serve_on_a_cluster() {
         &[],
     );
     let mut client = numbers_client(&certs, port).await;
-    let status = client
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = mirror_status(&mut client).await;
     assert_eq!(status.sequence, 4, "snapshot 1 and deltas 2..4 applied");
     assert!(status.record_count >= 20_000);
 }

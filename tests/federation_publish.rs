@@ -14,8 +14,8 @@ use std::sync::Arc;
 use reassigned::api::pb::disconnection_feed_client::DisconnectionFeedClient;
 use reassigned::api::pb::publish_result::Outcome;
 use reassigned::api::pb::{
-    CheckNumberRequest, Disconnection, GetMirrorStatusRequest, PublishDisconnectionsRequest,
-    ReassignmentStatus, RetractDisconnectionRequest, SourceKind,
+    CheckNumberRequest, Disconnection, PublishDisconnectionsRequest, ReassignmentStatus,
+    RetractDisconnectionRequest, SourceKind,
 };
 use reassigned::domain::Date;
 use reassigned::store::redis::RedisOptions;
@@ -229,13 +229,7 @@ async fn publish_check_and_retract(kind: Kind) {
         ReassignmentStatus::NotReassigned
     );
     // ... and GetMirrorStatus lists both sources.
-    let status = server
-        .client()
-        .await
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = server.mirror_status().await;
     let names: Vec<(&str, i32)> = status.sources.iter().map(|s| (s.name.as_str(), s.kind)).collect();
     assert_eq!(
         names,

@@ -19,7 +19,7 @@ use reassigned::store::packed;
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore, Store};
 use sha2::{Digest, Sha256};
-use support::bin::{Killed, bin, dev_certs, free_port, numbers_client, run, serve_dev};
+use support::bin::{Killed, bin, dev_certs, free_port, mirror_status, numbers_client, run, serve_dev};
 use support::poll::eventually;
 use support::redis::RedisServer;
 use support::register::FileSpec;
@@ -1090,11 +1090,7 @@ async fn the_server_starts_with_a_bad_file_and_reports_it() {
         ],
     );
     let mut client = numbers_client(&certs, port).await;
-    let status = client
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = mirror_status(&mut client).await;
     assert_eq!(status.sequence, 4);
     assert_eq!(status.skipped_files.len(), 1, "{:?}", status.skipped_files);
     assert!(status.skipped_files[0].starts_with("delta-000005.json: "));

@@ -306,7 +306,6 @@ async fn a_collector_that_is_down_or_stalled_never_holds_a_call_and_its_spans_ar
 /// names and attributes, no number.
 #[tokio::test]
 async fn a_rest_call_gets_a_span_parented_by_its_traceparent_header() {
-    use reassigned::cli::rest_client::{RestClient, RestTls};
     let collector = Collector::default();
     let endpoint = format!("http://{}", collector.start().await);
     let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
@@ -315,20 +314,7 @@ async fn a_rest_call_gets_a_span_parented_by_its_traceparent_header() {
         s.rest_listen = Some(([127, 0, 0, 1], 0).into());
     })
     .await;
-    let id = server.certs.client("platform-a");
-    let tls = RestTls::new(
-        server.certs.pki.ca_cert_pem().as_bytes(),
-        id.cert_pem.as_bytes(),
-        id.key_pem.as_bytes(),
-        "localhost",
-    )
-    .expect("client TLS");
-    let addr = tokio::time::timeout(std::time::Duration::from_secs(10), server.handles.rest.wait())
-        .await
-        .expect("the REST port is bound");
-    let mut rest = RestClient::connect(&addr.to_string(), &tls, None)
-        .await
-        .expect("connect");
+    let mut rest = server.rest_client(&server.certs.client("platform-a"), None).await;
     let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
     let body = serde_json::json!({ "phoneNumber": NUMBER, "specifiedDate": "2024-01-01" }).to_string();
     let response = rest

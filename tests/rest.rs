@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use reassigned::api::pb::{CheckNumberRequest, ReassignmentStatus};
-use reassigned::cli::rest_client::{RestClient, RestResponse, RestTls};
+use reassigned::cli::rest_client::{RestClient, RestResponse};
 use reassigned::config::ServeSettings;
 use reassigned::domain::Date;
 use reassigned::import::{self, NoProgress};
@@ -65,20 +65,8 @@ async fn loaded(tweak: impl FnOnce(&mut ServeSettings)) -> TestServer {
 /// token).
 async fn client_as(server: &TestServer, platform: &str, scope: Option<&str>) -> RestClient {
     let id = server.certs.client(platform);
-    let tls = RestTls::new(
-        server.certs.pki.ca_cert_pem().as_bytes(),
-        id.cert_pem.as_bytes(),
-        id.key_pem.as_bytes(),
-        "localhost",
-    )
-    .expect("client TLS");
     let token = scope.map(|scope| server.tokens.as_ref().expect("tokens").mint(&id, scope));
-    let addr = tokio::time::timeout(Duration::from_secs(10), server.handles.rest.wait())
-        .await
-        .expect("the REST port is bound");
-    RestClient::connect(&addr.to_string(), &tls, token.as_deref())
-        .await
-        .expect("connect")
+    server.rest_client(&id, token.as_deref()).await
 }
 
 /// A REST client as `platform-a` with every scope.
@@ -634,14 +622,7 @@ async fn a_reload_that_distrusts_the_client_closes_its_rest_connection() {
         .is_err()
     })
     .await;
-    let id = server.certs.client("platform-a");
-    let tls = RestTls::new(
-        server.certs.pki.ca_cert_pem().as_bytes(),
-        id.cert_pem.as_bytes(),
-        id.key_pem.as_bytes(),
-        "localhost",
-    )
-    .expect("client TLS");
+    let tls = server.rest_tls(&server.certs.client("platform-a"));
     let addr = server.handles.rest.wait().await.to_string();
     // TLS 1.3: the refusal of the client certificate may come with the
     // first request rather than the handshake.

@@ -132,6 +132,19 @@ pub async fn numbers_client(
     )
 }
 
+/// `GetMirrorStatus` on `client`; fails the test if the call fails.
+pub async fn mirror_status(
+    client: &mut reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient<
+        tonic::transport::Channel,
+    >,
+) -> reassigned::api::pb::GetMirrorStatusResponse {
+    client
+        .get_mirror_status(reassigned::api::pb::GetMirrorStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+}
+
 /// Like [`connect_as_platform_a`], as `who` (`<who>.pem`/`.key` in `certs`,
 /// e.g. `operator-a`).
 pub async fn connect_as(certs: &Path, who: &str, port: u16) -> tonic::transport::Channel {

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use reassigned::api::pb::CheckNumberRequest;
 use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
+use reassigned::api::pb::{CheckNumberRequest, GetMirrorStatusRequest, GetMirrorStatusResponse};
 use reassigned::cli::certs::{ClientCertSpec, DevPki, PemPair};
+use reassigned::cli::rest_client::{RestClient, RestTls};
 use reassigned::cli::token::{IssuerKey, KeyAlg, claims_for_cert, jwks_json};
 use reassigned::config::{ServeConfig, ServeSettings};
 use reassigned::server::Handles;
@@ -338,6 +339,39 @@ impl TestServer {
     /// A `ReassignedNumbers` client as `platform-a`.
     pub async fn client(&self) -> ReassignedNumbersClient<TestChannel> {
         ReassignedNumbersClient::new(self.channel("platform-a").await)
+    }
+
+    /// Client TLS for the REST face: presenting `identity`, trusting this
+    /// server's CA.
+    pub fn rest_tls(&self, identity: &PemPair) -> RestTls {
+        RestTls::new(
+            self.certs.pki.ca_cert_pem().as_bytes(),
+            identity.cert_pem.as_bytes(),
+            identity.key_pem.as_bytes(),
+            "localhost",
+        )
+        .expect("client TLS")
+    }
+
+    /// A REST client presenting `identity` and sending `token` (if any) as
+    /// a bearer token; waits up to 10 s for the REST port to be bound.
+    pub async fn rest_client(&self, identity: &PemPair, token: Option<&str>) -> RestClient {
+        let addr = tokio::time::timeout(Duration::from_secs(10), self.handles.rest.wait())
+            .await
+            .expect("the REST port is bound");
+        RestClient::connect(&addr.to_string(), &self.rest_tls(identity), token)
+            .await
+            .expect("connect")
+    }
+
+    /// `GetMirrorStatus` as `platform-a`; fails the test if the call fails.
+    pub async fn mirror_status(&self) -> GetMirrorStatusResponse {
+        self.client()
+            .await
+            .get_mirror_status(GetMirrorStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
     }
 
     /// Signals shutdown and waits for the server to stop; fails the test if it
