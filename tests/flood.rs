@@ -30,14 +30,21 @@ const A: &str = "+14155550001"; // disconnected 2024-05-01
 /// An embedded store holding a small snapshot (A disconnected 2024-05-01).
 async fn loaded_store() -> (AnyStore, tempfile::TempDir) {
     let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let dir = load_small_snapshot(&store).await;
+    (store, dir)
+}
+
+/// Imports a small snapshot (A disconnected 2024-05-01, as of 10 days ago)
+/// into `store`; returns the directory holding its files.
+async fn load_small_snapshot(store: &AnyStore) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let as_of = Date::today_utc().add_days(-10).to_string();
     let path =
         FileSpec::snapshot(1, &as_of, "2021-01-27", &["+1"], &[(A, "2024-05-01")]).write(dir.path(), "s1");
-    import::apply_manifest(&store, &path, &mut NoProgress)
+    import::apply_manifest(store, &path, &mut NoProgress)
         .await
         .unwrap();
-    (store, dir)
+    dir
 }
 
 /// The soft limit on open files of this process (the attacker's sockets
@@ -410,13 +417,7 @@ async fn failure_floods_are_rate_limited_in_the_log_and_counted_exactly() {
             .await
             .unwrap(),
     );
-    let files = tempfile::tempdir().unwrap();
-    let as_of = Date::today_utc().add_days(-10).to_string();
-    let path =
-        FileSpec::snapshot(1, &as_of, "2021-01-27", &["+1"], &[(A, "2024-05-01")]).write(files.path(), "s1");
-    import::apply_manifest(&store, &path, &mut NoProgress)
-        .await
-        .unwrap();
+    let files = load_small_snapshot(&store).await;
     let certs = dev_certs(files.path());
 
     let (port, metrics_port) = (free_port(), free_port());

@@ -155,6 +155,16 @@ fn leaf_der(pem: &str) -> CertificateDer<'static> {
     CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
 }
 
+/// Waits, up to [`DEADLINE`], until the server closes `stream`: EOF or a
+/// reset, never data; fails the test with `what` if it stays open.
+async fn assert_closed(stream: &mut TcpStream, what: &str) {
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+        .await
+        .expect(what);
+    assert!(matches!(read, Ok(0) | Err(_)), "unexpected data: {read:?}");
+}
+
 #[tokio::test]
 async fn valid_client_gets_serving() {
     let pki = DevPki::new().unwrap();
@@ -213,11 +223,7 @@ async fn silent_client_does_not_block_others_and_is_dropped() {
 
     // The server closes the silent connection once the handshake times out:
     // wait for EOF (or a reset) under a deadline.
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(DEADLINE, silent.read(&mut buf))
-        .await
-        .expect("silent connection was not closed");
-    assert!(matches!(read, Ok(0) | Err(_)), "unexpected data: {read:?}");
+    assert_closed(&mut silent, "silent connection was not closed").await;
     assert!(
         started.elapsed() >= Duration::from_millis(250),
         "closed before the handshake timeout"
@@ -247,11 +253,7 @@ async fn at_the_handshake_cap_the_oldest_pending_handshake_is_shed() {
         "the newcomer waited {:?}",
         started.elapsed()
     );
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(DEADLINE, silent.read(&mut buf))
-        .await
-        .expect("the oldest pending handshake was not shed");
-    assert!(matches!(read, Ok(0) | Err(_)), "unexpected data: {read:?}");
+    assert_closed(&mut silent, "the oldest pending handshake was not shed").await;
     server.stop().await;
 }
 
@@ -270,11 +272,8 @@ async fn per_address_cap_sheds_that_address_oldest_first() {
     // The third connection from 127.0.0.1 sheds the oldest, not the second.
     let client = pki.client("platform-a").unwrap();
     assert_eq!(server.health(Some(&client)).await, Ok(ServingStatus::Serving));
+    assert_closed(&mut oldest, "the oldest was not shed").await;
     let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(DEADLINE, oldest.read(&mut buf))
-        .await
-        .expect("the oldest was not shed");
-    assert!(matches!(read, Ok(0) | Err(_)), "unexpected data: {read:?}");
     let second_read = tokio::time::timeout(Duration::from_millis(300), second.read(&mut buf)).await;
     assert!(second_read.is_err(), "the second was closed too: {second_read:?}");
     server.stop().await;
@@ -291,11 +290,7 @@ async fn a_client_that_sends_nothing_is_dropped_at_the_first_byte_deadline() {
     let server = TestServer::start(&pki, opts).await;
     let started = Instant::now();
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(DEADLINE, silent.read(&mut buf))
-        .await
-        .expect("the silent connection was not closed");
-    assert!(matches!(read, Ok(0) | Err(_)), "unexpected data: {read:?}");
+    assert_closed(&mut silent, "the silent connection was not closed").await;
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(250) && waited < Duration::from_secs(10),
