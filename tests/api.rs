@@ -17,6 +17,7 @@ use reassigned::domain::Date;
 use reassigned::import::{self, Applied, ImportError, NoProgress};
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
+use support::per_store_tests;
 use support::poll::{eventually, eventually_within};
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
@@ -158,35 +159,36 @@ async fn answer_table(kind: Kind) {
 
     env.apply(base_snapshot(), "s1").await.expect("snapshot");
     let as_of = days_ago(10);
-    // disconnect on X and after X
-    expect(&server, A, "2024-05-01", REASSIGNED).await;
-    expect(&server, A, "2024-04-30", REASSIGNED).await;
-    expect(&server, B, "2022-02-01", REASSIGNED).await;
-    // disconnect before X
-    expect(&server, A, "2024-05-02", NOT_REASSIGNED).await;
-    // absent and covered
-    expect(&server, ABSENT, "2022-01-01", NOT_REASSIGNED).await;
-    // coverage start is covered; the day before is not
-    expect(&server, ABSENT, COVERAGE_START, NOT_REASSIGNED).await;
-    expect(
-        &server,
-        ABSENT,
-        "2021-01-26",
-        (ReassignmentStatus::NoData, NoDataReason::BeforeCoverage),
-    )
-    .await;
-    // a known disconnect wins over the coverage start
-    expect(&server, A, "2019-06-01", REASSIGNED).await;
-    // not under a covered prefix
-    expect(
-        &server,
-        FOREIGN,
-        "2022-01-01",
-        (ReassignmentStatus::NoData, NoDataReason::NumberNotCovered),
-    )
-    .await;
-    // today is allowed
-    expect(&server, A, &Date::today_utc().to_string(), NOT_REASSIGNED).await;
+    let today = Date::today_utc().to_string();
+    for (number, since, want) in [
+        // disconnect on X and after X
+        (A, "2024-05-01", REASSIGNED),
+        (A, "2024-04-30", REASSIGNED),
+        (B, "2022-02-01", REASSIGNED),
+        // disconnect before X
+        (A, "2024-05-02", NOT_REASSIGNED),
+        // absent and covered
+        (ABSENT, "2022-01-01", NOT_REASSIGNED),
+        // coverage start is covered; the day before is not
+        (ABSENT, COVERAGE_START, NOT_REASSIGNED),
+        (
+            ABSENT,
+            "2021-01-26",
+            (ReassignmentStatus::NoData, NoDataReason::BeforeCoverage),
+        ),
+        // a known disconnect wins over the coverage start
+        (A, "2019-06-01", REASSIGNED),
+        // not under a covered prefix
+        (
+            FOREIGN,
+            "2022-01-01",
+            (ReassignmentStatus::NoData, NoDataReason::NumberNotCovered),
+        ),
+        // today is allowed
+        (A, today.as_str(), NOT_REASSIGNED),
+    ] {
+        expect(&server, number, since, want).await;
+    }
 
     let r = check(&server, A, "2024-01-01").await;
     assert_eq!(r.data_as_of, as_of);
@@ -618,24 +620,10 @@ async fn stream(kind: Kind) {
     server.stop().await;
 }
 
-macro_rules! for_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Kind::Embedded).await })*
-        }
-        mod redis {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Kind::Redis).await })*
-        }
-        mod redis_cluster {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Kind::RedisCluster).await })*
-        }
-    };
-}
-
-for_both_stores!(
+per_store_tests!(
+    embedded => super::Kind::Embedded,
+    redis => super::Kind::Redis,
+    redis_cluster => super::Kind::RedisCluster;
     answer_table,
     bad_input,
     batch,

@@ -7,11 +7,12 @@ mod support;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use reassigned::api::pb::{CheckNumberRequest, ReassignmentStatus};
+use reassigned::api::pb::ReassignmentStatus;
 use support::bin::{
     Killed, bin, dev_certs, dev_tls_args, free_port, mirror_status, numbers_client, run, serve_dev_command,
 };
 use support::redis::RedisServer;
+use support::server::check_request;
 
 #[test]
 fn bad_configuration_is_refused_before_binding() {
@@ -137,11 +138,7 @@ async fn generate_sync_serve_and_stop() {
     for line in queries.lines().skip(1).take(400) {
         let (number, since) = line.split_once(',').expect("csv");
         let r = client
-            .check_number(CheckNumberRequest {
-                phone_number: number.into(),
-                since: since.into(),
-                ..Default::default()
-            })
+            .check_number(check_request(number, since))
             .await
             .expect("check")
             .into_inner();

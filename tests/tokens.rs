@@ -284,32 +284,22 @@ async fn wrong_issuer_or_audience_is_refused() {
 #[tokio::test]
 async fn unknown_kid_and_foreign_signature_are_refused() {
     let env = serve().await;
-    let unknown = IssuerKey::generate(KeyAlg::Es256, Some("not-in-the-jwks")).expect("key");
-    let token = minted(&env, &unknown, |_| {});
-    assert_refused(
-        check_with(&env, Bearer::new(&token)).await,
-        Code::Unauthenticated,
-        "unknown key",
-        &token,
-    );
-    // another key that claims the server's kid
-    let impostor = IssuerKey::generate(KeyAlg::Es256, Some(support::server::KID)).expect("key");
-    let token = minted(&env, &impostor, |_| {});
-    assert_refused(
-        check_with(&env, Bearer::new(&token)).await,
-        Code::Unauthenticated,
-        "signature is invalid",
-        &token,
-    );
-    // an EdDSA key under the server's kid: the algorithm does not match the key
-    let ed = IssuerKey::generate(KeyAlg::EdDsa, Some(support::server::KID)).expect("key");
-    let token = minted(&env, &ed, |_| {});
-    assert_refused(
-        check_with(&env, Bearer::new(&token)).await,
-        Code::Unauthenticated,
-        "algorithm",
-        &token,
-    );
+    for (alg, kid, reason) in [
+        (KeyAlg::Es256, "not-in-the-jwks", "unknown key"),
+        // another key that claims the server's kid
+        (KeyAlg::Es256, support::server::KID, "signature is invalid"),
+        // an EdDSA key under the server's kid: the algorithm does not match the key
+        (KeyAlg::EdDsa, support::server::KID, "algorithm"),
+    ] {
+        let key = IssuerKey::generate(alg, Some(kid)).expect("key");
+        let token = minted(&env, &key, |_| {});
+        assert_refused(
+            check_with(&env, Bearer::new(&token)).await,
+            Code::Unauthenticated,
+            reason,
+            &token,
+        );
+    }
     env.server.stop().await;
 }
 
@@ -839,7 +829,6 @@ async fn one_connection_remembers_its_token_but_checks_it_on_every_call() {
 #[test]
 #[ignore]
 fn verify_cost() {
-    use reassigned::server::token::{TokenConfig, TokenVerifier};
     use rustls_pki_types::pem::PemObject as _;
     let pki = reassigned::cli::certs::DevPki::new().expect("ca");
     let me = pki.client("platform-a").expect("cert");
@@ -847,16 +836,7 @@ fn verify_cost() {
     let platform = reassigned::identity::platform_from_cert(&der).expect("platform");
     let dir = tempfile::tempdir().expect("tempdir");
     for alg in [KeyAlg::Es256, KeyAlg::EdDsa] {
-        let key = IssuerKey::generate(alg, Some("k")).expect("key");
-        let jwks = dir.path().join("jwks.json");
-        std::fs::write(&jwks, jwks_json(&[&key])).expect("jwks");
-        let verifier = TokenVerifier::load(TokenConfig {
-            jwks,
-            issuer: "i".into(),
-            audience: "a".into(),
-            max_lifetime_secs: Some(86_400),
-        })
-        .expect("verifier");
+        let (key, verifier) = support::server::key_and_verifier(dir.path(), alg);
         let tokens: Vec<String> = (0..500)
             .map(|n| {
                 let mut claims = reassigned::cli::token::claims_for_cert(

@@ -6,6 +6,7 @@
 //! their certificate; [`TestServer::start_without_tokens`] serves mTLS only.
 #![allow(dead_code)]
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use reassigned::cli::rest_client::{RestClient, RestTls};
 use reassigned::cli::token::{IssuerKey, KeyAlg, claims_for_cert, jwks_json};
 use reassigned::config::{ServeConfig, ServeSettings};
 use reassigned::server::Handles;
-use reassigned::server::token::{TokenClaims, TokenVerifier, scope};
+use reassigned::server::token::{TokenClaims, TokenConfig, TokenVerifier, scope};
 use reassigned::store::AnyStore;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -137,6 +138,22 @@ impl Certs {
     }
 }
 
+/// An issuer key (`alg`, kid `k`) and a verifier that trusts it alone
+/// (issuer `i`, audience `a`, lifetimes up to a day), its JWKS written into
+/// `dir`.
+pub fn key_and_verifier(dir: &Path, alg: KeyAlg) -> (IssuerKey, TokenVerifier) {
+    let key = IssuerKey::generate(alg, Some("k")).expect("key");
+    let jwks = write(dir, "jwks.json", &jwks_json(&[&key]));
+    let verifier = TokenVerifier::load(TokenConfig {
+        jwks,
+        issuer: "i".into(),
+        audience: "a".into(),
+        max_lifetime_secs: Some(86_400),
+    })
+    .expect("verifier");
+    (key, verifier)
+}
+
 /// Writes an audit secret into `dir` and sets it as the audit secret of
 /// `settings`; returns its path (to compute the expected number HMACs).
 pub fn audit_secret(settings: &mut ServeSettings, dir: &Path) -> PathBuf {
@@ -189,6 +206,33 @@ pub async fn tls_channel(
         .connect()
         .await
         .map_err(|e| format!("connect: {e:?}"))
+}
+
+/// A client certificate written to files, for the binary's client commands
+/// (`publish`, `watch`, `health`, ...) against a [`TestServer`].
+pub struct ClientFiles {
+    /// The certificate and key.
+    pub identity: PemPair,
+    /// The CA that signed the server's certificate.
+    pub ca: PathBuf,
+    /// The certificate file.
+    pub cert: PathBuf,
+    /// The key file.
+    pub key: PathBuf,
+}
+
+impl ClientFiles {
+    /// `--ca`, `--cert` and `--key` for this client.
+    pub fn args(&self) -> [OsString; 6] {
+        [
+            "--ca".into(),
+            self.ca.clone().into(),
+            "--cert".into(),
+            self.cert.clone().into(),
+            "--key".into(),
+            self.key.clone().into(),
+        ]
+    }
 }
 
 /// A running server; stop it with [`TestServer::stop`] so its errors and
@@ -334,6 +378,20 @@ impl TestServer {
         self.channel_with(Some(&id), self.certs.pki.ca_cert_pem())
             .await
             .expect("connect")
+    }
+
+    /// A valid client certificate for `platform`, written into `dir` as
+    /// `<platform>.pem` and `<platform>.key`.
+    pub fn client_files(&self, platform: &str, dir: &Path) -> ClientFiles {
+        let identity = self.certs.client(platform);
+        let cert = write(dir, &format!("{platform}.pem"), &identity.cert_pem);
+        let key = write(dir, &format!("{platform}.key"), &identity.key_pem);
+        ClientFiles {
+            identity,
+            ca: self.certs.ca.clone(),
+            cert,
+            key,
+        }
     }
 
     /// A `ReassignedNumbers` client as `platform-a`.
