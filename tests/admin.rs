@@ -151,11 +151,8 @@ async fn health_exits_0_when_ready_and_1_otherwise() {
     let store = Arc::new(EmbeddedStore::new());
     let server = serve(AnyStore::Embedded(store.clone())).await;
     let admin_addr = server.handles.metrics.bound_addr().await.to_string();
-    let client = server.certs.client("platform-a");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = (dir.path().join("a.pem"), dir.path().join("a.key"));
-    std::fs::write(&cert, &client.cert_pem).expect("write cert");
-    std::fs::write(&key, &client.key_pem).expect("write key");
+    let client = server.client_files("platform-a", dir.path());
     let grpc_addr = server.addr.to_string();
     let health = |admin_mode: bool| {
         let mut cmd = bin();
@@ -163,13 +160,7 @@ async fn health_exits_0_when_ready_and_1_otherwise() {
         if admin_mode {
             cmd.args(["--admin", "--addr", &admin_addr]);
         } else {
-            cmd.args(["--addr", &grpc_addr])
-                .arg("--ca")
-                .arg(&server.certs.ca)
-                .arg("--cert")
-                .arg(&cert)
-                .arg("--key")
-                .arg(&key);
+            cmd.args(["--addr", &grpc_addr]).args(client.args());
         }
         cmd.output().expect("run reassigned health")
     };

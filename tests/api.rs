@@ -11,18 +11,18 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 
 use reassigned::api::pb::{
-    self, BatchCheckNumbersRequest, CheckNumberRequest, GetMirrorStatusRequest, NoDataReason,
-    ReassignmentStatus, batch_check_result,
+    self, BatchCheckNumbersRequest, CheckNumberRequest, NoDataReason, ReassignmentStatus, batch_check_result,
 };
 use reassigned::domain::Date;
 use reassigned::import::{self, Applied, ImportError, NoProgress};
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
+use support::per_store_tests;
 use support::poll::{eventually, eventually_within};
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
 use support::register::FileSpec;
-use support::server::TestServer;
+use support::server::{TestServer, check_request as req};
 use tempfile::TempDir;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
@@ -118,14 +118,6 @@ fn base_snapshot<'a>() -> FileSpec<'a> {
     )
 }
 
-fn req(phone_number: &str, since: &str) -> CheckNumberRequest {
-    CheckNumberRequest {
-        phone_number: phone_number.into(),
-        since: since.into(),
-        ..Default::default()
-    }
-}
-
 async fn check(server: &TestServer, number: &str, since: &str) -> pb::CheckNumberResponse {
     server
         .client()
@@ -166,56 +158,46 @@ async fn answer_table(kind: Kind) {
         (ReassignmentStatus::NoData, NoDataReason::MirrorEmpty),
     )
     .await;
-    let status = server
-        .client()
-        .await
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status");
-    assert_eq!(status.into_inner().data_as_of, "");
+    let status = server.mirror_status().await;
+    assert_eq!(status.data_as_of, "");
 
     env.apply(base_snapshot(), "s1").await.expect("snapshot");
     let as_of = days_ago(10);
-    // disconnect on X and after X
-    expect(&server, A, "2024-05-01", REASSIGNED).await;
-    expect(&server, A, "2024-04-30", REASSIGNED).await;
-    expect(&server, B, "2022-02-01", REASSIGNED).await;
-    // disconnect before X
-    expect(&server, A, "2024-05-02", NOT_REASSIGNED).await;
-    // absent and covered
-    expect(&server, ABSENT, "2022-01-01", NOT_REASSIGNED).await;
-    // coverage start is covered; the day before is not
-    expect(&server, ABSENT, COVERAGE_START, NOT_REASSIGNED).await;
-    expect(
-        &server,
-        ABSENT,
-        "2021-01-26",
-        (ReassignmentStatus::NoData, NoDataReason::BeforeCoverage),
-    )
-    .await;
-    // a known disconnect wins over the coverage start
-    expect(&server, A, "2019-06-01", REASSIGNED).await;
-    // not under a covered prefix
-    expect(
-        &server,
-        FOREIGN,
-        "2022-01-01",
-        (ReassignmentStatus::NoData, NoDataReason::NumberNotCovered),
-    )
-    .await;
-    // today is allowed
-    expect(&server, A, &Date::today_utc().to_string(), NOT_REASSIGNED).await;
+    let today = Date::today_utc().to_string();
+    for (number, since, want) in [
+        // disconnect on X and after X
+        (A, "2024-05-01", REASSIGNED),
+        (A, "2024-04-30", REASSIGNED),
+        (B, "2022-02-01", REASSIGNED),
+        // disconnect before X
+        (A, "2024-05-02", NOT_REASSIGNED),
+        // absent and covered
+        (ABSENT, "2022-01-01", NOT_REASSIGNED),
+        // coverage start is covered; the day before is not
+        (ABSENT, COVERAGE_START, NOT_REASSIGNED),
+        (
+            ABSENT,
+            "2021-01-26",
+            (ReassignmentStatus::NoData, NoDataReason::BeforeCoverage),
+        ),
+        // a known disconnect wins over the coverage start
+        (A, "2019-06-01", REASSIGNED),
+        // not under a covered prefix
+        (
+            FOREIGN,
+            "2022-01-01",
+            (ReassignmentStatus::NoData, NoDataReason::NumberNotCovered),
+        ),
+        // today is allowed
+        (A, today.as_str(), NOT_REASSIGNED),
+    ] {
+        expect(&server, number, since, want).await;
+    }
 
     let r = check(&server, A, "2024-01-01").await;
     assert_eq!(r.data_as_of, as_of);
 
-    let status = server
-        .client()
-        .await
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = server.mirror_status().await;
     assert_eq!(status.data_as_of, as_of);
     assert_eq!(status.coverage_start, COVERAGE_START);
     assert_eq!(status.covered_prefixes, ["+1", "+86"]);
@@ -245,13 +227,8 @@ async fn answer_table(kind: Kind) {
         (ReassignmentStatus::NoData, NoDataReason::MirrorStale),
     )
     .await;
-    let status = stale
-        .client()
-        .await
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status");
-    assert!(status.into_inner().stale);
+    let status = stale.mirror_status().await;
+    assert!(status.stale);
     stale.stop().await;
 }
 
@@ -544,13 +521,7 @@ async fn deltas(kind: Kind) {
     expect(&server, A, "2024-05-15", REASSIGNED).await; // later date taken
     expect(&server, B, "2022-06-01", REASSIGNED).await; // older date did not lower it
     expect(&server, c, "2024-07-01", REASSIGNED).await; // new number
-    let status = server
-        .client()
-        .await
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status");
-    let status = status.into_inner();
+    let status = server.mirror_status().await;
     assert_eq!((status.sequence, status.record_count), (2, 3));
     assert_eq!(status.data_as_of, days_ago(9));
 
@@ -565,13 +536,8 @@ async fn deltas(kind: Kind) {
         .await;
     assert!(matches!(back, Err(ImportError::AsOfBackwards { .. })), "{back:?}");
     expect(&server, ABSENT, "2024-07-01", NOT_REASSIGNED).await;
-    let status = server
-        .client()
-        .await
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status");
-    assert_eq!(status.into_inner().sequence, 2);
+    let status = server.mirror_status().await;
+    assert_eq!(status.sequence, 2);
     server.stop().await;
 }
 
@@ -613,13 +579,7 @@ async fn corrupt_files_change_nothing(kind: Kind) {
     // nothing changed
     expect(&server, good, "2024-01-01", NOT_REASSIGNED).await;
     expect(&server, A, "2024-01-01", REASSIGNED).await;
-    let status = server
-        .client()
-        .await
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status");
-    let status = status.into_inner();
+    let status = server.mirror_status().await;
     assert_eq!((status.sequence, status.record_count), (1, 2));
     server.stop().await;
 }
@@ -664,24 +624,10 @@ async fn stream(kind: Kind) {
     server.stop().await;
 }
 
-macro_rules! for_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Kind::Embedded).await })*
-        }
-        mod redis {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Kind::Redis).await })*
-        }
-        mod redis_cluster {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Kind::RedisCluster).await })*
-        }
-    };
-}
-
-for_both_stores!(
+per_store_tests!(
+    embedded => super::Kind::Embedded,
+    redis => super::Kind::Redis,
+    redis_cluster => super::Kind::RedisCluster;
     answer_table,
     bad_input,
     batch,

@@ -22,18 +22,14 @@ use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
 use support::poll::{eventually, eventually_within};
 use support::redis::RedisServer;
 use support::register::FileSpec;
-use support::server::{TestChannel, TestServer};
+use support::server::{TestChannel, TestServer, audit_secret, check_request, dead_redis};
 use tonic::Code;
 
 const A: &str = "+14155550001";
 const B: &str = "+14155550002";
 
 fn req(phone_number: &str) -> CheckNumberRequest {
-    CheckNumberRequest {
-        phone_number: phone_number.into(),
-        since: "2024-01-01".into(),
-        ..Default::default()
-    }
+    check_request(phone_number, "2024-01-01")
 }
 
 /// A server with the audit trail on (mTLS only).
@@ -46,10 +42,8 @@ impl Server {
     /// `tweak` must choose the store's settings (`redis` or `data_dir`).
     async fn start(store: AnyStore, tweak: impl FnOnce(&mut ServeSettings, &Path)) -> Self {
         let inner = TestServer::start_in(store, |s, dir| {
-            let secret = dir.join("audit.secret");
-            std::fs::write(&secret, "a test secret of enough bytes\n").expect("secret");
+            audit_secret(s, dir);
             s.tokens = Some(false);
-            s.audit_secret_file = Some(secret);
             s.data_dir = None;
             tweak(s, dir);
         })
@@ -155,14 +149,6 @@ async fn every_answer_is_recorded_without_the_number() {
     assert!(out.status.success());
     assert!(out.stdout.is_empty());
     server.stop().await;
-}
-
-/// An address where no Redis listens.
-fn dead_redis() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    drop(listener);
-    format!("redis://127.0.0.1:{port}/0")
 }
 
 fn embedded(s: &mut ServeSettings, dir: &Path) -> PathBuf {

@@ -4,14 +4,15 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
-use reassigned::api::pb::{CheckNumberRequest, GetMirrorStatusRequest, ReassignmentStatus};
-use support::bin::{Killed, bin, connect_as_platform_a, free_port, run};
+use reassigned::api::pb::ReassignmentStatus;
+use support::bin::{
+    Killed, bin, dev_certs, dev_tls_args, free_port, mirror_status, numbers_client, run, serve_dev_command,
+};
 use support::redis::RedisServer;
+use support::server::check_request;
 
 #[test]
 fn bad_configuration_is_refused_before_binding() {
@@ -25,12 +26,7 @@ fn bad_configuration_is_refused_before_binding() {
     let certs = |f: &str| dir.path().join(f);
     let out = bin()
         .args(["serve", "--redis", "http://nope"])
-        .arg("--tls-cert")
-        .arg(certs("server.pem"))
-        .arg("--tls-key")
-        .arg(certs("server.key"))
-        .arg("--client-ca")
-        .arg(certs("ca.pem"))
+        .args(dev_tls_args(dir.path()))
         .output()
         .expect("run");
     assert!(!out.status.success());
@@ -101,16 +97,11 @@ fn dev_certs_never_overwrite_and_keep_keys_private() {
     assert!(!out.status.success(), "must refuse to overwrite");
 }
 
-async fn client(certs: &Path, port: u16) -> ReassignedNumbersClient<tonic::transport::Channel> {
-    ReassignedNumbersClient::new(connect_as_platform_a(certs, port).await)
-}
-
 #[tokio::test]
 async fn generate_sync_serve_and_stop() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (certs, register) = (dir.path().join("certs"), dir.path().join("register"));
-    run(bin().args(["certs", "dev", "--out"]).arg(&certs));
+    let (certs, register) = (dev_certs(dir.path()), dir.path().join("register"));
     run(bin()
         .args(["generate", "--records", "20000", "--seed", "7", "--gzip", "--out"])
         .arg(&register));
@@ -128,32 +119,15 @@ async fn generate_sync_serve_and_stop() {
 
     let port = free_port();
     let server = Killed(
-        bin()
-            .args([
-                "serve",
-                "--no-tokens",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--redis",
-                &redis.url(),
-            ])
-            .arg("--tls-cert")
-            .arg(certs.join("server.pem"))
-            .arg("--tls-key")
-            .arg(certs.join("server.key"))
-            .arg("--client-ca")
-            .arg(certs.join("ca.pem"))
+        serve_dev_command(&certs, port)
+            .args(["--redis", &redis.url()])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn serve"),
     );
-    let mut client = client(&certs, port).await;
-    let status = client
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let mut client = numbers_client(&certs, port).await;
+    let status = mirror_status(&mut client).await;
     assert_eq!(status.sequence, 4, "snapshot 1 and deltas 2..4 applied");
     assert!(status.record_count >= 20_000);
     assert_eq!(status.covered_prefixes, ["+1", "+86"]);
@@ -164,11 +138,7 @@ async fn generate_sync_serve_and_stop() {
     for line in queries.lines().skip(1).take(400) {
         let (number, since) = line.split_once(',').expect("csv");
         let r = client
-            .check_number(CheckNumberRequest {
-                phone_number: number.into(),
-                since: since.into(),
-                ..Default::default()
-            })
+            .check_number(check_request(number, since))
             .await
             .expect("check")
             .into_inner();

@@ -14,7 +14,7 @@ use reassigned::api::pb::{
     CheckNumberRequest, Disconnection, PublishDisconnectionsRequest, ReassignmentStatus,
 };
 use reassigned::domain::Date;
-use support::bin::{Killed, bin, connect_as, run, serve_dev};
+use support::bin::{Killed, connect_as, dev_certs, serve_dev};
 use support::redis::RedisServer;
 
 /// Starts `serve` (mTLS only) on a free port with `store_args`.
@@ -47,8 +47,7 @@ async fn outcomes(certs: &Path, port: u16) -> Vec<Option<Outcome>> {
 }
 
 async fn survives_sigkill(store_args: Vec<String>, dir: &Path) {
-    let certs = dir.join("certs");
-    run(bin().args(["certs", "dev", "--out"]).arg(&certs));
+    let certs = dev_certs(dir);
     std::fs::write(
         dir.join("operators.toml"),
         "[operators.\"spiffe://dev.reassigned/operator-a\"]\nprefixes = [\"+1\"]\n",

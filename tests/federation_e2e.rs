@@ -25,7 +25,7 @@ use reassigned::api::pb::{
 use reassigned::domain::Date;
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
-use support::bin::{Killed, bin, connect_as, run, serve_dev};
+use support::bin::{Killed, connect_as, dev_certs, serve_dev};
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
 use support::server::TestServer;
@@ -195,8 +195,7 @@ async fn publish(certs: &Path, port: u16, ids: std::ops::Range<u32>) {
 
 async fn watcher_resumes_after_sigkill(store_args: Vec<String>, dir: &Path) {
     const EVENTS: u32 = 40;
-    let certs = dir.join("certs");
-    run(bin().args(["certs", "dev", "--out"]).arg(&certs));
+    let certs = dev_certs(dir);
     std::fs::write(dir.join("operators.toml"), OPERATORS).expect("operators");
     std::fs::write(dir.join("watch.key"), "the-watch-key-of-the-crash-test").expect("key");
     let (server, port) = serve(dir, &store_args);

@@ -79,6 +79,19 @@ fn now_ms() -> i64 {
 }
 
 /// Every entry of every shard, in shard order.
+/// The active events of `log` as sorted `event_id@source`.
+async fn active_ids(log: &impl EventLog) -> Vec<String> {
+    let mut active: Vec<String> = log
+        .active()
+        .await
+        .expect("active")
+        .into_iter()
+        .map(|e| e.event_id + "@" + &e.source)
+        .collect();
+    active.sort();
+    active
+}
+
 async fn everything(log: &impl EventLog) -> Vec<(u16, Position, Event)> {
     let mut out = Vec::new();
     for shard in 0..log.shards() {
@@ -134,15 +147,10 @@ async fn publish_is_idempotent_and_retractable(backend: impl Backend) {
         log2.publish(&[b_again_other_date]).await.expect("p"),
         [Published::Conflict]
     );
-    let mut active: Vec<String> = log2
-        .active()
-        .await
-        .expect("active")
-        .into_iter()
-        .map(|e| e.event_id + "@" + &e.source)
-        .collect();
-    active.sort();
-    assert_eq!(active, ["e-1@operator-a", "e-1@operator-b", "e-2@operator-a"]);
+    assert_eq!(
+        active_ids(&log2).await,
+        ["e-1@operator-a", "e-1@operator-b", "e-2@operator-a"]
+    );
 
     // Retraction: once, then "already", and unknown ids are not found.
     let r = log2
@@ -175,15 +183,7 @@ async fn publish_is_idempotent_and_retractable(backend: impl Backend) {
         log.publish(std::slice::from_ref(&a)).await.expect("p"),
         [Published::Duplicate]
     );
-    let mut active: Vec<String> = log
-        .active()
-        .await
-        .expect("active")
-        .into_iter()
-        .map(|e| e.event_id + "@" + &e.source)
-        .collect();
-    active.sort();
-    assert_eq!(active, ["e-1@operator-b", "e-2@operator-a"]);
+    assert_eq!(active_ids(&log).await, ["e-1@operator-b", "e-2@operator-a"]);
 
     // The log holds each accepted event once, and the retraction.
     let all = everything(&log).await;

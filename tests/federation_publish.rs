@@ -14,12 +14,13 @@ use std::sync::Arc;
 use reassigned::api::pb::disconnection_feed_client::DisconnectionFeedClient;
 use reassigned::api::pb::publish_result::Outcome;
 use reassigned::api::pb::{
-    CheckNumberRequest, Disconnection, GetMirrorStatusRequest, PublishDisconnectionsRequest,
-    ReassignmentStatus, RetractDisconnectionRequest, SourceKind,
+    CheckNumberRequest, Disconnection, PublishDisconnectionsRequest, ReassignmentStatus,
+    RetractDisconnectionRequest, SourceKind,
 };
 use reassigned::domain::Date;
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, Records, RedisStore, Store};
+use support::per_store_tests;
 use support::poll::eventually;
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
@@ -229,13 +230,7 @@ async fn publish_check_and_retract(kind: Kind) {
         ReassignmentStatus::NotReassigned
     );
     // ... and GetMirrorStatus lists both sources.
-    let status = server
-        .client()
-        .await
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = server.mirror_status().await;
     let names: Vec<(&str, i32)> = status.sources.iter().map(|s| (s.name.as_str(), s.kind)).collect();
     assert_eq!(
         names,
@@ -393,15 +388,13 @@ async fn two_servers_behind_one_redis(kind: Kind) {
     two.stop().await;
 }
 
-macro_rules! on_every_store {
-    ($($name:ident),*) => {
-        mod embedded { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Kind::Embedded).await } )* }
-        mod redis { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Kind::Redis).await } )* }
-        mod cluster { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Kind::Cluster).await } )* }
-    };
-}
-
-on_every_store!(publish_check_and_retract, restart_rebuilds_from_durable_state);
+per_store_tests!(
+    embedded => super::Kind::Embedded,
+    redis => super::Kind::Redis,
+    cluster => super::Kind::Cluster;
+    publish_check_and_retract,
+    restart_rebuilds_from_durable_state,
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_behind_one_redis_server() {
@@ -532,19 +525,17 @@ async fn publish_cli_sends_batches_and_fails_on_refusals() {
     let env = Env::new(Kind::Embedded).await;
     let server = env.serve().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let operator = server.certs.client("operator-a");
+    let operator = server.client_files("operator-a", dir.path());
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);
         std::fs::write(&path, text).expect("write");
         path
     };
-    let cert = write("operator-a.pem", &operator.cert_pem);
-    let key = write("operator-a.key", &operator.key_pem);
     let token = server
         .tokens
         .as_ref()
         .expect("tokens")
-        .mint(&operator, "register:write");
+        .mint(&operator.identity, "register:write");
     let mut csv = String::from("event_id,phone_number,disconnect_date\n");
     for i in 0..25 {
         csv.push_str(&format!("c-{i},+1201557{i:04},{}\n", days_ago(2)));
@@ -554,12 +545,7 @@ async fn publish_cli_sends_batches_and_fails_on_refusals() {
         let mut cmd = support::bin::bin();
         cmd.args(["publish", "--batch-size", "10", "--target"])
             .arg(server.addr.to_string())
-            .arg("--ca")
-            .arg(&server.certs.ca)
-            .arg("--cert")
-            .arg(&cert)
-            .arg("--key")
-            .arg(&key)
+            .args(operator.args())
             .arg("--file")
             .arg(file)
             .env("REASSIGNED_TOKEN", &token);

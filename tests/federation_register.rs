@@ -21,7 +21,7 @@ use reassigned::federation::log::EmbeddedLog;
 use reassigned::federation::register::{EventingStore, MARK_FILE, RegisterMark};
 use reassigned::federation::{AnyLog, Event, EventKind, EventLog, REGISTER_SOURCE};
 use reassigned::store::{EmbeddedStore, Records, Store};
-use support::bin::{Killed, bin, connect_as, run, serve_dev};
+use support::bin::{Killed, connect_as, dev_certs, serve_dev};
 use support::register::FileSpec;
 use support::writes::{delta_write, snap};
 
@@ -118,8 +118,7 @@ async fn marked(register: &Path, sequence: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_register_files_reach_the_watching_platform_only_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let certs = dir.path().join("certs");
-    run(bin().args(["certs", "dev", "--out"]).arg(&certs));
+    let certs = dev_certs(dir.path());
     std::fs::write(dir.path().join("watch.key"), "the-watch-key-of-the-register-test").expect("key");
     let register = dir.path().join("register");
     std::fs::create_dir(&register).expect("register dir");

@@ -13,6 +13,7 @@ use reassigned::api::pb::{self, watch_result};
 use reassigned::federation::watch::{RedisWatchLists, WatchKey, WatchLists};
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
+use support::per_store_tests;
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
 use support::server::{TestChannel, TestServer};
@@ -140,24 +141,12 @@ async fn count(c: &mut WatchlistClient<TestChannel>) -> u64 {
         .count
 }
 
-macro_rules! per_store {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Kind::Embedded).await })*
-        }
-        mod redis_single {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Kind::Redis).await })*
-        }
-        mod redis_cluster {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Kind::RedisCluster).await })*
-        }
-    };
-}
-
-per_store!(lists_are_per_platform_and_per_item);
+per_store_tests!(
+    embedded => super::Kind::Embedded,
+    redis_single => super::Kind::Redis,
+    redis_cluster => super::Kind::RedisCluster;
+    lists_are_per_platform_and_per_item,
+);
 
 async fn lists_are_per_platform_and_per_item(kind: Kind) {
     let env = Env::new(kind).await;
@@ -365,24 +354,16 @@ async fn cli_loads_a_list_and_follows_events_with_a_cursor_file() {
     let data = tempfile::tempdir().expect("tempdir");
     let server = start(AnyStore::Redis(store), data.path()).await;
     let files = tempfile::tempdir().expect("tempdir");
-    let id = server.certs.client("platform-a");
-    let (cert, key) = (files.path().join("a.pem"), files.path().join("a.key"));
-    std::fs::write(&cert, &id.cert_pem).expect("cert");
-    std::fs::write(&key, &id.key_pem).expect("key");
+    let client = server.client_files("platform-a", files.path());
     let token = server
         .tokens
         .as_ref()
         .expect("tokens")
-        .mint(&id, "watch:read watch:write");
+        .mint(&client.identity, "watch:read watch:write");
     let port = server.addr.port().to_string();
     let client_args = |cmd: &mut std::process::Command| {
         cmd.args(["--target", &format!("127.0.0.1:{port}")])
-            .arg("--ca")
-            .arg(&server.certs.ca)
-            .arg("--cert")
-            .arg(&cert)
-            .arg("--key")
-            .arg(&key)
+            .args(client.args())
             .args(["--token", &token]);
     };
     let run = |args: &[&str]| {

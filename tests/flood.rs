@@ -10,13 +10,13 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reassigned::api::pb::{self, CheckNumberRequest, ReassignmentStatus};
+use reassigned::api::pb::{self, ReassignmentStatus};
 use reassigned::domain::Date;
 use reassigned::import::{self, NoProgress};
 use reassigned::server::accept::HandshakeFailure;
 use reassigned::store::{AnyStore, EmbeddedStore};
 use support::register::FileSpec;
-use support::server::TestServer;
+use support::server::{TestServer, check_request as req};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -27,25 +27,24 @@ const SLOW: usize = 200;
 
 const A: &str = "+14155550001"; // disconnected 2024-05-01
 
-fn req(phone_number: &str, since: &str) -> CheckNumberRequest {
-    CheckNumberRequest {
-        phone_number: phone_number.into(),
-        since: since.into(),
-        ..Default::default()
-    }
-}
-
 /// An embedded store holding a small snapshot (A disconnected 2024-05-01).
 async fn loaded_store() -> (AnyStore, tempfile::TempDir) {
     let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
+    let dir = load_small_snapshot(&store).await;
+    (store, dir)
+}
+
+/// Imports a small snapshot (A disconnected 2024-05-01, as of 10 days ago)
+/// into `store`; returns the directory holding its files.
+async fn load_small_snapshot(store: &AnyStore) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let as_of = Date::today_utc().add_days(-10).to_string();
     let path =
         FileSpec::snapshot(1, &as_of, "2021-01-27", &["+1"], &[(A, "2024-05-01")]).write(dir.path(), "s1");
-    import::apply_manifest(&store, &path, &mut NoProgress)
+    import::apply_manifest(store, &path, &mut NoProgress)
         .await
         .unwrap();
-    (store, dir)
+    dir
 }
 
 /// The soft limit on open files of this process (the attacker's sockets
@@ -405,10 +404,9 @@ fn summarised(lines: &[serde_json::Value], key: &str) -> u64 {
 /// lines are summarised with their exact number.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_floods_are_rate_limited_in_the_log_and_counted_exactly() {
-    use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
     use reassigned::store::RedisStore;
     use reassigned::store::redis::RedisOptions;
-    use support::bin::{Killed, bin, connect_as_platform_a, free_port, run};
+    use support::bin::{Killed, dev_certs, free_port, numbers_client, serve_dev_command};
     use support::poll::eventually;
     use support::redis::RedisServer;
 
@@ -419,42 +417,21 @@ async fn failure_floods_are_rate_limited_in_the_log_and_counted_exactly() {
             .await
             .unwrap(),
     );
-    let files = tempfile::tempdir().unwrap();
-    let as_of = Date::today_utc().add_days(-10).to_string();
-    let path =
-        FileSpec::snapshot(1, &as_of, "2021-01-27", &["+1"], &[(A, "2024-05-01")]).write(files.path(), "s1");
-    import::apply_manifest(&store, &path, &mut NoProgress)
-        .await
-        .unwrap();
-    let certs = files.path().join("certs");
-    run(bin().args(["certs", "dev", "--out"]).arg(&certs));
+    let files = load_small_snapshot(&store).await;
+    let certs = dev_certs(files.path());
 
     let (port, metrics_port) = (free_port(), free_port());
     let mut child = Killed(
-        bin()
-            .args([
-                "--log-format",
-                "json",
-                "serve",
-                "--no-tokens",
-                "--redis",
-                &redis.url(),
-            ])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+        serve_dev_command(&certs, port)
+            .args(["--log-format", "json", "--redis", &redis.url()])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .arg("--tls-cert")
-            .arg(certs.join("server.pem"))
-            .arg("--tls-key")
-            .arg(certs.join("server.key"))
-            .arg("--client-ca")
-            .arg(certs.join("ca.pem"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap(),
     );
     let lines = collect_lines(child.0.stderr.take().unwrap());
-    let mut client = ReassignedNumbersClient::new(connect_as_platform_a(&certs, port).await);
+    let mut client = numbers_client(&certs, port).await;
     client.check_number(req(A, "2024-01-01")).await.unwrap();
     let before = lines.lock().unwrap().len();
 

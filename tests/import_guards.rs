@@ -12,18 +12,19 @@ use std::process::{Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reassigned::api::pb::{self, GetMirrorStatusRequest, NoDataReason, ReassignmentStatus};
+use reassigned::api::pb::{GetMirrorStatusRequest, NoDataReason, ReassignmentStatus};
 use reassigned::domain::{Date, PhoneNumber};
 use reassigned::import::{self, ImportError, ImportOptions, NoProgress};
 use reassigned::store::packed;
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore, Store};
 use sha2::{Digest, Sha256};
-use support::bin::{Killed, bin, run};
+use support::bin::{Killed, bin, dev_certs, free_port, mirror_status, numbers_client, run, serve_dev};
+use support::per_store_tests;
 use support::poll::eventually;
 use support::redis::RedisServer;
 use support::register::FileSpec;
-use support::server::TestServer;
+use support::server::{TestServer, check_request};
 
 fn days_ago(n: i32) -> String {
     Date::today_utc().add_days(-n).to_string()
@@ -109,11 +110,7 @@ async fn check(server: &TestServer, number: &str, since: &str) -> (i32, i32) {
     let r = server
         .client()
         .await
-        .check_number(pb::CheckNumberRequest {
-            phone_number: number.into(),
-            since: since.into(),
-            ..Default::default()
-        })
+        .check_number(check_request(number, since))
         .await
         .expect("check")
         .into_inner();
@@ -287,20 +284,13 @@ fn sha_of(manifest: &Path) -> String {
     m["sha256"].as_str().expect("sha").to_owned()
 }
 
-macro_rules! both_stores {
-    ($($name:ident),*) => {
-        mod embedded {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Kind::Embedded).await })*
-        }
-        mod redis {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Kind::Redis).await })*
-        }
-    };
-}
-
-both_stores!(shrink_guard, outside_the_manifest_dir, reissued_sequence);
+per_store_tests!(
+    embedded => super::Kind::Embedded,
+    redis => super::Kind::Redis;
+    shrink_guard,
+    outside_the_manifest_dir,
+    reissued_sequence,
+);
 
 // ---------------------------------------------------------------- row bombs
 
@@ -524,6 +514,25 @@ async fn keys(conn: &mut ::redis::aio::MultiplexedConnection, pattern: &str) -> 
             return out;
         }
     }
+}
+
+/// `GET key`: the bytes of a packed bucket.
+async fn get_bytes(conn: &mut ::redis::aio::MultiplexedConnection, key: &str) -> Vec<u8> {
+    ::redis::cmd("GET").arg(key).query_async(conn).await.expect("get")
+}
+
+/// `SET key value`.
+async fn set_key(
+    conn: &mut ::redis::aio::MultiplexedConnection,
+    key: &str,
+    value: impl ::redis::ToRedisArgs,
+) {
+    let _: () = ::redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .query_async(conn)
+        .await
+        .expect("set");
 }
 
 async fn meta(conn: &mut ::redis::aio::MultiplexedConnection) -> std::collections::HashMap<String, String> {
@@ -843,11 +852,7 @@ async fn verify_finds_damage_and_gc_removes_orphans() {
     // a bucket whose header names another generation (a stale copy): its
     // records do not count
     let bucket7 = format!("rn:g{generation}:7");
-    let saved7: Vec<u8> = ::redis::cmd("GET")
-        .arg(&bucket7)
-        .query_async(&mut conn)
-        .await
-        .expect("get");
+    let saved7 = get_bytes(&mut conn, &bucket7).await;
     let entries: Vec<(u64, u16)> = packed::Bucket::parse(&saved7)
         .expect("a packed bucket")
         .iter()
@@ -855,22 +860,12 @@ async fn verify_finds_damage_and_gc_removes_orphans() {
     assert!(!entries.is_empty());
     let mut foreign = Vec::new();
     packed::encode(generation.parse::<u64>().expect("id") + 1, &entries, &mut foreign);
-    let _: () = ::redis::cmd("SET")
-        .arg(&bucket7)
-        .arg(foreign)
-        .query_async(&mut conn)
-        .await
-        .expect("set");
+    set_key(&mut conn, &bucket7, foreign).await;
     let out = verify();
     let log = stderr(&out);
     assert!(!out.status.success());
     assert!(log.contains(&format!("bucket 7 ({bucket7})")), "{log}");
-    let _: () = ::redis::cmd("SET")
-        .arg(&bucket7)
-        .arg(saved7)
-        .query_async(&mut conn)
-        .await
-        .expect("set");
+    set_key(&mut conn, &bucket7, saved7).await;
     assert!(verify().status.success());
 
     // a deleted bucket
@@ -903,33 +898,19 @@ async fn verify_finds_damage_and_gc_removes_orphans() {
 
     // a bogus record in a bucket
     let bucket5 = format!("rn:g{generation}:5");
-    let saved5: Vec<u8> = ::redis::cmd("GET")
-        .arg(&bucket5)
-        .query_async(&mut conn)
-        .await
-        .expect("get");
+    let saved5 = get_bytes(&mut conn, &bucket5).await;
     let old = packed::Bucket::parse(&saved5).expect("a packed bucket");
     let (bogus, added) = packed::merge(&old, &[(999_999_999, 19_000)]);
     assert_eq!(added, 1);
     let mut damaged = Vec::new();
     packed::encode(old.header().generation, &bogus, &mut damaged);
-    let _: () = ::redis::cmd("SET")
-        .arg(&bucket5)
-        .arg(damaged)
-        .query_async(&mut conn)
-        .await
-        .expect("set");
+    set_key(&mut conn, &bucket5, damaged).await;
     let out = verify();
     let log = stderr(&out);
     assert!(!out.status.success());
     assert!(log.contains(&format!("bucket 5 ({bucket5})")), "{log}");
     assert!(!log.contains("bucket 3 ("), "only the damaged bucket: {log}");
-    let _: () = ::redis::cmd("SET")
-        .arg(&bucket5)
-        .arg(saved5)
-        .query_async(&mut conn)
-        .await
-        .expect("set");
+    set_key(&mut conn, &bucket5, saved5).await;
 
     // an orphaned generation: reported by a dry run, removed by gc
     let current_keys = keys(&mut conn, &format!("rn:g{generation}:*")).await.len();
@@ -942,12 +923,7 @@ async fn verify_finds_damage_and_gc_removes_orphans() {
             .await
             .expect("hset");
     }
-    let _: () = ::redis::cmd("SET")
-        .arg("rn:bloom:g9999:0")
-        .arg("x")
-        .query_async(&mut conn)
-        .await
-        .expect("set");
+    set_key(&mut conn, "rn:bloom:g9999:0", "x").await;
     let out = run(bin()
         .args(["gc", "--dry-run"])
         .env("REASSIGNED_REDIS", redis.url()));
@@ -1076,35 +1052,21 @@ async fn the_server_starts_with_a_bad_file_and_reports_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     good_register(dir.path());
     std::fs::write(dir.path().join("delta-000005.json"), "garbage").expect("write");
-    let certs = dir.path().join("certs");
-    run(bin().args(["certs", "dev", "--out"]).arg(&certs));
-    let port = support::bin::free_port();
-    let metrics_port = support::bin::free_port();
-    let _server = Killed(
-        bin()
-            .args(["serve", "--no-tokens", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--resync-interval-secs", "1"])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .arg("--tls-cert")
-            .arg(certs.join("server.pem"))
-            .arg("--tls-key")
-            .arg(certs.join("server.key"))
-            .arg("--client-ca")
-            .arg(certs.join("ca.pem"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn serve"),
+    let certs = dev_certs(dir.path());
+    let metrics_port = free_port();
+    let metrics_listen = format!("127.0.0.1:{metrics_port}");
+    let (_server, port) = serve_dev(
+        dir.path(),
+        &["--data-dir".into(), dir.path().display().to_string()],
+        &[
+            "--metrics-listen".as_ref(),
+            metrics_listen.as_ref(),
+            "--resync-interval-secs".as_ref(),
+            "1".as_ref(),
+        ],
     );
-    let channel = support::bin::connect_as_platform_a(&certs, port).await;
-    let mut client = pb::reassigned_numbers_client::ReassignedNumbersClient::new(channel);
-    let status = client
-        .get_mirror_status(GetMirrorStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let mut client = numbers_client(&certs, port).await;
+    let status = mirror_status(&mut client).await;
     assert_eq!(status.sequence, 4);
     assert_eq!(status.skipped_files.len(), 1, "{:?}", status.skipped_files);
     assert!(status.skipped_files[0].starts_with("delta-000005.json: "));

@@ -17,7 +17,7 @@ use reassigned::server::metrics::MetricsHandle;
 use reassigned::store::{AnyStore, EmbeddedStore};
 use support::poll::eventually;
 use support::register::FileSpec;
-use support::server::{Bearer, TestChannel, TestServer};
+use support::server::{Bearer, TestChannel, TestServer, audit_secret, check_request, dead_redis};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::Code;
@@ -26,11 +26,7 @@ const A: &str = "+14155550001";
 const B: &str = "+14155550002";
 
 fn req(phone_number: &str) -> CheckNumberRequest {
-    CheckNumberRequest {
-        phone_number: phone_number.into(),
-        since: "2024-01-01".into(),
-        ..Default::default()
-    }
+    check_request(phone_number, "2024-01-01")
 }
 
 /// A server (mTLS only) with metrics on 127.0.0.1:0.
@@ -168,21 +164,11 @@ async fn an_empty_mirror_is_reported_not_loaded_and_stale() {
     server.stop().await;
 }
 
-/// An address where no Redis listens.
-fn dead_redis() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    drop(listener);
-    format!("redis://127.0.0.1:{port}/0")
-}
-
 #[tokio::test]
 async fn audit_drops_with_a_dead_sink_show_in_the_metrics() {
     let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
     let server = Server::start(store, |s, dir| {
-        let secret = dir.join("audit.secret");
-        std::fs::write(&secret, "a test secret of enough bytes\n").expect("secret");
-        s.audit_secret_file = Some(secret);
+        audit_secret(s, dir);
         s.audit_redis = Some(dead_redis());
     })
     .await;

@@ -9,15 +9,16 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use prost::Message as _;
 use reassigned::api::pb::CheckNumberRequest;
 use reassigned::server::trace::otlp::trace_service_server::{TraceService, TraceServiceServer};
 use reassigned::server::trace::{SHUTDOWN_FLUSH_TIMEOUT, otlp};
 use reassigned::store::{AnyStore, EmbeddedStore};
+use support::log::{assert_has_all, captured, line_where};
 use support::poll::eventually;
-use support::server::TestServer;
+use support::server::{TestServer, audit_secret, dead_redis};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -174,52 +175,12 @@ async fn a_span_per_call_reaches_the_collector_with_the_callers_trace_id_and_no_
     server.stop().await;
 }
 
-/// Log lines of this test process (a global subscriber, set once).
-fn captured() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOG.get_or_init(|| {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let writer = log.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("info")
-            .with_ansi(false)
-            .with_writer(move || Writer(writer.clone()))
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
-        log
-    })
-}
-
 /// The access line of the call with `request_id`, once it is written.
-async fn access_line(log: &Mutex<Vec<u8>>, request_id: &str) -> String {
-    let mut line = String::new();
-    eventually("the access line", async || {
-        let text = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
-        match text
-            .lines()
-            .find(|l| l.contains(request_id) && l.contains("reassigned::access"))
-        {
-            Some(l) => {
-                line = l.to_owned();
-                true
-            }
-            None => false,
-        }
+async fn access_line(request_id: &str) -> String {
+    line_where("the access line", |l| {
+        l.contains(request_id) && l.contains("reassigned::access")
     })
-    .await;
-    line
-}
-
-struct Writer(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Writer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    .await
 }
 
 #[tokio::test]
@@ -230,17 +191,9 @@ async fn the_access_log_has_one_line_per_call_with_the_audit_keyed_hash_and_no_n
     let server = TestServer::start_in(store, |s, dir| {
         s.tokens = Some(false);
         s.access_log = Some(true);
-        let secret = dir.join("audit.secret");
-        std::fs::write(&secret, "an audit secret of enough bytes\n").expect("secret");
-        secret_path = Some(secret.clone());
-        s.audit_secret_file = Some(secret);
+        secret_path = Some(audit_secret(s, dir));
         // No audit sink listens: records are dropped, the answers go on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        s.audit_redis = Some(format!("redis://127.0.0.1:{port}/0"));
+        s.audit_redis = Some(dead_redis());
     })
     .await;
     let mut client = server.client().await;
@@ -248,21 +201,22 @@ async fn the_access_log_has_one_line_per_call_with_the_audit_keyed_hash_and_no_n
     let hmac = reassigned::audit::NumberKey::from_secret_file(&secret_path.expect("secret"))
         .expect("key")
         .hmac_hex(NUMBER);
-    let line = access_line(log, "req-observe-1").await;
-    for field in [
-        " INFO ",
-        "platform=\"spiffe://dev.reassigned/platform-a\"",
-        "method=\"CheckNumber\"",
-        "code=\"OK\"",
-        "request_id=req-observe-1",
-        &format!("number_hmac=\"{hmac}\""),
-        "numbers=1",
-        "latency_us=",
-        "store_us=",
-        &format!("trace_id={TRACE_ID}"),
-    ] {
-        assert!(line.contains(field), "{field} missing from {line}");
-    }
+    let line = access_line("req-observe-1").await;
+    assert_has_all(
+        &line,
+        &[
+            " INFO ",
+            "platform=\"spiffe://dev.reassigned/platform-a\"",
+            "method=\"CheckNumber\"",
+            "code=\"OK\"",
+            "request_id=req-observe-1",
+            &format!("number_hmac=\"{hmac}\""),
+            "numbers=1",
+            "latency_us=",
+            "store_us=",
+            &format!("trace_id={TRACE_ID}"),
+        ],
+    );
     // A stream of 3 checks: one line when it ends, its numbers counted, no hash.
     let checks: Vec<CheckNumberRequest> = ["+14155550002", "+14155550003", NUMBER]
         .iter()
@@ -283,15 +237,16 @@ async fn the_access_log_has_one_line_per_call_with_the_audit_keyed_hash_and_no_n
         answered += 1;
     }
     assert_eq!(answered, 3);
-    let stream_line = access_line(log, "req-observe-2").await;
-    for field in [
-        "method=\"StreamCheckNumbers\"",
-        "code=\"OK\"",
-        "numbers=3",
-        "number_hmac=\"-\"",
-    ] {
-        assert!(stream_line.contains(field), "{field} missing from {stream_line}");
-    }
+    let stream_line = access_line("req-observe-2").await;
+    assert_has_all(
+        &stream_line,
+        &[
+            "method=\"StreamCheckNumbers\"",
+            "code=\"OK\"",
+            "numbers=3",
+            "number_hmac=\"-\"",
+        ],
+    );
     let all = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
     for digits in [DIGITS, "14155550002", "14155550003"] {
         assert!(!all.contains(digits), "a number appears in the log:\n{all}");
@@ -351,7 +306,6 @@ async fn a_collector_that_is_down_or_stalled_never_holds_a_call_and_its_spans_ar
 /// names and attributes, no number.
 #[tokio::test]
 async fn a_rest_call_gets_a_span_parented_by_its_traceparent_header() {
-    use reassigned::cli::rest_client::{RestClient, RestTls};
     let collector = Collector::default();
     let endpoint = format!("http://{}", collector.start().await);
     let store = AnyStore::Embedded(Arc::new(EmbeddedStore::new()));
@@ -360,20 +314,7 @@ async fn a_rest_call_gets_a_span_parented_by_its_traceparent_header() {
         s.rest_listen = Some(([127, 0, 0, 1], 0).into());
     })
     .await;
-    let id = server.certs.client("platform-a");
-    let tls = RestTls::new(
-        server.certs.pki.ca_cert_pem().as_bytes(),
-        id.cert_pem.as_bytes(),
-        id.key_pem.as_bytes(),
-        "localhost",
-    )
-    .expect("client TLS");
-    let addr = tokio::time::timeout(std::time::Duration::from_secs(10), server.handles.rest.wait())
-        .await
-        .expect("the REST port is bound");
-    let mut rest = RestClient::connect(&addr.to_string(), &tls, None)
-        .await
-        .expect("connect");
+    let mut rest = server.rest_client(&server.certs.client("platform-a"), None).await;
     let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
     let body = serde_json::json!({ "phoneNumber": NUMBER, "specifiedDate": "2024-01-01" }).to_string();
     let response = rest
@@ -443,36 +384,27 @@ async fn a_rest_call_gets_a_span_parented_by_its_traceparent_header() {
 /// exit, or never.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_span_of_a_call_just_before_sigterm_reaches_the_collector_before_exit() {
-    use support::bin::{Killed, bin, connect_as_platform_a, free_port};
+    use support::bin::{Killed, dev_certs, free_port, numbers_client, serve_dev_command};
     const LAST_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
     let collector = Collector::default();
     let endpoint = format!("http://{}", collector.start().await);
     let dir = tempfile::tempdir().expect("tempdir");
-    let certs = dir.path().join("certs");
-    support::bin::run(bin().args(["certs", "dev", "--out"]).arg(&certs));
+    let certs = dev_certs(dir.path());
     let data = dir.path().join("data");
     std::fs::create_dir(&data).expect("data dir");
     let log = dir.path().join("serve.log");
     let port = free_port();
     let mut child = Killed(
-        bin()
-            .args(["serve", "--no-tokens", "--listen", &format!("127.0.0.1:{port}")])
+        serve_dev_command(&certs, port)
             .arg("--data-dir")
             .arg(&data)
             .args(["--otlp-endpoint", &endpoint])
-            .arg("--tls-cert")
-            .arg(certs.join("server.pem"))
-            .arg("--tls-key")
-            .arg(certs.join("server.key"))
-            .arg("--client-ca")
-            .arg(certs.join("ca.pem"))
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log"))
             .spawn()
             .expect("spawn serve"),
     );
-    let channel = connect_as_platform_a(&certs, port).await;
-    let mut client = reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient::new(channel);
+    let mut client = numbers_client(&certs, port).await;
     let mut request = check(NUMBER);
     request.metadata_mut().insert(
         "traceparent",

@@ -7,16 +7,18 @@
 //! 256 cases per property by default (a few seconds in all); run longer
 //! with `PROPTEST_CASES=100000 cargo test --release --test proptests`.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::OnceLock;
 
 use proptest::prelude::*;
-use reassigned::cli::token::{IssuerKey, KeyAlg, jwks_json};
+use reassigned::cli::token::{IssuerKey, KeyAlg};
 use reassigned::domain::{Date, DateError, NumberError, PhoneNumber};
 use reassigned::identity::Platform;
 use reassigned::import::{ImportError, Manifest, NoProgress, read_records};
-use reassigned::server::token::{Confirmation, TokenClaims, TokenConfig, TokenError, TokenVerifier};
+use reassigned::server::token::{Confirmation, TokenClaims, TokenError, TokenVerifier};
 use sha2::{Digest, Sha256};
 
 /// What strict E.164 parsing must answer for `text`, by the README's rule
@@ -230,16 +232,7 @@ proptest! {
 fn verifier() -> &'static (TokenVerifier, IssuerKey, Platform) {
     static V: OnceLock<(TokenVerifier, IssuerKey, Platform)> = OnceLock::new();
     V.get_or_init(|| {
-        let key = IssuerKey::generate(KeyAlg::Es256, Some("k")).expect("key");
-        let jwks = scratch().join("jwks.json");
-        std::fs::write(&jwks, jwks_json(&[&key])).expect("jwks");
-        let verifier = TokenVerifier::load(TokenConfig {
-            jwks,
-            issuer: "i".into(),
-            audience: "a".into(),
-            max_lifetime_secs: Some(86_400),
-        })
-        .expect("verifier");
+        let (key, verifier) = support::server::key_and_verifier(scratch(), KeyAlg::Es256);
         let platform = Platform {
             id: "spiffe://dev.reassigned/p".into(),
             cert_sha256: [7; 32],

@@ -14,7 +14,7 @@ use reassigned::quota::QuotaFallback;
 use reassigned::store::{AnyStore, EmbeddedStore};
 use support::redis::RedisServer;
 use support::server::TestChannel as Channel;
-use support::server::{Certs, TestServer};
+use support::server::{Certs, TestServer, check_request};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -50,11 +50,7 @@ async fn client(server: &TestServer, platform: &str) -> ReassignedNumbersClient<
 }
 
 fn req(number: &str) -> CheckNumberRequest {
-    CheckNumberRequest {
-        phone_number: number.into(),
-        since: "2024-01-01".into(),
-        ..Default::default()
-    }
+    check_request(number, "2024-01-01")
 }
 
 async fn check(client: &mut ReassignedNumbersClient<Channel>) -> Result<(), tonic::Status> {

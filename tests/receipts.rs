@@ -80,6 +80,21 @@ impl Env {
         self.server.client().await
     }
 
+    /// The results of `BatchCheckNumbers` as platform-a; fails the test if
+    /// the call fails.
+    async fn batch(
+        &self,
+        request: impl tonic::IntoRequest<BatchCheckNumbersRequest>,
+    ) -> Vec<pb::BatchCheckResult> {
+        self.client()
+            .await
+            .batch_check_numbers(request)
+            .await
+            .expect("batch")
+            .into_inner()
+            .results
+    }
+
     /// The JWKS from `GetSigningKeys`, also written to a file for the CLI.
     async fn jwks(&self) -> (jsonwebtoken::jwk::JwkSet, PathBuf) {
         let jwks = self
@@ -256,14 +271,7 @@ async fn a_batch_gets_one_receipt_per_answer() {
     request
         .metadata_mut()
         .insert("x-request-id", "hygiene-7".parse().expect("ascii"));
-    let results = env
-        .client()
-        .await
-        .batch_check_numbers(request)
-        .await
-        .expect("batch")
-        .into_inner()
-        .results;
+    let results = env.batch(request).await;
     assert_eq!(results.len(), 4);
     let expected = [
         (A, "REASSIGNMENT_STATUS_REASSIGNED", None),
@@ -295,16 +303,11 @@ async fn a_batch_gets_one_receipt_per_answer() {
 
     // Without want_receipts only the checks that ask get one.
     let results = env
-        .client()
-        .await
-        .batch_check_numbers(BatchCheckNumbersRequest {
+        .batch(BatchCheckNumbersRequest {
             checks: vec![req(A, "2024-01-01", false), req(ABSENT, "2024-01-01", true)],
             want_receipts: false,
         })
-        .await
-        .expect("batch")
-        .into_inner()
-        .results;
+        .await;
     let receipts: Vec<_> = results
         .iter()
         .map(|r| match &r.result {

@@ -21,6 +21,7 @@ use reassigned::api::pb::{
 use reassigned::domain::{Date, Prefix};
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, DeltaWrite, Records, RedisStore, SnapshotWrite, Store, StoreError};
+use support::per_store_tests;
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
 use support::server::{TestChannel, TestServer};
@@ -408,21 +409,10 @@ fn assert_no_wrong(tally: &Tally, scenario: &str, at_least: u64) {
     assert!(tally.checked() >= at_least, "too few answers checked: {report}");
 }
 
-/// Runs each scenario on one server and on a three-master cluster.
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        mod single {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(false).await })*
-        }
-        mod cluster {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(true).await })*
-        }
-    };
-}
-
-on_both!(
+// Runs each scenario on one server and on a three-master cluster.
+per_store_tests!(
+    single => false,
+    cluster => true;
     redis_restarted_empty_under_load,
     a_deleted_bucket_is_never_no_record,
     generation_changed_by_hand,

@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 use reassigned::domain::{Date, PhoneNumber};
 use reassigned::store::packed;
 use reassigned::store::redis::RedisOptions;
-use reassigned::store::{Records, RedisStore, Store, StoreError};
+use reassigned::store::{Records, RedisStore, SnapshotWrite, Store, StoreError};
+use support::per_store_tests;
 use support::poll::eventually_within;
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
-use support::writes::{COVERAGE_START, delta_write, snap};
+use support::writes::{COVERAGE_START, delta_write, lookup_day, number, records, snap, us_numbers};
 
 /// The Redis a test runs against: the factory of its stores and the way to
 /// look at what they wrote.
@@ -107,21 +108,10 @@ impl TestRedis {
     }
 }
 
-/// Runs each test function once on one server and once on a cluster.
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        mod single {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::TestRedis::start(super::Topology::Single)).await })*
-        }
-        mod cluster {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::TestRedis::start(super::Topology::Cluster)).await })*
-        }
-    };
-}
-
-on_both!(
+// Runs each test function once on one server and once on a cluster.
+per_store_tests!(
+    single => super::TestRedis::start(super::Topology::Single),
+    cluster => super::TestRedis::start(super::Topology::Cluster);
     snapshot_key_layout,
     a_snapshot_reclaims_the_old_generations_keys,
     a_delta_retried_after_a_crash_before_the_metadata,
@@ -160,25 +150,6 @@ on_both_with!(
     snapshot_buckets_are_packed_strings: &["--rename-command", "RESTORE", ""],
 );
 
-/// Records from (number, day) pairs, sorted as the importer hands them over.
-fn records(mut pairs: Vec<(u64, u16)>) -> Records {
-    pairs.sort_unstable();
-    pairs.dedup_by_key(|p| p.0);
-    let (numbers, days) = pairs.into_iter().unzip();
-    Records::new(numbers, days).expect("valid records")
-}
-
-/// `count` US numbers from `first`, `step` apart, with varying dates.
-fn us_numbers(first: u64, step: u64, count: u64) -> Vec<(u64, u16)> {
-    (0..count)
-        .map(|i| (first + i * step, 19_000 + (i % 1000) as u16))
-        .collect()
-}
-
-fn number(value: u64) -> PhoneNumber {
-    PhoneNumber::from_value(value).expect("valid number")
-}
-
 fn test_options() -> RedisOptions {
     RedisOptions {
         meta_refresh: Duration::from_millis(100),
@@ -192,6 +163,13 @@ async fn connect(server: &TestRedis) -> RedisStore {
         .connect_with(test_options())
         .await
         .expect("connect to the test redis")
+}
+
+/// A store on `server` ([`connect`]) holding `recs` as the snapshot `write`.
+async fn loaded(server: &TestRedis, write: &SnapshotWrite, recs: &Records) -> RedisStore {
+    let store = connect(server).await;
+    store.apply_snapshot(write, recs, None).await.expect("snapshot");
+    store
 }
 
 fn redis_conn(server: &TestRedis) -> Box<dyn redis::ConnectionLike> {
@@ -218,25 +196,12 @@ fn dbsizes(server: &TestRedis) -> Vec<u64> {
         .collect()
 }
 
-async fn lookup_day(store: &RedisStore, value: u64) -> Option<i32> {
-    store
-        .lookup(number(value))
-        .await
-        .expect("lookup")
-        .found
-        .map(|d| d.days())
-}
-
 /// Where a snapshot puts the records: one packed string per bucket (layout
 /// 3), written with SET, number `n` at (bucket, suffix) = (n % nbuckets,
 /// n / nbuckets). (What lookups answer is in the store contract suite.)
 async fn snapshot_key_layout(server: TestRedis) {
-    let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 3, 1000);
-    store
-        .apply_snapshot(&snap(1, 20_100), &records(data.clone()), None)
-        .await
-        .expect("snapshot");
+    let _store = loaded(&server, &snap(1, 20_100), &records(data.clone())).await;
     // Layout: ceil(1000 / 256) = 4 string buckets, no hash tag, lock released.
     let buckets = keys(&server, "rn:g[0-9]*");
     assert_eq!(buckets.len(), 4, "{buckets:?}");
@@ -267,12 +232,8 @@ async fn snapshot_key_layout(server: TestRedis) {
 /// A snapshot returns after the generation it replaced (deltas merged into
 /// it included) is deleted: only the new generation's buckets remain.
 async fn a_snapshot_reclaims_the_old_generations_keys(server: TestRedis) {
-    let store = connect(&server).await;
     let first = us_numbers(12_125_550_000, 7, 3000);
-    store
-        .apply_snapshot(&snap(1, 20_000), &records(first.clone()), None)
-        .await
-        .expect("first snapshot");
+    let store = loaded(&server, &snap(1, 20_000), &records(first.clone())).await;
     let delta: Vec<(u64, u16)> = first.iter().step_by(3).map(|&(n, _)| (n + 1, 20_001)).collect();
     store
         .apply_delta(&delta_write(2, 20_001), &records(delta))
@@ -316,12 +277,8 @@ async fn a_snapshot_reclaims_the_old_generations_keys(server: TestRedis) {
 /// data (`record_count` may under-count, as documented), in the same
 /// generation.
 async fn a_delta_retried_after_a_crash_before_the_metadata(server: TestRedis) {
-    let store = connect(&server).await;
     let base = us_numbers(14_155_550_000, 13, 2000);
-    store
-        .apply_snapshot(&snap(1, 20_000), &records(base.clone()), None)
-        .await
-        .expect("snapshot");
+    let store = loaded(&server, &snap(1, 20_000), &records(base.clone())).await;
     let a = base[3];
     let new_number = 14_155_550_001;
     store
@@ -360,12 +317,8 @@ async fn a_delta_retried_after_a_crash_before_the_metadata(server: TestRedis) {
 /// While another importer holds `rn:lock`, imports are refused and leave
 /// the lock alone; once it is free they apply.
 async fn a_held_import_lock_refuses_imports(server: TestRedis) {
-    let store = connect(&server).await;
     let recs = records(us_numbers(14_155_550_000, 1, 100));
-    store
-        .apply_snapshot(&snap(5, 20_000), &recs, None)
-        .await
-        .expect("snapshot");
+    let store = loaded(&server, &snap(5, 20_000), &recs).await;
     let mut con = redis_conn(&server);
     let _: () = redis::cmd("SET")
         .arg("rn:lock")
@@ -389,12 +342,8 @@ async fn a_held_import_lock_refuses_imports(server: TestRedis) {
 }
 
 async fn crashed_snapshot_leftovers_are_deleted(server: TestRedis) {
-    let store = connect(&server).await;
     let recs = records(us_numbers(14_155_550_000, 1, 300));
-    store
-        .apply_snapshot(&snap(1, 20_000), &recs, None)
-        .await
-        .expect("snapshot");
+    let store = loaded(&server, &snap(1, 20_000), &recs).await;
     // What a snapshot import that crashed half-way leaves behind.
     let mut con = redis_conn(&server);
     let _: () = redis::cmd("HSET")
@@ -526,12 +475,8 @@ fn mixed_numbers() -> Vec<(u64, u16)> {
 /// numbers (suffix = n / nbuckets) in suffix order; written with SET alone
 /// (this Redis has no RESTORE), looked up with GET.
 async fn snapshot_buckets_are_packed_strings(server: TestRedis) {
-    let store = connect(&server).await;
     let data = mixed_numbers();
-    store
-        .apply_snapshot(&snap(1, 20_000), &records(data.clone()), None)
-        .await
-        .expect("snapshot");
+    let store = loaded(&server, &snap(1, 20_000), &records(data.clone())).await;
     let nbuckets = 12_000u64.div_ceil(256);
     assert!(command_calls(&server, "hset") < 5, "HSET only on the metadata");
     for (n, d) in data.iter().step_by(7) {
@@ -682,12 +627,8 @@ async fn a_layout_2_mirror_is_read_until_the_next_snapshot(server: TestRedis) {
 /// answer UNAVAILABLE, never "no record", singly and in batches; a delta
 /// refuses to merge into it.
 async fn a_bucket_of_another_generation_is_never_no_record(server: TestRedis) {
-    let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 3, 1000);
-    store
-        .apply_snapshot(&snap(1, 20_000), &records(data.clone()), None)
-        .await
-        .expect("snapshot");
+    let store = loaded(&server, &snap(1, 20_000), &records(data.clone())).await;
     let nbuckets = 4;
     let (n, _) = data[9];
     let key = format!("rn:g1:{}", n % nbuckets);
@@ -731,12 +672,8 @@ async fn a_bucket_of_another_generation_is_never_no_record(server: TestRedis) {
 }
 
 async fn lookups_fail_fast_while_redis_hangs_and_recover(mut server: TestRedis) {
-    let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 5, 500);
-    store
-        .apply_snapshot(&snap(1, 20_000), &records(data.clone()), None)
-        .await
-        .expect("snapshot");
+    let store = loaded(&server, &snap(1, 20_000), &records(data.clone())).await;
     assert!(lookup_day(&store, data[0].0).await.is_some());
 
     server.pause();
@@ -777,12 +714,8 @@ async fn lookups_fail_fast_while_redis_hangs_and_recover(mut server: TestRedis) 
 }
 
 async fn a_long_hang_replaces_the_connection_and_recovers(mut server: TestRedis) {
-    let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 5, 500);
-    store
-        .apply_snapshot(&snap(1, 20_000), &records(data.clone()), None)
-        .await
-        .expect("snapshot");
+    let store = loaded(&server, &snap(1, 20_000), &records(data.clone())).await;
     server.pause();
     // The fault is a hang of 1.5 s, long enough for three refreshes in a
     // row to time out (100 ms period, 200 ms timeout): the store replaces
@@ -808,12 +741,8 @@ async fn a_long_hang_replaces_the_connection_and_recovers(mut server: TestRedis)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_recovers_after_redis_restarts() {
     let mut server = TestRedis::start(Topology::Single);
-    let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 5, 500);
-    store
-        .apply_snapshot(&snap(1, 20_000), &records(data.clone()), None)
-        .await
-        .expect("snapshot");
+    let store = loaded(&server, &snap(1, 20_000), &records(data.clone())).await;
     server.single().stop();
     let started = Instant::now();
     assert!(store.lookup(number(data[0].0)).await.is_err());
@@ -899,12 +828,8 @@ async fn dropping_the_store_closes_its_connection(server: TestRedis) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_keys_spread_evenly_over_masters() {
     let server = TestRedis::start(Topology::Cluster);
-    let store = connect(&server).await;
     let data = us_numbers(14_155_550_000, 3, 20_000);
-    store
-        .apply_snapshot(&snap(1, 20_000), &records(data), None)
-        .await
-        .expect("snapshot");
+    let _store = loaded(&server, &snap(1, 20_000), &records(data)).await;
     let per_node: Vec<usize> = server
         .node_conns()
         .iter_mut()

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use reassigned::api::pb::{CheckNumberRequest, ReassignmentStatus};
-use reassigned::cli::rest_client::{RestClient, RestResponse, RestTls};
+use reassigned::cli::rest_client::{RestClient, RestResponse};
 use reassigned::config::ServeSettings;
 use reassigned::domain::Date;
 use reassigned::import::{self, NoProgress};
@@ -19,9 +19,10 @@ use reassigned::rest::{BATCH_PATH, CHECK_PATH, OPENAPI_PATH, OPENAPI_YAML};
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
 use serde_json::json;
+use support::log::{assert_has_all, captured, line_where};
 use support::redis::RedisServer;
 use support::register::FileSpec;
-use support::server::TestServer;
+use support::server::{TestServer, audit_secret, dead_redis};
 
 const A: &str = "+14155550001"; // disconnected 2024-05-01
 const ABSENT: &str = "+14155550099";
@@ -64,20 +65,8 @@ async fn loaded(tweak: impl FnOnce(&mut ServeSettings)) -> TestServer {
 /// token).
 async fn client_as(server: &TestServer, platform: &str, scope: Option<&str>) -> RestClient {
     let id = server.certs.client(platform);
-    let tls = RestTls::new(
-        server.certs.pki.ca_cert_pem().as_bytes(),
-        id.cert_pem.as_bytes(),
-        id.key_pem.as_bytes(),
-        "localhost",
-    )
-    .expect("client TLS");
     let token = scope.map(|scope| server.tokens.as_ref().expect("tokens").mint(&id, scope));
-    let addr = tokio::time::timeout(Duration::from_secs(10), server.handles.rest.wait())
-        .await
-        .expect("the REST port is bound");
-    RestClient::connect(&addr.to_string(), &tls, token.as_deref())
-        .await
-        .expect("connect")
+    server.rest_client(&id, token.as_deref()).await
 }
 
 /// A REST client as `platform-a` with every scope.
@@ -586,9 +575,7 @@ async fn rest_answers_are_audited() {
     apply(&store, snapshot()).await;
     let url = redis.url();
     let server = TestServer::start_in(store, |s, dir| {
-        let secret = dir.join("audit.secret");
-        std::fs::write(&secret, "a test secret of enough bytes\n").expect("secret");
-        s.audit_secret_file = Some(secret);
+        audit_secret(s, dir);
         s.data_dir = None;
         s.redis = Some(url);
         s.rest_listen = Some(([127, 0, 0, 1], 0).into());
@@ -635,14 +622,7 @@ async fn a_reload_that_distrusts_the_client_closes_its_rest_connection() {
         .is_err()
     })
     .await;
-    let id = server.certs.client("platform-a");
-    let tls = RestTls::new(
-        server.certs.pki.ca_cert_pem().as_bytes(),
-        id.cert_pem.as_bytes(),
-        id.key_pem.as_bytes(),
-        "localhost",
-    )
-    .expect("client TLS");
+    let tls = server.rest_tls(&server.certs.client("platform-a"));
     let addr = server.handles.rest.wait().await.to_string();
     // TLS 1.3: the refusal of the client certificate may come with the
     // first request rather than the handshake.
@@ -653,53 +633,12 @@ async fn a_reload_that_distrusts_the_client_closes_its_rest_connection() {
     server.stop().await;
 }
 
-/// Log lines of this test process (one global subscriber, set once).
-fn captured_log() -> &'static Arc<std::sync::Mutex<Vec<u8>>> {
-    static LOG: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
-    LOG.get_or_init(|| {
-        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let writer = log.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("info")
-            .with_ansi(false)
-            .with_writer(move || LogWriter(writer.clone()))
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
-        log
-    })
-}
-
-struct LogWriter(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The access line of the call with `request_id`, once written.
 async fn access_line(request_id: &str) -> String {
-    let log = captured_log();
-    let mut line = String::new();
-    support::poll::eventually("the REST access line", async || {
-        let text = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
-        match text
-            .lines()
-            .find(|l| l.contains("reassigned::access") && l.contains(&format!("request_id={request_id}")))
-        {
-            Some(l) => {
-                line = l.to_owned();
-                true
-            }
-            None => false,
-        }
+    line_where("the REST access line", |l| {
+        l.contains("reassigned::access") && l.contains(&format!("request_id={request_id}"))
     })
-    .await;
-    line
+    .await
 }
 
 /// The value of the sample `name` (with its labels) in `text`.
@@ -716,7 +655,7 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 /// number or the token.
 #[tokio::test]
 async fn rest_calls_are_counted_and_access_logged_with_the_number_hashed() {
-    let log = captured_log();
+    let log = captured();
     let mut secret_path = None;
     let store = embedded();
     apply(&store, snapshot()).await;
@@ -724,16 +663,9 @@ async fn rest_calls_are_counted_and_access_logged_with_the_number_hashed() {
         s.rest_listen = Some(([127, 0, 0, 1], 0).into());
         s.admin_listen = Some(([127, 0, 0, 1], 0).into());
         s.access_log = Some(true);
-        let secret = dir.join("audit.secret");
-        std::fs::write(&secret, "a test secret of enough bytes\n").expect("secret");
-        secret_path = Some(secret.clone());
-        s.audit_secret_file = Some(secret);
+        secret_path = Some(audit_secret(s, dir));
         // No audit sink listens: records are dropped, the answers go on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        s.audit_redis = Some(format!("redis://127.0.0.1:{port}/0"));
+        s.audit_redis = Some(dead_redis());
     })
     .await;
     let mut rest = client(&server).await;
@@ -820,32 +752,34 @@ async fn rest_calls_are_counted_and_access_logged_with_the_number_hashed() {
         .expect("key")
         .hmac_hex(A);
     let line = access_line("rest-obs-1").await;
-    for field in [
-        " INFO ",
-        "protocol=\"rest\"",
-        "platform=\"spiffe://dev.reassigned/platform-a\"",
-        "method=\"POST\"",
-        "route=\"/number-recycling/v0.2/check\"",
-        "code=200",
-        &format!("number_hmac=\"{hmac}\""),
-        "numbers=1",
-        "latency_us=",
-        "store_us=",
-        "trace_id=",
-    ] {
-        assert!(line.contains(field), "{field} missing from {line}");
-    }
+    assert_has_all(
+        &line,
+        &[
+            " INFO ",
+            "protocol=\"rest\"",
+            "platform=\"spiffe://dev.reassigned/platform-a\"",
+            "method=\"POST\"",
+            "route=\"/number-recycling/v0.2/check\"",
+            "code=200",
+            &format!("number_hmac=\"{hmac}\""),
+            "numbers=1",
+            "latency_us=",
+            "store_us=",
+            "trace_id=",
+        ],
+    );
     let line = access_line("rest-obs-2").await;
     assert!(line.contains("code=400"), "{line}");
     let line = access_line(&generated).await;
-    for field in [
-        "route=\"/v1/numbers:batchCheck\"",
-        "code=200",
-        "numbers=2",
-        "number_hmac=\"-\"",
-    ] {
-        assert!(line.contains(field), "{field} missing from {line}");
-    }
+    assert_has_all(
+        &line,
+        &[
+            "route=\"/v1/numbers:batchCheck\"",
+            "code=200",
+            "numbers=2",
+            "number_hmac=\"-\"",
+        ],
+    );
     let all = String::from_utf8_lossy(&log.lock().expect("lock")).into_owned();
     for digits in [&A[1..], &ABSENT[1..]] {
         assert!(!all.contains(digits), "a number appears in the log:\n{all}");

@@ -27,10 +27,11 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use support::bin::Killed;
 use support::poll::eventually;
+use support::server::tls_channel;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -163,19 +164,7 @@ impl Drop for Server {
 
 /// A TLS channel to `addr` as `client`, trusting `server_ca` for the server.
 async fn connect(addr: SocketAddr, client: &PemPair, server_ca: &DevPki) -> Result<Channel, String> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(server_ca.ca_cert_pem()))
-        .identity(Identity::from_pem(&client.cert_pem, &client.key_pem))
-        .domain_name("localhost");
-    Endpoint::from_shared(format!("https://{addr}"))
-        .map_err(|e| e.to_string())?
-        .tls_config(tls)
-        .map_err(|e| e.to_string())?
-        .connect_timeout(DEADLINE)
-        .timeout(DEADLINE)
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e:?}"))
+    tls_channel(addr, Some(client), server_ca.ca_cert_pem(), DEADLINE).await
 }
 
 /// One health call on `channel` (exempt from tokens, not from mTLS). With

@@ -5,7 +5,7 @@
 //!
 //! Each test is a generic async function over a [`Backend`] (a mirror and
 //! the way to open another handle onto it, as a second server replica
-//! would); [`store_contract!`] instantiates it once per store. Tests of one
+//! would); `per_store_tests!` instantiates it once per store. Tests of one
 //! store's internals stay with that store: Redis key layout, RESTORE
 //! payloads, the membership filter, faults injected into Redis and cluster
 //! slots in `tests/redis_store.rs`; the embedded store's memory and merge in
@@ -20,11 +20,12 @@ use std::time::Duration;
 
 use reassigned::domain::{Date, PhoneNumber};
 use reassigned::store::redis::RedisOptions;
-use reassigned::store::{EmbeddedStore, Records, RecordsError, RedisStore, Store, StoreError};
+use reassigned::store::{EmbeddedStore, Records, RecordsError, RedisStore, SnapshotWrite, Store, StoreError};
+use support::per_store_tests;
 use support::poll::eventually;
 use support::redis::RedisServer;
 use support::redis_cluster::RedisCluster;
-use support::writes::{COVERAGE_START, delta_write, snap};
+use support::writes::{COVERAGE_START, delta_write, lookup_day, number, records, snap, us_numbers};
 
 /// A mirror under test.
 trait Backend: Send + Sync {
@@ -34,6 +35,13 @@ trait Backend: Send + Sync {
     /// Another handle onto the same mirror (for Redis: a new connection
     /// with its own metadata cache, like another server replica).
     fn open(&self) -> impl Future<Output = Self::Store>;
+}
+
+/// A handle onto `backend` after importing `recs` as the snapshot `write`.
+async fn loaded<B: Backend>(backend: &B, write: &SnapshotWrite, recs: &Records) -> B::Store {
+    let store = backend.open().await;
+    store.apply_snapshot(write, recs, None).await.expect("snapshot");
+    store
 }
 
 /// The embedded store: every handle is the same in-process mirror.
@@ -77,29 +85,11 @@ impl Backend for Redis {
     }
 }
 
-/// Runs each contract test once per store.
-macro_rules! store_contract {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Embedded::start()).await })*
-        }
-        mod redis_single {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                super::$name(super::Redis::Single(super::RedisServer::start())).await
-            })*
-        }
-        mod redis_cluster {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                super::$name(super::Redis::Cluster(super::RedisCluster::start())).await
-            })*
-        }
-    };
-}
-
-store_contract!(
+// Runs each contract test once per store.
+per_store_tests!(
+    embedded => super::Embedded::start(),
+    redis_single => super::Redis::Single(super::RedisServer::start()),
+    redis_cluster => super::Redis::Cluster(super::RedisCluster::start());
     empty_mirror_answers_without_meta,
     lookups_hit_and_miss,
     snapshot_then_lookups,
@@ -133,19 +123,6 @@ fn n(s: &str) -> PhoneNumber {
     PhoneNumber::parse(s).expect("number")
 }
 
-fn number(value: u64) -> PhoneNumber {
-    PhoneNumber::from_value(value).expect("valid number")
-}
-
-/// Records from (number, day) pairs, sorted and one per number, as the
-/// importer hands them over.
-fn records(mut pairs: Vec<(u64, u16)>) -> Records {
-    pairs.sort_unstable();
-    pairs.dedup_by_key(|p| p.0);
-    let (numbers, days) = pairs.into_iter().unzip();
-    Records::new(numbers, days).expect("valid records")
-}
-
 /// Records from (E.164 number, ISO date) rows.
 fn rows(rows: &[(&str, &str)]) -> Records {
     records(
@@ -153,22 +130,6 @@ fn rows(rows: &[(&str, &str)]) -> Records {
             .map(|(num, date)| (n(num).value(), u16::try_from(days(date)).expect("day")))
             .collect(),
     )
-}
-
-/// `count` US numbers from `first`, `step` apart, with varying dates.
-fn us_numbers(first: u64, step: u64, count: u64) -> Vec<(u64, u16)> {
-    (0..count)
-        .map(|i| (first + i * step, 19_000 + (i % 1000) as u16))
-        .collect()
-}
-
-async fn lookup_day(store: &impl Store, value: u64) -> Option<i32> {
-    store
-        .lookup(number(value))
-        .await
-        .expect("lookup")
-        .found
-        .map(|d| d.days())
 }
 
 /// A mirror of A (2024-01-01) and B (2024-05-01) at sequence 1.
@@ -227,12 +188,8 @@ async fn lookups_hit_and_miss(backend: impl Backend) {
 }
 
 async fn snapshot_then_lookups(backend: impl Backend) {
-    let store = backend.open().await;
     let data = us_numbers(14_155_550_000, 3, 1000);
-    store
-        .apply_snapshot(&snap(1, 20_100), &records(data.clone()), None)
-        .await
-        .expect("snapshot");
+    let store = loaded(&backend, &snap(1, 20_100), &records(data.clone())).await;
 
     // Hits and misses, with the metadata they were read under.
     let hit = store.lookup(number(data[10].0)).await.expect("lookup");
@@ -273,14 +230,10 @@ async fn snapshot_then_lookups(backend: impl Backend) {
 /// Enough records for many blocks of the embedded index and many Redis
 /// buckets: every number is found, the next number (absent) is not.
 async fn lookups_across_many_blocks(backend: impl Backend) {
-    let store = backend.open().await;
     let data: Vec<(u64, u16)> = (0..10_000u64)
         .map(|i| (14_155_550_000 + i * 3, (i % 20_000) as u16))
         .collect();
-    store
-        .apply_snapshot(&snap(1, 20_100), &records(data.clone()), None)
-        .await
-        .expect("snapshot");
+    let store = loaded(&backend, &snap(1, 20_100), &records(data.clone())).await;
     for &(num, day) in &data {
         assert_eq!(lookup_day(&store, num).await, Some(i32::from(day)), "{num}");
         assert_eq!(lookup_day(&store, num + 1).await, None, "{}", num + 1);
@@ -290,12 +243,8 @@ async fn lookups_across_many_blocks(backend: impl Backend) {
 /// Batches and deltas that touch many buckets: on a cluster they span every
 /// node and many slots.
 async fn big_batches_and_deltas_over_many_buckets(backend: impl Backend) {
-    let store = backend.open().await;
     let data = us_numbers(12_015_550_000, 7, 20_000);
-    store
-        .apply_snapshot(&snap(1, 20_000), &records(data.clone()), None)
-        .await
-        .expect("snapshot");
+    let store = loaded(&backend, &snap(1, 20_000), &records(data.clone())).await;
     // A batch of 2000: every 20th number, and the number after each (absent).
     let asked: Vec<PhoneNumber> = data
         .iter()
@@ -734,12 +683,8 @@ async fn applied_checksums_remember_the_files(backend: impl Backend) {
 /// generation; and it does answer misses once the store can prove them
 /// (the embedded store always, Redis once its membership filter is loaded).
 async fn lookup_now_agrees_with_lookup(backend: impl Backend) {
-    let store = backend.open().await;
     let data = us_numbers(14_155_550_000, 3, 1000);
-    store
-        .apply_snapshot(&snap(1, 20_100), &records(data.clone()), None)
-        .await
-        .expect("snapshot");
+    let store = loaded(&backend, &snap(1, 20_100), &records(data.clone())).await;
     let miss = number(14_155_550_001);
     eventually("a miss is answered in process", async || {
         store.lookup_now(miss).is_some()

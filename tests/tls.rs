@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -13,11 +15,12 @@ use reassigned::server::auth::AuthLayer;
 use reassigned::server::tls::{TlsFiles, TlsMaterial};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use support::server::tls_channel;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
@@ -81,21 +84,7 @@ impl TestServer {
     }
 
     async fn channel_trusting(&self, identity: Option<&PemPair>, ca_pem: &str) -> Result<Channel, String> {
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca_pem))
-            .domain_name("localhost");
-        if let Some(id) = identity {
-            tls = tls.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
-        }
-        Endpoint::from_shared(format!("https://{}", self.addr))
-            .map_err(|e| e.to_string())?
-            .tls_config(tls)
-            .map_err(|e| e.to_string())?
-            .connect_timeout(DEADLINE)
-            .timeout(DEADLINE)
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {e:?}"))
+        tls_channel(self.addr, identity, ca_pem, DEADLINE).await
     }
 
     /// Health check of the whole server; `Err` describes any failure.
@@ -166,6 +155,16 @@ fn leaf_der(pem: &str) -> CertificateDer<'static> {
     CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
 }
 
+/// Waits, up to [`DEADLINE`], until the server closes `stream`: EOF or a
+/// reset, never data; fails the test with `what` if it stays open.
+async fn assert_closed(stream: &mut TcpStream, what: &str) {
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+        .await
+        .expect(what);
+    assert!(matches!(read, Ok(0) | Err(_)), "unexpected data: {read:?}");
+}
+
 #[tokio::test]
 async fn valid_client_gets_serving() {
     let pki = DevPki::new().unwrap();
@@ -224,11 +223,7 @@ async fn silent_client_does_not_block_others_and_is_dropped() {
 
     // The server closes the silent connection once the handshake times out:
     // wait for EOF (or a reset) under a deadline.
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(DEADLINE, silent.read(&mut buf))
-        .await
-        .expect("silent connection was not closed");
-    assert!(matches!(read, Ok(0) | Err(_)), "unexpected data: {read:?}");
+    assert_closed(&mut silent, "silent connection was not closed").await;
     assert!(
         started.elapsed() >= Duration::from_millis(250),
         "closed before the handshake timeout"
@@ -258,11 +253,7 @@ async fn at_the_handshake_cap_the_oldest_pending_handshake_is_shed() {
         "the newcomer waited {:?}",
         started.elapsed()
     );
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(DEADLINE, silent.read(&mut buf))
-        .await
-        .expect("the oldest pending handshake was not shed");
-    assert!(matches!(read, Ok(0) | Err(_)), "unexpected data: {read:?}");
+    assert_closed(&mut silent, "the oldest pending handshake was not shed").await;
     server.stop().await;
 }
 
@@ -281,11 +272,8 @@ async fn per_address_cap_sheds_that_address_oldest_first() {
     // The third connection from 127.0.0.1 sheds the oldest, not the second.
     let client = pki.client("platform-a").unwrap();
     assert_eq!(server.health(Some(&client)).await, Ok(ServingStatus::Serving));
+    assert_closed(&mut oldest, "the oldest was not shed").await;
     let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(DEADLINE, oldest.read(&mut buf))
-        .await
-        .expect("the oldest was not shed");
-    assert!(matches!(read, Ok(0) | Err(_)), "unexpected data: {read:?}");
     let second_read = tokio::time::timeout(Duration::from_millis(300), second.read(&mut buf)).await;
     assert!(second_read.is_err(), "the second was closed too: {second_read:?}");
     server.stop().await;
@@ -302,11 +290,7 @@ async fn a_client_that_sends_nothing_is_dropped_at_the_first_byte_deadline() {
     let server = TestServer::start(&pki, opts).await;
     let started = Instant::now();
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(DEADLINE, silent.read(&mut buf))
-        .await
-        .expect("the silent connection was not closed");
-    assert!(matches!(read, Ok(0) | Err(_)), "unexpected data: {read:?}");
+    assert_closed(&mut silent, "the silent connection was not closed").await;
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(250) && waited < Duration::from_secs(10),

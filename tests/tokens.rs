@@ -19,7 +19,7 @@ use reassigned::cli::token::{IssuerKey, KeyAlg, jwks_json, now_secs};
 use reassigned::import::{self, NoProgress};
 use reassigned::server::token::{TokenClaims, scope};
 use reassigned::store::{AnyStore, EmbeddedStore};
-use support::bin::{Killed, bin, run};
+use support::bin::{Killed, bin, connect_as_platform_a, dev_certs, dev_tls_args, free_port, run};
 use support::poll::eventually;
 use support::register::FileSpec;
 use support::server::{Bearer, TestChannel, TestServer};
@@ -284,32 +284,22 @@ async fn wrong_issuer_or_audience_is_refused() {
 #[tokio::test]
 async fn unknown_kid_and_foreign_signature_are_refused() {
     let env = serve().await;
-    let unknown = IssuerKey::generate(KeyAlg::Es256, Some("not-in-the-jwks")).expect("key");
-    let token = minted(&env, &unknown, |_| {});
-    assert_refused(
-        check_with(&env, Bearer::new(&token)).await,
-        Code::Unauthenticated,
-        "unknown key",
-        &token,
-    );
-    // another key that claims the server's kid
-    let impostor = IssuerKey::generate(KeyAlg::Es256, Some(support::server::KID)).expect("key");
-    let token = minted(&env, &impostor, |_| {});
-    assert_refused(
-        check_with(&env, Bearer::new(&token)).await,
-        Code::Unauthenticated,
-        "signature is invalid",
-        &token,
-    );
-    // an EdDSA key under the server's kid: the algorithm does not match the key
-    let ed = IssuerKey::generate(KeyAlg::EdDsa, Some(support::server::KID)).expect("key");
-    let token = minted(&env, &ed, |_| {});
-    assert_refused(
-        check_with(&env, Bearer::new(&token)).await,
-        Code::Unauthenticated,
-        "algorithm",
-        &token,
-    );
+    for (alg, kid, reason) in [
+        (KeyAlg::Es256, "not-in-the-jwks", "unknown key"),
+        // another key that claims the server's kid
+        (KeyAlg::Es256, support::server::KID, "signature is invalid"),
+        // an EdDSA key under the server's kid: the algorithm does not match the key
+        (KeyAlg::EdDsa, support::server::KID, "algorithm"),
+    ] {
+        let key = IssuerKey::generate(alg, Some(kid)).expect("key");
+        let token = minted(&env, &key, |_| {});
+        assert_refused(
+            check_with(&env, Bearer::new(&token)).await,
+            Code::Unauthenticated,
+            reason,
+            &token,
+        );
+    }
     env.server.stop().await;
 }
 
@@ -536,13 +526,9 @@ async fn without_tokens_the_certificate_is_enough() {
 #[tokio::test]
 async fn cli_keys_generate_and_token_mint_are_accepted_by_serve() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (certs, keys, data) = (
-        dir.path().join("certs"),
-        dir.path().join("keys"),
-        dir.path().join("data"),
-    );
+    let (keys, data) = (dir.path().join("keys"), dir.path().join("data"));
     std::fs::create_dir_all(&data).expect("data dir");
-    run(bin().args(["certs", "dev", "--out"]).arg(&certs));
+    let certs = dev_certs(dir.path());
     run(bin()
         .args(["keys", "generate", "--alg", "EdDSA", "--kid", "cli-key", "--out"])
         .arg(&keys));
@@ -572,20 +558,7 @@ async fn cli_keys_generate_and_token_mint_are_accepted_by_serve() {
     );
 
     // tokens are on by default: serve refuses without a JWKS
-    let base = |cmd: &mut Command| {
-        cmd.arg("serve")
-            .arg("--tls-cert")
-            .arg(certs.join("server.pem"))
-            .arg("--tls-key")
-            .arg(certs.join("server.key"))
-            .arg("--client-ca")
-            .arg(certs.join("ca.pem"))
-            .arg("--data-dir")
-            .arg(&data);
-    };
-    let mut refused = bin();
-    base(&mut refused);
-    let out = refused.output().expect("run");
+    let out = serve_command(&certs, &data).output().expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--jwks") && err.contains("--no-tokens"), "{err}");
@@ -621,9 +594,7 @@ async fn cli_keys_generate_and_token_mint_are_accepted_by_serve() {
             .success()
     );
 
-    let mut serve = bin();
-    base(&mut serve);
-    let (_server, channel) = spawn_serve(serve, &certs, &keys.join("jwks.json")).await;
+    let (_server, channel) = spawn_serve(serve_command(&certs, &data), &certs, &keys.join("jwks.json")).await;
     let status = call(
         tonic::service::interceptor::InterceptedService::new(channel.clone(), Bearer::new(&token)),
         Method::Status,
@@ -642,13 +613,21 @@ async fn cli_keys_generate_and_token_mint_are_accepted_by_serve() {
     );
 }
 
+/// `reassigned serve` (tokens on by default) with the dev certificates in
+/// `certs` and the embedded store in `data`.
+fn serve_command(certs: &Path, data: &Path) -> Command {
+    let mut cmd = bin();
+    cmd.arg("serve")
+        .args(dev_tls_args(certs))
+        .arg("--data-dir")
+        .arg(data);
+    cmd
+}
+
 /// Spawns `serve` (TLS settings already given) with `jwks` on a free port and
 /// connects to it as platform-a.
 async fn spawn_serve(mut serve: Command, certs: &Path, jwks: &Path) -> (Killed, tonic::transport::Channel) {
-    // A child process cannot take over our listener: pick a port and hand it on.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    drop(listener);
+    let port = free_port();
     let server = Killed(
         serve
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -665,7 +644,7 @@ async fn spawn_serve(mut serve: Command, certs: &Path, jwks: &Path) -> (Killed, 
             .spawn()
             .expect("spawn serve"),
     );
-    let channel = support::bin::connect_as_platform_a(certs, port).await;
+    let channel = connect_as_platform_a(certs, port).await;
     (server, channel)
 }
 
@@ -676,9 +655,9 @@ async fn spawn_serve(mut serve: Command, certs: &Path, jwks: &Path) -> (Killed, 
 #[tokio::test]
 async fn sighup_reloads_the_jwks() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (certs, data) = (dir.path().join("certs"), dir.path().join("data"));
+    let data = dir.path().join("data");
     std::fs::create_dir_all(&data).expect("data dir");
-    run(bin().args(["certs", "dev", "--out"]).arg(&certs));
+    let certs = dev_certs(dir.path());
     let one = IssuerKey::generate(KeyAlg::Es256, Some("key-one")).expect("key");
     let two = IssuerKey::generate(KeyAlg::Es256, Some("key-two")).expect("key");
     let jwks = dir.path().join("jwks.json");
@@ -697,18 +676,7 @@ async fn sighup_reloads_the_jwks() {
     };
     let (token_one, token_two) = (mint(&one), mint(&two));
 
-    let mut serve = bin();
-    serve
-        .arg("serve")
-        .arg("--tls-cert")
-        .arg(certs.join("server.pem"))
-        .arg("--tls-key")
-        .arg(certs.join("server.key"))
-        .arg("--client-ca")
-        .arg(certs.join("ca.pem"))
-        .arg("--data-dir")
-        .arg(&data);
-    let (server, channel) = spawn_serve(serve, &certs, &jwks).await;
+    let (server, channel) = spawn_serve(serve_command(&certs, &data), &certs, &jwks).await;
     let with = |token: &str| {
         tonic::service::interceptor::InterceptedService::new(channel.clone(), Bearer::new(token))
     };
@@ -861,7 +829,6 @@ async fn one_connection_remembers_its_token_but_checks_it_on_every_call() {
 #[test]
 #[ignore]
 fn verify_cost() {
-    use reassigned::server::token::{TokenConfig, TokenVerifier};
     use rustls_pki_types::pem::PemObject as _;
     let pki = reassigned::cli::certs::DevPki::new().expect("ca");
     let me = pki.client("platform-a").expect("cert");
@@ -869,16 +836,7 @@ fn verify_cost() {
     let platform = reassigned::identity::platform_from_cert(&der).expect("platform");
     let dir = tempfile::tempdir().expect("tempdir");
     for alg in [KeyAlg::Es256, KeyAlg::EdDsa] {
-        let key = IssuerKey::generate(alg, Some("k")).expect("key");
-        let jwks = dir.path().join("jwks.json");
-        std::fs::write(&jwks, jwks_json(&[&key])).expect("jwks");
-        let verifier = TokenVerifier::load(TokenConfig {
-            jwks,
-            issuer: "i".into(),
-            audience: "a".into(),
-            max_lifetime_secs: Some(86_400),
-        })
-        .expect("verifier");
+        let (key, verifier) = support::server::key_and_verifier(dir.path(), alg);
         let tokens: Vec<String> = (0..500)
             .map(|n| {
                 let mut claims = reassigned::cli::token::claims_for_cert(

@@ -3,7 +3,9 @@
 //! is killed when dropped (polling with a deadline is [`super::poll`]).
 #![allow(dead_code)]
 
-use std::process::{Child, Command, Output};
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// `reassigned` with none of the `REASSIGNED_*` settings of the caller's
@@ -67,25 +69,47 @@ pub fn free_port() -> u16 {
         .expect("port")
 }
 
+/// `--tls-cert`, `--tls-key` and `--client-ca` with the dev certificates in
+/// `certs` (`reassigned certs dev`): `server.pem`, `server.key`, `ca.pem`.
+pub fn dev_tls_args(certs: &Path) -> [OsString; 6] {
+    [
+        "--tls-cert".into(),
+        certs.join("server.pem").into(),
+        "--tls-key".into(),
+        certs.join("server.key").into(),
+        "--client-ca".into(),
+        certs.join("ca.pem").into(),
+    ]
+}
+
+/// Runs `reassigned certs dev --out <dir>/certs`; returns that directory.
+pub fn dev_certs(dir: &Path) -> PathBuf {
+    let certs = dir.join("certs");
+    run(bin().args(["certs", "dev", "--out"]).arg(&certs));
+    certs
+}
+
+/// `reassigned serve` (mTLS only, no tokens) listening on 127.0.0.1:`port`
+/// with the dev certificates in `certs` ([`dev_tls_args`]); the caller adds
+/// the store and other flags and says where the output goes.
+pub fn serve_dev_command(certs: &Path, port: u16) -> Command {
+    let mut cmd = bin();
+    cmd.args(["serve", "--no-tokens", "--listen", &format!("127.0.0.1:{port}")])
+        .args(dev_tls_args(certs));
+    cmd
+}
+
 /// Starts `reassigned serve` (mTLS only, no tokens) on a free port with the
 /// dev certificates of `dir/certs` (`reassigned certs dev`), `store_args`
 /// (e.g. `--data-dir D` or `--redis URL`) and `extra` flags; its output
 /// discarded.
-pub fn serve_dev(dir: &std::path::Path, store_args: &[String], extra: &[&std::ffi::OsStr]) -> (Killed, u16) {
+pub fn serve_dev(dir: &Path, store_args: &[String], extra: &[&OsStr]) -> (Killed, u16) {
     let port = free_port();
-    let certs = dir.join("certs");
-    let child = bin()
-        .args(["serve", "--no-tokens", "--listen", &format!("127.0.0.1:{port}")])
+    let child = serve_dev_command(&dir.join("certs"), port)
         .args(store_args)
         .args(extra)
-        .arg("--tls-cert")
-        .arg(certs.join("server.pem"))
-        .arg("--tls-key")
-        .arg(certs.join("server.key"))
-        .arg("--client-ca")
-        .arg(certs.join("ca.pem"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .expect("spawn serve");
     (Killed(child), port)
@@ -94,13 +118,36 @@ pub fn serve_dev(dir: &std::path::Path, store_args: &[String], extra: &[&std::ff
 /// A mutual-TLS channel to a `reassigned serve` child on 127.0.0.1:`port`, as
 /// `platform-a` of the dev certificates in `certs` (`reassigned certs dev`);
 /// retried until the child listens, failing after 30 s.
-pub async fn connect_as_platform_a(certs: &std::path::Path, port: u16) -> tonic::transport::Channel {
+pub async fn connect_as_platform_a(certs: &Path, port: u16) -> tonic::transport::Channel {
     connect_as(certs, "platform-a", port).await
+}
+
+/// A `ReassignedNumbers` client over [`connect_as_platform_a`].
+pub async fn numbers_client(
+    certs: &Path,
+    port: u16,
+) -> reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient<tonic::transport::Channel> {
+    reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient::new(
+        connect_as_platform_a(certs, port).await,
+    )
+}
+
+/// `GetMirrorStatus` on `client`; fails the test if the call fails.
+pub async fn mirror_status(
+    client: &mut reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient<
+        tonic::transport::Channel,
+    >,
+) -> reassigned::api::pb::GetMirrorStatusResponse {
+    client
+        .get_mirror_status(reassigned::api::pb::GetMirrorStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
 }
 
 /// Like [`connect_as_platform_a`], as `who` (`<who>.pem`/`.key` in `certs`,
 /// e.g. `operator-a`).
-pub async fn connect_as(certs: &std::path::Path, who: &str, port: u16) -> tonic::transport::Channel {
+pub async fn connect_as(certs: &Path, who: &str, port: u16) -> tonic::transport::Channel {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let read = |f: &str| std::fs::read_to_string(certs.join(f)).expect("read pem");
     let tls = ClientTlsConfig::new()

@@ -7,9 +7,11 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use super::bin::free_port;
 
 /// How long a start or a stop may take.
 const DEADLINE: Duration = Duration::from_secs(15);
@@ -182,13 +184,7 @@ impl RedisServer {
     }
 
     fn signal(&self, signal: &str) {
-        let pid = self.pid().expect("redis-server is running");
-        let status = Command::new("kill")
-            .arg(signal)
-            .arg(pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {signal} {pid} failed");
+        signal_pid(self.pid().expect("redis-server is running"), signal);
     }
 
     /// Starts the process and waits until it answers; false if it exited
@@ -244,11 +240,15 @@ impl Drop for RedisServer {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+/// Sends `signal` (e.g. `-STOP`) to process `pid`; fails the test if it
+/// cannot be sent.
+pub fn signal_pid(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(signal)
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {pid} failed");
 }
 
 /// Sends one inline command and returns the first chunk of the reply.

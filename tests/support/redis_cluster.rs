@@ -6,6 +6,8 @@
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+
+use super::redis::signal_pid;
 use std::time::{Duration, Instant};
 
 /// How long starting the cluster may take.
@@ -278,13 +280,7 @@ impl RedisCluster {
 
     fn signal(&self, signal: &str) {
         for node in &self.nodes {
-            let pid = node.child.id();
-            let status = Command::new("kill")
-                .arg(signal)
-                .arg(pid.to_string())
-                .status()
-                .expect("run kill");
-            assert!(status.success(), "kill {signal} {pid} failed");
+            signal_pid(node.child.id(), signal);
         }
     }
 
@@ -317,15 +313,6 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn signal_pid(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .arg(signal)
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill {signal} {pid} failed");
 }
 
 fn spawn_node(port: u16, extra_args: &[&str]) -> Result<Node, String> {

@@ -6,17 +6,20 @@
 //! their certificate; [`TestServer::start_without_tokens`] serves mTLS only.
 #![allow(dead_code)]
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use reassigned::api::pb::reassigned_numbers_client::ReassignedNumbersClient;
+use reassigned::api::pb::{CheckNumberRequest, GetMirrorStatusRequest, GetMirrorStatusResponse};
 use reassigned::cli::certs::{ClientCertSpec, DevPki, PemPair};
+use reassigned::cli::rest_client::{RestClient, RestTls};
 use reassigned::cli::token::{IssuerKey, KeyAlg, claims_for_cert, jwks_json};
 use reassigned::config::{ServeConfig, ServeSettings};
 use reassigned::server::Handles;
-use reassigned::server::token::{TokenClaims, TokenVerifier, scope};
+use reassigned::server::token::{TokenClaims, TokenConfig, TokenVerifier, scope};
 use reassigned::store::AnyStore;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -135,10 +138,101 @@ impl Certs {
     }
 }
 
+/// An issuer key (`alg`, kid `k`) and a verifier that trusts it alone
+/// (issuer `i`, audience `a`, lifetimes up to a day), its JWKS written into
+/// `dir`.
+pub fn key_and_verifier(dir: &Path, alg: KeyAlg) -> (IssuerKey, TokenVerifier) {
+    let key = IssuerKey::generate(alg, Some("k")).expect("key");
+    let jwks = write(dir, "jwks.json", &jwks_json(&[&key]));
+    let verifier = TokenVerifier::load(TokenConfig {
+        jwks,
+        issuer: "i".into(),
+        audience: "a".into(),
+        max_lifetime_secs: Some(86_400),
+    })
+    .expect("verifier");
+    (key, verifier)
+}
+
+/// Writes an audit secret into `dir` and sets it as the audit secret of
+/// `settings`; returns its path (to compute the expected number HMACs).
+pub fn audit_secret(settings: &mut ServeSettings, dir: &Path) -> PathBuf {
+    let secret = write(dir, "audit.secret", "a test secret of enough bytes\n");
+    settings.audit_secret_file = Some(secret.clone());
+    secret
+}
+
+/// A Redis URL where no Redis listens (a dead audit sink).
+pub fn dead_redis() -> String {
+    format!("redis://127.0.0.1:{}/0", super::bin::free_port())
+}
+
+/// A `CheckNumber` request for `phone_number` since `since`, no receipt.
+pub fn check_request(phone_number: &str, since: &str) -> CheckNumberRequest {
+    CheckNumberRequest {
+        phone_number: phone_number.into(),
+        since: since.into(),
+        ..Default::default()
+    }
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write pem");
     path
+}
+
+/// A TLS channel to `addr` presenting `identity` (or no client certificate)
+/// and trusting `ca_pem` for the server (named `localhost`), with `timeout`
+/// on the connection and on every call; `Err` describes the failure.
+pub async fn tls_channel(
+    addr: SocketAddr,
+    identity: Option<&PemPair>,
+    ca_pem: &str,
+    timeout: Duration,
+) -> Result<Channel, String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some(id) = identity {
+        tls = tls.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))
+}
+
+/// A client certificate written to files, for the binary's client commands
+/// (`publish`, `watch`, `health`, ...) against a [`TestServer`].
+pub struct ClientFiles {
+    /// The certificate and key.
+    pub identity: PemPair,
+    /// The CA that signed the server's certificate.
+    pub ca: PathBuf,
+    /// The certificate file.
+    pub cert: PathBuf,
+    /// The key file.
+    pub key: PathBuf,
+}
+
+impl ClientFiles {
+    /// `--ca`, `--cert` and `--key` for this client.
+    pub fn args(&self) -> [OsString; 6] {
+        [
+            "--ca".into(),
+            self.ca.clone().into(),
+            "--cert".into(),
+            self.cert.clone().into(),
+            "--key".into(),
+            self.key.clone().into(),
+        ]
+    }
 }
 
 /// A running server; stop it with [`TestServer::stop`] so its errors and
@@ -286,9 +380,56 @@ impl TestServer {
             .expect("connect")
     }
 
+    /// A valid client certificate for `platform`, written into `dir` as
+    /// `<platform>.pem` and `<platform>.key`.
+    pub fn client_files(&self, platform: &str, dir: &Path) -> ClientFiles {
+        let identity = self.certs.client(platform);
+        let cert = write(dir, &format!("{platform}.pem"), &identity.cert_pem);
+        let key = write(dir, &format!("{platform}.key"), &identity.key_pem);
+        ClientFiles {
+            identity,
+            ca: self.certs.ca.clone(),
+            cert,
+            key,
+        }
+    }
+
     /// A `ReassignedNumbers` client as `platform-a`.
     pub async fn client(&self) -> ReassignedNumbersClient<TestChannel> {
         ReassignedNumbersClient::new(self.channel("platform-a").await)
+    }
+
+    /// Client TLS for the REST face: presenting `identity`, trusting this
+    /// server's CA.
+    pub fn rest_tls(&self, identity: &PemPair) -> RestTls {
+        RestTls::new(
+            self.certs.pki.ca_cert_pem().as_bytes(),
+            identity.cert_pem.as_bytes(),
+            identity.key_pem.as_bytes(),
+            "localhost",
+        )
+        .expect("client TLS")
+    }
+
+    /// A REST client presenting `identity` and sending `token` (if any) as
+    /// a bearer token; waits up to 10 s for the REST port to be bound.
+    pub async fn rest_client(&self, identity: &PemPair, token: Option<&str>) -> RestClient {
+        let addr = tokio::time::timeout(Duration::from_secs(10), self.handles.rest.wait())
+            .await
+            .expect("the REST port is bound");
+        RestClient::connect(&addr.to_string(), &self.rest_tls(identity), token)
+            .await
+            .expect("connect")
+    }
+
+    /// `GetMirrorStatus` as `platform-a`; fails the test if the call fails.
+    pub async fn mirror_status(&self) -> GetMirrorStatusResponse {
+        self.client()
+            .await
+            .get_mirror_status(GetMirrorStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
     }
 
     /// Signals shutdown and waits for the server to stop; fails the test if it
