@@ -820,7 +820,7 @@ fn render_store(out: &mut String, sources: &Sources, meta: Option<&crate::domain
         out,
         "reassigned_store_call_seconds",
         "histogram",
-        "Latency of the server's store calls (lookups, health pings, metadata reads), seconds.",
+        "Latency of the server's store calls (lookups, health pings, metadata reads), seconds; lookups answered in process count as 0.",
     );
     for op in Op::ALL {
         let labels = format!("store=\"{store}\",op=\"{}\"", op.label());
