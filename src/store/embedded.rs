@@ -7,7 +7,10 @@
 //!
 //! In front of the records sits a [`Membership`] filter (1 byte per
 //! record): a number without a record, most of those asked about, is
-//! answered after one cache line instead of the records' searches.
+//! answered after one cache line instead of the records' searches. A
+//! generation's filter is built for its records once it is published and
+//! the previous generation let go (the records answer alone meanwhile),
+//! so two filters are never held at once.
 //!
 //! The records and the metadata describing them form one immutable `State`
 //! generation behind an [`ArcSwapOption`]: a lookup loads the current
@@ -32,10 +35,10 @@ use crate::domain::{Date, MirrorMeta, PhoneNumber};
 /// One immutable generation of the mirror.
 struct State {
     records: Records,
-    /// Holds every number of `records` (and, after a delta, possibly some
-    /// more: see [`EmbeddedStore::merge_delta`]); `None` while a first
-    /// load defers it ([`EmbeddedStore::defer_filter`]): the records alone
-    /// then answer, as correctly and more slowly.
+    /// Holds every number of `records`; `None` while a first load defers
+    /// it ([`EmbeddedStore::defer_filter`]) and while a delta's merged
+    /// generation waits for its own: the records alone then answer, as
+    /// correctly and more slowly.
     filter: Option<Arc<Membership>>,
     meta: Arc<MirrorMeta>,
 }
@@ -278,15 +281,6 @@ impl EmbeddedStore {
                 old.meta.sequence
             )));
         }
-        // The delta's numbers join the filter in use, before the merged
-        // generation that shares it is published: its readers then see
-        // only more false positives (answered by the records), and the
-        // merged generation's numbers are all in it. No second filter.
-        if let Some(filter) = &old.filter {
-            for n in records.numbers() {
-                filter.insert(n);
-            }
-        }
         let merged = merge(&old.records, records)?;
         let meta = MirrorMeta {
             sequence: delta.sequence,
@@ -295,23 +289,19 @@ impl EmbeddedStore {
             last_import_unix: now_unix(),
             ..(*old.meta).clone()
         };
-        let filter = old.filter.clone();
         let meta = Arc::new(meta);
-        let outgrown = filter
-            .as_ref()
-            .is_some_and(|f| merged.len() > f.capacity().saturating_add(f.capacity() / 2));
+        let had_filter = old.filter.is_some();
+        // Published without a filter (the records alone answer, the same),
+        // then the old generation is let go and the merged one gets its
+        // filter: two generations' records are held, never two filters.
         self.state.store(Some(Arc::new(State {
             records: merged.clone(),
-            filter,
+            filter: None,
             meta: Arc::clone(&meta),
         })));
         self.record_applied(delta.sequence, Kind::Delta, &delta.sha256);
-        if outgrown {
-            // More numbers than it was sized for: false positives grow, so
-            // it is rebuilt for the merged records, once the old
-            // generation is let go (never two generations' records and two
-            // filters at once).
-            drop(old);
+        drop(old);
+        if had_filter && !self.filter_deferred.load(Ordering::Acquire) {
             let filter = Some(filter_of(&merged));
             self.state.store(Some(Arc::new(State {
                 records: merged,
@@ -463,35 +453,26 @@ mod tests {
             .expect("snapshot");
     }
 
-    /// Deltas add their numbers to the filter in use; one that outgrows it
-    /// gets a new one. Either way every record is found and the numbers
-    /// without one are not.
+    /// Each delta's merged generation gets a filter of its own, for all
+    /// its records: every record is found and the numbers without one are
+    /// not.
     #[tokio::test]
-    async fn the_filter_follows_deltas_and_is_rebuilt_when_outgrown() {
+    async fn each_delta_gets_a_filter_for_the_merged_records() {
         let store = EmbeddedStore::new();
         let base = 14_155_550_000u64;
         hundred_records(&store, base).await;
-        // Small delta: shares the filter; large one (x11): a new filter.
+        let capacity = |store: &EmbeddedStore| {
+            let state = store.state.load_full().expect("state");
+            state.filter.as_ref().expect("a filter").capacity()
+        };
+        assert_eq!(capacity(&store), 100);
         let small = Records::new(vec![base + 1, base + 3], vec![20_001; 2]).expect("records");
         store.apply_delta(&delta(2), &small).await.expect("delta 2");
+        assert_eq!(capacity(&store), 102);
         let large = Records::new((0..1000).map(|i| base + 5 + i * 10).collect(), vec![20_002; 1000])
             .expect("records");
-        let shared = store
-            .state
-            .load_full()
-            .expect("state")
-            .filter
-            .as_ref()
-            .expect("filter")
-            .capacity();
         store.apply_delta(&delta(3), &large).await.expect("delta 3");
-        let state = store.state.load_full().expect("state");
-        assert_eq!(shared, 100);
-        assert_eq!(
-            state.filter.as_ref().expect("filter").capacity(),
-            1102,
-            "rebuilt for the merged records"
-        );
+        assert_eq!(capacity(&store), 1102);
         let found = |n: u64| store.get(PhoneNumber::from_value(n).expect("n")).found;
         let day = |d| Some(Date::from_days(d));
         assert!((0..100).all(|i| found(base + i * 10) == day(20_000)));

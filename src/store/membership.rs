@@ -14,27 +14,24 @@
 //! asserts under 4%), which only sends those numbers on to the records.
 //!
 //! **Never a false negative.** A number inserted is always reported as
-//! possibly present. The bits are atomic so that a delta can add its
-//! numbers to the filter the current generation is already using
-//! (readers then only see more false positives, which the records answer)
-//! before the merged generation, which shares the filter, is swapped in:
-//! a delta costs no second filter.
+//! possibly present. A filter is built once, for a generation's numbers,
+//! and never changes: a delta's merged generation gets a new one (see
+//! `EmbeddedStore`). Its bytes are [`Pages`]: huge pages where the system
+//! offers them, so the one cache line a lookup reads costs no TLB walk.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use super::pages::Pages;
 
 /// Bits per number the filter is sized for.
 pub const BITS_PER_NUMBER: usize = 8;
 /// Bits set per number, all inside its block.
 pub const HASHES: u32 = 6;
-
-/// 512 bits, aligned to a cache line.
-#[repr(align(64))]
-#[derive(Default)]
-struct Block([AtomicU64; 8]);
+/// Bytes per block: one cache line.
+const BLOCK: usize = 64;
 
 /// The filter (see the [module documentation](self)).
 pub struct Membership {
-    blocks: Box<[Block]>,
+    bytes: Pages,
+    blocks: usize,
     /// How many numbers it was sized for.
     capacity: usize,
 }
@@ -42,7 +39,7 @@ pub struct Membership {
 impl std::fmt::Debug for Membership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Membership")
-            .field("blocks", &self.blocks.len())
+            .field("blocks", &self.blocks)
             .field("capacity", &self.capacity)
             .finish()
     }
@@ -75,27 +72,27 @@ fn probe(blocks: usize, number: u64) -> (usize, [u64; 8]) {
 }
 
 impl Membership {
-    /// An empty filter sized for `capacity` numbers.
-    pub fn with_capacity(capacity: usize) -> Self {
-        let blocks = (capacity.saturating_mul(BITS_PER_NUMBER)).div_ceil(512).max(1);
-        Self {
-            blocks: (0..blocks).map(|_| Block::default()).collect(),
-            capacity,
-        }
-    }
-
     /// A filter sized for and holding `numbers` ([`crate::domain::PhoneNumber::value`]s).
     pub fn from_numbers(numbers: impl ExactSizeIterator<Item = u64>) -> Self {
-        let mut filter = Self::with_capacity(numbers.len());
-        let blocks = filter.blocks.len();
+        let capacity = numbers.len();
+        let blocks = capacity.saturating_mul(BITS_PER_NUMBER).div_ceil(512).max(1);
+        let mut bytes = Pages::zeroed(blocks * BLOCK);
         for n in numbers {
-            // Not shared yet: plain writes, no atomic read-modify-write.
             let (index, masks) = probe(blocks, n);
-            for (word, mask) in filter.blocks[index].0.iter_mut().zip(masks) {
-                *word.get_mut() |= mask;
+            let block = &mut bytes[index * BLOCK..(index + 1) * BLOCK];
+            for (word, mask) in block.chunks_exact_mut(8).zip(masks) {
+                if mask != 0 {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(word);
+                    word.copy_from_slice(&(u64::from_ne_bytes(w) | mask).to_ne_bytes());
+                }
             }
         }
-        filter
+        Self {
+            bytes,
+            blocks,
+            capacity,
+        }
     }
 
     /// How many numbers it was sized for.
@@ -103,39 +100,25 @@ impl Membership {
         self.capacity
     }
 
-    /// Heap bytes held.
+    /// Bytes held.
     pub fn memory_bytes(&self) -> usize {
-        std::mem::size_of_val(&*self.blocks)
-    }
-
-    /// The block of `number` and the mask of each of its 8 words.
-    #[inline]
-    fn probe(&self, number: u64) -> (&Block, [u64; 8]) {
-        let (index, masks) = probe(self.blocks.len(), number);
-        (&self.blocks[index], masks)
-    }
-
-    /// Adds `number`: from now on [`Self::may_contain`] says true for it,
-    /// in every thread (the caller publishes the filter, or the generation
-    /// that uses it, after inserting).
-    pub fn insert(&self, number: u64) {
-        let (block, masks) = self.probe(number);
-        for (word, mask) in block.0.iter().zip(masks) {
-            if mask != 0 {
-                word.fetch_or(mask, Ordering::Relaxed);
-            }
-        }
+        self.bytes.len()
     }
 
     /// False: `number` was never inserted. True: it may have been.
     #[inline]
     pub fn may_contain(&self, number: u64) -> bool {
-        let (block, masks) = self.probe(number);
-        block
-            .0
-            .iter()
-            .zip(masks)
-            .all(|(word, mask)| word.load(Ordering::Relaxed) & mask == mask)
+        let (index, masks) = probe(self.blocks, number);
+        let Some(block) = self.bytes.get(index * BLOCK..(index + 1) * BLOCK) else {
+            return true;
+        };
+        let mut all = true;
+        for (word, mask) in block.chunks_exact(8).zip(masks) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            all &= u64::from_ne_bytes(w) & mask == mask;
+        }
+        all
     }
 }
 
@@ -164,17 +147,9 @@ mod tests {
 
     #[test]
     fn an_empty_filter_says_no_and_a_tiny_one_still_works() {
-        let empty = Membership::with_capacity(0);
+        let empty = Membership::from_numbers(std::iter::empty());
         assert!(!empty.may_contain(12_015_550_000));
         let one = Membership::from_numbers([8_613_800_138_000u64].into_iter());
         assert!(one.may_contain(8_613_800_138_000));
-    }
-
-    #[test]
-    fn inserting_into_a_shared_filter_keeps_every_earlier_number() {
-        let filter = Membership::from_numbers((0..1000usize).map(|i| 10_000_000 + i as u64));
-        filter.insert(99_999_999);
-        assert!(filter.may_contain(99_999_999));
-        assert!((0..1000u64).all(|i| filter.may_contain(10_000_000 + i)));
     }
 }

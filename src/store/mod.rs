@@ -14,6 +14,7 @@ pub mod embedded;
 mod input;
 pub mod membership;
 pub mod packed;
+pub mod pages;
 mod records;
 pub mod redis;
 
