@@ -13,10 +13,23 @@
 
 use std::ops::{Deref, DerefMut};
 
+/// A huge page (x86-64, most arm64 kernels).
+const HUGE: usize = 2 << 20;
+
 /// Zeroed bytes (see the [module documentation](self)).
 pub enum Pages {
-    /// An anonymous map (advised for huge pages on Linux).
-    Mapped(memmap2::MmapMut),
+    /// An anonymous map (advised for huge pages on Linux), and where in it
+    /// the bytes start: at a huge-page boundary, so that every whole 2 MiB
+    /// of them can be one huge page (the map is a little longer; its
+    /// untouched ends take no memory).
+    Mapped {
+        /// The map.
+        map: memmap2::MmapMut,
+        /// The bytes' offset in it.
+        start: usize,
+        /// How many bytes.
+        len: usize,
+    },
     /// The heap, where no map could be made.
     Heap(Box<[u8]>),
 }
@@ -24,7 +37,7 @@ pub enum Pages {
 impl std::fmt::Debug for Pages {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self {
-            Pages::Mapped(_) => "mapped",
+            Pages::Mapped { .. } => "mapped",
             Pages::Heap(_) => "heap",
         };
         write!(f, "Pages({kind}, {} bytes)", self.len())
@@ -37,7 +50,8 @@ impl Pages {
         if len == 0 {
             return Pages::Heap(Box::default());
         }
-        match memmap2::MmapOptions::new().len(len).map_anon() {
+        let slack = if len >= HUGE { HUGE } else { 0 };
+        match memmap2::MmapOptions::new().len(len + slack).map_anon() {
             Ok(map) => {
                 #[cfg(target_os = "linux")]
                 {
@@ -45,7 +59,13 @@ impl Pages {
                     // map still works with ordinary pages.
                     let _ = map.advise(memmap2::Advice::HugePage);
                 }
-                Pages::Mapped(map)
+                let address = map.as_ptr() as usize;
+                let start = if slack == 0 {
+                    0
+                } else {
+                    address.next_multiple_of(HUGE) - address
+                };
+                Pages::Mapped { map, start, len }
             }
             Err(_) => Pages::Heap(vec![0; len].into_boxed_slice()),
         }
@@ -64,7 +84,7 @@ impl Deref for Pages {
 
     fn deref(&self) -> &[u8] {
         match self {
-            Pages::Mapped(map) => map,
+            Pages::Mapped { map, start, len } => &map[*start..*start + *len],
             Pages::Heap(bytes) => bytes,
         }
     }
@@ -73,7 +93,7 @@ impl Deref for Pages {
 impl DerefMut for Pages {
     fn deref_mut(&mut self) -> &mut [u8] {
         match self {
-            Pages::Mapped(map) => map,
+            Pages::Mapped { map, start, len } => &mut map[*start..*start + *len],
             Pages::Heap(bytes) => bytes,
         }
     }
@@ -87,6 +107,9 @@ mod tests {
     fn zeroed_writable_and_copied() {
         let mut pages = Pages::zeroed(3 << 20);
         assert_eq!(pages.len(), 3 << 20);
+        if matches!(pages, Pages::Mapped { .. }) {
+            assert_eq!(pages.as_ptr() as usize % HUGE, 0, "starts on a huge page");
+        }
         assert!(pages.iter().all(|&b| b == 0));
         pages[(2 << 20) + 5] = 7;
         let copy = Pages::copy_of(&pages);
