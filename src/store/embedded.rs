@@ -7,10 +7,10 @@
 //!
 //! In front of the records sits a [`Membership`] filter (1 byte per
 //! record): a number without a record, most of those asked about, is
-//! answered after one cache line instead of the records' searches. A
-//! generation's filter is built for its records once it is published and
-//! the previous generation let go (the records answer alone meanwhile),
-//! so two filters are never held at once.
+//! answered after one cache line instead of the records' searches. Every
+//! generation (snapshot or merged delta) is published without a filter
+//! and given its own once the previous generation is let go (the records
+//! answer alone meanwhile), so two filters are never held at once.
 //!
 //! The records and the metadata describing them form one immutable `State`
 //! generation behind an [`ArcSwapOption`]: a lookup loads the current
@@ -22,7 +22,7 @@
 //! so the old and the new generation are both held only while it merges.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
@@ -36,9 +36,9 @@ use crate::domain::{Date, MirrorMeta, PhoneNumber};
 struct State {
     records: Records,
     /// Holds every number of `records`; `None` while a first load defers
-    /// it ([`EmbeddedStore::defer_filter`]) and while a delta's merged
-    /// generation waits for its own: the records alone then answer, as
-    /// correctly and more slowly.
+    /// it ([`EmbeddedStore::defer_filter`]) and while a new generation
+    /// waits for its own ([`EmbeddedStore::publish`]): the records alone
+    /// then answer, as correctly and more slowly.
     filter: Option<Arc<Membership>>,
     meta: Arc<MirrorMeta>,
 }
@@ -207,18 +207,38 @@ impl EmbeddedStore {
 
     /// Builds the current generation's filter if it has none.
     fn complete_filter(&self) {
-        let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(state) = self.state.load_full() else {
-            return;
-        };
-        if state.filter.is_some() {
+        let writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = self.state.load_full()
+            && state.filter.is_none()
+        {
+            self.add_filter(&writer, state.records.clone(), Arc::clone(&state.meta));
+        }
+    }
+
+    /// Publishes the generation of `records` and `meta` without a filter
+    /// (the records alone answer, the same); the caller then lets the
+    /// generation it replaced go and calls [`Self::add_filter`], so two
+    /// generations' filters are never held at once. `_writer`: the
+    /// writers' lock, held.
+    fn publish(&self, _writer: &MutexGuard<'_, ()>, records: Records, meta: Arc<MirrorMeta>) {
+        self.state.store(Some(Arc::new(State {
+            records,
+            filter: None,
+            meta,
+        })));
+    }
+
+    /// Publishes the generation of `records` and `meta` again with its
+    /// filter, unless a first load defers it ([`Self::defer_filter`]).
+    fn add_filter(&self, _writer: &MutexGuard<'_, ()>, records: Records, meta: Arc<MirrorMeta>) {
+        if self.filter_deferred.load(Ordering::Acquire) {
             return;
         }
-        let filter = Some(filter_of(&state.records));
+        let filter = Some(filter_of(&records));
         self.state.store(Some(Arc::new(State {
-            records: state.records.clone(),
+            records,
             filter,
-            meta: Arc::clone(&state.meta),
+            meta,
         })));
     }
 
@@ -236,10 +256,8 @@ impl EmbeddedStore {
         records: &Records,
         expected_previous: Option<u64>,
     ) -> Result<(), StoreError> {
-        let meta = snapshot.meta(records.len() as u64, now_unix());
-        // Built before the writer's lock: readers never wait for it.
-        let filter = (!self.filter_deferred.load(Ordering::Acquire)).then(|| filter_of(records));
-        let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let meta = Arc::new(snapshot.meta(records.len() as u64, now_unix()));
+        let writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.state.load().as_ref().map(|s| s.meta.sequence);
         if current != expected_previous {
             return Err(StoreError::Conflict(format!(
@@ -250,18 +268,14 @@ impl EmbeddedStore {
             )));
         }
         // Shares the importer's records: no copy.
-        let state = State {
-            records: records.clone(),
-            filter,
-            meta: Arc::new(meta),
-        };
-        self.state.store(Some(Arc::new(state)));
+        self.publish(&writer, records.clone(), Arc::clone(&meta));
         self.record_applied(snapshot.sequence, Kind::Snapshot, &snapshot.sha256);
+        self.add_filter(&writer, records.clone(), meta);
         Ok(())
     }
 
     fn merge_delta(&self, delta: &DeltaWrite, records: &Records) -> Result<(), StoreError> {
-        let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.state.load_full();
         let Some(old) = current else {
             return Err(StoreError::Conflict(format!(
@@ -290,25 +304,10 @@ impl EmbeddedStore {
             ..(*old.meta).clone()
         };
         let meta = Arc::new(meta);
-        let had_filter = old.filter.is_some();
-        // Published without a filter (the records alone answer, the same),
-        // then the old generation is let go and the merged one gets its
-        // filter: two generations' records are held, never two filters.
-        self.state.store(Some(Arc::new(State {
-            records: merged.clone(),
-            filter: None,
-            meta: Arc::clone(&meta),
-        })));
+        self.publish(&writer, merged.clone(), Arc::clone(&meta));
         self.record_applied(delta.sequence, Kind::Delta, &delta.sha256);
         drop(old);
-        if had_filter && !self.filter_deferred.load(Ordering::Acquire) {
-            let filter = Some(filter_of(&merged));
-            self.state.store(Some(Arc::new(State {
-                records: merged,
-                filter,
-                meta,
-            })));
-        }
+        self.add_filter(&writer, merged, meta);
         Ok(())
     }
 }
