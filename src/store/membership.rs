@@ -45,9 +45,11 @@ impl std::fmt::Debug for Membership {
     }
 }
 
-/// SplitMix64's finaliser: a fast, well-spread mix of a number.
+/// SplitMix64's finaliser: a fast, well-spread mix of a number. The Redis
+/// store's filter places its bits with it too (`store::redis::bloom`),
+/// where it is part of the stored layout: never change it.
 #[inline]
-fn mix(mut x: u64) -> u64 {
+pub(crate) fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -58,10 +60,10 @@ fn mix(mut x: u64) -> u64 {
 /// the block's 8 words.
 #[inline]
 fn probe(blocks: usize, number: u64) -> (usize, [u64; 8]) {
-    let h = mix(number);
+    let h = splitmix64(number);
     // Multiply-shift onto 0..blocks (the high half of h picks the block).
     let index = (((h >> 32) * blocks as u64) >> 32) as usize;
-    let mut bits = mix(h ^ 0x5851_F42D_4C95_7F2D);
+    let mut bits = splitmix64(h ^ 0x5851_F42D_4C95_7F2D);
     let mut masks = [0u64; 8];
     for _ in 0..HASHES {
         let bit = (bits & 511) as usize;

@@ -36,6 +36,7 @@ use std::sync::LazyLock;
 
 use ::redis::Script;
 
+use crate::store::membership::splitmix64;
 use crate::store::pages::Pages;
 
 /// Hash functions per number.
@@ -71,13 +72,6 @@ pub(super) fn bits_for(nbuckets: u64, fields_per_bucket: u64) -> u64 {
 /// How many chunk keys a filter of `bits` bits has.
 pub(super) fn chunks(bits: u64) -> u64 {
     bits.div_ceil(CHUNK_BITS)
-}
-
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 /// The bit positions of `number` in a filter of `bits` bits.
