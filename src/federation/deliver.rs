@@ -280,7 +280,6 @@ impl Tips {
         let (tx, rx) = watch::channel(0u64);
         let tx = Arc::new(tx);
         let shards = log.shards();
-        let capacity = per_shard;
         let recent: Arc<Vec<RwLock<Option<Recent>>>> =
             Arc::new((0..shards).map(|_| RwLock::new(None)).collect());
         for shard in 0..shards {
@@ -298,7 +297,7 @@ impl Tips {
                                 *write(&recent[usize::from(shard)]) = Some(Recent {
                                     from: last.unwrap_or(Position::ZERO),
                                     events: VecDeque::new(),
-                                    capacity,
+                                    capacity: per_shard,
                                 });
                             }
                             Err(e) => {
@@ -496,25 +495,21 @@ impl Feed {
             if read_any {
                 continue;
             }
-            match tokio::time::timeout(IDLE_WAIT, self.tips.changed.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => {
-                    // The followers are gone (the server stops): nothing
-                    // wakes the feed or grows the window any more, so it
-                    // waits as if idle and asks the log itself (without
-                    // this it would spin at the window's end, blind to
-                    // what the log holds after it).
-                    tokio::time::sleep(IDLE_WAIT).await;
-                    self.from_log = true;
-                    return Ok(Vec::new());
-                }
-                Err(_) => {
-                    // A second of nothing: the next round asks the log
-                    // itself, in case the followers cannot read it.
-                    self.from_log = true;
-                    return Ok(Vec::new());
-                }
+            let waited = tokio::time::timeout(IDLE_WAIT, self.tips.changed.changed()).await;
+            if let Ok(Ok(())) = waited {
+                continue;
             }
+            if waited.is_ok() {
+                // The followers are gone (the server stops): nothing wakes
+                // the feed or grows the window any more, so it waits as if
+                // idle (without this it would spin at the window's end,
+                // blind to what the log holds after it).
+                tokio::time::sleep(IDLE_WAIT).await;
+            }
+            // A second of nothing: the next round asks the log itself, in
+            // case the followers cannot read it.
+            self.from_log = true;
+            return Ok(Vec::new());
         }
     }
 }
