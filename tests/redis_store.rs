@@ -1090,8 +1090,9 @@ async fn membership_filter_answers_misses_without_redis(server: TestRedis) {
     let many = reader.lookup_many(&asked).await.expect("lookup_many");
     assert!(many.found.iter().all(Option::is_none));
     let reached = command_calls(&server, "get") - before;
+    // 12 bits and 8 hashes per number: about 0.3% false positives (6 of 2000).
     assert!(
-        reached <= 60,
+        reached <= 25,
         "{reached} of 2000 absent numbers reached redis (false positives)"
     );
 

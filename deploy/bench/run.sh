@@ -62,6 +62,12 @@
 #                     and each platform keeps a `reassigned watch` stream
 #                     open on each server during the rounds (tokens on only)
 #   WATCH_NUMBERS=1000000  numbers on each platform's watch list
+#   REDIS_SOCKET=0    1: the Redis server is reached over a Unix socket
+#                     (`--redis unix://...`), as a Redis on the same host
+#                     would be deployed; the import still uses TCP
+#   REDIS_CPU=1       with PIN=1, the CPU redis-server runs on (0: beside
+#                     the load generator, as a Redis on its own host would
+#                     spend none of the server's CPU)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -161,15 +167,20 @@ cpu_ticks() {
 }
 # PIN=1: the servers and redis-server on CPU 1, the load generator on CPU 0,
 # so that a server's calls/s follow its own cost per call.
-PIN_SERVER=() PIN_BENCH=()
+PIN_SERVER=() PIN_BENCH=() PIN_REDIS=()
 if [[ "${PIN:-0}" == 1 ]]; then
-  PIN_SERVER=(taskset -c 1) PIN_BENCH=(taskset -c 0)
+  PIN_SERVER=(taskset -c 1) PIN_BENCH=(taskset -c 0) PIN_REDIS=(taskset -c "${REDIS_CPU:-1}")
 fi
 
 # --- redis --------------------------------------------------------------------
 REDIS_PORT=$(free_port)
 REDIS_URL=redis://127.0.0.1:$REDIS_PORT
-"${PIN_SERVER[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" "${REDIS_PERSIST[@]}" \
+SERVE_REDIS_URL=$REDIS_URL REDIS_UNIX=()
+if [[ "${REDIS_SOCKET:-0}" == 1 ]]; then
+  REDIS_UNIX=(--unixsocket "$WORK/redis.sock" --unixsocketperm 700)
+  SERVE_REDIS_URL=unix://$WORK/redis.sock
+fi
+"${PIN_REDIS[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" "${REDIS_PERSIST[@]}" "${REDIS_UNIX[@]}" \
   --dir "$WORK/redis" --logfile "$WORK/redis-server.log" --daemonize no &
 PIDS+=($!)
 REDIS_PID=$!
@@ -201,7 +212,7 @@ for target in $TARGETS; do
       # Its store logs at info, so that the run can wait for the membership
       # filter (loaded in the background) before measuring.
       REASSIGNED_LOG="$REASSIGNED_LOG,reassigned::store::redis=info" \
-        start_server redis serve --redis "$REDIS_URL" "${TOKEN_SERVER[@]}" "${FEDERATION_SERVER[@]}" "${SERVE_ARGS[@]}"
+        start_server redis serve --redis "$SERVE_REDIS_URL" "${TOKEN_SERVER[@]}" "${FEDERATION_SERVER[@]}" "${SERVE_ARGS[@]}"
       for _ in $(seq 600); do
         grep -q "membership filter loaded" "$WORK/redis.log" && break
         grep -q "cannot load the membership filter" "$WORK/redis.log" && break
@@ -367,7 +378,7 @@ if redis_memory:
 print()
 header = (f"{'method':<7}{'target':<10}{'per call':>9}{'calls/s':>11}{'numbers/s':>12}"
           f"{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'failed':>8}{'vs bare':>9}{'p99 vs':>8}"
-          f"{'cpu us':>8}{'cpu vs':>8}  per-round ratios (calls/s)")
+          f"{'cpu us':>8}{'cpu vs':>8}  per-round ratios (calls/s) and medians")
 print(header)
 print("-" * len(header))
 methods = ["check", "batch", "stream"]
@@ -396,9 +407,18 @@ for method in methods:
             bare_cpus = [r["cpu_us_per_call"] for r in bare.values() if r.get("cpu_us_per_call")]
             if cpu and bare_cpus:
                 cpu_ratio = f"{cpu / statistics.mean(bare_cpus):.2f}x"
-            per_round = " ".join(
-                f"{rounds[k]['calls_per_sec'] / bare[k]['calls_per_sec']:.2f}"
-                for k in sorted(rounds) if k in bare and bare[k]["calls_per_sec"])
+            ratios = [rounds[k]["calls_per_sec"] / bare[k]["calls_per_sec"]
+                      for k in sorted(rounds) if k in bare and bare[k]["calls_per_sec"]]
+            p99s = [rounds[k]["latency_us"]["p99"] / bare[k]["latency_us"]["p99"]
+                    for k in sorted(rounds) if k in bare and bare[k]["latency_us"]["p99"]]
+            # The medians of the per-round ratios: one round disturbed by
+            # the machine moves them less than the means.
+            per_round = " ".join(f"{r:.2f}" for r in ratios)
+            if ratios:
+                per_round += f"  (median {statistics.median(ratios):.3f}x"
+                if p99s:
+                    per_round += f", p99 median {statistics.median(p99s):.2f}x"
+                per_round += ")"
         print(f"{method:<7}{target:<10}{rs[0]['numbers_per_call']:>9}{rate:>11.0f}{numbers:>12.0f}"
               f"{p50:>9.3f}{p99:>9.3f}{p999:>10.3f}{failed:>8}{ratio:>9}{p99_ratio:>8}"
               f"{(f'{cpu:.1f}' if cpu else ''):>8}{cpu_ratio:>8}  {per_round}")

@@ -101,7 +101,7 @@
 //! # Membership filter
 //!
 //! Most numbers asked have no record. Each snapshot also stores a Bloom
-//! filter of its generation's numbers (about 8 bits per number, about 2%
+//! filter of its generation's numbers (about 12 bits per number, about 0.3%
 //! false positives; layout and validity rules in the `bloom` module), and
 //! each delta sets its numbers' bits before it moves the sequence. Each
 //! process downloads the filter (on a connection of its own) whenever its
@@ -110,7 +110,7 @@
 //! number the filter rules out is answered "no record" without a Redis round
 //! trip; everything else is a bucket read, as before. Until a new filter is
 //! loaded (after a snapshot or a delta), lookups just ask Redis. The filter
-//! costs about 1 byte per record in Redis and in every server process
+//! costs about 1.5 bytes per record in Redis and in every server process
 //! (off with [`RedisOptions::membership_filter`]).
 //!
 //! # Redis Cluster
