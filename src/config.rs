@@ -3,7 +3,7 @@
 //! validated in one place ([`ServeConfig::from_settings`]) before anything is
 //! bound.
 //!
-//! Every setting is written once, in the table of [`settings_table!`]: its
+//! Every setting is written once, in the table of `settings_table!`: its
 //! name (the TOML key and the field of [`ServeSettings`]), its flag, its
 //! environment variable, its default (a constant of [`defaults`] or of the
 //! module that owns the value) and its doc. The clap arguments, the
@@ -135,7 +135,7 @@ macro_rules! settings_table {
     ) => {
         /// Settings that can come from a file, the environment or flags;
         /// every field optional so the layers can be merged (see
-        /// [`ServeSettings::or`]). Written by [`settings_table!`].
+        /// [`ServeSettings::or`]). Written by `settings_table!`.
         #[derive(Clone, Debug, Default, Deserialize, Serialize, clap::Args)]
         #[serde(deny_unknown_fields)]
         pub struct ServeSettings {

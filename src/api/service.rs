@@ -120,7 +120,7 @@ impl<S: Store> ReassignedService<S> {
         self.call_info_with(|| CallInfo::of(request))
     }
 
-    /// [`Self::call_info`] for any face: `read` runs only when this server
+    /// `call_info` for any face: `read` runs only when this server
     /// signs receipts or keeps an audit trail.
     pub fn call_info_with(&self, read: impl FnOnce() -> CallInfo) -> CallInfo {
         if self.receipts.is_none() && self.audit.is_none() {
@@ -137,7 +137,7 @@ impl<S: Store> ReassignedService<S> {
 
     /// The one single-check path (gRPC CheckNumber, the REST check): looks
     /// `check` up, answers it, and makes its response message (with its
-    /// receipt if `want_receipt`) and audit record (see [`Self::respond`]).
+    /// receipt if `want_receipt`) and audit record (see `respond`).
     /// `phone_number` is the number as the client wrote it.
     pub async fn check_one(
         &self,

@@ -2,7 +2,7 @@
 //! (the bare reference server it is compared with is
 //! [`crate::cli::bench_bare`]).
 //!
-//! [`bench`] opens `--connections` HTTP/2 connections over mutual TLS and
+//! [`bench()`] opens `--connections` HTTP/2 connections over mutual TLS and
 //! keeps `--concurrency` calls in flight for `--warmup` then `--duration`,
 //! and returns a [`BenchReport`]: calls and numbers per second, latency
 //! percentiles from an HDR histogram, errors by gRPC code and the mix of
@@ -382,7 +382,7 @@ impl StatusCounts {
     }
 }
 
-/// The result of a [`bench`] run (`--json` prints it as is).
+/// The result of a [`bench()`] run (`--json` prints it as is).
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     /// The RPC called.
@@ -1561,7 +1561,7 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     })
 }
 
-/// `reassigned bench`: runs [`bench`] and prints the report on stdout, as
+/// `reassigned bench`: runs [`bench()`] and prints the report on stdout, as
 /// text or (`--json`) as one JSON object.
 pub async fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let report = bench(opts).await?;

@@ -40,7 +40,7 @@ pub struct PublishSummary {
     /// Items already published before (nothing changed).
     pub duplicate: u64,
     /// Items refused (by the server, or lines that could not be read):
-    /// `(line, event id, code, reason)`, the first [`LISTED_REFUSALS`].
+    /// `(line, event id, code, reason)`, the first `LISTED_REFUSALS`.
     pub refused: Vec<(u64, String, String, String)>,
     /// All refusals, listed or not.
     pub refused_count: u64,

@@ -63,7 +63,7 @@ impl fmt::Debug for IssuerKey {
 }
 
 impl IssuerKey {
-    /// A new random key; `kid` defaults to [`IssuerKey::derived_kid`].
+    /// A new random key; `kid` defaults to [`crate::receipt::derived_kid`].
     pub fn generate(alg: KeyAlg, kid: Option<&str>) -> anyhow::Result<Self> {
         let pair = match alg {
             KeyAlg::Es256 => KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256),

@@ -72,7 +72,7 @@ pub const MAX_CURSOR_CHARS: usize = 1024;
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 
 /// Events the [`Tips`] followers of one server keep for the feeds, all
-/// shards together (each shard keeps its share, at least [`BATCH`] x 4).
+/// shards together (each shard keeps its share, at least `BATCH` x 4).
 pub const RECENT_EVENTS: usize = 131_072;
 
 /// Counters of delivery, for metrics.

@@ -48,8 +48,8 @@ pub enum ReloadError {
 
 /// Triggers a reload of a running server's TLS material.
 ///
-/// Clone it out of [`crate::config::ServeConfig::reload`] before passing the
-/// config to [`crate::run`]; the server attaches to it while it runs.
+/// Clone it out of [`crate::server::Handles::reload`] before passing the
+/// handles to [`crate::server::run_with`]; the server attaches to it while it runs.
 /// `reassigned serve` calls it on SIGHUP.
 #[derive(Clone, Default)]
 pub struct ReloadHandle {

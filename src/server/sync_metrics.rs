@@ -1,7 +1,7 @@
 //! The metrics of a `reassigned sync` process (the register's files into
 //! Redis): its runs, the last success, the last error and the files it
 //! applied. `sync --every` (the long-running form) serves them on
-//! `--admin-listen` ([`super::admin::serve_sync`]: `/metrics`, `/livez`);
+//! `--admin-listen` (`server::admin::serve_sync`: `/metrics`, `/livez`);
 //! either form can write them to a file after each run
 //! (`--metrics-textfile`, [`write_textfile`]) for node_exporter's textfile
 //! collector, where a short-lived run (cron, a Kubernetes CronJob) leaves

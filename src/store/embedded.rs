@@ -3,7 +3,7 @@
 //! The records are kept as the importer hands them over, a [`Records`]:
 //! numbers and dates packed in 5 bytes per record plus a small table of
 //! runs (one per 2^24 numbers in use), looked up by two binary searches
-//! (see [`super::records`]).
+//! (see the `store::records` module).
 //!
 //! In front of the records sits a [`Membership`] filter (1 byte per
 //! record): a number without a record, most of those asked about, is
