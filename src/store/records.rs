@@ -105,7 +105,7 @@ fn top_of(index: &[u64]) -> Vec<u64> {
 /// strictly increasing: sorted, one entry per number) with their latest
 /// disconnect date as days since 1970-01-01 (every `u16` is a date from
 /// 1970-01-01 to 2149-06-06), packed in about 5 bytes per record (see the
-/// the `store::records` module documentation).
+/// `store::records` module documentation).
 ///
 /// The invariant is checked once, when the records are built; the stores
 /// rely on it. Immutable: a clone shares the data. `Debug` shows only the
