@@ -1033,6 +1033,12 @@ async fn health_during<F: std::future::Future<Output = ()>>(server: &TestServer,
 async fn health_rides_out_short_stalls() {
     let mut env = Env::new(TestRedis::start(false, &[])).await;
     let (server, _store) = env.serve().await;
+    // The precondition: a server that serves (on a loaded machine its first
+    // store check may come after the first pause would start).
+    support::poll::eventually("health is SERVING before the stall", || async {
+        health(&server).await == Some(ServingStatus::Serving as i32)
+    })
+    .await;
     let TestRedis::Single(redis) = &mut env.redis else {
         unreachable!("one server")
     };
