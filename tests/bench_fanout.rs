@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reassigned::cli::bench::{BenchOptions, BenchReport, Method, bench};
+use reassigned::cli::client::TlsTarget;
 use reassigned::store::redis::RedisOptions;
 use reassigned::store::{AnyStore, EmbeddedStore, RedisStore};
 use support::redis::RedisServer;
@@ -51,11 +52,13 @@ fn identity(server: &TestServer, dir: &Path, name: &str, scope: &str) {
 
 fn options(server: &TestServer, operator: &Path, watchers: &Path, skip_load: bool) -> BenchOptions {
     BenchOptions {
-        target: server.addr.to_string(),
-        server_name: "localhost".into(),
-        ca: server.certs.ca.clone(),
-        cert: operator.join("operator-a.pem"),
-        key: operator.join("operator-a.key"),
+        tls: TlsTarget {
+            target: server.addr.to_string(),
+            server_name: "localhost".into(),
+            ca: server.certs.ca.clone(),
+            cert: operator.join("operator-a.pem"),
+            key: operator.join("operator-a.key"),
+        },
         method: Method::Fanout,
         concurrency: 2,
         connections: 1,

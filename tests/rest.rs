@@ -516,6 +516,7 @@ async fn store_down_is_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_rest_mode() {
     use reassigned::cli::bench::{BenchOptions, Method as BenchMethod, bench};
+    use reassigned::cli::client::TlsTarget;
     let server = loaded(|_| {}).await;
     let id = server.certs.client("platform-a");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -525,11 +526,13 @@ async fn bench_rest_mode() {
     std::fs::write(&key, &id.key_pem).expect("key");
     let addr = server.handles.rest.wait().await;
     let opts = BenchOptions {
-        target: addr.to_string(),
-        server_name: "localhost".into(),
-        ca: server.certs.ca.clone(),
-        cert,
-        key,
+        tls: TlsTarget {
+            target: addr.to_string(),
+            server_name: "localhost".into(),
+            ca: server.certs.ca.clone(),
+            cert,
+            key,
+        },
         method: BenchMethod::Check,
         concurrency: 4,
         connections: 1,

@@ -68,6 +68,12 @@
 #   REDIS_CPU=1       with PIN=1, the CPU redis-server runs on (0: beside
 #                     the load generator, as a Redis on its own host would
 #                     spend none of the server's CPU)
+#   TOGETHER=0        1: each round loads all targets at the same time (one
+#                     load generator each) instead of one after the other;
+#                     with PIN=1 the servers then share CPU 1 fairly, so the
+#                     ratios of calls/s and of CPU per call compare under the
+#                     same machine conditions (the rates are each a share of
+#                     the machine, and the servers evict each other's caches)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -87,6 +93,7 @@ SERVE_FLAGS=${SERVE_FLAGS:-}
 read -r -a SERVE_ARGS <<<"$SERVE_FLAGS"
 TOKENS=1
 export WATCHERS=${WATCHERS:-0}
+export TOGETHER=${TOGETHER:-0}
 export WATCH_NUMBERS=${WATCH_NUMBERS:-1000000}
 for flag in "${SERVE_ARGS[@]}"; do
   [[ "$flag" == --no-tokens ]] && TOKENS=0
@@ -280,6 +287,36 @@ if [[ "$WATCHERS" -gt 0 ]]; then
 fi
 
 cut -d' ' -f1-3 /proc/loadavg >"$WORK/loadavg-before" 2>/dev/null || true
+# One bench run of $1 (method) with batch size $2 against $3 (target) in
+# round $4; its results in $RESULTS.
+run_one() {
+  local method=$1 size=$2 target=$3 round=$4 out cpu_pids cpu_before
+  out=$RESULTS/$method-$target-$round
+  # CPU time of the server (and of redis-server for the Redis target)
+  # over the run, warmup included: CPU per call is steadier than calls/s
+  # when the load generator shares the cores.
+  cpu_pids=("${SPID[$target]}")
+  [[ $target == redis ]] && cpu_pids+=("$REDIS_PID")
+  cpu_before=$(cpu_ticks "${cpu_pids[@]}")
+  "${PIN_BENCH[@]}" "$BIN" bench --target "127.0.0.1:${PORT[$target]}" "${TLS_CLIENT[@]}" \
+    --method "$method" --batch-size "$size" --concurrency "$CONCURRENCY" \
+    --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
+    --data "$DATA" --hit-ratio "$HIT_RATIO" --seed "$SEED" --json \
+    >"$out.json" 2>"$out.log" || {
+    log "bench $method against $target failed:"
+    tail -n 20 "$out.log" >&2
+    return 1
+  }
+  echo "$(($(cpu_ticks "${cpu_pids[@]}") - cpu_before)) $(getconf CLK_TCK)" >"$out.cpu"
+  python3 - "$out.json" "$round" "$target" <<'EOF' >&2
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"run.sh: round {sys.argv[2]} {r['method']:<6} {sys.argv[3]:<9}"
+      f"{r['calls_per_sec']:>10.0f} calls/s {r['numbers_per_sec']:>11.0f} numbers/s "
+      f"p99 {r['latency_us']['p99'] / 1000:.3f} ms  failed {r['failed_calls']}")
+EOF
+}
+
 for round in $(seq "$ROUNDS"); do
   for method in $METHODS; do
     case $method in
@@ -288,32 +325,22 @@ for round in $(seq "$ROUNDS"); do
       stream) size=$STREAM_SIZE ;;
       *) log "unknown method $method (check, batch, stream)"; exit 2 ;;
     esac
-    for target in $TARGETS; do
-      out=$RESULTS/$method-$target-$round
-      # CPU time of the server (and of redis-server for the Redis target)
-      # over the run, warmup included: CPU per call is steadier than calls/s
-      # when the load generator shares the cores.
-      cpu_pids=("${SPID[$target]}")
-      [[ $target == redis ]] && cpu_pids+=("$REDIS_PID")
-      cpu_before=$(cpu_ticks "${cpu_pids[@]}")
-      "${PIN_BENCH[@]}" "$BIN" bench --target "127.0.0.1:${PORT[$target]}" "${TLS_CLIENT[@]}" \
-        --method "$method" --batch-size "$size" --concurrency "$CONCURRENCY" \
-        --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
-        --data "$DATA" --hit-ratio "$HIT_RATIO" --seed "$SEED" --json \
-        >"$out.json" 2>"$out.log" || {
-        log "bench $method against $target failed:"
-        tail -n 20 "$out.log" >&2
-        exit 1
-      }
-      echo "$(($(cpu_ticks "${cpu_pids[@]}") - cpu_before)) $(getconf CLK_TCK)" >"$out.cpu"
-      python3 - "$out.json" "$round" "$target" <<'EOF' >&2
-import json, sys
-r = json.load(open(sys.argv[1]))
-print(f"run.sh: round {sys.argv[2]} {r['method']:<6} {sys.argv[3]:<9}"
-      f"{r['calls_per_sec']:>10.0f} calls/s {r['numbers_per_sec']:>11.0f} numbers/s "
-      f"p99 {r['latency_us']['p99'] / 1000:.3f} ms  failed {r['failed_calls']}")
-EOF
-    done
+    if [[ "$TOGETHER" == 1 ]]; then
+      # All targets at once: they share the machine's moment, so their CPU
+      # per call compares without the drift between alternated runs.
+      together=()
+      for target in $TARGETS; do
+        run_one "$method" "$size" "$target" "$round" &
+        together+=($!)
+      done
+      for pid in "${together[@]}"; do
+        wait "$pid" || exit 1
+      done
+    else
+      for target in $TARGETS; do
+        run_one "$method" "$size" "$target" "$round" || exit 1
+      done
+    fi
   done
 done
 
@@ -370,6 +397,9 @@ if watchers:
     print(f"federation on: {watchers} platforms x {os.environ.get('WATCH_NUMBERS')} watched numbers per server, "
           f"each with a WatchDisconnections stream open, publications in the overlay; "
           f"the rounds began once the watchers had caught up ({loadavg('settle-secs')} s)")
+if os.environ.get("TOGETHER") == "1":
+    print("targets loaded together (TOGETHER=1): each rate is a share of the machine; "
+          "compare the ratios and the CPU per call")
 print(f"load average (1, 5, 15 min) before the runs: {loadavg('loadavg-before')}, "
       f"after: {loadavg('loadavg-after')} (the load generator and the servers add about 2)")
 if redis_memory:

@@ -49,9 +49,10 @@ use tokio::task::JoinSet;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Request, Status};
 
+use super::client::TlsTarget;
 use crate::api::code_name;
 use crate::api::pb;
 use crate::api::pb::disconnection_feed_client::DisconnectionFeedClient;
@@ -116,21 +117,9 @@ impl fmt::Display for Method {
 /// Options of `reassigned bench` (flatten into the subcommand).
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchOptions {
-    /// The server to load, as HOST:PORT.
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    pub target: String,
-    /// The name the server certificate must be valid for.
-    #[arg(long, default_value = "localhost")]
-    pub server_name: String,
-    /// CA certificate(s) that sign the server certificate (PEM).
-    #[arg(long)]
-    pub ca: PathBuf,
-    /// Client (platform) certificate chain (PEM).
-    #[arg(long)]
-    pub cert: PathBuf,
-    /// Private key of the client certificate (PEM).
-    #[arg(long)]
-    pub key: PathBuf,
+    /// The server to load and the client's TLS identity.
+    #[command(flatten)]
+    pub tls: TlsTarget,
     /// The RPC to call: check (one number), batch (--batch-size numbers) or
     /// stream (one stream of --batch-size requests per call).
     #[arg(long, value_enum, default_value_t = Method::Check)]
@@ -325,6 +314,22 @@ pub struct Latency {
     pub max: u64,
 }
 
+/// The percentiles in milliseconds, on one line of the text reports.
+impl fmt::Display for Latency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
+            ms(self.p50),
+            ms(self.p90),
+            ms(self.p99),
+            ms(self.p999),
+            ms(self.max),
+            self.mean / 1000.0
+        )
+    }
+}
+
 impl Latency {
     /// The percentiles of a histogram of microseconds.
     pub fn from_histogram(hist: &Histogram<u64>) -> Self {
@@ -478,17 +483,7 @@ impl fmt::Display for BenchReport {
         writeln!(f, "numbers      {}", self.numbers)?;
         writeln!(f, "calls/s      {:.1} (successful)", self.calls_per_sec)?;
         writeln!(f, "numbers/s    {:.1}", self.numbers_per_sec)?;
-        let l = &self.latency_us;
-        writeln!(
-            f,
-            "latency ms   p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
-            ms(l.p50),
-            ms(l.p90),
-            ms(l.p99),
-            ms(l.p999),
-            ms(l.max),
-            l.mean / 1000.0
-        )?;
+        writeln!(f, "latency ms   {}", self.latency_us)?;
         let s = &self.statuses;
         let total = s.total();
         write!(
@@ -1342,28 +1337,11 @@ pub fn client_tls(ca: &Path, cert: &Path, key: &Path, server_name: &str) -> anyh
         .domain_name(server_name.to_owned()))
 }
 
-/// An endpoint to `target` (HOST:PORT) over mutual TLS (see
-/// [`client_tls`]). Shared by the client commands (`bench`, `publish`,
-/// `watch`, `watchlist`).
-pub(crate) fn tls_endpoint(
-    target: &str,
-    server_name: &str,
-    ca: &Path,
-    cert: &Path,
-    key: &Path,
-) -> anyhow::Result<Endpoint> {
-    let tls = client_tls(ca, cert, key, server_name)?;
-    Ok(Endpoint::from_shared(format!("https://{target}"))
-        .with_context(|| format!("--target {target:?} is not HOST:PORT"))?
-        .tls_config(tls)
-        .context("cannot use the TLS material")?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(10)))
-}
-
 /// Opens `opts.connections` HTTP/2 connections over mutual TLS.
 async fn connect(opts: &BenchOptions) -> anyhow::Result<Vec<Channel>> {
-    let endpoint = tls_endpoint(&opts.target, &opts.server_name, &opts.ca, &opts.cert, &opts.key)?
+    let endpoint = opts
+        .tls
+        .endpoint()?
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
         .buffer_size(opts.concurrency.max(1024));
@@ -1372,7 +1350,7 @@ async fn connect(opts: &BenchOptions) -> anyhow::Result<Vec<Channel>> {
         let channel = endpoint
             .connect()
             .await
-            .with_context(|| format!("cannot connect to {} over TLS", opts.target))?;
+            .with_context(|| format!("cannot connect to {} over TLS", opts.tls.target))?;
         channels.push(channel);
     }
     Ok(channels)
@@ -1430,14 +1408,14 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             std::fs::read(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
         };
         let tls = crate::cli::rest_client::RestTls::new(
-            &read("CA", &opts.ca)?,
-            &read("certificate", &opts.cert)?,
-            &read("key", &opts.key)?,
-            &opts.server_name,
+            &read("CA", &opts.tls.ca)?,
+            &read("certificate", &opts.tls.cert)?,
+            &read("key", &opts.tls.key)?,
+            &opts.tls.server_name,
         )?;
         for _ in 0..opts.concurrency {
             let client =
-                crate::cli::rest_client::RestClient::connect(&opts.target, &tls, opts.token.as_deref())
+                crate::cli::rest_client::RestClient::connect(&opts.tls.target, &tls, opts.token.as_deref())
                     .await?;
             callers.push(Caller::Rest(client));
         }
@@ -1534,7 +1512,7 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     };
     Ok(BenchReport {
         method: opts.method,
-        target: opts.target.clone(),
+        target: opts.tls.target.clone(),
         concurrency: opts.concurrency,
         connections: opts.connections,
         rate: opts.rate,
@@ -1752,11 +1730,13 @@ mod tests {
 
     fn options(method: Method, batch_size: usize) -> BenchOptions {
         BenchOptions {
-            target: "127.0.0.1:1".into(),
-            server_name: "localhost".into(),
-            ca: PathBuf::new(),
-            cert: PathBuf::new(),
-            key: PathBuf::new(),
+            tls: TlsTarget {
+                target: "127.0.0.1:1".into(),
+                server_name: "localhost".into(),
+                ca: PathBuf::new(),
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
             method,
             concurrency: 4,
             connections: 1,
@@ -1805,10 +1785,10 @@ mod tests {
             (Method::Stream, None, 50),
         ] {
             let mut opts = options(method, batch_size);
-            opts.target = format!("127.0.0.1:{}", addr.port());
-            opts.ca = certs.join("ca.pem");
-            opts.cert = certs.join("platform-a.pem");
-            opts.key = certs.join("platform-a.key");
+            opts.tls.target = format!("127.0.0.1:{}", addr.port());
+            opts.tls.ca = certs.join("ca.pem");
+            opts.tls.cert = certs.join("platform-a.pem");
+            opts.tls.key = certs.join("platform-a.key");
             opts.rate = rate;
             opts.connections = 2;
             let report = bench(&opts).await.unwrap();
@@ -1837,10 +1817,10 @@ mod tests {
         // Offered far more than the server can take: the run still ends on
         // time, and the calls it could not start are reported.
         let mut opts = options(Method::Check, 1);
-        opts.target = format!("127.0.0.1:{}", addr.port());
-        opts.ca = certs.join("ca.pem");
-        opts.cert = certs.join("platform-a.pem");
-        opts.key = certs.join("platform-a.key");
+        opts.tls.target = format!("127.0.0.1:{}", addr.port());
+        opts.tls.ca = certs.join("ca.pem");
+        opts.tls.cert = certs.join("platform-a.pem");
+        opts.tls.key = certs.join("platform-a.key");
         opts.rate = Some(1_000_000.0);
         let began = Instant::now();
         let report = bench(&opts).await.unwrap();
