@@ -1376,40 +1376,11 @@ fn parse_day(value: Value) -> Result<Option<Date>, StoreError> {
 impl RedisStore {
     async fn lookup_unbounded(&self, number: PhoneNumber) -> Result<Lookup<Option<Date>>, StoreError> {
         let inner = &self.inner;
-        let started = inner.now_ms();
-        let epoch = inner.epoch.load(Ordering::Acquire);
-        let Some(current) = inner.current().await? else {
-            return Ok(Lookup {
-                found: None,
-                meta: None,
-            });
-        };
-        if let Some(found) = inner.read_one(&mut inner.conn(), &current, number).await?
-            && inner.epoch.load(Ordering::Acquire) == epoch
-        {
-            return Ok(Lookup {
-                found,
-                meta: Some(current.meta.clone()),
-            });
-        }
-        // The bucket's sentinel is missing or names another generation, or a
-        // connection broke while the read was on its way (it may have been
-        // answered by a Redis that came back with other data): re-read the
-        // metadata and the bucket from the master, once.
-        inner.unproven_reads.fetch_add(1, Ordering::Relaxed);
-        let Some(current) = inner.recheck(started).await? else {
-            return Ok(Lookup {
-                found: None,
-                meta: None,
-            });
-        };
-        match inner.read_one(&mut inner.master_conn(), &current, number).await? {
-            Some(found) => Ok(Lookup {
-                found,
-                meta: Some(current.meta.clone()),
-            }),
-            None => Err(unproven(&current)),
-        }
+        self.proven_read(
+            || None,
+            |mut conn, current| async move { inner.read_one(&mut conn, &current, number).await },
+        )
+        .await
     }
 
     /// See [`batch_timeout`].
@@ -1418,15 +1389,37 @@ impl RedisStore {
         all: &[PhoneNumber],
     ) -> Result<Lookup<Vec<Option<Date>>>, StoreError> {
         let inner = &self.inner;
+        self.proven_read(
+            || vec![None; all.len()],
+            |conn, current| async move { inner.read_many(conn, &current, all).await },
+        )
+        .await
+    }
+
+    /// The one read protocol of lookups: `read` with the cached metadata on
+    /// a reading connection; if the buckets' sentinels prove nothing (`None`)
+    /// or a connection broke while the read was on its way (it may have been
+    /// answered by a Redis that came back with other data), the metadata is
+    /// re-read and `read` runs once more on the master. `empty`: the answer
+    /// of a mirror without data.
+    async fn proven_read<T, F>(
+        &self,
+        empty: impl Fn() -> T,
+        read: impl Fn(Conn, Arc<Current>) -> F,
+    ) -> Result<Lookup<T>, StoreError>
+    where
+        F: Future<Output = Result<Option<T>, StoreError>>,
+    {
+        let inner = &self.inner;
         let started = inner.now_ms();
         let epoch = inner.epoch.load(Ordering::Acquire);
         let Some(current) = inner.current().await? else {
             return Ok(Lookup {
-                found: vec![None; all.len()],
+                found: empty(),
                 meta: None,
             });
         };
-        if let Some(found) = inner.read_many(inner.conn(), &current, all).await?
+        if let Some(found) = read(inner.conn(), current.clone()).await?
             && inner.epoch.load(Ordering::Acquire) == epoch
         {
             return Ok(Lookup {
@@ -1437,11 +1430,11 @@ impl RedisStore {
         inner.unproven_reads.fetch_add(1, Ordering::Relaxed);
         let Some(current) = inner.recheck(started).await? else {
             return Ok(Lookup {
-                found: vec![None; all.len()],
+                found: empty(),
                 meta: None,
             });
         };
-        match inner.read_many(inner.master_conn(), &current, all).await? {
+        match read(inner.master_conn(), current.clone()).await? {
             Some(found) => Ok(Lookup {
                 found,
                 meta: Some(current.meta.clone()),
