@@ -177,13 +177,19 @@ fn ident(s: &str) -> &str {
 /// Every `crate::a::b` path of `code` as `(a, Some(b))` (`b` when it is a
 /// plain name), grouped imports (`crate::{a, b::c}`) included.
 fn crate_paths(code: &str) -> Vec<(String, Option<String>)> {
+    paths_after(code, "crate::")
+}
+
+/// [`crate_paths`] for any root: `super::` gives a module's siblings.
+fn paths_after(code: &str, root: &str) -> Vec<(String, Option<String>)> {
     let mut paths = Vec::new();
-    let mut rest = code;
-    while let Some(at) = rest.find("crate::") {
-        let before = rest[..at].chars().next_back();
-        rest = &rest[at + "crate::".len()..];
-        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
-            continue; // e.g. `some_crate::`
+    let mut from = 0;
+    while let Some(at) = code[from..].find(root).map(|at| from + at) {
+        let before = code[..at].chars().next_back();
+        from = at + root.len();
+        let rest = &code[from..];
+        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+            continue; // e.g. `some_crate::`, `super::super::`
         }
         if let Some(group) = rest.strip_prefix('{') {
             let mut depth = 1;
@@ -427,6 +433,59 @@ fn server_parts_import_each_other_without_a_circle() {
     assert_eq!(find_cycle(&edges), None, "server submodules: {edges:?}");
 }
 
+/// Imports between the cli's parts that close a circle still, each with the
+/// reason; the test fails once one disappears (so the list only shrinks).
+const CLI_PENDING: &[(&str, &str, &str)] = &[(
+    "bench_fanout",
+    "bench",
+    "`bench --method fanout` hands its options to bench_fanout, which reads BenchOptions and \
+     reports with bench's Latency: both belong in a module of their own",
+)];
+
+/// The command-line side (`src/cli/*.rs`) imports its own parts
+/// (`super::x`, `crate::cli::x`) without a circle either: shared client
+/// pieces live in `cli::client`, and the commands import them from there.
+#[test]
+fn cli_parts_import_each_other_without_a_circle() {
+    let src = src_dir();
+    let mut files = Vec::new();
+    rust_files(&src.join("cli"), &mut files);
+    let part = |f: &Path| f.file_stem().map(|s| s.to_string_lossy().into_owned());
+    let parts: BTreeSet<String> = files
+        .iter()
+        .filter_map(|f| part(f))
+        .filter(|p| p != "mod")
+        .collect();
+    let mut edges = BTreeSet::new();
+    for file in &files {
+        let Some(from) = part(file).filter(|p| p != "mod") else {
+            continue;
+        };
+        let code = code_of(&std::fs::read_to_string(file).expect("read source"));
+        let siblings = paths_after(&code, "super::").into_iter().map(|(first, _)| first);
+        let by_crate = crate_paths(&code)
+            .into_iter()
+            .filter(|(first, _)| first == "cli")
+            .filter_map(|(_, second)| second);
+        for to in siblings.chain(by_crate) {
+            if parts.contains(&to) && to != from {
+                edges.insert((from.clone(), to));
+            }
+        }
+    }
+    assert!(
+        edges.contains(&("bench".to_owned(), "client".to_owned())),
+        "the scan sees the cli's parts import each other: {edges:?}"
+    );
+    for (from, to, why) in CLI_PENDING {
+        assert!(
+            edges.remove(&((*from).to_owned(), (*to).to_owned())),
+            "{from} no longer imports {to} ({why}): remove it from CLI_PENDING"
+        );
+    }
+    assert_eq!(find_cycle(&edges), None, "cli parts: {edges:?}");
+}
+
 #[test]
 fn the_table_is_one_way_but_for_pending_steps() {
     let edges: BTreeSet<(String, String)> = MAY_IMPORT
@@ -455,6 +514,22 @@ fn the_scanner_sees_grouped_imports_and_skips_comments_and_tests() {
     assert_eq!(
         paths,
         ["domain::", "store::Store", "identity::scope", "quota::check"],
+        "{code}"
+    );
+}
+
+#[test]
+fn the_scanner_sees_sibling_imports() {
+    let code = code_of(
+        "use super::bench::{Bearer, client_tls};\nuse super::{client, token::Mint};\nuse super::super::x;\n",
+    );
+    let paths: Vec<String> = paths_after(&code, "super::")
+        .into_iter()
+        .map(|(a, b)| format!("{a}::{}", b.unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        paths,
+        ["bench::", "client::", "token::Mint", "super::x"],
         "{code}"
     );
 }

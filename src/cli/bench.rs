@@ -46,13 +46,11 @@ use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use serde::Serialize;
 use tokio::task::JoinSet;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
+use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-use tonic::{Request, Status};
+use tonic::transport::Channel;
 
-use super::client::TlsTarget;
+use super::client::{Bearer, TlsTarget};
 use crate::api::code_name;
 use crate::api::pb;
 use crate::api::pb::disconnection_feed_client::DisconnectionFeedClient;
@@ -1178,32 +1176,6 @@ struct BenchClient {
     feed: DisconnectionFeedClient<InterceptedService<Channel, Bearer>>,
 }
 
-/// Adds `authorization: Bearer <token>` to every call when a token is given.
-#[derive(Clone)]
-pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Bearer {
-    /// Sends `token` (none: nothing); an error if it is not a header value.
-    pub(crate) fn new(token: Option<&str>) -> anyhow::Result<Self> {
-        token
-            .map(|t| {
-                MetadataValue::try_from(format!("Bearer {}", t.trim()))
-                    .map_err(|_| anyhow::anyhow!("--token is not a valid header value"))
-            })
-            .transpose()
-            .map(Self)
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
 /// One worker: calls until the end of the run, one at a time.
 async fn worker(
     mut client: Caller,
@@ -1322,19 +1294,6 @@ async fn progress(shared: Arc<Shared>) {
         );
         (last_done, last_at, last_delivered) = (done, now, delivered.unwrap_or(0));
     }
-}
-
-/// The client side of mutual TLS from files, as the client subcommands
-/// (`bench`, `health`) take them: `--ca`, `--cert`, `--key`, and the name
-/// the server certificate must be valid for (`--server-name`).
-pub fn client_tls(ca: &Path, cert: &Path, key: &Path, server_name: &str) -> anyhow::Result<ClientTlsConfig> {
-    let read = |what: &str, path: &Path| {
-        std::fs::read(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
-    };
-    Ok(ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("CA", ca)?))
-        .identity(Identity::from_pem(read("certificate", cert)?, read("key", key)?))
-        .domain_name(server_name.to_owned()))
 }
 
 /// Opens `opts.connections` HTTP/2 connections over mutual TLS.

@@ -63,7 +63,8 @@ use tokio::task::JoinSet;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use super::bench::{Bearer, BenchOptions, Latency};
+use super::bench::{BenchOptions, Latency};
+use super::client::Bearer;
 use crate::api::code_name;
 use crate::api::pb;
 use crate::api::pb::watchlist_client::WatchlistClient;

@@ -1,15 +1,16 @@
-//! The client commands' connection (`publish`, `watch`, `watchlist`):
-//! where, as whom, with which token; [`TlsTarget`], the server and the TLS
-//! identity, is `bench`'s too (the token interceptor is `bench`'s).
+//! The client side of a connection, for every client command (`bench`,
+//! `health`, `publish`, `watch`, `watchlist`): where and as whom
+//! ([`TlsTarget`], [`client_tls`]), with which token (`Bearer`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
-
-use super::bench::{Bearer, client_tls};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Status};
 
 /// The server a command connects to and the client's TLS identity (flatten
 /// into a subcommand; `bench`, `publish`, `watch` and `watchlist` share it).
@@ -80,5 +81,44 @@ impl ClientArgs {
             channel,
             Bearer::new(self.token.as_deref())?,
         ))
+    }
+}
+
+/// The client side of mutual TLS from files, as the client subcommands
+/// (`bench`, `health`) take them: `--ca`, `--cert`, `--key`, and the name
+/// the server certificate must be valid for (`--server-name`).
+pub fn client_tls(ca: &Path, cert: &Path, key: &Path, server_name: &str) -> anyhow::Result<ClientTlsConfig> {
+    let read = |what: &str, path: &Path| {
+        std::fs::read(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
+    };
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("CA", ca)?))
+        .identity(Identity::from_pem(read("certificate", cert)?, read("key", key)?))
+        .domain_name(server_name.to_owned()))
+}
+
+/// Adds `authorization: Bearer <token>` to every call when a token is given.
+#[derive(Clone)]
+pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// Sends `token` (none: nothing); an error if it is not a header value.
+    pub(crate) fn new(token: Option<&str>) -> anyhow::Result<Self> {
+        token
+            .map(|t| {
+                MetadataValue::try_from(format!("Bearer {}", t.trim()))
+                    .map_err(|_| anyhow::anyhow!("--token is not a valid header value"))
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
     }
 }

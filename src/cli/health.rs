@@ -16,7 +16,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use super::bench::{client_tls, parse_duration};
+use super::bench::parse_duration;
+use super::client::client_tls;
 
 /// The options of `reassigned health`.
 #[derive(Clone, Debug, clap::Args)]
