@@ -507,15 +507,19 @@ fn the_scanner_sees_grouped_imports_and_skips_comments_and_tests() {
          mod tests {\n    use crate::server::tls;\n}\n\
          fn after() { crate::quota::check() }\n",
     );
-    let paths: Vec<String> = crate_paths(&code)
-        .into_iter()
-        .map(|(a, b)| format!("{a}::{}", b.unwrap_or_default()))
-        .collect();
     assert_eq!(
-        paths,
+        shown(crate_paths(&code)),
         ["domain::", "store::Store", "identity::scope", "quota::check"],
         "{code}"
     );
+}
+
+/// Paths as `a::b` (`a::` without a plain second name), to compare.
+fn shown(paths: Vec<(String, Option<String>)>) -> Vec<String> {
+    paths
+        .into_iter()
+        .map(|(a, b)| format!("{a}::{}", b.unwrap_or_default()))
+        .collect()
 }
 
 #[test]
@@ -523,12 +527,8 @@ fn the_scanner_sees_sibling_imports() {
     let code = code_of(
         "use super::bench::{Bearer, client_tls};\nuse super::{client, token::Mint};\nuse super::super::x;\n",
     );
-    let paths: Vec<String> = paths_after(&code, "super::")
-        .into_iter()
-        .map(|(a, b)| format!("{a}::{}", b.unwrap_or_default()))
-        .collect();
     assert_eq!(
-        paths,
+        shown(paths_after(&code, "super::")),
         ["bench::", "client::", "token::Mint", "super::x"],
         "{code}"
     );
