@@ -45,6 +45,10 @@ pub const RECHECK: Duration = Duration::from_secs(5);
 /// Bound on one write (script, WAITAOF) or bulk read.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How many times a read is sent again because the store replaced its
+/// connection while the read waited ([`RedisLog::resent`]).
+const RESENDS: usize = 2;
+
 /// Publishes a shard's items: KEYS pub, log; ARGV source, accepted ms,
 /// then per item event id, number, disconnect days, reissue days. Per item:
 /// the new entry's id, `D` (duplicate) or `C` (conflict).
@@ -104,8 +108,11 @@ struct Inner {
     store: RedisStore,
     prefix: String,
     durability: ArcSwap<(Durability, Instant)>,
-    /// Connections of blocking reads, returned after each.
-    blocking: Mutex<Vec<RedisConnection>>,
+    /// Connections of blocking reads, returned after each, with the
+    /// store's replacement count they were made at (older ones are stale).
+    blocking: Mutex<Vec<(u64, RedisConnection)>>,
+    /// The store's connection replacements (see [`RedisLog::resent`]).
+    replaced: tokio::sync::watch::Receiver<u64>,
     publish: Script,
     retract: Script,
 }
@@ -120,6 +127,7 @@ impl RedisLog {
                 prefix: store.key_prefix().to_owned(),
                 durability: ArcSwap::from_pointee((Durability::No("not checked yet".into()), Instant::now())),
                 blocking: Mutex::new(Vec::new()),
+                replaced: store.replacements(),
                 publish: Script::new(PUBLISH),
                 retract: Script::new(RETRACT),
             }),
@@ -202,13 +210,41 @@ impl RedisLog {
         }
     }
 
+    /// Sends `cmd` on the store's shared connection, sent again if the
+    /// store replaces it meanwhile ([`RedisLog::resent`]): only for
+    /// commands that may run twice (reads, `XTRIM`).
     async fn query<T: ::redis::FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T, LogError> {
-        let mut conn = self.inner.store.connection();
-        match tokio::time::timeout(WRITE_TIMEOUT, cmd.query_async(&mut conn)).await {
-            Err(_) => Err(StoreError::Timeout(WRITE_TIMEOUT).into()),
-            Ok(Err(e)) => Err(self.inner.store.error(&e).into()),
-            Ok(Ok(v)) => Ok(v),
+        self.resent(|| async {
+            let mut conn = self.inner.store.connection();
+            match tokio::time::timeout(WRITE_TIMEOUT, cmd.query_async(&mut conn)).await {
+                Err(_) => Err(StoreError::Timeout(WRITE_TIMEOUT).into()),
+                Ok(Err(e)) => Err(self.inner.store.error(&e).into()),
+                Ok(Ok(v)) => Ok(v),
+            }
+        })
+        .await
+    }
+
+    /// Runs `send` (which takes its connection when called); if the store
+    /// replaces its connection while `send` waits, `send` is dropped and
+    /// run again, at most [`RESENDS`] times. After a failover the old
+    /// connection holds requests for the dead master until they time out
+    /// (seconds): without this a follower of the log would wait that long,
+    /// then fail, and every lookup would answer UNAVAILABLE meanwhile.
+    async fn resent<T, F, Fut>(&self, send: F) -> Result<T, LogError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, LogError>>,
+    {
+        let mut replaced = self.inner.replaced.clone();
+        for _ in 0..RESENDS {
+            replaced.borrow_and_update();
+            tokio::select! {
+                r = send() => return r,
+                Ok(()) = replaced.changed() => {}
+            }
         }
+        send().await
     }
 
     /// Publishes the events of one shard.
@@ -249,27 +285,39 @@ impl RedisLog {
             .collect()
     }
 
-    fn take_blocking(&self) -> Result<RedisConnection, LogError> {
-        let pooled = self
-            .inner
-            .blocking
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pop();
-        match pooled {
-            Some(c) => Ok(c),
-            None => Ok(self.inner.store.dedicated_connection(MAX_WAIT)?),
-        }
-    }
-
-    fn give_back(&self, conn: RedisConnection) {
-        let mut pool = self
-            .inner
-            .blocking
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if pool.len() < 64 {
-            pool.push(conn);
+    /// Sends a blocking `cmd` on a connection of its own (one of the pool,
+    /// else a new one), bounded by `limit`; the connection goes back to the
+    /// pool after an answer unless the store replaced its connection since
+    /// it was made (it may still point at a dead master).
+    async fn blocking_query(&self, cmd: &::redis::Cmd, limit: Duration) -> Result<Value, LogError> {
+        let made_at = *self.inner.replaced.borrow();
+        let pooled = {
+            let mut pool = self
+                .inner
+                .blocking
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            pool.retain(|(at, _)| *at == made_at);
+            pool.pop()
+        };
+        let mut conn = match pooled {
+            Some((_, c)) => c,
+            None => self.inner.store.dedicated_connection(MAX_WAIT)?,
+        };
+        match tokio::time::timeout(limit, cmd.query_async::<Value>(&mut conn)).await {
+            Err(_) => Err(StoreError::Timeout(limit).into()),
+            Ok(Err(e)) => Err(self.inner.store.error(&e).into()),
+            Ok(Ok(v)) => {
+                let mut pool = self
+                    .inner
+                    .blocking
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if pool.len() < 64 && *self.inner.replaced.borrow() == made_at {
+                    pool.push((made_at, conn));
+                }
+                Ok(v)
+            }
         }
     }
 
@@ -622,7 +670,6 @@ impl EventLog for RedisLog {
         if !found.is_empty() || wait.is_zero() {
             return Ok(found);
         }
-        let mut conn = self.take_blocking()?;
         let mut cmd = ::redis::cmd("XREAD");
         cmd.arg("COUNT")
             .arg(max)
@@ -631,15 +678,9 @@ impl EventLog for RedisLog {
             .arg("STREAMS")
             .arg(self.log_key(shard))
             .arg(after.unwrap_or(Position::ZERO).to_string());
-        let reply = tokio::time::timeout(wait + WRITE_TIMEOUT, cmd.query_async::<Value>(&mut conn)).await;
-        let reply = match reply {
-            Err(_) => return Err(StoreError::Timeout(wait + WRITE_TIMEOUT).into()),
-            Ok(Err(e)) => return Err(self.inner.store.error(&e).into()),
-            Ok(Ok(v)) => {
-                self.give_back(conn);
-                v
-            }
-        };
+        let reply = self
+            .resent(|| self.blocking_query(&cmd, wait + WRITE_TIMEOUT))
+            .await?;
         // [[key, [entries]]] (RESP2) or {key: [entries]} (RESP3); nil on
         // timeout.
         match reply {

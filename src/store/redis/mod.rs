@@ -96,7 +96,9 @@
 //! so a probe task asks a seed for `CLUSTER SLOTS` every 100 ms
 //! on a plain connection of its own and replaces the cluster connection as
 //! soon as the masters changed (a replica promoted), which unconfirms the
-//! cache like any broken connection.
+//! cache like any broken connection. Replacements are counted
+//! ([`RedisStore::replacements`]): the federation's event log sends its
+//! reads that still wait on the old connection again on the new one.
 //!
 //! # Membership filter
 //!
@@ -375,6 +377,11 @@ struct Inner {
     /// Masters whose appearance already replaced the read connection (by
     /// [`Inner::probe_masters`]): their first run id is not a change.
     adopted: std::sync::Mutex<Vec<String>>,
+    /// Counts the replacements of the read connection
+    /// ([`Inner::reset_connection`]): other rooms' reads waiting on the old
+    /// connection (which may be stuck retrying a dead node) are sent again
+    /// on the new one (see [`RedisStore::replacements`]).
+    replaced: tokio::sync::watch::Sender<u64>,
     /// Once-only warnings (policy unknown or volatile, legacy layout).
     warned: std::sync::Mutex<std::collections::HashSet<&'static str>>,
     /// Dropped with the store: stops the refresh task.
@@ -447,6 +454,7 @@ impl RedisStore {
             probe_wake: Arc::new(tokio::sync::Notify::new()),
             masters_at_connect: std::sync::Mutex::new(None),
             adopted: std::sync::Mutex::new(Vec::new()),
+            replaced: tokio::sync::watch::Sender::new(0),
             warned: std::sync::Mutex::new(std::collections::HashSet::new()),
             _stop: stop_tx,
             opts,
@@ -974,6 +982,7 @@ impl Inner {
         match self.target.connect_lazy(&self.opts) {
             Ok(conn) => {
                 self.conn.store(Arc::new(conn));
+                self.replaced.send_modify(|n| *n += 1);
                 tracing::warn!("redis stopped answering on its connection: replaced it");
             }
             Err(e) => tracing::warn!(error = %self.unavailable(&e), "cannot replace the redis connection"),

@@ -75,6 +75,16 @@ impl RedisStore {
         RedisConnection(self.inner.conn())
     }
 
+    /// Counts the replacements of the shared connection (after a failover,
+    /// or when Redis stopped answering on it): a read still waiting when
+    /// the count moves may be stuck on a dead node and should be sent
+    /// again on a new connection ([`RedisStore::connection`] then gives
+    /// the new one; a [`RedisStore::dedicated_connection`] made before is
+    /// stale too).
+    pub fn replacements(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.replaced.subscribe()
+    }
+
     /// A connection of its own (connects on first use): for blocking
     /// commands (`XREAD BLOCK`), which would hold every other request of a
     /// shared connection behind them. Its response timeout is the store's
