@@ -63,8 +63,8 @@ use tokio::task::JoinSet;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use super::bench::{BenchOptions, Latency};
-use super::client::Bearer;
+use super::client::{Bearer, TlsTarget};
+use super::loadgen::{Latency, random_us_number};
 use crate::api::code_name;
 use crate::api::pb;
 use crate::api::pb::watchlist_client::WatchlistClient;
@@ -92,7 +92,7 @@ pub fn watched_numbers(n: usize, seed: u64) -> Vec<u64> {
     let mut seen = HashSet::with_capacity(n);
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let value = super::bench::random_us_number(&mut rng);
+        let value = random_us_number(&mut rng);
         if seen.insert(value) {
             out.push(value);
         }
@@ -476,8 +476,18 @@ pub(crate) struct Fanout {
     receivers: JoinSet<(usize, anyhow::Result<Received>)>,
 }
 
+/// What `bench --method fanout` hands over from its options.
+pub(crate) struct FanoutSetup<'a> {
+    /// `--watchers`: the directory of the watchers' certificates and tokens.
+    pub watchers: Option<&'a Path>,
+    /// `--target` and the TLS material to reach it with.
+    pub tls: &'a TlsTarget,
+    /// `--skip-load`: the watchers' lists are loaded already.
+    pub skip_load: bool,
+}
+
 /// Connects one channel per watcher, as that watcher.
-async fn connect(opts: &BenchOptions, watchers: &[WatcherFiles]) -> anyhow::Result<Vec<WatchClient>> {
+async fn connect(opts: &FanoutSetup<'_>, watchers: &[WatcherFiles]) -> anyhow::Result<Vec<WatchClient>> {
     let mut clients = Vec::with_capacity(watchers.len());
     for w in watchers {
         let token = match &w.token {
@@ -604,11 +614,8 @@ async fn load(names: &[String], clients: &[WatchClient], pool: &Arc<Vec<u64>>) -
 impl Fanout {
     /// Connects the watchers of `--watchers`, loads their lists with `pool`
     /// (unless `--skip-load`), checks their sizes and opens their streams.
-    pub(crate) async fn prepare(opts: &BenchOptions, pool: &Arc<Vec<u64>>) -> anyhow::Result<Self> {
-        let dir = opts
-            .watchers
-            .as_deref()
-            .context("--method fanout needs --watchers DIR")?;
+    pub(crate) async fn prepare(opts: &FanoutSetup<'_>, pool: &Arc<Vec<u64>>) -> anyhow::Result<Self> {
+        let dir = opts.watchers.context("--method fanout needs --watchers DIR")?;
         let watchers = read_watchers(dir)?;
         let names: Vec<String> = watchers.iter().map(|w| w.name.clone()).collect();
         let clients = connect(opts, &watchers).await?;

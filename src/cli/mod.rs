@@ -8,6 +8,7 @@ pub mod client;
 mod commands;
 pub mod generate;
 pub mod health;
+pub mod loadgen;
 pub mod publish;
 pub mod receipt;
 pub mod rest_client;
