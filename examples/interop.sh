@@ -6,10 +6,12 @@
 # sandbox.csv and manifest. Any client that fails to install, build, run or
 # answer right fails the run: none is skipped.
 #
-# usage: examples/interop.sh [--install] [python] [node] [go] [java]
+# usage: examples/interop.sh [--install | --install-only] [python] [node] [go] [java]
 #   --install  install the toolchains first (apt: Go, Java and their gRPC
 #              packages; pip into examples/python/.venv; npm into
-#              examples/node/node_modules), as .ci/run does
+#              examples/node/node_modules)
+#   --install-only  install them and stop (.ci/run does this in the
+#              background while Rust compiles, then runs without --install)
 #   default: all four clients. REASSIGNED_BIN: the binary (default: cargo
 #   build's target/debug/reassigned).
 set -euo pipefail
@@ -18,10 +20,12 @@ root=$PWD
 ex=$root/examples
 
 install=false
+install_only=false
 clients=()
 for arg in "$@"; do
   case $arg in
     --install) install=true ;;
+    --install-only) install=true install_only=true ;;
     python | node | go | java) clients+=("$arg") ;;
     *) echo "interop: unknown argument $arg" >&2; exit 2 ;;
   esac
@@ -75,6 +79,7 @@ if $install; then
     echo "interop: installed the $c toolchain in $((SECONDS - started)) s"
   done
 fi
+$install_only && exit 0
 
 bin=${REASSIGNED_BIN:-}
 if [ -z "$bin" ]; then
