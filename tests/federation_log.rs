@@ -9,7 +9,7 @@ mod support;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reassigned::domain::{Date, PhoneNumber};
 use reassigned::federation::log::{EmbeddedLog, RedisLog};
@@ -461,6 +461,132 @@ async fn acknowledged_publication_survives_a_redis_sigkill() {
     );
     assert_eq!(log.active().await.expect("active").len(), 199);
     assert_eq!(everything(&log).await.len(), 201);
+}
+
+/// `field:value` of an `INFO replication` reply, as a number.
+fn repl_offset(info: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix("master_repl_offset:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The master of a log shard killed while reads of that shard wait on the
+/// store's shared connection (which, after a kill, holds its requests
+/// while it retries the dead address): when the store replaces its
+/// connection after the promotion, every waiting read is sent again on the
+/// new one and answers the event published before the kill at once (on the
+/// old connection they answered about 1.2 s after the promotion here, and
+/// under load ran into their 5 s bound); a blocking read after the
+/// failover answers too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_waiting_on_a_killed_master_are_sent_again_after_the_failover() {
+    let mut args = vec!["--cluster-node-timeout", "2000"];
+    args.extend(AOF);
+    let mut cluster = RedisCluster::start_with_replicas_and(1, &args);
+    let store = RedisStore::connect_cluster(&cluster.urls(), RedisOptions::default())
+        .await
+        .expect("connect");
+    let log = RedisLog::open(&store).await;
+    let published = event("operator-a", "before-kill", "+12015550042", "2026-11-01");
+    let shard = log.shard("operator-a", "before-kill");
+    let key = log.log_key(shard);
+    let last = log.last_position(shard).await.expect("last");
+    // A blocking read that finds nothing leaves its connection in the pool.
+    let none = log
+        .read_after(shard, last, 10, Duration::from_millis(50))
+        .await
+        .expect("read");
+    assert!(none.is_empty());
+    let got = log
+        .publish(std::slice::from_ref(&published))
+        .await
+        .expect("publish");
+    let Published::Accepted(_, at) = got[0] else {
+        panic!("{got:?}")
+    };
+    let victim_port = cluster.master_port_of(&key);
+    let victim = cluster.index_of_port(victim_port).expect("victim");
+    let replica = cluster.replicas_of(victim_port)[0];
+    // Replication is asynchronous: the replica holds the event first.
+    let written = repl_offset(&cluster.cli(victim, &["INFO", "replication"]).expect("info"));
+    eventually("the replica has the event", async || {
+        cluster
+            .cli(replica, &["INFO", "replication"])
+            .is_ok_and(|i| repl_offset(&i) >= written)
+    })
+    .await;
+
+    let killed = Instant::now();
+    let replaced = {
+        let mut replacements = store.replacements();
+        replacements.borrow_and_update();
+        tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(60), replacements.changed())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|()| killed.elapsed())
+        })
+    };
+    cluster.kill_node(victim);
+    // One read started every 500 ms from the kill until the promotion.
+    let mut readers = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cluster.is_replica(replica) {
+        assert!(Instant::now() < deadline, "the replica was never promoted");
+        if readers.len() as u128 <= killed.elapsed().as_millis() / 500 {
+            let log = log.clone();
+            let started = killed.elapsed();
+            readers.push(tokio::spawn(async move {
+                let read = log.read_after(shard, last, 10, Duration::from_secs(1)).await;
+                (started, killed.elapsed(), read)
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let promoted = killed.elapsed();
+    let replaced = replaced
+        .await
+        .expect("join")
+        .expect("the store replaced its connection after the promotion");
+    println!(
+        "promoted {:.3} s after the kill, connection replaced at {:.3} s",
+        promoted.as_secs_f64(),
+        replaced.as_secs_f64()
+    );
+    let mut checked = 0;
+    for reader in readers {
+        let (started, answered, read) = reader.await.expect("join");
+        println!(
+            "read started at {:.3} s: answered at {:.3} s, ok: {}",
+            started.as_secs_f64(),
+            answered.as_secs_f64(),
+            read.is_ok()
+        );
+        // A read that ran out of its 5 s bound before the replacement
+        // failed, rightly; the others were waiting at the replacement.
+        if answered > replaced {
+            checked += 1;
+            assert_eq!(
+                read.expect("a read waiting at the replacement answers"),
+                vec![(at, published.clone())]
+            );
+            assert!(
+                answered - replaced < Duration::from_millis(400),
+                "a read waiting at the replacement answered {:?} after it: not sent again",
+                answered - replaced
+            );
+        }
+    }
+    assert!(checked > 0, "no read was waiting at the replacement");
+    // A blocking read after the failover (nothing new): answered after its
+    // wait on a new connection, not failed on the pooled one.
+    let none = log
+        .read_after(shard, Some(at), 10, Duration::from_millis(300))
+        .await
+        .expect("a blocking read after the failover");
+    assert!(none.is_empty());
 }
 
 /// The register's events: a delta's new and later dates, a later
