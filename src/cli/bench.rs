@@ -1309,15 +1309,7 @@ pub async fn bench(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let bearer = Bearer::new(opts.token.as_deref())?;
     let mut callers = Vec::with_capacity(opts.concurrency);
     if opts.rest {
-        let read = |what: &str, path: &Path| {
-            std::fs::read(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
-        };
-        let tls = crate::cli::rest_client::RestTls::new(
-            &read("CA", &opts.tls.ca)?,
-            &read("certificate", &opts.tls.cert)?,
-            &read("key", &opts.tls.key)?,
-            &opts.tls.server_name,
-        )?;
+        let tls = opts.tls.rest_tls()?;
         for _ in 0..opts.concurrency {
             let client =
                 crate::cli::rest_client::RestClient::connect(&opts.tls.target, &tls, opts.token.as_deref())

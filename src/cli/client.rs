@@ -40,6 +40,16 @@ impl TlsTarget {
         self.endpoint_as(&self.cert, &self.key)
     }
 
+    /// The same TLS material for the REST face (`bench --rest`).
+    pub(crate) fn rest_tls(&self) -> anyhow::Result<super::rest_client::RestTls> {
+        super::rest_client::RestTls::new(
+            &read_pem("CA", &self.ca)?,
+            &read_pem("certificate", &self.cert)?,
+            &read_pem("key", &self.key)?,
+            &self.server_name,
+        )
+    }
+
     /// [`Self::endpoint`] with another client identity (`bench`'s watchers).
     pub(crate) fn endpoint_as(&self, cert: &Path, key: &Path) -> anyhow::Result<Endpoint> {
         let tls = client_tls(&self.ca, cert, key, &self.server_name)?;
@@ -88,13 +98,18 @@ impl ClientArgs {
 /// (`bench`, `health`) take them: `--ca`, `--cert`, `--key`, and the name
 /// the server certificate must be valid for (`--server-name`).
 pub fn client_tls(ca: &Path, cert: &Path, key: &Path, server_name: &str) -> anyhow::Result<ClientTlsConfig> {
-    let read = |what: &str, path: &Path| {
-        std::fs::read(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
-    };
     Ok(ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("CA", ca)?))
-        .identity(Identity::from_pem(read("certificate", cert)?, read("key", key)?))
+        .ca_certificate(Certificate::from_pem(read_pem("CA", ca)?))
+        .identity(Identity::from_pem(
+            read_pem("certificate", cert)?,
+            read_pem("key", key)?,
+        ))
         .domain_name(server_name.to_owned()))
+}
+
+/// One PEM file of the TLS material; the error names `what` and the path.
+fn read_pem(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
 }
 
 /// Adds `authorization: Bearer <token>` to every call when a token is given.

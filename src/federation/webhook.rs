@@ -187,11 +187,11 @@ impl CursorStore {
         let mut invocation = script.key(key);
         invocation.arg(holder).arg(LEASE.as_millis() as u64);
         let limit = store.options().timeout;
-        match tokio::time::timeout(limit, invocation.invoke_async::<i64>(&mut store.connection())).await {
-            Err(_) => Err("lease: timed out".into()),
-            Ok(Err(e)) => Err(store.error(&e).to_string()),
-            Ok(Ok(n)) => Ok(n == 1),
-        }
+        store
+            .within(limit, invocation.invoke_async::<i64>(&mut store.connection()))
+            .await
+            .map(|n| n == 1)
+            .map_err(|e| format!("lease: {e}"))
     }
 }
 

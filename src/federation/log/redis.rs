@@ -203,11 +203,11 @@ impl RedisLog {
         inv: ::redis::ScriptInvocation<'_>,
     ) -> Result<T, LogError> {
         let mut conn = self.inner.store.connection();
-        match tokio::time::timeout(WRITE_TIMEOUT, inv.invoke_async(&mut conn)).await {
-            Err(_) => Err(StoreError::Timeout(WRITE_TIMEOUT).into()),
-            Ok(Err(e)) => Err(self.inner.store.error(&e).into()),
-            Ok(Ok(v)) => Ok(v),
-        }
+        Ok(self
+            .inner
+            .store
+            .within(WRITE_TIMEOUT, inv.invoke_async(&mut conn))
+            .await?)
     }
 
     /// Sends `cmd` on the store's shared connection, sent again if the
@@ -216,11 +216,11 @@ impl RedisLog {
     async fn query<T: ::redis::FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T, LogError> {
         self.resent(|| async {
             let mut conn = self.inner.store.connection();
-            match tokio::time::timeout(WRITE_TIMEOUT, cmd.query_async(&mut conn)).await {
-                Err(_) => Err(StoreError::Timeout(WRITE_TIMEOUT).into()),
-                Ok(Err(e)) => Err(self.inner.store.error(&e).into()),
-                Ok(Ok(v)) => Ok(v),
-            }
+            Ok(self
+                .inner
+                .store
+                .within(WRITE_TIMEOUT, cmd.query_async(&mut conn))
+                .await?)
         })
         .await
     }
@@ -304,21 +304,20 @@ impl RedisLog {
             Some((_, c)) => c,
             None => self.inner.store.dedicated_connection(MAX_WAIT)?,
         };
-        match tokio::time::timeout(limit, cmd.query_async::<Value>(&mut conn)).await {
-            Err(_) => Err(StoreError::Timeout(limit).into()),
-            Ok(Err(e)) => Err(self.inner.store.error(&e).into()),
-            Ok(Ok(v)) => {
-                let mut pool = self
-                    .inner
-                    .blocking
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if pool.len() < 64 && *self.inner.replaced.borrow() == made_at {
-                    pool.push((made_at, conn));
-                }
-                Ok(v)
-            }
+        let reply = self
+            .inner
+            .store
+            .within(limit, cmd.query_async::<Value>(&mut conn))
+            .await?;
+        let mut pool = self
+            .inner
+            .blocking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pool.len() < 64 && *self.inner.replaced.borrow() == made_at {
+            pool.push((made_at, conn));
         }
+        Ok(reply)
     }
 
     async fn range(
@@ -631,12 +630,11 @@ impl EventLog for RedisLog {
                             .arg(w.t);
                     }
                     let mut conn = self.inner.store.connection();
-                    let ids: Vec<String> =
-                        match tokio::time::timeout(WRITE_TIMEOUT, pipe.query_async(&mut conn)).await {
-                            Err(_) => return Err(LogError::Store(StoreError::Timeout(WRITE_TIMEOUT))),
-                            Ok(Err(e)) => return Err(self.inner.store.error(&e).into()),
-                            Ok(Ok(v)) => v,
-                        };
+                    let ids: Vec<String> = self
+                        .inner
+                        .store
+                        .within(WRITE_TIMEOUT, pipe.query_async(&mut conn))
+                        .await?;
                     self.settle(mode, &key).await?;
                     let positions = ids
                         .iter()

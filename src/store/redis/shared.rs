@@ -117,4 +117,19 @@ impl RedisStore {
     pub fn error(&self, e: &RedisError) -> StoreError {
         self.inner.unavailable(e)
     }
+
+    /// `call` (a command, pipeline or script on one of the store's
+    /// connections) bounded by `limit`: running out of time is
+    /// [`StoreError::Timeout`], a Redis error is [`RedisStore::error`]'s.
+    pub async fn within<T>(
+        &self,
+        limit: Duration,
+        call: impl std::future::Future<Output = RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(limit, call).await {
+            Err(_) => Err(StoreError::Timeout(limit)),
+            Ok(Err(e)) => Err(self.error(&e)),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
 }
