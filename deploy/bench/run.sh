@@ -15,7 +15,10 @@
 # evenly: CheckNumber, BatchCheckNumbers (BATCH_SIZE numbers per call) and
 # StreamCheckNumbers (STREAM_SIZE requests per stream), all with the same
 # duration, concurrency and queries (HIT_RATIO of them in the register).
-# Finally redis-benchmark measures Redis's own HGET ceiling on a real bucket.
+# Finally redis-benchmark measures Redis's own GET ceiling on a real bucket,
+# and the CPU one lone GET costs redis-server and a minimal C client: the
+# floor of a round trip, which bounds the Redis target's ratio (the summary
+# says how far, with the round trips per check counted in redis-server).
 # It prints a summary table with the ratios to the bare server (calls/s and
 # p99 latency).
 #
@@ -42,6 +45,7 @@
 #   CONNECTIONS=4     HTTP/2 connections of the load generator
 #   ROUNDS=3          how many times each run is repeated (alternated)
 #   HIT_RATIO=0.04    share of queries that are in the register
+#   LONE_GETS=100000  GETs of the round-trip floor at the end (one client)
 #   BATCH_SIZE=1000   numbers per batch call
 #   STREAM_SIZE=10000 requests per stream call
 #   METHODS="check batch stream"
@@ -84,6 +88,7 @@ CONCURRENCY=${CONCURRENCY:-64}
 CONNECTIONS=${CONNECTIONS:-4}
 ROUNDS=${ROUNDS:-3}
 HIT_RATIO=${HIT_RATIO:-0.04}
+LONE_GETS=${LONE_GETS:-100000}
 BATCH_SIZE=${BATCH_SIZE:-1000}
 STREAM_SIZE=${STREAM_SIZE:-10000}
 METHODS=${METHODS:-check batch stream}
@@ -165,6 +170,12 @@ if [[ "$WATCHERS" -gt 0 ]]; then
   log "federation: $WATCHERS watching platforms x $WATCH_NUMBERS numbers on each server"
 fi
 
+# Bucket reads redis-server has served so far (GET, HMGET: one per round
+# trip of a lookup).
+redis_gets() {
+  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" info commandstats | tr -d '\r' \
+    | awk -F'[:=,]' '/^cmdstat_(get|hmget):/ {n += $3} END {print n + 0}'
+}
 cpu_ticks() {
   local total=0 pid
   for pid in "$@"; do
@@ -298,6 +309,7 @@ run_one() {
   cpu_pids=("${SPID[$target]}")
   [[ $target == redis ]] && cpu_pids+=("$REDIS_PID")
   cpu_before=$(cpu_ticks "${cpu_pids[@]}")
+  [[ $target == redis ]] && redis_gets >"$out.gets"
   "${PIN_BENCH[@]}" "$BIN" bench --target "127.0.0.1:${PORT[$target]}" "${TLS_CLIENT[@]}" \
     --method "$method" --batch-size "$size" --concurrency "$CONCURRENCY" \
     --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
@@ -308,6 +320,9 @@ run_one() {
     return 1
   }
   echo "$(($(cpu_ticks "${cpu_pids[@]}") - cpu_before)) $(getconf CLK_TCK)" >"$out.cpu"
+  # The round trips the run made: GETs (layout 3) or HMGETs (layout 2)
+  # that redis-server served meanwhile.
+  [[ $target == redis ]] && echo "$(($(redis_gets) - $(cat "$out.gets")))" >"$out.gets"
   python3 - "$out.json" "$round" "$target" <<'EOF' >&2
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -360,6 +375,15 @@ if [[ -n "$BUCKET" ]]; then
       "${REDIS_CMD[@]}" >"$RESULTS/redis-benchmark-P$pipeline.csv" 2>/dev/null || true
   done
   echo "${REDIS_CMD[0]}" >"$RESULTS/redis-benchmark-command"
+  # The floor of one round trip: one client, so each GET is a lone
+  # request as a lookup's is (redis-server wakes for it alone), sent by
+  # redis-benchmark's C client. The CPU it costs redis-server (its ticks)
+  # and the client (`times`: the subshell's children) per request.
+  lone_before=$(cpu_ticks "$REDIS_PID")
+  lone_client=$( (redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -n "$LONE_GETS" -c 1 -P 1 \
+    "${REDIS_CMD[@]}" >/dev/null 2>&1 || true; times) | tail -n 1)
+  echo "$LONE_GETS $(($(cpu_ticks "$REDIS_PID") - lone_before)) $(getconf CLK_TCK) $lone_client" \
+    >"$RESULTS/redis-benchmark-lone"
 else
   log "no bucket key found in redis: skipping redis-benchmark"
 fi
@@ -453,6 +477,27 @@ for method in methods:
               f"{p50:>9.3f}{p99:>9.3f}{p999:>10.3f}{failed:>8}{ratio:>9}{p99_ratio:>8}"
               f"{(f'{cpu:.1f}' if cpu else ''):>8}{cpu_ratio:>8}  {per_round}")
 
+def bare_cpu(method):
+    cpus = [r["cpu_us_per_call"] for r in runs.get((method, "bare"), {}).values() if r.get("cpu_us_per_call")]
+    return statistics.mean(cpus) if cpus else None
+
+# Round trips per call of the Redis target: bucket reads redis-server
+# served during its runs (warmup included, as the CPU per call).
+trips = {}
+for (method, target), rounds in runs.items():
+    if target != "redis":
+        continue
+    shares = []
+    for k, r in rounds.items():
+        try:
+            gets = int(open(os.path.join(results, f"{method}-redis-{k}.gets")).read())
+        except (OSError, ValueError):
+            continue
+        calls = r["calls_per_sec"] * (r["duration_secs"] + r["warmup_secs"])
+        if calls:
+            shares.append(gets / calls)
+    if shares:
+        trips[method] = statistics.mean(shares)
 mix = runs.get(("check", "redis")) or runs.get(("check", "embedded"))
 if mix:
     s = next(iter(mix.values()))["statuses"]
@@ -470,4 +515,29 @@ for pipeline in (16, 1):
             print(f"redis-benchmark {command} on one bucket, 64 clients, pipeline {pipeline:>2}: "
                   f"{float(row['rps']):>10.0f} requests/s (p50 {row.get('p50_latency_ms', '?')} ms, "
                   f"p99 {row.get('p99_latency_ms', '?')} ms)")
+
+for method, share in trips.items():
+    print(f"round trips to redis per {method} call: {share:.4f} (bucket reads counted by redis-server)")
+
+# The floor of a round trip and the bound it sets: a Redis target that
+# spent, beyond the bare server's CPU per call, only the CPU of its round
+# trips at this floor would reach 1 / (1 + trips x floor / bare) of the bare
+# server's calls/s (calls/s follow CPU per call when the machine is busy).
+path = os.path.join(results, "redis-benchmark-lone")
+if os.path.exists(path):
+    import re
+    fields = open(path).read().split()
+    n, ticks, hz = int(fields[0]), int(fields[1]), int(fields[2])
+    client = sum(int(m) * 60 + float(sec) for m, sec in re.findall(r"(\d+)m([\d.]+)s", " ".join(fields[3:])))
+    server_us, client_us = ticks / hz * 1e6 / n, client * 1e6 / n
+    floor = server_us + client_us
+    print(f"one lone GET of a bucket (redis-benchmark -c 1 -P 1, {n} requests): {floor:.1f} us of CPU "
+          f"(redis-server {server_us:.1f} us, the C client {client_us:.1f} us)")
+    for method, share in trips.items():
+        bare = bare_cpu(method)
+        if bare:
+            bound = 1 / (1 + share * floor / bare)
+            print(f"  = {floor / bare:.2f} bare {method} calls of CPU ({bare:.1f} us); at {share:.4f} round trips "
+                  f"per call, a Redis target costing nothing but those round trips beyond the bare server "
+                  f"reaches at most {bound:.3f}x of bare")
 EOF
