@@ -481,11 +481,12 @@ def bare_cpu(method):
     cpus = [r["cpu_us_per_call"] for r in runs.get((method, "bare"), {}).values() if r.get("cpu_us_per_call")]
     return statistics.mean(cpus) if cpus else None
 
-# Round trips per call of the Redis target: bucket reads redis-server
-# served during its runs (warmup included, as the CPU per call).
+# Round trips per call of the Redis target's CheckNumber runs: bucket reads
+# redis-server served during them (warmup included, as the CPU per call).
+# Only CheckNumber: its reads go one per round trip, a batch's are pipelined.
 trips = {}
 for (method, target), rounds in runs.items():
-    if target != "redis":
+    if (method, target) != ("check", "redis"):
         continue
     shares = []
     for k, r in rounds.items():
