@@ -1241,3 +1241,70 @@ async fn bench_lookup_layouts() {
         c3 / total * 1e6,
     );
 }
+
+/// A call of another room on the store's shared connection (the federation
+/// log, the watch lists and the webhook lease send theirs through
+/// [`RedisStore::within`]) that sees the connection break unconfirms the
+/// cached metadata as the store's own calls do: Redis may have come back
+/// without the data behind the connection's back, so no number is answered
+/// from the membership filter until a metadata read confirms the generation
+/// again. The metadata refresh is slowed to 30 s so that only that call can
+/// have seen the break.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_break_seen_by_another_rooms_call_unconfirms_the_cache() {
+    let server = TestRedis::start(Topology::Single);
+    let data = us_numbers(14_155_550_000, 3, 2000);
+    loaded(&server, &snap(1, 20_000), &records(data.clone())).await;
+    // Connected after the snapshot, it loads the filter as it connects.
+    let store = server
+        .connect_with(RedisOptions {
+            meta_refresh: Duration::from_secs(30),
+            ..test_options()
+        })
+        .await
+        .expect("connect to the test redis");
+    eventually_within("the store loads the filter", Duration::from_secs(5), || async {
+        store.membership_filter_loaded() == Some((1, 1))
+    })
+    .await;
+    // A number the filter rules out (one of the first 200 after a stored one).
+    let absent = data
+        .iter()
+        .take(200)
+        .map(|&(n, _)| number(n + 1))
+        .find(|&n| store.lookup_now(n).is_some())
+        .expect("some absent number is answered in process");
+
+    // Every client connection but this one is closed by the server.
+    let mut con = redis_conn(&server);
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query(&mut *con)
+        .expect("CLIENT KILL");
+    assert!(
+        killed >= 1,
+        "the store's connection was killed ({killed} clients)"
+    );
+    let ping = store
+        .within(
+            Duration::from_secs(2),
+            redis::cmd("PING").query_async::<String>(&mut store.connection()),
+        )
+        .await;
+    assert!(
+        ping.is_err(),
+        "the call on the killed connection failed (got {ping:?}): nothing else here could see the break"
+    );
+    assert!(
+        store.lookup_now(absent).is_none(),
+        "answered from the filter after a call saw the connection break"
+    );
+    // A lookup re-reads the metadata; then the filter answers again.
+    assert_eq!(lookup_day(&store, absent.value()).await, None);
+    assert!(
+        store.lookup_now(absent).is_some(),
+        "the filter answers once confirmed"
+    );
+}

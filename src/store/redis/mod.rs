@@ -586,7 +586,20 @@ impl Inner {
         cmd: &Cmd,
         limit: Duration,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(limit, cmd.query_async(conn)).await {
+        self.bounded_call(limit, cmd.query_async(conn)).await
+    }
+
+    /// Every Redis call of the store, and of the rooms that borrow its
+    /// connections ([`RedisStore::within`]), bounded by `limit`: running
+    /// out of time is trouble ([`Inner::note_trouble`]) and a
+    /// [`StoreError::Timeout`]; a failure is [`Inner::failed`]'s (a broken
+    /// connection unconfirms the cache, whoever saw it break).
+    async fn bounded_call<T>(
+        &self,
+        limit: Duration,
+        call: impl Future<Output = ::redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(limit, call).await {
             Err(_) => {
                 self.note_trouble();
                 Err(StoreError::Timeout(limit))
@@ -645,14 +658,7 @@ impl Inner {
         pipe: &Pipeline,
         limit: Duration,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(limit, pipe.query_async(conn)).await {
-            Err(_) => {
-                self.note_trouble();
-                Err(StoreError::Timeout(limit))
-            }
-            Ok(Err(e)) => Err(self.failed(&e)),
-            Ok(Ok(v)) => Ok(v),
-        }
+        self.bounded_call(limit, pipe.query_async(conn)).await
     }
 
     /// A connection that reads from masters (on a cluster with

@@ -119,17 +119,17 @@ impl RedisStore {
     }
 
     /// `call` (a command, pipeline or script on one of the store's
-    /// connections) bounded by `limit`: running out of time is
-    /// [`StoreError::Timeout`], a Redis error is [`RedisStore::error`]'s.
+    /// connections) bounded by `limit`, as the store bounds its own calls:
+    /// running out of time is [`StoreError::Timeout`], a Redis error is
+    /// [`RedisStore::error`]'s, and both tell the store, which then checks
+    /// the nodes sooner and, if the connection broke, confirms its cached
+    /// metadata again before it answers lookups from it (Redis may have come
+    /// back without the data).
     pub async fn within<T>(
         &self,
         limit: Duration,
         call: impl std::future::Future<Output = RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(limit, call).await {
-            Err(_) => Err(StoreError::Timeout(limit)),
-            Ok(Err(e)) => Err(self.error(&e)),
-            Ok(Ok(v)) => Ok(v),
-        }
+        self.inner.bounded_call(limit, call).await
     }
 }
