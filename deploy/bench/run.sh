@@ -301,7 +301,7 @@ cut -d' ' -f1-3 /proc/loadavg >"$WORK/loadavg-before" 2>/dev/null || true
 # One bench run of $1 (method) with batch size $2 against $3 (target) in
 # round $4; its results in $RESULTS.
 run_one() {
-  local method=$1 size=$2 target=$3 round=$4 out cpu_pids cpu_before
+  local method=$1 size=$2 target=$3 round=$4 out cpu_pids cpu_before gets_before=0
   out=$RESULTS/$method-$target-$round
   # CPU time of the server (and of redis-server for the Redis target)
   # over the run, warmup included: CPU per call is steadier than calls/s
@@ -309,7 +309,7 @@ run_one() {
   cpu_pids=("${SPID[$target]}")
   [[ $target == redis ]] && cpu_pids+=("$REDIS_PID")
   cpu_before=$(cpu_ticks "${cpu_pids[@]}")
-  [[ $target == redis ]] && redis_gets >"$out.gets"
+  [[ $target == redis ]] && gets_before=$(redis_gets)
   "${PIN_BENCH[@]}" "$BIN" bench --target "127.0.0.1:${PORT[$target]}" "${TLS_CLIENT[@]}" \
     --method "$method" --batch-size "$size" --concurrency "$CONCURRENCY" \
     --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
@@ -322,7 +322,7 @@ run_one() {
   echo "$(($(cpu_ticks "${cpu_pids[@]}") - cpu_before)) $(getconf CLK_TCK)" >"$out.cpu"
   # The round trips the run made: GETs (layout 3) or HMGETs (layout 2)
   # that redis-server served meanwhile.
-  [[ $target == redis ]] && echo "$(($(redis_gets) - $(cat "$out.gets")))" >"$out.gets"
+  [[ $target == redis ]] && echo "$(($(redis_gets) - gets_before))" >"$out.gets"
   python3 - "$out.json" "$round" "$target" <<'EOF' >&2
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -390,7 +390,7 @@ fi
 
 # --- summary ------------------------------------------------------------------
 python3 - "$RESULTS" "$RECORDS" "$REDIS_MEMORY" "$WORK" "$TOKENS" <<'EOF' | tee "$WORK/summary.txt"
-import csv, glob, json, os, statistics, sys
+import csv, glob, json, os, re, statistics, sys
 
 results, records, redis_memory, work = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 tokens = "on" if sys.argv[5] == "1" else "off"
@@ -398,9 +398,11 @@ runs = {}
 for path in sorted(glob.glob(os.path.join(results, "*.json"))):
     method, target, rnd = os.path.basename(path)[:-5].rsplit("-", 2)
     run = json.load(open(path))
+    # Calls over the whole run, warmup included (as the CPU and the round
+    # trips counted beside it).
+    run["calls"] = calls = run["calls_per_sec"] * (run["duration_secs"] + run["warmup_secs"])
     try:
         ticks, hz = open(path[:-5] + ".cpu").read().split()
-        calls = run["calls_per_sec"] * (run["duration_secs"] + run["warmup_secs"])
         run["cpu_us_per_call"] = int(ticks) / int(hz) * 1e6 / calls if calls else None
     except (OSError, ValueError):
         run["cpu_us_per_call"] = None
@@ -435,6 +437,14 @@ header = (f"{'method':<7}{'target':<10}{'per call':>9}{'calls/s':>11}{'numbers/s
           f"{'cpu us':>8}{'cpu vs':>8}  per-round ratios (calls/s) and medians")
 print(header)
 print("-" * len(header))
+def mean_cpu(rounds):
+    """The mean CPU per call of a target's rounds (None if none was read)."""
+    cpus = [r["cpu_us_per_call"] for r in rounds.values() if r.get("cpu_us_per_call")]
+    return statistics.mean(cpus) if cpus else None
+
+def bare_cpu(method):
+    return mean_cpu(runs.get((method, "bare"), {}))
+
 methods = ["check", "batch", "stream"]
 targets = ["bare", "redis", "embedded"]
 for method in methods:
@@ -449,8 +459,7 @@ for method in methods:
         p99 = statistics.mean(r["latency_us"]["p99"] for r in rs) / 1000
         p999 = statistics.mean(r["latency_us"]["p999"] for r in rs) / 1000
         failed = sum(r["failed_calls"] for r in rs)
-        cpus = [r["cpu_us_per_call"] for r in rs if r.get("cpu_us_per_call")]
-        cpu = statistics.mean(cpus) if cpus else None
+        cpu = mean_cpu(rounds)
         ratio, p99_ratio, per_round, cpu_ratio = "", "", "", ""
         bare = runs.get((method, "bare"))
         if bare and target != "bare":
@@ -458,9 +467,8 @@ for method in methods:
             bare_p99 = statistics.mean(r["latency_us"]["p99"] for r in bare.values()) / 1000
             ratio = f"{rate / bare_rate:.3f}x" if bare_rate else ""
             p99_ratio = f"{p99 / bare_p99:.2f}x" if bare_p99 else ""
-            bare_cpus = [r["cpu_us_per_call"] for r in bare.values() if r.get("cpu_us_per_call")]
-            if cpu and bare_cpus:
-                cpu_ratio = f"{cpu / statistics.mean(bare_cpus):.2f}x"
+            if cpu and bare_cpu(method):
+                cpu_ratio = f"{cpu / bare_cpu(method):.2f}x"
             ratios = [rounds[k]["calls_per_sec"] / bare[k]["calls_per_sec"]
                       for k in sorted(rounds) if k in bare and bare[k]["calls_per_sec"]]
             p99s = [rounds[k]["latency_us"]["p99"] / bare[k]["latency_us"]["p99"]
@@ -477,10 +485,6 @@ for method in methods:
               f"{p50:>9.3f}{p99:>9.3f}{p999:>10.3f}{failed:>8}{ratio:>9}{p99_ratio:>8}"
               f"{(f'{cpu:.1f}' if cpu else ''):>8}{cpu_ratio:>8}  {per_round}")
 
-def bare_cpu(method):
-    cpus = [r["cpu_us_per_call"] for r in runs.get((method, "bare"), {}).values() if r.get("cpu_us_per_call")]
-    return statistics.mean(cpus) if cpus else None
-
 # Round trips per call of the Redis target's CheckNumber runs: bucket reads
 # redis-server served during them (warmup included, as the CPU per call).
 # Only CheckNumber: its reads go one per round trip, a batch's are pipelined.
@@ -494,9 +498,8 @@ for (method, target), rounds in runs.items():
             gets = int(open(os.path.join(results, f"{method}-redis-{k}.gets")).read())
         except (OSError, ValueError):
             continue
-        calls = r["calls_per_sec"] * (r["duration_secs"] + r["warmup_secs"])
-        if calls:
-            shares.append(gets / calls)
+        if r["calls"]:
+            shares.append(gets / r["calls"])
     if shares:
         trips[method] = statistics.mean(shares)
 mix = runs.get(("check", "redis")) or runs.get(("check", "embedded"))
@@ -526,7 +529,6 @@ for method, share in trips.items():
 # server's calls/s (calls/s follow CPU per call when the machine is busy).
 path = os.path.join(results, "redis-benchmark-lone")
 if os.path.exists(path):
-    import re
     fields = open(path).read().split()
     n, ticks, hz = int(fields[0]), int(fields[1]), int(fields[2])
     client = sum(int(m) * 60 + float(sec) for m, sec in re.findall(r"(\d+)m([\d.]+)s", " ".join(fields[3:])))
